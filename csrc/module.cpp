@@ -1,0 +1,8 @@
+// The Python module decafa_fast._C. It only has to exist: importing it runs the static TORCH_LIBRARY
+// registrations of the other translation units. Plain CPython API keeps pybind11 out of the build.
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
