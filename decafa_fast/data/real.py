@@ -1,0 +1,197 @@
+"""Real face-alignment data: the record every reader returns, the cropping Dataset, and `KIND:PATH` specs.
+
+A data spec names a data set on the command line:
+```
+300w:/data/300W        (iBUG layout: afw/, helen/, lfpw/, ibug/)
+wflw:/data/WFLW        (WFLW_annotations/ and WFLW_images/)
+celeba:/data/CelebA    (list_landmarks_align_celeba.txt, list_eval_partition.txt, img_align_celeba/)
+folder:/data/mine      (images with .pts or .json beside them)
+synthetic:2000         (N procedural faces, decafa_fast.data.synthetic)
+```
+Several specs can be joined with "+" for training on more than one data set at once
+(e.g. `300w:/d/300W+wflw:/d/WFLW`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from .crop import CROP_SIZE, FaceCrop, crop_from_box, crop_from_landmarks, read_image, to_gray
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+KINDS = ("300w", "wflw", "celeba", "folder", "synthetic")
+# Held-out synthetic faces for evaluation use seeds far from the training ones.
+SYNTHETIC_EVAL_SEED = 1_000_003
+
+
+@dataclass
+class FaceRecord:
+    """One annotated face: `landmarks` (L, 2) float64 in 0-based pixel coordinates of the image file."""
+
+    image: Path
+    landmarks: np.ndarray
+    markup: str
+    box: np.ndarray | None = None  # the data set's face box (x0, y0, x1, y1), if it has one
+    attributes: tuple[str, ...] = ()  # e.g. WFLW's ("pose", "blur")
+    source: str = ""  # which part of the data set (e.g. "helen/testset")
+    extra: dict = field(default_factory=dict)
+
+
+def find_image(annotation: Path) -> Path | None:
+    """The image beside an annotation file with the same stem (any usual extension, any case)."""
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (annotation.with_suffix(ext), annotation.with_suffix(ext.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def raise_missing(missing: list[Path], what: str = "image") -> None:
+    """Report missing files (never skip them silently): FileNotFoundError naming the first few."""
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{len(missing)} {what}(s) missing: {shown}{more}")
+
+
+def record_crop(record: FaceRecord, size: int = CROP_SIZE) -> FaceCrop:
+    """The crop used for training and evaluation: the landmarks' box with the markup's margin."""
+    return crop_from_landmarks(record.landmarks, record.markup, size)
+
+
+class FaceDataset(Dataset):
+    """Annotated real faces cropped to `size` x `size` grayscale, in the item format of `SyntheticFaces`
+    plus the crop transform.
+
+    Item: "image" (1, size, size) float32 in [0, 1]; "landmarks" {markup: (L_k, 2) float32 crop pixels, NaN
+    for markups this face does not have}; "mask" {markup: bool, whether annotated}; "crop" (2, 3) float64
+    image -> crop matrix; "index" int. `markups` lists every markup the model predicts (the item carries
+    them all so that mixed data sets batch together).
+    """
+
+    def __init__(self, records: list[FaceRecord], size: int = CROP_SIZE, markups: tuple[str, ...] | None = None):
+        self.records = list(records)
+        self.size = int(size)
+        self.markups = tuple(markups) if markups is not None else tuple(sorted({r.markup for r in self.records}))
+        unknown = {r.markup for r in self.records} - set(self.markups)
+        if unknown:
+            raise ValueError(f"records have markups {sorted(unknown)} that are not in markups={self.markups}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, FaceCrop]:
+        """(gray crop (size, size) uint8, landmarks in crop pixels (L, 2), crop) of one face."""
+        record = self.records[index]
+        crop = record_crop(record, self.size)
+        gray = to_gray(read_image(record.image))
+        return crop.warp(gray), crop.to_crop(record.landmarks), crop
+
+    def __getitem__(self, index: int) -> dict:
+        patch, points, crop = self.load(index)
+        record = self.records[index]
+        return make_item(patch, {record.markup: points}, self.markups, crop.matrix, index)
+
+
+def make_item(patch: np.ndarray, points: dict[str, np.ndarray], markups: tuple[str, ...],
+              matrix: np.ndarray | None, index: int) -> dict:
+    """Build one Dataset item (see FaceDataset) from a uint8 crop and its landmarks per annotated markup."""
+    from .markups import MARKUPS
+
+    landmarks, mask = {}, {}
+    for name in markups:
+        if name in points:
+            landmarks[name] = torch.as_tensor(np.asarray(points[name], dtype=np.float32))
+            mask[name] = True
+        else:
+            landmarks[name] = torch.full((MARKUPS[name].n_points, 2), float("nan"))
+            mask[name] = False
+    image = torch.from_numpy(patch.astype(np.float32) / 255.0)[None]
+    item = {"image": image, "landmarks": landmarks, "mask": mask, "index": index}
+    if matrix is not None:
+        item["crop"] = torch.as_tensor(matrix, dtype=torch.float64)
+    return item
+
+
+# ------------------------------------------------------------------------------------------------------
+# KIND:PATH specs
+# ------------------------------------------------------------------------------------------------------
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """Split "KIND:PATH" into (kind, path); kind is one of KINDS (case-insensitive)."""
+    kind, sep, rest = str(spec).partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in KINDS or not rest:
+        raise ValueError(f"data spec must be KIND:PATH with KIND one of {KINDS} (e.g. 300w:/data/300W or "
+                         f"synthetic:500), got {spec!r}")
+    if kind == "synthetic":
+        try:
+            n = int(rest)
+        except ValueError:
+            raise ValueError(f"synthetic data spec must be synthetic:N with an integer N, got {spec!r}") from None
+        if n < 1:
+            raise ValueError(f"synthetic data spec needs N >= 1, got {spec!r}")
+    return kind, rest
+
+
+def read_records(spec: str, split: str = "train") -> list[FaceRecord]:
+    """The annotated faces of one split of a real data set ("train" or "test"; "val" for CelebA)."""
+    kind, path = parse_data_spec(spec)
+    if kind == "300w":
+        from .w300 import read_300w
+        return read_300w(path, split)
+    if kind == "wflw":
+        from .wflw import read_wflw
+        return read_wflw(path, split)
+    if kind == "celeba":
+        from .celeba import read_celeba
+        return read_celeba(path, split)
+    if kind == "folder":
+        from .folder import read_annotated_folder
+        return read_annotated_folder(path)
+    raise ValueError(f"{kind!r} data has no records on disk")
+
+
+def read_eval_subsets(spec: str) -> dict[str, list[FaceRecord]]:
+    """The test subsets reported for a real data set, as in the paper's tables:
+    300W common/challenging/full; WFLW test and its six attribute subsets; CelebA test; folder all."""
+    kind, path = parse_data_spec(spec)
+    if kind == "300w":
+        from .w300 import read_300w_subsets
+        return read_300w_subsets(path)
+    if kind == "wflw":
+        from .wflw import read_wflw_subsets
+        return read_wflw_subsets(path)
+    if kind == "celeba":
+        from .celeba import read_celeba
+        return {"test": read_celeba(path, "test")}
+    if kind == "folder":
+        from .folder import read_annotated_folder
+        return {"all": read_annotated_folder(path)}
+    raise ValueError(f"{kind!r} data has no records on disk")
+
+
+def build_dataset(spec: str, split: str = "train", size: int = CROP_SIZE,
+                  markups: tuple[str, ...] = ("wflw98", "300w68", "celeba5"), seed: int = 0) -> Dataset:
+    """A training/evaluation Dataset for a spec (several joined with "+"): real data cropped to `size`,
+    or `synthetic:N` faces (seeded with `seed`)."""
+    parts = [p for p in str(spec).split("+") if p]
+    if not parts:
+        raise ValueError("empty data spec")
+    datasets = []
+    for part in parts:
+        kind, rest = parse_data_spec(part)
+        if kind == "synthetic":
+            from .synthetic import SyntheticFaces
+            datasets.append(SyntheticFaces(int(rest), size=size, seed=seed))
+        else:
+            datasets.append(FaceDataset(read_records(part, split), size=size, markups=markups))
+    return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
+
+
+def box_crop(box, size: int = CROP_SIZE, scale: float = 1.0, shift_y: float = 0.0) -> FaceCrop:
+    """Re-exported for convenience: the crop around a face box (see `crop.crop_from_box`)."""
+    return crop_from_box(box, size, scale, shift_y)
