@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from decafa_fast.data import celeba, crop, folder, real, w300, wflw
+from decafa_fast.data import MARKUPS, SyntheticFaces, celeba, collate_faces, crop, folder, real, w300, wflw
 
 IMAGE_SIZE = (96, 80)  # (H, W) of the fixture images
 
@@ -251,10 +251,23 @@ def test_face_dataset_item_maps_back_to_the_image(tmp_path):
     assert set(item["landmarks"]) == {"300w68"} and item["landmarks"]["300w68"].shape == (68, 2)
     back = crop.apply_affine(cv2.invertAffineTransform(item["crop"].numpy()), item["landmarks"]["300w68"].double().numpy())
     np.testing.assert_allclose(back, truth["ibug"], atol=1e-3)
-    # a mixed data set carries every markup; the missing ones are NaN and masked out
+    # a mixed data set marks the other markups unannotated, and batches with synthetic faces
     mixed = real.FaceDataset(ds.records, size=64, markups=("wflw98", "300w68", "celeba5"))[0]
     assert mixed["mask"] == {"wflw98": False, "300w68": True, "celeba5": False}
-    assert torch.isnan(mixed["landmarks"]["wflw98"]).all()
+    batch = collate_faces([mixed, SyntheticFaces(1, size=64)[0]])
+    assert batch["valid"]["300w68"].tolist() == [True, True] and batch["valid"]["wflw98"].tolist() == [False, True]
+
+
+def test_augmented_items_stay_consistent(tmp_path):
+    """Jittered (and maybe flipped) crops: the crop matrix still maps the landmarks onto the item's points."""
+    truth = make_300w(tmp_path)
+    ds = real.FaceDataset(w300.read_300w(tmp_path, "challenging"), size=64, augment=True, seed=3)
+    for _ in range(4):
+        item = ds[0]
+        points = item["landmarks"]["300w68"].double().numpy()
+        expected = crop.apply_affine(item["crop"].numpy(), truth["ibug"])
+        flipped = np.stack([63 - expected[:, 0], expected[:, 1]], 1)[list(MARKUPS["300w68"].flip_permutation)]
+        assert np.allclose(points, expected, atol=1e-3) or np.allclose(points, flipped, atol=1e-3)
 
 
 def test_data_specs(tmp_path):

@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from .crop import CROP_SIZE, FaceCrop, crop_from_box, crop_from_landmarks, read_image, to_gray
+from .crop import CROP_SIZE, FaceCrop, crop_from_landmarks, read_image, to_gray
+from .transforms import hflip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 KINDS = ("300w", "wflw", "celeba", "folder", "synthetic")
@@ -65,56 +67,59 @@ def record_crop(record: FaceRecord, size: int = CROP_SIZE) -> FaceCrop:
 
 class FaceDataset(Dataset):
     """Annotated real faces cropped to `size` x `size` grayscale, in the item format of `SyntheticFaces`
-    plus the crop transform.
+    (so `collate_faces` batches them with synthetic faces or other data sets), plus the crop transform.
 
-    Item: "image" (1, size, size) float32 in [0, 1]; "landmarks" {markup: (L_k, 2) float32 crop pixels, NaN
-    for markups this face does not have}; "mask" {markup: bool, whether annotated}; "crop" (2, 3) float64
-    image -> crop matrix; "index" int. `markups` lists every markup the model predicts (the item carries
-    them all so that mixed data sets batch together).
+    Item: "image" (1, size, size) float32 in [0, 1]; "landmarks" {markup: (L, 2) float32 crop pixels} for
+    the face's own markup; "mask" {markup: bool} over `markups` (every markup the model predicts: True for
+    the face's own); "crop" (2, 3) float64, the image -> crop matrix; "index" int.
+    augment: random horizontal flips and a jitter of the crop (rotation, scale, shift), drawn from a
+    generator seeded by `seed`.
     """
 
-    def __init__(self, records: list[FaceRecord], size: int = CROP_SIZE, markups: tuple[str, ...] | None = None):
+    def __init__(self, records: list[FaceRecord], size: int = CROP_SIZE, markups: tuple[str, ...] | None = None,
+                 augment: bool = False, seed: int = 0):
         self.records = list(records)
         self.size = int(size)
         self.markups = tuple(markups) if markups is not None else tuple(sorted({r.markup for r in self.records}))
         unknown = {r.markup for r in self.records} - set(self.markups)
         if unknown:
             raise ValueError(f"records have markups {sorted(unknown)} that are not in markups={self.markups}")
+        self.augment = bool(augment)
+        self._rng = np.random.default_rng([int(seed), 0xFACE])
 
     def __len__(self) -> int:
         return len(self.records)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, FaceCrop]:
-        """(gray crop (size, size) uint8, landmarks in crop pixels (L, 2), crop) of one face."""
+        """(gray crop (size, size) uint8, landmarks in crop pixels (L, 2), crop) of one face, unaugmented."""
         record = self.records[index]
         crop = record_crop(record, self.size)
         gray = to_gray(read_image(record.image))
         return crop.warp(gray), crop.to_crop(record.landmarks), crop
 
     def __getitem__(self, index: int) -> dict:
-        patch, points, crop = self.load(index)
         record = self.records[index]
-        return make_item(patch, {record.markup: points}, self.markups, crop.matrix, index)
+        crop = record_crop(record, self.size)
+        if self.augment:
+            crop = jitter_crop(crop, self._rng)
+        patch = crop.warp(to_gray(read_image(record.image)))
+        image = torch.from_numpy(patch.astype(np.float32) / 255.0)[None]
+        landmarks = {record.markup: torch.from_numpy(crop.to_crop(record.landmarks).astype(np.float32))}
+        if self.augment and self._rng.random() < 0.5:
+            image, landmarks = hflip(image, landmarks)
+        return {"image": image, "landmarks": landmarks, "mask": {m: m == record.markup for m in self.markups},
+                "crop": torch.from_numpy(crop.matrix.copy()), "index": index}
 
 
-def make_item(patch: np.ndarray, points: dict[str, np.ndarray], markups: tuple[str, ...],
-              matrix: np.ndarray | None, index: int) -> dict:
-    """Build one Dataset item (see FaceDataset) from a uint8 crop and its landmarks per annotated markup."""
-    from .markups import MARKUPS
-
-    landmarks, mask = {}, {}
-    for name in markups:
-        if name in points:
-            landmarks[name] = torch.as_tensor(np.asarray(points[name], dtype=np.float32))
-            mask[name] = True
-        else:
-            landmarks[name] = torch.full((MARKUPS[name].n_points, 2), float("nan"))
-            mask[name] = False
-    image = torch.from_numpy(patch.astype(np.float32) / 255.0)[None]
-    item = {"image": image, "landmarks": landmarks, "mask": mask, "index": index}
-    if matrix is not None:
-        item["crop"] = torch.as_tensor(matrix, dtype=torch.float64)
-    return item
+def jitter_crop(crop: FaceCrop, rng: np.random.Generator, rotation: float = 15.0, scale: float = 0.1,
+                shift: float = 0.05) -> FaceCrop:
+    """A randomly perturbed crop: rotation up to +-`rotation` degrees, scale up to +-`scale`, shift up to
+    +-`shift` of the side, all about the crop centre (training augmentation)."""
+    c = (crop.size - 1) / 2
+    m = cv2.getRotationMatrix2D((c, c), rng.uniform(-rotation, rotation), 1.0 + rng.uniform(-scale, scale))
+    m[:, 2] += rng.uniform(-shift, shift, 2) * crop.size
+    combined = m @ np.vstack([crop.matrix, [0.0, 0.0, 1.0]])
+    return FaceCrop(combined, crop.size)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -175,9 +180,11 @@ def read_eval_subsets(spec: str) -> dict[str, list[FaceRecord]]:
 
 
 def build_dataset(spec: str, split: str = "train", size: int = CROP_SIZE,
-                  markups: tuple[str, ...] = ("wflw98", "300w68", "celeba5"), seed: int = 0) -> Dataset:
-    """A training/evaluation Dataset for a spec (several joined with "+"): real data cropped to `size`,
-    or `synthetic:N` faces (seeded with `seed`)."""
+                  markups: tuple[str, ...] = ("wflw98", "300w68", "celeba5"), augment: bool = False,
+                  seed: int = 0) -> Dataset:
+    """A Dataset for a spec (several joined with "+", e.g. "300w:/d/300W+wflw:/d/WFLW"): real data cropped
+    to `size`, or `synthetic:N` faces (seeded with `seed`). `markups`: every markup the model predicts.
+    Items follow `SyntheticFaces`; batch them with `decafa_fast.data.collate_faces`."""
     parts = [p for p in str(spec).split("+") if p]
     if not parts:
         raise ValueError("empty data spec")
@@ -186,12 +193,8 @@ def build_dataset(spec: str, split: str = "train", size: int = CROP_SIZE,
         kind, rest = parse_data_spec(part)
         if kind == "synthetic":
             from .synthetic import SyntheticFaces
-            datasets.append(SyntheticFaces(int(rest), size=size, seed=seed))
+            datasets.append(SyntheticFaces(int(rest), size=size, seed=seed, markups=markups, augment=augment))
         else:
-            datasets.append(FaceDataset(read_records(part, split), size=size, markups=markups))
+            datasets.append(FaceDataset(read_records(part, split), size, markups, augment=augment, seed=seed))
     return datasets[0] if len(datasets) == 1 else ConcatDataset(datasets)
 
-
-def box_crop(box, size: int = CROP_SIZE, scale: float = 1.0, shift_y: float = 0.0) -> FaceCrop:
-    """Re-exported for convenience: the crop around a face box (see `crop.crop_from_box`)."""
-    return crop_from_box(box, size, scale, shift_y)
