@@ -31,7 +31,7 @@ def want_cuda() -> bool:
 
 
 cpu_sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3", "-std=c++20"]
 if sys.platform != "win32":
     cxx_flags += ["-fopenmp"]
 
@@ -45,7 +45,7 @@ if want_cuda():
         cpu_sources + cuda_sources,
         include_dirs=[os.path.join(here, "kernels")],
         define_macros=[("DECAFA_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]},
         extra_link_args=["-fopenmp"] if sys.platform != "win32" else [],
     )
 else:

@@ -1,0 +1,199 @@
+// CPU implementations of the attention ops: spatial_softmax, soft_argmax, attention_mask, landmark_attention
+// and their backward. Maps are independent, so each pass is an at::parallel_for over maps or pixel tiles,
+// without atomics: results do not depend on the thread count.
+#include "attention.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "map_math.h"
+
+namespace decafa {
+namespace cpu {
+namespace {
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 4, op, ": logits must have shape (B, L, H, W), got ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
+              logits.scalar_type());
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor empty_lse(const at::Tensor& logits) {
+  return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(acc_type(logits.scalar_type())));
+}
+
+// An optional incoming gradient as a contiguous tensor of the accumulation dtype, or undefined.
+at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type) {
+  if (!grad.has_value() || !grad->defined()) return at::Tensor();
+  return grad->to(acc_type(logits_type)).contiguous();
+}
+
+}  // namespace
+
+void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
+                    at::Tensor* phi) {
+  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_map_statistics", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* t = logits.const_data_ptr<scalar_t>();
+    acc_t* lse_p = lse.data_ptr<acc_t>();
+    scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
+    scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
+    const Axis<acc_t> ax(W, normalized), ay(H, normalized);
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> a(hw);
+      for (int64_t map = begin; map < end; ++map) {
+        load_scaled(t + map * hw, hw, static_cast<acc_t>(beta), a.data());
+        const MapStats<acc_t> st = softmax_in_place(a.data(), H, W, z_p != nullptr, ax, ay);
+        lse_p[map] = st.lse;
+        if (z_p != nullptr) {
+          z_p[2 * map] = static_cast<scalar_t>(st.zx);
+          z_p[2 * map + 1] = static_cast<scalar_t>(st.zy);
+        }
+        if (phi_p != nullptr) store_as(a.data(), hw, phi_p + map * hw);
+      }
+    });
+  });
+}
+
+at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, double beta, bool normalized,
+                           const at::Tensor& grad_z, const at::Tensor& grad_mask) {
+  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (grad.numel() == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_logits_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* t = logits.const_data_ptr<scalar_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    const acc_t* gz = grad_z.defined() ? grad_z.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* gm = grad_mask.defined() ? grad_mask.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const Axis<acc_t> ax(W, normalized), ay(H, normalized);
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> phi(hw);
+      for (int64_t map = begin; map < end; ++map) {
+        const int64_t b = map / L;
+        recompute_phi(t + map * hw, hw, static_cast<acc_t>(beta), lse_p[map], phi.data());
+        landmark_grad(phi.data(), H, W, static_cast<acc_t>(beta), ax, ay, gz != nullptr ? gz + 2 * map : nullptr,
+                      gm != nullptr ? gm + b * hw : nullptr, out + map * hw);
+      }
+    });
+  });
+  return grad;
+}
+
+namespace {
+
+// Writes M (B, 1, H, W) from contiguous logits and their lse.
+void summed_mask(const at::Tensor& logits, const at::Tensor& lse, double beta, at::Tensor& mask) {
+  const int64_t B = logits.size(0), L = logits.size(1), hw = logits.size(2) * logits.size(3);
+  const int64_t tiles = (hw + kPixelTile - 1) / kPixelTile;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_summed_mask", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* t = logits.const_data_ptr<scalar_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    scalar_t* m = mask.data_ptr<scalar_t>();
+    at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(kPixelTile);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
+        mask_tile(t + b * L * hw, lse_p + b * L, L, hw, p0, n, static_cast<acc_t>(beta), acc.data());
+        store_as(acc.data(), n, m + b * hw + p0);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, double beta) {
+  check_logits(logits_in, "spatial_softmax");
+  const at::Tensor logits = logits_in.contiguous();
+  at::Tensor lse = empty_lse(logits);
+  at::Tensor phi = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  map_statistics(logits, beta, false, lse, nullptr, &phi);
+  return {phi, lse};
+}
+
+at::Tensor spatial_softmax_backward(const at::Tensor& grad_phi_in, const at::Tensor& logits_in,
+                                    const at::Tensor& lse, double beta) {
+  check_logits(logits_in, "spatial_softmax_backward");
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor grad_phi = grad_phi_in.contiguous();
+  const int64_t maps = logits.size(0) * logits.size(1), hw = logits.size(2) * logits.size(3);
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (grad.numel() == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_softmax_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* t = logits.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad_phi.const_data_ptr<scalar_t>();
+    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const acc_t b = static_cast<acc_t>(beta);
+    at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> phi(hw);
+      for (int64_t map = begin; map < end; ++map) {
+        recompute_phi(t + map * hw, hw, b, lse_p[map], phi.data());
+        softmax_grad(phi.data(), g + map * hw, hw, b, out + map * hw);
+      }
+    });
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& logits_in, double beta,
+                                                                 bool normalized, bool want_z, bool want_mask,
+                                                                 const char* op) {
+  check_logits(logits_in, op);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3);
+  at::Tensor lse = empty_lse(logits);
+  at::Tensor z = want_z ? at::empty({B, L, 2}, logits.options()) : at::Tensor();
+  at::Tensor mask = want_mask ? at::empty({B, 1, H, W}, logits.options()) : at::Tensor();
+  map_statistics(logits, beta, normalized, lse, want_z ? &z : nullptr, nullptr);
+  if (want_mask) summed_mask(logits, lse, beta, mask);
+  return {z, mask, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_argmax(const at::Tensor& logits, double beta, bool normalized) {
+  auto [z, mask, lse] = attention_forward(logits, beta, normalized, true, false, "soft_argmax");
+  return {z, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_mask(const at::Tensor& logits, double beta) {
+  auto [z, mask, lse] = attention_forward(logits, beta, false, false, true, "attention_mask");
+  return {mask, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_attention(const at::Tensor& logits, double beta,
+                                                                  bool normalized) {
+  return attention_forward(logits, beta, normalized, true, true, "landmark_attention");
+}
+
+at::Tensor landmark_attention_backward(const std::optional<at::Tensor>& grad_z,
+                                       const std::optional<at::Tensor>& grad_mask, const at::Tensor& logits,
+                                       const at::Tensor& lse, double beta, bool normalized) {
+  check_logits(logits, "landmark_attention_backward");
+  const at::ScalarType t = logits.scalar_type();
+  return logits_gradient(logits.contiguous(), lse.contiguous(), beta, normalized, as_acc(grad_z, t),
+                         as_acc(grad_mask, t));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decafa, CPU, m) {
+  m.impl("spatial_softmax", &spatial_softmax);
+  m.impl("spatial_softmax_backward", &spatial_softmax_backward);
+  m.impl("soft_argmax", &soft_argmax);
+  m.impl("attention_mask", &attention_mask);
+  m.impl("landmark_attention", &landmark_attention);
+  m.impl("landmark_attention_backward", &landmark_attention_backward);
+}
+
+}  // namespace cpu
+}  // namespace decafa

@@ -1,0 +1,23 @@
+// The per-map passes shared by the CPU ops (attention.cpp) and the fused head (fusion.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace decafa {
+namespace cpu {
+
+// Per-(b, l) statistics of contiguous logits (B, L, H, W) in one pass over each map: fills lse (B, L), and,
+// when defined, z (B, L, 2) and phi (B, L, H, W).
+void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
+                    at::Tensor* phi);
+
+// Gradient of contiguous logits for a loss depending on z and M = sum_l Phi_l, recomputing Phi from lse.
+// grad_z (B, L, 2) and grad_mask (B, 1, H, W) are contiguous in the accumulation dtype, or undefined.
+at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, double beta, bool normalized,
+                           const at::Tensor& grad_z, const at::Tensor& grad_mask);
+
+// Number of pixels one parallel task of a per-pixel-tile pass covers.
+constexpr int64_t kPixelTile = 2048;
+
+}  // namespace cpu
+}  // namespace decafa

@@ -1,0 +1,288 @@
+// Building blocks of the CPU kernels: a vectorisable exp, pixel coordinates, per-map statistics, the summed
+// mask over a pixel tile, the fusion layout, and the per-map backward. Plain C++ on raw pointers; the
+// at::parallel_for loops that call them live in attention.cpp and fusion.cpp.
+//
+// Every function works on contiguous data. `acc_t` is float for float/half/bfloat16 inputs and double for
+// double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace decafa {
+namespace cpu {
+
+// exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): Cephes' expf,
+// range reduction by ln 2 and a degree-6 polynomial, about 1 ulp. -inf gives exactly 0, NaN stays NaN.
+inline float vexp(float x) {
+  const float lo = -87.33654f, hi = 88.72283f;
+  float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN fails both tests and stays NaN
+  const float magic = 12582912.0f;             // 1.5 * 2^23: float add rounds to an integer
+  float n = (xc * 1.44269504088896341f + magic) - magic;
+  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y = y * scale;
+  return x < lo ? 0.0f : y;
+}
+inline double vexp(double x) { return std::exp(x); }
+
+// Pixel coordinate along an axis of n pixels: index i, or linspace(-1, 1, n)[i] when normalised.
+template <typename acc_t>
+struct Axis {
+  acc_t offset, step;
+  Axis(int64_t n, bool normalized)
+      : offset(normalized ? acc_t(-1) : acc_t(0)),
+        step(normalized ? (n > 1 ? acc_t(2) / acc_t(n - 1) : acc_t(0)) : acc_t(1)) {}
+  acc_t at(int64_t i) const { return offset + step * acc_t(i); }
+};
+
+template <typename scalar_t, typename acc_t>
+inline void load_scaled(const scalar_t* src, int64_t n, acc_t beta, acc_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = beta * static_cast<acc_t>(src[i]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_as(const acc_t* src, int64_t n, scalar_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename acc_t>
+inline acc_t max_of(const acc_t* a, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+
+template <typename acc_t>
+struct MapStats {
+  acc_t lse, zx, zy;
+};
+
+// Statistics of one map given a = beta * T in `a` (H*W values). Overwrites `a` with Phi. When
+// `moments` is false zx and zy are left at 0.
+template <typename acc_t>
+inline MapStats<acc_t> softmax_in_place(acc_t* a, int64_t H, int64_t W, bool moments, const Axis<acc_t>& ax,
+                                        const Axis<acc_t>& ay) {
+  const int64_t hw = H * W;
+  const acc_t m = max_of(a, hw);
+  acc_t sum = 0, sx = 0, sy = 0;
+  for (int64_t row = 0; row < H; ++row) {
+    acc_t* r = a + row * W;
+    acc_t row_sum = 0, row_sx = 0;
+    if (moments) {
+#pragma omp simd reduction(+ : row_sum, row_sx)
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t e = vexp(r[col] - m);
+        r[col] = e;
+        row_sum += e;
+        row_sx += e * ax.at(col);
+      }
+    } else {
+#pragma omp simd reduction(+ : row_sum)
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t e = vexp(r[col] - m);
+        r[col] = e;
+        row_sum += e;
+      }
+    }
+    sum += row_sum;
+    sx += row_sx;
+    sy += row_sum * ay.at(row);
+  }
+  const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < hw; ++i) a[i] *= inv;
+  return {m + std::log(sum), sx * inv, sy * inv};
+}
+
+// First moments of a normalised map phi.
+template <typename acc_t>
+inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const Axis<acc_t>& ax, const Axis<acc_t>& ay,
+                       acc_t& zx, acc_t& zy) {
+  acc_t sx = 0, sy = 0;
+  for (int64_t row = 0; row < H; ++row) {
+    const acc_t* r = phi + row * W;
+    acc_t row_sum = 0, row_sx = 0;
+#pragma omp simd reduction(+ : row_sum, row_sx)
+    for (int64_t col = 0; col < W; ++col) {
+      row_sum += r[col];
+      row_sx += r[col] * ax.at(col);
+    }
+    sx += row_sx;
+    sy += row_sum * ay.at(row);
+  }
+  zx = sx;
+  zy = sy;
+}
+
+// Phi of one map from the logits and the saved lse: phi = exp(beta * t - lse).
+template <typename scalar_t, typename acc_t>
+inline void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t lse, acc_t* phi) {
+#pragma omp simd
+  for (int64_t i = 0; i < hw; ++i) phi[i] = vexp(beta * static_cast<acc_t>(t[i]) - lse);
+}
+
+// Softmax backward of one map: grad_t = beta * Phi * (g - sum_p g_p Phi_p).
+template <typename scalar_t, typename acc_t>
+inline void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw, acc_t beta, scalar_t* grad_t) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
+#pragma omp simd
+  for (int64_t i = 0; i < hw; ++i) grad_t[i] = static_cast<scalar_t>(beta * phi[i] * (static_cast<acc_t>(g[i]) - s));
+}
+
+// Gradient of one map's logits given its Phi, for a scalar loss depending on z and on M:
+//   gT = beta * Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  s = sum_p gM_p Phi_p.
+// grad_mask (H*W values, may be null) is the gradient w.r.t. M for this map's image; grad_z (2 values, may be
+// null) the gradient w.r.t. (zx, zy).
+template <typename scalar_t, typename acc_t>
+inline void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const Axis<acc_t>& ax,
+                          const Axis<acc_t>& ay, const acc_t* grad_z, const acc_t* grad_mask, scalar_t* grad_t) {
+  const int64_t hw = H * W;
+  acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0;
+  if (grad_mask != nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hw; ++i) s += grad_mask[i] * phi[i];
+  }
+  if (grad_z != nullptr) {
+    gx = grad_z[0];
+    gy = grad_z[1];
+    moments_of(phi, H, W, ax, ay, zx, zy);
+  }
+  for (int64_t row = 0; row < H; ++row) {
+    const acc_t* p = phi + row * W;
+    const acc_t* gm = grad_mask != nullptr ? grad_mask + row * W : nullptr;
+    scalar_t* out = grad_t + row * W;
+    const acc_t row_term = gy * (ay.at(row) - zy) - gx * zx - s;
+    if (gm != nullptr) {
+#pragma omp simd
+      for (int64_t col = 0; col < W; ++col)
+        out[col] = static_cast<scalar_t>(beta * p[col] * (gm[col] + gx * ax.at(col) + row_term));
+    } else {
+#pragma omp simd
+      for (int64_t col = 0; col < W; ++col)
+        out[col] = static_cast<scalar_t>(beta * p[col] * (gx * ax.at(col) + row_term));
+    }
+  }
+}
+
+// M over pixels [p0, p0 + n) of image b: mask[i] = sum_l exp(beta * T[b, l, p0 + i] - lse[b, l]).
+template <typename scalar_t, typename acc_t, typename lse_t>
+inline void mask_tile(const scalar_t* t_b, const lse_t* lse_b, int64_t L, int64_t hw, int64_t p0, int64_t n,
+                      acc_t beta, acc_t* mask) {
+  for (int64_t i = 0; i < n; ++i) mask[i] = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const scalar_t* t = t_b + l * hw + p0;
+    const acc_t lse = static_cast<acc_t>(lse_b[l]);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) mask[i] += vexp(beta * static_cast<acc_t>(t[i]) - lse);
+  }
+}
+
+// The fusion layout: which source (image or embedding) each block of output channels copies, and whether it
+// is multiplied by the mask. F1 = E; F2 = I*M; F3 = I|I*M; F4 = I|I*M|E*M; F5 = I|I*M|E|E*M.
+struct Segment {
+  bool from_embedding;
+  bool masked;
+  int64_t first_channel;
+};
+
+struct FusionLayout {
+  Segment segments[4];
+  int count = 0;
+  int64_t channels = 0;
+
+  FusionLayout(int64_t mode, int64_t image_channels, int64_t embedding_channels) {
+    auto add = [&](bool from_embedding, bool masked) {
+      segments[count++] = {from_embedding, masked, channels};
+      channels += from_embedding ? embedding_channels : image_channels;
+    };
+    switch (mode) {
+      case 1: add(true, false); break;
+      case 2: add(false, true); break;
+      case 3: add(false, false); add(false, true); break;
+      case 4: add(false, false); add(false, true); add(true, true); break;
+      default: add(false, false); add(false, true); add(true, false); add(true, true); break;
+    }
+  }
+};
+
+// Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
+// the image's first channel; every channel plane has hw pixels.
+template <typename scalar_t, typename acc_t>
+inline void fuse_tile(const FusionLayout& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
+                      int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b) {
+  for (int s = 0; s < layout.count; ++s) {
+    const Segment& seg = layout.segments[s];
+    const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
+    const int64_t channels = seg.from_embedding ? ce : ci;
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* in = src + c * hw + p0;
+      scalar_t* out = out_b + (seg.first_channel + c) * hw + p0;
+      if (seg.masked) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
+      } else {
+        std::memcpy(out, in, n * sizeof(scalar_t));
+      }
+    }
+  }
+}
+
+// Backward of fuse_tile: gradients of the image and embedding pixels [p0, p0 + n) (either may be null when
+// not wanted) and the gradient of the mask, accumulated in acc_t into grad_mask[0..n).
+template <typename scalar_t, typename acc_t>
+inline void fuse_tile_backward(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
+                               int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask, int64_t hw,
+                               int64_t p0, int64_t n, scalar_t* grad_image_b, scalar_t* grad_embedding_b,
+                               acc_t* grad_mask, acc_t* scratch) {
+  for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
+  for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {
+    const scalar_t* src = from_embedding ? embedding_b : image_b;
+    scalar_t* grad_src = from_embedding ? grad_embedding_b : grad_image_b;
+    const int64_t channels = from_embedding ? ce : ci;
+    for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t i = 0; i < n; ++i) scratch[i] = 0;  // gradient of this source channel
+      const scalar_t* in = src + c * hw + p0;
+      for (int s = 0; s < layout.count; ++s) {
+        const Segment& seg = layout.segments[s];
+        if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
+        const scalar_t* g = grad_b + (seg.first_channel + c) * hw + p0;
+        if (seg.masked) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t gi = static_cast<acc_t>(g[i]);
+            scratch[i] += gi * mask[i];
+            grad_mask[i] += gi * static_cast<acc_t>(in[i]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) scratch[i] += static_cast<acc_t>(g[i]);
+        }
+      }
+      if (grad_src != nullptr) {
+        scalar_t* out = grad_src + c * hw + p0;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(scratch[i]);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace decafa
