@@ -34,6 +34,8 @@ STATS_MAX_BLOCK = 4096
 FUSE_BLOCK_P = 512
 FUSE_BLOCK_L = 8
 FUSE_BLOCK_C = 8
+# Maps larger than this take the row index by integer division instead of a float reciprocal (stats.py).
+INT_DIV_ABOVE = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,10 +110,10 @@ def _launch_stats(logits: torch.Tensor, beta: float, normalized: bool, want_z: b
     block, warps = _stats_block(h * w)
     wrap_triton(map_stats_kernel)[(b * l,)](
         t, lse, z if want_z else lse, phi if want_phi else lse,
-        l, w, h * w,
+        l, w, h * w, 1.0 / w,
         t.stride(0), t.stride(1), s_tp,
         beta, xs, xo, ys, yo,
-        BLOCK=block, WRITE_Z=want_z, WRITE_PHI=want_phi, num_warps=warps,
+        BLOCK=block, WRITE_Z=want_z, WRITE_PHI=want_phi, INT_DIV=h * w > INT_DIV_ABOVE, num_warps=warps,
     )
     return lse, z, phi
 
@@ -233,12 +235,12 @@ def _launch_map_backward(grad, grad_z, logits, lse, beta: float, normalized: boo
     block, warps = _stats_block(h * w)
     wrap_triton(map_backward_kernel)[(b * l,)](
         t, lse, g, gz, gt,
-        l, w, h * w,
+        l, w, h * w, 1.0 / w,
         t.stride(0), t.stride(1), s_tp,
         s_gb, s_gl, s_gp,
         s_zb, s_zl, s_zc,
         beta, xs, ys,
-        BLOCK=block, HAS_G=has_g, HAS_GZ=has_gz, num_warps=warps,
+        BLOCK=block, HAS_G=has_g, HAS_GZ=has_gz, INT_DIV=h * w > INT_DIV_ABOVE, num_warps=warps,
     )
     return gt
 

@@ -20,12 +20,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
+    """Row and column (float32) of flat pixel indices p. A float reciprocal replaces the integer division
+    (many instructions per element on the GPU); it is exact while H*W <= 2**20 (checked for every W), else INT_DIV is set."""
+    if INT_DIV:
+        row = p // W
+    else:
+        row = ((p.to(tl.float32) + 0.5) * inv_w).to(tl.int32)
+    return row.to(tl.float32), (p - row * W).to(tl.float32)
+
+
+@triton.jit
 def map_stats_kernel(
     t_ptr, lse_ptr, z_ptr, phi_ptr,
-    L, W, HW,
+    L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
-    BLOCK: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr,
+    BLOCK: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # = b * L + l; lse, z and phi are contiguous over (b, l)
     b = pid // L
@@ -49,8 +60,9 @@ def map_stats_kernel(
         e = tl.where(a == float("-inf"), 0.0, tl.exp(a - m_new))
         s = s * alpha + e
         if WRITE_Z:
-            sx = sx * alpha + e * (p % W).to(tl.float32)
-            sy = sy * alpha + e * (p // W).to(tl.float32)
+            row, col = _row_col(p, W, inv_w, INT_DIV)
+            sx = sx * alpha + e * col
+            sy = sy * alpha + e * row
         m = m_new
 
     mx = tl.max(m, axis=0)
@@ -76,12 +88,12 @@ def map_stats_kernel(
 @triton.jit
 def map_backward_kernel(
     t_ptr, lse_ptr, g_ptr, gz_ptr, gt_ptr,
-    L, W, HW,
+    L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     s_gb, s_gl, s_gp,
     s_zb, s_zl, s_zc,
     beta, x_scale, y_scale,
-    BLOCK: tl.constexpr, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)  # = b * L + l
     b = pid // L
@@ -104,8 +116,9 @@ def map_backward_kernel(
             g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
             acc_s += phi * g
         if HAS_GZ:
-            acc_x += phi * (p % W).to(tl.float32)
-            acc_y += phi * (p // W).to(tl.float32)
+            row, col = _row_col(p, W, inv_w, INT_DIV)
+            acc_x += phi * col
+            acc_y += phi * row
     s = tl.sum(acc_s, axis=0)
     ex = tl.sum(acc_x, axis=0)
     ey = tl.sum(acc_y, axis=0)
@@ -129,5 +142,6 @@ def map_backward_kernel(
             g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
             term += g - s
         if HAS_GZ:
-            term += gx * ((p % W).to(tl.float32) - ex) + gy * ((p // W).to(tl.float32) - ey)
+            row, col = _row_col(p, W, inv_w, INT_DIV)
+            term += gx * (col - ex) + gy * (row - ey)
         tl.store(out + p, (beta * phi * term).to(gt_ptr.dtype.element_ty), mask=valid)
