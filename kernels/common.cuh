@@ -1,0 +1,171 @@
+// Device helpers shared by the decafa kernels: dtype conversion, 128-bit vector loads/stores, warp and
+// block reductions. Torch-free. Only the conversion intrinsics are used (never implicit __half/float
+// conversions), so the code also builds with the __CUDA_NO_HALF_CONVERSIONS__ family of macros that
+// PyTorch extensions define.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace decafa_kernels {
+namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// float <-> storage type
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---------------------------------------------------------------------------------------------
+// Vectors of V contiguous elements, loaded and stored as one access (16 bytes when
+// V * sizeof(T) == 16). The caller guarantees the address is aligned to V * sizeof(T).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_raw(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_raw(T* p, const Vec<T, V>& x) {
+  *reinterpret_cast<Vec<T, V>*>(p) = x;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void to_floats(const Vec<T, V>& x, float (&out)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = to_float(x.v[j]);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
+  to_floats<V>(load_raw<V>(p), out);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
+  Vec<T, V> x;
+#pragma unroll
+  for (int j = 0; j < V; ++j) x.v[j] = from_float<T>(in[j]);
+  store_raw<V>(p, x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Fixed shuffle/tree order, no atomics: results are bitwise reproducible run to run.
+// Block reductions need blockDim.x to be a multiple of 32 (at most 1024) and give every thread the total.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sums each of the N values over the block. `scratch` is __shared__ float[33][N]; the same scratch
+// may be reused by consecutive calls.
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N], float (*scratch)[N]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) scratch[warp][i] = v[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = warp_sum(lane < num_warps ? scratch[lane][i] : 0.f);
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) scratch[32][i] = v[i];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = scratch[32][i];
+}
+
+// Running softmax statistics of a set of values a_p with pixel coordinates (col_p, row_p):
+// m = max a, s = sum exp(a - m), sx = sum exp(a - m) col, sy = sum exp(a - m) row.
+struct SoftStats {
+  float m, s, sx, sy;
+};
+
+// exp(m_old - m_new) for m_old <= m_new; 1 when equal, so that two -inf (nothing seen yet) or two +inf
+// maxima do not produce NaN here (a +inf logit still gives NaN through its own exp(a - m) term).
+__device__ __forceinline__ float rescale(float m_old, float m_new) {
+  return m_old == m_new ? 1.f : __expf(m_old - m_new);
+}
+
+__device__ __forceinline__ SoftStats merge(const SoftStats& a, const SoftStats& b) {
+  const float m = fmaxf(a.m, b.m);
+  const float fa = rescale(a.m, m);
+  const float fb = rescale(b.m, m);
+  return {m, a.s * fa + b.s * fb, a.sx * fa + b.sx * fb, a.sy * fa + b.sy * fb};
+}
+
+__device__ __forceinline__ SoftStats warp_merge(SoftStats v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    SoftStats o;
+    o.m = __shfl_xor_sync(0xffffffffu, v.m, offset);
+    o.s = __shfl_xor_sync(0xffffffffu, v.s, offset);
+    o.sx = __shfl_xor_sync(0xffffffffu, v.sx, offset);
+    o.sy = __shfl_xor_sync(0xffffffffu, v.sy, offset);
+    v = merge(v, o);
+  }
+  return v;
+}
+
+// Block-wide merge of SoftStats; `scratch` is __shared__ SoftStats[33]. Every thread gets the total.
+__device__ __forceinline__ SoftStats block_merge(SoftStats v, SoftStats* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  v = warp_merge(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const SoftStats empty{-INFINITY, 0.f, 0.f, 0.f};
+    v = warp_merge(lane < num_warps ? scratch[lane] : empty);
+    if (lane == 0) scratch[32] = v;
+  }
+  __syncthreads();
+  return scratch[32];
+}
+
+// Pixel p of a row-major map of width w: (col, row). Used once per vector; the elements of a vector
+// then advance with next_pixel, wrapping at the row end (so any W works, W = 1 included).
+__device__ __forceinline__ void pixel_of(int p, int w, int& col, int& row) {
+  row = p / w;
+  col = p - row * w;
+}
+
+__device__ __forceinline__ void next_pixel(int w, int& col, int& row) {
+  if (++col == w) {
+    col = 0;
+    ++row;
+  }
+}
+
+}  // namespace detail
+}  // namespace decafa_kernels
