@@ -5,7 +5,8 @@
     faces = aligner.align("photo.jpg")                 # or a BGR / grayscale numpy image
     faces[0].landmarks["wflw98"]                       # (98, 2) x, y in the photo's pixels
 
-Faces are found with OpenCV's bundled Haar cascade (frontal faces) unless boxes are given. Each face box
+Faces are found with OpenCV's bundled Haar cascade (frontal faces; OpenCV 4) or its YuNet detector (given
+the model file) unless boxes are given; see `FaceDetector` (OpenCV 5 ships no cascade). Each face box
 becomes a square crop (`decafa_fast.data.crop`), resized to the model's input size in grayscale; the
 predicted points are mapped back to the original image with the crop's inverse transform. When the detector
 finds no face in an image, the whole image is used as the face box (`Face.source == "whole-image"`): this
@@ -13,6 +14,7 @@ is what lets the procedural synthetic faces, which the cascade does not recognis
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -23,9 +25,10 @@ import torch
 
 from .data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box, crop_whole_image, read_image, to_gray
 
-__all__ = ["Face", "FaceAligner", "LandmarkSmoother", "open_video"]
+__all__ = ["Face", "FaceAligner", "FaceDetector", "LandmarkSmoother", "open_video"]
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
+DETECTORS = ("auto", "haar", "yunet", "none")
 
 
 @dataclass
@@ -48,6 +51,62 @@ class Face:
         }
 
 
+class FaceDetector:
+    """Face boxes from OpenCV.
+
+    kind: "haar" = the frontal-face Haar cascade bundled with OpenCV 4 (`cv2.data.haarcascades`; OpenCV 5
+      no longer ships cascades); "yunet" = OpenCV's `FaceDetectorYN` with a YuNet ONNX file given as `model`
+      (e.g. face_detection_yunet_2023mar.onnx from the OpenCV model zoo); "none" = never detect (every image
+      is aligned as a whole); "auto" = "yunet" if a model is given, else "haar" if this OpenCV has it, else
+      "none" (with a warning).
+    Called on a BGR or grayscale uint8 image, returns boxes (N, 4) float64 (x0, y0, x1, y1).
+    """
+
+    def __init__(self, kind: str = "auto", model: str | Path | None = None, min_face: int = 24) -> None:
+        if kind not in DETECTORS:
+            raise ValueError(f"detector must be one of {DETECTORS}, got {kind!r}")
+        if kind == "auto":
+            if model is not None:
+                kind = "yunet"
+            elif hasattr(cv2, "CascadeClassifier"):
+                kind = "haar"
+            else:
+                warnings.warn(f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5): faces are "
+                              "not detected, each image is aligned as a whole; pass boxes, or a YuNet model "
+                              "(detector_model / --detector-model), or install opencv-python-headless<5",
+                              stacklevel=3)
+                kind = "none"
+        self.kind, self.min_face = kind, int(min_face)
+        self._impl = None
+        if kind == "haar":
+            if not hasattr(cv2, "CascadeClassifier"):
+                raise RuntimeError(f"OpenCV {cv2.__version__} has no CascadeClassifier (removed in OpenCV 5); "
+                                   "use detector='yunet' with a model file, or opencv-python-headless<5")
+            path = Path(cv2.data.haarcascades) / HAAR_CASCADE
+            self._impl = cv2.CascadeClassifier(str(path))
+            if self._impl.empty():
+                raise RuntimeError(f"cannot load OpenCV's Haar cascade {path}")
+        elif kind == "yunet":
+            if model is None or not Path(model).is_file():
+                raise FileNotFoundError(f"detector 'yunet' needs its ONNX model file, got {model!r}")
+            self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        if self.kind == "none":
+            return np.zeros((0, 4))
+        if self.kind == "haar":
+            found = self._impl.detectMultiScale(to_gray(image), scaleFactor=1.1, minNeighbors=5,
+                                                minSize=(self.min_face, self.min_face))
+            rects = np.asarray(found, dtype=np.float64).reshape(-1, 4)
+        else:
+            bgr = cv2.cvtColor(to_gray(image), cv2.COLOR_GRAY2BGR) if image.ndim == 2 or image.shape[2] != 3 else image
+            self._impl.setInputSize((bgr.shape[1], bgr.shape[0]))
+            _, found = self._impl.detect(bgr)
+            rects = np.zeros((0, 4)) if found is None else np.asarray(found[:, :4], dtype=np.float64)
+            rects = rects[(rects[:, 2] >= self.min_face) & (rects[:, 3] >= self.min_face)]
+        return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+
+
 def _pick_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,11 +118,13 @@ class FaceAligner:
 
     checkpoint: path of a checkpoint written by `decafa_fast.checkpoint.save_checkpoint` (or pass `model`,
     a DeCaFA, instead). device: "auto" (CUDA if available), "cpu", "cuda:0", ... batch_size: crops per
-    forward pass. min_face: smallest face side, in pixels, the detector looks for.
+    forward pass. detector, detector_model, min_face: see `FaceDetector`. Boxes passed by the caller are
+    face boxes like a detector's: they get the same margin (`DETECTOR_SCALE`, `DETECTOR_SHIFT`).
     """
 
     def __init__(self, checkpoint: str | Path | None = None, *, model: torch.nn.Module | None = None,
-                 device: str | torch.device | None = "auto", batch_size: int = 32, min_face: int = 24) -> None:
+                 device: str | torch.device | None = "auto", batch_size: int = 32, min_face: int = 24,
+                 detector: str = "auto", detector_model: str | Path | None = None) -> None:
         if (checkpoint is None) == (model is None):
             raise ValueError("pass exactly one of checkpoint or model")
         if batch_size < 1:
@@ -78,33 +139,26 @@ class FaceAligner:
         self.markups: tuple[str, ...] = tuple(model.config.markups)
         self.size = int(model.config.image_size)
         self.batch_size = int(batch_size)
-        self.min_face = int(min_face)
-        self._detector: cv2.CascadeClassifier | None = None
+        self.detector = FaceDetector(detector, detector_model, min_face)
 
     # -- detection -------------------------------------------------------------------------------------
     def detect(self, image: np.ndarray | str | Path) -> np.ndarray:
         """Face boxes (N, 4) float64 as (x0, y0, x1, y1), largest first; (0, 4) when none is found."""
-        gray = to_gray(read_image(image) if isinstance(image, (str, Path)) else image)
-        if self._detector is None:
-            self._detector = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / HAAR_CASCADE))
-            if self._detector.empty():
-                raise RuntimeError(f"cannot load OpenCV's {HAAR_CASCADE} from {cv2.data.haarcascades}")
-        found = self._detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
-                                                minSize=(self.min_face, self.min_face))
-        if len(found) == 0:
+        image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+        boxes = self.detector(image)
+        if len(boxes) == 0:
             return np.zeros((0, 4))
-        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in found], dtype=np.float64)
         return boxes[np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")]
 
-    def crops_for(self, gray: np.ndarray, boxes: np.ndarray | None) -> list[tuple[np.ndarray, FaceCrop, str]]:
-        """(box, crop, source) for each face of one grayscale image: the given boxes, else the detector's,
-        else the whole image."""
+    def crops_for(self, image: np.ndarray, boxes: np.ndarray | None) -> list[tuple[np.ndarray, FaceCrop, str]]:
+        """(box, crop, source) for each face of one image (BGR or grayscale): the given boxes, else the
+        detector's, else the whole image."""
         if boxes is not None:
             boxes, source = np.asarray(boxes, dtype=np.float64).reshape(-1, 4), "given"
         else:
-            boxes, source = self.detect(gray), "detector"
+            boxes, source = self.detect(image), "detector"
         if len(boxes) == 0 and source == "detector":
-            h, w = gray.shape
+            h, w = image.shape[:2]
             box = np.array([-0.5, -0.5, w - 0.5, h - 0.5])
             return [(box, crop_whole_image(h, w, self.size), "whole-image")]
         return [(b, crop_from_box(b, self.size, DETECTOR_SCALE, DETECTOR_SHIFT), source) for b in boxes]
@@ -134,8 +188,9 @@ class FaceAligner:
             raise ValueError(f"boxes must have one entry per image ({len(images)}), got {len(boxes)}")
         per_image, patches = [], []
         for i, image in enumerate(images):
-            gray = to_gray(read_image(image) if isinstance(image, (str, Path)) else np.asarray(image))
-            faces = self.crops_for(gray, None if boxes is None else boxes[i])
+            image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+            gray = to_gray(image)
+            faces = self.crops_for(image, None if boxes is None else boxes[i])
             per_image.append(faces)
             patches += [crop.warp(gray) for _, crop, _ in faces]
         if not patches:

@@ -6,9 +6,10 @@
 Writes OUT/predictions.json (one entry per image or video frame, every face with its box, how the box was
 found and its landmarks per markup, in original-image pixels), OUT/predictions.csv with --csv (one row per
 point), and annotated copies: OUT/<name>_landmarks.png for images, OUT/<name>_landmarks.mp4 for videos
-(--no-annotate skips them). Faces come from OpenCV's Haar cascade unless --boxes gives them
-(a JSON file {"image file name": [[x0, y0, x1, y1], ...]}); an image where no face is found is aligned as
-a whole (source "whole-image").
+(--no-annotate skips them). Faces come from OpenCV's bundled Haar cascade (OpenCV 4) or YuNet
+(--detector-model FILE.onnx) unless --boxes gives them (a JSON file {"image file name": [[x0, y0, x1, y1],
+...]}); an image where no face is found, or with no detector available, is aligned as a whole (source
+"whole-image"): synthetic faces, which no detector recognises, go this way.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .aligner import Face, FaceAligner, open_video, read_frames
+from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
 from .data.crop import read_image
 from .data.folder import list_images
 from .data.real import IMAGE_EXTENSIONS
@@ -41,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                         help="video: exponential smoothing of landmarks across frames, alpha in (0, 1]")
     parser.add_argument("--max-frames", type=int, default=None, help="video/webcam: stop after this many frames")
+    parser.add_argument("--detector", choices=DETECTORS, default="auto",
+                        help="face detector: haar (OpenCV 4's bundled cascade), yunet (needs --detector-model), "
+                             "none (whole image), auto (default: yunet if a model is given, else haar if available)")
+    parser.add_argument("--detector-model", help="YuNet ONNX file for --detector yunet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
 
@@ -127,14 +132,15 @@ def _entry(source: str, frame: int | None, faces: list[Face], markups: list[str]
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.smooth is not None and not 0 < args.smooth <= 1:
+        raise ValueError(f"--smooth must be in (0, 1], got {args.smooth}")
     items = _classify(args.inputs)
-    aligner = FaceAligner(args.checkpoint, device=args.device, batch_size=args.batch_size)
+    aligner = FaceAligner(args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
+                          detector_model=args.detector_model)
     markups = list(args.markups or aligner.markups)
     unknown = set(markups) - set(aligner.markups)
     if unknown:
         raise ValueError(f"--markups {sorted(unknown)}: the model predicts {list(aligner.markups)}")
-    if args.smooth is not None and not 0 < args.smooth <= 1:
-        raise ValueError(f"--smooth must be in (0, 1], got {args.smooth}")
     boxes = _load_boxes(args.boxes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
