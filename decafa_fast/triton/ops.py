@@ -6,16 +6,22 @@ registered by decafa_fast.ops (`_register_autograd("decafa_triton")`) once this 
 
 Under TRITON_INTERPRET=1 (Triton's CPU interpreter, used by the tests here) `wrap_triton` returns the
 interpreted function itself, which cannot be traced: FakeTensor tracing (opcheck, torch.compile) would run
-the kernel on fake tensors and fail. There the ops are plain `torch.library.custom_op`s instead, opaque to
-the compiler, with the shape-only fake kernels below. The kernel code and launches are identical.
+the kernel on fake tensors and fail ("Attempted to set the storage of a tensor on device meta ..."). There
+the ops are plain `torch.library.custom_op`s instead, opaque to the compiler, with the shape-only fake
+kernels below. The kernels and their launches are the same.
 
-Inputs may be float16, bfloat16 or float32 (float32 accumulation); contiguous or channels_last (any layout
-whose H, W dims are "flat"; anything else is copied to contiguous). Outputs are contiguous. No atomics.
-Note: `mode` is inferred as SymInt (torch.library infers Python int that way); values 1..5 as in _SCHEMAS.
+Inputs may be float16, bfloat16 or float32 (float32 accumulation; float64 raises TypeError); contiguous,
+channels_last, or any layout whose H, W dims are "flat" (others are copied to contiguous). Outputs are
+contiguous. No atomics. `mode` is inferred as SymInt (torch.library infers a Python int that way).
+
+Two-pass ops (mask / fusion after the per-map statistics, and their backward) run over the batch in chunks
+of about `TUNING.chunk_bytes` of logits: the second pass of a chunk then re-reads the logits from L2
+instead of HBM.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,33 +34,53 @@ from .stats import map_backward_kernel, map_stats_kernel
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Tuning (128 x 128 is the target case). A map is swept BLOCK pixels at a time per (b, l) program;
-# the fusion kernels take BLOCK_P pixels x BLOCK_L maps / BLOCK_C channels per step.
-STATS_MAX_BLOCK = 4096
-FUSE_BLOCK_P = 512
-FUSE_BLOCK_L = 8
-FUSE_BLOCK_C = 8
-# Maps larger than this take the row index by integer division instead of a float reciprocal (stats.py).
-INT_DIV_ABOVE = 1 << 20
+
+@dataclass
+class Tuning:
+    """Launch parameters (128 x 128 is the tuned case); bench/triton_floor.py sweeps them on a GPU."""
+
+    stats_block: int = 4096  # most pixels a per-(b, l) program takes per step
+    stats_warps: int = 8
+    fuse_block_p: int = 256  # pixels per (b, tile) program
+    fuse_block_l: int = 8  # maps per step of the mask sum
+    fuse_block_c: int = 8  # channels per step of the fusion
+    fuse_warps: int = 4
+    chunk_bytes: int = 16 << 20  # logits per chunk of the two-pass ops; 0 = the whole batch at once
+    int_div_above: int = 1 << 20  # larger maps take rows by integer division (see stats._row_col)
+
+
+TUNING = Tuning()
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers (plain Python on shapes / strides; traceable)
+# Helpers (plain Python on shapes and strides, so they trace)
 # --------------------------------------------------------------------------------------------------
 def _check_dtype(name: str, t: torch.Tensor) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton backend supports float16, bfloat16 and float32 {name}, got {t.dtype}")
 
 
-def _flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(t or a contiguous copy, pixel stride) such that pixel p = row*W + col sits at p * stride."""
+def _lse32(lse: torch.Tensor) -> torch.Tensor:
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must be float32 for the Triton backend, got {lse.dtype}")
+    return lse.contiguous()
+
+
+def _prep(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(tensor, batch stride, channel stride, pixel stride) of a (B, C, H, W) tensor whose pixel
+    p = row*W + col sits at p * (pixel stride); copied to contiguous when no such stride exists.
+    None gives (dummy, 0, 0, 0): the kernel never reads it."""
+    if t is None:
+        return dummy, 0, 0, 0
     h, w = t.shape[2], t.shape[3]
     if w == 1:
-        return t, t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t, t.stride(3)
-    t = t.contiguous()
-    return t, 1
+        sp = t.stride(2)
+    elif h == 1 or t.stride(2) == w * t.stride(3):
+        sp = t.stride(3)
+    else:
+        t = t.contiguous()
+        sp = 1
+    return t, t.stride(0), t.stride(1), sp
 
 
 def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
@@ -66,24 +92,8 @@ def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
     return 2.0 / (n - 1), -1.0
 
 
-def _stats_block(hw: int) -> tuple[int, int]:
-    block = min(triton.next_power_of_2(hw), STATS_MAX_BLOCK)
-    return block, (8 if block >= 2048 else 4)
-
-
-def _fuse_blocks(hw: int, ci: int, c: int) -> dict:
-    block_p = min(triton.next_power_of_2(hw), FUSE_BLOCK_P)
-    return dict(
-        BLOCK_P=block_p,
-        BLOCK_L=FUSE_BLOCK_L,
-        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), FUSE_BLOCK_C),
-        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), FUSE_BLOCK_C),
-        num_warps=4,
-    )
-
-
 def _segment_offsets(mode: int, ci: int, c: int) -> tuple[int, int, int, int, int]:
-    """First output channel of (plain I, masked I, plain E, masked E) and the channel count, for F<mode>."""
+    """First output channel of (plain I, masked I, plain E, masked E) and the channel count of F<mode>."""
     table = {
         1: (0, 0, 0, 0, c),
         2: (0, 0, 0, 0, ci),
@@ -96,159 +106,135 @@ def _segment_offsets(mode: int, ci: int, c: int) -> tuple[int, int, int, int, in
     return table[mode]
 
 
-def _launch_stats(logits: torch.Tensor, beta: float, normalized: bool, want_z: bool, want_phi: bool):
-    """Run map_stats_kernel; returns (lse, z or None, phi or None)."""
-    b, l, h, w = logits.shape
-    lse = logits.new_empty((b, l), dtype=torch.float32)
-    z = logits.new_empty((b, l, 2)) if want_z else None
-    phi = logits.new_empty((b, l, h, w)) if want_phi else None
-    if b == 0:
-        return lse, z, phi
-    t, s_tp = _flat(logits)
+def _chunks(logits: torch.Tensor) -> list[tuple[int, int]]:
+    """(first batch index, count) of each chunk of about TUNING.chunk_bytes of logits."""
+    b = logits.shape[0]
+    per_b = logits[0].numel() * logits.element_size() if b else 1
+    n = b if TUNING.chunk_bytes <= 0 else max(1, TUNING.chunk_bytes // per_b)
+    return [(b0, min(n, b - b0)) for b0 in range(0, b, n)]
+
+
+def _stats_cfg(hw: int) -> dict:
+    return dict(BLOCK=min(triton.next_power_of_2(hw), TUNING.stats_block), num_warps=TUNING.stats_warps)
+
+
+def _fuse_cfg(hw: int, ci: int, c: int) -> dict:
+    return dict(
+        BLOCK_P=min(triton.next_power_of_2(hw), TUNING.fuse_block_p),
+        BLOCK_L=TUNING.fuse_block_l,
+        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), TUNING.fuse_block_c),
+        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), TUNING.fuse_block_c),
+        num_warps=TUNING.fuse_warps,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launches over batch elements b0 .. b0+nb-1 (inputs prepared by _prep, outputs contiguous)
+# --------------------------------------------------------------------------------------------------
+def _run_stats(t, lse, z, phi, shape, beta: float, normalized: bool, b0: int, nb: int) -> None:
+    """map_stats_kernel: lse, and z / Phi when given (else None)."""
+    _, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
     xs, xo = _coord_affine(w, normalized)
     ys, yo = _coord_affine(h, normalized)
-    block, warps = _stats_block(h * w)
-    wrap_triton(map_stats_kernel)[(b * l,)](
-        t, lse, z if want_z else lse, phi if want_phi else lse,
-        l, w, h * w, 1.0 / w,
-        t.stride(0), t.stride(1), s_tp,
+    wrap_triton(map_stats_kernel)[(nb * l,)](
+        tt, lse, z if z is not None else lse, phi if phi is not None else lse,
+        b0, l, w, h * w, 1.0 / w,
+        s_tb, s_tl, s_tp,
         beta, xs, xo, ys, yo,
-        BLOCK=block, WRITE_Z=want_z, WRITE_PHI=want_phi, INT_DIV=h * w > INT_DIV_ABOVE, num_warps=warps,
+        WRITE_Z=z is not None, WRITE_PHI=phi is not None, INT_DIV=h * w > TUNING.int_div_above,
+        **_stats_cfg(h * w),
     )
-    return lse, z, phi
 
 
-def _launch_fuse_fwd(logits, lse, mask, image, embedding, mode: int, beta: float, write_mask: bool):
-    """Run mask_fuse_fwd_kernel. M comes from (logits, lse) when logits is given, else from `mask`.
-
-    Returns (fused or None, mask_out or None). `image`/`embedding` may be None for mode 0 (mask only).
-    """
-    src = logits if logits is not None else image
-    b, h, w = src.shape[0], src.shape[2], src.shape[3]
-    hw = h * w
-    ci = image.shape[1] if image is not None else 0
-    c = embedding.shape[1] if embedding is not None else 0
-    if mode:
-        ip, im, ep, em, cf = _segment_offsets(mode, ci, c)
-    else:
-        ip, im, ep, em, cf = 0, 0, 0, 0, 0
-    fused = src.new_empty((b, cf, h, w)) if mode else None
-    m_out = src.new_empty((b, 1, h, w)) if write_mask else None
-    if b == 0:
-        return fused, m_out
-    if logits is not None:
-        t, s_tp = _flat(logits)
-        l, s_tb, s_tl = t.shape[1], t.stride(0), t.stride(1)
-    else:
-        t, s_tp, l, s_tb, s_tl = src, 0, 0, 0, 0
-    if mask is not None:
-        mk, s_mp = _flat(mask)
-        s_mb = mk.stride(0)
-    else:
-        mk, s_mp, s_mb = src, 0, 0
-    if image is not None:
-        ii, s_ip = _flat(image)
-        s_ib, s_ic = ii.stride(0), ii.stride(1)
-    else:
-        ii, s_ip, s_ib, s_ic = src, 0, 0, 0
-    if embedding is not None:
-        ee, s_ep = _flat(embedding)
-        s_eb, s_ec = ee.stride(0), ee.stride(1)
-    else:
-        ee, s_ep, s_eb, s_ec = src, 0, 0, 0
-    cfg = _fuse_blocks(hw, ci, c)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
-    wrap_triton(mask_fuse_fwd_kernel)[(b * n_tiles,)](
-        t, lse if lse is not None else src, mk, ii, ee,
-        fused if fused is not None else src, m_out if m_out is not None else src,
-        l, hw, ci, c, n_tiles,
+def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, b0: int, nb: int) -> None:
+    """mask_fuse_fwd_kernel: M from (t, lse) when lse is given, else from m; writes fused / m_out if given.
+    t, m, i, e are _prep tuples or None (not read)."""
+    _, l, h, w = shape
+    dummy = fused if fused is not None else m_out
+    tt, s_tb, s_tl, s_tp = t or (dummy, 0, 0, 0)
+    mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
+    ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
+    ee, s_eb, s_ec, s_ep = e or (dummy, 0, 0, 0)
+    ci = ii.shape[1] if i is not None else 0
+    c = ee.shape[1] if e is not None else 0
+    ip, im, ep, em, cf = _segment_offsets(mode, ci, c) if mode else (0, 0, 0, 0, 0)
+    cfg = _fuse_cfg(h * w, ci, c)
+    n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
+    wrap_triton(mask_fuse_fwd_kernel)[(nb * n_tiles,)](
+        tt, lse if lse is not None else tt, mm, ii, ee,
+        fused if fused is not None else tt, m_out if m_out is not None else tt,
+        b0, l, h * w, ci, c, n_tiles,
         s_tb, s_tl, s_tp,
         s_mb, s_mp,
         s_ib, s_ic, s_ip,
         s_eb, s_ec, s_ep,
         beta, ip, im, ep, em, cf,
-        MODE=mode, FROM_LOGITS=logits is not None, WRITE_MASK=write_mask, **cfg,
+        MODE=mode, FROM_LOGITS=lse is not None, WRITE_MASK=m_out is not None, **cfg,
     )
-    return fused, m_out
 
 
-def _launch_fuse_bwd(grad_fused, logits, lse, mask, image, embedding, mode: int, beta: float, gm_dtype):
-    """Run fuse_bwd_kernel: returns (gI, gE, gM (B, 1, H, W) in gm_dtype)."""
-    b, ci, h, w = image.shape
-    c = embedding.shape[1]
-    hw = h * w
+def _run_fuse_bwd(gf, t, lse, m, i, e, gi, ge, gm, shape, mode: int, beta: float, b0: int, nb: int) -> None:
+    """fuse_bwd_kernel: gI, gE, gM (the kernel writes only the ones F<mode> has); t or m may be None."""
+    _, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t or (gi, 0, 0, 0)
+    mm, s_mb, _, s_mp = m or (gi, 0, 0, 0)
+    ii, s_ib, s_ic, s_ip = i
+    ee, s_eb, s_ec, s_ep = e
+    gg, s_fb, s_fc, s_fp = gf
+    ci, c = ii.shape[1], ee.shape[1]
     ip, im, ep, em, _ = _segment_offsets(mode, ci, c)
-    has_i = mode >= 2
-    has_e = mode == 1 or mode >= 4
-    gi = image.new_empty(image.shape) if has_i else image.new_zeros(image.shape)
-    ge = embedding.new_empty(embedding.shape) if has_e else embedding.new_zeros(embedding.shape)
-    gm = image.new_empty((b, 1, h, w), dtype=gm_dtype) if mode >= 2 else image.new_zeros((b, 1, h, w), dtype=gm_dtype)
-    if b == 0:
-        return gi, ge, gm
-    if logits is not None:
-        t, s_tp = _flat(logits)
-        l, s_tb, s_tl = t.shape[1], t.stride(0), t.stride(1)
-        mk, s_mb, s_mp = image, 0, 0
-    else:
-        t, s_tp, l, s_tb, s_tl = image, 0, 0, 0, 0
-        mk, s_mp = _flat(mask)
-        s_mb = mk.stride(0)
-    ii, s_ip = _flat(image)
-    ee, s_ep = _flat(embedding)
-    gf, s_fp = _flat(grad_fused)
-    cfg = _fuse_blocks(hw, ci, c)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
-    wrap_triton(fuse_bwd_kernel)[(b * n_tiles,)](
-        t, lse if lse is not None else image, mk, ii, ee, gf, gi, ge, gm,
-        l, hw, ci, c, n_tiles,
+    cfg = _fuse_cfg(h * w, ci, c)
+    n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
+    wrap_triton(fuse_bwd_kernel)[(nb * n_tiles,)](
+        tt, lse if lse is not None else tt, mm, ii, ee, gg, gi, ge, gm,
+        b0, l, h * w, ci, c, n_tiles,
         s_tb, s_tl, s_tp,
         s_mb, s_mp,
-        ii.stride(0), ii.stride(1), s_ip,
-        ee.stride(0), ee.stride(1), s_ep,
-        gf.stride(0), gf.stride(1), s_fp,
+        s_ib, s_ic, s_ip,
+        s_eb, s_ec, s_ep,
+        s_fb, s_fc, s_fp,
         beta, ip, im, ep, em,
-        MODE=mode, FROM_LOGITS=logits is not None, **cfg,
+        MODE=mode, FROM_LOGITS=lse is not None, **cfg,
     )
-    return gi, ge, gm
 
 
-def _launch_map_backward(grad, grad_z, logits, lse, beta: float, normalized: bool, per_map: bool):
-    """gT = beta*Phi*((G - sum G Phi) + gx (x - zx) + gy (y - zy)); G is `grad` ((B, L|1, H, W) or None)."""
-    b, l, h, w = logits.shape
-    has_g, has_gz = grad is not None, grad_z is not None
-    if b == 0 or not (has_g or has_gz):
-        return torch.zeros_like(logits, memory_format=torch.contiguous_format)
-    gt = logits.new_empty(logits.shape)
-    t, s_tp = _flat(logits)
-    if has_g:
-        g, s_gp = _flat(grad)
-        s_gb, s_gl = g.stride(0), (g.stride(1) if per_map else 0)
+def _run_map_backward(t, lse, g, per_map: bool, gz, gt, shape, beta: float, normalized: bool, b0: int, nb: int):
+    """map_backward_kernel: gT = beta*Phi*((G - sum G Phi) + gx (x - zx) + gy (y - zy)); G, gz may be None."""
+    _, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
+    if not per_map:
+        s_gl = 0  # the mask gradient (B, 1, H, W) is shared by the L maps
+    if gz is not None:
+        zz, s_zb, s_zl, s_zc = gz, gz.stride(0), gz.stride(1), gz.stride(2)
     else:
-        g, s_gp, s_gb, s_gl = t, 0, 0, 0
-    if has_gz:
-        gz = grad_z
-        s_zb, s_zl, s_zc = gz.stride(0), gz.stride(1), gz.stride(2)
-    else:
-        gz, s_zb, s_zl, s_zc = t, 0, 0, 0
+        zz, s_zb, s_zl, s_zc = tt, 0, 0, 0
     xs, _ = _coord_affine(w, normalized)
     ys, _ = _coord_affine(h, normalized)
-    block, warps = _stats_block(h * w)
-    wrap_triton(map_backward_kernel)[(b * l,)](
-        t, lse, g, gz, gt,
-        l, w, h * w, 1.0 / w,
-        t.stride(0), t.stride(1), s_tp,
+    wrap_triton(map_backward_kernel)[(nb * l,)](
+        tt, lse, gg, zz, gt,
+        b0, l, w, h * w, 1.0 / w,
+        s_tb, s_tl, s_tp,
         s_gb, s_gl, s_gp,
         s_zb, s_zl, s_zc,
         beta, xs, ys,
-        BLOCK=block, HAS_G=has_g, HAS_GZ=has_gz, INT_DIV=h * w > INT_DIV_ABOVE, num_warps=warps,
+        HAS_G=g is not None, HAS_GZ=gz is not None, INT_DIV=h * w > TUNING.int_div_above,
+        **_stats_cfg(h * w),
     )
-    return gt
 
 
-def _lse32(lse: torch.Tensor) -> torch.Tensor:
-    if lse.dtype != torch.float32:
-        raise TypeError(f"lse must be float32 for the Triton backend, got {lse.dtype}")
-    return lse.contiguous()
+def _new_lse(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape[:2], dtype=torch.float32)
+
+
+def _new_mask(logits: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = logits.shape
+    return logits.new_empty((b, 1, h, w))
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +243,10 @@ def _lse32(lse: torch.Tensor) -> torch.Tensor:
 def spatial_softmax(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (Phi (B, L, H, W), lse (B, L) float32)."""
     _check_dtype("logits", logits)
-    lse, _, phi = _launch_stats(logits, beta, False, want_z=False, want_phi=True)
+    phi, lse = logits.new_empty(logits.shape), _new_lse(logits)
+    if logits.shape[0]:
+        t = _prep(logits, logits)
+        _run_stats(t, lse, None, phi, logits.shape, beta, False, 0, logits.shape[0])
     return phi, lse
 
 
@@ -266,21 +255,38 @@ def spatial_softmax_backward(
 ) -> torch.Tensor:
     """gT = beta * Phi * (gPhi - sum_p gPhi Phi), (B, L, H, W)."""
     _check_dtype("logits", logits)
-    return _launch_map_backward(grad_phi, None, logits, _lse32(lse), beta, False, per_map=True)
+    gt = logits.new_empty(logits.shape)
+    if logits.shape[0]:
+        t = _prep(logits, logits)
+        g = _prep(grad_phi, logits)
+        _run_map_backward(t, _lse32(lse), g, True, None, gt, logits.shape, beta, False, 0, logits.shape[0])
+    return gt
 
 
 def soft_argmax(logits: torch.Tensor, beta: float, normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2) as (x, y), lse (B, L))."""
     _check_dtype("logits", logits)
-    lse, z, _ = _launch_stats(logits, beta, normalized, want_z=True, want_phi=False)
+    z, lse = logits.new_empty((*logits.shape[:2], 2)), _new_lse(logits)
+    if logits.shape[0]:
+        t = _prep(logits, logits)
+        _run_stats(t, lse, z, None, logits.shape, beta, normalized, 0, logits.shape[0])
     return z, lse
+
+
+def _mask_and_stats(logits: torch.Tensor, beta: float, normalized: bool, want_z: bool):
+    z = logits.new_empty((*logits.shape[:2], 2)) if want_z else None
+    m, lse = _new_mask(logits), _new_lse(logits)
+    t = _prep(logits, logits)
+    for b0, nb in _chunks(logits):
+        _run_stats(t, lse, z, None, logits.shape, beta, normalized, b0, nb)
+        _run_fuse_fwd(t, lse, None, None, None, None, m, logits.shape, 0, beta, b0, nb)
+    return z, m, lse
 
 
 def attention_mask(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, lse (B, L))."""
     _check_dtype("logits", logits)
-    lse, _, _ = _launch_stats(logits, beta, False, want_z=False, want_phi=False)
-    _, m = _launch_fuse_fwd(logits, lse, None, None, None, 0, beta, write_mask=True)
+    _, m, lse = _mask_and_stats(logits, beta, False, want_z=False)
     return m, lse
 
 
@@ -289,9 +295,7 @@ def landmark_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), lse (B, L))."""
     _check_dtype("logits", logits)
-    lse, z, _ = _launch_stats(logits, beta, normalized, want_z=True, want_phi=False)
-    _, m = _launch_fuse_fwd(logits, lse, None, None, None, 0, beta, write_mask=True)
-    return z, m, lse
+    return _mask_and_stats(logits, beta, normalized, want_z=True)
 
 
 def landmark_attention_backward(
@@ -304,13 +308,25 @@ def landmark_attention_backward(
 ) -> torch.Tensor:
     """gT (B, L, H, W) from grad_z (B, L, 2) and grad_mask (B, 1, H, W); a None grad counts as zero."""
     _check_dtype("logits", logits)
-    return _launch_map_backward(grad_mask, grad_z, logits, _lse32(lse), beta, normalized, per_map=False)
+    if logits.shape[0] == 0 or (grad_z is None and grad_mask is None):
+        return _zeros(logits)
+    gt = logits.new_empty(logits.shape)
+    t = _prep(logits, logits)
+    g = _prep(grad_mask, logits) if grad_mask is not None else None
+    _run_map_backward(t, _lse32(lse), g, False, grad_z, gt, logits.shape, beta, normalized, 0, logits.shape[0])
+    return gt
 
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int) -> torch.Tensor:
     """image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> F<mode> (B, channels, H, W)."""
     _check_dtype("image", image)
-    fused, _ = _launch_fuse_fwd(None, None, mask, image, embedding, int(mode), 0.0, write_mask=False)
+    mode = int(mode)
+    b, ci, h, w = image.shape
+    cf = _segment_offsets(mode, ci, embedding.shape[1])[4]
+    fused = image.new_empty((b, cf, h, w))
+    if b:
+        i, e, m = _prep(image, image), _prep(embedding, image), _prep(mask, image)
+        _run_fuse_fwd(None, None, m, i, e, fused, None, (b, 0, h, w), mode, 0.0, 0, b)
     return fused
 
 
@@ -319,7 +335,24 @@ def fuse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gI, gE, gM) for fuse; gM is (B, 1, H, W) in the mask dtype."""
     _check_dtype("image", image)
-    return _launch_fuse_bwd(grad_fused, None, None, mask, image, embedding, int(mode), 0.0, mask.dtype)
+    mode = int(mode)
+    gi, ge, gm = _fuse_grad_buffers(image, embedding, mode, mask.dtype)
+    b, _, h, w = image.shape
+    if b:
+        i, e, m, g = _prep(image, image), _prep(embedding, image), _prep(mask, image), _prep(grad_fused, image)
+        _run_fuse_bwd(g, None, None, m, i, e, gi, ge, gm, (b, 0, h, w), mode, 0.0, 0, b)
+    return gi, ge, gm
+
+
+def _fuse_grad_buffers(image: torch.Tensor, embedding: torch.Tensor, mode: int, gm_dtype: torch.dtype):
+    """gI, gE, gM buffers: empty where F<mode> has a segment that the kernel writes, zeros elsewhere."""
+    b, _, h, w = image.shape
+    gi = image.new_empty(image.shape) if mode >= 2 else _zeros(image)
+    ge = embedding.new_empty(embedding.shape) if mode == 1 or mode >= 4 else _zeros(embedding)
+    gm = image.new_empty((b, 1, h, w), dtype=gm_dtype)
+    if mode == 1:
+        gm = gm.zero_()
+    return gi, ge, gm
 
 
 def decafa_head(
@@ -327,8 +360,14 @@ def decafa_head(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z (B, L, 2), F<mode> (B, channels, H, W), lse (B, L)); M and Phi never reach memory."""
     _check_dtype("logits", logits)
-    lse, z, _ = _launch_stats(logits, beta, normalized, want_z=True, want_phi=False)
-    fused, _ = _launch_fuse_fwd(logits, lse, None, image, embedding, int(mode), beta, write_mask=False)
+    mode = int(mode)
+    b, _, h, w = logits.shape
+    cf = _segment_offsets(mode, image.shape[1], embedding.shape[1])[4]
+    z, fused, lse = logits.new_empty((*logits.shape[:2], 2)), logits.new_empty((b, cf, h, w)), _new_lse(logits)
+    t, i, e = _prep(logits, logits), _prep(image, logits), _prep(embedding, logits)
+    for b0, nb in _chunks(logits):
+        _run_stats(t, lse, z, None, logits.shape, beta, normalized, b0, nb)
+        _run_fuse_fwd(t, lse, None, i, e, fused, None, logits.shape, mode, beta, b0, nb)
     return z, fused, lse
 
 
@@ -343,19 +382,23 @@ def decafa_head_backward(
     beta: float,
     normalized: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gT, gI, gE): gI, gE and a float32 gM per pixel tile (M recomputed), then gT per map."""
+    """(gT, gI, gE): per pixel tile gI, gE and a float32 gM (M recomputed), then gT per map."""
     _check_dtype("logits", logits)
     mode = int(mode)
     lse = _lse32(lse)
     if grad_fused is None:
-        gi = torch.zeros_like(image, memory_format=torch.contiguous_format)
-        ge = torch.zeros_like(embedding, memory_format=torch.contiguous_format)
-        gm = None
-    else:
-        gi, ge, gm = _launch_fuse_bwd(grad_fused, logits, lse, None, image, embedding, mode, beta, torch.float32)
-        if mode == 1:  # F1 = E has no masked segment: no gradient reaches the logits through M
-            gm = None
-    gt = _launch_map_backward(gm, grad_z, logits, lse, beta, normalized, per_map=False)
+        gt = landmark_attention_backward(grad_z, None, logits, lse, beta, normalized)
+        return gt, _zeros(image), _zeros(embedding)
+    gi, ge, gm = _fuse_grad_buffers(image, embedding, mode, torch.float32)
+    has_gm = mode >= 2  # F1 = E has no masked segment: nothing reaches the logits through M
+    if logits.shape[0] == 0 or (grad_z is None and not has_gm):
+        return _zeros(logits), gi, ge
+    gt = logits.new_empty(logits.shape)
+    t, i, e, g = _prep(logits, logits), _prep(image, logits), _prep(embedding, logits), _prep(grad_fused, logits)
+    gmp = (gm, gm.stride(0), 0, 1) if has_gm else None
+    for b0, nb in _chunks(logits):
+        _run_fuse_bwd(g, t, lse, None, i, e, gi, ge, gm, logits.shape, mode, beta, b0, nb)
+        _run_map_backward(t, lse, gmp, False, grad_z, gt, logits.shape, beta, normalized, b0, nb)
     return gt, gi, ge
 
 

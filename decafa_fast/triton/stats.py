@@ -33,14 +33,15 @@ def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
 @triton.jit
 def map_stats_kernel(
     t_ptr, lse_ptr, z_ptr, phi_ptr,
-    L, W, HW, inv_w,
+    b_start, L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
     BLOCK: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, INT_DIV: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * L + l; lse, z and phi are contiguous over (b, l)
-    b = pid // L
-    l = pid % L
+    # program = (b - b_start) * L + l; lse, z and phi are contiguous over (b, l)
+    b = b_start + tl.program_id(0) // L
+    l = tl.program_id(0) % L
+    pid = b.to(tl.int64) * L + l
     base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
     offs = tl.arange(0, BLOCK)
 
@@ -76,7 +77,7 @@ def map_stats_kernel(
         tl.store(z_ptr + 2 * pid, zx.to(z_ptr.dtype.element_ty))
         tl.store(z_ptr + 2 * pid + 1, zy.to(z_ptr.dtype.element_ty))
     if WRITE_PHI:
-        out = phi_ptr + pid.to(tl.int64) * HW
+        out = phi_ptr + pid * HW
         for start in range(0, HW, BLOCK):
             p = start + offs
             valid = p < HW
@@ -88,16 +89,16 @@ def map_stats_kernel(
 @triton.jit
 def map_backward_kernel(
     t_ptr, lse_ptr, g_ptr, gz_ptr, gt_ptr,
-    L, W, HW, inv_w,
+    b_start, L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     s_gb, s_gl, s_gp,
     s_zb, s_zl, s_zc,
     beta, x_scale, y_scale,
     BLOCK: tl.constexpr, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # = b * L + l
-    b = pid // L
-    l = pid % L
+    b = b_start + tl.program_id(0) // L  # program = (b - b_start) * L + l
+    l = tl.program_id(0) % L
+    pid = b.to(tl.int64) * L + l
     base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
     g_base = g_ptr + b.to(tl.int64) * s_gb + l.to(tl.int64) * s_gl
     offs = tl.arange(0, BLOCK)
@@ -131,7 +132,7 @@ def map_backward_kernel(
         gy = tl.load(zbase + s_zc).to(tl.float32) * y_scale
 
     # Sweep 2: gT (the map is still in L1/L2 from sweep 1).
-    out = gt_ptr + pid.to(tl.int64) * HW
+    out = gt_ptr + pid * HW
     for start in range(0, HW, BLOCK):
         p = start + offs
         valid = p < HW
