@@ -10,9 +10,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from decafa_fast import cli, ops
+from decafa_fast import cli, ops, reference
 from decafa_fast.checkpoint import load_model, save_checkpoint
-from decafa_fast.export import LastStage, check_onnx
+from decafa_fast.export import LastStage, check_onnx, soft_argmax_standard
 from decafa_fast.model import DeCaFA, DeCaFAConfig
 
 SIZE = 32
@@ -46,6 +46,20 @@ def test_export_cli_two_stages(tmp_path, capsys):
     assert [g.shape for g in got] == [(5, 98, 2), (5, 68, 2), (5, 5, 2)]
     for g, e in zip(got, expected):
         assert np.abs(g - e.numpy()).max() < 1e-3
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 2, 1, 6), (2, 2, 5, 1), (2, 3, 7, 9)])
+def test_standard_soft_argmax_equals_reference(shape, normalized):
+    t = torch.randn(*shape, dtype=torch.float64) * 3
+    torch.testing.assert_close(soft_argmax_standard(t, 0.7, normalized), reference.soft_argmax(t, 0.7, normalized))
+
+
+def test_standard_soft_argmax_is_accurate_in_float32():
+    """A flat 128 x 128 map (an untrained model's) is the hard case for a float32 soft-argmax."""
+    t = torch.randn(2, 98, 128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
+    exact = reference.soft_argmax(t)
+    assert (soft_argmax_standard(t.float()).double() - exact).abs().max() < 1e-4
 
 
 def test_check_onnx_rejects_custom_ops(tmp_path):
