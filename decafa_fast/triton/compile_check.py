@@ -51,25 +51,30 @@ def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict):
     return sig, consts, attrs
 
 
+QUICK = ("map_stats z=1 phi=0", "map_backward head", "mask_fuse_fwd F0 (logits)", "mask_fuse_fwd F5 (logits)",
+         "fuse_bwd F5 (logits)")
+
+
 def _variants(dt: str):
     L, H, W, CI, C = 98, 128, 128, 1, 64
     hw = H * W
-    block, warps = tops._stats_block(hw)
-    t_vals = dict(L=L, W=W, HW=hw, s_tb=L * hw, s_tl=hw, s_tp=1, beta=1.0,
+    scfg = tops._stats_cfg(hw)
+    block, warps = scfg["BLOCK"], scfg["num_warps"]
+    t_vals = dict(b_start=0, L=L, W=W, HW=hw, inv_w=1.0 / W, s_tb=L * hw, s_tl=hw, s_tp=1, beta=1.0,
                   x_scale=1.0, x_off=0.5, y_scale=1.0, y_off=0.5)
     ptr = _PTR[dt]
     for wz, wp in ((True, False), (False, True), (False, False)):
         yield (f"map_stats z={int(wz)} phi={int(wp)}", map_stats_kernel, t_vals,
                dict(t_ptr=ptr, lse_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr),
-               dict(BLOCK=block, WRITE_Z=wz, WRITE_PHI=wp), warps)
+               dict(BLOCK=block, WRITE_Z=wz, WRITE_PHI=wp, INT_DIV=False), warps)
     b_vals = dict(t_vals, s_gb=hw, s_gl=0, s_gp=1, s_zb=2 * L, s_zl=2, s_zc=1)
     for hg, hz, gty, label in ((True, True, "*fp32", "head"), (True, False, ptr, "softmax"), (False, True, ptr, "z")):
         yield (f"map_backward {label}", map_backward_kernel, b_vals,
                dict(t_ptr=ptr, lse_ptr="*fp32", g_ptr=gty, gz_ptr=ptr, gt_ptr=ptr),
-               dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz), warps)
-    cfg = tops._fuse_blocks(hw, CI, C)
+               dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
+    cfg = tops._fuse_cfg(hw, CI, C)
     warps = cfg.pop("num_warps")
-    f_vals = dict(L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
+    f_vals = dict(b_start=0, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
                   s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1,
                   s_fb=130 * hw, s_fc=hw, s_fp=1, beta=1.0, ip_off=0, im_off=CI, ep_off=2 * CI,
                   em_off=2 * CI + C, CF=2 * CI + 2 * C)
@@ -87,22 +92,26 @@ def _variants(dt: str):
     yield ("fuse_bwd F5 (mask)", fuse_bwd_kernel, f_vals, bptrs, dict(cfg, MODE=5, FROM_LOGITS=False), warps)
 
 
-def _resources(cubin: bytes) -> str:
+def _resources(cubin: bytes) -> tuple[str, int]:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
-        return "(no cuobjdump)"
+        return "(no cuobjdump)", 0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out)
-    return f"regs {m.group(1):>3} stack {m.group(2):>4} smem {m.group(3):>6}" if m else out.strip()[-120:]
+    if not m:
+        return out.strip()[-120:], 0
+    return f"regs {m.group(1):>3} stack {m.group(2):>4} smem {m.group(3):>6}", int(m.group(2))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16")
+    parser.add_argument("--quick", action="store_true", help="only the variants the fused head uses")
+    parser.add_argument("--fail-on-spill", action="store_true", help="count a variant with a stack frame over 16 bytes (more than a stray spill or two) as failed")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs TRITON_INTERPRET unset (the interpreter does not compile)", file=sys.stderr)
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for dt in args.dtypes.split(","):
         for name, kernel, values, ptrs, constexprs, warps in _variants(dt):
+            if args.quick and name not in QUICK:
+                continue
             sig, consts, attrs = _signature(kernel, values, ptrs, constexprs)
             try:
                 k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=target,
@@ -122,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             ptx = k.asm["ptx"]
             v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx))
             v2 = len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx))
-            print(f"ok   {dt:4} {name:32} warps {warps:2} {_resources(k.asm['cubin'])} ld.v4 {v4:3} ld.v2 {v2:3}")
+            res, stack = _resources(k.asm["cubin"])
+            spill = args.fail_on_spill and stack > 16
+            failures += spill
+            print(f"{'SPILL' if spill else 'ok  '} {dt:4} {name:32} warps {warps:2} {res} ld.v4 {v4:3} ld.v2 {v2:3}")
     print(f"{failures} variant(s) failed" if failures else "all variants compiled")
     return 1 if failures else 0
 

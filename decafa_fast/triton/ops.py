@@ -390,15 +390,17 @@ def decafa_head_backward(
         gt = landmark_attention_backward(grad_z, None, logits, lse, beta, normalized)
         return gt, _zeros(image), _zeros(embedding)
     gi, ge, gm = _fuse_grad_buffers(image, embedding, mode, torch.float32)
-    has_gm = mode >= 2  # F1 = E has no masked segment: nothing reaches the logits through M
-    if logits.shape[0] == 0 or (grad_z is None and not has_gm):
+    if logits.shape[0] == 0:
         return _zeros(logits), gi, ge
-    gt = logits.new_empty(logits.shape)
+    has_gm = mode >= 2  # F1 = E has no masked segment: nothing reaches the logits through M
+    has_gt = grad_z is not None or has_gm
+    gt = logits.new_empty(logits.shape) if has_gt else _zeros(logits)
     t, i, e, g = _prep(logits, logits), _prep(image, logits), _prep(embedding, logits), _prep(grad_fused, logits)
     gmp = (gm, gm.stride(0), 0, 1) if has_gm else None
     for b0, nb in _chunks(logits):
         _run_fuse_bwd(g, t, lse, None, i, e, gi, ge, gm, logits.shape, mode, beta, b0, nb)
-        _run_map_backward(t, lse, gmp, False, grad_z, gt, logits.shape, beta, normalized, b0, nb)
+        if has_gt:
+            _run_map_backward(t, lse, gmp, False, grad_z, gt, logits.shape, beta, normalized, b0, nb)
     return gt, gi, ge
 
 
