@@ -1,8 +1,11 @@
-// Per-pixel-tile kernels: one thread per V adjacent pixels of one batch element, 128 threads per block.
+// Per-pixel-tile kernels. A block covers 128 * V adjacent pixels of one batch element with 128 x 4 threads:
+// threadIdx.x picks V pixels, threadIdx.y one of 4 groups that split the L maps (for the mask) and the
+// channels (for the fusion), which gives small problems 4x the parallelism without atomics (the groups'
+// partial sums meet in shared memory in a fixed order).
 //   pixel_forward_kernel:  M_p = sum_l exp(beta*T_lp - lse_l) (or M read from memory), then every fusion
 //                          channel written straight into the concatenated output, reading I and E once.
 //   pixel_backward_kernel: gI, gE and the mask gradient gM_p = sum over masked segments of gF * source.
-// Consecutive threads handle consecutive pixels, so every load and store of a warp is one contiguous run.
+// Consecutive threads of a warp handle consecutive pixels: every warp access is one contiguous run.
 #include <climits>
 
 #include "common.cuh"
@@ -25,7 +28,8 @@ FusionLayout fusion_layout(int mode, int ci, int c) {
 namespace detail {
 namespace {
 
-constexpr int kPixelThreads = 128;
+constexpr int kPixelThreads = 128;  // threads along the pixels of a tile (blockDim.x), V pixels each
+constexpr int kGroups = 4;          // thread groups (blockDim.y) that split the L maps and the channels
 
 template <typename T>
 struct PixelForwardArgs {
@@ -67,40 +71,66 @@ struct PixelBackwardArgs {
   bool need_mask;
 };
 
-// M at pixels p..p+V-1 of batch element b: sum over the L maps in a fixed order (deterministic).
+// Shared scratch of a pixel block: one float per (group, vector element, pixel thread); element-major so
+// that a warp's accesses fall in consecutive banks.
+template <int V>
+using GroupScratch = float[kGroups][V][kPixelThreads];
+
+// Sums the kGroups partial vectors of this pixel thread in a fixed order (deterministic); every group
+// gets the same total. Contains __syncthreads: call from all threads of the block.
+template <int V>
+__device__ __forceinline__ void sum_groups(const float (&partial)[V], GroupScratch<V>& scratch, float (&total)[V]) {
+  const int x = threadIdx.x, y = threadIdx.y;
+#pragma unroll
+  for (int j = 0; j < V; ++j) scratch[y][j][x] = partial[j];
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    float acc = scratch[0][j][x];
+#pragma unroll
+    for (int g = 1; g < kGroups; ++g) acc += scratch[g][j][x];
+    total[j] = acc;
+  }
+}
+
+// M at pixels p..p+V-1 of batch element b. Read from mask_in when given; else group y sums the maps
+// l = y, y + kGroups, ... and the groups' partial sums are added in a fixed order. Call from all threads
+// (it synchronises the block); inactive threads (p past the end) contribute nothing.
 template <typename T, int V>
-__device__ __forceinline__ void mask_at(const T* __restrict__ logits, const float* __restrict__ lse, int maps,
-                                        int hw, float beta, int64_t b, int p, float (&m)[V]) {
+__device__ __forceinline__ void mask_tile(const T* __restrict__ mask_in, const T* __restrict__ logits,
+                                          const float* __restrict__ lse, int maps, int hw, float beta, int64_t b,
+                                          int p, bool active, GroupScratch<V>& scratch, float (&m)[V]) {
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = 0.f;
-  const T* t = logits + b * maps * hw + p;
-  const float* ls = lse + b * maps;
-#pragma unroll 8
-  for (int l = 0; l < maps; ++l) {
-    float a[V];
-    load_floats<V>(t + static_cast<int64_t>(l) * hw, a);
-    const float lv = __ldg(ls + l);
-#pragma unroll
-    for (int j = 0; j < V; ++j) m[j] += __expf(beta * a[j] - lv);
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void mask_of(const T* mask_in, const T* logits, const float* lse, int maps, int hw,
-                                        float beta, int64_t b, int p, float (&m)[V]) {
   if (mask_in != nullptr) {
-    load_floats<V>(mask_in + b * hw + p, m);
-  } else {
-    mask_at<T, V>(logits, lse, maps, hw, beta, b, p, m);
+    if (active) load_floats<V>(mask_in + b * hw + p, m);
+    return;
   }
+  float partial[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) partial[j] = 0.f;
+  if (active) {
+    const T* t = logits + b * maps * hw + p;
+    const float* ls = lse + b * maps;
+#pragma unroll 8
+    for (int l = threadIdx.y; l < maps; l += kGroups) {
+      float a[V];
+      load_floats<V>(t + static_cast<int64_t>(l) * hw, a);
+      const float lv = __ldg(ls + l);
+#pragma unroll
+      for (int j = 0; j < V; ++j) partial[j] += __expf(beta * a[j] - lv);
+    }
+  }
+  sum_groups<V>(partial, scratch, m);
 }
 
-// Channels of one source (I or E) into their plain and masked output segments (offset -1: absent).
+// Group `first` of one source (I or E): channels first, first + kGroups, ... into their plain and masked
+// output segments (offset -1: absent).
 template <typename T, int V>
-__device__ __forceinline__ void write_segments(const T* __restrict__ src, int channels, int64_t plane,
+__device__ __forceinline__ void write_segments(const T* __restrict__ src, int channels, int first, int64_t plane,
                                                T* __restrict__ out, int plain, int masked, const float (&m)[V]) {
 #pragma unroll 4
-  for (int c = 0; c < channels; ++c) {
+  for (int c = first; c < channels; c += kGroups) {
     const Vec<T, V> raw = load_raw<V>(src + c * plane);
     if (plain >= 0) store_raw<V>(out + (plain + c) * plane, raw);
     if (masked >= 0) {
@@ -114,36 +144,41 @@ __device__ __forceinline__ void write_segments(const T* __restrict__ src, int ch
 }
 
 template <typename T, int V>
-__global__ void __launch_bounds__(kPixelThreads, 8) pixel_forward_kernel(PixelForwardArgs<T> a) {
+__global__ void __launch_bounds__(kPixelThreads * kGroups, 2) pixel_forward_kernel(PixelForwardArgs<T> a) {
+  __shared__ GroupScratch<V> scratch;
   const int64_t b = blockIdx.x / a.tiles;
   const int tile = static_cast<int>(blockIdx.x - b * a.tiles);
   const int p = (tile * kPixelThreads + static_cast<int>(threadIdx.x)) * V;
-  if (p >= a.hw) return;  // V divides hw whenever V > 1, so a started vector is always whole
+  const bool active = p < a.hw;  // V divides hw whenever V > 1, so a started vector is always whole
   const int64_t plane = a.hw;
 
   float m[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = 0.f;
-  if (a.need_mask) {
-    mask_of<T, V>(a.mask_in, a.logits, a.lse, a.maps, a.hw, a.beta, b, p, m);
-    if (a.mask_out != nullptr) store_floats<V>(a.mask_out + b * plane + p, m);
+  if (a.need_mask) {  // uniform over the block, so the barrier inside is safe
+    mask_tile<T, V>(a.mask_in, a.logits, a.lse, a.maps, a.hw, a.beta, b, p, active, scratch, m);
+    if (a.mask_out != nullptr && threadIdx.y == 0 && active) store_floats<V>(a.mask_out + b * plane + p, m);
   }
   const FusionLayout& lay = a.layout;
-  if (lay.channels <= 0) return;
+  if (!active || lay.channels <= 0) return;  // no barrier below
   T* out = a.fused + b * lay.channels * plane + p;
+  const int group = threadIdx.y;
   if (lay.image_plain >= 0 || lay.image_masked >= 0)
-    write_segments<T, V>(a.image + b * a.ci * plane + p, a.ci, plane, out, lay.image_plain, lay.image_masked, m);
+    write_segments<T, V>(a.image + b * a.ci * plane + p, a.ci, group, plane, out, lay.image_plain,
+                         lay.image_masked, m);
   if (lay.embed_plain >= 0 || lay.embed_masked >= 0)
-    write_segments<T, V>(a.embed + b * a.c * plane + p, a.c, plane, out, lay.embed_plain, lay.embed_masked, m);
+    write_segments<T, V>(a.embed + b * a.c * plane + p, a.c, group, plane, out, lay.embed_plain,
+                         lay.embed_masked, m);
 }
 
-// Gradient of one source: g_src = gF_plain + gF_masked * M, and gm += gF_masked * src.
+// Group `first` of one source: g_src = gF_plain + gF_masked * M for its channels (zeros when the mode has
+// no segment of this source), and gm += gF_masked * src.
 template <typename T, int V>
 __device__ __forceinline__ void grad_segments(const T* __restrict__ grad_out, const T* __restrict__ src,
-                                              int channels, int64_t plane, T* __restrict__ grad_src, int plain,
-                                              int masked, const float (&m)[V], float (&gm)[V]) {
+                                              int channels, int first, int64_t plane, T* __restrict__ grad_src,
+                                              int plain, int masked, const float (&m)[V], float (&gm)[V]) {
 #pragma unroll 4
-  for (int c = 0; c < channels; ++c) {
+  for (int c = first; c < channels; c += kGroups) {
     float acc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = 0.f;
@@ -163,30 +198,39 @@ __device__ __forceinline__ void grad_segments(const T* __restrict__ grad_out, co
         gm[j] += g[j] * x[j];
       }
     }
-    store_floats<V>(grad_src + c * plane, acc);  // zeros when the mode has no segment of this source
+    store_floats<V>(grad_src + c * plane, acc);
   }
 }
 
 template <typename T, typename G, int V>
-__global__ void __launch_bounds__(kPixelThreads, 8) pixel_backward_kernel(PixelBackwardArgs<T, G> a) {
+__global__ void __launch_bounds__(kPixelThreads * kGroups, 2) pixel_backward_kernel(PixelBackwardArgs<T, G> a) {
+  __shared__ GroupScratch<V> scratch;
   const int64_t b = blockIdx.x / a.tiles;
   const int tile = static_cast<int>(blockIdx.x - b * a.tiles);
   const int p = (tile * kPixelThreads + static_cast<int>(threadIdx.x)) * V;
-  if (p >= a.hw) return;
+  const bool active = p < a.hw;
   const int64_t plane = a.hw;
 
   float m[V], gm[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = gm[j] = 0.f;
-  if (a.need_mask) mask_of<T, V>(a.mask_in, a.logits, a.lse, a.maps, a.hw, a.beta, b, p, m);
+  if (a.need_mask) mask_tile<T, V>(a.mask_in, a.logits, a.lse, a.maps, a.hw, a.beta, b, p, active, scratch, m);
 
-  const FusionLayout& lay = a.layout;
-  const T* gf = a.grad_fused + b * lay.channels * plane + p;
-  grad_segments<T, V>(gf, a.image + b * a.ci * plane + p, a.ci, plane, a.grad_image + b * a.ci * plane + p,
-                      lay.image_plain, lay.image_masked, m, gm);
-  grad_segments<T, V>(gf, a.embed + b * a.c * plane + p, a.c, plane, a.grad_embed + b * a.c * plane + p,
-                      lay.embed_plain, lay.embed_masked, m, gm);
-  if (a.grad_mask != nullptr) store_floats<V>(a.grad_mask + b * plane + p, gm);
+  if (active) {
+    const FusionLayout& lay = a.layout;
+    const int group = threadIdx.y;
+    const T* gf = a.grad_fused + b * lay.channels * plane + p;
+    grad_segments<T, V>(gf, a.image + b * a.ci * plane + p, a.ci, group, plane,
+                        a.grad_image + b * a.ci * plane + p, lay.image_plain, lay.image_masked, m, gm);
+    grad_segments<T, V>(gf, a.embed + b * a.c * plane + p, a.c, group, plane,
+                        a.grad_embed + b * a.c * plane + p, lay.embed_plain, lay.embed_masked, m, gm);
+  }
+  if (a.grad_mask != nullptr) {  // uniform over the block
+    __syncthreads();             // every thread has read the mask out of scratch
+    float total[V];
+    sum_groups<V>(gm, scratch, total);
+    if (threadIdx.y == 0 && active) store_floats<V>(a.grad_mask + b * plane + p, total);
+  }
 }
 
 // Vector width for a pixel launch: the widest (up to 16 bytes) that still gives the grid at least two
@@ -207,7 +251,7 @@ cudaError_t launch_pixels(Kernel kernel, Args args, int64_t batch, int v, cudaSt
   args.tiles = static_cast<int>(ceil_div(args.hw, static_cast<int64_t>(kPixelThreads) * v));
   const int64_t blocks = batch * args.tiles;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(blocks), kPixelThreads, 0, stream>>>(args);
+  kernel<<<static_cast<unsigned>(blocks), dim3(kPixelThreads, kGroups), 0, stream>>>(args);
   return cudaGetLastError();
 }
 
