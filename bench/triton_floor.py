@@ -28,7 +28,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # One-at-a-time variations of the Tuning defaults for --sweep.
 SWEEP = {
     "chunk_bytes": [0, 4 << 20, 8 << 20, 32 << 20],
-    "fuse_block_p": [128, 512, 1024],
+    "fuse_block_p": [64, 128, 512, 1024],
+    "fuse_min_programs": [0, 1056, 4224],
     "fuse_block_l": [4, 16],
     "fuse_block_c": [4, 16],
     "fuse_warps": [2, 8],

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -72,7 +73,7 @@ def _variants(dt: str):
         yield (f"map_backward {label}", map_backward_kernel, b_vals,
                dict(t_ptr=ptr, lse_ptr="*fp32", g_ptr=gty, gz_ptr=ptr, gt_ptr=ptr),
                dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
-    cfg = tops._fuse_cfg(hw, CI, C)
+    cfg = tops._fuse_cfg(hw, CI, C, 64, torch.device("cpu"))
     warps = cfg.pop("num_warps")
     f_vals = dict(b_start=0, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
                   s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1,

@@ -20,6 +20,7 @@ instead of HBM.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -41,7 +42,8 @@ class Tuning:
 
     stats_block: int = 4096  # most pixels a per-(b, l) program takes per step
     stats_warps: int = 8
-    fuse_block_p: int = 256  # pixels per (b, tile) program
+    fuse_block_p: int = 256  # most pixels per (b, tile) program ...
+    fuse_min_programs: int = -1  # ... halved (down to 32) until a launch has this many programs; -1: 4 per SM
     fuse_block_l: int = 8  # maps per step of the mask sum
     fuse_block_c: int = 8  # channels per step of the fusion
     fuse_warps: int = 4
@@ -118,9 +120,22 @@ def _stats_cfg(hw: int) -> dict:
     return dict(BLOCK=min(triton.next_power_of_2(hw), TUNING.stats_block), num_warps=TUNING.stats_warps)
 
 
-def _fuse_cfg(hw: int, ci: int, c: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device) -> dict:
+    """Block sizes of the per-(b, tile) kernels; small launches (few batch elements) get smaller tiles so
+    that every SM has work."""
+    block_p = min(triton.next_power_of_2(hw), TUNING.fuse_block_p)
+    target = TUNING.fuse_min_programs
+    if target < 0:
+        target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 0
+    while block_p > 32 and nb * triton.cdiv(hw, block_p) < target:
+        block_p //= 2
     return dict(
-        BLOCK_P=min(triton.next_power_of_2(hw), TUNING.fuse_block_p),
+        BLOCK_P=block_p,
         BLOCK_L=TUNING.fuse_block_l,
         BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), TUNING.fuse_block_c),
         BLOCK_C=min(triton.next_power_of_2(max(c, 1)), TUNING.fuse_block_c),
@@ -159,7 +174,7 @@ def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, 
     ci = ii.shape[1] if i is not None else 0
     c = ee.shape[1] if e is not None else 0
     ip, im, ep, em, cf = _segment_offsets(mode, ci, c) if mode else (0, 0, 0, 0, 0)
-    cfg = _fuse_cfg(h * w, ci, c)
+    cfg = _fuse_cfg(h * w, ci, c, nb, tt.device)
     n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
     wrap_triton(mask_fuse_fwd_kernel)[(nb * n_tiles,)](
         tt, lse if lse is not None else tt, mm, ii, ee,
@@ -184,7 +199,7 @@ def _run_fuse_bwd(gf, t, lse, m, i, e, gi, ge, gm, shape, mode: int, beta: float
     gg, s_fb, s_fc, s_fp = gf
     ci, c = ii.shape[1], ee.shape[1]
     ip, im, ep, em, _ = _segment_offsets(mode, ci, c)
-    cfg = _fuse_cfg(h * w, ci, c)
+    cfg = _fuse_cfg(h * w, ci, c, nb, gg.device)
     n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
     wrap_triton(fuse_bwd_kernel)[(nb * n_tiles,)](
         tt, lse if lse is not None else tt, mm, ii, ee, gg, gi, ge, gm,
