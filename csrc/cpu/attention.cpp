@@ -50,14 +50,14 @@ void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a(hw);
       for (int64_t map = begin; map < end; ++map) {
-        load_scaled(t + map * hw, hw, static_cast<acc_t>(beta), a.data());
-        const MapStats<acc_t> st = softmax_in_place(a.data(), H, W, z_p != nullptr, ax, ay);
+        const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a.data());
+        const MapStats<acc_t> st = exp_sums(a.data(), m, H, W, z_p != nullptr, ax, ay);
         lse_p[map] = st.lse;
         if (z_p != nullptr) {
           z_p[2 * map] = static_cast<scalar_t>(st.zx);
           z_p[2 * map + 1] = static_cast<scalar_t>(st.zy);
         }
-        if (phi_p != nullptr) store_as(a.data(), hw, phi_p + map * hw);
+        if (phi_p != nullptr) store_scaled(a.data(), hw, std::exp(m - st.lse), phi_p + map * hw);
       }
     });
   });
@@ -105,7 +105,7 @@ void summed_mask(const at::Tensor& logits, const at::Tensor& lse, double beta, a
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
         mask_tile(t + b * L * hw, lse_p + b * L, L, hw, p0, n, static_cast<acc_t>(beta), acc.data());
-        store_as(acc.data(), n, m + b * hw + p0);
+        store_scaled(acc.data(), n, acc_t(1), m + b * hw + p0);
       }
     });
   });

@@ -16,7 +16,21 @@ namespace cpu {
 
 // exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): Cephes' expf,
 // range reduction by ln 2 and a degree-6 polynomial, about 1 ulp. -inf gives exactly 0, NaN stays NaN.
-inline float vexp(float x) {
+#if defined(__GNUC__)
+#define DECAFA_INLINE inline __attribute__((always_inline))
+#else
+#define DECAFA_INLINE inline
+#endif
+
+// The per-map loops are compiled twice, for AVX2+FMA and for the baseline ISA, and the loader picks one for
+// the CPU at hand (GCC function multiversioning): 8-wide exp where available, still portable.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DECAFA_KERNEL __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define DECAFA_KERNEL inline
+#endif
+
+DECAFA_INLINE float vexp(float x) {
   const float lo = -87.33654f, hi = 88.72283f;
   float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN fails both tests and stays NaN
   const float magic = 12582912.0f;             // 1.5 * 2^23: float add rounds to an integer
@@ -35,7 +49,7 @@ inline float vexp(float x) {
   y = y * scale;
   return x < lo ? 0.0f : y;
 }
-inline double vexp(double x) { return std::exp(x); }
+DECAFA_INLINE double vexp(double x) { return std::exp(x); }
 
 // Pixel coordinate along an axis of n pixels: index i, or linspace(-1, 1, n)[i] when normalised.
 template <typename acc_t>
@@ -47,24 +61,23 @@ struct Axis {
   acc_t at(int64_t i) const { return offset + step * acc_t(i); }
 };
 
+// dst = beta * src, returning max(dst): the first sweep of a map.
 template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* src, int64_t n, acc_t beta, acc_t* dst) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = beta * static_cast<acc_t>(src[i]);
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store_as(const acc_t* src, int64_t n, scalar_t* dst) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
-}
-
-template <typename acc_t>
-inline acc_t max_of(const acc_t* a, int64_t n) {
+DECAFA_KERNEL acc_t load_scaled_max(const scalar_t* src, int64_t n, acc_t beta, acc_t* dst) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = a[i] > m ? a[i] : m;
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = beta * static_cast<acc_t>(src[i]);
+    m = dst[i] > m ? dst[i] : m;
+  }
   return m;
+}
+
+// dst = scale * src, converted to the output dtype.
+template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL void store_scaled(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(scale * src[i]);
 }
 
 template <typename acc_t>
@@ -72,13 +85,11 @@ struct MapStats {
   acc_t lse, zx, zy;
 };
 
-// Statistics of one map given a = beta * T in `a` (H*W values). Overwrites `a` with Phi. When
-// `moments` is false zx and zy are left at 0.
+// Statistics of one map given a = beta * T in `a` (H*W values) and m = max(a). Overwrites `a` with
+// exp(a - m), so that Phi = a / exp(lse - m). When `moments` is false zx and zy are left at 0.
 template <typename acc_t>
-inline MapStats<acc_t> softmax_in_place(acc_t* a, int64_t H, int64_t W, bool moments, const Axis<acc_t>& ax,
-                                        const Axis<acc_t>& ay) {
-  const int64_t hw = H * W;
-  const acc_t m = max_of(a, hw);
+DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, bool moments, const Axis<acc_t>& ax,
+                                       const Axis<acc_t>& ay) {
   acc_t sum = 0, sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
     acc_t* r = a + row * W;
@@ -103,10 +114,7 @@ inline MapStats<acc_t> softmax_in_place(acc_t* a, int64_t H, int64_t W, bool mom
     sx += row_sx;
     sy += row_sum * ay.at(row);
   }
-  const acc_t inv = acc_t(1) / sum;
-#pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) a[i] *= inv;
-  return {m + std::log(sum), sx * inv, sy * inv};
+  return {m + std::log(sum), sx / sum, sy / sum};
 }
 
 // First moments of a normalised map phi.
@@ -131,14 +139,14 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const Axis<acc_t>
 
 // Phi of one map from the logits and the saved lse: phi = exp(beta * t - lse).
 template <typename scalar_t, typename acc_t>
-inline void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t lse, acc_t* phi) {
+DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t lse, acc_t* phi) {
 #pragma omp simd
   for (int64_t i = 0; i < hw; ++i) phi[i] = vexp(beta * static_cast<acc_t>(t[i]) - lse);
 }
 
 // Softmax backward of one map: grad_t = beta * Phi * (g - sum_p g_p Phi_p).
 template <typename scalar_t, typename acc_t>
-inline void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw, acc_t beta, scalar_t* grad_t) {
+DECAFA_KERNEL void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw, acc_t beta, scalar_t* grad_t) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
@@ -151,7 +159,7 @@ inline void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw, acc_t 
 // grad_mask (H*W values, may be null) is the gradient w.r.t. M for this map's image; grad_z (2 values, may be
 // null) the gradient w.r.t. (zx, zy).
 template <typename scalar_t, typename acc_t>
-inline void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const Axis<acc_t>& ax,
+DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const Axis<acc_t>& ax,
                           const Axis<acc_t>& ay, const acc_t* grad_z, const acc_t* grad_mask, scalar_t* grad_t) {
   const int64_t hw = H * W;
   acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0;
@@ -183,7 +191,7 @@ inline void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, co
 
 // M over pixels [p0, p0 + n) of image b: mask[i] = sum_l exp(beta * T[b, l, p0 + i] - lse[b, l]).
 template <typename scalar_t, typename acc_t, typename lse_t>
-inline void mask_tile(const scalar_t* t_b, const lse_t* lse_b, int64_t L, int64_t hw, int64_t p0, int64_t n,
+DECAFA_KERNEL void mask_tile(const scalar_t* t_b, const lse_t* lse_b, int64_t L, int64_t hw, int64_t p0, int64_t n,
                       acc_t beta, acc_t* mask) {
   for (int64_t i = 0; i < n; ++i) mask[i] = 0;
   for (int64_t l = 0; l < L; ++l) {
@@ -225,7 +233,7 @@ struct FusionLayout {
 // Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
 // the image's first channel; every channel plane has hw pixels.
 template <typename scalar_t, typename acc_t>
-inline void fuse_tile(const FusionLayout& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
+DECAFA_KERNEL void fuse_tile(const FusionLayout& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
                       int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b) {
   for (int s = 0; s < layout.count; ++s) {
     const Segment& seg = layout.segments[s];
@@ -247,7 +255,7 @@ inline void fuse_tile(const FusionLayout& layout, const scalar_t* image_b, int64
 // Backward of fuse_tile: gradients of the image and embedding pixels [p0, p0 + n) (either may be null when
 // not wanted) and the gradient of the mask, accumulated in acc_t into grad_mask[0..n).
 template <typename scalar_t, typename acc_t>
-inline void fuse_tile_backward(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
+DECAFA_KERNEL void fuse_tile_backward(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
                                int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask, int64_t hw,
                                int64_t p0, int64_t n, scalar_t* grad_image_b, scalar_t* grad_embedding_b,
                                acc_t* grad_mask, acc_t* scratch) {

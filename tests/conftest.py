@@ -1,0 +1,43 @@
+"""Shared fixtures. Without a GPU, Triton kernels run under the interpreter on CPU tensors: that has to be
+decided before triton or decafa_fast is imported, so it is set here, first."""
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from decafa_fast import ops  # noqa: E402
+
+COMPILED_BACKENDS = ("cpp", "triton", "cuda")
+
+
+def backend_device(name: str) -> torch.device:
+    """The device a backend runs on here: CUDA for "cuda", and for "triton" when a GPU is present."""
+    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def interpreted(name: str) -> bool:
+    return name == "triton" and not torch.cuda.is_available()
+
+
+@pytest.fixture(params=COMPILED_BACKENDS)
+def backend(request):
+    """Each compiled backend in turn (skipped, with the reason, where it is not available); restores "auto"."""
+    status = ops.backends()[request.param]
+    if not status.startswith("available"):
+        pytest.skip(f"backend {request.param!r}: {status}")
+    ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend("auto")
+
+
+@pytest.fixture
+def reference_backend():
+    ops.set_backend("reference")
+    yield
+    ops.set_backend("auto")
