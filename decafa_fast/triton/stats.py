@@ -45,8 +45,10 @@ def map_stats_kernel(
     base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
     offs = tl.arange(0, BLOCK)
 
-    # Per-lane online softmax: each lane keeps its own running max; lanes are merged once at the end.
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    # Online softmax over chunks of the map: a scalar running max m; the lane accumulators are rescaled by
+    # exp(m_old - m_new) when a chunk raises it (one exp per pixel; a single chunk at 128 x 128 and below
+    # BLOCK, where this is the plain max-then-sum).
+    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
     s = tl.zeros([BLOCK], tl.float32)
     sx = tl.zeros([BLOCK], tl.float32)
     sy = tl.zeros([BLOCK], tl.float32)
@@ -55,8 +57,8 @@ def map_stats_kernel(
         valid = p < HW
         t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
         a = tl.where(valid, t * beta, float("-inf"))
-        m_new = tl.maximum(m, a)
-        # where() guards keep -inf - -inf (a fully masked lane) from turning into NaN
+        m_new = tl.maximum(m, tl.max(a, axis=0))
+        # the where() guards keep -inf - -inf (nothing finite seen yet) from turning into NaN
         alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
         e = tl.where(a == float("-inf"), 0.0, tl.exp(a - m_new))
         s = s * alpha + e
@@ -66,14 +68,12 @@ def map_stats_kernel(
             sy = sy * alpha + e * row
         m = m_new
 
-    mx = tl.max(m, axis=0)
-    r = tl.where(m == mx, 1.0, tl.exp(m - mx))
-    total = tl.sum(s * r, axis=0)
-    lse = mx + tl.log(total)
+    total = tl.sum(s, axis=0)
+    lse = m + tl.log(total)
     tl.store(lse_ptr + pid, lse)
     if WRITE_Z:
-        zx = x_off + x_scale * (tl.sum(sx * r, axis=0) / total)
-        zy = y_off + y_scale * (tl.sum(sy * r, axis=0) / total)
+        zx = x_off + x_scale * (tl.sum(sx, axis=0) / total)
+        zy = y_off + y_scale * (tl.sum(sy, axis=0) / total)
         tl.store(z_ptr + 2 * pid, zx.to(z_ptr.dtype.element_ty))
         tl.store(z_ptr + 2 * pid + 1, zy.to(z_ptr.dtype.element_ty))
     if WRITE_PHI:
