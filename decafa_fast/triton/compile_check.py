@@ -53,7 +53,7 @@ def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict):
 
 
 QUICK = ("map_stats z=1 phi=0", "map_backward head", "mask_fuse_fwd F0 (logits)", "mask_fuse_fwd F5 (logits)",
-         "fuse_bwd F5 (logits)")
+         "fuse_bwd F5 (logits)", "mask_fuse_fwd F5 B=1", "fuse_bwd F5 B=1")
 
 
 def _variants(dt: str):
@@ -73,7 +73,7 @@ def _variants(dt: str):
         yield (f"map_backward {label}", map_backward_kernel, b_vals,
                dict(t_ptr=ptr, lse_ptr="*fp32", g_ptr=gty, gz_ptr=ptr, gt_ptr=ptr),
                dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
-    cfg = tops._fuse_cfg(hw, CI, C, 64, torch.device("cpu"))
+    cfg = tops._fuse_cfg(hw, L, CI, C, 64, torch.device("cpu"))
     warps = cfg.pop("num_warps")
     f_vals = dict(b_start=0, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
                   s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1,
@@ -85,12 +85,23 @@ def _variants(dt: str):
                dict(cfg, MODE=mode, FROM_LOGITS=True, WRITE_MASK=mode == 0), warps)
     yield ("mask_fuse_fwd F5 (mask)", mask_fuse_fwd_kernel, f_vals, fptrs,
            dict(cfg, MODE=5, FROM_LOGITS=False, WRITE_MASK=False), warps)
+    # B = 1 on a 132-SM GPU: narrow pixel tiles, tall map / channel tiles
+    saved = tops.TUNING.fuse_min_programs
+    tops.TUNING.fuse_min_programs = 4 * 132
+    cfg1 = tops._fuse_cfg(hw, L, CI, C, 1, torch.device("cpu"))
+    tops.TUNING.fuse_min_programs = saved
+    warps1 = cfg1.pop("num_warps")
+    f1 = dict(f_vals, n_tiles=hw // cfg1["BLOCK_P"])
+    yield (f"mask_fuse_fwd F5 B=1 P{cfg1['BLOCK_P']} L{cfg1['BLOCK_L']}", mask_fuse_fwd_kernel, f1, fptrs,
+           dict(cfg1, MODE=5, FROM_LOGITS=True, WRITE_MASK=False), warps1)
     bptrs = dict(t_ptr=ptr, lse_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, gf_ptr=ptr, gi_ptr=ptr,
                  ge_ptr=ptr, gm_ptr="*fp32")
     for mode in range(1, 6):
         yield (f"fuse_bwd F{mode} (logits)", fuse_bwd_kernel, f_vals, bptrs,
                dict(cfg, MODE=mode, FROM_LOGITS=True), warps)
     yield ("fuse_bwd F5 (mask)", fuse_bwd_kernel, f_vals, bptrs, dict(cfg, MODE=5, FROM_LOGITS=False), warps)
+    yield (f"fuse_bwd F5 B=1 P{cfg1['BLOCK_P']} L{cfg1['BLOCK_L']}", fuse_bwd_kernel, f1, bptrs,
+           dict(cfg1, MODE=5, FROM_LOGITS=True), warps1)
 
 
 def _resources(cubin: bytes) -> tuple[str, int]:
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for dt in args.dtypes.split(","):
         for name, kernel, values, ptrs, constexprs, warps in _variants(dt):
-            if args.quick and name not in QUICK:
+            if args.quick and not name.startswith(QUICK):
                 continue
             sig, consts, attrs = _signature(kernel, values, ptrs, constexprs)
             try:

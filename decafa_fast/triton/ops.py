@@ -125,20 +125,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device) -> dict:
-    """Block sizes of the per-(b, tile) kernels; small launches (few batch elements) get smaller tiles so
-    that every SM has work."""
+def _fuse_cfg(hw: int, l: int, ci: int, c: int, nb: int, device: torch.device) -> dict:
+    """Block sizes of the per-(b, tile) kernels. Small launches (few batch elements) get narrower pixel
+    tiles so that every SM has work, and the tiles grow in maps / channels by as much, so that each loop
+    step still loads about fuse_block_p x fuse_block_l (or _c) elements and the loops stay short."""
     block_p = min(triton.next_power_of_2(hw), TUNING.fuse_block_p)
     target = TUNING.fuse_min_programs
     if target < 0:
         target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 0
     while block_p > 32 and nb * triton.cdiv(hw, block_p) < target:
         block_p //= 2
+    grow = max(1, TUNING.fuse_block_p // block_p)
     return dict(
         BLOCK_P=block_p,
-        BLOCK_L=TUNING.fuse_block_l,
-        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), TUNING.fuse_block_c),
-        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), TUNING.fuse_block_c),
+        BLOCK_L=min(triton.next_power_of_2(max(l, 1)), TUNING.fuse_block_l * grow),
+        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), TUNING.fuse_block_c * grow),
+        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), TUNING.fuse_block_c * grow),
         num_warps=TUNING.fuse_warps,
     )
 
@@ -174,7 +176,7 @@ def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, 
     ci = ii.shape[1] if i is not None else 0
     c = ee.shape[1] if e is not None else 0
     ip, im, ep, em, cf = _segment_offsets(mode, ci, c) if mode else (0, 0, 0, 0, 0)
-    cfg = _fuse_cfg(h * w, ci, c, nb, tt.device)
+    cfg = _fuse_cfg(h * w, l, ci, c, nb, tt.device)
     n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
     wrap_triton(mask_fuse_fwd_kernel)[(nb * n_tiles,)](
         tt, lse if lse is not None else tt, mm, ii, ee,
@@ -199,7 +201,7 @@ def _run_fuse_bwd(gf, t, lse, m, i, e, gi, ge, gm, shape, mode: int, beta: float
     gg, s_fb, s_fc, s_fp = gf
     ci, c = ii.shape[1], ee.shape[1]
     ip, im, ep, em, _ = _segment_offsets(mode, ci, c)
-    cfg = _fuse_cfg(h * w, ci, c, nb, gg.device)
+    cfg = _fuse_cfg(h * w, l, ci, c, nb, gg.device)
     n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
     wrap_triton(fuse_bwd_kernel)[(nb * n_tiles,)](
         tt, lse if lse is not None else tt, mm, ii, ee, gg, gi, ge, gm,
