@@ -1,0 +1,75 @@
+"""Shared benchmark fixtures and options; device facts go into every run's machine_info.
+
+Options (also set by `decafa-fast bench`):
+    --decafa-size paper|tiny    op problem size (paper: L 98, 128 x 128, C 64; tiny: machinery check)
+    --decafa-quick              a small subset (see bench/test_ops.py and bench/test_model.py)
+    --decafa-full               also the slow cases skipped by default on CPU
+    --decafa-backends a,b,...   only these backends (reference, compiled, kornia, cpp, triton, cuda)
+
+Unlike tests/, nothing here sets TRITON_INTERPRET: the Triton interpreter is not a benchmark, so Triton
+cases run on a GPU only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from decafa_fast import benchmark as B
+from decafa_fast import ops
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("decafa", "decafa-fast benchmarks")
+    group.addoption("--decafa-size", choices=sorted(B.SIZES), default="paper", help="op problem size")
+    group.addoption("--decafa-quick", action="store_true", help="a small subset of the benchmarks")
+    group.addoption("--decafa-full", action="store_true", help="also the slow cases skipped by default on CPU")
+    group.addoption("--decafa-backends", default=None, help="comma-separated backends to run (default: all)")
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    facts = B.device_facts()
+    device = B.bench_device()
+    bw = getattr(config, "_decafa_copy_bw", None)
+    if bw is not None:
+        facts["copy_gbps"] = round(bw / 1e9, 2)
+    facts["clone_gbps"] = round(B.copy_bandwidth(device, fresh=True) / 1e9, 2)
+    machine_info["decafa"] = facts
+
+
+@pytest.fixture(scope="session")
+def bench_size(pytestconfig: pytest.Config) -> B.BenchSize:
+    return B.SIZES[pytestconfig.getoption("--decafa-size")]
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return B.bench_device()
+
+
+@pytest.fixture(scope="session")
+def copy_bw(pytestconfig: pytest.Config, device: torch.device) -> float:
+    """Copy bandwidth (bytes/s) of this device, measured once per session: the ceiling for % of floor."""
+    bw = B.copy_bandwidth(device)
+    pytestconfig._decafa_copy_bw = bw  # also reported in machine_info
+    return bw
+
+
+@pytest.fixture(scope="session")
+def reference_times() -> dict[tuple, float]:
+    """Fastest time of the reference (eager) per case key, for speed-ups within one run."""
+    return {}
+
+
+@pytest.fixture
+def use_backend():
+    """Selects an ops backend for one benchmark and restores the previous one afterwards."""
+    previous = ops.get_backend()
+
+    def select(name: str) -> None:
+        ops.set_backend(name)
+
+    yield select
+    ops.set_backend(previous)
+
