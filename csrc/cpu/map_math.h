@@ -137,11 +137,21 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const Axis<acc_t>
   zy = sy;
 }
 
-// Phi of one map from the logits and the saved lse: phi = exp(beta * t - lse).
+// Phi of one map from the logits and the saved lse: phi = exp(beta * t - lse), renormalised to sum to 1.
+// lse is rounded to the accumulation dtype; for large beta * t (|a| ~ 40 in float32) that rounding alone makes
+// sum(phi) drift from 1 by ~1e-6, which would bias the recomputed z and the gradients. Dividing by the sum,
+// taken in the same sweep, removes it.
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t lse, acc_t* phi) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < hw; ++i) {
+    phi[i] = vexp(beta * static_cast<acc_t>(t[i]) - lse);
+    sum += phi[i];
+  }
+  const acc_t inv = acc_t(1) / sum;
 #pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) phi[i] = vexp(beta * static_cast<acc_t>(t[i]) - lse);
+  for (int64_t i = 0; i < hw; ++i) phi[i] *= inv;
 }
 
 // Softmax backward of one map: grad_t = beta * Phi * (g - sum_p g_p Phi_p).
