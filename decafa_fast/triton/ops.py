@@ -154,8 +154,10 @@ def _run_stats(t, lse, z, phi, shape, beta: float, normalized: bool, b0: int, nb
     tt, s_tb, s_tl, s_tp = t
     xs, xo = _coord_affine(w, normalized)
     ys, yo = _coord_affine(h, normalized)
+    # absent outputs are given the (read-only) logits as a never-used pointer: an output tensor there would
+    # alias a written argument, which torch.compile's kernel mutation analysis is better spared
     wrap_triton(map_stats_kernel)[(nb * l,)](
-        tt, lse, z if z is not None else lse, phi if phi is not None else lse,
+        tt, lse, z if z is not None else tt, phi if phi is not None else tt,
         b0, l, w, h * w, 1.0 / w,
         s_tb, s_tl, s_tp,
         beta, xs, xo, ys, yo,
@@ -168,7 +170,7 @@ def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, 
     """mask_fuse_fwd_kernel: M from (t, lse) when lse is given, else from m; writes fused / m_out if given.
     t, m, i, e are _prep tuples or None (not read)."""
     _, l, h, w = shape
-    dummy = fused if fused is not None else m_out
+    dummy = next(x[0] for x in (t, m, i, e) if x is not None)  # an input: never read, never written
     tt, s_tb, s_tl, s_tp = t or (dummy, 0, 0, 0)
     mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
     ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
@@ -194,8 +196,8 @@ def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, 
 def _run_fuse_bwd(gf, t, lse, m, i, e, gi, ge, gm, shape, mode: int, beta: float, b0: int, nb: int) -> None:
     """fuse_bwd_kernel: gI, gE, gM (the kernel writes only the ones F<mode> has); t or m may be None."""
     _, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t or (gi, 0, 0, 0)
-    mm, s_mb, _, s_mp = m or (gi, 0, 0, 0)
+    tt, s_tb, s_tl, s_tp = t or (gf[0], 0, 0, 0)
+    mm, s_mb, _, s_mp = m or (gf[0], 0, 0, 0)
     ii, s_ib, s_ic, s_ip = i
     ee, s_eb, s_ec, s_ep = e
     gg, s_fb, s_fc, s_fp = gf
