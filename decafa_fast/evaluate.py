@@ -188,8 +188,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         results = evaluate_records(model, read_eval_subsets(args.data), workers=args.workers, **options)
     stage = config.stages + args.stage + 1 if args.stage < 0 else args.stage + 1
-    title = (f"{DATA_NAMES[kind]} {rest}: NME normalised by {args.normalisation.replace('_', '-')} distance; "
-             f"stage {stage} of {config.stages}; {args.checkpoint}")
+    norm = ("inter-ocular distance (outer eye corners; eye centres for 5 points)" if args.normalisation == "inter_ocular"
+            else "inter-pupil distance")
+    title = f"{DATA_NAMES[kind]} {rest}: NME normalised by {norm}; stage {stage} of {config.stages}; {args.checkpoint}"
     print(format_table(results, title))
     curves = {r.name: r.errors for r in results if r.n}
     if curves:
