@@ -57,8 +57,9 @@ def bench_ms(fn: Callable[[], object], graph: bool = False) -> float:
     """Median time of fn() in ms (triton.testing; L2 flushed between runs); graph=True replays a CUDA graph."""
     import triton.testing
 
-    if graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    if graph:  # graphs cannot be captured on the default stream
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
 
 
