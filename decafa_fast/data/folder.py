@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import IMAGE_EXTENSIONS, FaceRecord, find_image, raise_missing
+from .real import IMAGE_EXTENSIONS, NO_IMAGE, FaceRecord, find_image, raise_missing
 from .w300 import parse_pts
 
 MARKUP_BY_POINTS = {98: "wflw98", 68: "300w68", 5: "celeba5"}
@@ -78,11 +78,11 @@ def read_annotated_folder(folder: str | Path) -> list[FaceRecord]:
             points, markup, box = parse_json_annotation(path)
         image = find_image(path)
         if image is None:
-            missing.append(path.with_suffix(".jpg"))
+            missing.append(path)
             continue
         records.append(FaceRecord(image=image, landmarks=points, markup=markup, box=box,
                                   source=str(path.parent.relative_to(folder))))
-    raise_missing(missing)
+    raise_missing(missing, NO_IMAGE)
     return records
 
 

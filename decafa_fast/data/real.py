@@ -13,7 +13,7 @@ Several specs can be joined with "+" for training on more than one data set at o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -40,7 +40,6 @@ class FaceRecord:
     box: np.ndarray | None = None  # the data set's face box (x0, y0, x1, y1), if it has one
     attributes: tuple[str, ...] = ()  # e.g. WFLW's ("pose", "blur")
     source: str = ""  # which part of the data set (e.g. "helen/testset")
-    extra: dict = field(default_factory=dict)
 
 
 def find_image(annotation: Path) -> Path | None:
@@ -52,12 +51,15 @@ def find_image(annotation: Path) -> Path | None:
     return None
 
 
-def raise_missing(missing: list[Path], what: str = "image") -> None:
+def raise_missing(missing: list[Path], what: str = "image(s) missing") -> None:
     """Report missing files (never skip them silently): FileNotFoundError naming the first few."""
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{len(missing)} {what}(s) missing: {shown}{more}")
+        raise FileNotFoundError(f"{len(missing)} {what}: {shown}{more}")
+
+
+NO_IMAGE = f"annotation(s) without an image of the same name ({'/'.join(IMAGE_EXTENSIONS)})"
 
 
 def record_crop(record: FaceRecord, size: int = CROP_SIZE) -> FaceCrop:
@@ -89,13 +91,6 @@ class FaceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, FaceCrop]:
-        """(gray crop (size, size) uint8, landmarks in crop pixels (L, 2), crop) of one face, unaugmented."""
-        record = self.records[index]
-        crop = record_crop(record, self.size)
-        gray = to_gray(read_image(record.image))
-        return crop.warp(gray), crop.to_crop(record.landmarks), crop
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

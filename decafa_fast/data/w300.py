@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import FaceRecord, find_image, raise_missing
+from .real import NO_IMAGE, FaceRecord, find_image, raise_missing
 
 MARKUP = "300w68"
 # split -> folders (each a path below ROOT, matched case-insensitively)
@@ -120,10 +120,10 @@ def read_folder(folder: Path, source: str, pts_offset: float = 1.0, markup: str 
             raise ValueError(f"{pts}:2: a 300W file must have 68 points, got {len(points)}")
         image = find_image(pts)
         if image is None:
-            missing.append(pts.with_suffix(".jpg"))
+            missing.append(pts)
             continue
         records.append(FaceRecord(image=image, landmarks=points, markup=markup or MARKUP, source=source))
-    raise_missing(missing)
+    raise_missing(missing, NO_IMAGE)
     return records
 
 
