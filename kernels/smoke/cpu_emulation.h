@@ -1,0 +1,253 @@
+// A minimal CPU emulation of the CUDA features the decafa kernels use, so that their logic (indexing,
+// edges, reductions, barriers, chunking) can be run and checked on a machine without a GPU:
+//   g++ -std=c++20 -pthread -include kernels/smoke/cpu_emulation.h <kernels with <<<>>> rewritten> ...
+// (tests/test_kernels_build.py does the rewriting: `k<<<g, b, s, st>>>(args)` -> `emu::launch(k, g, b, s,
+// st, args)` and the `extern __shared__` line -> `emu::dynamic_smem()`).
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run round-robin until it waits at a
+// barrier or returns; blocks run one after another. __syncthreads waits for every live thread of the block;
+// __shfl_xor_sync exchanges through a per-block array between two warp-wide barriers; a thread that
+// returns leaves both barriers (as on the GPU). __shared__ variables become function statics:
+// shared by the threads of a block, and blocks never overlap. Device memory is host memory. Device facts
+// come from EMU_SM_COUNT (default 1, so small grids still take the vector paths) and EMU_L2_BYTES.
+// Dynamic shared memory is filled with NaN bytes before each block so that reading unwritten data shows.
+// Not for performance, and only what the kernels need: float shuffles, 1-D/2-D blocks, one stream.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace emu {
+
+// A barrier among the live threads of a group (the block, or one warp), for cooperative fibers.
+struct Barrier {
+  int alive = 0, arrived = 0;
+  unsigned generation = 0;
+  void release() {
+    arrived = 0;
+    ++generation;
+  }
+};
+
+struct Fiber {
+  ucontext_t context;
+  char* stack;
+  uint3 index;
+  bool done = false;
+};
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+// Fiber stacks, allocated once (uninitialised) and reused by every launch.
+inline char* fiber_stack(int i) {
+  static std::vector<std::unique_ptr<char[]>> stacks;
+  while (static_cast<int>(stacks.size()) <= i) stacks.emplace_back(new char[kStackBytes]);
+  return stacks[i].get();
+}
+
+struct Block {
+  Barrier sync;
+  std::vector<Barrier> warps;
+  std::vector<float> shuffle;
+  std::vector<unsigned char> smem;
+  std::vector<Fiber> fibers;
+  std::function<void()> body;
+  ucontext_t scheduler;
+  int current = 0;
+};
+
+inline uint3 t_thread_idx, t_block_idx;
+inline dim3 t_block_dim, t_grid_dim;
+inline Block* t_block = nullptr;
+
+inline int linear_thread() {
+  return static_cast<int>(t_thread_idx.x + t_block_dim.x * (t_thread_idx.y + t_block_dim.y * t_thread_idx.z));
+}
+
+inline unsigned char* dynamic_smem() { return t_block->smem.data(); }
+
+inline void yield() {
+  Block& b = *t_block;
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+}
+
+// Arrive, then wait (yielding to the other fibers) until every live thread of the group has arrived.
+inline void wait_at(Barrier& bar) {
+  const unsigned generation = bar.generation;
+  if (++bar.arrived == bar.alive) {
+    bar.release();
+    return;
+  }
+  while (bar.generation == generation) yield();
+}
+
+inline void syncthreads() { wait_at(t_block->sync); }
+
+inline float shfl_xor_sync(unsigned, float v, int offset) {
+  const int tid = linear_thread();
+  Barrier& warp = t_block->warps[tid / 32];
+  t_block->shuffle[tid] = v;
+  wait_at(warp);
+  const float r = t_block->shuffle[tid ^ offset];
+  wait_at(warp);
+  return r;
+}
+
+template <typename T>
+inline T ldg(const T* p) {
+  return *p;
+}
+
+// A returning thread leaves its barriers (as on the GPU), which may complete a barrier the others wait at.
+inline void leave(Barrier& bar) {
+  if (--bar.alive > 0 && bar.arrived == bar.alive) bar.release();
+}
+
+inline void fiber_entry() {
+  Block& b = *t_block;
+  b.body();
+  const int tid = linear_thread();
+  leave(b.warps[tid / 32]);
+  leave(b.sync);
+  b.fibers[b.current].done = true;
+}  // returns to the scheduler through uc_link
+
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, Args... args) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads <= 0 || threads > 1024 || threads % 32 != 0) return cudaErrorInvalidConfiguration;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
+  Block blk;
+  blk.fibers.resize(threads);
+  for (int i = 0; i < threads; ++i) blk.fibers[i].stack = fiber_stack(i);
+  blk.body = [&] { kernel(args...); };
+  t_block = &blk;
+  t_block_dim = block;
+  t_grid_dim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        t_block_idx = {bx, by, bz};
+        blk.sync = Barrier{threads, 0, 0};
+        blk.warps.assign(threads / 32, Barrier{32, 0, 0});
+        blk.shuffle.assign(threads, 0.f);
+        blk.smem.assign(smem_bytes, 0xFF);  // NaN for float, and for half/bfloat16
+        int id = 0;
+        for (unsigned tz = 0; tz < block.z; ++tz)
+          for (unsigned ty = 0; ty < block.y; ++ty)
+            for (unsigned tx = 0; tx < block.x; ++tx, ++id) {
+              Fiber& f = blk.fibers[id];
+              f.index = {tx, ty, tz};
+              f.done = false;
+              getcontext(&f.context);
+              f.context.uc_stack.ss_sp = f.stack;
+              f.context.uc_stack.ss_size = kStackBytes;
+              f.context.uc_link = &blk.scheduler;
+              makecontext(&f.context, fiber_entry, 0);
+            }
+        // Round-robin until every thread has returned; a fiber runs until it waits at a barrier or ends.
+        for (int remaining = threads; remaining > 0;) {
+          remaining = 0;
+          for (int i = 0; i < threads; ++i) {
+            Fiber& f = blk.fibers[i];
+            if (f.done) continue;
+            blk.current = i;
+            t_thread_idx = f.index;
+            swapcontext(&blk.scheduler, &f.context);
+            remaining += f.done ? 0 : 1;
+          }
+        }
+      }
+  t_block = nullptr;
+  return cudaSuccess;
+}
+
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : fallback;
+}
+
+}  // namespace emu
+
+// The CUDA built-ins and intrinsics the kernels use.
+#define threadIdx (::emu::t_thread_idx)
+#define blockIdx (::emu::t_block_idx)
+#define blockDim (::emu::t_block_dim)
+#define gridDim (::emu::t_grid_dim)
+#define __syncthreads() ::emu::syncthreads()
+#define __shfl_xor_sync(mask, v, offset) ::emu::shfl_xor_sync(mask, v, offset)
+#define __ldg(p) ::emu::ldg(p)
+#define __expf(x) std::exp(x)
+#define __logf(x) std::log(x)
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __align__
+#define __align__(n) alignas(n)
+
+// The runtime API the launchers and the smoke test call, on host memory.
+extern "C" {
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = emu::env_int("EMU_SM_COUNT", 1); break;
+    case cudaDevAttrL2CacheSize: *value = emu::env_int("EMU_L2_BYTES", 50 << 20); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int value) {
+  return value <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
+  std::memset(p, value, count);
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "error (CPU emulation)"; }
+cudaError_t cudaMalloc(void** p, size_t size) {
+  *p = std::malloc(size ? size : 1);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind) {
+  std::memcpy(dst, src, count);
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+}
+
+// nvcc's runtime header has this overload for function pointers only when compiling CUDA.
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* entry, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
