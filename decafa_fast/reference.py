@@ -39,12 +39,17 @@ def spatial_softmax(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 
 
 def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = False) -> torch.Tensor:
-    """Eqs. (1)+(2): expected (x, y) under Phi for each map. Returns z (B, L, 2)."""
-    b, l, h, w = logits.shape
+    """Eqs. (1)+(2): expected (x, y) under Phi for each map. Returns z (B, L, 2).
+
+    Computed from the column and row marginals of Phi (sum over rows, then over columns): the same value as
+    sum_p Phi_p x_p, but summing H or W terms at a time keeps float32 accurate on flat 128 x 128 maps.
+    """
+    h, w = logits.shape[2:]
     acc = _accumulation_dtype(logits)
-    phi = torch.softmax(logits.to(acc).reshape(b, l, h * w) * beta, dim=-1)
-    xs, ys = pixel_grid(h, w, normalized, logits.device, acc)
-    z = torch.stack([phi @ xs, phi @ ys], dim=-1)
+    phi = spatial_softmax(logits.to(acc), beta)
+    xs = pixel_grid(1, w, normalized, logits.device, acc)[0]
+    ys = pixel_grid(h, 1, normalized, logits.device, acc)[1]
+    z = torch.stack([phi.sum(dim=2) @ xs, phi.sum(dim=3) @ ys], dim=-1)
     return z.to(logits.dtype)
 
 
