@@ -83,11 +83,13 @@ def triton_backend(request):
 
 @pytest.fixture
 def small_tuning():
-    """Tiny blocks and one batch element per chunk: every loop of every kernel takes several steps."""
+    """Tiny blocks and one batch element per chunk: every loop of every kernel takes several steps; and
+    rows by integer division (the path of maps over 2**20 pixels)."""
     saved = dict(vars(tops.TUNING))
     tops.TUNING.stats_block, tops.TUNING.fuse_block_p = 16, 16
     tops.TUNING.fuse_block_l, tops.TUNING.fuse_block_c = 2, 2
     tops.TUNING.chunk_bytes = 1
+    tops.TUNING.int_div_above = 0
     yield
     vars(tops.TUNING).update(saved)
 
@@ -208,6 +210,23 @@ def test_multi_step_loops_and_chunks(mode, small_tuning):
     rz, rm = reference.landmark_attention(t, 0.5, False)
     _close(z, rz, torch.float32)
     _close(m, rm, torch.float32)
+
+
+def test_small_launch_tiles():
+    """A launch with few programs shrinks its pixel tiles and grows them in maps / channels (the B = 1 path
+    on a GPU): tiles of 32 pixels x 64 maps / channels, with partial last steps."""
+    saved = tops.TUNING.fuse_min_programs
+    tops.TUNING.fuse_min_programs = 10**6
+    try:
+        cfg = tops._fuse_cfg(45, 68, 3, 40, 1, torch.device("cpu"))
+        assert (cfg["BLOCK_P"], cfg["BLOCK_L"], cfg["BLOCK_C"]) == (32, 64, 64)
+        t, i, e = _inputs(1, 68, 5, 9, 3, 40, torch.float32, seed=12)
+        outs, grads = _grads(lambda *x: ops.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
+        ref_outs, ref_grads = _grads(lambda *x: reference.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
+    finally:
+        tops.TUNING.fuse_min_programs = saved
+    for o, r in zip([*outs, *grads], [*ref_outs, *ref_grads]):
+        _close(o, r, torch.float32, grad=True)
 
 
 def test_layouts_channels_last_and_strided():
