@@ -37,8 +37,8 @@ __all__ = ["add_arguments", "run", "PRESETS", "evaluate_model", "mean_shape_nme"
 
 # Model + schedule presets. "cpu" is sized for the default run on a 2-core CPU (see README for timings).
 PRESETS: dict[str, dict] = {
-    "cpu": dict(image_size=48, stages=2, widths=(16, 32, 64), embedding_channels=16,
-                steps=1500, batch_size=16, train_size=3000, val_size=300),
+    "cpu": dict(image_size=32, stages=2, widths=(16, 32, 64), embedding_channels=16,
+                steps=2000, batch_size=16, train_size=3000, val_size=300, max_minutes=9.5),
     "paper": dict(image_size=128, stages=4, widths=(64, 128, 256), embedding_channels=64,
                   steps=400_000, batch_size=8, train_size=30_000, val_size=1000),
     "tiny": dict(image_size=32, stages=1, widths=(8, 8, 8), embedding_channels=8,
@@ -78,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", action="append", default=None,
                    help="training data set KIND:PATH (300w:, wflw:, celeba:, folder:, synthetic:N); repeat to "
                         "alternate batches between sets; default: synthetic faces split into 98/68/5-point parts")
+    t.add_argument("--data-weights", type=_int_list, default=None,
+                   help="batches per turn for each training set in the alternation, e.g. 2,1,1 -> A B A C A B A C "
+                        "(default: 2,1,1 for the synthetic 98/68/5 split, so the finest markup gets half the batches; "
+                        "1 each for --data)")
     t.add_argument("--val-data", default=None, help="validation data spec (default: held-out synthetic faces)")
     t.add_argument("--train-size", type=int, help="number of synthetic training faces")
     t.add_argument("--val-size", type=int, help="number of synthetic validation faces")
@@ -89,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", default="runs/train", help="output folder: checkpoint.pt, metrics.csv, summary.json")
     t.add_argument("--resume", default=None, help="checkpoint to resume from ('auto': OUT/checkpoint.pt if present)")
     t.add_argument("--max-minutes", type=float, default=None,
-                   help="stop early (and save) once training has run this long")
+                   help="stop early (and save) once training has run this long (cpu preset: 9.5)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
@@ -234,6 +238,18 @@ def mean_shape_nme(train_sets: list[tuple[str, Dataset]], val_set: Dataset, mark
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+def _interleave(weights: tuple[int, ...]) -> list[int]:
+    """One turn of the alternation, data set k appearing weights[k] times, spread out by smooth weighted
+    round robin: (2, 1, 1) -> [0, 1, 2, 0]; (1, 1, 1) -> [0, 1, 2]."""
+    total, current, cycle = sum(weights), [0] * len(weights), []
+    for _ in range(total):
+        current = [c + w for c, w in zip(current, weights)]
+        k = max(range(len(weights)), key=lambda i: current[i])
+        current[k] -= total
+        cycle.append(k)
+    return cycle
+
+
 def _poly(total: int, power: float):
     return lambda step: max(0.0, 1.0 - step / max(1, total)) ** power
 
@@ -327,6 +343,10 @@ def _train(args: argparse.Namespace, info: D.DistInfo) -> dict:
     if args.compile:
         net = torch.compile(net)
 
+    weights = args.data_weights or ((2,) + (1,) * (len(train_sets) - 1) if not args.data else (1,) * len(train_sets))
+    if len(weights) != len(train_sets) or min(weights) < 1:
+        raise ValueError(f"--data-weights needs {len(train_sets)} positive integers, got {list(weights)}")
+    cycle = _interleave(weights)
     iterators = [_batches(ds, args.batch_size, args.seed + 7919 * k, info, args.workers)
                  for k, (_, ds) in enumerate(train_sets)]
     flip_gen = torch.Generator().manual_seed(args.seed * 31 + info.rank)
@@ -358,14 +378,14 @@ def _train(args: argparse.Namespace, info: D.DistInfo) -> dict:
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     run_loss, run_nme, run_n = 0.0, 0.0, 0
     step = start
     stopped_early = False
     val: dict[str, float] = {}
     model.train()
     while step < args.steps:
-        k = step % len(train_sets)  # alternate between the data sets
+        k = cycle[step % len(cycle)]  # alternate between the data sets
         batch = next(iterators[k])
         images = batch["image"]
         targets, valid = batch["landmarks"], batch["valid"]
@@ -418,7 +438,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo) -> dict:
             break
     if progress is not None:
         progress.close()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     if info.enabled:
         _average_buffers(model, info)
 
@@ -428,21 +448,20 @@ def _train(args: argparse.Namespace, info: D.DistInfo) -> dict:
         writer.writerow([step, f"{elapsed:.1f}", f"{scheduler.get_last_lr()[0]:.3g}",
                          f"{run_loss / max(run_n, 1):.5f}", f"{run_nme / max(run_n, 1):.5f}", train_sets[k][0]]
                         + [f"{val[m]:.5f}" if m in val else "" for m in config.markups])
-        baseline = mean_shape_nme(train_sets, val_set, config.markups[0]) if not args.val_data else None
+        baseline = {m: mean_shape_nme(train_sets, val_set, m) for m in config.markups} if not args.val_data else {}
         summary = {
-            "steps": step, "elapsed_s": round(elapsed, 1), "stopped_early": stopped_early,
+            "steps": step, "elapsed_s": round(elapsed, 1), "cpu_s": round(cpu_s, 1), "stopped_early": stopped_early,
             "parameters": n_params, "val_nme": val, "mean_shape_nme": baseline,
             "world_size": info.world_size, "config": config.to_dict(),
         }
         save(step, {"val_nme": val, "mean_shape_nme": baseline, "elapsed_s": summary["elapsed_s"]})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        finest = config.markups[0]
-        say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / 60:.1f} min); checkpoint {out / 'checkpoint.pt'}")
+        say(f"done: {step} steps in {elapsed:.1f} s ({elapsed / 60:.1f} min; process CPU time {cpu_s:.0f} s); checkpoint {out / 'checkpoint.pt'}")
         for name, value in val.items():
-            say(f"  val NME {name:<16} {100 * value:6.2f}%")
-        if baseline is not None and finest in val:
-            say(f"  mean-shape NME ({finest}) {100 * baseline:6.2f}%  -> model / mean shape = "
-                f"{val[finest] / baseline:.3f}")
+            line = f"  val NME {name:<16} {100 * value:6.2f}%"
+            if baseline.get(name):
+                line += f"   mean-shape NME {100 * baseline[name]:6.2f}%   model / mean shape = {value / baseline[name]:.3f}"
+            say(line)
     if csv_file is not None:
         csv_file.close()
     if args.save_rank_weights:

@@ -111,3 +111,37 @@ def test_tiny_model_overfits_one_batch():
         opt.step()
     assert error < 1.0, f"mean error still {error:.2f} px after {step} steps"
     print(f"overfit: mean error {error:.3f} px after {step} steps, NME {nme(out[-1][0].detach(), target, 'celeba5').mean():.4f}")
+
+
+def test_bf16_autocast_forward_backward():
+    """Under autocast the stage head runs in bf16 (image cast to the embedding dtype); the final coordinates
+    stay float32."""
+    torch.manual_seed(0)
+    model = DeCaFA(DeCaFAConfig(stages=2, **TINY))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 1, 16, 16))
+    assert out[0][0].dtype == torch.bfloat16 and out[-1][0].dtype == torch.float32
+    sum(z.float().sum() for stage in out for z in stage).backward()
+    assert model.stages[0].down0[0][0].weight.grad.abs().sum() > 0
+
+
+def test_same_output_on_every_available_backend():
+    from decafa_fast import ops
+
+    torch.manual_seed(0)
+    model = DeCaFA(DeCaFAConfig(stages=2, **TINY)).eval()
+    x = torch.rand(2, 1, 16, 16)
+    before = ops.get_backend()
+    try:
+        results = {}
+        for name in ("reference", "cpp"):
+            if ops.backends()[name] == "available":
+                ops.set_backend(name)
+                with torch.no_grad():
+                    results[name] = model(x)
+    finally:
+        ops.set_backend(before)
+    ref = results["reference"]
+    for name, out in results.items():
+        for a, b in zip(sum(out, []), sum(ref, [])):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"backend {name}")

@@ -68,7 +68,7 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--out", str(out), "--steps", "3", "--log-every", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "preset tiny" in printed and "val NME wflw98" in printed and "mean-shape NME" in printed
+    assert "preset tiny" in printed and "val NME wflw98" in printed and "mean-shape NME" in printed and "model / mean shape" in printed
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 3 and state["optimizer"] is not None
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -76,7 +76,7 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
     assert [r["data"] for r in rows] == ["synthetic-wflw98", "synthetic-300w68", "synthetic-celeba5"]  # alternating
     assert rows[-1]["val_nme_wflw98"] != "" and float(rows[0]["loss"]) > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["mean_shape_nme"] > 0
+    assert summary["steps"] == 3 and summary["mean_shape_nme"]["wflw98"] > 0
     model, cfg = load_model(out / "checkpoint.pt")
     assert cfg.stages == 1 and cfg.image_size == 32
     # resume continues from step 3 to 5 with the stored config
@@ -103,3 +103,16 @@ def test_ddp_gloo_two_processes_end_with_equal_weights(tmp_path):
         changed |= not torch.equal(w0[name].float(), initial[name].float())
     assert changed  # training did update the weights
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+def test_ablate_cli_tiny(tmp_path, capsys):
+    out = tmp_path / "ablate"
+    assert main(["ablate", "--rows", "2,10", "--steps", "2", "--train-size", "6", "--val-size", "3",
+                 "--image-size", "16", "--widths", "4,4,4", "--embedding-channels", "4", "--batch-size", "2",
+                 "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 2 | F2 | chained | up |" in printed and "| 10 | F5 | chained | up |" in printed
+    results = json.loads((out / "ablation.json").read_text())
+    assert [r["row"] for r in results] == [2, 10] and all(0 < r["avg_nme"] < 5 for r in results)
+    with pytest.raises(ValueError):
+        main(["ablate", "--rows", "11"])
