@@ -67,6 +67,63 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
   store_raw<V>(p, x);
 }
 
+// Streaming (evict-first) loads and stores for data touched once (the embedding, the fusion output, the
+// gradients): they leave L2 to the logits, which the second kernel of each pass reads again.
+template <int Bytes>
+struct Bits;
+template <>
+struct Bits<16> {
+  using type = uint4;
+};
+template <>
+struct Bits<8> {
+  using type = uint2;
+};
+template <>
+struct Bits<4> {
+  using type = unsigned int;
+};
+template <>
+struct Bits<2> {
+  using type = unsigned short;
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_stream(const T* p) {
+  using B = typename Bits<sizeof(T) * V>::type;
+  static_assert(sizeof(B) == sizeof(Vec<T, V>), "vector size");
+  union {
+    B bits;
+    Vec<T, V> vec;
+  } u;
+  u.bits = __ldcs(reinterpret_cast<const B*>(p));
+  return u.vec;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_stream(T* p, const Vec<T, V>& x) {
+  using B = typename Bits<sizeof(T) * V>::type;
+  union {
+    B bits;
+    Vec<T, V> vec;
+  } u;
+  u.vec = x;
+  __stcs(reinterpret_cast<B*>(p), u.bits);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void load_floats_stream(const T* p, float (&out)[V]) {
+  to_floats<V>(load_stream<V>(p), out);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_floats_stream(T* p, const float (&in)[V]) {
+  Vec<T, V> x;
+#pragma unroll
+  for (int j = 0; j < V; ++j) x.v[j] = from_float<T>(in[j]);
+  store_stream<V>(p, x);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reductions. Fixed shuffle/tree order, no atomics: results are bitwise reproducible run to run.
 // Block reductions need blockDim.x to be a multiple of 32 (at most 1024) and give every thread the total.

@@ -131,14 +131,14 @@ __device__ __forceinline__ void write_segments(const T* __restrict__ src, int ch
                                                T* __restrict__ out, int plain, int masked, const float (&m)[V]) {
 #pragma unroll 4
   for (int c = first; c < channels; c += kGroups) {
-    const Vec<T, V> raw = load_raw<V>(src + c * plane);
-    if (plain >= 0) store_raw<V>(out + (plain + c) * plane, raw);
+    const Vec<T, V> raw = load_stream<V>(src + c * plane);
+    if (plain >= 0) store_stream<V>(out + (plain + c) * plane, raw);
     if (masked >= 0) {
       float v[V];
       to_floats<V>(raw, v);
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] *= m[j];
-      store_floats<V>(out + (masked + c) * plane, v);
+      store_floats_stream<V>(out + (masked + c) * plane, v);
     }
   }
 }
@@ -184,21 +184,21 @@ __device__ __forceinline__ void grad_segments(const T* __restrict__ grad_out, co
     for (int j = 0; j < V; ++j) acc[j] = 0.f;
     if (plain >= 0) {
       float g[V];
-      load_floats<V>(grad_out + (plain + c) * plane, g);
+      load_floats_stream<V>(grad_out + (plain + c) * plane, g);
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] += g[j];
     }
     if (masked >= 0) {
       float g[V], x[V];
-      load_floats<V>(grad_out + (masked + c) * plane, g);
-      load_floats<V>(src + c * plane, x);
+      load_floats_stream<V>(grad_out + (masked + c) * plane, g);
+      load_floats_stream<V>(src + c * plane, x);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         acc[j] += g[j] * m[j];
         gm[j] += g[j] * x[j];
       }
     }
-    store_floats<V>(grad_src + c * plane, acc);
+    store_floats_stream<V>(grad_src + c * plane, acc);
   }
 }
 

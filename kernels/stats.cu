@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kMapThreads)
       load_floats<V>(again + i * V, a);
 #pragma unroll
       for (int j = 0; j < V; ++j) a[j] = __expf(beta * a[j] - map_lse);
-      store_floats<V>(dst + i * V, a);
+      store_floats_stream<V>(dst + i * V, a);
     }
   }
 }
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kMapThreads)
       out[j] = beta * p * d;
       next_pixel(width, col, row);
     }
-    store_floats<V>(dst + i * V, out);
+    store_floats_stream<V>(dst + i * V, out);
   }
 }
 

@@ -251,3 +251,13 @@ template <typename F>
 cudaError_t cudaFuncSetAttribute(F* entry, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
 }
+
+// Cache-hinted loads and stores are plain ones here.
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
