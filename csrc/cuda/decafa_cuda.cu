@@ -1,7 +1,8 @@
 // CUDA implementation of the decafa operator library (schemas in csrc/schemas.cpp): tensor checks,
 // contiguous inputs, the current stream, dtype dispatch to the torch-free launchers in kernels/.
 // Shapes and the math: csrc/schemas.cpp and notes/kernel_math.md.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // the current stream; lighter than ATen/cuda/CUDAContext.h (no cuBLAS/cuSPARSE headers)
 #include <torch/library.h>
