@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 # One-at-a-time variations of the Tuning defaults for --sweep.
 SWEEP = {
-    "chunk_bytes": [0, 4 << 20, 8 << 20, 32 << 20],
+    "chunk_bytes": [0, 8 << 20, 16 << 20, 32 << 20, 128 << 20],
     "fuse_block_p": [64, 128, 512, 1024],
     "fuse_min_programs": [0, 1056, 4224],
     "fuse_block_l": [4, 16],
@@ -176,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                 for value in values:
                     setattr(tops.TUNING, field, value)
                     try:
-                        with torch.no_grad():
-                            ms = bench_ms(lambda: ops.decafa_head(t, im, e, mode=mode))
-                        results["sweep"].append({"dtype": dname, field: value, "ms": ms, "x_floor": ms / fwd_floor})
-                        print(f"{dname:9} sweep {field}={value:<10} forward {ms * 1e3:9.1f} us  "
-                              f"{ms / fwd_floor:5.2f}x floor", flush=True)
+                        # chunks trade L2 hits for launches: time them from a CUDA graph too (GPU time only)
+                        for graph in (False, True) if field == "chunk_bytes" else (False,):
+                            with torch.no_grad():
+                                ms = bench_ms(lambda: ops.decafa_head(t, im, e, mode=mode), graph=graph)
+                            results["sweep"].append({"dtype": dname, field: value, "graph": graph, "ms": ms,
+                                                     "x_floor": ms / fwd_floor})
+                            print(f"{dname:9} sweep {field}={value:<10} forward{' graph' if graph else '      '} "
+                                  f"{ms * 1e3:9.1f} us  {ms / fwd_floor:5.2f}x floor", flush=True)
                     except Exception as exc:  # a variant that does not compile (e.g. too many registers)
                         print(f"{dname:9} sweep {field}={value}: {type(exc).__name__}: {str(exc)[:200]}")
                     finally:

@@ -83,12 +83,12 @@ def triton_backend(request):
 
 @pytest.fixture
 def small_tuning():
-    """Tiny blocks and one batch element per chunk: every loop of every kernel takes several steps; and
-    rows by integer division (the path of maps over 2**20 pixels)."""
+    """Tiny blocks and chunks of two batch elements (of test_multi_step_loops_and_chunks' logits): every loop
+    of every kernel takes several steps; and rows by integer division (the path of maps over 2**20 pixels)."""
     saved = dict(vars(tops.TUNING))
     tops.TUNING.stats_block, tops.TUNING.fuse_block_p = 16, 16
     tops.TUNING.fuse_block_l, tops.TUNING.fuse_block_c = 2, 2
-    tops.TUNING.chunk_bytes = 1
+    tops.TUNING.chunk_bytes = 2 * 5 * 5 * 9 * 4
     tops.TUNING.int_div_above = 0
     yield
     vars(tops.TUNING).update(saved)
@@ -196,7 +196,8 @@ def test_fuse_values_and_grads(mode, dtype):
 @pytest.mark.parametrize("mode", ["F1", "F5"])
 def test_multi_step_loops_and_chunks(mode, small_tuning):
     """Maps larger than a block (online max rescaling), several channel / map steps, one chunk per b."""
-    t, i, e = _inputs(2, 5, 5, 9, 3, 5, torch.float32, seed=4)
+    t, i, e = _inputs(3, 5, 5, 9, 3, 5, torch.float32, seed=4)
+    assert tops._chunks(t) == [(0, 2), (2, 1)]
     t[1, 2] -= 50.0  # one map far below the others: the mask must still normalise it per map
     outs, grads = _grads(lambda *x: ops.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))
     ref_outs, ref_grads = _grads(lambda *x: reference.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))

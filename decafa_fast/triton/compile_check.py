@@ -61,7 +61,7 @@ def _variants(dt: str):
     hw = H * W
     scfg = tops._stats_cfg(hw)
     block, warps = scfg["BLOCK"], scfg["num_warps"]
-    t_vals = dict(b_start=0, L=L, W=W, HW=hw, inv_w=1.0 / W, s_tb=L * hw, s_tl=hw, s_tp=1, beta=1.0,
+    t_vals = dict(b_start=0, b_step=-1, L=L, W=W, HW=hw, inv_w=1.0 / W, s_tb=L * hw, s_tl=hw, s_tp=1, beta=1.0,
                   x_scale=1.0, x_off=0.5, y_scale=1.0, y_off=0.5)
     ptr = _PTR[dt]
     for wz, wp in ((True, False), (False, True), (False, False)):
@@ -75,7 +75,7 @@ def _variants(dt: str):
                dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
     cfg = tops._fuse_cfg(hw, L, CI, C, 64, torch.device("cpu"))
     warps = cfg.pop("num_warps")
-    f_vals = dict(b_start=0, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
+    f_vals = dict(b_start=0, b_step=-1, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
                   s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1,
                   s_fb=130 * hw, s_fc=hw, s_fp=1, beta=1.0, ip_off=0, im_off=CI, ep_off=2 * CI,
                   em_off=2 * CI + C, CF=2 * CI + 2 * C)

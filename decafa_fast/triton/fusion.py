@@ -36,7 +36,7 @@ def _tile_mask(t_ptr, lse_ptr, b, p, valid, L, s_tb, s_tl, s_tp, beta,
 @triton.jit
 def mask_fuse_fwd_kernel(
     t_ptr, lse_ptr, m_ptr, i_ptr, e_ptr, f_ptr, m_out_ptr,
-    b_start, L, HW, CI, C, n_tiles,
+    b_start, b_step, L, HW, CI, C, n_tiles,
     s_tb, s_tl, s_tp,
     s_mb, s_mp,
     s_ib, s_ic, s_ip,
@@ -46,7 +46,7 @@ def mask_fuse_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = b_start + pid // n_tiles
+    b = b_start + b_step * (pid // n_tiles)  # b_step = -1: backwards over the batch (see stats.py)
     p = (pid % n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = p < HW
 
@@ -85,7 +85,7 @@ def mask_fuse_fwd_kernel(
 @triton.jit
 def fuse_bwd_kernel(
     t_ptr, lse_ptr, m_ptr, i_ptr, e_ptr, gf_ptr, gi_ptr, ge_ptr, gm_ptr,
-    b_start, L, HW, CI, C, n_tiles,
+    b_start, b_step, L, HW, CI, C, n_tiles,
     s_tb, s_tl, s_tp,
     s_mb, s_mp,
     s_ib, s_ic, s_ip,
@@ -101,7 +101,7 @@ def fuse_bwd_kernel(
     segments and channels of gF * source. The wrapper zero-fills whichever of gI / gE the mode lacks.
     """
     pid = tl.program_id(0)
-    b = b_start + pid // n_tiles
+    b = b_start + b_step * (pid // n_tiles)  # b_step = -1: backwards over the batch (see stats.py)
     p = (pid % n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = p < HW
 

@@ -33,13 +33,15 @@ def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
 @triton.jit
 def map_stats_kernel(
     t_ptr, lse_ptr, z_ptr, phi_ptr,
-    b_start, L, W, HW, inv_w,
+    b_start, b_step, L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
     BLOCK: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, INT_DIV: tl.constexpr,
 ):
-    # program = (b - b_start) * L + l; lse, z and phi are contiguous over (b, l)
-    b = b_start + tl.program_id(0) // L
+    # program q handles map l = q % L of batch element b = b_start + b_step * (q // L) (b_step = -1 walks the
+    # batch backwards: it starts where the previous launch ended, on data still in L2); lse, z and phi are
+    # contiguous over (b, l)
+    b = b_start + b_step * (tl.program_id(0) // L)
     l = tl.program_id(0) % L
     pid = b.to(tl.int64) * L + l
     base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
@@ -89,14 +91,14 @@ def map_stats_kernel(
 @triton.jit
 def map_backward_kernel(
     t_ptr, lse_ptr, g_ptr, gz_ptr, gt_ptr,
-    b_start, L, W, HW, inv_w,
+    b_start, b_step, L, W, HW, inv_w,
     s_tb, s_tl, s_tp,
     s_gb, s_gl, s_gp,
     s_zb, s_zl, s_zc,
     beta, x_scale, y_scale,
     BLOCK: tl.constexpr, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
-    b = b_start + tl.program_id(0) // L  # program = (b - b_start) * L + l
+    b = b_start + b_step * (tl.program_id(0) // L)  # as in map_stats_kernel
     l = tl.program_id(0) % L
     pid = b.to(tl.int64) * L + l
     base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
