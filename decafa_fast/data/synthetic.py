@@ -9,8 +9,8 @@ transformed landmark points themselves*, so the markup matches the drawing. Then
 (drawn first), lighting gradient, blur, noise and occluding patches.
 
 Every sample is a pure function of (seed, index): `SyntheticFaces(n, seed=s)[i]` is the same face in
-every process and every run. Generation takes well under a millisecond per 64 x 64 face; samples are
-cached (as uint8) after the first access.
+every process and every run. Generation takes about 1-3 ms per face on one CPU core (mostly fixed
+OpenCV call overhead, so nearly independent of size); samples are cached (as uint8) after first access.
 """
 from __future__ import annotations
 
