@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--sweep", action="store_true", help="also time the forward under TUNING variations")
     p.add_argument("--json", help="write all numbers to this file")
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop the sweep after this many seconds in all")
     return p.parse_args(argv)
 
 
@@ -83,6 +84,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
     if not torch.cuda.is_available():
         print("bench/triton_floor.py needs a CUDA GPU: torch.cuda.is_available() is False", file=sys.stderr)
         return 2
@@ -119,16 +121,29 @@ def main(argv: list[str] | None = None) -> int:
         extra = f"  {ms / floor_ms:5.2f}x floor" if floor_ms else ""
         print(f"{dname:9} {what:38} {ms * 1e3:9.1f} us{extra}", flush=True)
 
-    for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname.strip()]
+    def inputs(dtype):
         g = torch.Generator(device="cuda").manual_seed(0)
         t = (3 * torch.randn(b, l, s, s, device="cuda", generator=g)).to(dtype)
         im = torch.rand(b, ci, s, s, device="cuda", generator=g).to(dtype)
         e = torch.randn(b, c, s, s, device="cuda", generator=g).to(dtype)
+        return t, im, e
+
+    def write_json():
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=1)
+
+    dnames = [d.strip() for d in args.dtypes.split(",")]
+    floors = {}
+    for dname in dnames:
+        dtype = DTYPES[dname]
+        t, im, e = inputs(dtype)
+        g = torch.Generator(device="cuda").manual_seed(1)
         gz = torch.randn(b, l, 2, device="cuda", generator=g).to(dtype)
         gf = torch.randn(b, fc, s, s, device="cuda", generator=g).to(dtype)
         fwd_b, tot_b = floor_bytes(b, l, s, s, ci, c, fc, t.element_size())
         fwd_floor, tot_floor = fwd_b / bandwidth / 1e6, tot_b / bandwidth / 1e6  # ms
+        floors[dname] = fwd_floor
 
         # correctness at the timed shape, so that a wrong fast kernel cannot post a time
         with torch.no_grad():
@@ -146,12 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         record(dname, "floor forward+backward", tot_floor)
         with torch.no_grad():
             record(dname, "triton forward", bench_ms(lambda: ops.decafa_head(t, im, e, mode=mode)), fwd_floor)
-            record(dname, "reference eager forward", bench_ms(lambda: reference.decafa_head(t, im, e, mode=mode)),
-                   fwd_floor)
-            if compiled_ref is not None:
-                compiled_ref(t, im, e, mode=mode)
-                record(dname, "reference compile forward", bench_ms(lambda: compiled_ref(t, im, e, mode=mode)),
-                       fwd_floor)
+            record(dname, "triton forward cuda graph",
+                   bench_ms(lambda: ops.decafa_head(t, im, e, mode=mode), graph=True), fwd_floor)
         leaves = [x.detach().requires_grad_(True) for x in (t, im, e)]
 
         def fwd_bwd():
@@ -169,11 +180,32 @@ def main(argv: list[str] | None = None) -> int:
                    f1b / bandwidth / 1e6)
             record(dname, "triton forward B=1 cuda graph",
                    bench_ms(lambda: ops.decafa_head(t1, i1, e1, mode=mode), graph=True), f1b / bandwidth / 1e6)
+            record(dname, "reference eager forward", bench_ms(lambda: reference.decafa_head(t, im, e, mode=mode)),
+                   fwd_floor)
+            if compiled_ref is not None:
+                compiled_ref(t, im, e, mode=mode)
+                record(dname, "reference compile forward", bench_ms(lambda: compiled_ref(t, im, e, mode=mode)),
+                       fwd_floor)
+        del t, im, e, gz, gf, t1, i1, e1
+        torch.cuda.empty_cache()
 
-        if args.sweep:
-            base = dataclasses.asdict(tops.TUNING)
+    print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
+    for r in rows:
+        xf = f"{r['x_floor']:.2f}" if r["x_floor"] else ""
+        print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {xf} |")
+    write_json()
+
+    # Forward under one-at-a-time TUNING changes, until the time budget is spent.
+    if args.sweep:
+        base = dataclasses.asdict(tops.TUNING)
+        for dname in dnames:
+            t, im, e = inputs(DTYPES[dname])
             for field, values in SWEEP.items():
                 for value in values:
+                    if time.monotonic() > deadline:
+                        print(f"sweep stopped: --budget-s {args.budget_s} spent")
+                        write_json()
+                        return 0
                     setattr(tops.TUNING, field, value)
                     try:
                         # chunks trade L2 hits for launches: time them from a CUDA graph too (GPU time only)
@@ -181,23 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                             with torch.no_grad():
                                 ms = bench_ms(lambda: ops.decafa_head(t, im, e, mode=mode), graph=graph)
                             results["sweep"].append({"dtype": dname, field: value, "graph": graph, "ms": ms,
-                                                     "x_floor": ms / fwd_floor})
+                                                     "x_floor": ms / floors[dname]})
                             print(f"{dname:9} sweep {field}={value:<10} forward{' graph' if graph else '      '} "
-                                  f"{ms * 1e3:9.1f} us  {ms / fwd_floor:5.2f}x floor", flush=True)
+                                  f"{ms * 1e3:9.1f} us  {ms / floors[dname]:5.2f}x floor", flush=True)
                     except Exception as exc:  # a variant that does not compile (e.g. too many registers)
                         print(f"{dname:9} sweep {field}={value}: {type(exc).__name__}: {str(exc)[:200]}")
                     finally:
                         setattr(tops.TUNING, field, base[field])
-        del t, im, e, gz, gf
-        torch.cuda.empty_cache()
-
-    print(f"\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
-    for r in rows:
-        xf = f"{r['x_floor']:.2f}" if r["x_floor"] else ""
-        print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {xf} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=1)
+            del t, im, e
+            torch.cuda.empty_cache()
+        write_json()
     return 0
 
 
