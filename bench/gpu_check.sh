@@ -69,25 +69,25 @@ print(ops.backends())
 EOF
 }
 export -f install
-run_step "install (build decafa_fast._C for sm_${TORCH_CUDA_ARCH_LIST/./})" 200 "$OUT/install.log" bash -c install
+run_step "install (build decafa_fast._C for sm_${TORCH_CUDA_ARCH_LIST/./})" 150 "$OUT/install.log" bash -c install
 
 # 2. tests: the op tests natively on the GPU, then whatever else is marked `cuda`.
 OP_TESTS=$(ls tests/test_ops_triton.py tests/test_ops_cuda.py 2>/dev/null | tr '\n' ' ')
-run_step "GPU op tests ($OP_TESTS)" 150 "$OUT/tests.log" \
+run_step "GPU op tests ($OP_TESTS)" 120 "$OUT/tests.log" \
     "$PY" -m pytest -q -p no:cacheprovider -rs $OP_TESTS
 # (pytest exits 5 when no test is selected: that is fine here)
 IGNORES=$(for f in $OP_TESTS; do printf -- '--ignore %s ' "$f"; done)
-run_step "other tests marked cuda" 40 "$OUT/tests_cuda_marked.log" bash -c \
+run_step "other tests marked cuda" 30 "$OUT/tests_cuda_marked.log" bash -c \
     "\"\$PY\" -m pytest -q -p no:cacheprovider -rs -m cuda tests $IGNORES; rc=\$?; ((rc == 5)) && rc=0; exit \$rc"
 
 # 3. the Triton head against its floor, with a short tuning sweep (forward only)
 run_step "bench/triton_floor.py --sweep" 110 "$OUT/triton_floor.log" \
-    "$PY" bench/triton_floor.py --sweep --json "$OUT/triton_floor.json"
+    "$PY" bench/triton_floor.py --sweep --budget-s 95 --json "$OUT/triton_floor.json"
 
 # 4. pytest-benchmark suites (the quick subset by default: the full grid does not fit in the budget;
 #    GPU_CHECK_BENCH_ARGS="" runs everything)
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---decafa-quick}
-run_step "pytest bench/ --benchmark-only $BENCH_ARGS" 120 "$OUT/bench.log" \
+run_step "pytest bench/ --benchmark-only $BENCH_ARGS" 60 "$OUT/bench.log" \
     "$PY" -m pytest bench/ -q -p no:cacheprovider --benchmark-only $BENCH_ARGS --benchmark-json "$OUT/bench.json"
 
 # report
