@@ -72,9 +72,11 @@ export -f install
 run_step "install (build decafa_fast._C for sm_${TORCH_CUDA_ARCH_LIST/./})" 150 "$OUT/install.log" bash -c install
 
 # 2. tests: the op tests natively on the GPU, then whatever else is marked `cuda`.
+#    Kernel compilation dominates on a fresh machine: spread it over 4 workers when pytest-xdist is there.
 OP_TESTS=$(ls tests/test_ops_triton.py tests/test_ops_cuda.py 2>/dev/null | tr '\n' ' ')
-run_step "GPU op tests ($OP_TESTS)" 120 "$OUT/tests.log" \
-    "$PY" -m pytest -q -p no:cacheprovider -rs $OP_TESTS
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+run_step "GPU op tests ($OP_TESTS$XDIST)" 120 "$OUT/tests.log" \
+    "$PY" -m pytest -q -p no:cacheprovider -rs $XDIST $OP_TESTS
 # (pytest exits 5 when no test is selected: that is fine here)
 IGNORES=$(for f in $OP_TESTS; do printf -- '--ignore %s ' "$f"; done)
 run_step "other tests marked cuda" 30 "$OUT/tests_cuda_marked.log" bash -c \
