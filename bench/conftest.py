@@ -26,6 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--decafa-quick", action="store_true", help="a small subset of the benchmarks")
     group.addoption("--decafa-full", action="store_true", help="also the slow cases skipped by default on CPU")
     group.addoption("--decafa-backends", default=None, help="comma-separated backends to run (default: all)")
+    group.addoption("--decafa-no-summary", action="store_true",
+                    help="do not print the speed-up tables at the end (decafa-fast bench prints its own)")
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
@@ -34,7 +36,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     bw = getattr(config, "_decafa_copy_bw", None)
     if bw is not None:
         facts["copy_gbps"] = round(bw / 1e9, 2)
-    facts["clone_gbps"] = round(B.copy_bandwidth(device, fresh=True) / 1e9, 2)
+    facts["clone_gbps"] = round(B.copy_bandwidth(device, repeats=3, fresh=True) / 1e9, 2)
     machine_info["decafa"] = facts
 
 
@@ -49,9 +51,21 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def copy_bw(pytestconfig: pytest.Config, device: torch.device) -> float:
+def tiny(pytestconfig: pytest.Config) -> bool:
+    """--decafa-size tiny: a machinery check, so every measurement is kept short."""
+    return pytestconfig.getoption("--decafa-size") == "tiny"
+
+
+@pytest.fixture(scope="session")
+def time_budget(tiny: bool) -> float | None:
+    """Seconds of timed rounds per benchmark (None: decafa_fast.benchmark.choose_rounds's default)."""
+    return 0.1 if tiny else None
+
+
+@pytest.fixture(scope="session")
+def copy_bw(pytestconfig: pytest.Config, device: torch.device, tiny: bool) -> float:
     """Copy bandwidth (bytes/s) of this device, measured once per session: the ceiling for % of floor."""
-    bw = B.copy_bandwidth(device)
+    bw = B.copy_bandwidth(device, nbytes=(32 << 20) if tiny else None)
     pytestconfig._decafa_copy_bw = bw  # also reported in machine_info
     return bw
 
@@ -60,6 +74,26 @@ def copy_bw(pytestconfig: pytest.Config, device: torch.device) -> float:
 def reference_times() -> dict[tuple, float]:
     """Fastest time of the reference (eager) per case key, for speed-ups within one run."""
     return {}
+
+
+@pytest.fixture(scope="session")
+def bench_rows(pytestconfig: pytest.Config) -> list[dict[str, Any]]:
+    """Every benchmark's extra_info (with its time), for the tables printed at the end of the session."""
+    rows: list[dict[str, Any]] = []
+    pytestconfig._decafa_rows = rows
+    return rows
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    rows = getattr(config, "_decafa_rows", None)
+    if not rows or config.getoption("--decafa-no-summary"):
+        return
+    terminalreporter.section("decafa-fast: speed-up over the reference, % of the copy-bandwidth floor")
+    if any(r.get("suite") == "ops" for r in rows):
+        terminalreporter.write_line(B.format_op_table(rows))
+    if any(r.get("suite") == "model" for r in rows):
+        terminalreporter.write_line(B.format_model_table(rows))
+    terminalreporter.write_line("time: fastest round; definitions in decafa_fast/benchmark.py")
 
 
 @pytest.fixture

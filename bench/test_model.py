@@ -81,7 +81,8 @@ def model_config(size_name: str) -> "DeCaFAConfig":
     return DeCaFAConfig()
 
 
-def test_model(benchmark, mcase: ModelCase, device, reference_times, use_backend, pytestconfig):
+def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, reference_times, bench_rows, use_backend,
+               pytestconfig):
     if _MODEL_ERROR:
         pytest.skip(_MODEL_ERROR)
     reason = B.backend_skip_reason(mcase.backend, device)
@@ -130,13 +131,10 @@ def test_model(benchmark, mcase: ModelCase, device, reference_times, use_backend
             B.synchronize(device)
             return loss.detach()
 
-    # warm-up: compilation, CUDA graph recording (reduce-overhead records on the second/third call)
-    start = time.perf_counter()
-    call()
-    estimate = time.perf_counter() - start
-    if device.type == "cuda" or mcase.mode != "eager":
-        for _ in range(2):
-            call()
+    # warm-up: compilation, CUDA graph recording (reduce-overhead records on the second/third call), and on
+    # CPU the first calls of a process, which run several times slower than the next ones
+    warmups = 1 if tiny else (3 if device.type == "cuda" or mcase.mode != "eager" else 2)
+    for _ in range(warmups):
         start = time.perf_counter()
         call()
         estimate = time.perf_counter() - start
@@ -145,7 +143,7 @@ def test_model(benchmark, mcase: ModelCase, device, reference_times, use_backend
     if device.type == "cuda":
         peak, peak_method = B.peak_memory(call, device)
 
-    rounds, iterations = B.choose_rounds(estimate, device, budget_s=2.0 if device.type == "cuda" else 1.0)
+    rounds, iterations = B.choose_rounds(estimate, device, time_budget or (2.0 if device.type == "cuda" else 1.0))
     benchmark.pedantic(call, rounds=rounds, iterations=iterations)
 
     t = B.fastest_time(benchmark)
@@ -159,3 +157,4 @@ def test_model(benchmark, mcase: ModelCase, device, reference_times, use_backend
             reference_times[("model", *mcase.key)] = t
         elif ("model", *mcase.key) in reference_times:
             info["speedup"] = reference_times[("model", *mcase.key)] / t
+        bench_rows.append(dict(info))

@@ -155,7 +155,8 @@ def check_against_reference(case: Case, inputs: list[torch.Tensor], outputs: tup
 # --------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------
-def test_op(benchmark, case: Case, device, bench_size, copy_bw, reference_times, use_backend, pytestconfig):
+def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, reference_times, bench_rows,
+            use_backend, pytestconfig):
     reason = B.backend_skip_reason(case.backend, device)
     if reason:
         pytest.skip(reason)
@@ -200,7 +201,7 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, reference_times,
         estimate = time.perf_counter() - start
     peak, peak_method = B.peak_memory(call, device)
 
-    rounds, iterations = B.choose_rounds(estimate, device)
+    rounds, iterations = B.choose_rounds(estimate, device, time_budget)
     benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1 if device.type == "cuda" else 0)
 
     moved = B.floor_bytes(inputs, outputs, backward, grad_inputs=inputs if backward else ())
@@ -219,3 +220,4 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, reference_times,
             reference_times[case.key] = t
         elif case.key in reference_times:
             info["speedup"] = reference_times[case.key] / t
+        bench_rows.append(dict(info))

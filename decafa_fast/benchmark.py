@@ -200,7 +200,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None
 def choose_rounds(seconds_per_call: float, device: torch.device, budget_s: float | None = None) -> tuple[int, int]:
     """(rounds, iterations) for benchmark.pedantic: about `budget_s` of timing, at least a few rounds.
 
-    CPU: 2..20 rounds of one call (big cases are slow, the whole suite must stay in minutes).
+    CPU: 3..20 rounds of one call (big cases are slow, the whole suite must stay in minutes).
     CUDA: every round at least ~1 ms of work (calls batched by iterations), 10..200 rounds.
     """
     t = max(seconds_per_call, 1e-7)
@@ -208,7 +208,7 @@ def choose_rounds(seconds_per_call: float, device: torch.device, budget_s: float
         iterations = max(1, math.ceil(1e-3 / t))
         rounds = int(min(200, max(10, (budget_s or 0.5) / (t * iterations))))
         return rounds, iterations
-    return int(min(20, max(2, (budget_s or 1.0) / t))), 1
+    return int(min(20, max(3, (budget_s or 1.0) / t))), 1
 
 
 ALL_BACKENDS = ("reference", "compiled", "kornia", "cpp", "triton", "cuda")
@@ -241,7 +241,8 @@ def backend_skip_reason(name: str, device: torch.device) -> str | None:
     if not status.startswith("available"):
         return f"backend {name!r}: {status}"
     if name == "triton" and (device.type != "cuda" or "TRITON_INTERPRET" in status):
-        return "Triton on CPU runs in the interpreter (TRITON_INTERPRET=1), which is a correctness tool, not a benchmark"
+        return ("Triton on CPU runs in the interpreter (TRITON_INTERPRET=1), which is a correctness tool, "
+                "not a benchmark")
     if name == "cpp" and device.type != "cpu":
         return "the cpp backend runs CPU tensors; this run benchmarks CUDA"
     return None
@@ -426,9 +427,16 @@ def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
     return _markdown(header, body)
 
 
+# one colour per backend and one line style per pass / compile mode, the same in every panel
+_COLORS = {"reference": "black", "compiled": "tab:purple", "kornia": "tab:green", "cpp": "tab:blue",
+           "triton": "tab:orange", "cuda": "tab:red"}
+_LINESTYLES = {"fwd": "-", "fwd+bwd": "--", "eager": "-", "compile": "--", "reduce-overhead": ":"}
+
+
 def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
-    """Time against batch size, one line per backend (solid forward, dashed forward+backward), one panel
-    per op and dtype, plus a panel per model task; log-log axes. Returns the PNG path (None: no rows)."""
+    """Time against batch size, one colour per backend (solid forward, dashed forward+backward; for the
+    model: solid eager, dashed torch.compile, dotted CUDA graphs), one panel per op (or model task) and
+    dtype; log-log axes. Returns the PNG path (None: no rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -451,8 +459,8 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     for ax, ((title, dtype), lines) in zip(axes.flat, sorted(panels.items())):
         for (backend, style), points in sorted(lines.items()):
             points.sort()
-            ls = "--" if style in ("fwd+bwd", "train") or "compile" in style else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], ls, marker="o", label=f"{backend} {style}")
+            ax.plot([p[0] for p in points], [p[1] for p in points], _LINESTYLES.get(style, "-"), marker="o",
+                    color=_COLORS.get(backend, "gray"), label=f"{backend} {style}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{title} ({dtype})", fontsize=9)
@@ -527,7 +535,8 @@ def pytest_args(args: argparse.Namespace, json_path: Path) -> list[str]:
     files = {"all": ["test_ops.py", "test_model.py"], "ops": ["test_ops.py"], "model": ["test_model.py"]}
     argv = [str(BENCH_DIR / f) for f in files[args.suite]]
     argv += ["--benchmark-only", f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider",
-             "--benchmark-columns=min,median,rounds", "--benchmark-sort=name", f"--decafa-size={args.size}"]
+             "--benchmark-columns=min,median,rounds", "--benchmark-sort=name", f"--decafa-size={args.size}",
+             "--decafa-no-summary"]
     if args.quick:
         argv.append("--decafa-quick")
     if args.full:

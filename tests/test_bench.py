@@ -1,0 +1,115 @@
+"""The benchmark machinery: measuring helpers, tables, plots, and `decafa-fast bench` end to end at a tiny size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from decafa_fast import benchmark as B
+from decafa_fast import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_floor_bytes_counts_each_tensor_once_forward_and_again_for_backward():
+    t = torch.zeros(2, 3, 4, 5)  # 120 float32 = 480 bytes
+    z = torch.zeros(2, 3, 2, dtype=torch.bfloat16)  # 12 bf16 = 24 bytes
+    assert B.tensor_bytes([t, None, z]) == 504
+    assert B.floor_bytes([t], [z], backward=False) == 504
+    # backward: read grad_z (24) and t again (480), write grad_t (480)
+    assert B.floor_bytes([t], [z], backward=True, grad_inputs=[t]) == 504 + 24 + 480 + 480
+
+
+def test_choose_rounds_stays_within_bounds():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert B.choose_rounds(10.0, cpu) == (3, 1)  # slow case: the minimum
+    assert B.choose_rounds(1e-6, cpu) == (20, 1)  # fast case: the cap
+    rounds, iterations = B.choose_rounds(1e-5, cuda)  # 10 us kernels are batched to >= 1 ms per round
+    assert iterations == 100 and 10 <= rounds <= 200
+
+
+def test_selected_backends_rejects_unknown_names():
+    assert B.selected_backends(None) == B.ALL_BACKENDS
+    assert B.selected_backends("cpp, reference") == ("cpp", "reference")
+    with pytest.raises(ValueError, match="unknown"):
+        B.selected_backends("cpp,fast")
+
+
+def test_backend_skip_reasons():
+    cpu = torch.device("cpu")
+    assert B.backend_skip_reason("reference", cpu) is None
+    assert B.backend_skip_reason("cuda", cpu) is not None  # CPU run, or no CUDA build
+    if not torch.cuda.is_available():  # Triton is unavailable, or only the interpreter: never benchmarked
+        assert B.backend_skip_reason("triton", cpu) is not None
+    if ops.backends()["cpp"] == "available":
+        assert B.backend_skip_reason("cpp", cpu) is None
+
+
+def test_copy_bandwidth_and_peak_memory_on_cpu():
+    cpu = torch.device("cpu")
+    assert B.copy_bandwidth(cpu, nbytes=8 << 20, repeats=2) > 1e8  # > 0.1 GB/s on anything
+    x = torch.randn(256, 256)
+    peak, method = B.peak_memory(lambda: x * 2 + 1, cpu)  # two 256 KiB temporaries at most
+    assert method != "unavailable"
+    assert 256 * 256 * 4 <= peak <= 4 * 256 * 256 * 4
+
+
+def test_tables_and_plots_from_rows(tmp_path):
+    rows = [
+        dict(suite="ops", op="decafa_head", **{"pass": "fwd"}, dtype="float32", batch=b, backend=be,
+             time_s=t * b, speedup=s, gbps=1.5, floor_pct=20.0, peak_bytes=2**21)
+        for b in (1, 8) for be, t, s in (("reference", 3e-3, None), ("cpp", 1e-3, 3.0))
+    ] + [dict(suite="model", task="infer", mode="eager", dtype="float32", batch=1, backend="cpp", time_s=0.5,
+              speedup=1.1, peak_bytes=None)]
+    table = B.format_op_table(rows)
+    assert "| decafa_head" in table and "3.00x" in table and "2.0" in table  # peak in MiB
+    assert len(table.splitlines()) == 2 + 4
+    model = B.format_model_table(rows)
+    assert "2.0" in model and "1.10x" in model  # 1 image / 0.5 s
+    png = B.plot_rows(rows, tmp_path / "ops.png")
+    assert png is not None and png.read_bytes()[:8] == PNG_MAGIC
+    assert B.plot_rows([], tmp_path / "none.png") is None
+
+
+def test_device_facts_name_the_machine():
+    facts = B.device_facts()
+    assert facts["torch"] == torch.__version__
+    assert facts["cpu_count"] >= 1 and facts["cpu_model"]
+    assert set(facts["backends"]) >= {"reference", "cpp", "triton", "cuda"}
+
+
+def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
+    """`decafa-fast bench` runs pytest-benchmark on bench/, writes JSON, a summary and plots."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # as a user would run it (tests/conftest.py sets it for the op tests)
+    cmd = [sys.executable, "-m", "decafa_fast.cli", "bench", "--size", "tiny", "--quick",
+           "--backends", "reference,kornia,cpp", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| op" in proc.stdout and "speed-up" in proc.stdout
+
+    (json_path,) = tmp_path.glob("bench-*.json")
+    data = json.loads(json_path.read_text())
+    assert data["machine_info"]["decafa"]["copy_gbps"] > 0
+    rows, _ = B.load_rows(json_path)
+    op_rows = [r for r in rows if r["suite"] == "ops"]
+    model_rows = [r for r in rows if r["suite"] == "model"]
+    assert {r["op"] for r in op_rows} == {"soft_argmax", "decafa_head"}
+    assert {r["backend"] for r in op_rows} >= {"reference", "kornia"}
+    for r in op_rows:
+        assert r["time_s"] > 0 and r["floor_bytes"] > 0 and r["gbps"] > 0 and r["floor_pct"] > 0
+        assert r["peak_bytes"] is not None and r["peak_method"]
+        assert ("speedup" in r) == (r["backend"] != "reference")
+    assert model_rows and all(r["images_per_s"] > 0 for r in model_rows)
+    if ops.backends()["cpp"] == "available":
+        assert any(r["backend"] == "cpp" and r["speedup"] > 0 for r in op_rows + model_rows)
+
+    assert (tmp_path / "summary.md").read_text().startswith("# decafa-fast bench")
+    for name in ("ops_time_vs_batch.png", "model_time_vs_batch.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
