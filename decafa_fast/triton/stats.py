@@ -3,8 +3,8 @@
 `map_stats_kernel`    forward: max, log-sum-exp and first moments of beta*T over the H*W pixels in one read of
                       the map (online max with rescaling when the map is larger than BLOCK); optionally writes
                       Phi itself (spatial_softmax) in a second sweep, which re-reads the map from cache.
-`map_backward_kernel` backward: recomputes Phi = exp(beta*T - lse); sweep 1 gives s = sum G*Phi and the
-                      expected coordinates, sweep 2 writes gT = beta*Phi*((G - s) + gx (x - zx) + gy (y - zy)).
+`map_backward_kernel` backward: recomputes Phi = exp(beta*T - lse) (renormalised); sweep 1 gives
+                      s = sum G*Phi and the expected coordinates, sweep 2 writes gT = beta*Phi*((G - s) + gx (x - zx) + gy (y - zy)).
                       G is a per-map gradient (grad of Phi) or a per-batch one broadcast over l (grad of the
                       mask: its l-stride is 0).
 
@@ -106,7 +106,10 @@ def map_backward_kernel(
     offs = tl.arange(0, BLOCK)
     lse = tl.load(lse_ptr + pid)
 
-    # Sweep 1: s = sum G*Phi and the expected raw column / row under Phi.
+    # Sweep 1: s = sum G*Phi and the expected raw column / row under Phi. exp(beta*T - lse) carries the
+    # rounding error of lse (~|beta*T| * 6e-8, common to the whole map); dividing by the recomputed sum n
+    # cancels it, as the reference's softmax normalises exactly.
+    acc_n = tl.zeros([BLOCK], tl.float32)
     acc_s = tl.zeros([BLOCK], tl.float32)
     acc_x = tl.zeros([BLOCK], tl.float32)
     acc_y = tl.zeros([BLOCK], tl.float32)
@@ -115,6 +118,7 @@ def map_backward_kernel(
         valid = p < HW
         t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
         phi = tl.where(valid, tl.exp(t * beta - lse), 0.0)
+        acc_n += phi
         if HAS_G:
             g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
             acc_s += phi * g
@@ -122,9 +126,10 @@ def map_backward_kernel(
             row, col = _row_col(p, W, inv_w, INT_DIV)
             acc_x += phi * col
             acc_y += phi * row
-    s = tl.sum(acc_s, axis=0)
-    ex = tl.sum(acc_x, axis=0)
-    ey = tl.sum(acc_y, axis=0)
+    inv_n = 1.0 / tl.sum(acc_n, axis=0)
+    s = tl.sum(acc_s, axis=0) * inv_n
+    ex = tl.sum(acc_x, axis=0) * inv_n
+    ey = tl.sum(acc_y, axis=0) * inv_n
     gx = 0.0
     gy = 0.0
     if HAS_GZ:
@@ -139,7 +144,7 @@ def map_backward_kernel(
         p = start + offs
         valid = p < HW
         t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
-        phi = tl.exp(t * beta - lse)
+        phi = tl.exp(t * beta - lse) * inv_n
         term = tl.zeros([BLOCK], tl.float32)
         if HAS_G:
             g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
