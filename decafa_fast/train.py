@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     r.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on CUDA)")
     r.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                   help="channels_last memory format (auto: on; it is faster on CUDA and on oneDNN CPUs)")
+                   help="channels_last memory format (auto: on CUDA only)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -264,8 +264,8 @@ def _batch_nme(outputs, batch, markups) -> float:
         ok = batch["valid"].get(name)
         if ok is None or not bool(ok.any()):
             continue
-        pred = outputs[-1][k].detach().float().cpu()[ok]
-        values.append(nme(pred, batch["landmarks"][name][ok], name))
+        pred = outputs[-1][k].detach().float().cpu()[ok.cpu()]
+        values.append(nme(pred, batch["landmarks"][name].detach().float().cpu()[ok.cpu()], name))
     if not values:
         return float("nan")
     return float(torch.cat(values).nanmean())
@@ -313,7 +313,7 @@ def _train(args: argparse.Namespace, info: D.DistInfo) -> dict:
         model.load_state_dict(state["model"])
     n_params = count_parameters(model)
     amp = device.type == "cuda" if args.amp == "auto" else args.amp == "bf16"
-    channels_last = args.channels_last != "off"
+    channels_last = device.type == "cuda" if args.channels_last == "auto" else args.channels_last == "on"
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -116,3 +116,13 @@ def test_ablate_cli_tiny(tmp_path, capsys):
     assert [r["row"] for r in results] == [2, 10] and all(0 < r["avg_nme"] < 5 for r in results)
     with pytest.raises(ValueError):
         main(["ablate", "--rows", "11"])
+
+
+def test_alternation_cycle_and_presets():
+    from decafa_fast.train import PRESETS, _interleave
+
+    assert _interleave((1, 1, 1)) == [0, 1, 2]
+    assert _interleave((2, 1, 1)) == [0, 1, 2, 0]  # the finest markup gets half of the batches
+    assert [_interleave((3, 1)).count(k) for k in (0, 1)] == [3, 1]
+    # the paper preset keeps the paper's optimiser and temperature
+    assert PRESETS["paper"]["lr"] == 5e-4 and PRESETS["paper"]["beta"] == 1.0 and PRESETS["paper"]["stages"] == 4
