@@ -46,12 +46,12 @@ void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::
     acc_t* lse_p = lse.data_ptr<acc_t>();
     scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
-    const Axis<acc_t> ax(W, normalized), ay(H, normalized);
+    const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> a(hw);
       for (int64_t map = begin; map < end; ++map) {
         const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a.data());
-        const MapStats<acc_t> st = exp_sums(a.data(), m, H, W, z_p != nullptr, ax, ay);
+        const MapStats<acc_t> st = exp_sums(a.data(), m, H, W, z_p != nullptr, xs.data(), ys.data());
         lse_p[map] = st.lse;
         if (z_p != nullptr) {
           z_p[2 * map] = static_cast<scalar_t>(st.zx);
@@ -75,13 +75,13 @@ at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, doub
     const acc_t* gz = grad_z.defined() ? grad_z.const_data_ptr<acc_t>() : nullptr;
     const acc_t* gm = grad_mask.defined() ? grad_mask.const_data_ptr<acc_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
-    const Axis<acc_t> ax(W, normalized), ay(H, normalized);
+    const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> phi(hw);
       for (int64_t map = begin; map < end; ++map) {
         const int64_t b = map / L;
         recompute_phi(t + map * hw, hw, static_cast<acc_t>(beta), lse_p[map], phi.data());
-        landmark_grad(phi.data(), H, W, static_cast<acc_t>(beta), ax, ay, gz != nullptr ? gz + 2 * map : nullptr,
+        landmark_grad(phi.data(), H, W, static_cast<acc_t>(beta), xs.data(), ys.data(), gz != nullptr ? gz + 2 * map : nullptr,
                       gm != nullptr ? gm + b * hw : nullptr, out + map * hw);
       }
     });

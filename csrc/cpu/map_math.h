@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace decafa {
 namespace cpu {
@@ -51,15 +52,16 @@ DECAFA_INLINE float vexp(float x) {
 }
 DECAFA_INLINE double vexp(double x) { return std::exp(x); }
 
-// Pixel coordinate along an axis of n pixels: index i, or linspace(-1, 1, n)[i] when normalised.
+// Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised. Kept as a
+// table so that the moment loops read coordinates instead of converting int64 indices (which does not
+// vectorise before AVX-512).
 template <typename acc_t>
-struct Axis {
-  acc_t offset, step;
-  Axis(int64_t n, bool normalized)
-      : offset(normalized ? acc_t(-1) : acc_t(0)),
-        step(normalized ? (n > 1 ? acc_t(2) / acc_t(n - 1) : acc_t(0)) : acc_t(1)) {}
-  acc_t at(int64_t i) const { return offset + step * acc_t(i); }
-};
+std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
+  std::vector<acc_t> c(n);
+  const acc_t step = normalized ? (n > 1 ? acc_t(2) / acc_t(n - 1) : acc_t(0)) : acc_t(1);
+  for (int64_t i = 0; i < n; ++i) c[i] = (normalized ? acc_t(-1) : acc_t(0)) + step * acc_t(i);
+  return c;
+}
 
 // dst = beta * src, returning max(dst): the first sweep of a map.
 template <typename scalar_t, typename acc_t>
@@ -88,8 +90,8 @@ struct MapStats {
 // Statistics of one map given a = beta * T in `a` (H*W values) and m = max(a). Overwrites `a` with
 // exp(a - m), so that Phi = a / exp(lse - m). When `moments` is false zx and zy are left at 0.
 template <typename acc_t>
-DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, bool moments, const Axis<acc_t>& ax,
-                                       const Axis<acc_t>& ay) {
+DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, bool moments, const acc_t* xs,
+                                       const acc_t* ys) {
   acc_t sum = 0, sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
     acc_t* r = a + row * W;
@@ -100,7 +102,7 @@ DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, 
         const acc_t e = vexp(r[col] - m);
         r[col] = e;
         row_sum += e;
-        row_sx += e * ax.at(col);
+        row_sx += e * xs[col];
       }
     } else {
 #pragma omp simd reduction(+ : row_sum)
@@ -112,14 +114,14 @@ DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, 
     }
     sum += row_sum;
     sx += row_sx;
-    sy += row_sum * ay.at(row);
+    sy += row_sum * ys[row];
   }
   return {m + std::log(sum), sx / sum, sy / sum};
 }
 
 // First moments of a normalised map phi.
 template <typename acc_t>
-inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const Axis<acc_t>& ax, const Axis<acc_t>& ay,
+inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const acc_t* xs, const acc_t* ys,
                        acc_t& zx, acc_t& zy) {
   acc_t sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
@@ -128,10 +130,10 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const Axis<acc_t>
 #pragma omp simd reduction(+ : row_sum, row_sx)
     for (int64_t col = 0; col < W; ++col) {
       row_sum += r[col];
-      row_sx += r[col] * ax.at(col);
+      row_sx += r[col] * xs[col];
     }
     sx += row_sx;
-    sy += row_sum * ay.at(row);
+    sy += row_sum * ys[row];
   }
   zx = sx;
   zy = sy;
@@ -169,8 +171,8 @@ DECAFA_KERNEL void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw,
 // grad_mask (H*W values, may be null) is the gradient w.r.t. M for this map's image; grad_z (2 values, may be
 // null) the gradient w.r.t. (zx, zy).
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const Axis<acc_t>& ax,
-                          const Axis<acc_t>& ay, const acc_t* grad_z, const acc_t* grad_mask, scalar_t* grad_t) {
+DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const acc_t* xs,
+                          const acc_t* ys, const acc_t* grad_z, const acc_t* grad_mask, scalar_t* grad_t) {
   const int64_t hw = H * W;
   acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0;
   if (grad_mask != nullptr) {
@@ -180,21 +182,21 @@ DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t b
   if (grad_z != nullptr) {
     gx = grad_z[0];
     gy = grad_z[1];
-    moments_of(phi, H, W, ax, ay, zx, zy);
+    moments_of(phi, H, W, xs, ys, zx, zy);
   }
   for (int64_t row = 0; row < H; ++row) {
     const acc_t* p = phi + row * W;
     const acc_t* gm = grad_mask != nullptr ? grad_mask + row * W : nullptr;
     scalar_t* out = grad_t + row * W;
-    const acc_t row_term = gy * (ay.at(row) - zy) - gx * zx - s;
+    const acc_t row_term = gy * (ys[row] - zy) - gx * zx - s;
     if (gm != nullptr) {
 #pragma omp simd
       for (int64_t col = 0; col < W; ++col)
-        out[col] = static_cast<scalar_t>(beta * p[col] * (gm[col] + gx * ax.at(col) + row_term));
+        out[col] = static_cast<scalar_t>(beta * p[col] * (gm[col] + gx * xs[col] + row_term));
     } else {
 #pragma omp simd
       for (int64_t col = 0; col < W; ++col)
-        out[col] = static_cast<scalar_t>(beta * p[col] * (gx * ax.at(col) + row_term));
+        out[col] = static_cast<scalar_t>(beta * p[col] * (gx * xs[col] + row_term));
     }
   }
 }
