@@ -93,6 +93,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(B.format_op_table(rows))
     if any(r.get("suite") == "model" for r in rows):
         terminalreporter.write_line(B.format_model_table(rows))
+    targets = B.format_targets(rows)
+    if targets:
+        terminalreporter.write_line(targets)
     terminalreporter.write_line("time: fastest round; definitions in decafa_fast/benchmark.py")
 
 

@@ -69,6 +69,9 @@ def model_cases(config: pytest.Config) -> list[ModelCase]:
     return [ModelCase(*g, backend) for g in groups for backend in backends]
 
 
+_WARM: list[bool] = []  # non-empty once a model has run in this process
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "mcase" in metafunc.fixturenames:
         metafunc.parametrize("mcase", model_cases(metafunc.config), ids=str)
@@ -133,11 +136,16 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, reference
 
     # warm-up: compilation, CUDA graph recording (reduce-overhead records on the second/third call), and on
     # CPU the first calls of a process, which run several times slower than the next ones
-    warmups = 1 if tiny else (3 if device.type == "cuda" or mcase.mode != "eager" else 2)
+    if device.type == "cuda" or mcase.mode != "eager":
+        warmups = 3
+    else:  # CPU eager: the slow first calls happen once per process, not once per shape
+        warmups = 1 if tiny or _WARM else 2
     for _ in range(warmups):
         start = time.perf_counter()
         call()
         estimate = time.perf_counter() - start
+
+    _WARM.append(True)
 
     peak, peak_method = None, "not measured on CPU (the profiler over a whole model costs more than the run)"
     if device.type == "cuda":

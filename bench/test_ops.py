@@ -13,9 +13,9 @@ the reference (eager) of the same case; the definitions are in decafa_fast/bench
 ordered so that the reference runs first in every (op, pass, dtype, B) group. Every benchmarked output is
 first checked against the reference, so that a wrong fast kernel cannot post a time.
 
-CPU defaults keep the whole suite to minutes on a 2-core machine: torch.compile (10-40 s of compilation
-per graph there) runs only at float32, B = 8 unless --decafa-full. --decafa-quick: soft_argmax and the
-fused head, float32, B = 8 on CPU (B = 64 on CUDA).
+Defaults keep the suite to minutes: torch.compile of the reference (10-40 s of compilation per graph on
+the 2-core CPU) runs at one batch size, B = 8 in float32 on CPU and B = 64 in both dtypes on CUDA, unless
+--decafa-full. --decafa-quick: soft_argmax and the fused head, float32, B = 8 on CPU (B = 64 on CUDA).
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ OPS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention",
 KORNIA_OPS = ("spatial_softmax", "soft_argmax")
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Where the reference under torch.compile runs without --decafa-full: (dtypes, batch sizes) per device type
+COMPILED_DEFAULT = {"cpu": (("float32",), (8,)), "cuda": (("float32", "bfloat16"), (64,))}
 # (rtol, atol as a fraction of the largest reference value) for the pre-timing correctness check
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
 
@@ -160,10 +162,11 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, ref
     reason = B.backend_skip_reason(case.backend, device)
     if reason:
         pytest.skip(reason)
-    if (case.backend == "compiled" and device.type == "cpu" and not pytestconfig.getoption("--decafa-full")
-            and (case.dtype, case.batch) != ("float32", 8)):
-        pytest.skip("CPU: torch.compile of the reference runs at float32, B = 8 only (each graph takes 10-40 s to "
-                    "compile here); --decafa-full runs it everywhere")
+    dtypes, batches = COMPILED_DEFAULT[device.type]
+    if (case.backend == "compiled" and not pytestconfig.getoption("--decafa-full")
+            and (case.dtype not in dtypes or case.batch not in batches)):
+        pytest.skip(f"torch.compile of the reference runs at {'/'.join(dtypes)}, B = {batches[0]} by default on "
+                    f"{device.type} (each graph takes seconds to minutes to compile); --decafa-full runs it everywhere")
     if case.backend in ("reference", "cpp", "triton", "cuda"):
         use_backend(case.backend)
 

@@ -59,6 +59,7 @@ __all__ = [
     "load_rows",
     "format_op_table",
     "format_model_table",
+    "format_targets",
     "plot_rows",
     "add_arguments",
     "run",
@@ -427,6 +428,45 @@ def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
     return _markdown(header, body)
 
 
+# The project's targets (issues 3 and 8): (description, row filter, measured quantity, threshold).
+_HEAD_B8 = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, backend="cpp")
+TARGETS = [
+    ("CPU: fused head forward >= 3x the reference (cpp, fp32, B 8)", dict(_HEAD_B8, **{"pass": "fwd"}),
+     "speedup", 3.0),
+    ("CPU: fused head forward+backward >= 2x the reference (cpp, fp32, B 8)",
+     dict(_HEAD_B8, **{"pass": "fwd+bwd"}), "speedup", 2.0),
+    ("CPU: fused head forward+backward peak memory below the reference's (cpp, fp32, B 8)",
+     dict(_HEAD_B8, **{"pass": "fwd+bwd"}), "peak_vs_reference", 1.0),
+    ("GPU: DeCaFA S=4 at B 1 >= 1000 images/s (CUDA graphs)",
+     dict(suite="model", task="infer", mode="reduce-overhead", dtype="float32", batch=1), "images_per_s", 1000.0),
+    ("GPU: DeCaFA S=4 at B 256 bf16 >= 6000 images/s",
+     dict(suite="model", task="infer", mode="reduce-overhead", dtype="bfloat16", batch=256), "images_per_s", 6000.0),
+]
+
+
+def format_targets(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the targets that this run measured: target, backend, measured value, met or not."""
+    body = []
+    for text, match, quantity, threshold in TARGETS:
+        for r in rows:
+            if any(r.get(k) != v for k, v in match.items()) or r.get("backend") == "reference":
+                continue
+            if quantity == "peak_vs_reference":
+                ref = next((q for q in rows if q.get("backend") == "reference"
+                            and all(q.get(k) == v for k, v in match.items() if k != "backend")), None)
+                if ref is None or r.get("peak_bytes") is None or ref.get("peak_bytes") is None:
+                    continue
+                value = f"{r['peak_bytes'] / 2**20:.1f} MiB vs {ref['peak_bytes'] / 2**20:.1f} MiB"
+                met = r["peak_bytes"] < ref["peak_bytes"]
+            else:
+                measured = r.get(quantity) if quantity != "images_per_s" else r["batch"] / r["time_s"]
+                if measured is None:
+                    continue
+                value, met = f"{measured:.2f}" + ("x" if quantity == "speedup" else " images/s"), measured >= threshold
+            body.append([text, r["backend"], value, "yes" if met else "NO"])
+    return _markdown(["target", "backend", "measured", "met"], body) if body else ""
+
+
 # one colour per backend and one line style per pass / compile mode, the same in every panel
 _COLORS = {"reference": "black", "compiled": "tab:purple", "kornia": "tab:green", "cpp": "tab:blue",
            "triton": "tab:orange", "cuda": "tab:red"}
@@ -503,6 +543,9 @@ def summarize(json_path: str | Path, out_dir: str | Path) -> str:
         text += ["## Model (DeCaFA)", "", format_model_table(rows), ""]
         png = plot_rows([r for r in rows if r.get("suite") == "model"], out_dir / "model_time_vs_batch.png")
         text += [f"plot: {png}", ""]
+    targets = format_targets(rows)
+    if targets:
+        text += ["## Targets", "", targets, ""]
     text += ["time: fastest round; speed-up: reference-eager time / this time, same run; "
              "% floor: (floor bytes / copy bandwidth) / time.", ""]
     summary = "\n".join(text)

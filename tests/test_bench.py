@@ -77,6 +77,20 @@ def test_tables_and_plots_from_rows(tmp_path):
     assert B.plot_rows([], tmp_path / "none.png") is None
 
 
+def test_targets_table_judges_speedup_and_peak_memory():
+    head = dict(suite="ops", op="decafa_head", dtype="float32", batch=8)
+    rows = [dict(head, **{"pass": "fwd"}, backend="reference", time_s=3.0, peak_bytes=10),
+            dict(head, **{"pass": "fwd"}, backend="cpp", time_s=1.0, speedup=3.0, peak_bytes=5),
+            dict(head, **{"pass": "fwd+bwd"}, backend="reference", time_s=3.0, peak_bytes=2**20),
+            dict(head, **{"pass": "fwd+bwd"}, backend="cpp", time_s=2.0, speedup=1.5, peak_bytes=2**21)]
+    lines = B.format_targets(rows).splitlines()[2:]
+    assert len(lines) == 3
+    assert "3.00x" in lines[0] and lines[0].rstrip(" |").endswith("yes")
+    assert "1.50x" in lines[1] and "NO" in lines[1]  # fwd+bwd needs >= 2x
+    assert "2.0 MiB vs 1.0 MiB" in lines[2] and "NO" in lines[2]
+    assert B.format_targets([]) == ""
+
+
 def test_device_facts_name_the_machine():
     facts = B.device_facts()
     assert facts["torch"] == torch.__version__
