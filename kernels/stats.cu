@@ -93,13 +93,15 @@ __global__ void __launch_bounds__(kMapThreads)
 
 // grad_logits = beta * Phi * [(g_p - s) + gx (col - zx) + gy (row - zy)], s = sum g Phi, (zx, zy) = sum Phi
 // (col, row); gx, gy already carry the coordinate scale (normalised: x_n - zx_n = kx (col - zx)).
+// Phi = exp(beta T - lse) is renormalised by its sum S, taken in sweep 1: lse is a rounded float32, and for
+// |beta T| ~ 40 that alone makes S drift from 1 by ~1e-6, biasing z by ~1e-6 * col and so the gradient.
 template <typename T, typename G, int V>
 __global__ void __launch_bounds__(kMapThreads)
     map_backward_kernel(const T* __restrict__ logits, const float* __restrict__ lse, int maps, int hw, int width,
                         float beta, const G* __restrict__ grad, bool grad_per_map, const T* __restrict__ grad_z,
                         float kx, float ky, T* __restrict__ grad_logits, bool staged) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[33][3];
+  __shared__ float scratch[33][4];
   T* stage = reinterpret_cast<T*>(smem_raw);
 
   const int64_t map = blockIdx.x;
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kMapThreads)
   const int num_vec = hw / V;
 
   // Sweep 1: s = sum g Phi and the coordinates z = sum Phi (col, row).
-  float acc[3] = {0.f, 0.f, 0.f};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 2
   for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
     const Vec<T, V> raw = load_raw<V>(src + i * V);
@@ -125,6 +127,7 @@ __global__ void __launch_bounds__(kMapThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float p = __expf(beta * a[j] - map_lse);
+      acc[3] += p;
       if (g != nullptr) acc[0] += gv[j] * p;
       if (want_z) {
         acc[1] += p * static_cast<float>(col);
@@ -133,8 +136,9 @@ __global__ void __launch_bounds__(kMapThreads)
       next_pixel(width, col, row);
     }
   }
-  block_sum<3>(acc, scratch);
-  const float s = acc[0], zx = acc[1], zy = acc[2];
+  block_sum<4>(acc, scratch);
+  const float inv_sum = 1.f / acc[3];
+  const float s = acc[0] * inv_sum, zx = acc[1] * inv_sum, zy = acc[2] * inv_sum;
   const float gx = want_z ? to_float(grad_z[2 * map]) * kx : 0.f;
   const float gy = want_z ? to_float(grad_z[2 * map + 1]) * ky : 0.f;
 
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(kMapThreads)
     float out[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float p = __expf(beta * a[j] - map_lse);
+      const float p = __expf(beta * a[j] - map_lse) * inv_sum;
       float d = gx * (static_cast<float>(col) - zx) + gy * (static_cast<float>(row) - zy) - s;
       if (g != nullptr) d += gv[j];
       out[j] = beta * p * d;
