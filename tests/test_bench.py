@@ -78,7 +78,7 @@ def test_tables_and_plots_from_rows(tmp_path):
 
 
 def test_targets_table_judges_speedup_and_peak_memory():
-    head = dict(suite="ops", op="decafa_head", dtype="float32", batch=8)
+    head = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, L=98, H=128, W=128, C=64)
     rows = [dict(head, **{"pass": "fwd"}, backend="reference", time_s=3.0, peak_bytes=10),
             dict(head, **{"pass": "fwd"}, backend="cpp", time_s=1.0, speedup=3.0, peak_bytes=5),
             dict(head, **{"pass": "fwd+bwd"}, backend="reference", time_s=3.0, peak_bytes=2**20),
@@ -89,6 +89,8 @@ def test_targets_table_judges_speedup_and_peak_memory():
     assert "1.50x" in lines[1] and "NO" in lines[1]  # fwd+bwd needs >= 2x
     assert "2.0 MiB vs 1.0 MiB" in lines[2] and "NO" in lines[2]
     assert B.format_targets([]) == ""
+    tiny = [dict(r, H=16, W=16) for r in rows]  # only the paper's size is judged
+    assert B.format_targets(tiny) == ""
 
 
 def test_device_facts_name_the_machine():
