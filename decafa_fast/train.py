@@ -39,9 +39,11 @@ __all__ = ["add_arguments", "run", "PRESETS", "evaluate_model", "mean_shape_nme"
 # The cpu preset's run is ~200x shorter than the paper's, so it uses a higher learning rate and a sharper
 # softmax (beta = 5): with beta = 1 the per-landmark logits need many small Adam steps to grow large enough
 # for a peaked spatial softmax, and the 98-point head (fed no amplifying transfer layer) lags far behind.
+# It runs one CPU thread: on a 2-core machine shared with anything else, two OpenMP threads were measured
+# 3-10x slower per step than one (oversubscription), and one thread alone needs ~0.22 s per step.
 PRESETS: dict[str, dict] = {
     "cpu": dict(image_size=32, stages=2, widths=(16, 32, 64), embedding_channels=16, beta=5.0, lr=2e-3,
-                steps=2000, batch_size=16, train_size=3000, val_size=300, max_minutes=9.5),
+                steps=1500, batch_size=16, train_size=3000, val_size=300, max_minutes=9.5, threads=1),
     "paper": dict(image_size=128, stages=4, widths=(64, 128, 256), embedding_channels=64, beta=1.0, lr=5e-4,
                   steps=400_000, batch_size=8, train_size=30_000, val_size=1000),
     "tiny": dict(image_size=32, stages=1, widths=(8, 8, 8), embedding_channels=8, beta=1.0, lr=5e-4,
@@ -103,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="channels_last memory format (auto: on CUDA only)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (cpu preset: 1; others: torch's default)")
     r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     r.add_argument("--save-rank-weights", action="store_true",
