@@ -9,7 +9,8 @@ whole model is a ratio measured in one run (`extra_info["speedup"]`). Images per
 CUDA: inference at B = 1 in eager float32 and through torch.compile(mode="reduce-overhead") (CUDA graphs);
 throughput at B = 64 and 256 in bfloat16 with channels_last, compiled with mode "reduce-overhead"; a
 training step (forward, loss of eq. 10, backward, Adam) at B = 64 under bf16 autocast, channels_last,
-torch.compile. --decafa-quick keeps B = 1 (reduce-overhead) and B = 256.
+torch.compile. --decafa-quick keeps B = 1 (reduce-overhead) and B = 256, with the reference and the GPU
+backend that "auto" picks (every case compiles the whole model).
 
 CPU (eager float32; compiling the model there takes minutes): inference at B = 1 and 8, a training step at
 B = 1 (B = 8 too with --decafa-full). --decafa-quick keeps inference at B = 1.
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from decafa_fast import benchmark as B
+from decafa_fast import ops
 
 try:
     from decafa_fast.model import DeCaFA, DeCaFAConfig, decafa_loss
@@ -55,9 +57,11 @@ def model_cases(config: pytest.Config) -> list[ModelCase]:
         groups = [("infer", "eager", "float32", 1), ("infer", "reduce-overhead", "float32", 1),
                   ("infer", "reduce-overhead", "bfloat16", 64), ("infer", "reduce-overhead", "bfloat16", 256),
                   ("train", "compile", "bfloat16", 64)]
-        if quick:
-            groups = [g for g in groups if g[1] == "reduce-overhead" and g[3] in (1, 256)]
         fused = ("triton", "cuda")
+        if quick:  # each case compiles the whole model: keep the GPU backend that "auto" would pick
+            groups = [g for g in groups if g[1] == "reduce-overhead" and g[3] in (1, 256)]
+            status = ops.backends()
+            fused = tuple(b for b in ops.AUTO_CUDA_PREFERENCE if status[b] == "available")[:1] or fused
     else:
         groups = [("infer", "eager", "float32", 1), ("infer", "eager", "float32", 8),
                   ("train", "eager", "float32", 1)] + ([("train", "eager", "float32", 8)] if full else [])
