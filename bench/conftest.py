@@ -63,6 +63,12 @@ def time_budget(tiny: bool) -> float | None:
 
 
 @pytest.fixture(scope="session")
+def min_rounds(tiny: bool) -> int | None:
+    """Fewest timed rounds per benchmark (None: decafa_fast.benchmark.choose_rounds's default)."""
+    return 1 if tiny else None
+
+
+@pytest.fixture(scope="session")
 def copy_bw(pytestconfig: pytest.Config, device: torch.device, tiny: bool) -> float:
     """Copy bandwidth (bytes/s) of this device, measured once per session: the ceiling for % of floor."""
     bw = B.copy_bandwidth(device, nbytes=(32 << 20) if tiny else None)

@@ -88,8 +88,8 @@ def model_config(size_name: str) -> "DeCaFAConfig":
     return DeCaFAConfig()
 
 
-def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, reference_times, bench_rows, use_backend,
-               pytestconfig):
+def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_rounds, reference_times, bench_rows,
+               use_backend, pytestconfig):
     if _MODEL_ERROR:
         pytest.skip(_MODEL_ERROR)
     reason = B.backend_skip_reason(mcase.backend, device)
@@ -155,7 +155,8 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, reference
     if device.type == "cuda":
         peak, peak_method = B.peak_memory(call, device)
 
-    rounds, iterations = B.choose_rounds(estimate, device, time_budget or (2.0 if device.type == "cuda" else 1.0))
+    budget = time_budget or (2.0 if device.type == "cuda" else 1.0)
+    rounds, iterations = B.choose_rounds(estimate, device, budget, min_rounds)
     benchmark.pedantic(call, rounds=rounds, iterations=iterations)
 
     t = B.fastest_time(benchmark)

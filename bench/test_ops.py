@@ -157,8 +157,8 @@ def check_against_reference(case: Case, inputs: list[torch.Tensor], outputs: tup
 # --------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------
-def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, reference_times, bench_rows,
-            use_backend, pytestconfig):
+def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min_rounds, reference_times,
+            bench_rows, use_backend, pytestconfig):
     reason = B.backend_skip_reason(case.backend, device)
     if reason:
         pytest.skip(reason)
@@ -204,7 +204,7 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, ref
         estimate = time.perf_counter() - start
     peak, peak_method = B.peak_memory(call, device)
 
-    rounds, iterations = B.choose_rounds(estimate, device, time_budget)
+    rounds, iterations = B.choose_rounds(estimate, device, time_budget, min_rounds)
     benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1 if device.type == "cuda" else 0)
 
     moved = B.floor_bytes(inputs, outputs, backward, grad_inputs=inputs if backward else ())

@@ -198,18 +198,22 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int | None
             return None, "unavailable"
 
 
-def choose_rounds(seconds_per_call: float, device: torch.device, budget_s: float | None = None) -> tuple[int, int]:
+def choose_rounds(seconds_per_call: float, device: torch.device, budget_s: float | None = None,
+                  min_rounds: int | None = None) -> tuple[int, int]:
     """(rounds, iterations) for benchmark.pedantic: about `budget_s` of timing, at least a few rounds.
 
     CPU: 3..20 rounds of one call (big cases are slow, the whole suite must stay in minutes).
     CUDA: every round at least ~1 ms of work (calls batched by iterations), 10..200 rounds.
+    `min_rounds` overrides the lower bound (the tiny machinery check uses 1).
     """
     t = max(seconds_per_call, 1e-7)
     if device.type == "cuda":
         iterations = max(1, math.ceil(1e-3 / t))
-        rounds = int(min(200, max(10, (budget_s or 0.5) / (t * iterations))))
+        lowest = 10 if min_rounds is None else min_rounds
+        rounds = int(min(200, max(lowest, (budget_s or 0.5) / (t * iterations))))
         return rounds, iterations
-    return int(min(20, max(3, (budget_s or 1.0) / t))), 1
+    lowest = 3 if min_rounds is None else min_rounds
+    return int(min(20, max(lowest, (budget_s or 1.0) / t))), 1
 
 
 ALL_BACKENDS = ("reference", "compiled", "kornia", "cpp", "triton", "cuda")

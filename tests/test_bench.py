@@ -30,6 +30,7 @@ def test_choose_rounds_stays_within_bounds():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert B.choose_rounds(10.0, cpu) == (3, 1)  # slow case: the minimum
     assert B.choose_rounds(1e-6, cpu) == (20, 1)  # fast case: the cap
+    assert B.choose_rounds(10.0, cpu, min_rounds=1) == (1, 1)
     rounds, iterations = B.choose_rounds(1e-5, cuda)  # 10 us kernels are batched to >= 1 ms per round
     assert iterations == 100 and 10 <= rounds <= 200
 
