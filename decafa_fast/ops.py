@@ -215,6 +215,15 @@ def _check_backend_dtype(backend: str, t: torch.Tensor) -> None:
         raise TypeError(f"float64 is supported on CPU and by the reference backend only, got {t.device} tensors")
 
 
+def _prepare_logits(logits, beta) -> tuple[str, float]:
+    """Validates the logits and beta shared by every logits op; returns the backend to run and beta."""
+    _check_logits(logits)
+    beta = _check_beta(beta)
+    backend = _resolve(logits.device)
+    _check_backend_dtype(backend, logits)
+    return backend, beta
+
+
 # --------------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +232,7 @@ def spatial_softmax(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 
     logits (B, L, H, W) -> Phi (B, L, H, W), same dtype. NaN in a map gives NaN over that map.
     """
-    _check_logits(logits)
-    beta = _check_beta(beta)
-    backend = _resolve(logits.device)
-    _check_backend_dtype(backend, logits)
+    backend, beta = _prepare_logits(logits, beta)
     if backend == "reference":
         return reference.spatial_softmax(logits, beta)
     phi, _ = _namespace(backend).spatial_softmax(logits, beta)
@@ -238,10 +244,7 @@ def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = Fals
 
     logits (B, L, H, W) -> z (B, L, 2), same dtype; pixels 0..W-1 / 0..H-1, or [-1, 1] when normalized.
     """
-    _check_logits(logits)
-    beta = _check_beta(beta)
-    backend = _resolve(logits.device)
-    _check_backend_dtype(backend, logits)
+    backend, beta = _prepare_logits(logits, beta)
     if backend == "reference":
         return reference.soft_argmax(logits, beta, bool(normalized))
     z, _ = _namespace(backend).soft_argmax(logits, beta, bool(normalized))
@@ -250,10 +253,7 @@ def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = Fals
 
 def attention_mask(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """The summed attention mask M = sum over l of Phi_l: logits (B, L, H, W) -> M (B, 1, H, W)."""
-    _check_logits(logits)
-    beta = _check_beta(beta)
-    backend = _resolve(logits.device)
-    _check_backend_dtype(backend, logits)
+    backend, beta = _prepare_logits(logits, beta)
     if backend == "reference":
         return reference.attention_mask(logits, beta)
     m, _ = _namespace(backend).attention_mask(logits, beta)
@@ -264,10 +264,7 @@ def landmark_attention(
     logits: torch.Tensor, beta: float = 1.0, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-argmax and summed mask in one pass: logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W))."""
-    _check_logits(logits)
-    beta = _check_beta(beta)
-    backend = _resolve(logits.device)
-    _check_backend_dtype(backend, logits)
+    backend, beta = _prepare_logits(logits, beta)
     if backend == "reference":
         return reference.landmark_attention(logits, beta, bool(normalized))
     z, m, _ = _namespace(backend).landmark_attention(logits, beta, bool(normalized))
@@ -304,13 +301,10 @@ def decafa_head(
     -> (z (B, L, 2), fused (B, channels(mode), H, W)). Equals
     `z, M = landmark_attention(logits); fuse(image, embedding, M, mode)` without materialising M or Phi.
     """
-    _check_logits(logits)
-    beta = _check_beta(beta)
+    backend, beta = _prepare_logits(logits, beta)
     mode_id = _check_mode(mode)
     _check_companion("image", image, logits, "logits")
     _check_companion("embedding", embedding, logits, "logits")
-    backend = _resolve(logits.device)
-    _check_backend_dtype(backend, logits)
     if backend == "reference":
         return reference.decafa_head(logits, image, embedding, mode, beta, bool(normalized))
     z, fused, _ = _namespace(backend).decafa_head(logits, image, embedding, mode_id, beta, bool(normalized))
