@@ -72,11 +72,17 @@ try:
 except ImportError as exc:  # pragma: no cover - only without a built extension
     _extension_error = f"the C++ extension decafa_fast._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
 
+# Triton runs on CUDA tensors, or on CPU tensors under its interpreter. Anywhere else importing it (seconds)
+# would only slow every CPU process down, so it is not imported at all.
+_TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _triton_error: str | None = None
-try:
-    from .triton import ops as _triton_ops  # noqa: F401  (registers decafa_triton::*)
-except Exception as exc:  # ImportError, or triton present but unusable
-    _triton_error = f"Triton backend unavailable: {type(exc).__name__}: {exc}"
+if torch.cuda.is_available() or _TRITON_ON_CPU:
+    try:
+        from .triton import ops as _triton_ops  # noqa: F401  (registers decafa_triton::*)
+    except Exception as exc:  # ImportError, or triton present but unusable
+        _triton_error = f"Triton backend unavailable: {type(exc).__name__}: {exc}"
+else:
+    _triton_error = "no CUDA device is visible (set TRITON_INTERPRET=1 to run the interpreter on CPU)"
 
 
 def _cuda_kernels_built() -> bool:
@@ -91,7 +97,6 @@ def backends() -> dict[str, str]:
 
 
 def _probe_backends() -> dict[str, str]:
-    triton_on_cpu = os.environ.get("TRITON_INTERPRET", "0") == "1"
     status = {"reference": "available"}
     status["cpp"] = "available" if _extension_error is None else _extension_error
     if _extension_error is not None:
@@ -104,10 +109,9 @@ def _probe_backends() -> dict[str, str]:
         status["cuda"] = "available"
     if _triton_error is not None:
         status["triton"] = _triton_error
-    elif torch.cuda.is_available() or triton_on_cpu:
-        status["triton"] = "available" + (" (TRITON_INTERPRET=1: interpreter on CPU tensors)" if triton_on_cpu else "")
     else:
-        status["triton"] = "no CUDA device is visible (set TRITON_INTERPRET=1 to run the interpreter on CPU)"
+        on_cpu = _TRITON_ON_CPU and not torch.cuda.is_available()
+        status["triton"] = "available" + (" (TRITON_INTERPRET=1: interpreter on CPU tensors)" if on_cpu else "")
     status["auto"] = "available"
     return status
 
