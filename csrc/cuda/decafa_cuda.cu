@@ -92,6 +92,16 @@ Tensor logits_arg(const Tensor& logits) {
 }
 
 // The saved log-sum-exp: float32 (B, L) on the logits' device.
+// An optional incoming gradient checked against the logits (dtype, device) and a shape, made contiguous;
+// undefined when the caller passed None.
+Tensor optional_grad(const std::optional<Tensor>& grad, const char* name, const Tensor& logits,
+                     at::IntArrayRef sizes) {
+  if (!grad.has_value() || !grad->defined()) return Tensor();
+  check_like(*grad, name, logits, "logits");
+  check_sizes(*grad, name, sizes);
+  return grad->contiguous();
+}
+
 Tensor lse_arg(const Tensor& lse, const Tensor& logits) {
   TORCH_CHECK(lse.is_cuda() && lse.device() == logits.device(), "decafa CUDA kernels: lse must be on ",
               logits.device(), ", got ", lse.device());
@@ -230,17 +240,8 @@ Tensor landmark_attention_backward_cuda(const std::optional<Tensor>& grad_z_in,
   const Tensor logits = logits_arg(logits_in);
   const Tensor lse = lse_arg(lse_in, logits);
   const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
-  Tensor grad_z, grad_mask;
-  if (grad_z_in.has_value() && grad_z_in->defined()) {
-    check_like(*grad_z_in, "grad_z", logits, "logits");
-    check_sizes(*grad_z_in, "grad_z", {b, l, 2});
-    grad_z = grad_z_in->contiguous();
-  }
-  if (grad_mask_in.has_value() && grad_mask_in->defined()) {
-    check_like(*grad_mask_in, "grad_mask", logits, "logits");
-    check_sizes(*grad_mask_in, "grad_mask", {b, 1, h, w});
-    grad_mask = grad_mask_in->contiguous();
-  }
+  const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
+  const Tensor grad_mask = optional_grad(grad_mask_in, "grad_mask", logits, {b, 1, h, w});
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad = at::empty(logits.sizes(), logits.options());
   check_launch(dk::map_backward(dtype_of(logits, "logits"), map_shape(logits),
@@ -289,17 +290,9 @@ std::tuple<Tensor, Tensor, Tensor> decafa_head_backward_cuda(const std::optional
   const Tensor lse = lse_arg(lse_in, logits);
   const int mode = check_mode(mode_in);
   const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
-  Tensor grad_z, grad_fused;
-  if (grad_z_in.has_value() && grad_z_in->defined()) {
-    check_like(*grad_z_in, "grad_z", logits, "logits");
-    check_sizes(*grad_z_in, "grad_z", {b, l, 2});
-    grad_z = grad_z_in->contiguous();
-  }
-  if (grad_fused_in.has_value() && grad_fused_in->defined()) {
-    check_like(*grad_fused_in, "grad_fused", logits, "logits");
-    check_sizes(*grad_fused_in, "grad_fused", {b, fused_channels(mode, image, embed), h, w});
-    grad_fused = grad_fused_in->contiguous();
-  }
+  const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
+  const Tensor grad_fused =
+      optional_grad(grad_fused_in, "grad_fused", logits, {b, fused_channels(mode, image, embed), h, w});
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   Tensor grad_image = at::empty(image.sizes(), image.options());
