@@ -60,11 +60,16 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
 }
 
 template <int V, typename T>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
+__device__ __forceinline__ Vec<T, V> from_floats(const float (&in)[V]) {
   Vec<T, V> x;
 #pragma unroll
   for (int j = 0; j < V; ++j) x.v[j] = from_float<T>(in[j]);
-  store_raw<V>(p, x);
+  return x;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
+  store_raw<V>(p, from_floats<V, T>(in));
 }
 
 // Streaming (evict-first) loads and stores for data touched once (the embedding, the fusion output, the
@@ -118,10 +123,7 @@ __device__ __forceinline__ void load_floats_stream(const T* p, float (&out)[V]) 
 
 template <int V, typename T>
 __device__ __forceinline__ void store_floats_stream(T* p, const float (&in)[V]) {
-  Vec<T, V> x;
-#pragma unroll
-  for (int j = 0; j < V; ++j) x.v[j] = from_float<T>(in[j]);
-  store_stream<V>(p, x);
+  store_stream<V>(p, from_floats<V, T>(in));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -195,7 +195,13 @@ std::tuple<Tensor, Tensor, Tensor> decafa_head_cuda(const Tensor& logits_in, con
   return {o.z, o.fused, o.lse};
 }
 
-Tensor fuse_cuda(const Tensor& image_in, const Tensor& embed_in, const Tensor& mask_in, int64_t mode_in) {
+// The checked, contiguous arguments of fuse and fuse_backward.
+struct FuseArgs {
+  Tensor image, embed, mask;
+  int mode;
+};
+
+FuseArgs fuse_args(const Tensor& image_in, const Tensor& embed_in, const Tensor& mask_in, int64_t mode_in) {
   check_cuda(image_in, "image", 4);
   dtype_of(image_in, "image");
   const int mode = check_mode(mode_in);
@@ -203,6 +209,13 @@ Tensor fuse_cuda(const Tensor& image_in, const Tensor& embed_in, const Tensor& m
   const Tensor embed = companion_arg(embed_in, "embedding", image, "image");
   const Tensor mask = companion_arg(mask_in, "mask", image, "image");
   TORCH_CHECK(mask.size(1) == 1, "decafa CUDA kernels: mask must have 1 channel, got shape ", mask.sizes());
+  return {image, embed, mask, mode};
+}
+
+Tensor fuse_cuda(const Tensor& image_in, const Tensor& embed_in, const Tensor& mask_in, int64_t mode_in) {
+  const FuseArgs args = fuse_args(image_in, embed_in, mask_in, mode_in);
+  const Tensor &image = args.image, &embed = args.embed, &mask = args.mask;
+  const int mode = args.mode;
   const c10::cuda::CUDAGuard guard(image.device());
   const int64_t b = image.size(0), h = image.size(2), w = image.size(3);
   Tensor fused = at::empty({b, fused_channels(mode, image, embed), h, w}, image.options());
@@ -256,13 +269,9 @@ Tensor landmark_attention_backward_cuda(const std::optional<Tensor>& grad_z_in,
 std::tuple<Tensor, Tensor, Tensor> fuse_backward_cuda(const Tensor& grad_fused_in, const Tensor& image_in,
                                                       const Tensor& embed_in, const Tensor& mask_in,
                                                       int64_t mode_in) {
-  check_cuda(image_in, "image", 4);
-  dtype_of(image_in, "image");
-  const int mode = check_mode(mode_in);
-  const Tensor image = image_in.contiguous();
-  const Tensor embed = companion_arg(embed_in, "embedding", image, "image");
-  const Tensor mask = companion_arg(mask_in, "mask", image, "image");
-  TORCH_CHECK(mask.size(1) == 1, "decafa CUDA kernels: mask must have 1 channel, got shape ", mask.sizes());
+  const FuseArgs args = fuse_args(image_in, embed_in, mask_in, mode_in);
+  const Tensor &image = args.image, &embed = args.embed, &mask = args.mask;
+  const int mode = args.mode;
   const Tensor grad_fused = companion_arg(grad_fused_in, "grad_fused", image, "image");
   TORCH_CHECK(grad_fused.size(1) == fused_channels(mode, image, embed), "decafa CUDA kernels: grad_fused must have ",
               fused_channels(mode, image, embed), " channels for mode ", mode, ", got shape ", grad_fused.sizes());
