@@ -23,19 +23,18 @@ void check_logits(const at::Tensor& logits, const char* op) {
               logits.scalar_type());
 }
 
+}  // namespace
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor empty_lse(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(acc_type(logits.scalar_type())));
 }
 
-// An optional incoming gradient as a contiguous tensor of the accumulation dtype, or undefined.
 at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type) {
   if (!grad.has_value() || !grad->defined()) return at::Tensor();
   return grad->to(acc_type(logits_type)).contiguous();
 }
-
-}  // namespace
 
 void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
                     at::Tensor* phi) {

@@ -3,8 +3,19 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace decafa {
 namespace cpu {
+
+// The accumulation dtype of an input dtype: double for double, float otherwise (also the dtype of lse).
+at::ScalarType acc_type(at::ScalarType t);
+
+// An empty lse (B, L) for the logits.
+at::Tensor empty_lse(const at::Tensor& logits);
+
+// An optional incoming gradient as a contiguous tensor of the accumulation dtype, or undefined.
+at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type);
 
 // Per-(b, l) statistics of contiguous logits (B, L, H, W) in one pass over each map: fills lse (B, L), and,
 // when defined, z (B, L, 2) and phi (B, L, H, W).

@@ -106,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
                    mask = mask_in.contiguous();
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
-  const at::ScalarType acc = image.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc));
+  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
   const int64_t hw = image.size(2) * image.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "decafa_fuse_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -141,8 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head(const at::Tensor& log
                    embedding = embedding_in.contiguous();
   const int64_t B = logits.size(0), L = logits.size(1), hw = logits.size(2) * logits.size(3);
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
-  at::Tensor lse = at::empty({B, L}, logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble
-                                                                                                 : at::kFloat));
+  at::Tensor lse = empty_lse(logits);
   at::Tensor z = at::empty({B, L, 2}, logits.options());
   at::Tensor out = empty_fused(logits, layout);
   map_statistics(logits, beta, normalized, lse, &z, nullptr);
@@ -163,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
                    embedding = embedding_in.contiguous(), lse = lse_in.contiguous();
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
-  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_type(logits.scalar_type());
   at::Tensor grad_image, grad_embedding, grad_mask;
   if (grad_fused.has_value() && grad_fused->defined()) {
     const at::Tensor grad = grad_fused->contiguous();
@@ -179,9 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
     grad_image = at::zeros_like(image);
     grad_embedding = at::zeros_like(embedding);
   }
-  at::Tensor gz;
-  if (grad_z.has_value() && grad_z->defined()) gz = grad_z->to(acc).contiguous();
-  at::Tensor grad_logits = logits_gradient(logits, lse, beta, normalized, gz, grad_mask);
+  at::Tensor grad_logits =
+      logits_gradient(logits, lse, beta, normalized, as_acc(grad_z, logits.scalar_type()), grad_mask);
   return {grad_logits, grad_image, grad_embedding};
 }
 
