@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import autotable, reference
 
 __all__ = [
     "spatial_softmax",
@@ -139,19 +139,40 @@ def get_backend() -> str:
     return _backend
 
 
-# Which GPU backend "auto" uses on CUDA; decafa_fast.triton / bench may refine this from measurements.
+# Which GPU backend "auto" uses on CUDA where the measured table (below) has no answer.
 AUTO_CUDA_PREFERENCE: list[str] = ["triton", "cuda"]
+# GPU name -> the Triton-vs-CUDA races measured on it (decafa_fast/autotable.py): read once, no CUDA call.
+_AUTO_TABLES: dict[str, autotable.Index] = autotable.load_index([autotable.SHIPPED, autotable.user_table_path()])
+_GPU_NAMES: dict[int, str] = {}
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
 
 
-def _resolve(device: torch.device) -> str:
-    """The concrete backend for tensors on `device`."""
+def _auto_cuda(op: str, inputs: tuple[torch.Tensor, ...]) -> str:
+    """The GPU backend for `op` on these CUDA inputs: the measured winner for this GPU, op, dtype, pass and
+    nearest batch size when the table has one, else the first available in AUTO_CUDA_PREFERENCE."""
+    available = [b for b in AUTO_CUDA_PREFERENCE if _STATUS[b] == "available"]
+    if len(available) > 1 and _AUTO_TABLES and inputs:
+        first = inputs[0]
+        index = first.device.index
+        if index not in _GPU_NAMES:
+            _GPU_NAMES[index] = torch.cuda.get_device_properties(first.device).name
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        choice = autotable.choose(_AUTO_TABLES.get(_GPU_NAMES[index], {}), op, "fwd+bwd" if needs_grad else "fwd",
+                                  _DTYPE_NAMES[first.dtype], first.shape[0])
+        if choice in available:
+            return choice
+    return available[0] if available else "reference"
+
+
+def _resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...] = ()) -> str:
+    """The concrete backend for `op` on `inputs` (all on `device`)."""
     name = _backend
     if name == "auto":
-        status = _STATUS
         if device.type == "cuda":
-            name = next((b for b in AUTO_CUDA_PREFERENCE if status[b] == "available"), "reference")
+            name = _auto_cuda(op, inputs)
         else:
-            name = "cpp" if status["cpp"] == "available" else "reference"
+            name = "cpp" if _STATUS["cpp"] == "available" else "reference"
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     if name == "cpp" and device.type != "cpu":
@@ -219,11 +240,14 @@ def _check_backend_dtype(backend: str, t: torch.Tensor) -> None:
         raise TypeError(f"float64 is supported on CPU and by the reference backend only, got {t.device} tensors")
 
 
-def _prepare_logits(logits, beta) -> tuple[str, float]:
-    """Validates the logits and beta shared by every logits op; returns the backend to run and beta."""
+def _prepare_logits(op: str, logits, beta, **companions) -> tuple[str, float]:
+    """Validates the logits and beta shared by every logits op, and the image and embedding that go with
+    them (keyword: name=tensor); returns the backend to run `op` and beta."""
     _check_logits(logits)
     beta = _check_beta(beta)
-    backend = _resolve(logits.device)
+    for name, t in companions.items():
+        _check_companion(name, t, logits, "logits")
+    backend = _resolve(logits.device, op, (logits, *companions.values()))
     _check_backend_dtype(backend, logits)
     return backend, beta
 
@@ -236,7 +260,7 @@ def spatial_softmax(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
 
     logits (B, L, H, W) -> Phi (B, L, H, W), same dtype. NaN in a map gives NaN over that map.
     """
-    backend, beta = _prepare_logits(logits, beta)
+    backend, beta = _prepare_logits("spatial_softmax", logits, beta)
     if backend == "reference":
         return reference.spatial_softmax(logits, beta)
     phi, _ = _namespace(backend).spatial_softmax(logits, beta)
@@ -248,7 +272,7 @@ def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = Fals
 
     logits (B, L, H, W) -> z (B, L, 2), same dtype; pixels 0..W-1 / 0..H-1, or [-1, 1] when normalized.
     """
-    backend, beta = _prepare_logits(logits, beta)
+    backend, beta = _prepare_logits("soft_argmax", logits, beta)
     if backend == "reference":
         return reference.soft_argmax(logits, beta, bool(normalized))
     z, _ = _namespace(backend).soft_argmax(logits, beta, bool(normalized))
@@ -257,7 +281,7 @@ def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = Fals
 
 def attention_mask(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """The summed attention mask M = sum over l of Phi_l: logits (B, L, H, W) -> M (B, 1, H, W)."""
-    backend, beta = _prepare_logits(logits, beta)
+    backend, beta = _prepare_logits("attention_mask", logits, beta)
     if backend == "reference":
         return reference.attention_mask(logits, beta)
     m, _ = _namespace(backend).attention_mask(logits, beta)
@@ -268,7 +292,7 @@ def landmark_attention(
     logits: torch.Tensor, beta: float = 1.0, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-argmax and summed mask in one pass: logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W))."""
-    backend, beta = _prepare_logits(logits, beta)
+    backend, beta = _prepare_logits("landmark_attention", logits, beta)
     if backend == "reference":
         return reference.landmark_attention(logits, beta, bool(normalized))
     z, m, _ = _namespace(backend).landmark_attention(logits, beta, bool(normalized))
@@ -284,7 +308,7 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
     mode_id = _check_mode(mode)
     _check_companion("embedding", embedding, image, "image")
     _check_companion("mask", mask, image, "image", channels=1)
-    backend = _resolve(image.device)
+    backend = _resolve(image.device, "fuse", (image, embedding, mask))
     _check_backend_dtype(backend, image)
     if backend == "reference":
         return reference.fuse(image, embedding, mask, mode)
@@ -305,10 +329,8 @@ def decafa_head(
     -> (z (B, L, 2), fused (B, channels(mode), H, W)). Equals
     `z, M = landmark_attention(logits); fuse(image, embedding, M, mode)` without materialising M or Phi.
     """
-    backend, beta = _prepare_logits(logits, beta)
     mode_id = _check_mode(mode)
-    _check_companion("image", image, logits, "logits")
-    _check_companion("embedding", embedding, logits, "logits")
+    backend, beta = _prepare_logits("decafa_head", logits, beta, image=image, embedding=embedding)
     if backend == "reference":
         return reference.decafa_head(logits, image, embedding, mode, beta, bool(normalized))
     z, fused, _ = _namespace(backend).decafa_head(logits, image, embedding, mode_id, beta, bool(normalized))
