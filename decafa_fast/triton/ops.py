@@ -38,7 +38,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
 class Tuning:
-    """Launch parameters (128 x 128 is the tuned case); bench/triton_floor.py sweeps them on a GPU."""
+    """Launch parameters (128 x 128 is the tuned case); bench/head_floor.py sweeps them on a GPU."""
 
     stats_block: int = 4096  # most pixels a per-(b, l) program takes per step
     stats_warps: int = 8

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Races the GPU backends' decafa_head (Triton and CUDA C++) against each other, the plain-PyTorch reference
+(eager and under torch.compile) and the floor, on one GPU.
+
+The floor is the bytes that must move (decafa_fast.benchmark.floor_bytes) divided by the copy bandwidth
+measured in this run:
+    forward:            read T, I, E once; write F and z once
+    forward + backward: the forward floor, plus read grad_F, grad_z, T, I, E and write grad_T, grad_I, grad_E
+Default: the tuned case B = 64, L = 98, 128 x 128, C = 64, Ci = 1, F5, in float32 and bfloat16, forward and
+forward + backward, plus the B = 1 forward latency (eager, and replayed from a CUDA graph, which removes the
+Python launch overhead). `--sweep` also times the Triton forward under one-at-a-time changes of
+decafa_fast.triton.ops.TUNING. Needs a CUDA GPU (exits with status 2 and a message otherwise):
+
+    python bench/head_floor.py [--backends triton,cuda] [--sweep] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GPU_BACKENDS = ("triton", "cuda")
+
+# One-at-a-time variations of the Triton Tuning defaults for --sweep.
+SWEEP = {
+    "chunk_bytes": [0, 8 << 20, 16 << 20, 32 << 20, 128 << 20],
+    "fuse_block_p": [64, 128, 512, 1024],
+    "fuse_min_programs": [0, 1056, 4224],
+    "fuse_block_l": [4, 16],
+    "fuse_block_c": [4, 16],
+    "fuse_warps": [2, 8],
+    "stats_block": [1024, 2048, 8192],
+    "stats_warps": [4, 16],
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--maps", type=int, default=98, help="L, landmark maps")
+    p.add_argument("--size", type=int, default=128, help="H = W")
+    p.add_argument("--channels", type=int, default=64, help="C, embedding channels")
+    p.add_argument("--image-channels", type=int, default=1)
+    p.add_argument("--mode", default="F5", choices=["F1", "F2", "F3", "F4", "F5"])
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,float16,bfloat16")
+    p.add_argument("--backends", default=",".join(GPU_BACKENDS), help="GPU backends to race (those available)")
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (median reported)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--sweep", action="store_true", help="also time the Triton forward under TUNING variations")
+    p.add_argument("--budget-s", type=float, default=1e9,
+                   help="stop the sweep when the whole script has run this many seconds")
+    p.add_argument("--json", help="write all numbers to this file")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+_L2_FLUSH: torch.Tensor | None = None
+
+
+def time_ms(fn: Callable[[], object], reps: int, flush: bool = True) -> float:
+    """Median time of fn() in ms from CUDA events around each call; the L2 cache is flushed before each
+    call (so that a call cannot read what the previous one left there) unless flush=False."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if flush:
+            _L2_FLUSH.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_time_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median time of fn() captured once in a CUDA graph and replayed: GPU time without launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles, allocations) off the default stream
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, reps)
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]):
+    """Sets environment variables for the block (the CUDA launchers read DECAFA_CUDA_BATCH_CHUNK per call)."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# The race
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
+    if not torch.cuda.is_available():
+        print("bench/head_floor.py needs a CUDA GPU: torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    return race(args, torch.device("cuda"), GPU_BACKENDS, deadline)
+
+
+def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...], deadline: float) -> int:
+    """Times every case on `device`; `racers` are the backends that may race (the tests run this on CPU)."""
+    from decafa_fast import benchmark as B
+    from decafa_fast import ops, reference
+
+    status = ops.backends()
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = [b for b in wanted if b in racers and status.get(b, "").startswith("available")]
+    for b in wanted:
+        if b not in backends:
+            print(f"backend {b!r} skipped: {status.get(b, 'not a GPU backend')}")
+    if not backends:
+        print(f"bench/head_floor.py: none of {wanted} is available", file=sys.stderr)
+        return 2
+
+    facts = B.device_facts()
+    name = facts.get("cuda_device", {}).get("name") if device.type == "cuda" else facts["cpu_model"]
+    bandwidth = B.copy_bandwidth(device)  # bytes/s, read + write
+    info = {"device": name, "copy_gbs": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            **B.device_snapshot(device), "machine": facts}
+    print(f"device {name}; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write); backends "
+          f"{', '.join(backends)}", flush=True)
+    if "triton" in backends:
+        from decafa_fast.triton import ops as tops
+
+        info["triton_tuning"] = dataclasses.asdict(tops.TUNING)
+
+    b, l, s, c, ci, mode = args.batch, args.maps, args.size, args.channels, args.image_channels, args.mode
+    fc = reference.fused_channels(mode, ci, c)
+    compiled_ref = None if args.no_compile else torch.compile(reference.decafa_head)
+    results = {"info": info, "shape": vars(args), "cases": [], "sweep": []}
+
+    def head(name: str) -> Callable:
+        """decafa_head on backend `name` (ops.* are plain functions for the references)."""
+        if name == "reference eager":
+            return lambda *a: reference.decafa_head(*a, mode=mode)
+        if name == "reference compile":
+            return lambda *a: compiled_ref(*a, mode=mode)
+
+        def run(*a):
+            before = ops.get_backend()
+            ops.set_backend(name)
+            try:
+                return ops.decafa_head(*a, mode=mode)
+            finally:
+                ops.set_backend(before)
+        return run
+
+    def record(dname: str, case: str, ms: float, floor_ms: float | None) -> None:
+        ratio = ms / floor_ms if floor_ms else None
+        results["cases"].append({"dtype": dname, "case": case, "ms": ms, "floor_ms": floor_ms, "x_floor": ratio})
+        print(f"{dname:9} {case:40} {ms * 1e3:10.1f} us" + (f"  {ratio:5.2f}x floor" if ratio else ""), flush=True)
+
+    def inputs(dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator(device=device).manual_seed(0)
+        return ((3 * torch.randn(batch, l, s, s, device=device, generator=g)).to(dtype),
+                torch.rand(batch, ci, s, s, device=device, generator=g).to(dtype),
+                torch.randn(batch, c, s, s, device=device, generator=g).to(dtype))
+
+    def floor_ms(tensors, batch: int, backward: bool) -> float:
+        dtype = tensors[0].dtype  # meta tensors: shapes and sizes only
+        outputs = [torch.empty(batch, l, 2, dtype=dtype, device="meta"),
+                   torch.empty(batch, fc, s, s, dtype=dtype, device="meta")]
+        return B.floor_bytes(tensors, outputs, backward, grad_inputs=tensors) / bandwidth * 1e3
+
+    dnames = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    floors = {}
+    for dname in dnames:
+        dtype = DTYPES[dname]
+        x = inputs(dtype, b)
+        fwd_floor, total_floor = floor_ms(x, b, False), floor_ms(x, b, True)
+        floors[dname] = fwd_floor
+        record(dname, "floor forward", fwd_floor, None)
+        record(dname, "floor forward+backward", total_floor, None)
+
+        # correctness at the timed shape, so that a wrong fast kernel cannot post a time
+        with torch.no_grad():
+            want = reference.decafa_head(*(t.float() for t in x), mode=mode)
+            for name in backends:
+                got = head(name)(*x)
+                errs = [rel_err(g_, w_) for g_, w_ in zip(got, want)]
+                limit = 1e-5 if dtype == torch.float32 else 1e-2
+                print(f"{dname:9} {name}: relative error vs the float32 reference z {errs[0]:.2e}, "
+                      f"fused {errs[1]:.2e}")
+                if max(errs) > limit:
+                    print(f"FAIL: {name} decafa_head differs from the reference (limit {limit})", file=sys.stderr)
+                    return 1
+
+        g = torch.Generator(device=device).manual_seed(1)
+        grads = (torch.randn(b, l, 2, device=device, generator=g).to(dtype),
+                 torch.randn(b, fc, s, s, device=device, generator=g).to(dtype))
+        leaves = [t.detach().clone().requires_grad_() for t in x]
+        variants = ["reference eager"] + (["reference compile"] if compiled_ref else []) + backends
+        for name in variants:
+            fn = head(name)
+
+            def fwd_bwd(fn=fn):
+                for t in leaves:
+                    t.grad = None
+                torch.autograd.backward(fn(*leaves), grads)
+
+            try:
+                with torch.no_grad():
+                    record(dname, f"{name} forward", time_ms(lambda: fn(*x), args.reps), fwd_floor)
+                    if name in backends:
+                        record(dname, f"{name} forward cuda graph", graph_time_ms(lambda: fn(*x), args.reps),
+                               fwd_floor)
+                record(dname, f"{name} forward+backward", time_ms(fwd_bwd, max(5, args.reps // 2)), total_floor)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{dname:9} {name}: out of memory")
+            torch.cuda.empty_cache()
+        if "cuda" in backends:  # the CUDA launcher splits big batches to keep T in L2; without the split:
+            with environment({"DECAFA_CUDA_BATCH_CHUNK": "1000000"}), torch.no_grad():
+                record(dname, "cuda forward, no batch chunks", time_ms(lambda: head("cuda")(*x), args.reps),
+                       fwd_floor)
+
+        # B = 1 latency (target 15 us): eager (Python + launches) and replayed from a CUDA graph (GPU time)
+        one = tuple(t[:1].clone() for t in x)
+        one_floor = floor_ms(one, 1, False)
+        for name in backends:
+            fn = head(name)
+            with torch.no_grad():
+                record(dname, f"{name} forward B=1 eager", time_ms(lambda: fn(*one), args.reps * 3, flush=False),
+                       one_floor)
+                record(dname, f"{name} forward B=1 cuda graph", graph_time_ms(lambda: fn(*one), args.reps * 3),
+                       one_floor)
+        torch.cuda.empty_cache()
+
+    print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
+    for r in results["cases"]:
+        print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {'%.2f' % r['x_floor'] if r['x_floor'] else ''} |")
+    write_json(args.json, results)
+    if args.sweep and "triton" in backends:
+        sweep_triton(args, deadline, results, floors, lambda dtype: inputs(dtype, b), head("triton"))
+    return 0
+
+
+def write_json(path: str | None, results: dict) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def sweep_triton(args, deadline: float, results: dict, floors: dict, inputs: Callable, head: Callable) -> None:
+    """The Triton forward under one-at-a-time TUNING changes, until `deadline` (time.monotonic())."""
+    from decafa_fast.triton import ops as tops
+
+    base = dataclasses.asdict(tops.TUNING)
+    for dname in (d.strip() for d in args.dtypes.split(",") if d.strip()):
+        x = inputs(DTYPES[dname])
+        for field, values in SWEEP.items():
+            for value in values:
+                if time.monotonic() > deadline:
+                    print(f"sweep stopped: --budget-s {args.budget_s} spent")
+                    write_json(args.json, results)
+                    return
+                setattr(tops.TUNING, field, value)
+                try:
+                    # chunks trade L2 hits for launches: time them from a CUDA graph too (GPU time only)
+                    for graph in (False, True) if field == "chunk_bytes" else (False,):
+                        with torch.no_grad():
+                            call = lambda: head(*x)  # noqa: E731
+                            ms = graph_time_ms(call, args.reps) if graph else time_ms(call, args.reps)
+                        results["sweep"].append({"dtype": dname, field: value, "graph": graph, "ms": ms,
+                                                 "x_floor": ms / floors[dname]})
+                        print(f"{dname:9} sweep {field}={value:<10} forward{' graph' if graph else '      '} "
+                              f"{ms * 1e3:9.1f} us  {ms / floors[dname]:5.2f}x floor", flush=True)
+                except Exception as exc:  # a variant that does not compile (e.g. too many registers)
+                    print(f"{dname:9} sweep {field}={value}: {type(exc).__name__}: {str(exc)[:200]}")
+                finally:
+                    setattr(tops.TUNING, field, base[field])
+        torch.cuda.empty_cache()
+    write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
