@@ -5,12 +5,15 @@ Options (also set by `decafa-fast bench`):
     --decafa-quick              a small subset (see bench/test_ops.py and bench/test_model.py)
     --decafa-full               also the slow cases skipped by default on CPU
     --decafa-backends a,b,...   only these backends (reference, compiled, kornia, cpp, triton, cuda)
+    --decafa-auto-table PATH    on a GPU, save the Triton-vs-CUDA races for the "auto" backend
+    --decafa-rows PATH          append each row to a JSON-lines file as it is measured
 
 Unlike tests/, nothing here sets TRITON_INTERPRET: the Triton interpreter is not a benchmark, so Triton
 cases run on a GPU only.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -26,6 +29,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--decafa-quick", action="store_true", help="a small subset of the benchmarks")
     group.addoption("--decafa-full", action="store_true", help="also the slow cases skipped by default on CPU")
     group.addoption("--decafa-backends", default=None, help="comma-separated backends to run (default: all)")
+    group.addoption("--decafa-auto-table", default=None, metavar="PATH",
+                    help="on a GPU, save which of Triton and CUDA won each case into this auto-backend table "
+                         "(decafa_fast/autotable.py; written after every case, so a cut-off run keeps its races)")
+    group.addoption("--decafa-rows", default=None, metavar="PATH",
+                    help="append every benchmark's row (extra_info and time) to this JSON-lines file as it ends")
     group.addoption("--decafa-no-summary", action="store_true",
                     help="do not print the speed-up tables at the end (decafa-fast bench prints its own)")
 
@@ -88,6 +96,25 @@ def bench_rows(pytestconfig: pytest.Config) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     pytestconfig._decafa_rows = rows
     return rows
+
+
+@pytest.fixture(scope="session")
+def record_row(pytestconfig: pytest.Config, bench_rows: list[dict[str, Any]], device: torch.device):
+    """Keeps one benchmark's row: for the closing tables, in --decafa-rows as a JSON line, and (a GPU race)
+    in --decafa-auto-table. Both files are written as each case ends, so a run cut off by a time limit
+    keeps what it measured (pytest-benchmark writes its JSON only at the very end)."""
+    rows_path = pytestconfig.getoption("--decafa-rows")
+    auto_table = pytestconfig.getoption("--decafa-auto-table")
+
+    def record(info: dict[str, Any]) -> None:
+        bench_rows.append(dict(info))
+        if rows_path:
+            with open(rows_path, "a") as fh:
+                fh.write(json.dumps(info, default=str) + "\n")
+        if auto_table and device.type == "cuda" and info.get("backend") in ("triton", "cuda"):
+            B.update_auto_table(auto_table, bench_rows, device)
+
+    return record
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -88,7 +88,7 @@ def model_config(size_name: str) -> "DeCaFAConfig":
     return DeCaFAConfig()
 
 
-def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_rounds, reference_times, bench_rows,
+def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_rounds, reference_times, record_row,
                use_backend, pytestconfig):
     if _MODEL_ERROR:
         pytest.skip(_MODEL_ERROR)
@@ -170,4 +170,4 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_round
             reference_times[("model", *mcase.key)] = t
         elif ("model", *mcase.key) in reference_times:
             info["speedup"] = reference_times[("model", *mcase.key)] / t
-        bench_rows.append(dict(info))
+        record_row(info)

@@ -377,6 +377,18 @@ def device_snapshot(device: torch.device) -> dict[str, Any]:
     return snap
 
 
+def update_auto_table(path: str | Path, rows: Sequence[dict[str, Any]], device: torch.device) -> int:
+    """Saves the Triton-vs-CUDA races among `rows` for this GPU into the auto-backend table at `path`
+    (decafa_fast/autotable.py); returns how many entries the rows gave (0: nothing raced, nothing written)."""
+    from . import autotable
+
+    entries = autotable.entries_from_rows(rows)
+    if entries:
+        name = torch.cuda.get_device_properties(device).name
+        autotable.save_entries(Path(path), name, entries, source="pytest " + " ".join(sys.argv[1:]))
+    return len(entries)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading results back: tables and plots
 # --------------------------------------------------------------------------------------------------
@@ -393,6 +405,15 @@ def load_rows(json_path: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
         info["name"] = bench.get("name")
         rows.append(info)
     return rows, data.get("machine_info", {})
+
+
+def load_results(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (and machine_info) of a pytest-benchmark JSON file, or of a --decafa-rows JSON-lines file
+    (rows only; what a run cut off before its end has kept)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {}
+    return load_rows(path)
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -535,27 +556,26 @@ def _machine_line(machine: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def summarize(json_path: str | Path, out_dir: str | Path) -> str:
-    """The readable summary of one run (markdown), written to out_dir/summary.md; plots beside it."""
-    rows, machine = load_rows(json_path)
-    out_dir = Path(out_dir)
-    text = [f"# decafa-fast bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-            _machine_line(machine), ""]
-    if any(r.get("suite") == "ops" for r in rows):
-        text += ["## Ops", "", format_op_table(rows), ""]
-        png = plot_rows([r for r in rows if r.get("suite") == "ops"], out_dir / "ops_time_vs_batch.png")
-        text += [f"plot: {png}", ""]
-    if any(r.get("suite") == "model" for r in rows):
-        text += ["## Model (DeCaFA)", "", format_model_table(rows), ""]
-        png = plot_rows([r for r in rows if r.get("suite") == "model"], out_dir / "model_time_vs_batch.png")
-        text += [f"plot: {png}", ""]
+def summarize(rows: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: str | Path | None) -> str:
+    """The readable summary of one run (markdown). With `out_dir`: also written to out_dir/summary.md,
+    with the plots beside it."""
+    text = [f"# decafa-fast bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    if machine:
+        text += [_machine_line(machine), ""]
+    for suite, title, table in (("ops", "Ops", format_op_table), ("model", "Model (DeCaFA)", format_model_table)):
+        suite_rows = [r for r in rows if r.get("suite") == suite]
+        if suite_rows:
+            text += [f"## {title}", "", table(rows), ""]
+            if out_dir is not None:
+                text += [f"plot: {plot_rows(suite_rows, Path(out_dir) / f'{suite}_time_vs_batch.png')}", ""]
     targets = format_targets(rows)
     if targets:
         text += ["## Targets", "", targets, ""]
     text += ["time: fastest round; speed-up: reference-eager time / this time, same run; "
              "% floor: (floor bytes / copy bandwidth) / time.", ""]
     summary = "\n".join(text)
-    (out_dir / "summary.md").write_text(summary)
+    if out_dir is not None:
+        (Path(out_dir) / "summary.md").write_text(summary)
     return summary
 
 
@@ -577,13 +597,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=["all", "ops", "model"], default="all", help="which suite(s) to run")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression to select benchmarks")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--auto-table", default=None,
+                        help="on a GPU, save the Triton-vs-CUDA races here for the 'auto' backend (default: "
+                             "decafa_fast.autotable.user_table_path(), which 'auto' reads at import)")
+    parser.add_argument("--no-auto-table", action="store_true", help="do not save the races for 'auto'")
+    parser.add_argument("--report", nargs="+", metavar="FILE", default=None,
+                        help="run nothing: print the tables of saved results (pytest-benchmark .json or the "
+                             ".jsonl rows that a run streams beside it)")
 
 
 def pytest_args(args: argparse.Namespace, json_path: Path) -> list[str]:
-    """The pytest command line that `decafa-fast bench` runs (also shown to the user)."""
+    """The pytest command line that `decafa-fast bench` runs (also shown to the user). Rows also go to a
+    JSON-lines file beside the JSON as they are measured, so that an interrupted run keeps them."""
     files = {"all": ["test_ops.py", "test_model.py"], "ops": ["test_ops.py"], "model": ["test_model.py"]}
     argv = [str(BENCH_DIR / f) for f in files[args.suite]]
-    argv += ["--benchmark-only", f"--benchmark-json={json_path}", "-q", "-p", "no:cacheprovider",
+    argv += ["--benchmark-only", f"--benchmark-json={json_path}", f"--decafa-rows={json_path.with_suffix('.jsonl')}",
+             "-q", "-p", "no:cacheprovider",
              "--benchmark-columns=min,median,rounds", "--benchmark-sort=name", f"--decafa-size={args.size}",
              "--decafa-no-summary"]
     if args.quick:
@@ -594,12 +623,24 @@ def pytest_args(args: argparse.Namespace, json_path: Path) -> list[str]:
         argv.append(f"--decafa-backends={args.backends}")
     if args.keyword:
         argv += ["-k", args.keyword]
+    if torch.cuda.is_available() and not args.no_auto_table:
+        from .autotable import user_table_path
+
+        argv.append(f"--decafa-auto-table={args.auto_table or user_table_path()}")
     return argv
 
 
 def run(args: argparse.Namespace) -> int:
     import pytest
 
+    if args.report:  # tables of saved results, nothing run
+        rows, machine = [], {}
+        for path in args.report:
+            more, info = load_results(path)
+            rows += more
+            machine = machine or info
+        print(summarize(rows, machine, None))
+        return 0 if rows else 1
     if not (BENCH_DIR / "test_ops.py").is_file():
         print(f"decafa-fast bench: the benchmark suite is not at {BENCH_DIR}; run it from a source checkout "
               "(pip install --no-build-isolation -e .)", file=sys.stderr)
@@ -615,11 +656,8 @@ def run(args: argparse.Namespace) -> int:
     if not json_path.is_file():
         print(f"decafa-fast bench: pytest exited with {code} and wrote no results", file=sys.stderr)
         return code or 1
-    if args.no_plot:
-        rows, machine = load_rows(json_path)
-        summary = "\n\n".join([_machine_line(machine), format_op_table(rows), format_model_table(rows)])
-    else:
-        summary = summarize(json_path, out)
+    rows, machine = load_rows(json_path)
+    summary = summarize(rows, machine, None if args.no_plot else out)
     print()
     print(summary)
     print(f"results: {json_path} ({elapsed:.0f} s)")

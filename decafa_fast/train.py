@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.markups import derive_from_wflw98, get_markup
+from .data.markups import derive_from_wflw98
 from .data.synthetic import ALL_MARKUPS, SyntheticFaces, collate_faces
 from .data.transforms import hflip_batch
 from .metrics import nme

@@ -113,6 +113,8 @@ def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
 
     (json_path,) = tmp_path.glob("bench-*.json")
     data = json.loads(json_path.read_text())
+    streamed = [json.loads(line) for line in json_path.with_suffix(".jsonl").read_text().splitlines()]
+    assert len(streamed) == len(data["benchmarks"]) > 0  # one JSON line per benchmark, written as it ended
     assert data["machine_info"]["decafa"]["copy_gbps"] > 0
     rows, _ = B.load_rows(json_path)
     op_rows = [r for r in rows if r["suite"] == "ops"]
@@ -130,3 +132,89 @@ def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
     assert (tmp_path / "summary.md").read_text().startswith("# decafa-fast bench")
     for name in ("ops_time_vs_batch.png", "model_time_vs_batch.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def _load_bench_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_head_floor_script_needs_a_gpu():
+    proc = subprocess.run([sys.executable, "bench/head_floor.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run for real")
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.skipif(not ops.backends()["triton"].startswith("available"), reason="Triton is not installed")
+def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
+    """bench/head_floor.py only runs on a GPU session, which is rare: run its logic (correctness gate, records,
+    sweep, JSON) here on CPU tensors with the Triton interpreter and cpp racing, timing stubbed out."""
+    script = _load_bench_script("head_floor")
+    calls = []
+
+    def fake_time(fn, reps, flush=True):
+        fn()
+        calls.append(reps)
+        return 2e-3
+
+    monkeypatch.setattr(script, "time_ms", fake_time)
+    monkeypatch.setattr(script, "graph_time_ms", fake_time)
+    monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "stats_block": [64]})
+    monkeypatch.setattr(B, "copy_bandwidth", lambda device: 1e10)
+    out = tmp_path / "race.json"
+    args = script.parse_args(["--batch", "2", "--maps", "3", "--size", "9", "--channels", "2", "--dtypes",
+                              "float32", "--no-compile", "--sweep", "--backends", "triton,cpp,cuda",
+                              "--json", str(out)])
+    assert script.race(args, torch.device("cpu"), ("triton", "cpp"), deadline=float("inf")) == 0
+    text = capsys.readouterr().out
+    assert "backend 'cuda' skipped" in text
+    data = json.loads(out.read_text())
+    cases = {c["case"]: c for c in data["cases"]}
+    for backend in ("triton", "cpp"):
+        for case in ("forward", "forward cuda graph", "forward+backward", "forward B=1 eager",
+                     "forward B=1 cuda graph"):
+            assert cases[f"{backend} {case}"]["ms"] == 2e-3
+    assert "reference eager forward" in cases and "reference compile forward" not in cases
+    # floor: (T + I + E + F + z) float32 bytes / 1e10 B/s, in ms
+    b, l, s, c, fc = 2, 3, 9, 2, 1 + 1 + 2 + 2
+    floor = (b * l * s * s + b * s * s + b * c * s * s + b * fc * s * s + b * l * 2) * 4 / 1e10 * 1e3
+    assert cases["floor forward"]["ms"] == pytest.approx(floor)
+    assert cases["triton forward"]["x_floor"] == pytest.approx(2e-3 / floor)
+    assert [(r["dtype"], r.get("fuse_warps"), r.get("stats_block")) for r in data["sweep"]] == [
+        ("float32", 2, None), ("float32", None, 64)]
+    from decafa_fast.triton import ops as tops
+
+    assert tops.TUNING.fuse_warps == data["info"]["triton_tuning"]["fuse_warps"]  # sweep restores TUNING
+
+
+def test_gpu_check_script_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh refuses to run without a GPU; with GPU_CHECK_ALLOW_CPU=1 and no time left for any
+    step it still writes the report (steps table, and the tables of rows already in OUTDIR/rows.jsonl)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "refused")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stderr
+
+    out = tmp_path / "out"
+    out.mkdir()
+    row = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, gbps=1.0, floor_pct=5.0, peak_bytes=2**20,
+               **{"pass": "fwd"})
+    (out / "rows.jsonl").write_text(json.dumps(dict(row, backend="reference", time_s=0.3)) + "\n"
+                                    + json.dumps(dict(row, backend="cpp", time_s=0.1, speedup=3.0)) + "\n")
+    env.update(GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_BUDGET_S="20")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # no step ran: that is a failed check
+    report = (out / "report.md").read_text()
+    for step in ("install", "tests", "head_floor", "bench_ops", "bench_model"):
+        assert f"| {step} | skipped: out of time |" in report
+    assert "| decafa_head | fwd  | float32 | 8 | cpp       |" in report and "3.00x" in report
+    assert (out / "steps.log").is_file()
