@@ -236,6 +236,27 @@ def test_compile_fullgraph(compiler):
 # --------------------------------------------------------------------------------------------------
 # Layouts, determinism, special inputs
 # --------------------------------------------------------------------------------------------------
+def test_bfloat16_outputs_round_to_nearest_even_like_torch(backend):
+    """F2 = I * M is exact in float32 for bfloat16 inputs, so the stored output must equal torch's rounding bit
+    for bit: ties to even, overflow to inf, NaN stays NaN (the CPU store is a hand-written branch-free form)."""
+    if interpreted(backend):
+        pytest.skip("the Triton interpreter has no bfloat16")
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(3)
+    image = (torch.randn(1, 1, 256, 400, generator=g) * 4).to(torch.bfloat16)
+    mask = (torch.randn(1, 1, 256, 400, generator=g) * 4).to(torch.bfloat16)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.3895e38, -3.3895e38, 1e-40])
+    image[0, 0, 0, : special.numel()] = special.to(torch.bfloat16)
+    mask[0, 0, 0, : special.numel()] = 2.0  # doubling the largest bfloat16 overflows to inf
+    mask[0, 0, 1, :3] = float("nan")
+    fused = ops.fuse(image.to(device), torch.zeros_like(image).to(device), mask.to(device), "F2").cpu()
+    expected = (image.float() * mask.float()).to(torch.bfloat16)
+    ties = ((image.float() * mask.float()).view(torch.int32) & 0xFFFF) == 0x8000
+    assert ties.sum() > 50  # the rounding of exact ties is exercised
+    same = (fused.view(torch.int16) == expected.view(torch.int16)) | (fused.isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} bfloat16 values differ from torch's rounding"
+
+
 def test_channels_last_inputs(backend):
     device = backend_device(backend)
     t, i, e = make_inputs(2, 4, 6, 7, c=3, device=device)

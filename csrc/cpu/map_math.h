@@ -10,7 +10,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
 
 namespace decafa {
 namespace cpu {
@@ -52,6 +55,21 @@ DECAFA_INLINE float vexp(float x) {
 }
 DECAFA_INLINE double vexp(double x) { return std::exp(x); }
 
+// acc_t -> storage dtype. c10's float-to-bfloat16 rounds with a NaN branch that keeps GCC from vectorising
+// the store loops; bfloat16 takes the same rounding (to nearest even, NaN -> quiet NaN) written as a select.
+template <typename scalar_t, typename acc_t>
+DECAFA_INLINE scalar_t to_storage(acc_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+    return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(v);
+  }
+}
+
 // Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised. Kept as a
 // table so that the moment loops read coordinates instead of converting int64 indices (which does not
 // vectorise before AVX-512).
@@ -79,7 +97,7 @@ DECAFA_KERNEL acc_t load_scaled_max(const scalar_t* src, int64_t n, acc_t beta, 
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL void store_scaled(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(scale * src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<scalar_t>(scale * src[i]);
 }
 
 template <typename acc_t>
@@ -163,7 +181,7 @@ DECAFA_KERNEL void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw,
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
 #pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) grad_t[i] = static_cast<scalar_t>(beta * phi[i] * (static_cast<acc_t>(g[i]) - s));
+  for (int64_t i = 0; i < hw; ++i) grad_t[i] = to_storage<scalar_t>(beta * phi[i] * (static_cast<acc_t>(g[i]) - s));
 }
 
 // Gradient of one map's logits given its Phi, for a scalar loss depending on z and on M:
@@ -192,11 +210,11 @@ DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t b
     if (gm != nullptr) {
 #pragma omp simd
       for (int64_t col = 0; col < W; ++col)
-        out[col] = static_cast<scalar_t>(beta * p[col] * (gm[col] + gx * xs[col] + row_term));
+        out[col] = to_storage<scalar_t>(beta * p[col] * (gm[col] + gx * xs[col] + row_term));
     } else {
 #pragma omp simd
       for (int64_t col = 0; col < W; ++col)
-        out[col] = static_cast<scalar_t>(beta * p[col] * (gx * xs[col] + row_term));
+        out[col] = to_storage<scalar_t>(beta * p[col] * (gx * xs[col] + row_term));
     }
   }
 }
@@ -256,7 +274,7 @@ DECAFA_KERNEL void fuse_tile(const FusionLayout& layout, const scalar_t* image_b
       scalar_t* out = out_b + (seg.first_channel + c) * hw + p0;
       if (seg.masked) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
+        for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
       } else {
         std::memcpy(out, in, n * sizeof(scalar_t));
       }
@@ -298,7 +316,7 @@ DECAFA_KERNEL void fuse_tile_backward(const FusionLayout& layout, const scalar_t
       if (grad_src != nullptr) {
         scalar_t* out = grad_src + c * hw + p0;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(scratch[i]);
+        for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(scratch[i]);
       }
     }
   }
