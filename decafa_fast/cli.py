@@ -33,6 +33,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"backend: {ops.get_backend()}")
     for name, status in ops.backends().items():
         print(f"  {name:<10} {status}")
+    from .autotable import SHIPPED, user_table_path
+
+    measured = ", ".join(sorted(ops._AUTO_TABLES)) or "none"
+    print(f"auto on CUDA: measured Triton-vs-CUDA races for GPU(s): {measured} (tables: {SHIPPED}, "
+          f"{user_table_path()}); otherwise the first available of {ops.AUTO_CUDA_PREFERENCE}")
     return 0
 
 

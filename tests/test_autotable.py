@@ -176,6 +176,9 @@ def test_import_reads_the_user_table_and_survives_a_broken_one(tmp_path):
     proc = _import_ops_with({"DECAFA_AUTO_TABLE": str(good)})
     assert proc.returncode == 0, proc.stderr
     assert "['G'] [('fuse', 'float32', 'fwd')]" in proc.stdout
+    info = subprocess.run([sys.executable, "-m", "decafa_fast.cli", "info"], capture_output=True, text=True,
+                          env=dict(os.environ, DECAFA_AUTO_TABLE=str(good)), timeout=120)
+    assert "races for GPU(s): G " in info.stdout, info.stdout + info.stderr
     broken = tmp_path / "broken.json"
     broken.write_text("[]")
     proc = _import_ops_with({"DECAFA_AUTO_TABLE": str(broken)})
