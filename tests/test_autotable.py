@@ -184,3 +184,20 @@ def test_import_reads_the_user_table_and_survives_a_broken_one(tmp_path):
     proc = _import_ops_with({"DECAFA_AUTO_TABLE": str(broken)})
     assert proc.returncode == 0, proc.stderr
     assert "ignoring the auto-backend table" in proc.stderr
+
+
+def test_benchmark_rows_update_the_table_for_this_gpu(tmp_path, monkeypatch):
+    """What bench/conftest.py does after each GPU case: the races among the rows so far go into the table."""
+    from types import SimpleNamespace
+
+    from decafa_fast import benchmark as B
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name="Fake H100"))
+    path = tmp_path / "auto.json"
+    rows = [_row("decafa_head", "fwd", "bfloat16", 64, "triton", 3e-4)]
+    assert B.update_auto_table(path, rows, torch.device("cuda")) == 0 and not path.exists()  # no race yet
+    rows.append(_row("decafa_head", "fwd", "bfloat16", 64, "cuda", 2e-4))
+    assert B.update_auto_table(path, rows, torch.device("cuda")) == 1
+    index = autotable.load_index([path])
+    assert autotable.choose(index["Fake H100"], "decafa_head", "fwd", "bfloat16", 64) == "cuda"
+    assert autotable.read_table(path)["devices"]["Fake H100"]["source"].startswith("pytest")
