@@ -201,3 +201,15 @@ def test_benchmark_rows_update_the_table_for_this_gpu(tmp_path, monkeypatch):
     index = autotable.load_index([path])
     assert autotable.choose(index["Fake H100"], "decafa_head", "fwd", "bfloat16", 64) == "cuda"
     assert autotable.read_table(path)["devices"]["Fake H100"]["source"].startswith("pytest")
+
+
+def test_auto_choice_traces_under_torch_compile_fullgraph(fake_gpu):
+    """ops._auto_cuda runs inside torch.compile'd models: the lookup must trace without a graph break and
+    follow the batch size (CPU tensors have device index None, named "Fake GPU" by the fixture)."""
+    def pick(x):
+        return x * (1.0 if ops._auto_cuda("decafa_head", (x,)) == "cuda" else 2.0)
+
+    compiled = torch.compile(pick, fullgraph=True, dynamic=True, backend="eager")
+    for batch, factor in ((1, 1.0), (8, 2.0), (64, 1.0), (9, 2.0)):
+        x = torch.ones(batch, 3)
+        torch.testing.assert_close(compiled(x), x * factor)
