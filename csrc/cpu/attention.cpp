@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "map_math.h"
@@ -36,29 +37,66 @@ at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_t
   return grad->to(acc_type(logits_type)).contiguous();
 }
 
+// Tasks the mask pass aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at most L), each
+// summing its Phi into its own partial mask. A function of the shape alone, so that the summation order, and
+// so the result, does not depend on the thread count.
+constexpr int64_t kMaskTasks = 64;
+
 void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
-                    at::Tensor* phi) {
+                    at::Tensor* phi, at::Tensor* mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
+  const int64_t runs = mask == nullptr ? 1 : std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, L);
+  at::Tensor partial;  // (B, runs, hw) partial masks; the mask itself when there is one run per image
+  if (mask != nullptr) partial = runs == 1 ? *mask : at::empty({B, runs, hw}, mask->options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_map_statistics", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
     scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
+    acc_t* partial_p = mask != nullptr ? partial.data_ptr<acc_t>() : nullptr;
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> a(hw);
-      for (int64_t map = begin; map < end; ++map) {
-        const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a.data());
-        const MapStats<acc_t> st = exp_sums(a.data(), m, H, W, z_p != nullptr, xs.data(), ys.data());
+    // maps [first, last), all of one image when mask_acc is given
+    auto maps = [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
+      for (int64_t map = first; map < last; ++map) {
+        const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a);
+        const MapStats<acc_t> st = exp_sums(a, m, H, W, z_p != nullptr, xs.data(), ys.data());
         lse_p[map] = st.lse;
         if (z_p != nullptr) {
-          z_p[2 * map] = static_cast<scalar_t>(st.zx);
-          z_p[2 * map + 1] = static_cast<scalar_t>(st.zy);
+          z_p[2 * map] = to_storage<scalar_t>(st.zx);
+          z_p[2 * map + 1] = to_storage<scalar_t>(st.zy);
         }
-        if (phi_p != nullptr) store_scaled(a.data(), hw, std::exp(m - st.lse), phi_p + map * hw);
+        const acc_t scale = std::exp(m - st.lse);  // Phi = a * scale
+        if (phi_p != nullptr) store_scaled(a, hw, scale, phi_p + map * hw);
+        if (mask_acc != nullptr) accumulate_scaled(a, hw, scale, mask_acc);
+      }
+    };
+    if (partial_p == nullptr) {
+      at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> a(hw);
+        maps(begin, end, a.data(), nullptr);
+      });
+      return;
+    }
+    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> a(hw);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / runs, run = task % runs;
+        acc_t* acc = partial_p + task * hw;
+        std::fill(acc, acc + hw, acc_t(0));
+        maps(b * L + run * L / runs, b * L + (run + 1) * L / runs, a.data(), acc);
       }
     });
+    if (runs > 1) {  // M = sum of the partial masks, in run order
+      acc_t* m_p = mask->data_ptr<acc_t>();
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          acc_t* out = m_p + b * hw;
+          std::copy(partial_p + b * runs * hw, partial_p + b * runs * hw + hw, out);
+          for (int64_t run = 1; run < runs; ++run) accumulate_scaled(partial_p + (b * runs + run) * hw, hw, acc_t(1), out);
+        }
+      });
+    }
   });
 }
 
@@ -89,26 +127,6 @@ at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, doub
 }
 
 namespace {
-
-// Writes M (B, 1, H, W) from contiguous logits and their lse.
-void summed_mask(const at::Tensor& logits, const at::Tensor& lse, double beta, at::Tensor& mask) {
-  const int64_t B = logits.size(0), L = logits.size(1), hw = logits.size(2) * logits.size(3);
-  const int64_t tiles = (hw + kPixelTile - 1) / kPixelTile;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_summed_mask", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* t = logits.const_data_ptr<scalar_t>();
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
-    scalar_t* m = mask.data_ptr<scalar_t>();
-    at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(kPixelTile);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
-        mask_tile(t + b * L * hw, lse_p + b * L, L, hw, p0, n, static_cast<acc_t>(beta), acc.data());
-        store_scaled(acc.data(), n, acc_t(1), m + b * hw + p0);
-      }
-    });
-  });
-}
 
 std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, double beta) {
   check_logits(logits_in, "spatial_softmax");
@@ -154,8 +172,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
   at::Tensor lse = empty_lse(logits);
   at::Tensor z = want_z ? at::empty({B, L, 2}, logits.options()) : at::Tensor();
   at::Tensor mask = want_mask ? at::empty({B, 1, H, W}, logits.options()) : at::Tensor();
-  map_statistics(logits, beta, normalized, lse, want_z ? &z : nullptr, nullptr);
-  if (want_mask) summed_mask(logits, lse, beta, mask);
+  // M is summed in the accumulation dtype: straight into `mask` when that is the output dtype too
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  at::Tensor mask_acc;
+  if (want_mask) mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : at::empty({B, H * W}, mask.options().dtype(acc));
+  map_statistics(logits, beta, normalized, lse, want_z ? &z : nullptr, nullptr, want_mask ? &mask_acc : nullptr);
+  if (want_mask && acc != logits.scalar_type()) mask.view({B, H * W}).copy_(mask_acc);
   return {z, mask, lse};
 }
 

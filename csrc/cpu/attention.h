@@ -18,9 +18,10 @@ at::Tensor empty_lse(const at::Tensor& logits);
 at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type);
 
 // Per-(b, l) statistics of contiguous logits (B, L, H, W) in one pass over each map: fills lse (B, L), and,
-// when defined, z (B, L, 2) and phi (B, L, H, W).
+// when given, z (B, L, 2), phi (B, L, H, W) and mask, M = sum_l Phi_l as a contiguous (B, H*W) tensor of the
+// accumulation dtype (summed from the same exp values, so M costs no second exp per pixel).
 void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
-                    at::Tensor* phi);
+                    at::Tensor* phi, at::Tensor* mask = nullptr);
 
 // Gradient of contiguous logits for a loss depending on z and M = sum_l Phi_l, recomputing Phi from lse.
 // grad_z (B, L, 2) and grad_mask (B, 1, H, W) are contiguous in the accumulation dtype, or undefined.

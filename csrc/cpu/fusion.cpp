@@ -1,6 +1,6 @@
 // CPU implementations of the fusion ops: fuse (F1-F5 from a given mask), its backward, and the fused head
-// decafa_head (statistics per map, then per pixel tile: M recomputed on the fly and the fusion channels
-// written directly, so neither Phi nor M is ever stored) with its backward.
+// decafa_head (statistics per map, summing M on the side; then per pixel tile the fusion channels written
+// directly; Phi is never stored) with its backward (M recomputed per pixel tile from the saved lse).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -143,11 +143,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head(const at::Tensor& log
   at::Tensor lse = empty_lse(logits);
   at::Tensor z = at::empty({B, L, 2}, logits.options());
   at::Tensor out = empty_fused(logits, layout);
-  map_statistics(logits, beta, normalized, lse, &z, nullptr);
+  // M (B, H*W) in the accumulation dtype, summed during the statistics pass: 1/L of the logits' size
+  at::Tensor mask = at::empty({B, hw}, logits.options().dtype(acc_type(logits.scalar_type())));
+  map_statistics(logits, beta, normalized, lse, &z, nullptr, &mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    write_fusion<scalar_t>(image, embedding, layout, out,
-                 recomputed_mask(logits.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), L, hw, beta));
+    write_fusion<scalar_t>(image, embedding, layout, out, given_mask<acc_t>(mask.const_data_ptr<acc_t>(), hw));
   });
   return {z, out, lse};
 }
