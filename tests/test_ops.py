@@ -100,6 +100,25 @@ def test_values_and_gradients_match_reference(backend, normalized):
                 assert_matches(leaf.grad, expected.to(dtype), dtype, f"{what} grad {name}")
 
 
+@pytest.mark.parametrize("used", ["z", "fused"])
+@pytest.mark.parametrize("mode", ["F1", "F5"])
+def test_head_gradients_when_one_output_is_used(backend, used, mode):
+    """The head's backward gets None for the unused output (F1 has no masked channel at all)."""
+    device = backend_device(backend)
+    inputs = make_inputs(2, 5, 9, 11, ci=2, c=3, device=device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    for impl, xs in ((ops, leaves), (reference, ref_leaves)):
+        z, fused = impl.decafa_head(*xs, mode, 1.3, False)
+        out = z if used == "z" else fused
+        w = torch.linspace(-1, 2, out.numel(), device=device).reshape(out.shape)
+        (w * out).sum().backward()
+    for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
+        expected = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)
+        got = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        assert_matches(got, expected, torch.float32, f"{backend} {mode} loss on {used}: grad {name}")
+
+
 def test_float32_gradients_tight(backend):
     """fp32 gradients of each op alone match the reference to 1e-5 (relative to the gradient's scale)."""
     device = backend_device(backend)

@@ -37,27 +37,59 @@ at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_t
   return grad->to(acc_type(logits_type)).contiguous();
 }
 
-// Tasks the mask pass aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at most L), each
-// summing its Phi into its own partial mask. A function of the shape alone, so that the summation order, and
-// so the result, does not depend on the thread count.
+// Tasks a pass that sums a mask aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at
+// most L), each summing its Phi into its own partial mask. A function of the shape alone, so that the
+// summation order, and so the result, does not depend on the thread count.
 constexpr int64_t kMaskTasks = 64;
+
+// Calls maps(first, last, scratch, mask_acc) over every map of B images of L maps, in parallel, each call
+// on a run of maps with `scratch` (hw values) to itself. Without `mask`, mask_acc is null. With `mask`
+// (contiguous (B, hw) in acc_t), each run lies in one image and gets its own zeroed partial mask as
+// mask_acc; the partials are then added into `mask` in run order.
+template <typename acc_t, typename Maps>
+void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps) {
+  if (mask == nullptr) {
+    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(hw);
+      maps(begin, end, scratch.data(), nullptr);
+    });
+    return;
+  }
+  const int64_t runs = std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, L);
+  // (B, runs, hw) partial masks; the mask itself when there is one run per image
+  at::Tensor partial = runs == 1 ? *mask : at::empty({B, runs, hw}, mask->options());
+  acc_t* partial_p = partial.data_ptr<acc_t>();
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(hw);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, run = task % runs;
+      acc_t* acc = partial_p + task * hw;
+      std::fill(acc, acc + hw, acc_t(0));
+      maps(b * L + run * L / runs, b * L + (run + 1) * L / runs, scratch.data(), acc);
+    }
+  });
+  if (runs == 1) return;
+  acc_t* m_p = mask->data_ptr<acc_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const acc_t* first = partial_p + b * runs * hw;
+      std::copy(first, first + hw, m_p + b * hw);
+      for (int64_t run = 1; run < runs; ++run) accumulate_scaled(first + run * hw, hw, acc_t(1), m_p + b * hw);
+    }
+  });
+}
 
 void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
                     at::Tensor* phi, at::Tensor* mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
-  const int64_t runs = mask == nullptr ? 1 : std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, L);
-  at::Tensor partial;  // (B, runs, hw) partial masks; the mask itself when there is one run per image
-  if (mask != nullptr) partial = runs == 1 ? *mask : at::empty({B, runs, hw}, mask->options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_map_statistics", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
     acc_t* lse_p = lse.data_ptr<acc_t>();
     scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
-    acc_t* partial_p = mask != nullptr ? partial.data_ptr<acc_t>() : nullptr;
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    // maps [first, last), all of one image when mask_acc is given
-    auto maps = [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
+    for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
       for (int64_t map = first; map < last; ++map) {
         const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a);
         const MapStats<acc_t> st = exp_sums(a, m, H, W, z_p != nullptr, xs.data(), ys.data());
@@ -70,41 +102,14 @@ void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::
         if (phi_p != nullptr) store_scaled(a, hw, scale, phi_p + map * hw);
         if (mask_acc != nullptr) accumulate_scaled(a, hw, scale, mask_acc);
       }
-    };
-    if (partial_p == nullptr) {
-      at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> a(hw);
-        maps(begin, end, a.data(), nullptr);
-      });
-      return;
-    }
-    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> a(hw);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / runs, run = task % runs;
-        acc_t* acc = partial_p + task * hw;
-        std::fill(acc, acc + hw, acc_t(0));
-        maps(b * L + run * L / runs, b * L + (run + 1) * L / runs, a.data(), acc);
-      }
     });
-    if (runs > 1) {  // M = sum of the partial masks, in run order
-      acc_t* m_p = mask->data_ptr<acc_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          acc_t* out = m_p + b * hw;
-          std::copy(partial_p + b * runs * hw, partial_p + b * runs * hw + hw, out);
-          for (int64_t run = 1; run < runs; ++run) accumulate_scaled(partial_p + (b * runs + run) * hw, hw, acc_t(1), out);
-        }
-      });
-    }
   });
 }
 
 at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, double beta, bool normalized,
-                           const at::Tensor& grad_z, const at::Tensor& grad_mask) {
+                           const at::Tensor& grad_z, const at::Tensor& grad_mask, at::Tensor* mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  if (grad.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_logits_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
@@ -113,13 +118,13 @@ at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, doub
     const acc_t* gm = grad_mask.defined() ? grad_mask.const_data_ptr<acc_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> phi(hw);
-      for (int64_t map = begin; map < end; ++map) {
+    for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* phi, acc_t* mask_acc) {
+      for (int64_t map = first; map < last; ++map) {
         const int64_t b = map / L;
-        recompute_phi(t + map * hw, hw, static_cast<acc_t>(beta), lse_p[map], phi.data());
-        landmark_grad(phi.data(), H, W, static_cast<acc_t>(beta), xs.data(), ys.data(), gz != nullptr ? gz + 2 * map : nullptr,
+        recompute_phi(t + map * hw, hw, static_cast<acc_t>(beta), lse_p[map], phi);
+        landmark_grad(phi, H, W, static_cast<acc_t>(beta), xs.data(), ys.data(), gz != nullptr ? gz + 2 * map : nullptr,
                       gm != nullptr ? gm + b * hw : nullptr, out + map * hw);
+        if (mask_acc != nullptr) accumulate_scaled(phi, hw, acc_t(1), mask_acc);
       }
     });
   });

@@ -24,9 +24,10 @@ void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::
                     at::Tensor* phi, at::Tensor* mask = nullptr);
 
 // Gradient of contiguous logits for a loss depending on z and M = sum_l Phi_l, recomputing Phi from lse.
-// grad_z (B, L, 2) and grad_mask (B, 1, H, W) are contiguous in the accumulation dtype, or undefined.
+// grad_z (B, L, 2) and grad_mask (B, 1, H, W) are contiguous in the accumulation dtype, or undefined. When
+// `mask` is given (contiguous (B, H*W), accumulation dtype), M is summed into it from the recomputed Phi.
 at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, double beta, bool normalized,
-                           const at::Tensor& grad_z, const at::Tensor& grad_mask);
+                           const at::Tensor& grad_z, const at::Tensor& grad_mask, at::Tensor* mask = nullptr);
 
 // Number of pixels one parallel task of a per-pixel-tile pass covers.
 constexpr int64_t kPixelTile = 2048;

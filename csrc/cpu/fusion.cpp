@@ -45,34 +45,35 @@ void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const Fu
   }
 }
 
-// Per pixel tile: gradients of image and embedding, and the mask gradient in the accumulation dtype.
-// Called inside a dtype dispatch.
-template <typename scalar_t, typename MaskOf>
+// Per pixel tile: the mask gradient in the accumulation dtype (grad_mask, when defined) and the gradients of
+// image and embedding (grad_image and grad_embedding, when defined; they need `mask`, (B, H*W) in the
+// accumulation dtype). Called inside a dtype dispatch.
+template <typename scalar_t>
 void fusion_gradients(const at::Tensor& grad, const at::Tensor& image, const at::Tensor& embedding,
                       const FusionLayout& layout, at::Tensor& grad_image, at::Tensor& grad_embedding,
-                      at::Tensor& grad_mask, MaskOf mask_of) {
+                      at::Tensor& grad_mask, const at::Tensor& mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = image.size(0), ci = image.size(1), ce = embedding.size(1);
   const int64_t hw = image.size(2) * image.size(3), tiles = (hw + kPixelTile - 1) / kPixelTile;
-  if (B == 0 || hw == 0) return;
-  {
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const scalar_t* img = image.const_data_ptr<scalar_t>();
-    const scalar_t* emb = embedding.const_data_ptr<scalar_t>();
-    scalar_t* gi = grad_image.data_ptr<scalar_t>();
-    scalar_t* ge = grad_embedding.data_ptr<scalar_t>();
-    acc_t* gm = grad_mask.data_ptr<acc_t>();
-    at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> mask(kPixelTile), scratch(kPixelTile);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
-        mask_of(b, p0, n, mask.data());
-        fuse_tile_backward(layout, g + b * layout.channels * hw, img + b * ci * hw, ci, emb + b * ce * hw, ce,
-                           mask.data(), hw, p0, n, gi + b * ci * hw, ge + b * ce * hw, gm + b * hw + p0,
-                           scratch.data());
-      }
-    });
-  }
+  if (B == 0) return;
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* img = image.const_data_ptr<scalar_t>();
+  const scalar_t* emb = embedding.const_data_ptr<scalar_t>();
+  scalar_t* gi = grad_image.defined() ? grad_image.data_ptr<scalar_t>() : nullptr;
+  scalar_t* ge = grad_embedding.defined() ? grad_embedding.data_ptr<scalar_t>() : nullptr;
+  acc_t* gm = grad_mask.defined() ? grad_mask.data_ptr<acc_t>() : nullptr;
+  const acc_t* m = mask.defined() ? mask.const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kPixelTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
+      const scalar_t* g_b = g + b * layout.channels * hw;
+      if (gm != nullptr) fuse_tile_mask_grad(layout, g_b, img + b * ci * hw, ci, emb + b * ce * hw, ce, hw, p0, n, gm + b * hw + p0);
+      if (gi != nullptr || ge != nullptr)
+        fuse_tile_source_grads(layout, g_b, ci, ce, m + b * hw + p0, hw, p0, n, gi != nullptr ? gi + b * ci * hw : nullptr,
+                               ge != nullptr ? ge + b * ce * hw : nullptr, scratch.data());
+    }
+  });
 }
 
 void check_mode(int64_t mode) { TORCH_CHECK(mode >= 1 && mode <= 5, "mode must be 1..5 (F1..F5), got ", mode); }
@@ -107,21 +108,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
   at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
-  const int64_t hw = image.size(2) * image.size(3);
+  const at::Tensor mask_acc = mask.to(grad_mask.scalar_type()).view({image.size(0), -1});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "decafa_fuse_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask,
-                     given_mask<acc_t>(mask.const_data_ptr<scalar_t>(), hw));
+    fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask_acc);
   });
   return {grad_image, grad_embedding, grad_mask.to(mask.scalar_type())};
-}
-
-// Recomputes a tile of M = sum_l exp(beta * T - lse) from contiguous logits.
-template <typename acc_t, typename scalar_t>
-auto recomputed_mask(const scalar_t* logits, const acc_t* lse, int64_t L, int64_t hw, double beta) {
-  return [=](int64_t b, int64_t p0, int64_t n, acc_t* out) {
-    mask_tile(logits + b * L * hw, lse + b * L, L, hw, p0, n, static_cast<acc_t>(beta), out);
-  };
 }
 
 void check_head(const at::Tensor& logits, const at::Tensor& image, const at::Tensor& embedding, int64_t mode) {
@@ -160,26 +151,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
   check_head(logits_in, image_in, embedding_in, mode);
   const at::Tensor logits = logits_in.contiguous(), image = image_in.contiguous(),
                    embedding = embedding_in.contiguous(), lse = lse_in.contiguous();
-  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
+  const int64_t B = logits.size(0), H = logits.size(2), W = logits.size(3), hw = H * W;
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
   const at::ScalarType acc = acc_type(logits.scalar_type());
-  at::Tensor grad_image, grad_embedding, grad_mask;
-  if (grad_fused.has_value() && grad_fused->defined()) {
-    const at::Tensor grad = grad_fused->contiguous();
-    grad_image = at::empty_like(image);
-    grad_embedding = at::empty_like(embedding);
-    grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask,
-                       recomputed_mask(logits.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(), L, hw, beta));
-    });
-  } else {
-    grad_image = at::zeros_like(image);
-    grad_embedding = at::zeros_like(embedding);
+  const at::Tensor gz = as_acc(grad_z, logits.scalar_type());
+  if (!grad_fused.has_value() || !grad_fused->defined()) {
+    return {logits_gradient(logits, lse, beta, normalized, gz, at::Tensor()), at::zeros_like(image),
+            at::zeros_like(embedding)};
   }
-  at::Tensor grad_logits =
-      logits_gradient(logits, lse, beta, normalized, as_acc(grad_z, logits.scalar_type()), grad_mask);
+  // The mask gradient does not depend on M, so: (1) grad_mask per pixel tile; (2) per map, the logits
+  // gradient from the recomputed Phi, summing M from the same Phi; (3) per pixel tile, the image and
+  // embedding gradients with that M. One exp per logit in all, and nothing of size B*L*H*W saved.
+  const at::Tensor grad = grad_fused->contiguous();
+  at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
+  at::Tensor grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc)), mask = at::empty({B, hw}, grad_mask.options());
+  at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
+    fusion_gradients<scalar_t>(grad, image, embedding, layout, none, none, grad_mask, none);
+  });
+  at::Tensor grad_logits = logits_gradient(logits, lse, beta, normalized, gz, grad_mask, &mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
+    fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, none, mask);
+  });
   return {grad_logits, grad_image, grad_embedding};
 }
 

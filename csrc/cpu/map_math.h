@@ -226,19 +226,6 @@ DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t b
   }
 }
 
-// M over pixels [p0, p0 + n) of image b: mask[i] = sum_l exp(beta * T[b, l, p0 + i] - lse[b, l]).
-template <typename scalar_t, typename acc_t, typename lse_t>
-DECAFA_KERNEL void mask_tile(const scalar_t* t_b, const lse_t* lse_b, int64_t L, int64_t hw, int64_t p0, int64_t n,
-                      acc_t beta, acc_t* mask) {
-  for (int64_t i = 0; i < n; ++i) mask[i] = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const scalar_t* t = t_b + l * hw + p0;
-    const acc_t lse = static_cast<acc_t>(lse_b[l]);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) mask[i] += vexp(beta * static_cast<acc_t>(t[i]) - lse);
-  }
-}
-
 // The fusion layout: which source (image or embedding) each block of output channels copies, and whether it
 // is multiplied by the mask. F1 = E; F2 = I*M; F3 = I|I*M; F4 = I|I*M|E*M; F5 = I|I*M|E|E*M.
 struct Segment {
@@ -289,42 +276,54 @@ DECAFA_KERNEL void fuse_tile(const FusionLayout& layout, const scalar_t* image_b
   }
 }
 
-// Backward of fuse_tile: gradients of the image and embedding pixels [p0, p0 + n) (either may be null when
-// not wanted) and the gradient of the mask, accumulated in acc_t into grad_mask[0..n).
+// Backward of fuse_tile, part 1: the gradient of the mask over pixels [p0, p0 + n) of one image, in acc_t:
+// grad_mask[i] = sum over the masked channels of grad * source. It does not need the mask itself.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_backward(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
-                               int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask, int64_t hw,
-                               int64_t p0, int64_t n, scalar_t* grad_image_b, scalar_t* grad_embedding_b,
-                               acc_t* grad_mask, acc_t* scratch) {
+DECAFA_KERNEL void fuse_tile_mask_grad(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
+                                       int64_t ci, const scalar_t* embedding_b, int64_t ce, int64_t hw, int64_t p0,
+                                       int64_t n, acc_t* grad_mask) {
   for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
+  for (int s = 0; s < layout.count; ++s) {
+    const Segment& seg = layout.segments[s];
+    if (!seg.masked) continue;
+    const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
+    const int64_t channels = seg.from_embedding ? ce : ci;
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* g = grad_b + (seg.first_channel + c) * hw + p0;
+      const scalar_t* in = src + c * hw + p0;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) grad_mask[i] += static_cast<acc_t>(g[i]) * static_cast<acc_t>(in[i]);
+    }
+  }
+}
+
+// Backward of fuse_tile, part 2: the gradients of the image and embedding pixels [p0, p0 + n) given the mask
+// tile (either output may be null when not wanted); `scratch` holds n values.
+template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL void fuse_tile_source_grads(const FusionLayout& layout, const scalar_t* grad_b, int64_t ci, int64_t ce,
+                                          const acc_t* mask, int64_t hw, int64_t p0, int64_t n,
+                                          scalar_t* grad_image_b, scalar_t* grad_embedding_b, acc_t* scratch) {
   for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {
-    const scalar_t* src = from_embedding ? embedding_b : image_b;
     scalar_t* grad_src = from_embedding ? grad_embedding_b : grad_image_b;
+    if (grad_src == nullptr) continue;
     const int64_t channels = from_embedding ? ce : ci;
     for (int64_t c = 0; c < channels; ++c) {
       for (int64_t i = 0; i < n; ++i) scratch[i] = 0;  // gradient of this source channel
-      const scalar_t* in = src + c * hw + p0;
       for (int s = 0; s < layout.count; ++s) {
         const Segment& seg = layout.segments[s];
         if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
         const scalar_t* g = grad_b + (seg.first_channel + c) * hw + p0;
         if (seg.masked) {
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t gi = static_cast<acc_t>(g[i]);
-            scratch[i] += gi * mask[i];
-            grad_mask[i] += gi * static_cast<acc_t>(in[i]);
-          }
+          for (int64_t i = 0; i < n; ++i) scratch[i] += static_cast<acc_t>(g[i]) * mask[i];
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) scratch[i] += static_cast<acc_t>(g[i]);
         }
       }
-      if (grad_src != nullptr) {
-        scalar_t* out = grad_src + c * hw + p0;
+      scalar_t* out = grad_src + c * hw + p0;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(scratch[i]);
-      }
+      for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(scratch[i]);
     }
   }
 }
