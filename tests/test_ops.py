@@ -321,10 +321,13 @@ def test_single_pixel_and_empty_batch(backend):
     torch.testing.assert_close(ops.soft_argmax(t, normalized=True).cpu(), torch.full((3, 2, 2), -1.0))
     torch.testing.assert_close(ops.attention_mask(t).cpu(), torch.full((3, 1, 1, 1), 2.0))
     t0, i0, e0 = make_inputs(0, 2, 4, 4, device=device)
-    z0, f0 = ops.decafa_head(t0.requires_grad_(), i0, e0, "F5")
+    z0, f0 = ops.decafa_head(t0.requires_grad_(), i0.requires_grad_(), e0.requires_grad_(), "F5")
     assert z0.shape == (0, 2, 2) and f0.shape == (0, 8, 4, 4)
     (z0.sum() + f0.sum()).backward()
-    assert t0.grad.shape == t0.shape
+    assert t0.grad.shape == t0.shape and i0.grad.shape == i0.shape and e0.grad.shape == e0.shape
+    m0 = torch.rand(0, 1, 4, 4, device=device).requires_grad_()
+    ops.fuse(i0, e0, m0, "F5").sum().backward()
+    assert m0.grad.shape == m0.shape
 
 
 def test_nan_logits_poison_only_their_map(backend):

@@ -55,7 +55,7 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps)
     });
     return;
   }
-  const int64_t runs = std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, L);
+  const int64_t runs = std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, std::max<int64_t>(L, 1));
   // (B, runs, hw) partial masks; the mask itself when there is one run per image
   at::Tensor partial = runs == 1 ? *mask : at::empty({B, runs, hw}, mask->options());
   acc_t* partial_p = partial.data_ptr<acc_t>();

@@ -1,6 +1,7 @@
 // CPU implementations of the fusion ops: fuse (F1-F5 from a given mask), its backward, and the fused head
 // decafa_head (statistics per map, summing M on the side; then per pixel tile the fusion channels written
-// directly; Phi is never stored) with its backward (M recomputed per pixel tile from the saved lse).
+// directly; Phi is never stored) with its backward (M summed again from the Phi that the logits gradient
+// recomputes from the saved lse).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
   const FusionLayout layout(mode, image.size(1), embedding.size(1));
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
   at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
-  const at::Tensor mask_acc = mask.to(grad_mask.scalar_type()).view({image.size(0), -1});
+  const at::Tensor mask_acc = mask.to(grad_mask.scalar_type()).view({image.size(0), image.size(2) * image.size(3)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "decafa_fuse_backward", [&] {
     fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask_acc);
   });
