@@ -62,9 +62,14 @@ export MAX_JOBS=${MAX_JOBS:-16}
 [[ -z "${GPU_CHECK_ALLOW_CPU:-}" ]] && export FORCE_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "8.0;9.0")}
 install() {
-    PIP_DEFAULT_TIMEOUT=5 "$PY" -m pip install --retries 0 --no-build-isolation -e ".[dev,gpu]" \
-        || { echo "--- full install failed (offline?); installing without dependencies ---";
-             "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; }
+    if "$PY" -c "import torch, numpy, cv2, tqdm, matplotlib, pytest, pytest_benchmark, triton" 2>/dev/null; then
+        echo "--- dependencies present: building decafa-fast alone ---"
+        "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+    else
+        PIP_DEFAULT_TIMEOUT=5 "$PY" -m pip install --retries 0 --no-build-isolation -e ".[dev,gpu]" \
+            || { echo "--- full install failed (offline?); installing without dependencies ---";
+                 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; }
+    fi
     "$PY" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "pynvml", "pytest", "pytest_benchmark", "kornia", "decafa_fast._C"):
@@ -92,12 +97,15 @@ run_step head_floor 80 "$PY" bench/head_floor.py --sweep --budget-s 65 --json "$
 # 4. pytest-benchmark suites, the quick subset (the whole grid does not fit in the budget;
 #    GPU_CHECK_BENCH_ARGS="" runs everything). Rows stream into rows.jsonl as they are measured, so a step cut
 #    off by its timeout still reports them; the ops suite saves its Triton-vs-CUDA races as the auto table.
+#    Within the budget: no torch.compile'd reference among the ops (head_floor times it for the head), and the
+#    model with the fused ops only (each model case compiles the whole network with CUDA graphs).
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---decafa-quick}
 BENCH_COMMON=(--benchmark-only -q -p no:cacheprovider --decafa-no-summary --decafa-rows "$OUT/rows.jsonl")
 run_step bench_ops 70 "$PY" -m pytest bench/test_ops.py "${BENCH_COMMON[@]}" $BENCH_ARGS \
+    --decafa-backends "${GPU_CHECK_OPS_BACKENDS:-reference,kornia,triton,cuda}" \
     --benchmark-json "$OUT/bench_ops.json" --decafa-auto-table "$OUT/auto_table.json"
 run_step bench_model 100 "$PY" -m pytest bench/test_model.py "${BENCH_COMMON[@]}" $BENCH_ARGS \
-    --benchmark-json "$OUT/bench_model.json"
+    --decafa-backends "${GPU_CHECK_MODEL_BACKENDS:-triton,cuda}" --benchmark-json "$OUT/bench_model.json"
 
 # report
 {
@@ -118,7 +126,11 @@ run_step bench_model 100 "$PY" -m pytest bench/test_model.py "${BENCH_COMMON[@]}
     echo "## decafa_head: Triton vs CUDA C++ vs the floor (bench/head_floor.py)"
     grep -E '^(device|backend|FAIL|sweep stopped)|relative error' "$LOGS/head_floor.log" 2>/dev/null | sed 's/^/    /'
     echo
-    grep '^|' "$LOGS/head_floor.log" 2>/dev/null
+    if grep -q '^|' "$LOGS/head_floor.log" 2>/dev/null; then
+        grep '^|' "$LOGS/head_floor.log"
+    else  # cut off before its table: the cases it printed as it went
+        grep -E ' us( |$)' "$LOGS/head_floor.log" 2>/dev/null | sed 's/^/    /'
+    fi
     echo
     echo "## pytest-benchmark, quick subset (every row measured is in rows.jsonl)"
     for log in bench_ops bench_model; do

@@ -186,6 +186,7 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
     def record(dname: str, case: str, ms: float, floor_ms: float | None) -> None:
         ratio = ms / floor_ms if floor_ms else None
         results["cases"].append({"dtype": dname, "case": case, "ms": ms, "floor_ms": floor_ms, "x_floor": ratio})
+        write_json(args.json, results)  # after every case: a run cut off by a time limit keeps what it measured
         print(f"{dname:9} {case:40} {ms * 1e3:10.1f} us" + (f"  {ratio:5.2f}x floor" if ratio else ""), flush=True)
 
     def inputs(dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, ...]:
@@ -227,11 +228,11 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
         grads = (torch.randn(b, l, 2, device=device, generator=g).to(dtype),
                  torch.randn(b, fc, s, s, device=device, generator=g).to(dtype))
         leaves = [t.detach().clone().requires_grad_() for t in x]
-        variants = ["reference eager"] + (["reference compile"] if compiled_ref else []) + backends
-        for name in variants:
+
+        def time_variant(name: str) -> None:
             fn = head(name)
 
-            def fwd_bwd(fn=fn):
+            def fwd_bwd():
                 for t in leaves:
                     t.grad = None
                 torch.autograd.backward(fn(*leaves), grads)
@@ -246,6 +247,11 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
             except torch.cuda.OutOfMemoryError:
                 print(f"{dname:9} {name}: out of memory")
             torch.cuda.empty_cache()
+
+        # The GPU backends first (what a cut-off run must not lose), then the references: torch.compile
+        # spends tens of seconds compiling before its first time.
+        for name in backends:
+            time_variant(name)
         if "cuda" in backends:  # the CUDA launcher splits big batches to keep T in L2; without the split:
             with environment({"DECAFA_CUDA_BATCH_CHUNK": "1000000"}), torch.no_grad():
                 record(dname, "cuda forward, no batch chunks", time_ms(lambda: head("cuda")(*x), args.reps),
@@ -261,6 +267,8 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
                        one_floor)
                 record(dname, f"{name} forward B=1 cuda graph", graph_time_ms(lambda: fn(*one), args.reps * 3),
                        one_floor)
+        for name in ["reference eager"] + (["reference compile"] if compiled_ref else []):
+            time_variant(name)
         torch.cuda.empty_cache()
 
     print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
