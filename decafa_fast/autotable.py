@@ -49,8 +49,13 @@ def read_table(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("devices"), dict):
         raise ValueError(f"{path}: not a decafa-fast auto table of format {FORMAT}")
     for name, section in data["devices"].items():
-        for entry in section.get("entries", []):
-            if entry.get("backend") not in GPU_BACKENDS or not isinstance(entry.get("batch"), int):
+        entries = section.get("entries", []) if isinstance(section, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: the section of {name!r} has no list of entries")
+        for entry in entries:
+            if (not isinstance(entry, dict) or entry.get("backend") not in GPU_BACKENDS
+                    or not isinstance(entry.get("batch"), int)
+                    or not all(isinstance(entry.get(k), str) for k in ("op", "pass", "dtype"))):
                 raise ValueError(f"{path}: bad entry for {name!r}: {entry}")
     return data
 

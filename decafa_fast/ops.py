@@ -143,7 +143,7 @@ def get_backend() -> str:
 AUTO_CUDA_PREFERENCE: list[str] = ["triton", "cuda"]
 # GPU name -> the Triton-vs-CUDA races measured on it (decafa_fast/autotable.py): read once, no CUDA call.
 _AUTO_TABLES: dict[str, autotable.Index] = autotable.load_index([autotable.SHIPPED, autotable.user_table_path()])
-_GPU_NAMES: dict[int, str] = {}
+_GPU_NAMES: dict[int | None, str] = {}  # CUDA device index -> GPU model name
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 

@@ -89,6 +89,15 @@ def test_bad_tables_are_rejected_and_skipped_with_a_warning(tmp_path):
         autotable.read_table(broken)
     with pytest.raises(ValueError, match="bad entry"):
         autotable.read_table(wrong)
+    no_pass = tmp_path / "no_pass.json"  # an entry without its pass would break the index at import
+    no_pass.write_text(json.dumps({"format": 1, "devices": {"G": {"entries": [
+        {"op": "fuse", "dtype": "float32", "batch": 8, "backend": "cuda"}]}}}))
+    with pytest.raises(ValueError, match="bad entry"):
+        autotable.read_table(no_pass)
+    not_a_section = tmp_path / "not_a_section.json"
+    not_a_section.write_text(json.dumps({"format": 1, "devices": {"G": []}}))
+    with pytest.raises(ValueError, match="no list of entries"):
+        autotable.read_table(not_a_section)
     assert autotable.read_table(tmp_path / "missing.json") == {"format": 1, "devices": {}}
     with pytest.warns(RuntimeWarning, match="ignoring the auto-backend table"):
         index = autotable.load_index([good, broken, wrong])
