@@ -274,7 +274,6 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
     print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
     for r in results["cases"]:
         print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {'%.2f' % r['x_floor'] if r['x_floor'] else ''} |")
-    write_json(args.json, results)
     if args.sweep and "triton" in backends:
         sweep_triton(args, deadline, results, floors, lambda dtype: inputs(dtype, b), head("triton"))
     return 0

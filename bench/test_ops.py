@@ -15,8 +15,8 @@ first checked against the reference, so that a wrong fast kernel cannot post a t
 
 Defaults keep the suite to minutes: torch.compile of the reference (10-40 s of compilation per graph on
 the 2-core CPU) runs at one batch size, B = 8 in float32 on CPU and B = 64 in both dtypes on CUDA, unless
---decafa-full. --decafa-quick: soft_argmax and the fused head, float32, B = 8 on CPU; on CUDA float32 and bf16 at B = 1 and
-64 (the reference under torch.compile in float32 at B = 64 only).
+--decafa-full. --decafa-quick: soft_argmax and the fused head, float32, B = 8 on CPU; on CUDA float32 and
+bf16 at B = 1 and 64 (the reference under torch.compile in float32 at B = 64 only).
 """
 from __future__ import annotations
 

@@ -180,7 +180,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
   // M is summed in the accumulation dtype: straight into `mask` when that is the output dtype too
   const at::ScalarType acc = acc_type(logits.scalar_type());
   at::Tensor mask_acc;
-  if (want_mask) mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : at::empty({B, H * W}, mask.options().dtype(acc));
+  if (want_mask) {
+    mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : at::empty({B, H * W}, mask.options().dtype(acc));
+  }
   map_statistics(logits, beta, normalized, lse, want_z ? &z : nullptr, nullptr, want_mask ? &mask_acc : nullptr);
   if (want_mask && acc != logits.scalar_type()) mask.view({B, H * W}).copy_(mask_acc);
   return {z, mask, lse};

@@ -69,10 +69,14 @@ void fusion_gradients(const at::Tensor& grad, const at::Tensor& image, const at:
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
       const scalar_t* g_b = g + b * layout.channels * hw;
-      if (gm != nullptr) fuse_tile_mask_grad(layout, g_b, img + b * ci * hw, ci, emb + b * ce * hw, ce, hw, p0, n, gm + b * hw + p0);
-      if (gi != nullptr || ge != nullptr)
-        fuse_tile_source_grads(layout, g_b, ci, ce, m + b * hw + p0, hw, p0, n, gi != nullptr ? gi + b * ci * hw : nullptr,
-                               ge != nullptr ? ge + b * ce * hw : nullptr, scratch.data());
+      if (gm != nullptr) {
+        fuse_tile_mask_grad(layout, g_b, img + b * ci * hw, ci, emb + b * ce * hw, ce, hw, p0, n, gm + b * hw + p0);
+      }
+      if (gi != nullptr || ge != nullptr) {
+        fuse_tile_source_grads(layout, g_b, ci, ce, m + b * hw + p0, hw, p0, n,
+                               gi != nullptr ? gi + b * ci * hw : nullptr, ge != nullptr ? ge + b * ce * hw : nullptr,
+                               scratch.data());
+      }
     }
   });
 }
@@ -165,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
   // embedding gradients with that M. One exp per logit in all, and nothing of size B*L*H*W saved.
   const at::Tensor grad = grad_fused->contiguous();
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
-  at::Tensor grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc)), mask = at::empty({B, hw}, grad_mask.options());
+  at::Tensor grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc));
+  at::Tensor mask = at::empty({B, hw}, grad_mask.options());
   at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
     fusion_gradients<scalar_t>(grad, image, embedding, layout, none, none, grad_mask, none);
