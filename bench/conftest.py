@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from decafa_fast import benchmark as B
+from decafa_fast.app import benchmark as B
 from decafa_fast import ops
 
 
@@ -66,13 +66,13 @@ def tiny(pytestconfig: pytest.Config) -> bool:
 
 @pytest.fixture(scope="session")
 def time_budget(tiny: bool) -> float | None:
-    """Seconds of timed rounds per benchmark (None: decafa_fast.benchmark.choose_rounds's default)."""
+    """Seconds of timed rounds per benchmark (None: decafa_fast.app.benchmark.choose_rounds's default)."""
     return 0.1 if tiny else None
 
 
 @pytest.fixture(scope="session")
 def min_rounds(tiny: bool) -> int | None:
-    """Fewest timed rounds per benchmark (None: decafa_fast.benchmark.choose_rounds's default)."""
+    """Fewest timed rounds per benchmark (None: decafa_fast.app.benchmark.choose_rounds's default)."""
     return 1 if tiny else None
 
 

@@ -137,7 +137,7 @@ run_step bench_model 100 "$PY" -m pytest bench/test_model.py "${BENCH_COMMON[@]}
         grep -E '(passed|failed|error|skipped)' "$LOGS/$log.log" 2>/dev/null | tail -n 2 | sed "s/^/    $log: /"
     done
     if [[ -s "$OUT/rows.jsonl" ]]; then
-        "$PY" -m decafa_fast.cli bench --report "$OUT/rows.jsonl" 2>&1 | tail -n +3
+        "$PY" -m decafa_fast.app.cli bench --report "$OUT/rows.jsonl" 2>&1 | tail -n +3
     fi
     echo
     echo "## The auto backend's table (auto_table.json)"

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from decafa_fast import benchmark as B
+from decafa_fast.app import benchmark as B
 from decafa_fast import ops
 
 try:
-    from decafa_fast.model import DeCaFA, DeCaFAConfig, decafa_loss
+    from decafa_fast.app.model import DeCaFA, DeCaFAConfig, decafa_loss
 
     _MODEL_ERROR = None
 except ImportError as exc:  # the model package is not there (yet)
-    _MODEL_ERROR = f"decafa_fast.model is not importable: {exc}"
+    _MODEL_ERROR = f"decafa_fast.app.model is not importable: {exc}"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Callable
 import pytest
 import torch
 
-from decafa_fast import benchmark as B
+from decafa_fast.app import benchmark as B
 from decafa_fast import ops, reference
 
 OPS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")

@@ -1,8 +1,8 @@
-"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.ops._SCHEMAS.
+"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.ops.schemas.SCHEMAS.
 
 Each op is a `torch.library.triton_op` whose body allocates the outputs and launches kernels through
 `torch.library.wrap_triton`, so torch.compile(fullgraph=True) sees the kernels themselves. Autograd is
-registered by decafa_fast.ops (`_register_autograd("decafa_triton")`) once this module imports.
+registered by decafa_fast.ops (`register_autograd("decafa_triton")` in ops/autograd.py) once this module imports.
 
 Under TRITON_INTERPRET=1 (Triton's CPU interpreter, used by the tests here) `wrap_triton` returns the
 interpreted function itself, which cannot be traced: FakeTensor tracing (opcheck, torch.compile) would run
@@ -269,7 +269,7 @@ def _zeros(t: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The ops (argument names and order exactly as in decafa_fast.ops._SCHEMAS)
+# The ops (argument names and order exactly as in decafa_fast.ops.schemas.SCHEMAS)
 # --------------------------------------------------------------------------------------------------
 def spatial_softmax(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (Phi (B, L, H, W), lse (B, L) float32)."""

@@ -1,0 +1,207 @@
+"""`decafa-fast evaluate`: a checkpoint's accuracy as the paper reports it, per test subset.
+
+    decafa-fast evaluate --data 300w:/data/300W --checkpoint runs/decafa.pt --ced ced_300w.png
+    decafa-fast evaluate --data wflw:/data/WFLW --checkpoint runs/decafa.pt
+    decafa-fast evaluate --data synthetic:500 --checkpoint runs/decafa.pt
+
+For each subset (300W: common, challenging, full; WFLW: test and its pose / expression / illumination /
+make-up / occlusion / blur subsets; CelebA: test; folder: all; synthetic:N: one row per markup) it prints
+the mean NME (in %), the failure rates at 0.08 and 0.10 (in %) and the AUC at 0.08 and 0.10, and saves the
+CED curves to a PNG. Each face is cropped around its ground-truth landmarks (the usual protocol for these
+benchmarks), the model's last stage predicts on the crop, and the points are mapped back to the original
+image, where the error is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import metrics
+from ..data.crop import apply_affine
+from ..data.markups import MARKUPS, derive_from_wflw98
+from ..data.real import SYNTHETIC_EVAL_SEED, FaceDataset, FaceRecord, parse_data_spec, read_eval_subsets
+
+THRESHOLDS = (0.08, 0.10)
+DATA_NAMES = {"300w": "300W", "wflw": "WFLW", "celeba": "CelebA", "folder": "folder", "synthetic": "synthetic"}
+
+
+@dataclass
+class SubsetResult:
+    """Per-face NMEs of one subset and their summary."""
+
+    name: str
+    markup: str
+    errors: np.ndarray  # (N,)
+
+    @property
+    def n(self) -> int:
+        return int(self.errors.size)
+
+    def summary(self) -> dict:
+        if self.n == 0:
+            return {"subset": self.name, "markup": self.markup, "faces": 0}
+        out = {"subset": self.name, "markup": self.markup, "faces": self.n,
+               "nme": float(np.nanmean(self.errors)) if np.isfinite(self.errors).any() else float("nan")}
+        for t in THRESHOLDS:
+            out[f"fr@{t:.2f}"] = metrics.failure_rate(self.errors, t)
+            out[f"auc@{t:.2f}"] = metrics.auc(self.errors, t)
+        return out
+
+
+def model_points(outputs: list[torch.Tensor], model_markups: tuple[str, ...], markup: str) -> torch.Tensor:
+    """The model's points for `markup` from one stage's outputs (list over the model's markups of
+    (B, L_k, 2)); a markup the model lacks is derived from its 98 WFLW points when it has them."""
+    if markup in model_markups:
+        return outputs[model_markups.index(markup)]
+    if "wflw98" in model_markups and MARKUPS[markup].wflw98_groups is not None:
+        return derive_from_wflw98(outputs[model_markups.index("wflw98")], markup)
+    raise ValueError(f"the model predicts {list(model_markups)}; it cannot give {markup!r} points")
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]),
+            "crop": torch.stack([it["crop"] for it in items]),
+            "index": torch.tensor([it["index"] for it in items])}
+
+
+@torch.inference_mode()
+def predict_records(model: torch.nn.Module, records: list[FaceRecord], batch_size: int = 32,
+                    device: torch.device | str = "cpu", stage: int = -1, workers: int = 0,
+                    progress: bool = True) -> np.ndarray:
+    """Predicted landmarks of annotated faces, in original-image pixels: (N, L, 2) float64 for the
+    records' markup (all records must share it). Crops around the ground-truth landmarks."""
+    if not records:
+        raise ValueError("no records to predict")
+    markup = records[0].markup
+    if any(r.markup != markup for r in records):
+        raise ValueError("all records must have one markup")
+    markups = tuple(model.config.markups)
+    dataset = FaceDataset(records, size=model.config.image_size, markups=(markup,))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    out = np.zeros((len(records), MARKUPS[markup].n_points, 2))
+    for batch in tqdm(loader, desc=f"predict {markup}", unit="batch", disable=not progress):
+        z = model_points(model(batch["image"].to(device))[stage], markups, markup).double().cpu().numpy()
+        for j, (index, matrix) in enumerate(zip(batch["index"].tolist(), batch["crop"].numpy())):
+            out[index] = apply_affine(cv2.invertAffineTransform(matrix), z[j])
+    return out
+
+
+def _key(record: FaceRecord) -> tuple:
+    return str(record.image), record.landmarks.tobytes()
+
+
+def evaluate_records(model: torch.nn.Module, subsets: dict[str, list[FaceRecord]], normalisation: str = "inter_ocular",
+                     **kwargs) -> list[SubsetResult]:
+    """NMEs per subset; each distinct face is predicted once even when subsets overlap."""
+    unique: dict[tuple, FaceRecord] = {}
+    for records in subsets.values():
+        for r in records:
+            unique.setdefault(_key(r), r)
+    by_markup: dict[str, list[FaceRecord]] = {}
+    for r in unique.values():
+        by_markup.setdefault(r.markup, []).append(r)
+    errors: dict[tuple, float] = {}
+    for markup, records in by_markup.items():
+        pred = predict_records(model, records, **kwargs)
+        target = np.stack([r.landmarks for r in records])
+        for r, e in zip(records, metrics.nme(pred, target, markup, normalisation)):
+            errors[_key(r)] = float(e)
+    results = []
+    for name, records in subsets.items():
+        markup = records[0].markup if records else next(iter(by_markup), "")
+        results.append(SubsetResult(name, markup, np.array([errors[_key(r)] for r in records])))
+    return results
+
+
+@torch.inference_mode()
+def evaluate_synthetic(model: torch.nn.Module, n: int, normalisation: str = "inter_ocular", batch_size: int = 32,
+                       device: torch.device | str = "cpu", stage: int = -1, seed: int = SYNTHETIC_EVAL_SEED,
+                       progress: bool = True, **_) -> list[SubsetResult]:
+    """NMEs of `n` held-out synthetic faces (a seed the training runs do not use), one result per markup."""
+    from ..data.synthetic import SyntheticFaces, collate_faces
+
+    markups = tuple(model.config.markups)
+    dataset = SyntheticFaces(n, size=model.config.image_size, seed=seed, markups=markups)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_faces)
+    errors: dict[str, list[np.ndarray]] = {m: [] for m in markups}
+    for batch in tqdm(loader, desc="predict synthetic", unit="batch", disable=not progress):
+        outputs = model(batch["image"].to(device))[stage]
+        for m, z in zip(markups, outputs):
+            errors[m].append(metrics.nme(z.double().cpu().numpy(), batch["landmarks"][m].double().numpy(), m,
+                                         normalisation))
+    return [SubsetResult(m, m, np.concatenate(e)) for m, e in errors.items()]
+
+
+def format_table(results: list[SubsetResult], title: str) -> str:
+    """The paper-style table: one row per subset."""
+    head = f"{'subset':<14}{'markup':<9}{'faces':>7}{'NME %':>8}" + "".join(
+        f"{f'FR@{t:.2f} %':>11}" for t in THRESHOLDS) + "".join(f"{f'AUC@{t:.2f}':>10}" for t in THRESHOLDS)
+    lines = [title, head, "-" * len(head)]
+    for r in results:
+        s = r.summary()
+        if r.n == 0:
+            lines.append(f"{r.name:<14}{r.markup:<9}{0:>7}{'-':>8}" + f"{'-':>11}" * 2 + f"{'-':>10}" * 2)
+            continue
+        lines.append(f"{r.name:<14}{r.markup:<9}{r.n:>7}{100 * s['nme']:>8.2f}"
+                     + "".join(f"{100 * s[f'fr@{t:.2f}']:>11.2f}" for t in THRESHOLDS)
+                     + "".join(f"{s[f'auc@{t:.2f}']:>10.4f}" for t in THRESHOLDS))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="synthetic:500",
+                        help="KIND:PATH with KIND 300w, wflw, celeba, folder; or synthetic:N (default %(default)s)")
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (decafa-fast train)")
+    parser.add_argument("--normalisation", choices=metrics.NORMALISATIONS, default="inter_ocular",
+                        help="NME normaliser: outer eye corners (default) or pupils / eye centres")
+    parser.add_argument("--ced", default="ced.png", help="where to save the CED plot (default %(default)s)")
+    parser.add_argument("--ced-threshold", type=float, default=0.08, help="x-axis limit of the CED plot")
+    parser.add_argument("--json", help="also write the table (and per-face errors) to this JSON file")
+    parser.add_argument("--stage", type=int, default=-1, help="which stage's output to evaluate (default last)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for reading images")
+    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..prediction.aligner import _pick_device
+    from ..training.checkpoint import load_model
+
+    kind, rest = parse_data_spec(args.data)
+    device = _pick_device(args.device)
+    model, config = load_model(args.checkpoint, map_location=device)
+    if not -config.stages <= args.stage < config.stages:
+        raise ValueError(f"--stage must index the model's {config.stages} stages, got {args.stage}")
+    options = dict(normalisation=args.normalisation, batch_size=args.batch_size, device=device, stage=args.stage,
+                   progress=not args.no_progress)
+    if kind == "synthetic":
+        results = evaluate_synthetic(model, int(rest), **options)
+    else:
+        results = evaluate_records(model, read_eval_subsets(args.data), workers=args.workers, **options)
+    stage = config.stages + args.stage + 1 if args.stage < 0 else args.stage + 1
+    norm = ("inter-ocular distance (outer eye corners; eye centres for 5 points)" if args.normalisation == "inter_ocular"
+            else "inter-pupil distance")
+    title = f"{DATA_NAMES[kind]} {rest}: NME normalised by {norm}; stage {stage} of {config.stages}; {args.checkpoint}"
+    print(format_table(results, title))
+    curves = {r.name: r.errors for r in results if r.n}
+    if curves:
+        path = metrics.plot_ced(curves, args.ced, threshold=args.ced_threshold,
+                                title=f"{DATA_NAMES[kind]}: cumulative error distribution")
+        print(f"CED plot: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "data": args.data, "checkpoint": str(args.checkpoint), "normalisation": args.normalisation,
+            "stage": stage, "results": [r.summary() for r in results],
+            "errors": {r.name: [None if not np.isfinite(e) else float(e) for e in r.errors] for r in results},
+        }, indent=1))
+        print(f"results: {args.json}")
+    return 0

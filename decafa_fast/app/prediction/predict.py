@@ -1,0 +1,204 @@
+"""`decafa-fast predict`: landmarks for images, folders of images, video files or a webcam.
+
+    decafa-fast predict photo.jpg photos/ clip.mp4 --checkpoint runs/decafa.pt --out predictions
+    decafa-fast predict webcam:0 --checkpoint runs/decafa.pt --max-frames 300 --smooth 0.5
+
+Writes OUT/predictions.json (one entry per image or video frame, every face with its box, how the box was
+found and its landmarks per markup, in original-image pixels), OUT/predictions.csv with --csv (one row per
+point), and annotated copies: OUT/<name>_landmarks.png for images, OUT/<name>_landmarks.mp4 for videos
+(--no-annotate skips them). Faces come from OpenCV's bundled Haar cascade (OpenCV 4) or YuNet
+(--detector-model FILE.onnx) unless --boxes gives them (a JSON file {"image file name": [[x0, y0, x1, y1],
+...]}); an image where no face is found, or with no detector available, is aligned as a whole (source
+"whole-image"): synthetic faces, which no detector recognises, go this way.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
+from ..data.crop import read_image
+from ..data.folder import list_images
+from ..data.real import IMAGE_EXTENSIONS
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+COLOURS = [(0, 255, 0), (0, 200, 255), (255, 80, 80)]  # BGR, one per markup
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="image files, folders of images, video files, or webcam:INDEX")
+    parser.add_argument("--checkpoint", required=True, help="model checkpoint (decafa-fast train)")
+    parser.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    parser.add_argument("--boxes", help="JSON file {image name: [[x0, y0, x1, y1], ...]} instead of detection")
+    parser.add_argument("--csv", action="store_true", help="also write predictions.csv (one row per point)")
+    parser.add_argument("--no-annotate", action="store_true", help="do not write annotated images / videos")
+    parser.add_argument("--markups", nargs="+", help="markups to output (default: all the model predicts)")
+    parser.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                        help="video: exponential smoothing of landmarks across frames, alpha in (0, 1]")
+    parser.add_argument("--max-frames", type=int, default=None, help="video/webcam: stop after this many frames")
+    parser.add_argument("--detector", choices=DETECTORS, default="auto",
+                        help="face detector: haar (OpenCV 4's bundled cascade), yunet (needs --detector-model), "
+                             "none (whole image), auto (default: yunet if a model is given, else haar if available)")
+    parser.add_argument("--detector-model", help="YuNet ONNX file for --detector yunet")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
+
+
+def draw(image: np.ndarray, faces: list[Face], markups: list[str]) -> np.ndarray:
+    """A BGR copy of `image` with each face's box and landmarks drawn."""
+    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+    radius = max(1, round(max(canvas.shape[:2]) / 300))
+    for face in faces:
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), (255, 255, 255), 1)
+        for colour, name in zip(COLOURS, markups):
+            for x, y in face.landmarks[name]:
+                cv2.circle(canvas, (int(round(x)), int(round(y))), radius, colour, -1, lineType=cv2.LINE_AA)
+    return canvas
+
+
+def _classify(inputs: list[str]) -> list[tuple[str, object]]:
+    """(kind, item) for each input: ("image", Path), ("video", Path) or ("webcam", int); folders expand."""
+    items: list[tuple[str, object]] = []
+    for text in inputs:
+        if text.lower().startswith("webcam:"):
+            index = text.split(":", 1)[1]
+            if not index.isdigit():
+                raise ValueError(f"webcam input must be webcam:INDEX, got {text!r}")
+            items.append(("webcam", int(index)))
+            continue
+        path = Path(text)
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise ValueError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            items += [("image", p) for p in images]
+        elif not path.exists():
+            raise FileNotFoundError(f"input {path} does not exist")
+        elif path.suffix.lower() in VIDEO_EXTENSIONS:
+            items.append(("video", path))
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            items.append(("image", path))
+        else:
+            raise ValueError(f"{path}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or video "
+                             f"({', '.join(VIDEO_EXTENSIONS)})")
+    return items
+
+
+def _load_boxes(path: str | None) -> dict[str, np.ndarray] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object {{image name: [[x0, y0, x1, y1], ...]}}")
+    boxes = {}
+    for name, value in data.items():
+        b = np.asarray(value, dtype=np.float64)
+        if b.ndim == 1:
+            b = b[None]
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"{path}: boxes of {name!r} must be a list of [x0, y0, x1, y1]")
+        boxes[name] = b
+    return boxes
+
+
+def _boxes_for(boxes: dict[str, np.ndarray] | None, path: Path) -> np.ndarray | None:
+    if boxes is None:
+        return None
+    for key in (str(path), path.name, path.stem):
+        if key in boxes:
+            return boxes[key]
+    return None  # not listed: detect
+
+
+def _entry(source: str, frame: int | None, faces: list[Face], markups: list[str]) -> dict:
+    entry = {"source": source, "faces": []}
+    if frame is not None:
+        entry["frame"] = frame
+    for face in faces:
+        d = face.to_dict()
+        d["landmarks"] = {m: d["landmarks"][m] for m in markups}
+        entry["faces"].append(d)
+    return entry
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.smooth is not None and not 0 < args.smooth <= 1:
+        raise ValueError(f"--smooth must be in (0, 1], got {args.smooth}")
+    items = _classify(args.inputs)
+    aligner = FaceAligner(args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
+                          detector_model=args.detector_model)
+    markups = list(args.markups or aligner.markups)
+    unknown = set(markups) - set(aligner.markups)
+    if unknown:
+        raise ValueError(f"--markups {sorted(unknown)}: the model predicts {list(aligner.markups)}")
+    boxes = _load_boxes(args.boxes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    annotate = not args.no_annotate
+    entries: list[dict] = []
+
+    images = [p for kind, p in items if kind == "image"]
+    if images:
+        # a chunk of images at a time: their crops share batches, memory stays bounded
+        chunk = max(1, args.batch_size)
+        with tqdm(total=len(images), desc="images", unit="img", disable=len(images) < 2) as bar:
+            for start in range(0, len(images), chunk):
+                paths = images[start:start + chunk]
+                frames = [read_image(p) for p in paths]
+                results = aligner.align_many(frames, [_boxes_for(boxes, p) for p in paths])
+                for path, frame, faces in zip(paths, frames, results):
+                    entries.append(_entry(str(path), None, faces, markups))
+                    if annotate:
+                        cv2.imwrite(str(out / f"{path.stem}_landmarks.png"), draw(frame, faces, markups))
+                bar.update(len(paths))
+
+    for kind, source in items:
+        if kind == "image":
+            continue
+        capture, fps, count = open_video(source)
+        name = f"webcam{source}" if kind == "webcam" else Path(source).stem
+        total = min(count, args.max_frames) if count > 0 and args.max_frames else (count if count > 0 else args.max_frames)
+        writer = None
+        try:
+            frames = read_frames(capture, args.max_frames)
+            for index, (frame, faces) in enumerate(
+                    tqdm(aligner.align_video(frames, smoothing=args.smooth), total=total, desc=name, unit="frame")):
+                entries.append(_entry(str(source), index, faces, markups))
+                if annotate:
+                    if writer is None:
+                        h, w = frame.shape[:2]
+                        writer = cv2.VideoWriter(str(out / f"{name}_landmarks.mp4"),
+                                                 cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                    writer.write(draw(frame, faces, markups))
+        except KeyboardInterrupt:  # a webcam runs until Ctrl-C unless --max-frames is given
+            print(f"stopped {name} after {sum(e['source'] == str(source) for e in entries)} frames")
+        finally:
+            capture.release()
+            if writer is not None:
+                writer.release()
+
+    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
+    if args.csv:
+        with open(out / "predictions.csv", "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["source", "frame", "face", "box_source", "markup", "point", "x", "y"])
+            for e in entries:
+                for i, face in enumerate(e["faces"]):
+                    for m, points in face["landmarks"].items():
+                        for j, (x, y) in enumerate(points):
+                            rows.writerow([e["source"], e.get("frame", ""), i, face["source"], m, j, x, y])
+    n_faces = sum(len(e["faces"]) for e in entries)
+    whole = sum(f["source"] == "whole-image" for e in entries for f in e["faces"])
+    print(f"{len(entries)} images/frames, {n_faces} faces ({whole} without a detected face, aligned as the whole "
+          f"image) -> {out / 'predictions.json'}" + (f", {out / 'predictions.csv'}" if args.csv else ""))
+    return 0

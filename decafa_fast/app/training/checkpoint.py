@@ -1,0 +1,96 @@
+"""Checkpoints: model weights with their config, optimizer/scheduler state and step, in one torch file.
+
+Only tensors and plain python types are stored, so loading uses `torch.load(weights_only=True)` (no
+arbitrary code runs when reading a file). A truncated or foreign file raises a ValueError naming it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model import DeCaFA, DeCaFAConfig
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "FORMAT", "VERSION"]
+
+FORMAT = "decafa-fast-checkpoint"
+VERSION = 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: DeCaFAConfig | dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    step: int = 0,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file + rename, so a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.to_dict() if isinstance(config, DeCaFAConfig) else dict(config),
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": int(step),
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    Returns a dict with "config" (dict), "model" (state dict), "optimizer", "scheduler", "step", "extra".
+    Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt or foreign one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip / pickle / EOF errors from a damaged or non-torch file
+        raise ValueError(
+            f"{str(path)!r} is not a readable decafa-fast checkpoint (truncated or corrupt?): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is a torch file but not a decafa-fast checkpoint (no {FORMAT!r} marker)")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{str(path)!r} has checkpoint version {state.get('version')!r}; this code reads {VERSION}")
+    for key in ("config", "model"):
+        if not isinstance(state.get(key), dict):
+            raise ValueError(f"{str(path)!r} lacks its {key!r} entry")
+    return state
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[DeCaFA, DeCaFAConfig]:
+    """The DeCaFA model stored in a checkpoint (in eval mode) and its config."""
+    state = load_checkpoint(path, map_location)
+    try:
+        config = DeCaFAConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r} holds an invalid model config: {exc}") from exc
+    model = DeCaFA(config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"{str(path)!r}: weights do not match its config: {exc}") from exc
+    model.to(map_location).eval()
+    return model, config

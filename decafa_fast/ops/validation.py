@@ -1,0 +1,77 @@
+"""Argument checks of the public ops: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import reference
+from .backend import resolve
+
+FUSION_MODES = reference.FUSION_MODES
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+def check_tensor(name: str, t, rank: int, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} {what}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_logits(logits) -> None:
+    check_tensor("logits", logits, 4, "of shape (B, L, H, W)")
+    if logits.shape[2] < 1 or logits.shape[3] < 1:
+        raise ValueError(f"logits must have H >= 1 and W >= 1, got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one landmark map (L >= 1), got shape {tuple(logits.shape)}")
+
+
+def check_beta(beta) -> float:
+    if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
+    beta = float(beta)
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta}")
+    return beta
+
+
+def check_mode(mode) -> int:
+    if mode not in FUSION_MODES:
+        raise ValueError(f"mode must be one of {FUSION_MODES}, got {mode!r}")
+    return FUSION_MODES.index(mode) + 1
+
+
+def check_companion(name: str, t, ref: torch.Tensor, ref_name: str, channels: int | None = None) -> None:
+    """`t` must match `ref` in B, H, W, dtype and device (and in channel count when given)."""
+    check_tensor(name, t, 4, "of shape (B, C, H, W)")
+    if t.shape[0] != ref.shape[0] or t.shape[2:] != ref.shape[2:]:
+        raise ValueError(
+            f"{name} must match {ref_name} in batch and spatial size (B={ref.shape[0]}, H={ref.shape[2]}, "
+            f"W={ref.shape[3]}), got shape {tuple(t.shape)}"
+        )
+    if channels is not None and t.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s), got shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
+
+
+def check_backend_dtype(backend: str, t: torch.Tensor) -> None:
+    if t.dtype == torch.float64 and t.device.type != "cpu" and backend != "reference":
+        raise TypeError(f"float64 is supported on CPU and by the reference backend only, got {t.device} tensors")
+
+
+def prepare_logits(op: str, logits, beta, **companions) -> tuple[str, float]:
+    """Validates the logits and beta shared by every logits op, and the image and embedding that go with
+    them (keyword: name=tensor); returns the backend to run `op` and beta."""
+    check_logits(logits)
+    beta = check_beta(beta)
+    for name, t in companions.items():
+        check_companion(name, t, logits, "logits")
+    backend = resolve(logits.device, op, (logits, *companions.values()))
+    check_backend_dtype(backend, logits)
+    return backend, beta
+

@@ -1,0 +1,129 @@
+"""`decafa-fast evaluate` end to end (tiny untrained model) and the crop -> predict -> image mapping."""
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from decafa_fast.app import cli
+from decafa_fast.app.evaluation import metrics
+from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.data import SyntheticFaces, crop, derive_from_wflw98, w300, wflw
+from decafa_fast.app.evaluation.evaluate import evaluate_records, model_points, predict_records
+from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+
+SIZE = 32
+
+
+def tiny_checkpoint(path, stages: int = 1):
+    torch.manual_seed(0)
+    config = DeCaFAConfig(stages=stages, image_size=SIZE, embedding_channels=8, widths=(8, 8, 8))
+    return save_checkpoint(path, DeCaFA(config).eval(), config)
+
+
+class ConstantModel(nn.Module):
+    """Predicts the same crop-space points for every face: makes the crop -> image mapping checkable."""
+
+    def __init__(self, markups=("wflw98", "300w68", "celeba5"), size: int = SIZE):
+        super().__init__()
+        self.config = SimpleNamespace(markups=markups, image_size=size, stages=1)
+        rng = np.random.default_rng(0)
+        self.points = {m: torch.from_numpy(rng.uniform(0, size - 1, (n, 2)))
+                       for m, n in zip(markups, [{"wflw98": 98, "300w68": 68, "celeba5": 5}[m] for m in markups])}
+
+    def forward(self, images):
+        return [[p.expand(len(images), -1, -1).float() for p in self.points.values()]]
+
+
+def write_300w_from_synthetic(root, n_per_folder: int = 2):
+    """300W-layout folders whose images are synthetic faces (64 x 64) with their true 68 points."""
+    faces = SyntheticFaces(6 * n_per_folder, size=64, seed=7, markups=("300w68",))
+    k = 0
+    for sub in ["lfpw/trainset", "lfpw/testset", "helen/trainset", "helen/testset", "afw", "ibug"]:
+        (root / sub).mkdir(parents=True)
+        for _ in range(n_per_folder):
+            item = faces[k]
+            cv2.imwrite(str(root / sub / f"f{k}.png"), (item["image"][0].numpy() * 255).round().astype(np.uint8))
+            w300.write_pts(root / sub / f"f{k}.pts", item["landmarks"]["300w68"].double().numpy() + 1.0)
+            k += 1
+
+
+def test_predictions_map_back_through_the_crop(tmp_path):
+    write_300w_from_synthetic(tmp_path)
+    records = w300.read_300w(tmp_path, "full")
+    model = ConstantModel()
+    pred = predict_records(model, records, batch_size=3, progress=False)
+    for record, p in zip(records, pred):
+        c = crop.crop_from_landmarks(record.landmarks, "300w68", SIZE)
+        np.testing.assert_allclose(p, c.to_image(model.points["300w68"].numpy()), atol=1e-4)
+
+
+def test_overlapping_subsets_share_predictions(tmp_path):
+    write_300w_from_synthetic(tmp_path)
+    model = ConstantModel()
+    results = {r.name: r for r in evaluate_records(model, w300.read_300w_subsets(tmp_path), progress=False)}
+    assert {k: r.n for k, r in results.items()} == {"common": 4, "challenging": 2, "full": 6}
+    np.testing.assert_allclose(np.sort(results["full"].errors),
+                               np.sort(np.concatenate([results["common"].errors, results["challenging"].errors])))
+    # the NME is what metrics.nme gives for the mapped-back points
+    records = w300.read_300w(tmp_path, "challenging")
+    pred = predict_records(model, records, progress=False)
+    expected = metrics.nme(pred, np.stack([r.landmarks for r in records]), "300w68")
+    np.testing.assert_allclose(results["challenging"].errors, expected)
+
+
+def test_missing_markup_is_derived_from_98_points():
+    outputs = [torch.rand(2, 98, 2)]
+    np.testing.assert_allclose(model_points(outputs, ("wflw98",), "300w68"), derive_from_wflw98(outputs[0], "300w68"))
+    with pytest.raises(ValueError, match="cannot give"):
+        model_points([torch.rand(2, 5, 2)], ("celeba5",), "300w68")
+
+
+def test_evaluate_cli_synthetic(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    ced, out = tmp_path / "ced.png", tmp_path / "r.json"
+    assert cli.main(["evaluate", "--data", "synthetic:6", "--checkpoint", str(ckpt), "--ced", str(ced),
+                     "--json", str(out), "--batch-size", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for markup in ("wflw98", "300w68", "celeba5"):
+        assert re.search(rf"^{markup}\s+{markup}\s+6\s+\d+\.\d\d", text, re.M), text
+    assert "FR@0.10 %" in text and "AUC@0.08" in text
+    assert ced.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(out.read_text())["results"]
+    assert [r["faces"] for r in results] == [6, 6, 6]
+    assert all(0 <= r["auc@0.10"] <= 1 and np.isfinite(r["nme"]) for r in results)
+
+
+def test_evaluate_cli_wflw_subsets(tmp_path, capsys):
+    """WFLW fixture: the test set and its attribute subsets, empty subsets shown as '-'."""
+    faces = SyntheticFaces(3, size=64, seed=9, markups=("wflw98",))
+    lines = []
+    (tmp_path / "WFLW_images" / "a").mkdir(parents=True)
+    for i, flags in enumerate([(), ("pose",), ("pose", "blur")]):
+        item = faces[i]
+        cv2.imwrite(str(tmp_path / "WFLW_images" / "a" / f"{i}.jpg"), (item["image"][0].numpy() * 255).astype(np.uint8))
+        lines.append(wflw.format_wflw_line(item["landmarks"]["wflw98"].numpy(), [0, 0, 63, 63], flags, f"a/{i}.jpg"))
+    (tmp_path / "list_98pt_rect_attr_test.txt").write_text("\n".join(lines))
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    assert cli.main(["evaluate", "--data", f"wflw:{tmp_path}", "--checkpoint", str(ckpt), "--ced",
+                     str(tmp_path / "ced.png"), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[3:10]}
+    assert rows["test"][1] == "3" and rows["pose"][1] == "2" and rows["blur"][1] == "1"
+    assert rows["make-up"][1:] == ["0", "-", "-", "-", "-", "-"]
+
+
+def test_evaluate_cli_bad_input(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match="KIND:PATH"):
+        cli.main(["evaluate", "--data", "imagenet:/x", "--checkpoint", str(ckpt)])
+    with pytest.raises(FileNotFoundError, match="300W root"):
+        cli.main(["evaluate", "--data", f"300w:{tmp_path / 'nope'}", "--checkpoint", str(ckpt)])
+    with pytest.raises(ValueError, match="--stage"):
+        cli.main(["evaluate", "--data", "synthetic:2", "--checkpoint", str(ckpt), "--stage", "3"])

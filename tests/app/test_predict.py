@@ -1,0 +1,168 @@
+"""FaceAligner and `decafa-fast predict` on synthetic images and a short video written here."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import decafa_fast
+from decafa_fast.app import cli
+from decafa_fast.app.prediction.aligner import Face, FaceAligner, FaceDetector, LandmarkSmoother
+from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.data import SyntheticFaces
+from decafa_fast.app.data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, crop_from_box, crop_whole_image
+from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+
+SIZE = 32
+
+
+def tiny_checkpoint(path):
+    torch.manual_seed(0)
+    config = DeCaFAConfig(stages=1, image_size=SIZE, embedding_channels=8, widths=(8, 8, 8))
+    return save_checkpoint(path, DeCaFA(config).eval(), config)
+
+
+class ConstantModel(nn.Module):
+    """The same crop-space points for every face (and records the batch sizes it sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = DeCaFAConfig(stages=1, image_size=SIZE, embedding_channels=8, widths=(8, 8, 8))
+        self.anchor = nn.Parameter(torch.zeros(()))  # so .to(device) has something to move
+        rng = np.random.default_rng(1)
+        self.points = [torch.from_numpy(rng.uniform(0, SIZE - 1, (n, 2))).float() for n in self.config.n_points]
+        self.batches: list[int] = []
+
+    def forward(self, images):
+        self.batches.append(len(images))
+        return [[p.expand(len(images), -1, -1) for p in self.points]]
+
+
+def synthetic_frames(n: int, size: int = 64) -> list[np.ndarray]:
+    faces = SyntheticFaces(n, size=size, seed=5)
+    return [cv2.cvtColor((faces[i]["image"][0].numpy() * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+            for i in range(n)]
+
+
+HAS_HAAR = hasattr(cv2, "CascadeClassifier")  # OpenCV 4 has it; OpenCV 5 no longer ships cascades
+
+
+def test_face_aligner_is_exported_and_falls_back_to_the_whole_image(tmp_path):
+    with pytest.warns(UserWarning, match="Haar") if not HAS_HAAR else contextlib.nullcontext():
+        aligner = decafa_fast.FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu")
+    assert aligner.detector.kind == ("haar" if HAS_HAAR else "none")
+    image = synthetic_frames(1, size=48)[0][:, :40]  # not square: 48 rows, 40 columns
+    assert aligner.detect(image).shape == (0, 4)  # no detector finds a synthetic face
+    (face,) = aligner.align(image)
+    assert face.source == "whole-image"
+    assert set(face.landmarks) == {"wflw98", "300w68", "celeba5"} and face.landmarks["wflw98"].shape == (98, 2)
+    # soft-argmax points lie inside the crop, and the whole-image crop spans the image's bounding square
+    pts = face.landmarks["wflw98"]
+    assert pts[:, 1].min() >= -0.5 and pts[:, 1].max() <= 47.5 and pts[:, 0].min() >= -4.5 and pts[:, 0].max() <= 43.5
+
+
+@pytest.mark.skipif(not HAS_HAAR, reason=f"OpenCV {cv2.__version__} has no CascadeClassifier")
+def test_haar_detector_loads_and_finds_no_face_in_noise():
+    detector = FaceDetector("haar")
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    assert detector(noise).shape == (0, 4)
+
+
+def test_detector_errors():
+    with pytest.raises(ValueError, match="detector must be one of"):
+        FaceDetector("mtcnn")
+    with pytest.raises(FileNotFoundError, match="yunet"):
+        FaceDetector("yunet", "missing.onnx")
+    assert FaceDetector("none")(np.zeros((20, 20), np.uint8)).shape == (0, 4)
+
+
+def test_points_map_back_and_batches_are_shared():
+    model = ConstantModel()
+    aligner = FaceAligner(model=model, device="cpu", batch_size=3, detector="none")
+    frames = synthetic_frames(2)
+    boxes = [np.array([[10, 12, 40, 44], [5, 5, 20, 25]]), None]
+    result = aligner.align_many(frames, boxes)
+    assert model.batches == [3]  # three faces of two images in one forward pass
+    assert [[f.source for f in faces] for faces in result] == [["given", "given"], ["whole-image"]]
+    expected = crop_from_box(boxes[0][1], SIZE, DETECTOR_SCALE, DETECTOR_SHIFT).to_image(model.points[1].numpy())
+    np.testing.assert_allclose(result[0][1].landmarks["300w68"], expected, atol=1e-4)
+    expected = crop_whole_image(64, 64, SIZE).to_image(model.points[2].numpy())
+    np.testing.assert_allclose(result[1][0].landmarks["celeba5"], expected, atol=1e-4)
+
+
+def test_batched_equals_one_at_a_time(tmp_path):
+    aligner = FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu", batch_size=2, detector="none")
+    frames = synthetic_frames(3)
+    together = aligner.align_many(frames)
+    for frame, faces in zip(frames, together):
+        np.testing.assert_allclose(aligner.align(frame)[0].landmarks["wflw98"], faces[0].landmarks["wflw98"], atol=1e-4)
+
+
+def test_smoother():
+    def face(box, value):
+        return Face(box=np.array(box, float), landmarks={"celeba5": np.full((5, 2), float(value))}, source="given")
+
+    smooth = LandmarkSmoother(alpha=0.25)
+    smooth([face([0, 0, 10, 10], 0.0), face([50, 50, 60, 60], 8.0)])
+    out = smooth([face([1, 0, 11, 10], 4.0), face([100, 100, 110, 110], 4.0)])
+    np.testing.assert_allclose(out[0].landmarks["celeba5"], 1.0)  # 0.25 * 4 + 0.75 * 0
+    np.testing.assert_allclose(out[1].landmarks["celeba5"], 4.0)  # no overlapping face before: not smoothed
+    with pytest.raises(ValueError, match="alpha"):
+        LandmarkSmoother(alpha=0.0)
+
+
+def test_predict_cli_images_folder_and_video(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    frames = synthetic_frames(5)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, frame in enumerate(frames[:2]):
+        cv2.imwrite(str(folder / f"p{i}.png"), frame)
+    single = tmp_path / "single.jpg"
+    cv2.imwrite(str(single), frames[2])
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 64))
+    for k in range(6):
+        writer.write(frames[k % 5])
+    writer.release()
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"single.jpg": [[8, 8, 56, 56]]}))
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(folder), str(single), str(video), "--checkpoint", str(ckpt), "--out", str(out),
+                     "--boxes", str(boxes), "--csv", "--smooth", "0.5", "--batch-size", "4",
+                     "--markups", "300w68", "celeba5", "--detector", "none"]) == 0
+    assert "9 images/frames, 9 faces" in capsys.readouterr().out
+    entries = json.loads((out / "predictions.json").read_text())
+    assert len(entries) == 3 + 6
+    by_source = {e["source"]: e for e in entries if "frame" not in e}
+    assert by_source[str(single)]["faces"][0]["source"] == "given"
+    assert by_source[str(folder / "p0.png")]["faces"][0]["source"] == "whole-image"
+    assert [e["frame"] for e in entries if "frame" in e] == list(range(6))
+    assert set(entries[0]["faces"][0]["landmarks"]) == {"300w68", "celeba5"}
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 * (68 + 5) and rows[0].keys() >= {"source", "frame", "markup", "point", "x", "y"}
+    assert (out / "p0_landmarks.png").is_file() and (out / "single_landmarks.png").is_file()
+    annotated = cv2.VideoCapture(str(out / "clip_landmarks.mp4"))
+    n = 0
+    while annotated.read()[0]:
+        n += 1
+    assert n == 6
+
+
+def test_predict_cli_bad_input(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(ckpt)])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an image"):
+        cli.main(["predict", str(tmp_path / "notes.txt"), "--checkpoint", str(ckpt)])
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="--smooth"):
+        cli.main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--smooth", "2"])
