@@ -4,8 +4,8 @@
 
 The fused landmark-attention head (a custom op in the C++ / CUDA / Triton backends) is exported through the
 "reference" backend, i.e. as its plain-PyTorch definition, which the exporter decomposes into ONNX Softmax,
-ReduceSum, Mul, Div and Concat nodes (the soft-argmax in a form that keeps float32 accurate, see
-`soft_argmax_standard`). The graph has one input, "images" (B, 1, S, S) float32 in [0, 1]
+ReduceSum, Mul, MatMul and Concat nodes (the reference sums row and column marginals, which keeps the float32
+soft-argmax within ~1e-4 px of float64). The graph has one input, "images" (B, 1, S, S) float32 in [0, 1]
 with a dynamic batch B, and one output per markup, "landmarks_<markup>" (B, L, 2): the last stage's (x, y)
 pixel coordinates on the input. After writing the file the command runs it with onnxruntime on a few
 synthetic faces and prints the largest coordinate difference from PyTorch (it must stay below --atol).
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import ops, reference
+from .. import ops
 
-__all__ = ["LastStage", "export_onnx", "check_onnx", "soft_argmax_standard", "standard_ops"]
+__all__ = ["LastStage", "check_onnx", "export_onnx", "soft_argmax_standard", "standard_ops"]
 
 
 class LastStage(nn.Module):
@@ -43,48 +43,28 @@ def soft_argmax_standard(logits: torch.Tensor, beta: float = 1.0, normalized: bo
     """Soft-argmax from standard ops, accurate in float32: logits (B, L, H, W) -> z (B, L, 2).
 
     Same value as `reference.soft_argmax`, computed as softmax, then the column and row marginals (sums
-    of H or W terms), then the expectation of coordinates centred on the map. A direct float32 dot product
-    over the H*W pixels, as written in the reference, is off by ~1e-3 px on a flat 128 x 128 map (an
-    untrained model); this form stays within ~1e-5 px of a float64 computation.
+    of H or W terms), then the expectation of coordinates centred on the map, which keeps a flat 128 x 128
+    float32 map within ~1e-5 px of float64 (the reference's uncentred marginals: below 1e-4 px, which the
+    export accepts: it runs the reference backend, see `standard_ops`).
     """
     b, l, h, w = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     phi = torch.softmax(logits.to(acc).reshape(b, l, h * w) * beta, dim=-1).reshape(b, l, h, w)
     z = []
     for marginal, n in ((phi.sum(dim=2), w), (phi.sum(dim=3), h)):  # x from columns, y from rows
-        # the reference's coordinates: 0..n-1, or linspace(-1, 1, n) when normalized ([-1] for n = 1)
-        first, last = (-1.0, 1.0 if n > 1 else -1.0) if normalized else (0.0, float(n - 1))
+        # the reference's coordinates: 0..n-1, or linspace(-1, 1, n) when normalized (a one-pixel axis is 0)
+        first, last = ((-1.0, 1.0) if n > 1 else (0.0, 0.0)) if normalized else (0.0, float(n - 1))
         centre = (first + last) / 2
         offsets = torch.linspace(first - centre, last - centre, n, device=logits.device, dtype=acc)
         z.append((marginal * offsets).sum(-1) / marginal.sum(-1) + centre)
     return torch.stack(z, dim=-1).to(logits.dtype)
 
 
-def decafa_head_standard(logits, image, embedding, mode: str = "F5", beta: float = 1.0, normalized: bool = False):
-    """`ops.decafa_head` from standard ops: (soft_argmax_standard, reference mask + fusion)."""
-    mask = reference.attention_mask(logits, beta)
-    return soft_argmax_standard(logits, beta, normalized), reference.fuse(image, embedding, mask, mode)
-
-
-def landmark_attention_standard(logits, beta: float = 1.0, normalized: bool = False):
-    return soft_argmax_standard(logits, beta, normalized), reference.attention_mask(logits, beta)
-
-
-@contextlib.contextmanager
-def standard_ops():
-    """Inside the block, the model's calls to decafa_fast.ops run plain-PyTorch code that the ONNX exporter
-    turns into standard operators: the "reference" backend, with the more accurate soft-argmax above."""
-    previous = ops.get_backend()
-    saved = {name: getattr(ops, name) for name in ("soft_argmax", "landmark_attention", "decafa_head")}
-    ops.set_backend("reference")
-    ops.soft_argmax, ops.landmark_attention = soft_argmax_standard, landmark_attention_standard
-    ops.decafa_head = decafa_head_standard
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(ops, name, fn)
-        ops.set_backend(previous)
+def standard_ops() -> contextlib.AbstractContextManager[str]:
+    """Inside the block, this thread's calls to decafa_fast.ops run the "reference" backend: plain-PyTorch
+    code that the ONNX exporter turns into standard operators. Scoped to the thread (`ops.use_backend`):
+    nothing is replaced, so overlapping or concurrent exports and other threads' ops are unaffected."""
+    return ops.use_backend("reference")
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = 18, batch: int = 2) -> Path:
@@ -148,8 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .training.checkpoint import load_model
     from .data.synthetic import SyntheticFaces
+    from .training.checkpoint import load_model
 
     model, config = load_model(args.checkpoint, map_location="cpu")
     path = export_onnx(model, args.out, opset=args.opset)

@@ -1,9 +1,15 @@
 """Backend selection: which backends this process has (`backends()`), the process default
-(`set_backend`, `DECAFA_BACKEND`) and the concrete backend for one call (`resolve`), including the measured
-Triton-vs-CUDA table that "auto" reads on a GPU."""
+(`set_backend`, `DECAFA_BACKEND`), a scoped choice for the calling thread (`use_backend`) and the concrete
+backend for one call (`resolve`), including the measured Triton-vs-CUDA table that "auto" reads on a GPU.
+
+The choice is made when an op's forward runs; its backward runs the same backend's kernels whatever the
+thread that runs it has chosen."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -14,8 +20,13 @@ BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 extension_error: str | None = None
 try:
     from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY(decafa) registrations)
-except ImportError as exc:  # pragma: no cover - only without a built extension
-    extension_error = f"the C++ extension decafa_fast._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+except ImportError:  # not built at install (build isolation hid torch): build on first use (decafa_fast/_build.py)
+    from .. import _build
+
+    try:
+        _build.load_or_build()
+    except RuntimeError as exc:
+        extension_error = str(exc)
 
 # Triton runs on CUDA tensors, or on CPU tensors under its interpreter. Anywhere else importing it (seconds)
 # would only slow every CPU process down, so it is not imported at all.
@@ -24,7 +35,7 @@ triton_error: str | None = None
 if torch.cuda.is_available() or _TRITON_ON_CPU:
     try:
         from ..triton import ops as _triton_ops  # noqa: F401  (registers decafa_triton::*)
-    except Exception as exc:  # ImportError, or triton present but unusable
+    except Exception as exc:  # noqa: BLE001 - ImportError, or triton present but unusable: reported, not raised
         triton_error = f"Triton backend unavailable: {type(exc).__name__}: {exc}"
 else:
     triton_error = "no CUDA device is visible (set TRITON_INTERPRET=1 to run the interpreter on CPU)"
@@ -68,20 +79,51 @@ if _backend not in BACKENDS:
     raise ValueError(f"DECAFA_BACKEND must be one of {BACKENDS}, got {_backend!r}")
 
 
-def set_backend(name: str) -> None:
-    """Select the backend used by every op: "auto", "triton", "cuda", "cpp" or "reference"."""
-    global _backend
+def _check_name(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
         reason = _STATUS[name]
         if not reason.startswith("available"):
             raise RuntimeError(f"backend {name!r} is not available: {reason}")
+
+
+class _ThreadChoice(threading.local):
+    """The backend chosen by `use_backend` in this thread; None defers to the process default. A
+    threading.local (not a ContextVar) because torch.compile traces and guards its attributes."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+
+_thread_choice = _ThreadChoice()
+
+
+def set_backend(name: str) -> None:
+    """Set the process default backend: "auto", "triton", "cuda", "cpp" or "reference". A thread inside
+    `use_backend` keeps its own choice until the block ends."""
+    global _backend
+    _check_name(name)
     _backend = name
 
 
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """`with use_backend("reference"): ...` runs the block's ops on `name` in this thread only; other
+    threads keep theirs. Blocks nest; the previous choice comes back when the block exits, also by an
+    exception. Usable as a decorator too."""
+    _check_name(name)
+    previous = _thread_choice.name
+    _thread_choice.name = name
+    try:
+        yield name
+    finally:
+        _thread_choice.name = previous
+
+
 def get_backend() -> str:
-    return _backend
+    """The backend this thread's ops use: its `use_backend` choice, else the process default."""
+    return _thread_choice.name or _backend
 
 
 # Which GPU backend "auto" uses on CUDA where the measured table (below) has no answer.
@@ -111,8 +153,8 @@ def _auto_cuda(op: str, inputs: tuple[torch.Tensor, ...]) -> str:
 
 
 def resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...] = ()) -> str:
-    """The concrete backend for `op` on `inputs` (all on `device`)."""
-    name = _backend
+    """The concrete backend for `op` on `inputs` (all on `device`), from this thread's choice."""
+    name = get_backend()
     if name == "auto":
         if device.type == "cuda":
             name = _auto_cuda(op, inputs)
@@ -127,7 +169,6 @@ def resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...]
 
 def namespace(backend: str):
     return torch.ops.decafa_triton if backend == "triton" else torch.ops.decafa
-
 
 
 def measured_gpus() -> list[str]:

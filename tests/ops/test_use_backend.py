@@ -1,0 +1,255 @@
+"""Backend choice per thread: `ops.use_backend` (scoped, thread-local, nestable, restored on exceptions) beside
+the process default (`set_backend`, DECAFA_BACKEND), traced by torch.compile, and the ONNX export's
+`standard_ops()` built on it (overlapping or concurrent exports leave nothing replaced)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from decafa_fast import ops
+from decafa_fast.app import export
+
+OPS_FUNCTIONS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
+
+
+class CustomOpRecorder(TorchDispatchMode):
+    """Records the namespaces of the ops that reach the kernels (dispatch modes are per thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def ran_compiled_kernel(fn) -> bool:
+    """True when fn() ran a torch.ops.decafa* kernel, False when it ran plain PyTorch (the reference)."""
+    with CustomOpRecorder() as recorder:
+        fn()
+    return bool(recorder.namespaces & {"decafa", "decafa_triton"})
+
+
+def run_threads(*targets) -> None:
+    """Runs each target in its own thread and re-raises here the first exception any of them raised."""
+    errors: list[BaseException] = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads), "a thread did not finish"
+    if errors:
+        raise errors[0]
+
+
+def logits() -> torch.Tensor:
+    return torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def auto_default():
+    """Every test starts and ends with the process default "auto" and no thread choice."""
+    assert ops.get_backend() == "auto"
+    yield
+    ops.set_backend("auto")
+
+
+def test_scoped_choice_nests_and_restores():
+    t = logits()
+    assert ran_compiled_kernel(lambda: ops.soft_argmax(t))  # auto on CPU: the C++ kernels
+    with ops.use_backend("reference") as name:
+        assert name == "reference" and ops.get_backend() == "reference"
+        assert not ran_compiled_kernel(lambda: ops.soft_argmax(t))
+        with ops.use_backend("cpp"):
+            assert ops.get_backend() == "cpp"
+            assert ran_compiled_kernel(lambda: ops.soft_argmax(t))
+        assert ops.get_backend() == "reference"
+        assert not ran_compiled_kernel(lambda: ops.soft_argmax(t))
+    assert ops.get_backend() == "auto"
+
+
+def test_exception_restores_the_previous_choice():
+    with ops.use_backend("cpp"):
+        with pytest.raises(ZeroDivisionError), ops.use_backend("reference"):
+            assert ops.get_backend() == "reference"
+            raise ZeroDivisionError
+        assert ops.get_backend() == "cpp"
+    assert ops.get_backend() == "auto"
+
+
+def test_decorator_form():
+    @ops.use_backend("reference")
+    def inside() -> str:
+        return ops.get_backend()
+
+    assert inside() == "reference" and inside() == "reference"
+    assert ops.get_backend() == "auto"
+
+
+def test_bad_names_raise_and_change_nothing():
+    with pytest.raises(ValueError, match="backend must be one of"), ops.use_backend("numba"):
+        pass
+    unavailable = [n for n, s in ops.backends().items() if not s.startswith("available")]
+    for name in unavailable:  # e.g. "cuda" without a GPU: the reason is in the message
+        with pytest.raises(RuntimeError, match=f"backend {name!r} is not available"), ops.use_backend(name):
+            pass
+    assert ops.get_backend() == "auto"
+
+
+def test_scoped_choice_wins_over_the_process_default():
+    with ops.use_backend("cpp"):
+        ops.set_backend("reference")  # the process default changes; this thread keeps its choice
+        assert ops.get_backend() == "cpp"
+        assert ran_compiled_kernel(lambda: ops.soft_argmax(logits()))
+    assert ops.get_backend() == "reference"
+    assert not ran_compiled_kernel(lambda: ops.soft_argmax(logits()))
+    with ops.use_backend("auto"):  # "auto" is a choice too, over a "reference" default
+        assert ran_compiled_kernel(lambda: ops.soft_argmax(logits()))
+
+
+def test_threads_keep_their_own_choice():
+    """Two threads hold different backends at the same time (a barrier makes their blocks overlap) while a
+    third uses the process default; each runs the ops of its own choice, many times over."""
+    t = logits()
+    barrier = threading.Barrier(3)
+    seen: dict[str, set[tuple[str, bool]]] = {}
+
+    def worker(label: str, choice: str | None):
+        def body():
+            scope = ops.use_backend(choice) if choice else contextlib.nullcontext()
+            with scope:
+                barrier.wait(timeout=30)
+                seen[label] = {(ops.get_backend(), ran_compiled_kernel(lambda: ops.landmark_attention(t)))
+                               for _ in range(20)}
+                barrier.wait(timeout=30)
+        return body
+
+    run_threads(worker("reference", "reference"), worker("cpp", "cpp"), worker("default", None))
+    assert seen == {"reference": {("reference", False)}, "cpp": {("cpp", True)}, "default": {("auto", True)}}
+    assert ops.get_backend() == "auto"
+
+
+def test_new_thread_starts_from_the_process_default():
+    result = {}
+    with ops.use_backend("reference"):
+        th = threading.Thread(target=lambda: result.setdefault("backend", ops.get_backend()))
+        th.start()
+        th.join()
+    assert result["backend"] == "auto"
+
+
+def test_environment_default_and_scoped_override():
+    code = (
+        "from decafa_fast import ops\n"
+        "print(ops.get_backend())\n"
+        "with ops.use_backend('cpp'):\n"
+        "    print(ops.get_backend())\n"
+        "print(ops.get_backend())\n"
+    )
+    env = dict(os.environ, DECAFA_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "cpp", "reference"]
+
+
+def test_compile_traces_the_scoped_choice():
+    """torch.compile(fullgraph=True) reads the thread's choice while tracing and guards on it: entering
+    another backend's block recompiles instead of running the graph traced for the first one."""
+    graphs: list[set[str]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    def head(x):
+        z, m = ops.landmark_attention(x * 2.0, 0.5, True)
+        return z.sum() + m.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(head, backend=record, fullgraph=True)
+    t = logits()
+    with ops.use_backend("reference"):
+        ref_value = compiled(t)
+    with ops.use_backend("cpp"):
+        cpp_value = compiled(t)
+    compiled(t)  # process default ("auto" = cpp on CPU)
+    torch._dynamo.reset()
+    assert len(graphs) >= 2, graphs
+    assert not any("decafa" in target for target in graphs[0]), graphs[0]
+    assert any("decafa.landmark_attention" in target for target in graphs[1]), graphs[1]
+    torch.testing.assert_close(cpp_value, ref_value, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The ONNX export borrows the reference backend through use_backend
+# --------------------------------------------------------------------------------------------------
+def _public_ops() -> dict[str, object]:
+    return {name: getattr(ops, name) for name in OPS_FUNCTIONS}
+
+
+def test_standard_ops_replaces_nothing_and_is_scoped():
+    before = _public_ops()
+    with export.standard_ops():
+        assert ops.get_backend() == "reference"
+        assert _public_ops() == before
+        assert not ran_compiled_kernel(lambda: ops.decafa_head(logits(), torch.rand(2, 1, 5, 4),
+                                                               torch.rand(2, 3, 5, 4)))
+        with export.standard_ops():  # nested: an export inside an export
+            assert ops.get_backend() == "reference"
+        assert ops.get_backend() == "reference"
+    assert ops.get_backend() == "auto" and _public_ops() == before
+
+
+def test_overlapping_exports_in_threads_leave_nothing_replaced():
+    """Export blocks in two threads that enter and leave in crossed order (A enters, B enters, A leaves,
+    B leaves), while a third thread runs ops on the process default the whole time."""
+    before = _public_ops()
+    plain_running, entered_a, entered_b, left_a, done = (threading.Event() for _ in range(5))
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    plain_seen: set[tuple[str, bool]] = set()
+
+    def export_a():
+        assert plain_running.wait(30)
+        with export.standard_ops():
+            entered_a.set()
+            assert entered_b.wait(30)
+            seen["a"].append(ops.get_backend())
+        left_a.set()
+        seen["a"].append(ops.get_backend())
+
+    def export_b():
+        assert entered_a.wait(30)
+        with export.standard_ops():
+            entered_b.set()
+            assert left_a.wait(30)
+            seen["b"].append(ops.get_backend())
+        seen["b"].append(ops.get_backend())
+        done.set()
+
+    def plain():
+        t = logits()
+        while not done.is_set():
+            plain_seen.add((ops.get_backend(), ran_compiled_kernel(lambda: ops.soft_argmax(t))))
+            plain_running.set()
+
+    run_threads(export_a, export_b, plain)
+    assert seen == {"a": ["reference", "auto"], "b": ["reference", "auto"]}
+    assert plain_seen == {("auto", True)}
+    assert ops.get_backend() == "auto" and _public_ops() == before
