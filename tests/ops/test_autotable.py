@@ -173,7 +173,7 @@ def test_choose_traces_under_torch_compile_fullgraph_with_dynamic_batch():
 
 def _import_ops_with(env_updates: dict[str, str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_updates)
-    code = ("import decafa_fast.ops as o; "
+    code = ("import decafa_fast.ops.backend as o; "
             "print(sorted(o._AUTO_TABLES), sorted(o._AUTO_TABLES.get('G', {})))")
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
