@@ -4,9 +4,9 @@ gradients of every op in float32 / float16 / bfloat16 over shapes that take each
 one-sided gradients, channels_last inputs, batch chunking, determinism, -inf / NaN logits, dtype errors and
 torch.compile. Skipped, with the reason, where no GPU or no CUDA build of the extension is present.
 
-Tolerances (max |out - ref| <= atol + rtol |ref|, atol scaled by the reference's largest magnitude):
-float32 values rtol 1e-4 / atol 1e-5 (the kernels use fast-math exp), float16 1e-2, bfloat16 2e-2. The
-reference runs in float64 and is rounded to the tested dtype.
+Tolerances: tests/harness.py's CUDA_FAST_MATH profile (atol scaled by the reference's largest magnitude):
+float32 rtol 1e-4 / atol 1e-5 (the kernels use fast-math exp), float16 1e-2, bfloat16 2e-2, values and
+gradients alike. The reference runs in float64 and is rounded to the tested dtype.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from decafa_fast import ops, reference
+from harness import CUDA_FAST_MATH, all_ops, grad_or_zeros, make_inputs
 
 _STATUS = ops.backends()["cuda"]
 pytestmark = [
@@ -23,7 +24,6 @@ pytestmark = [
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = reference.FUSION_MODES
-TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 # (B, L, H, W): odd H*W (scalar path), one pixel, empty batch, one row, H*W % 8 == 0 (vector path for every
 # dtype), the tuned 128 x 128 with L = 98 at a small batch, and a map too big to stage in shared memory
 SHAPES = [(2, 3, 7, 9), (1, 1, 1, 1), (0, 2, 5, 5), (3, 5, 1, 6), (2, 7, 16, 24), (2, 98, 128, 128),
@@ -38,36 +38,6 @@ def cuda_backend():
     ops.set_backend(before)
 
 
-def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    rtol, atol = TOL[dtype]
-    scale = ref.detach().double().abs().max().item() if ref.numel() else 1.0
-    torch.testing.assert_close(out.detach().double().cpu(), ref.detach().double().cpu(), rtol=rtol,
-                               atol=atol * max(scale, 1e-6), msg=lambda m: f"{what}: {m}")
-
-
-def make_inputs(b, l, h, w, dtype, ci=1, c=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = 3 * torch.randn(b, l, h, w, generator=g)
-    image = torch.rand(b, ci, h, w, generator=g)
-    embedding = torch.randn(b, c, h, w, generator=g)
-    return [t.to(dtype).cuda() for t in (logits, image, embedding)]
-
-
-def all_ops(impl, logits, image, embedding, mode, beta, normalized):
-    z, m = impl.landmark_attention(logits, beta, normalized)
-    head_z, head_f = impl.decafa_head(logits, image, embedding, mode, beta, normalized)
-    return {
-        "phi": impl.spatial_softmax(logits, beta),
-        "z": impl.soft_argmax(logits, beta, normalized),
-        "mask": impl.attention_mask(logits, beta),
-        "la_z": z,
-        "la_mask": m,
-        "fused": impl.fuse(image, embedding, m, mode),
-        "head_z": head_z,
-        "head_fused": head_f,
-    }
-
-
 def weights_like(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A fixed, non-uniform float64 weight per output element (the upstream gradient)."""
     g = torch.Generator().manual_seed(7)
@@ -79,7 +49,7 @@ def loss(outputs, weights) -> torch.Tensor:
 
 
 def compare(dtype, shape, mode, beta, normalized, ci=1, c=3):
-    leaves = [t.requires_grad_() for t in make_inputs(*shape, dtype, ci=ci, c=c)]
+    leaves = [t.requires_grad_() for t in make_inputs(*shape, ci=ci, c=c, dtype=dtype, device="cuda")]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     got = all_ops(ops, *leaves, mode, beta, normalized)
     want = all_ops(reference, *ref_leaves, mode, beta, normalized)
@@ -87,7 +57,7 @@ def compare(dtype, shape, mode, beta, normalized, ci=1, c=3):
     for key, ref in want.items():
         assert got[key].dtype == dtype and got[key].shape == ref.shape, f"{what} {key}"
         assert got[key].is_contiguous(), f"{what} {key} not contiguous"
-        close(got[key], ref.to(dtype), dtype, f"{what} {key}")
+        CUDA_FAST_MATH.assert_close(got[key], ref.to(dtype), dtype, what=f"{what} {key}")
     if shape[0] == 0:
         return
     weights = weights_like(want)
@@ -95,8 +65,7 @@ def compare(dtype, shape, mode, beta, normalized, ci=1, c=3):
     loss(want, weights).backward()
     for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
         assert leaf.grad is not None and leaf.grad.dtype == dtype, f"{what} grad {name}"
-        ref_grad = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)  # F1: no image
-        close(leaf.grad, ref_grad, dtype, f"{what} grad {name}")
+        CUDA_FAST_MATH.assert_close(leaf.grad, grad_or_zeros(ref_leaf), dtype, grad=True, what=f"{what} grad {name}")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -111,7 +80,7 @@ def test_values_and_gradients(dtype, shape):
 def test_one_sided_gradients(mode):
     """grad_fused = None (loss on z only) and grad_z = None (loss on the fusion only) in the head backward."""
     for which in ("z", "fused"):
-        leaves = [t.requires_grad_() for t in make_inputs(2, 4, 9, 12, torch.float32, ci=2, c=3, seed=1)]
+        leaves = [t.requires_grad_() for t in make_inputs(2, 4, 9, 12, ci=2, c=3, device="cuda", seed=1)]
         ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
         for impl, args in ((ops, leaves), (reference, ref_leaves)):
             z, fused = impl.decafa_head(*args, mode, 1.1, True)
@@ -119,25 +88,24 @@ def test_one_sided_gradients(mode):
             w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device="cuda").reshape(out.shape)
             (w * out.double()).sum().backward()
         for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
-            ref_grad = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)
-            got = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            close(got, ref_grad, torch.float32, f"{mode} loss on {which}: grad {name}")
+            CUDA_FAST_MATH.assert_close(grad_or_zeros(leaf), grad_or_zeros(ref_leaf), torch.float32, grad=True,
+                                        what=f"{mode} loss on {which}: grad {name}")
 
 
 def test_softmax_and_attention_one_sided():
     """landmark_attention with a loss on z only and on the mask only; spatial_softmax backward."""
-    logits = make_inputs(3, 5, 10, 13, torch.float32, seed=2)[0]
+    logits = make_inputs(3, 5, 10, 13, device="cuda", seed=2)[0]
     for pick in (0, 1):
         t = logits.clone().requires_grad_()
         r = logits.double().clone().requires_grad_()
         for impl, x in ((ops, t), (reference, r)):
             out = impl.landmark_attention(x, 0.9, False)[pick]
             (torch.cos(out.double())).sum().backward()
-        close(t.grad, r.grad, torch.float32, f"landmark_attention output {pick}")
+        CUDA_FAST_MATH.assert_close(t.grad, r.grad, torch.float32, grad=True, what=f"landmark_attention output {pick}")
 
 
 def test_channels_last_and_strided_inputs():
-    logits, image, embedding = make_inputs(2, 6, 12, 16, torch.float32, ci=3, c=4, seed=3)
+    logits, image, embedding = make_inputs(2, 6, 12, 16, ci=3, c=4, device="cuda", seed=3)
     want = ops.decafa_head(logits, image, embedding, "F5", 1.0, False)
     cl = [t.to(memory_format=torch.channels_last) for t in (logits, image, embedding)]
     got = ops.decafa_head(*cl, "F5", 1.0, False)
@@ -145,14 +113,15 @@ def test_channels_last_and_strided_inputs():
         assert a.is_contiguous()
         assert torch.equal(a, b)
     wide = torch.randn(2, 6, 12, 32, device="cuda")[..., ::2]  # non-contiguous view
-    close(ops.soft_argmax(wide), reference.soft_argmax(wide.double()), torch.float32, "strided logits")
+    CUDA_FAST_MATH.assert_close(ops.soft_argmax(wide), reference.soft_argmax(wide.double()), torch.float32,
+                                what="strided logits")
 
 
 @pytest.mark.parametrize("chunk", ["1", "3", "1000"])
 def test_batch_chunking_does_not_change_results(monkeypatch, chunk):
     """DECAFA_CUDA_BATCH_CHUNK only changes how batches are grouped into launches (and so the vector width
     of the pixel kernels): the same sums in the same order, equal up to FMA contraction."""
-    leaves = [t.requires_grad_() for t in make_inputs(5, 6, 16, 16, torch.float32, seed=4)]
+    leaves = [t.requires_grad_() for t in make_inputs(5, 6, 16, 16, device="cuda", seed=4)]
 
     def run():
         for t in leaves:
@@ -171,7 +140,7 @@ def test_batch_chunking_does_not_change_results(monkeypatch, chunk):
 
 
 def test_deterministic():
-    leaves = [t.requires_grad_() for t in make_inputs(3, 98, 64, 64, torch.float32, c=8, seed=5)]
+    leaves = [t.requires_grad_() for t in make_inputs(3, 98, 64, 64, c=8, device="cuda", seed=5)]
     results = []
     for _ in range(2):
         for t in leaves:
@@ -184,22 +153,23 @@ def test_deterministic():
 
 
 def test_infinite_and_nan_logits():
-    logits = make_inputs(2, 3, 8, 8, torch.float32, seed=6)[0]
+    logits = make_inputs(2, 3, 8, 8, device="cuda", seed=6)[0]
     logits[0, 1, :4] = float("-inf")  # half of a map masked out: still a proper softmax over the rest
     logits[1, 2, 3, 5] = float("nan")
     z = ops.soft_argmax(logits, 1.0, False)
     want = reference.soft_argmax(logits.double(), 1.0, False)
     ok = torch.ones(2, 3, dtype=torch.bool)
     ok[1, 2] = False
-    close(z[ok], want[ok], torch.float32, "finite maps")
+    CUDA_FAST_MATH.assert_close(z[ok], want[ok], torch.float32, what="finite maps")
     assert torch.isnan(z[1, 2]).all(), "a NaN logit must give a NaN soft-argmax for its map"
     phi = ops.spatial_softmax(logits)
     assert torch.all(phi[0, 1, :4] == 0)
-    close(phi[0, 1], reference.spatial_softmax(logits.double())[0, 1], torch.float32, "masked map")
+    CUDA_FAST_MATH.assert_close(phi[0, 1], reference.spatial_softmax(logits.double())[0, 1], torch.float32,
+                                what="masked map")
 
 
 def test_float64_rejected_with_a_clear_error():
-    logits, image, embedding = (t.double() for t in make_inputs(1, 2, 4, 4, torch.float32))
+    logits, image, embedding = (t.double() for t in make_inputs(1, 2, 4, 4, device="cuda"))
     with pytest.raises(TypeError, match="float64"):
         ops.decafa_head(logits, image, embedding)
     with pytest.raises((TypeError, RuntimeError), match="float32, float16 or bfloat16"):
@@ -207,15 +177,15 @@ def test_float64_rejected_with_a_clear_error():
 
 
 def test_lse_output_and_shapes():
-    logits, image, embedding = make_inputs(2, 4, 6, 10, torch.float16, ci=1, c=2)
+    logits, image, embedding = make_inputs(2, 4, 6, 10, ci=1, c=2, dtype=torch.float16, device="cuda")
     z, fused, lse = torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.5, False)
     assert lse.dtype == torch.float32 and lse.shape == (2, 4)
-    close(lse, torch.logsumexp(1.5 * logits.double().flatten(2), -1), torch.float32, "lse")
+    CUDA_FAST_MATH.assert_close(lse, torch.logsumexp(1.5 * logits.double().flatten(2), -1), torch.float32, what="lse")
     assert fused.shape == (2, 6, 6, 10) and z.shape == (2, 4, 2)
 
 
 def test_torch_compile_fullgraph():
-    logits, image, embedding = make_inputs(2, 5, 16, 16, torch.float32, seed=8)
+    logits, image, embedding = make_inputs(2, 5, 16, 16, device="cuda", seed=8)
 
     def head(t, i, e):
         z, f = ops.decafa_head(t, i, e, "F5", 1.0, True)
@@ -223,4 +193,4 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(head, fullgraph=True)
     for a, b in zip(compiled(logits, image, embedding), head(logits, image, embedding)):
-        close(a, b, torch.float32, "compiled")
+        CUDA_FAST_MATH.assert_close(a, b, torch.float32, what="compiled")

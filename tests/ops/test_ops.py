@@ -1,8 +1,9 @@
 """Every public op, on every compiled backend available here, against decafa_fast.reference.
 
-Tolerances (stated once, used everywhere): float32 rtol 1e-5 with atol 1e-5 of the reference's largest
-magnitude; float16 1e-2; bfloat16 2e-2. Both sides accumulate in float32, so the differences left are
-summation order and the final rounding to the output dtype.
+Tolerances: tests/harness.py's ROUNDED_REFERENCE profile (float32 rtol 1e-5 with atol 1e-5 of the
+reference's largest magnitude; float16 1e-2; bfloat16 2e-2; values and gradients alike). Both sides accumulate
+in float32 and the reference is rounded to the tested dtype, so the differences left are summation order and
+the final rounding to the output dtype.
 """
 from __future__ import annotations
 
@@ -11,29 +12,9 @@ import torch
 
 from conftest import backend_device, interpreted
 from decafa_fast import ops, reference
+from harness import ROUNDED_REFERENCE, all_ops, grad_or_zeros, make_inputs, weighted_loss
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 MODES = ops.FUSION_MODES
-
-
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    tol = TOLERANCE[dtype]
-    scale = expected.detach().abs().max().item() if expected.numel() else 1.0
-    torch.testing.assert_close(
-        actual.detach().float().cpu(),
-        expected.detach().float().cpu(),
-        rtol=tol,
-        atol=tol * max(scale, 1e-6),
-        msg=lambda m: f"{what}: {m}",
-    )
-
-
-def make_inputs(b, l, h, w, ci=1, c=3, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(b, l, h, w, generator=g)).to(dtype).to(device)
-    image = torch.rand(b, ci, h, w, generator=g).to(dtype).to(device)
-    embedding = torch.randn(b, c, h, w, generator=g).to(dtype).to(device)
-    return logits, image, embedding
 
 
 def dtypes_for(backend: str) -> list[torch.dtype]:
@@ -50,26 +31,6 @@ def sizes_for(backend: str) -> list[tuple[int, int, int, int]]:
     return small + [(2, 98, 33, 31), (1, 5, 128, 128), (1, 2, 130, 129)]
 
 
-def run_all_ops(logits, image, embedding, mode, beta, normalized, impl):
-    """Outputs of every op of `impl` (decafa_fast.ops or decafa_fast.reference), with one loss to backprop."""
-    phi = impl.spatial_softmax(logits, beta)
-    z = impl.soft_argmax(logits, beta, normalized)
-    m = impl.attention_mask(logits, beta)
-    z2, m2 = impl.landmark_attention(logits, beta, normalized)
-    fused = impl.fuse(image, embedding, m2, mode)
-    z3, fused3 = impl.decafa_head(logits, image, embedding, mode, beta, normalized)
-    return {"phi": phi, "z": z, "mask": m, "la_z": z2, "la_mask": m2, "fused": fused, "head_z": z3, "head_fused": fused3}
-
-
-def weighted_loss(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A loss that gives every output a different, non-uniform gradient."""
-    total = 0
-    for i, t in enumerate(outputs.values()):
-        w = torch.linspace(-1, 1, t.numel(), device=t.device, dtype=torch.float32).reshape(t.shape)
-        total = total + ((i + 1) * w * t.float()).sum()
-    return total
-
-
 # --------------------------------------------------------------------------------------------------
 # Values and gradients against the reference
 # --------------------------------------------------------------------------------------------------
@@ -83,21 +44,21 @@ def test_values_and_gradients_match_reference(backend, normalized):
             inputs = make_inputs(b, l, h, w, dtype=dtype, device=device)
             leaves = [t.clone().requires_grad_() for t in inputs]
             ref_leaves = [t.clone().float().requires_grad_() for t in inputs]
-            got = run_all_ops(*leaves, mode, beta, normalized, ops)
-            want = run_all_ops(*ref_leaves, mode, beta, normalized, reference)
+            got = all_ops(ops, *leaves, mode, beta, normalized)
+            want = all_ops(reference, *ref_leaves, mode, beta, normalized)
             what = f"{backend} {dtype} {(b, l, h, w)} {mode}"
             for key in want:
                 assert got[key].dtype == dtype, f"{what} {key} dtype"
                 assert got[key].shape == want[key].shape, f"{what} {key} shape"
-                assert_matches(got[key], want[key].to(dtype), dtype, f"{what} {key}")
+                ROUNDED_REFERENCE.assert_close(got[key], want[key].to(dtype), dtype, what=f"{what} {key}")
             if b == 0:
                 continue
             weighted_loss(got).backward()
             weighted_loss(want).backward()
             for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
                 assert leaf.grad is not None and leaf.grad.dtype == dtype
-                expected = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)
-                assert_matches(leaf.grad, expected.to(dtype), dtype, f"{what} grad {name}")
+                ROUNDED_REFERENCE.assert_close(leaf.grad, grad_or_zeros(ref_leaf).to(dtype), dtype, grad=True,
+                                               what=f"{what} grad {name}")
 
 
 @pytest.mark.parametrize("used", ["z", "fused"])
@@ -114,9 +75,8 @@ def test_head_gradients_when_one_output_is_used(backend, used, mode):
         w = torch.linspace(-1, 2, out.numel(), device=device).reshape(out.shape)
         (w * out).sum().backward()
     for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
-        expected = ref_leaf.grad if ref_leaf.grad is not None else torch.zeros_like(ref_leaf)
-        got = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        assert_matches(got, expected, torch.float32, f"{backend} {mode} loss on {used}: grad {name}")
+        ROUNDED_REFERENCE.assert_close(grad_or_zeros(leaf), grad_or_zeros(ref_leaf), torch.float32, grad=True,
+                                       what=f"{backend} {mode} loss on {used}: grad {name}")
 
 
 def test_float32_gradients_tight(backend):
@@ -136,16 +96,16 @@ def test_float32_gradients_tight(backend):
             logits_ = logits.clone().requires_grad_()
             weighted_loss(dict(enumerate(fn(impl)))).backward()
             grads.append(logits_.grad)
-        assert_matches(grads[0], grads[1], torch.float32, name)
+        ROUNDED_REFERENCE.assert_close(grads[0], grads[1], torch.float32, grad=True, what=name)
     for mode in MODES:
         grads = []
         for impl in (ops, reference):
             leaves = [t.clone().requires_grad_() for t in (logits, image, embedding, mask)]
             out = {"head": impl.decafa_head(*leaves[:3], mode, 0.9, True), "fuse": impl.fuse(*leaves[1:], mode)}
             weighted_loss({"z": out["head"][0], "f": out["head"][1], "g": out["fuse"]}).backward()
-            grads.append([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves])
+            grads.append([grad_or_zeros(leaf) for leaf in leaves])
         for name, g, r in zip(("logits", "image", "embedding", "mask"), *grads):
-            assert_matches(g, r, torch.float32, f"{mode} grad {name}")
+            ROUNDED_REFERENCE.assert_close(g, r, torch.float32, grad=True, what=f"{mode} grad {name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,8 +318,8 @@ def test_kornia_parity(backend, normalized, temperature):
     ours_in, theirs_in = heat.clone().requires_grad_(), heat.clone().requires_grad_()
     ours = SpatialSoftArgmax2d(temperature, normalized)(ours_in)
     theirs = kornia.geometry.subpix.spatial_soft_argmax2d(theirs_in, torch.tensor(temperature), normalized)
-    assert_matches(ours, theirs, torch.float32, "values")
+    ROUNDED_REFERENCE.assert_close(ours, theirs, torch.float32, what="values")
     w = torch.randn_like(ours)
     (ours * w).sum().backward()
     (theirs * w).sum().backward()
-    assert_matches(ours_in.grad, theirs_in.grad, torch.float32, "gradients")
+    ROUNDED_REFERENCE.assert_close(ours_in.grad, theirs_in.grad, torch.float32, grad=True, what="gradients")

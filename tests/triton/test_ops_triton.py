@@ -8,8 +8,8 @@ The interpreter must be chosen before triton or decafa_fast is imported: tests/c
 does the top of this module when run alone. If decafa_fast was nevertheless imported earlier in this process
 without it, the tests here skip and `test_in_fresh_process` reruns this module in a subprocess instead.
 
-Tolerances (max |out - ref| <= atol + rtol |ref|), against the reference run in float32 on the same inputs:
-float32 values rtol 1e-5 / atol 1e-6, gradients rtol 1e-4 / atol 1e-5; float16 rtol 2e-3 / atol 2e-3;
+Tolerances: tests/harness.py's TRITON_KERNELS profile, against the reference run in float32 on the same
+inputs: float32 values rtol 1e-5 / atol 1e-6, gradients rtol 1e-4 / atol 1e-5; float16 rtol 2e-3 / atol 2e-3;
 bfloat16 rtol 1.6e-2 / atol 1e-2 (atol scaled by the largest reference magnitude for gradients and halves).
 """
 import os
@@ -20,6 +20,7 @@ _IMPORTED_BEFORE = "decafa_fast" in sys.modules
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import functools  # noqa: E402
 import subprocess  # noqa: E402
 import warnings  # noqa: E402
 
@@ -27,6 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from decafa_fast import ops, reference  # noqa: E402
+from harness import TRITON_KERNELS, make_inputs, outputs_and_grads, reference_copies  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and not CUDA
@@ -58,28 +60,6 @@ DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=NO_BF
 MODES = reference.FUSION_MODES
 
 
-def _tol(dtype, grad=False):
-    """(rtol, atol) against the float32 reference; atol is scaled by the reference's largest magnitude
-    for gradients and half-precision values."""
-    if dtype == torch.float32:
-        return (1e-4, 1e-5) if grad else (1e-5, 1e-6)
-    if dtype == torch.float16:
-        return (2e-3, 2e-3)
-    return (1.6e-2, 1e-2)  # bfloat16: 8 significant bits
-
-
-def _close(out, ref, dtype, grad=False, what=""):
-    rtol, atol = _tol(dtype, grad)
-    if grad or dtype != torch.float32:
-        atol = atol * max(1.0, ref.detach().float().abs().max().item() if ref.numel() else 1.0)
-    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def _f32(xs):
-    """float32 copies: the reference runs in float32 on the same (rounded) inputs as the kernels."""
-    return tuple(x.float() for x in xs)
-
-
 @pytest.fixture(autouse=True)
 def triton_backend(request):
     if request.node.name == "test_in_fresh_process":
@@ -106,23 +86,8 @@ def small_tuning():
     vars(tops.TUNING).update(saved)
 
 
-def _inputs(b, l, h, w, ci, c, dtype, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    t = (torch.randn(b, l, h, w, generator=g) * scale).to(DEVICE, dtype)
-    i = torch.randn(b, ci, h, w, generator=g).to(DEVICE, dtype)
-    e = torch.randn(b, c, h, w, generator=g).to(DEVICE, dtype)
-    return t, i, e
-
-
-def _grads(fn, inputs, seed=1):
-    """Outputs of fn and the grads of sum(out * random) w.r.t. each input (zeros where unused)."""
-    xs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    outs = fn(*xs)
-    outs = (outs,) if isinstance(outs, torch.Tensor) else outs
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, xs, allow_unused=True)
-    return outs, [torch.zeros_like(x) if gr is None else gr for gr, x in zip(grads, xs)]
+# (b, l, h, w, ci, c, dtype, seed=0) on the test device, with a signed image
+_inputs = functools.partial(make_inputs, device=DEVICE, signed_image=True)
 
 
 # (B, L, H, W, Ci, C, mode, normalized, dtype): a sub-grid of H, W in {1, 7, 33, 128, 130}, L in
@@ -158,24 +123,24 @@ def _case_id(case):
 
 @pytest.mark.parametrize("case", HEAD_CASES, ids=[_case_id(c.values[0] if hasattr(c, "values") else c)
                                                   for c in HEAD_CASES])
-def test_head_values_and_grads(case):
+def test_head_values_andoutputs_and_grads(case):
     b, l, h, w, ci, c, mode, norm, dtype = case
     t, i, e = _inputs(b, l, h, w, ci, c, dtype)
     beta = 0.7
-    outs, grads = _grads(lambda *x: ops.decafa_head(*x, mode=mode, beta=beta, normalized=norm), (t, i, e))
-    ref_outs, ref_grads = _grads(lambda *x: reference.decafa_head(*x, mode=mode, beta=beta, normalized=norm),
-                                 _f32((t, i, e)))
+    outs, grads = outputs_and_grads(lambda *x: ops.decafa_head(*x, mode=mode, beta=beta, normalized=norm), (t, i, e))
+    ref_outs, ref_grads = outputs_and_grads(lambda *x: reference.decafa_head(*x, mode=mode, beta=beta, normalized=norm),
+                                 reference_copies((t, i, e)))
     for name, o, r in zip(("z", "fused"), outs, ref_outs):
         assert o.shape == r.shape and o.dtype == dtype and o.is_contiguous()
-        _close(o, r, dtype, what=name)
+        TRITON_KERNELS.assert_close(o, r, dtype, what=name)
     for name, gr, r in zip(("grad logits", "grad image", "grad embedding"), grads, ref_grads):
         assert gr.shape == r.shape and gr.dtype == dtype
-        _close(gr, r, dtype, grad=True, what=name)
+        TRITON_KERNELS.assert_close(gr, r, dtype, grad=True, what=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 33), (1, 5, 1, 130), (2, 1, 33, 1)], ids=str)
-def test_map_ops_values_and_grads(shape, dtype):
+def test_map_ops_values_andoutputs_and_grads(shape, dtype):
     t = _inputs(*shape, 1, 1, dtype)[0]
     for name, args in (
         ("spatial_softmax", (0.7,)),
@@ -183,26 +148,26 @@ def test_map_ops_values_and_grads(shape, dtype):
         ("attention_mask", (-0.5,)),
         ("landmark_attention", (1.0, False)),
     ):
-        outs, grads = _grads(lambda x: getattr(ops, name)(x, *args), (t,))
-        ref_outs, ref_grads = _grads(lambda x: getattr(reference, name)(x, *args), _f32((t,)))
+        outs, grads = outputs_and_grads(lambda x: getattr(ops, name)(x, *args), (t,))
+        ref_outs, ref_grads = outputs_and_grads(lambda x: getattr(reference, name)(x, *args), reference_copies((t,)))
         for o, r in zip(outs, ref_outs):
             assert o.shape == r.shape and o.dtype == dtype
-            _close(o, r, dtype, what=name)
-        _close(grads[0], ref_grads[0], dtype, grad=True, what=f"grad of {name}")
+            TRITON_KERNELS.assert_close(o, r, dtype, what=name)
+        TRITON_KERNELS.assert_close(grads[0], ref_grads[0], dtype, grad=True, what=f"grad of {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_fuse_values_and_grads(mode, dtype):
+def test_fuse_values_andoutputs_and_grads(mode, dtype):
     g = torch.Generator().manual_seed(3)
     i = torch.randn(3, 2, 7, 9, generator=g).to(DEVICE, dtype)
     e = torch.randn(3, 5, 7, 9, generator=g).to(DEVICE, dtype)
     m = torch.rand(3, 1, 7, 9, generator=g).to(DEVICE, dtype)
-    outs, grads = _grads(lambda *x: ops.fuse(*x, mode=mode), (i, e, m))
-    ref_outs, ref_grads = _grads(lambda *x: reference.fuse(*x, mode=mode), _f32((i, e, m)))
-    _close(outs[0], ref_outs[0], dtype, what="fused")
+    outs, grads = outputs_and_grads(lambda *x: ops.fuse(*x, mode=mode), (i, e, m))
+    ref_outs, ref_grads = outputs_and_grads(lambda *x: reference.fuse(*x, mode=mode), reference_copies((i, e, m)))
+    TRITON_KERNELS.assert_close(outs[0], ref_outs[0], dtype, what="fused")
     for name, gr, r in zip(("grad image", "grad embedding", "grad mask"), grads, ref_grads):
-        _close(gr, r, dtype, grad=True, what=name)
+        TRITON_KERNELS.assert_close(gr, r, dtype, grad=True, what=name)
 
 
 @pytest.mark.parametrize("mode", ["F1", "F5"])
@@ -211,18 +176,19 @@ def test_multi_step_loops_and_chunks(mode, small_tuning):
     t, i, e = _inputs(3, 5, 5, 9, 3, 5, torch.float32, seed=4)
     assert tops._chunks(t) == [(0, 2), (2, 1)]
     t[1, 2] -= 50.0  # one map far below the others: the mask must still normalise it per map
-    outs, grads = _grads(lambda *x: ops.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))
-    ref_outs, ref_grads = _grads(lambda *x: reference.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))
+    outs, grads = outputs_and_grads(lambda *x: ops.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))
+    ref_outs, ref_grads = outputs_and_grads(
+        lambda *x: reference.decafa_head(*x, mode=mode, beta=1.5, normalized=True), (t, i, e))
     for o, r in zip(outs, ref_outs):
-        _close(o, r, torch.float32)
+        TRITON_KERNELS.assert_close(o, r, torch.float32)
     for gr, r in zip(grads, ref_grads):
-        _close(gr, r, torch.float32, grad=True)
+        TRITON_KERNELS.assert_close(gr, r, torch.float32, grad=True)
     phi = ops.spatial_softmax(t, 1.5)
-    _close(phi, reference.spatial_softmax(t, 1.5), torch.float32)
+    TRITON_KERNELS.assert_close(phi, reference.spatial_softmax(t, 1.5), torch.float32)
     z, m = ops.landmark_attention(t, 0.5, False)
     rz, rm = reference.landmark_attention(t, 0.5, False)
-    _close(z, rz, torch.float32)
-    _close(m, rm, torch.float32)
+    TRITON_KERNELS.assert_close(z, rz, torch.float32)
+    TRITON_KERNELS.assert_close(m, rm, torch.float32)
 
 
 def test_small_launch_tiles():
@@ -234,12 +200,13 @@ def test_small_launch_tiles():
         cfg = tops._fuse_cfg(45, 68, 3, 40, 1, torch.device("cpu"))
         assert (cfg["BLOCK_P"], cfg["BLOCK_L"], cfg["BLOCK_C"]) == (32, 64, 64)
         t, i, e = _inputs(1, 68, 5, 9, 3, 40, torch.float32, seed=12)
-        outs, grads = _grads(lambda *x: ops.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
-        ref_outs, ref_grads = _grads(lambda *x: reference.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
+        outs, grads = outputs_and_grads(lambda *x: ops.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
+        ref_outs, ref_grads = outputs_and_grads(
+            lambda *x: reference.decafa_head(*x, mode="F5", normalized=True), (t, i, e))
     finally:
         tops.TUNING.fuse_min_programs = saved
     for o, r in zip([*outs, *grads], [*ref_outs, *ref_grads]):
-        _close(o, r, torch.float32, grad=True)
+        TRITON_KERNELS.assert_close(o, r, torch.float32, grad=True)
 
 
 def test_layouts_channels_last_and_strided():
@@ -248,12 +215,12 @@ def test_layouts_channels_last_and_strided():
     want_z, want_f = reference.decafa_head(t, i, e, "F5", 1.0, False)
     cl = [x.contiguous(memory_format=torch.channels_last) for x in (t, i, e)]
     z, f = ops.decafa_head(*cl, mode="F5")
-    _close(z, want_z, torch.float32)
-    _close(f, want_f, torch.float32)
+    TRITON_KERNELS.assert_close(z, want_z, torch.float32)
+    TRITON_KERNELS.assert_close(f, want_f, torch.float32)
     tt = t.transpose(2, 3).contiguous().transpose(2, 3)  # same values, H and W strides swapped
     z, f = ops.decafa_head(tt, i, e, mode="F5")
-    _close(z, want_z, torch.float32)
-    _close(f, want_f, torch.float32)
+    TRITON_KERNELS.assert_close(z, want_z, torch.float32)
+    TRITON_KERNELS.assert_close(f, want_f, torch.float32)
     # grads of a plain sum arrive expanded (all strides 0)
     xs = [x.clone().requires_grad_(True) for x in cl]
     z, f = ops.decafa_head(*xs, mode="F4", normalized=True)
@@ -262,11 +229,11 @@ def test_layouts_channels_last_and_strided():
     rz, rf = reference.decafa_head(*rs, mode="F4", normalized=True)
     (rz.sum() + rf.sum()).backward()
     for x, r in zip(xs, rs):
-        _close(x.grad, r.grad, torch.float32, grad=True)
+        TRITON_KERNELS.assert_close(x.grad, r.grad, torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("mode", ["F1", "F5"])
-def test_head_backward_with_missing_grads(mode):
+def test_head_backward_with_missingoutputs_and_grads(mode):
     t, i, e = _inputs(2, 3, 5, 6, 1, 2, torch.float32, seed=6)
     _, _, lse = NS.decafa_head(t, i, e, MODES.index(mode) + 1, 1.0, False)
     gz = torch.randn(2, 3, 2).to(DEVICE)
@@ -279,7 +246,7 @@ def test_head_backward_with_missing_grads(mode):
         loss = (rz * gz).sum() * (grad_z is not None) + (rf * gf).sum() * (grad_f is not None)
         want = torch.autograd.grad(loss, rs, allow_unused=True) if loss.requires_grad else [None] * 3
         for got, w, x in zip((gt, gi, ge), want, (t, i, e)):
-            _close(got, torch.zeros_like(x) if w is None else w, torch.float32, grad=True)
+            TRITON_KERNELS.assert_close(got, torch.zeros_like(x) if w is None else w, torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("normalized", [False, True])
@@ -308,13 +275,13 @@ def test_nan_stays_in_its_map_and_extremes():
     z = ops.soft_argmax(t)
     assert torch.isnan(z[0, 1]).all()
     assert torch.isfinite(z[0, [0, 2]]).all()
-    _close(z[0, [0, 2]], reference.soft_argmax(t)[0, [0, 2]], torch.float32)
+    TRITON_KERNELS.assert_close(z[0, [0, 2]], reference.soft_argmax(t)[0, [0, 2]], torch.float32)
 
 
 def test_bitwise_deterministic():
     t, i, e = _inputs(3, 5, 7, 33, 1, 4, torch.float32, seed=8)
-    a = _grads(lambda *x: ops.decafa_head(*x, mode="F5"), (t, i, e))
-    b = _grads(lambda *x: ops.decafa_head(*x, mode="F5"), (t, i, e))
+    a = outputs_and_grads(lambda *x: ops.decafa_head(*x, mode="F5"), (t, i, e))
+    b = outputs_and_grads(lambda *x: ops.decafa_head(*x, mode="F5"), (t, i, e))
     for x, y in zip([*a[0], *a[1]], [*b[0], *b[1]]):
         assert torch.equal(x, y)
 
@@ -386,9 +353,9 @@ def test_compile_fullgraph_forward_and_backward():
     ops.set_backend("reference")
     ref = head(*rs)
     ref.backward()
-    _close(out.detach(), ref.detach(), torch.float32)
+    TRITON_KERNELS.assert_close(out.detach(), ref.detach(), torch.float32)
     for x, r in zip(xs, rs):
-        _close(x.grad, r.grad, torch.float32, grad=True)
+        TRITON_KERNELS.assert_close(x.grad, r.grad, torch.float32, grad=True)
 
 
 def test_kernels_compile_for_sm90_without_gpu():
