@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...], deadline: float) -> int:
     """Times every case on `device`; `racers` are the backends that may race (the tests run this on CPU)."""
-    from decafa_fast.app import benchmark as B
     from decafa_fast import ops, reference
+    from decafa_fast.app import benchmark as B
 
     status = ops.backends()
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -273,7 +273,8 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
 
     print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
     for r in results["cases"]:
-        print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {'%.2f' % r['x_floor'] if r['x_floor'] else ''} |")
+        x_floor = f"{r['x_floor']:.2f}" if r["x_floor"] else ""
+        print(f"| {r['dtype']} | {r['case']} | {r['ms'] * 1e3:.1f} | {x_floor} |")
     if args.sweep and "triton" in backends:
         sweep_triton(args, deadline, results, floors, lambda dtype: inputs(dtype, b), head("triton"))
     return 0

@@ -9,7 +9,7 @@
 Importing the library loads nothing of the application (no OpenCV, matplotlib or tqdm)."""
 __version__ = "0.1.0"
 
-from . import ops, reference  # noqa: E402,F401
+from . import ops, reference  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -19,8 +19,9 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 FORMAT = 1
 GPU_BACKENDS = ("triton", "cuda")

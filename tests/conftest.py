@@ -6,10 +6,10 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from decafa_fast import ops  # noqa: E402
+from decafa_fast import ops
 
 COMPILED_BACKENDS = ("cpp", "triton", "cuda")
 

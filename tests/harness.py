@@ -18,6 +18,7 @@ from types import ModuleType
 
 import torch
 
+
 @dataclass(frozen=True)
 class Tolerance:
     """|out - ref| <= rtol |ref| + max(atol, scaled_atol * max |ref|), elementwise."""

@@ -134,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     model, config = load_model(args.checkpoint, map_location="cpu")
     path = export_onnx(model, args.out, opset=args.opset)
     size_mb = path.stat().st_size / 2**20
+    outputs = ", ".join(f"landmarks_{m} (B, {n}, 2)" for m, n in zip(config.markups, config.n_points))
     print(f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}): input images (B, {config.image_channels}, "
-          f"{config.image_size}, {config.image_size}), outputs " + ", ".join(f"landmarks_{m} (B, {n}, 2)"
-                                                                          for m, n in zip(config.markups, config.n_points)))
+          f"{config.image_size}, {config.image_size}), outputs {outputs}")
     if args.no_check:
         return 0
     faces = SyntheticFaces(args.check_batch, size=config.image_size, seed=12345)

@@ -75,8 +75,9 @@ def _variants(dt: str):
                dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
     cfg = tops._fuse_cfg(hw, L, CI, C, 64, torch.device("cpu"))
     warps = cfg.pop("num_warps")
-    f_vals = dict(b_start=0, b_step=-1, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"], s_tb=L * hw, s_tl=hw, s_tp=1,
-                  s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1,
+    f_vals = dict(b_start=0, b_step=-1, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"],
+                  s_tb=L * hw, s_tl=hw, s_tp=1, s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1,
+                  s_eb=C * hw, s_ec=hw, s_ep=1,
                   s_fb=130 * hw, s_fc=hw, s_fp=1, beta=1.0, ip_off=0, im_off=CI, ep_off=2 * CI,
                   em_off=2 * CI + C, CF=2 * CI + 2 * C)
     fptrs = dict(t_ptr=ptr, lse_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, f_ptr=ptr, m_out_ptr=ptr)
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16")
     parser.add_argument("--quick", action="store_true", help="only the variants the fused head uses")
-    parser.add_argument("--fail-on-spill", action="store_true", help="count a variant with a stack frame over 16 bytes (more than a stray spill or two) as failed")
+    parser.add_argument("--fail-on-spill", action="store_true",
+                        help="count a variant with a stack frame over 16 bytes (more than a stray spill or two)"
+                        " as failed")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs TRITON_INTERPRET unset (the interpreter does not compile)", file=sys.stderr)

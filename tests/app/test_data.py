@@ -249,7 +249,8 @@ def test_face_dataset_item_maps_back_to_the_image(tmp_path):
     assert item["image"].shape == (1, 64, 64) and item["image"].dtype == torch.float32
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
     assert set(item["landmarks"]) == {"300w68"} and item["landmarks"]["300w68"].shape == (68, 2)
-    back = crop.apply_affine(cv2.invertAffineTransform(item["crop"].numpy()), item["landmarks"]["300w68"].double().numpy())
+    back = crop.apply_affine(cv2.invertAffineTransform(item["crop"].numpy()),
+                             item["landmarks"]["300w68"].double().numpy())
     np.testing.assert_allclose(back, truth["ibug"], atol=1e-3)
     # a mixed data set marks the other markups unannotated, and batches with synthetic faces
     mixed = real.FaceDataset(ds.records, size=64, markups=("wflw98", "300w68", "celeba5"))[0]

@@ -45,7 +45,7 @@ def test_gradients_reach_every_stage(fusion):
     model = DeCaFA(DeCaFAConfig(stages=3, fusion=fusion, **TINY))
     out = model(torch.rand(2, 1, 16, 16))
     out[-1][0].square().mean().backward()
-    for i, (unet, transfer) in enumerate(zip(model.stages, model.transfers)):
+    for i, (unet, _transfer) in enumerate(zip(model.stages, model.transfers)):
         assert unet.down0[0][0].weight.grad is not None, f"stage {i}"
         assert unet.down0[0][0].weight.grad.abs().sum() > 0, f"stage {i} gets no gradient with {fusion}"
     # the attention transfer (markup k0 = 98 points) of the earlier stages shapes the mask
@@ -101,7 +101,7 @@ def test_tiny_model_overfits_one_batch():
                                 image_size=32))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     valid = {"celeba5": torch.ones(4, dtype=torch.bool)}
-    for step in range(400):
+    for step in range(400):  # noqa: B007 - the count is reported after the loop
         out = model(images)
         error = (out[-1][0].detach() - target).norm(dim=-1).mean().item()
         if error < 1.0:
@@ -111,7 +111,8 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert error < 1.0, f"mean error still {error:.2f} px after {step} steps"
-    print(f"overfit: mean error {error:.3f} px after {step} steps, NME {nme(out[-1][0].detach(), target, 'celeba5').mean():.4f}")
+    score = nme(out[-1][0].detach(), target, "celeba5").mean()
+    print(f"overfit: mean error {error:.3f} px after {step} steps, NME {score:.4f}")
 
 
 def test_bf16_autocast_forward_backward():

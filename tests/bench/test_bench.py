@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from decafa_fast.app import benchmark as B
 from decafa_fast import ops
+from decafa_fast.app import benchmark as B
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from decafa_fast import autotable, ops
+from decafa_fast import autotable
 from decafa_fast.ops import backend as backend_mod
 
 

@@ -14,7 +14,7 @@ OpenCV call overhead, so nearly independent of size); samples are cached (as uin
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -77,7 +77,8 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     p[33:38, 1] = brow_y - arch * np.sin(np.pi * s) + u(0.0, 0.05) * (1 - s)
     s_low = np.array([0.8, 0.6, 0.4, 0.2])
     p[38:42, 0] = outer + (inner - outer) * s_low
-    p[38:42, 1] = brow_y - arch * np.sin(np.pi * s_low) + u(0.0, 0.05) * (1 - s_low) + brow_t * (0.6 + 0.4 * np.sin(np.pi * s_low))
+    p[38:42, 1] = (brow_y - arch * np.sin(np.pi * s_low) + u(0.0, 0.05) * (1 - s_low)
+                   + brow_t * (0.6 + 0.4 * np.sin(np.pi * s_low)))
     d[33:42] = 0.55
 
     # mirror the left features to the right side: point perm[i] is the mirror of point i
@@ -330,7 +331,8 @@ class SyntheticFaces(Dataset):
     def __getitem__(self, index: int) -> dict:
         img, pts98 = self.raw(int(index))
         image = torch.from_numpy(img.astype(np.float32) / 255.0)[None]
-        landmarks = {name: torch.from_numpy(derive_from_wflw98(pts98, name).astype(np.float32)) for name in self.annotate}
+        landmarks = {name: torch.from_numpy(derive_from_wflw98(pts98, name).astype(np.float32))
+                     for name in self.annotate}
         if self.augment and self._aug_rng.random() < 0.5:
             image, landmarks = T.hflip(image, landmarks)
         return {"image": image, "landmarks": landmarks, "mask": {m: m in self.annotate for m in self.markups}}

@@ -6,7 +6,7 @@ caller seeding the generator gets the same result every time.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import cv2
 import numpy as np

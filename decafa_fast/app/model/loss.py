@@ -6,7 +6,7 @@ The result is averaged over the batch.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
 from ..data.crop import read_image
 from ..data.folder import list_images
 from ..data.real import IMAGE_EXTENSIONS
+from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 COLOURS = [(0, 255, 0), (0, 200, 255), (255, 80, 80)]  # BGR, one per markup
@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         capture, fps, count = open_video(source)
         name = f"webcam{source}" if kind == "webcam" else Path(source).stem
-        total = min(count, args.max_frames) if count > 0 and args.max_frames else (count if count > 0 else args.max_frames)
+        total = (min(count, args.max_frames) if count > 0 and args.max_frames
+                 else (count if count > 0 else args.max_frames))
         writer = None
         try:
             frames = read_frames(capture, args.max_frames)
