@@ -89,7 +89,7 @@ run_step install "${GPU_CHECK_INSTALL_S:-130}" bash -c install
 # 2. the op tests natively on the GPU. Kernel compilation dominates on a fresh machine: spread it over
 #    4 workers when pytest-xdist is there.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
-run_step tests 80 "$PY" -m pytest -q -p no:cacheprovider -rs $XDIST tests/test_ops_triton.py tests/test_ops_cuda.py
+run_step tests 80 "$PY" -m pytest -q -p no:cacheprovider -rs $XDIST tests/triton/test_ops_triton.py tests/cuda/test_ops_cuda.py
 
 # 3. the Triton and CUDA C++ heads raced against each other and the floor, then a short Triton tuning sweep
 run_step head_floor 80 "$PY" bench/head_floor.py --sweep --budget-s 65 --json "$OUT/head_floor.json"

@@ -1,6 +1,6 @@
-// CUDA implementation of the decafa operator library (schemas in csrc/schemas.cpp): tensor checks,
+// CUDA implementation of the decafa operator library (schemas in decafa_fast/ops/schemas.py): tensor checks,
 // contiguous inputs, the current stream, dtype dispatch to the torch-free launchers in kernels/.
-// Shapes and the math: csrc/schemas.cpp and notes/kernel_math.md.
+// Shapes and the math: decafa_fast/ops/schemas.py and kernels/README.md.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
