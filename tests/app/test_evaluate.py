@@ -122,8 +122,48 @@ def test_evaluate_cli_wflw_subsets(tmp_path, capsys):
 def test_evaluate_cli_bad_input(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="KIND:PATH"):
-        cli.main(["evaluate", "--data", "imagenet:/x", "--checkpoint", str(ckpt)])
+        cli.run_command(["evaluate", "--data", "imagenet:/x", "--checkpoint", str(ckpt)])
     with pytest.raises(FileNotFoundError, match="300W root"):
-        cli.main(["evaluate", "--data", f"300w:{tmp_path / 'nope'}", "--checkpoint", str(ckpt)])
+        cli.run_command(["evaluate", "--data", f"300w:{tmp_path / 'nope'}", "--checkpoint", str(ckpt)])
     with pytest.raises(ValueError, match="--stage"):
-        cli.main(["evaluate", "--data", "synthetic:2", "--checkpoint", str(ckpt), "--stage", "3"])
+        cli.run_command(["evaluate", "--data", "synthetic:2", "--checkpoint", str(ckpt), "--stage", "3"])
+
+
+def test_evaluate_json_rows_name_each_face_and_bad_images_are_skipped(tmp_path, capsys):
+    """Per-face JSON rows carry the image file; an unreadable image is reported, left out, exit status 1."""
+    data = tmp_path / "faces"
+    data.mkdir()
+    faces = SyntheticFaces(3, size=64, seed=4, markups=("300w68",))
+    for i in range(3):
+        item = faces[i]
+        gray = (item["image"][0].numpy() * 255).round().astype(np.uint8)
+        assert cv2.imwrite(str(data / f"f{i}.ppm"), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+        w300.write_pts(data / f"f{i}.pts", item["landmarks"]["300w68"].double().numpy() + 1.0)
+    (data / "f2.ppm").write_bytes(b"P6\n64 64\n255\n")  # a header and no pixels: truncated
+    out = tmp_path / "r.json"
+    code = cli.main(["evaluate", "--data", f"folder:{data}", "--checkpoint", str(tiny_checkpoint(tmp_path / "t.pt")),
+                     "--ced", str(tmp_path / "ced.png"), "--json", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1 and "f2.ppm" in captured.err and "Traceback" not in captured.err
+    result = json.loads(out.read_text())
+    rows = result["faces"]["all"]
+    assert [row["face"] for row in rows] == [str(data / "f0.ppm"), str(data / "f1.ppm")]
+    assert all(row["nme"] > 0 for row in rows)
+    assert [s["face"] for s in result["skipped"]] == [str(data / "f2.ppm")]
+
+
+def test_landmarks_far_outside_the_image_are_rejected(tmp_path):
+    data = tmp_path / "faces"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), np.zeros((40, 50), np.uint8))
+    points = np.full((68, 2), 20.0)
+    points[7] = (20.0, 900.0)  # more than 10 image heights below a 40-pixel image
+    w300.write_pts(data / "a.pts", points + 1.0)
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"a\.pts: landmark 7 .* far outside the 50x40 image"):
+        cli.run_command(["evaluate", "--data", f"folder:{data}", "--checkpoint", str(ckpt), "--no-progress",
+                         "--ced", str(tmp_path / "ced.png")])
+    points[7] = (20.0, 1e30)  # beyond any image: rejected when the file is read, with its line
+    w300.write_pts(data / "a.pts", points + 1.0)
+    with pytest.raises(ValueError, match=r"a\.pts:11: landmark 0 is .*must be finite pixel positions"):
+        cli.run_command(["evaluate", "--data", f"folder:{data}", "--checkpoint", str(ckpt)])

@@ -55,7 +55,8 @@ HAS_HAAR = hasattr(cv2, "CascadeClassifier")  # OpenCV 4 has it; OpenCV 5 no lon
 
 def test_face_aligner_is_exported_and_falls_back_to_the_whole_image(tmp_path):
     with pytest.warns(UserWarning, match="Haar") if not HAS_HAAR else contextlib.nullcontext():
-        aligner = decafa_fast.FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu")
+        aligner = decafa_fast.FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu", detector="haar"
+                                          if HAS_HAAR else "auto")
     assert aligner.detector.kind == ("haar" if HAS_HAAR else "none")
     image = synthetic_frames(1, size=48)[0][:, :40]  # not square: 48 rows, 40 columns
     assert aligner.detect(image).shape == (0, 4)  # no detector finds a synthetic face
@@ -159,10 +160,64 @@ def test_predict_cli_images_folder_and_video(tmp_path, capsys):
 def test_predict_cli_bad_input(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "t.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli.main(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(ckpt)])
+        cli.run_command(["predict", str(tmp_path / "none.jpg"), "--checkpoint", str(ckpt)])
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not an image"):
-        cli.main(["predict", str(tmp_path / "notes.txt"), "--checkpoint", str(ckpt)])
+        cli.run_command(["predict", str(tmp_path / "notes.txt"), "--checkpoint", str(ckpt)])
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8), np.uint8))
     with pytest.raises(ValueError, match="--smooth"):
-        cli.main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--smooth", "2"])
+        cli.run_command(["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--smooth", "2"])
+
+
+@pytest.mark.parametrize("ext", [".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".png", ".jpg", ".jpeg"])
+def test_every_opencv_format_in_cli_api_and_folder(tmp_path, ext):
+    """One list of image formats for predict's inputs and folders, the API and the annotated-folder reader."""
+    from decafa_fast.app.data import folder
+
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    frame = synthetic_frames(1)[0]
+    image = tmp_path / "photos" / f"face{ext}"
+    image.parent.mkdir()
+    assert cv2.imwrite(str(image), frame[:, :, 0] if ext == ".pgm" else frame)
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(image), str(image.parent), "--checkpoint", str(ckpt), "--out", str(out),
+                     "--detector", "none", "--no-annotate"]) == 0
+    entries = json.loads((out / "predictions.json").read_text())
+    assert [e["source"] for e in entries] == [str(image), str(image)]
+    aligner = FaceAligner(ckpt, device="cpu", detector="none")
+    assert aligner.align(image)[0].landmarks["wflw98"].shape == (98, 2)
+    (image.parent / "face.json").write_text(json.dumps(np.full((5, 2), 20.0).tolist()))
+    (record,) = folder.read_annotated_folder(image.parent)
+    assert record.image == image
+
+
+def test_bad_image_in_a_folder_is_reported_and_skipped(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, frame in enumerate(synthetic_frames(2)):
+        cv2.imwrite(str(photos / f"ok{i}.png"), frame)
+    (photos / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (photos / "empty.ppm").write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(photos), "--checkpoint", str(ckpt), "--out", str(out), "--detector", "none"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.jpg" in captured.err and "empty.ppm" in captured.err and "2 image(s) skipped" in captured.err
+    assert "Traceback" not in captured.err
+    entries = json.loads((out / "predictions.json").read_text())
+    assert sorted(e["source"] for e in entries) == [str(photos / "ok0.png"), str(photos / "ok1.png")]
+    assert (out / "ok0_landmarks.png").is_file() and (out / "ok1_landmarks.png").is_file()
+
+
+def test_the_run_reports_faces_per_image(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "t.pt")
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), synthetic_frames(1)[0])
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"b.png": [[4, 4, 40, 40], [30, 30, 60, 60]]}))
+    cv2.imwrite(str(tmp_path / "b.png"), synthetic_frames(1)[0])
+    assert cli.main(["predict", str(image), str(tmp_path / "b.png"), "--checkpoint", str(ckpt), "--out",
+                     str(tmp_path / "out"), "--detector", "none", "--boxes", str(boxes)]) == 0
+    captured = capsys.readouterr()
+    assert f"{image}: warning: no face detected" in captured.err
+    assert "b.png: 2 face(s) from --boxes" in captured.out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import FaceRecord, raise_missing
+from .records import FaceRecord, check_coordinates, raise_missing
 
 MARKUP = "celeba5"
 N_POINTS = 5
@@ -28,7 +28,7 @@ def parse_landmarks_file(path: str | Path) -> dict[str, np.ndarray]:
     """list_landmarks_*.txt -> {image name: (5, 2) float64}; ValueError with the file and line if malformed."""
     path = Path(path)
     result: dict[str, np.ndarray] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a binary file fails on its first line
         lines = f.read().splitlines()
     if len(lines) < 2:
         raise ValueError(f"{path}:{len(lines) or 1}: expected the image count and a header line")
@@ -43,13 +43,13 @@ def parse_landmarks_file(path: str | Path) -> dict[str, np.ndarray]:
         if not fields:
             continue
         if len(fields) != 1 + 2 * N_POINTS:
-            raise ValueError(f"{path}:{lineno}: expected an image name and {2 * N_POINTS} numbers, got {len(fields)} fields")
+            raise ValueError(f"{path}:{lineno}: expected an image name and {2 * N_POINTS} numbers, "
+                             f"got {len(fields)} fields")
         try:
             points = np.array([float(v) for v in fields[1:]], dtype=np.float64).reshape(N_POINTS, 2)
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: {e}") from None
-        if not np.isfinite(points).all():
-            raise ValueError(f"{path}:{lineno}: non-finite coordinate")
+        check_coordinates(points, f"{path}:{lineno}")
         result[fields[0]] = points
     if len(result) != count:
         raise ValueError(f"{path}:1: header says {count} images, the file lists {len(result)}")
@@ -60,7 +60,7 @@ def parse_partition_file(path: str | Path) -> dict[str, int]:
     """list_eval_partition.txt -> {image name: 0 | 1 | 2}."""
     path = Path(path)
     result: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -88,11 +88,9 @@ def read_celeba(root: str | Path, split: str = "train") -> list[FaceRecord]:
         raise ValueError(f"CelebA split must be one of {sorted(SPLITS) + ['all']}, got {split!r}")
     if not root.is_dir():
         raise FileNotFoundError(f"CelebA root {root} is not a directory")
-    for landmarks_name, images_name in VARIANTS:
-        landmarks_file = _find_one(root, landmarks_name)
-        if landmarks_file is not None:
-            break
-    else:
+    found = [(_find_one(root, name), images) for name, images in VARIANTS]
+    landmarks_file, images_name = next(((f, images) for f, images in found if f is not None), (None, None))
+    if landmarks_file is None:
         raise FileNotFoundError(f"no list_landmarks_align_celeba.txt (or list_landmarks_celeba.txt) under {root}")
     image_dir = _find_one(root, images_name, directory=True)
     if image_dir is None:
@@ -111,7 +109,8 @@ def read_celeba(root: str | Path, split: str = "train") -> list[FaceRecord]:
         names = [n for n in names if partition[n] == SPLITS[split]]
     on_disk = {p.name for p in image_dir.iterdir()}  # one listing instead of 200k stat calls
     raise_missing([image_dir / n for n in names if n not in on_disk])
-    return [FaceRecord(image=image_dir / n, landmarks=landmarks[n], markup=MARKUP, source=split) for n in names]
+    return [FaceRecord(image=image_dir / n, landmarks=landmarks[n], markup=MARKUP, source=split,
+                       origin=f"{landmarks_file} ({n})") for n in names]
 
 
 def write_celeba_files(root: str | Path, landmarks: dict[str, np.ndarray], partition: dict[str, int]) -> None:

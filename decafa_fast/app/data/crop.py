@@ -16,9 +16,12 @@ the longer side of the box) and `shift_y` (downward shift of the square's centre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+
+from ..errors import UserError
 
 CROP_SIZE = 128
 LANDMARK_SCALE = {"wflw98": 1.25, "300w68": 1.25, "celeba5": 2.75}
@@ -139,10 +142,20 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return gray
 
 
+class ImageReadError(UserError):
+    """An image file that exists but OpenCV cannot decode (truncated, or not an image)."""
+
+
 def read_image(path) -> np.ndarray:
-    """Read an image file as BGR uint8 (H, W, 3) (grayscale files are expanded); FileNotFoundError if missing
-    or unreadable."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an image file (any of `records.IMAGE_EXTENSIONS`) as BGR uint8 (H, W, 3), grayscale files
+    expanded. FileNotFoundError if it does not exist; ImageReadError if OpenCV cannot decode it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    # imdecode of the bytes (not imread) so that non-ASCII paths work and a decoder error is ours to report
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise FileNotFoundError(f"cannot read image {path} (missing or not an image)")
+        raise ImageReadError(f"cannot read image {path}: empty, truncated or not an image OpenCV decodes; "
+                             "replace or remove the file")
     return image

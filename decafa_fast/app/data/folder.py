@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import IMAGE_EXTENSIONS, NO_IMAGE, FaceRecord, find_image, raise_missing
+from .markups import MARKUPS
+from .records import NO_IMAGE, FaceRecord, check_coordinates, find_image, is_image_file, raise_missing
 from .w300 import parse_pts
 
 MARKUP_BY_POINTS = {98: "wflw98", 68: "300w68", 5: "celeba5"}
@@ -32,6 +33,8 @@ def parse_json_annotation(path: str | Path) -> tuple[np.ndarray, str, np.ndarray
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected JSON landmarks)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     markup, box = None, None
@@ -44,18 +47,19 @@ def parse_json_annotation(path: str | Path) -> tuple[np.ndarray, str, np.ndarray
         points = np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{path}: landmarks must be a list of [x, y] number pairs") from None
-    if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
-        raise ValueError(f"{path}: landmarks must be a list of finite [x, y] pairs, got shape {points.shape}")
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"{path}: landmarks must be a list of [x, y] pairs, got shape {points.shape}")
+    check_coordinates(points, str(path))
     if markup is None:
         markup = _markup_for(len(points), path, None)
-    else:
-        from .markups import MARKUPS
-
-        if markup not in MARKUPS or MARKUPS[markup].n_points != len(points):
-            raise ValueError(f"{path}: markup {markup!r} does not fit {len(points)} points")
+    elif not isinstance(markup, str) or markup not in MARKUPS or MARKUPS[markup].n_points != len(points):
+        raise ValueError(f"{path}: markup {markup!r} does not fit {len(points)} points")
     if box is not None:
-        box = np.asarray(box, dtype=np.float64)
-        if box.shape != (4,):
+        try:
+            box = np.asarray(box, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: box must be [x0, y0, x1, y1] numbers, got {box!r}") from None
+        if box.shape != (4,) or not np.isfinite(box).all():
             raise ValueError(f"{path}: box must be [x0, y0, x1, y1], got {box.tolist()}")
     return points, markup, box
 
@@ -81,7 +85,7 @@ def read_annotated_folder(folder: str | Path) -> list[FaceRecord]:
             missing.append(path)
             continue
         records.append(FaceRecord(image=image, landmarks=points, markup=markup, box=box,
-                                  source=str(path.parent.relative_to(folder))))
+                                  source=str(path.parent.relative_to(folder)), origin=str(path)))
     raise_missing(missing, NO_IMAGE)
     return records
 
@@ -91,4 +95,4 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} is not a directory")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file())

@@ -1,4 +1,4 @@
-"""Real face-alignment data: the record every reader returns, the cropping Dataset, and `KIND:PATH` specs.
+"""Real face-alignment data: the table of readers (one per KIND of a `KIND:PATH` spec) and the cropping Dataset.
 
 A data spec names a data set on the command line:
 ```
@@ -13,53 +13,47 @@ Several specs can be joined with "+" for training on more than one data set at o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from . import celeba, folder, w300, wflw
 from .crop import CROP_SIZE, FaceCrop, crop_from_landmarks, read_image, to_gray
+from .records import IMAGE_EXTENSIONS, NO_IMAGE, FaceRecord, check_inside_image, find_image, raise_missing
+from .synthetic import SyntheticFaces
 from .transforms import hflip
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-KINDS = ("300w", "wflw", "celeba", "folder", "synthetic")
+# re-exported: the record and its helpers live in the leaf module `records`
+__all__ = ["FaceRecord", "FaceDataset", "IMAGE_EXTENSIONS", "NO_IMAGE", "READERS", "KINDS", "Reader",
+           "build_dataset", "find_image", "parse_data_spec", "raise_missing", "read_eval_subsets", "read_records",
+           "record_crop"]
+
 # Held-out synthetic faces for evaluation use seeds far from the training ones.
 SYNTHETIC_EVAL_SEED = 1_000_003
 
 
-@dataclass
-class FaceRecord:
-    """One annotated face: `landmarks` (L, 2) float64 in 0-based pixel coordinates of the image file."""
+@dataclass(frozen=True)
+class Reader:
+    """How one kind of data set is read: `split(path, split)` -> records of a split ("train", "test", ...),
+    `subsets(path)` -> {name: records}, the test subsets `evaluate` reports."""
 
-    image: Path
-    landmarks: np.ndarray
-    markup: str
-    box: np.ndarray | None = None  # the data set's face box (x0, y0, x1, y1), if it has one
-    attributes: tuple[str, ...] = ()  # e.g. WFLW's ("pose", "blur")
-    source: str = ""  # which part of the data set (e.g. "helen/testset")
+    split: Callable[[str, str], list[FaceRecord]]
+    subsets: Callable[[str], dict[str, list[FaceRecord]]]
 
 
-def find_image(annotation: Path) -> Path | None:
-    """The image beside an annotation file with the same stem (any usual extension, any case)."""
-    for ext in IMAGE_EXTENSIONS:
-        for candidate in (annotation.with_suffix(ext), annotation.with_suffix(ext.upper())):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def raise_missing(missing: list[Path], what: str = "image(s) missing") -> None:
-    """Report missing files (never skip them silently): FileNotFoundError naming the first few."""
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{len(missing)} {what}: {shown}{more}")
-
-
-NO_IMAGE = f"annotation(s) without an image of the same name ({'/'.join(IMAGE_EXTENSIONS)})"
+# The one table of real-data readers: KIND of a KIND:PATH spec -> its reader.
+READERS: dict[str, Reader] = {
+    "300w": Reader(w300.read_300w, w300.read_300w_subsets),
+    "wflw": Reader(wflw.read_wflw, wflw.read_wflw_subsets),
+    "celeba": Reader(celeba.read_celeba, lambda path: {"test": celeba.read_celeba(path, "test")}),
+    "folder": Reader(lambda path, split: folder.read_annotated_folder(path),
+                     lambda path: {"all": folder.read_annotated_folder(path)}),
+}
+KINDS = (*READERS, "synthetic")
 
 
 def record_crop(record: FaceRecord, size: int = CROP_SIZE) -> FaceCrop:
@@ -97,7 +91,9 @@ class FaceDataset(Dataset):
         crop = record_crop(record, self.size)
         if self.augment:
             crop = jitter_crop(crop, self._rng)
-        patch = crop.warp(to_gray(read_image(record.image)))
+        gray = to_gray(read_image(record.image))
+        check_inside_image(record, *gray.shape)
+        patch = crop.warp(gray)
         image = torch.from_numpy(patch.astype(np.float32) / 255.0)[None]
         landmarks = {record.markup: torch.from_numpy(crop.to_crop(record.landmarks).astype(np.float32))}
         if self.augment and self._rng.random() < 0.5:
@@ -140,38 +136,18 @@ def parse_data_spec(spec: str) -> tuple[str, str]:
 def read_records(spec: str, split: str = "train") -> list[FaceRecord]:
     """The annotated faces of one split of a real data set ("train" or "test"; "val" for CelebA)."""
     kind, path = parse_data_spec(spec)
-    if kind == "300w":
-        from .w300 import read_300w
-        return read_300w(path, split)
-    if kind == "wflw":
-        from .wflw import read_wflw
-        return read_wflw(path, split)
-    if kind == "celeba":
-        from .celeba import read_celeba
-        return read_celeba(path, split)
-    if kind == "folder":
-        from .folder import read_annotated_folder
-        return read_annotated_folder(path)
-    raise ValueError(f"{kind!r} data has no records on disk")
+    if kind not in READERS:
+        raise ValueError(f"{kind!r} data has no records on disk")
+    return READERS[kind].split(path, split)
 
 
 def read_eval_subsets(spec: str) -> dict[str, list[FaceRecord]]:
     """The test subsets reported for a real data set, as in the paper's tables:
     300W common/challenging/full; WFLW test and its six attribute subsets; CelebA test; folder all."""
     kind, path = parse_data_spec(spec)
-    if kind == "300w":
-        from .w300 import read_300w_subsets
-        return read_300w_subsets(path)
-    if kind == "wflw":
-        from .wflw import read_wflw_subsets
-        return read_wflw_subsets(path)
-    if kind == "celeba":
-        from .celeba import read_celeba
-        return {"test": read_celeba(path, "test")}
-    if kind == "folder":
-        from .folder import read_annotated_folder
-        return {"all": read_annotated_folder(path)}
-    raise ValueError(f"{kind!r} data has no records on disk")
+    if kind not in READERS:
+        raise ValueError(f"{kind!r} data has no records on disk")
+    return READERS[kind].subsets(path)
 
 
 def build_dataset(spec: str, split: str = "train", size: int = CROP_SIZE,
@@ -187,7 +163,6 @@ def build_dataset(spec: str, split: str = "train", size: int = CROP_SIZE,
     for part in parts:
         kind, rest = parse_data_spec(part)
         if kind == "synthetic":
-            from .synthetic import SyntheticFaces
             datasets.append(SyntheticFaces(int(rest), size=size, seed=seed, markups=markups, augment=augment))
         else:
             datasets.append(FaceDataset(read_records(part, split), size, markups, augment=augment, seed=seed))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import NO_IMAGE, FaceRecord, find_image, raise_missing
+from .records import NO_IMAGE, FaceRecord, check_coordinates, find_image, raise_missing
 
 MARKUP = "300w68"
 # split -> folders (each a path below ROOT, matched case-insensitively)
@@ -80,8 +80,7 @@ def parse_pts(path: str | Path) -> np.ndarray:
             points[k] = [float(fields[0]), float(fields[1])]
         except ValueError:
             fail(lineno, f"coordinates must be numbers, got {line!r}")
-        if not np.isfinite(points[k]).all():
-            fail(lineno, f"coordinates must be finite, got {line!r}")
+        check_coordinates(points[k:k + 1], f"{path}:{lineno}")
     end = 3 + n
     if end >= len(lines) or lines[end][1] != "}":
         fail(lines[end][0] if end < len(lines) else lines[-1][0], f"expected '}}' after {n} points")
@@ -122,7 +121,8 @@ def read_folder(folder: Path, source: str, pts_offset: float = 1.0, markup: str 
         if image is None:
             missing.append(pts)
             continue
-        records.append(FaceRecord(image=image, landmarks=points, markup=markup or MARKUP, source=source))
+        records.append(FaceRecord(image=image, landmarks=points, markup=markup or MARKUP, source=source,
+                                  origin=str(pts)))
     raise_missing(missing, NO_IMAGE)
     return records
 

