@@ -1,6 +1,7 @@
 """Checkpoints, `decafa-fast train` end to end (resume included), and DDP with gloo on 2 CPU processes."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from decafa_fast.app.training.checkpoint import load_checkpoint, load_model, save_checkpoint
 from decafa_fast.app.cli import main
+from decafa_fast.app.errors import UserError
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.training import ablate
+from decafa_fast.app.training.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--preset", "tiny", "--no-progress", "--threads", "1"]
@@ -68,10 +71,12 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY_ARGS, "--out", str(out), "--steps", "3", "--log-every", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "preset tiny" in printed and "val NME wflw98" in printed and "mean-shape NME" in printed and "model / mean shape" in printed
+    for expected in ("preset tiny", "val NME wflw98", "mean-shape NME", "model / mean shape"):
+        assert expected in printed
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 3 and state["optimizer"] is not None
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert [r["data"] for r in rows] == ["synthetic-wflw98", "synthetic-300w68", "synthetic-celeba5"]  # alternating
     assert rows[-1]["val_nme_wflw98"] != "" and float(rows[0]["loss"]) > 0
@@ -79,13 +84,15 @@ def test_train_cli_end_to_end_and_resume(tmp_path, capsys):
     assert summary["steps"] == 3 and summary["mean_shape_nme"]["wflw98"] > 0
     model, cfg = load_model(out / "checkpoint.pt")
     assert cfg.stages == 1 and cfg.image_size == 32
-    # resume continues from step 3 to 5 with the stored config
-    assert main(["train", *TINY_ARGS, "--out", str(out), "--steps", "5", "--resume", "auto", "--stages", "3"]) == 0
+    # resume continues from step 3 to 5 with the stored config; metrics.csv keeps one row per step
+    assert main(["train", *TINY_ARGS, "--out", str(out), "--steps", "5", "--resume", "auto", "--log-every", "1"]) == 0
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 5 and state["config"]["stages"] == 1
-    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4
+    with open(out / "metrics.csv", newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3", "4", "5"]
 
 
+@pytest.mark.slow  # ~30 s: two torchrun processes start, import torch and train
 def test_ddp_gloo_two_processes_end_with_equal_weights(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -114,15 +121,33 @@ def test_ablate_cli_tiny(tmp_path, capsys):
     assert "| 2 | F2 | chained | up |" in printed and "| 10 | F5 | chained | up |" in printed
     results = json.loads((out / "ablation.json").read_text())
     assert [r["row"] for r in results] == [2, 10] and all(0 < r["avg_nme"] < 5 for r in results)
-    with pytest.raises(ValueError):
-        main(["ablate", "--rows", "11"])
+    for rows in ("11", "x"):
+        with pytest.raises(UserError, match="--rows"):
+            ablate.run(_ablate_args(["--rows", rows]))
+
+
+def _ablate_args(argv):
+    parser = argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_ablate_builds_configs_directly(tmp_path):
+    """Each Table 1 row is a TrainConfig with the row's fusion / transfer / lambdas and the flags' size."""
+    args = _ablate_args(["--stages", "3", "--widths", "4,8,8", "--steps", "7", "--out", str(tmp_path)])
+    config = ablate.row_config(args, 4)
+    assert (config.fusion, config.transfer, config.lambdas) == ("F5", "independent", "decreasing")
+    assert (config.stages, config.widths, config.steps, config.progress) == (3, (4, 8, 8), 7, False)
+    assert config.out == str(tmp_path / "row5")
+    with pytest.raises(UserError, match="widths"):
+        ablate.row_config(_ablate_args(["--widths", "4,x,8"]), 0)
 
 
 def test_alternation_cycle_and_presets():
-    from decafa_fast.app.training.train import PRESETS, _interleave
+    from decafa_fast.app.training.train import PRESETS, interleave
 
-    assert _interleave((1, 1, 1)) == [0, 1, 2]
-    assert _interleave((2, 1, 1)) == [0, 1, 2, 0]  # the finest markup gets half of the batches
-    assert [_interleave((3, 1)).count(k) for k in (0, 1)] == [3, 1]
+    assert interleave((1, 1, 1)) == [0, 1, 2]
+    assert interleave((2, 1, 1)) == [0, 1, 2, 0]  # the finest markup gets half of the batches
+    assert [interleave((3, 1)).count(k) for k in (0, 1)] == [3, 1]
     # the paper preset keeps the paper's optimiser and temperature
     assert PRESETS["paper"]["lr"] == 5e-4 and PRESETS["paper"]["beta"] == 1.0 and PRESETS["paper"]["stages"] == 4

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from . import train as train_mod
+from .checkpoint import write_atomically
+from .config import PRESETS, TrainConfig
 
-__all__ = ["TABLE1", "add_arguments", "run"]
+__all__ = ["TABLE1", "add_arguments", "row_config", "run"]
 
 # (fusion, transfer, lambdas) in the order of the paper's Table 1
 TABLE1: list[tuple[str, str, str]] = [
@@ -53,29 +56,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _rows(spec: str) -> list[int]:
     if spec == "all":
         return list(range(len(TABLE1)))
-    rows = [int(v) - 1 for v in spec.split(",") if v.strip()]
+    try:
+        rows = [int(v) - 1 for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--rows must be 'all' or comma-separated indices 1..{len(TABLE1)}, got {spec!r}") from None
     bad = [r + 1 for r in rows if not 0 <= r < len(TABLE1)]
-    if bad:
-        raise ValueError(f"--rows must be 'all' or indices 1..{len(TABLE1)}, got {bad}")
+    if bad or not rows:
+        raise UserError(f"--rows must be 'all' or indices 1..{len(TABLE1)}, got {spec!r}")
     return rows
+
+
+def row_config(args: argparse.Namespace, row: int) -> TrainConfig:
+    """The training config of Table 1 row `row` (0-based) at the size the flags give."""
+    fusion, transfer, lambdas = TABLE1[row]
+    return TrainConfig.from_preset(
+        "cpu", stages=args.stages, image_size=args.image_size, widths=args.widths,
+        embedding_channels=args.embedding_channels, steps=args.steps, batch_size=args.batch_size,
+        train_size=args.train_size, val_size=args.val_size, seed=args.seed, fusion=fusion, transfer=transfer,
+        lambdas=lambdas, device=args.device, threads=args.threads or PRESETS["cpu"]["threads"], progress=False,
+        out=str(Path(args.out) / f"row{row + 1}"))
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    rows = _rows(args.rows)
+    configs = [row_config(args, r) for r in rows]  # every row's settings checked before the first trains
     results = []
-    for r in _rows(args.rows):
+    for r, config in zip(rows, configs):
         fusion, transfer, lambdas = TABLE1[r]
-        parser = argparse.ArgumentParser()
-        train_mod.add_arguments(parser)
-        argv = ["--preset", "cpu", "--no-progress", "--stages", str(args.stages), "--image-size", str(args.image_size),
-                "--widths", args.widths, "--embedding-channels", str(args.embedding_channels),
-                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--train-size", str(args.train_size),
-                "--val-size", str(args.val_size), "--seed", str(args.seed), "--fusion", fusion, "--transfer", transfer,
-                "--lambdas", lambdas, "--device", args.device, "--out", str(out / f"row{r + 1}")]
-        if args.threads:
-            argv += ["--threads", str(args.threads)]
         print(f"[{r + 1}/{len(TABLE1)}] {fusion} {transfer} {lambdas}", flush=True)
-        summary = train_mod.train(parser.parse_args(argv))
+        summary = train_mod.train(config)
         val = summary["val_nme"]
         markups = summary["config"]["markups"]
         row = {"row": r + 1, "fusion": fusion, "transfer": transfer, "lambdas": lambdas,
@@ -94,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nTable 1 at {args.image_size}x{args.image_size}, S={args.stages}, widths {args.widths}, "
           f"{args.steps} steps x batch {args.batch_size} (validation NME, lower is better):\n")
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps(results, indent=2))
+    write_atomically(out / "ablation.md", (table + "\n").encode(), what="ablation table")
+    write_atomically(out / "ablation.json", json.dumps(results, indent=2).encode(), what="ablation results")
     return 0

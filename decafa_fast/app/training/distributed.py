@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_mean", "broadcast_object"]
+from ..errors import UserError
+
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "broadcast_object", "cleanup_distributed",
+           "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise UserError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
+            raise UserError("device 'cuda' requested but this torch sees no CUDA GPU; use --device cpu (or auto)")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
@@ -75,3 +78,12 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered

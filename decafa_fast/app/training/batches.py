@@ -1,0 +1,62 @@
+"""The training data order: endless batches whose order is a pure function of their position.
+
+Epoch e of a data set is a permutation drawn from a generator seeded by (seed + e), the one
+`DistributedSampler` draws, cut into per-rank shards and then into batches. Batch number p of a rank
+is therefore known from p alone, so a resumed run only needs the number of batches drawn from each set
+to continue exactly where the interrupted one was (no sampler or loader state to save).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.synthetic import collate_faces
+from ..errors import UserError
+
+__all__ = ["BatchOrder", "batches"]
+
+
+class BatchOrder:
+    """Indices of batch `position` for one rank of `world_size`.
+
+    Each epoch uses the first `world_size * per_rank` samples of its permutation (the rest are dropped, as
+    `DistributedSampler(drop_last=True)` does); a rank's shard is cut into full batches, or into one
+    smaller batch when the shard is smaller than a batch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        per_rank = size // world_size
+        if per_rank < 1:
+            raise UserError(f"a training set of {size} sample(s) cannot feed {world_size} processes; "
+                            f"give it at least {world_size} samples")
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.batch_size = min(batch_size, per_rank)
+        self.per_rank = per_rank
+        self.batches_per_epoch = per_rank // self.batch_size
+
+    def indices(self, position: int) -> list[int]:
+        epoch, k = divmod(position, self.batches_per_epoch)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        shard = order[: self.per_rank * self.world_size][self.rank:: self.world_size]
+        return shard[k * self.batch_size: (k + 1) * self.batch_size].tolist()
+
+
+class _FromPosition(torch.utils.data.Sampler):
+    """Batch sampler: the batches of `order` from `start` on, without end."""
+
+    def __init__(self, order: BatchOrder, start: int) -> None:
+        self.order, self.start = order, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.start
+        while True:
+            yield self.order.indices(position)
+            position += 1
+
+
+def batches(dataset: Dataset, order: BatchOrder, start: int = 0, workers: int = 0) -> Iterator[dict]:
+    """Collated batches of `dataset` in `order`, from batch number `start` on (endless)."""
+    loader = DataLoader(dataset, batch_sampler=_FromPosition(order, start), collate_fn=collate_faces,
+                        num_workers=workers)
+    return iter(loader)

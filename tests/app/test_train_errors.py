@@ -1,0 +1,159 @@
+"""`decafa-fast train` refuses bad settings and unusable checkpoints or folders with one clear line naming the
+setting or the path (a UserError, which the CLI prints without a traceback), and leaves no `.tmp` behind."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from decafa_fast.app.errors import UserError
+from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.training import train as train_cmd
+from decafa_fast.app.training.checkpoint import CheckpointWriteError, save_checkpoint, write_atomically
+from decafa_fast.app.training.config import ConfigError, TrainConfig
+
+SMALL = ["--preset", "tiny", "--no-progress", "--threads", "1", "--device", "cpu", "--image-size", "16",
+         "--widths", "4,4,4", "--embedding-channels", "4"]
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    return train_cmd.run(parser.parse_args(argv))
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message
+    return message
+
+
+# ---- settings -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, message", [
+    ({"image_size": "32"}, "image_size must be an integer, got '32'"),
+    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"lr": -1.0}, "lr must be a positive number, got -1.0"),
+    ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+    ({"flip": "yes"}, "flip must be true or false, got 'yes'"),
+    ({"fusion": "F6"}, "fusion must be one of F1, F2, F3, F4, F5, got 'F6'"),
+    ({"widths": "4,x,8"}, "widths must hold integers, got 'x'"),
+    ({"widths": (4, 8)}, "widths must be three positive ints"),
+    ({"data_weights": (1, 1)}, r"data_weights needs one weight per training set \(3\)"),
+    ({"max_minutes": 0}, "max_minutes must be a positive number, got 0.0"),
+    ({"nonsense": 1}, r"unknown training setting\(s\) \['nonsense'\]"),
+])
+def test_bad_settings_name_the_setting(changes, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        TrainConfig.from_preset("tiny", **changes)
+    _one_line(error)
+    assert isinstance(error.value, UserError) and isinstance(error.value, ValueError)
+
+
+def test_config_text_values_and_round_trip():
+    config = TrainConfig.from_preset("tiny", widths="4,8,8", markups="wflw98,celeba5", lambdas="0.5,1",
+                                     stages=2, data_weights="3,1")
+    assert config.widths == (4, 8, 8) and config.markups == ("wflw98", "celeba5")
+    assert config.lambdas == (0.5, 1.0) and config.data_weights == (3, 1)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert TrainConfig() == TrainConfig.from_preset("cpu")  # the dataclass defaults are the cpu preset
+    with pytest.raises(ValueError, match="image_size must be an integer, got '32'"):
+        DeCaFAConfig(image_size="32")  # the model config checks its types too
+
+
+def test_steps_zero_on_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match="steps must be >= 1, got 0") as error:
+        _train([*SMALL, "--steps", "0", "--out", str(tmp_path / "run")])
+    _one_line(error)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _train([*SMALL, "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_resuming_a_finished_run_says_so(finished_run):
+    with pytest.raises(UserError, match="is a finished run: it reached step 2.*--steps larger than 2") as error:
+        _train(["--out", str(finished_run), "--resume", "auto"])
+    assert str(finished_run / "checkpoint.pt") in _one_line(error)
+
+
+def test_checkpoint_of_another_configuration_names_file_and_setting(finished_run, tmp_path):
+    ckpt = str(finished_run / "checkpoint.pt")
+    with pytest.raises(UserError, match="another configuration.*trained with stages=1, this run asks for stages=2"
+                       ) as error:
+        _train(["--resume", ckpt, "--stages", "2", "--steps", "5", "--out", str(tmp_path / "new")])
+    assert ckpt in _one_line(error)
+    # the API compares every setting that decides the weights, not only the ones given as flags
+    config = TrainConfig.from_preset("tiny", image_size=16, widths=(4, 4, 4), embedding_channels=4, steps=5,
+                                     lr=1e-3, resume=ckpt, out=str(tmp_path / "api"), progress=False)
+    with pytest.raises(UserError, match=r"lr=0.0005, this run asks for lr=0.001"):
+        train_cmd.train(config)
+
+
+def test_checkpoint_without_training_state_or_missing(tmp_path):
+    model_only = tmp_path / "model_only.pt"
+    config = DeCaFAConfig(stages=1, widths=(4, 4, 4), embedding_channels=4, image_size=16)
+    save_checkpoint(model_only, DeCaFA(config), config)
+    with pytest.raises(UserError, match="model_only.pt.*no training state.*not resumed"):
+        _train([*SMALL, "--resume", str(model_only), "--out", str(tmp_path / "run")])
+    with pytest.raises(UserError, match="missing.pt.*does not exist"):
+        _train([*SMALL, "--resume", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "run")])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(200))
+    with pytest.raises(UserError, match="garbage.pt.*not a readable decafa-fast checkpoint"):
+        _train([*SMALL, "--resume", str(garbage), "--out", str(tmp_path / "run")])
+
+
+# ---- output folder and disk ---------------------------------------------------------------------------
+def test_output_folder_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=f"cannot create the output folder '{blocker / 'run'}'") as error:
+        _train([*SMALL, "--steps", "1", "--out", str(blocker / "run")])
+    _one_line(error)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the full-disk test covers "
+                                                "the same write path")
+def test_read_only_output_folder(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match=f"'{out / 'metrics.csv'}'.*Permission denied"):
+            _train([*SMALL, "--steps", "1", "--out", str(out)])
+    finally:
+        out.chmod(0o755)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_full_disk_names_the_checkpoint_and_leaves_no_tmp(tmp_path):
+    """`<checkpoint>.tmp` made a link to /dev/full: every write to it fails with ENOSPC, as on a full disk."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint '{out / 'checkpoint.pt'}': No space "
+                                                   "left on device; free some space") as error:
+        _train([*SMALL, "--steps", "1", "--out", str(out)])
+    _one_line(error)
+    assert not (out / "checkpoint.pt.tmp").exists() and not (out / "checkpoint.pt.tmp").is_symlink()
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_atomic_write_keeps_the_previous_file_when_a_write_fails(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    write_atomically(target, b"previous")
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    with pytest.raises(CheckpointWriteError) as error:
+        write_atomically(target, torch.zeros(1000).numpy().tobytes())
+    assert error.value.errno == 28  # ENOSPC
+    assert target.read_bytes() == b"previous" and not os.path.lexists(tmp_path / "checkpoint.pt.tmp")
