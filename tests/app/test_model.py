@@ -147,3 +147,28 @@ def test_same_output_on_every_available_backend():
     for name, out in results.items():
         for a, b in zip(sum(out, []), sum(ref, [])):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"backend {name}")
+
+
+def test_last_stage_coordinates_are_float32_under_bf16_autocast():
+    """Under bf16 autocast the U-Nets run in bf16, but the last stage's transfer layers and soft-argmax run in
+    float32: its z equal a float32 computation from the (bf16) last embedding, which bf16 logits would not."""
+    from decafa_fast import ops
+
+    torch.manual_seed(0)
+    model = DeCaFA(DeCaFAConfig(stages=2, widths=(4, 8, 8), embedding_channels=4, image_size=32, beta=50.0)).eval()
+    captured = {}
+    model.stages[-1].register_forward_hook(lambda module, inputs, output: captured.setdefault("embedding", output))
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        bf16_logits = model.transfers[-1](captured["embedding"])  # what the transfer gives under autocast
+    embedding = captured["embedding"]
+    assert embedding.dtype == torch.bfloat16  # the stage itself did run in bf16
+    with torch.no_grad():
+        expected = [ops.soft_argmax(t, beta=50.0) for t in model.transfers[-1](embedding.float())]
+        from_bf16 = [ops.soft_argmax(t.float(), beta=50.0) for t in bf16_logits]
+    for z, want, coarse in zip(out[-1], expected, from_bf16):
+        assert z.dtype == torch.float32
+        torch.testing.assert_close(z, want, atol=1e-5, rtol=0)
+        # bf16 logits move the coordinates by far more than that tolerance
+        assert (coarse - want).abs().max() > 1e-3  # 100x the tolerance above

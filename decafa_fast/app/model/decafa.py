@@ -8,14 +8,16 @@ care which ops backend runs.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from ... import ops
+from ...ops import FUSION_MODES
+from ...reference import fused_channels
 from ..data.markups import get_markup
-from ...reference import FUSION_MODES, fused_channels
 from .transfer import TRANSFER_MODES, TransferLayers
 from .unet import UNet
 
@@ -57,14 +59,24 @@ class DeCaFAConfig:
     beta: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.markups, str) or isinstance(self.widths, str):
+            raise ValueError(f"markups and widths must be lists, got {self.markups!r} and {self.widths!r}")
         self.markups = tuple(self.markups)
+        if any(isinstance(w, bool) or not isinstance(w, numbers.Integral) for w in self.widths):
+            raise ValueError(f"widths must be three integers, got {list(self.widths)}")
         self.widths = tuple(int(w) for w in self.widths)
         if not isinstance(self.lambdas, str):
             self.lambdas = tuple(float(v) for v in self.lambdas)
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.stages, int) or self.stages < 1:
+        for name in ("stages", "attention_markup", "image_channels", "image_size", "embedding_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real):
+            raise ValueError(f"beta must be a number, got {self.beta!r}")
+        if self.stages < 1:
             raise ValueError(f"stages must be a positive int, got {self.stages!r}")
         if not self.markups:
             raise ValueError("markups must name at least one markup")
@@ -79,7 +91,8 @@ class DeCaFAConfig:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
         stage_lambdas(self.lambdas, self.stages)
         if not 0 <= self.attention_markup < len(self.markups):
-            raise ValueError(f"attention_markup must index markups (0..{len(self.markups) - 1}), got {self.attention_markup}")
+            raise ValueError(f"attention_markup must index markups (0..{len(self.markups) - 1}), "
+                             f"got {self.attention_markup}")
         if self.image_channels < 1 or self.image_size < 4 or self.embedding_channels < 1:
             raise ValueError("image_channels, embedding_channels must be >= 1 and image_size >= 4")
         if len(self.widths) != 3 or min(self.widths) < 1:
@@ -100,7 +113,7 @@ class DeCaFAConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DeCaFAConfig":
+    def from_dict(cls, d: dict) -> DeCaFAConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -140,8 +153,15 @@ class DeCaFA(nn.Module):
         outputs: list[list[torch.Tensor]] = []
         for i, (unet, transfer) in enumerate(zip(self.stages, self.transfers)):
             embedding = unet(x)
-            logits = transfer(embedding)
             last = i == cfg.stages - 1
+            if last:
+                # The last stage's coordinates are the model's answer and go into the loss: its transfer
+                # layers and soft-argmax run in float32 even under autocast (bf16 logits would cost their
+                # 8-bit mantissa; a bf16 coordinate moves in 0.25-0.5 px steps at 128 px).
+                with torch.autocast(embedding.device.type, enabled=False):
+                    logits = transfer(embedding.float())
+            else:
+                logits = transfer(embedding)
             zs: list[torch.Tensor] = []
             for k, t in enumerate(logits):
                 if k == cfg.attention_markup and not last:
@@ -149,7 +169,7 @@ class DeCaFA(nn.Module):
                     # wants one dtype, and the next stage's convs run in low precision anyway.
                     z, x = ops.decafa_head(t, images.to(embedding.dtype), embedding, mode=cfg.fusion, beta=cfg.beta)
                 else:
-                    # Final coordinates in fp32: a bf16 pixel coordinate would be only ~0.5 px precise.
+                    # Coordinates in float32 (the last stage's logits are float32 already).
                     z = ops.soft_argmax(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, beta=cfg.beta)
                 zs.append(z)
             outputs.append(zs)
