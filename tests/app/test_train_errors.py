@@ -157,3 +157,24 @@ def test_atomic_write_keeps_the_previous_file_when_a_write_fails(tmp_path):
         write_atomically(target, torch.zeros(1000).numpy().tobytes())
     assert error.value.errno == 28  # ENOSPC
     assert target.read_bytes() == b"previous" and not os.path.lexists(tmp_path / "checkpoint.pt.tmp")
+
+
+def test_cli_prints_one_line_and_exits_with_status_2(finished_run, tmp_path, capsys):
+    from decafa_fast.app.cli import main
+
+    ckpt = finished_run / "checkpoint.pt"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = [
+        ([*SMALL, "--steps", "0", "--out", str(tmp_path / "a")], "steps must be >= 1, got 0"),
+        ([*SMALL, "--image-size", "x"], "--image-size: invalid int value: 'x'"),
+        (["--out", str(finished_run), "--resume", "auto"], f"'{ckpt}' is a finished run"),
+        (["--resume", str(ckpt), "--stages", "2", "--steps", "5", "--out", str(tmp_path / "b")],
+         f"'{ckpt}' is a checkpoint of another configuration: it was trained with stages=1, this run asks for "
+         "stages=2"),
+        ([*SMALL, "--out", str(blocker / "run")], f"cannot create the output folder '{blocker / 'run'}'"),
+    ]
+    for argv, expected in cases:
+        assert main(["train", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith("decafa-fast train: error: ") and expected in err, err
