@@ -112,6 +112,27 @@ def test_ddp_gloo_two_processes_end_with_equal_weights(tmp_path):
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
 
 
+@pytest.mark.slow  # ~90 s: three torchrun launches of two processes
+def test_ddp_run_stopped_and_resumed_equals_uninterrupted(tmp_path):
+    """Every rank's RNG state is in the checkpoint: a 2-process run stopped by --max-minutes and resumed ends
+    with the weights of one that never stopped, on every rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "decafa_fast.app.cli", "train"]
+    args = [*TINY_ARGS, "--device", "cpu", "--steps", "4", "--batch-size", "2", "--save-rank-weights"]
+    for extra in (["--out", str(tmp_path / "whole")], ["--out", str(tmp_path / "cut"), "--max-minutes", "1e-9"],
+                  ["--out", str(tmp_path / "cut"), "--resume", "auto", "--max-minutes", "60"]):
+        result = subprocess.run(launch + args + extra, env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming at step 1" in result.stdout
+    for rank in (0, 1):
+        whole = torch.load(tmp_path / "whole" / f"rank{rank}.pt", weights_only=True)
+        cut = torch.load(tmp_path / "cut" / f"rank{rank}.pt", weights_only=True)
+        for name in whole:
+            assert torch.equal(whole[name], cut[name]), f"rank {rank}: {name} differs"
+
+
 def test_ablate_cli_tiny(tmp_path, capsys):
     out = tmp_path / "ablate"
     assert main(["ablate", "--rows", "2,10", "--steps", "2", "--train-size", "6", "--val-size", "3",

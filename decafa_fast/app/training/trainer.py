@@ -433,7 +433,9 @@ class Trainer:
         cfg, info = self.config, self.info
         self.close_progress()
         session_s, cpu_s = time.perf_counter() - self.session_start, time.process_time() - self.cpu_start
-        if info.enabled:
+        if info.enabled and not self.stopped_early:
+            # (a stopped run keeps rank 0's statistics, which DDP hands every rank at the next forward: its
+            # resumption then matches a run that never stopped)
             _average_buffers(self.model, info)
         training = self.training_state()  # before the baseline reads the training sets
         training["log_sums"] = [0.0, 0.0, 0]  # the row written below reports them
