@@ -106,15 +106,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of a command line: the preset with the given flags applied, or, when resuming, the
     checkpoint's config with them applied (so `--resume auto` alone continues a run as it was)."""
     settings = explicit_settings(args)
-    preset = settings.pop("preset", None)
-    fresh = TrainConfig.from_preset(preset or "cpu", **settings)
-    path = resume_path(fresh)
+    settings.setdefault("out", TrainConfig.out)
+    path = resume_path(settings.get("resume"), settings["out"])
     if path is None:
-        return fresh
+        return TrainConfig.from_preset(settings.pop("preset", "cpu"), **settings)
     _, saved = read_checkpoint_for_resume(path)
-    if preset is not None:
-        settings["preset"] = preset
-    settings.setdefault("out", fresh.out)
     return saved.replace(**settings)
 
 

@@ -119,14 +119,14 @@ def _average_buffers(model: nn.Module, info: D.DistInfo) -> None:
 # ------------------------------------------------------------------------------------------------
 # Resume
 # ------------------------------------------------------------------------------------------------
-def resume_path(config: TrainConfig) -> Path | None:
+def resume_path(resume: str | None, out: str) -> Path | None:
     """The checkpoint to resume from: --resume PATH, or with "auto" OUT/checkpoint.pt when it exists."""
-    if config.resume is None:
+    if resume is None:
         return None
-    if config.resume == "auto":
-        path = Path(config.out) / CHECKPOINT
+    if resume == "auto":
+        path = Path(out) / CHECKPOINT
         return path if path.exists() else None
-    return Path(config.resume)
+    return Path(resume)
 
 
 def read_checkpoint_for_resume(path: Path) -> tuple[dict, TrainConfig]:
@@ -216,11 +216,12 @@ class StepResult:
 
 
 class Trainer:
-    """Train DeCaFA as `config` says, in this process (one rank of `info` under torchrun)."""
+    """Train DeCaFA as `config` says, in this process (one rank of `info` under torchrun; without `info`, the
+    process group is joined when torchrun started this process, and `config.device` is picked)."""
 
     def __init__(self, config: TrainConfig, info: D.DistInfo | None = None) -> None:
         self.config = config
-        self.info = info if info is not None else D.DistInfo()
+        self.info = info if info is not None else D.init_distributed(config.device)
         self.out = Path(config.out)
         self.step_count = 0
         self.session_start = time.perf_counter()
@@ -239,7 +240,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = info.device
-        path = resume_path(cfg)
+        path = resume_path(cfg.resume, cfg.out)
         state = None
         if path is not None:
             state, saved = read_checkpoint_for_resume(path)
