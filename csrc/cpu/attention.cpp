@@ -16,25 +16,75 @@
 
 namespace decafa {
 namespace cpu {
-namespace {
-
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 4, op, ": logits must have shape (B, L, H, W), got ", logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point, got ",
-              logits.scalar_type());
-}
-
-}  // namespace
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor empty_lse(const at::Tensor& logits) {
+at::Tensor empty_stats(const at::Tensor& logits) {
+  return at::empty({logits.size(0), logits.size(1), 2}, logits.options().dtype(acc_type(logits.scalar_type())));
+}
+
+at::Tensor empty_grad_beta(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(acc_type(logits.scalar_type())));
 }
 
 at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type) {
   if (!grad.has_value() || !grad->defined()) return at::Tensor();
   return grad->to(acc_type(logits_type)).contiguous();
+}
+
+void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have rank ", dim, ", got shape ", t.sizes());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", s);
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  check_input(logits, op, "logits", 4);
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1, op,
+              ": logits (B, L, H, W) must have L, H, W >= 1, got shape ", logits.sizes());
+}
+
+void check_sizes(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
+                 std::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+  if (dtype.has_value()) {
+    TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", name, " must have dtype ", *dtype, ", got ", t.scalar_type());
+  }
+}
+
+void check_stats(const at::Tensor& stats, const at::Tensor& logits, const char* op) {
+  check_input(stats, op, "stats", 3);
+  check_sizes(stats, op, "stats", {logits.size(0), logits.size(1), 2}, acc_type(logits.scalar_type()));
+}
+
+at::Tensor checked_beta_map(const std::optional<at::Tensor>& beta_map, const at::Tensor& logits, const char* op) {
+  if (!beta_map.has_value() || !beta_map->defined()) return at::Tensor();
+  check_input(*beta_map, op, "beta_map", 2);
+  check_sizes(*beta_map, op, "beta_map", {logits.size(0), logits.size(1)}, acc_type(logits.scalar_type()));
+  return beta_map->contiguous();
+}
+
+void check_grad(const std::optional<at::Tensor>& grad, const char* op, const char* name, at::IntArrayRef sizes) {
+  if (!grad.has_value() || !grad->defined()) return;
+  check_input(*grad, op, name, static_cast<int64_t>(sizes.size()));
+  check_sizes(*grad, op, name, sizes);
+}
+
+void check_companion(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
+                     const char* like_name) {
+  check_input(t, op, name, 4);
+  TORCH_CHECK(t.size(0) == like.size(0) && t.size(2) == like.size(2) && t.size(3) == like.size(3), op, ": ", name,
+              " must match ", like_name, " in batch and spatial size (B=", like.size(0), ", H=", like.size(2),
+              ", W=", like.size(3), "), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
+              like.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_mode(int64_t mode, const char* op) {
+  TORCH_CHECK(mode >= 1 && mode <= 5, op, ": mode must be 1..5 (F1..F5), got ", mode);
 }
 
 // Tasks a pass that sums a mask aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at
@@ -79,26 +129,29 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps)
   });
 }
 
-void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::Tensor& lse, at::Tensor* z,
-                    at::Tensor* phi, at::Tensor* mask) {
+void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& beta_map, bool normalized,
+                    at::Tensor& stats, at::Tensor* z, at::Tensor* phi, at::Tensor* mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_map_statistics", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
-    acc_t* lse_p = lse.data_ptr<acc_t>();
+    const acc_t* bm = beta_map.defined() ? beta_map.const_data_ptr<acc_t>() : nullptr;
+    acc_t* stats_p = stats.data_ptr<acc_t>();
     scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
     for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
       for (int64_t map = first; map < last; ++map) {
-        const acc_t m = load_scaled_max(t + map * hw, hw, static_cast<acc_t>(beta), a);
+        const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
+        const acc_t m = load_scaled_max(t + map * hw, hw, b, a);
         const MapStats<acc_t> st = exp_sums(a, m, H, W, z_p != nullptr, xs.data(), ys.data());
-        lse_p[map] = st.lse;
+        stats_p[2 * map] = m;
+        stats_p[2 * map + 1] = st.sum;
         if (z_p != nullptr) {
           z_p[2 * map] = to_storage<scalar_t>(st.zx);
           z_p[2 * map + 1] = to_storage<scalar_t>(st.zy);
         }
-        const acc_t scale = std::exp(m - st.lse);  // Phi = a * scale
+        const acc_t scale = acc_t(1) / st.sum;  // Phi = a * scale
         if (phi_p != nullptr) store_scaled(a, hw, scale, phi_p + map * hw);
         if (mask_acc != nullptr) accumulate_scaled(a, hw, scale, mask_acc);
       }
@@ -106,75 +159,94 @@ void map_statistics(const at::Tensor& logits, double beta, bool normalized, at::
   });
 }
 
-at::Tensor logits_gradient(const at::Tensor& logits, const at::Tensor& lse, double beta, bool normalized,
-                           const at::Tensor& grad_z, const at::Tensor& grad_mask, at::Tensor* mask) {
+std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, const at::Tensor& stats, double beta,
+                                                   const at::Tensor& beta_map, bool normalized,
+                                                   const at::Tensor& grad_z, const at::Tensor& grad_mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad_beta = empty_grad_beta(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_logits_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    const acc_t* stats_p = stats.const_data_ptr<acc_t>();
+    const acc_t* bm = beta_map.defined() ? beta_map.const_data_ptr<acc_t>() : nullptr;
     const acc_t* gz = grad_z.defined() ? grad_z.const_data_ptr<acc_t>() : nullptr;
     const acc_t* gm = grad_mask.defined() ? grad_mask.const_data_ptr<acc_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
+    acc_t* gb = grad_beta.data_ptr<acc_t>();
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* phi, acc_t* mask_acc) {
+    for_each_map<acc_t>(B, L, hw, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
       for (int64_t map = first; map < last; ++map) {
         const int64_t b = map / L;
-        recompute_phi(t + map * hw, hw, static_cast<acc_t>(beta), lse_p[map], phi);
-        landmark_grad(phi, H, W, static_cast<acc_t>(beta), xs.data(), ys.data(), gz != nullptr ? gz + 2 * map : nullptr,
-                      gm != nullptr ? gm + b * hw : nullptr, out + map * hw);
-        if (mask_acc != nullptr) accumulate_scaled(phi, hw, acc_t(1), mask_acc);
+        const acc_t beta_eff = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
+        recompute_phi(t + map * hw, hw, beta_eff, stats_p[2 * map], stats_p[2 * map + 1], phi);
+        gb[map] = landmark_grad(phi, t + map * hw, H, W, beta_eff, xs.data(), ys.data(),
+                                gz != nullptr ? gz + 2 * map : nullptr, gm != nullptr ? gm + b * hw : nullptr,
+                                out + map * hw);
       }
     });
   });
-  return grad;
+  return {grad, grad_beta};
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, double beta) {
-  check_logits(logits_in, "spatial_softmax");
+std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, double beta,
+                                                   const std::optional<at::Tensor>& beta_map_in) {
+  const char* op = "spatial_softmax";
+  check_logits(logits_in, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous();
-  at::Tensor lse = empty_lse(logits);
+  at::Tensor stats = empty_stats(logits);
   at::Tensor phi = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  map_statistics(logits, beta, false, lse, nullptr, &phi);
-  return {phi, lse};
+  map_statistics(logits, beta, beta_map, false, stats, nullptr, &phi);
+  return {phi, stats};
 }
 
-at::Tensor spatial_softmax_backward(const at::Tensor& grad_phi_in, const at::Tensor& logits_in,
-                                    const at::Tensor& lse, double beta) {
-  check_logits(logits_in, "spatial_softmax_backward");
-  const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor grad_phi = grad_phi_in.contiguous();
-  const int64_t maps = logits.size(0) * logits.size(1), hw = logits.size(2) * logits.size(3);
+std::tuple<at::Tensor, at::Tensor> spatial_softmax_backward(const at::Tensor& grad_phi_in, const at::Tensor& logits_in,
+                                                            const at::Tensor& stats_in, double beta,
+                                                            const std::optional<at::Tensor>& beta_map_in) {
+  const char* op = "spatial_softmax_backward";
+  check_logits(logits_in, op);
+  check_input(grad_phi_in, op, "grad_phi", 4);
+  check_sizes(grad_phi_in, op, "grad_phi", logits_in.sizes());
+  check_stats(stats_in, logits_in, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
+  const at::Tensor logits = logits_in.contiguous(), stats = stats_in.contiguous();
+  const at::Tensor grad_phi = grad_phi_in.to(logits.scalar_type()).contiguous();
+  const int64_t L = logits.size(1), maps = logits.size(0) * L, hw = logits.size(2) * logits.size(3);
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  if (grad.numel() == 0) return grad;
+  at::Tensor grad_beta = empty_grad_beta(logits);
+  if (grad.numel() == 0) return {grad, grad_beta};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_softmax_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* t = logits.const_data_ptr<scalar_t>();
     const scalar_t* g = grad_phi.const_data_ptr<scalar_t>();
-    const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+    const acc_t* stats_p = stats.const_data_ptr<acc_t>();
+    const acc_t* bm = beta_map.defined() ? beta_map.const_data_ptr<acc_t>() : nullptr;
     scalar_t* out = grad.data_ptr<scalar_t>();
-    const acc_t b = static_cast<acc_t>(beta);
+    acc_t* gb = grad_beta.data_ptr<acc_t>();
     at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> phi(hw);
       for (int64_t map = begin; map < end; ++map) {
-        recompute_phi(t + map * hw, hw, b, lse_p[map], phi.data());
-        softmax_grad(phi.data(), g + map * hw, hw, b, out + map * hw);
+        const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
+        recompute_phi(t + map * hw, hw, b, stats_p[2 * map], stats_p[2 * map + 1], phi.data());
+        gb[map] = softmax_grad(phi.data(), g + map * hw, t + map * hw, hw, b, out + map * hw);
       }
     });
   });
-  return grad;
+  return {grad, grad_beta};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tensor& logits_in, double beta,
+                                                                 const std::optional<at::Tensor>& beta_map_in,
                                                                  bool normalized, bool want_z, bool want_mask,
                                                                  const char* op) {
   check_logits(logits_in, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3);
-  at::Tensor lse = empty_lse(logits);
+  at::Tensor stats = empty_stats(logits);
   at::Tensor z = want_z ? at::empty({B, L, 2}, logits.options()) : at::Tensor();
   at::Tensor mask = want_mask ? at::empty({B, 1, H, W}, logits.options()) : at::Tensor();
   // M is summed in the accumulation dtype: straight into `mask` when that is the output dtype too
@@ -183,32 +255,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
   if (want_mask) {
     mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : at::empty({B, H * W}, mask.options().dtype(acc));
   }
-  map_statistics(logits, beta, normalized, lse, want_z ? &z : nullptr, nullptr, want_mask ? &mask_acc : nullptr);
+  map_statistics(logits, beta, beta_map, normalized, stats, want_z ? &z : nullptr, nullptr,
+                 want_mask ? &mask_acc : nullptr);
   if (want_mask && acc != logits.scalar_type()) mask.view({B, H * W}).copy_(mask_acc);
-  return {z, mask, lse};
+  return {z, mask, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_argmax(const at::Tensor& logits, double beta, bool normalized) {
-  auto [z, mask, lse] = attention_forward(logits, beta, normalized, true, false, "soft_argmax");
-  return {z, lse};
+std::tuple<at::Tensor, at::Tensor> soft_argmax(const at::Tensor& logits, double beta,
+                                               const std::optional<at::Tensor>& beta_map, bool normalized) {
+  auto [z, mask, stats] = attention_forward(logits, beta, beta_map, normalized, true, false, "soft_argmax");
+  return {z, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_mask(const at::Tensor& logits, double beta) {
-  auto [z, mask, lse] = attention_forward(logits, beta, false, false, true, "attention_mask");
-  return {mask, lse};
+std::tuple<at::Tensor, at::Tensor> attention_mask(const at::Tensor& logits, double beta,
+                                                  const std::optional<at::Tensor>& beta_map) {
+  auto [z, mask, stats] = attention_forward(logits, beta, beta_map, false, false, true, "attention_mask");
+  return {mask, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> landmark_attention(const at::Tensor& logits, double beta,
+                                                                  const std::optional<at::Tensor>& beta_map,
                                                                   bool normalized) {
-  return attention_forward(logits, beta, normalized, true, true, "landmark_attention");
+  return attention_forward(logits, beta, beta_map, normalized, true, true, "landmark_attention");
 }
 
-at::Tensor landmark_attention_backward(const std::optional<at::Tensor>& grad_z,
-                                       const std::optional<at::Tensor>& grad_mask, const at::Tensor& logits,
-                                       const at::Tensor& lse, double beta, bool normalized) {
-  check_logits(logits, "landmark_attention_backward");
+std::tuple<at::Tensor, at::Tensor> landmark_attention_backward(const std::optional<at::Tensor>& grad_z,
+                                                               const std::optional<at::Tensor>& grad_mask,
+                                                               const at::Tensor& logits, const at::Tensor& stats,
+                                                               double beta,
+                                                               const std::optional<at::Tensor>& beta_map_in,
+                                                               bool normalized) {
+  const char* op = "landmark_attention_backward";
+  check_logits(logits, op);
+  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3);
+  check_grad(grad_z, op, "grad_z", {B, L, 2});
+  check_grad(grad_mask, op, "grad_mask", {B, 1, H, W});
+  check_stats(stats, logits, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits, op);
   const at::ScalarType t = logits.scalar_type();
-  return logits_gradient(logits.contiguous(), lse.contiguous(), beta, normalized, as_acc(grad_z, t),
+  return logits_gradient(logits.contiguous(), stats.contiguous(), beta, beta_map, normalized, as_acc(grad_z, t),
                          as_acc(grad_mask, t));
 }
 

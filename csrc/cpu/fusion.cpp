@@ -1,7 +1,8 @@
 // CPU implementations of the fusion ops: fuse (F1-F5 from a given mask), its backward, and the fused head
 // decafa_head (statistics per map, summing M on the side; then per pixel tile the fusion channels written
-// directly; Phi is never stored) with its backward (M summed again from the Phi that the logits gradient
-// recomputes from the saved lse).
+// directly; Phi is never stored; M and the stats are returned for the backward) with its backward (one
+// pixel-tile pass for the image, embedding and mask gradients from the saved M, then one per-map pass that
+// recomputes Phi from the stats for the logits gradient and grad_beta). F is in E's memory format.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,14 +18,23 @@ namespace decafa {
 namespace cpu {
 namespace {
 
-at::Tensor empty_fused(const at::Tensor& like, const FusionLayout& layout) {
+at::Tensor empty_fused(const at::Tensor& like, const Segments& layout) {
   return at::empty({like.size(0), layout.channels, like.size(2), like.size(3)}, like.options());
+}
+
+// F in the memory format of E: channels_last when E is channels_last and not also plain contiguous. The
+// kernels write contiguous F; a channels_last E costs one copy at the end.
+at::Tensor in_format_of(const at::Tensor& fused, const at::Tensor& embedding) {
+  if (embedding.is_contiguous(at::MemoryFormat::ChannelsLast) && !embedding.is_contiguous()) {
+    return fused.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  return fused;
 }
 
 // Per pixel tile of each image: the fusion channels of image / embedding with the mask, where the mask tile
 // comes from `mask_of(b, p0, n, acc)`. Called inside a dtype dispatch.
 template <typename scalar_t, typename MaskOf>
-void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const FusionLayout& layout, at::Tensor& out,
+void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const Segments& layout, at::Tensor& out,
                   MaskOf mask_of) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = image.size(0), ci = image.size(1), ce = embedding.size(1);
@@ -51,7 +61,7 @@ void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const Fu
 // accumulation dtype). Called inside a dtype dispatch.
 template <typename scalar_t>
 void fusion_gradients(const at::Tensor& grad, const at::Tensor& image, const at::Tensor& embedding,
-                      const FusionLayout& layout, at::Tensor& grad_image, at::Tensor& grad_embedding,
+                      const Segments& layout, at::Tensor& grad_image, at::Tensor& grad_embedding,
                       at::Tensor& grad_mask, const at::Tensor& mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = image.size(0), ci = image.size(1), ce = embedding.size(1);
@@ -81,8 +91,6 @@ void fusion_gradients(const at::Tensor& grad, const at::Tensor& image, const at:
   });
 }
 
-void check_mode(int64_t mode) { TORCH_CHECK(mode >= 1 && mode <= 5, "mode must be 1..5 (F1..F5), got ", mode); }
-
 // Reads a tile of a given (B, 1, H, W) mask, converted to the accumulation dtype.
 template <typename acc_t, typename scalar_t>
 auto given_mask(const scalar_t* mask, int64_t hw) {
@@ -91,26 +99,39 @@ auto given_mask(const scalar_t* mask, int64_t hw) {
   };
 }
 
+// image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W), one dtype, CPU; mode 1..5.
+void check_fusion_inputs(const at::Tensor& image, const at::Tensor& embedding, const at::Tensor& mask, int64_t mode,
+                         const char* op) {
+  check_mode(mode, op);
+  check_input(image, op, "image", 4);
+  check_companion(embedding, image, op, "embedding", "image");
+  check_companion(mask, image, op, "mask", "image");
+  TORCH_CHECK(mask.size(1) == 1, op, ": mask must have shape (B, 1, H, W), got ", mask.sizes());
+}
+
 at::Tensor fuse(const at::Tensor& image_in, const at::Tensor& embedding_in, const at::Tensor& mask_in, int64_t mode) {
-  check_mode(mode);
+  check_fusion_inputs(image_in, embedding_in, mask_in, mode, "fuse");
   const at::Tensor image = image_in.contiguous(), embedding = embedding_in.contiguous(), mask = mask_in.contiguous();
-  const FusionLayout layout(mode, image.size(1), embedding.size(1));
+  const Segments layout(mode, image.size(1), embedding.size(1));
   at::Tensor out = empty_fused(image, layout);
   const int64_t hw = image.size(2) * image.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "decafa_fuse", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     write_fusion<scalar_t>(image, embedding, layout, out, given_mask<acc_t>(mask.const_data_ptr<scalar_t>(), hw));
   });
-  return out;
+  return in_format_of(out, embedding_in);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& grad_in, const at::Tensor& image_in,
                                                              const at::Tensor& embedding_in,
                                                              const at::Tensor& mask_in, int64_t mode) {
-  check_mode(mode);
-  const at::Tensor grad = grad_in.contiguous(), image = image_in.contiguous(), embedding = embedding_in.contiguous(),
-                   mask = mask_in.contiguous();
-  const FusionLayout layout(mode, image.size(1), embedding.size(1));
+  const char* op = "fuse_backward";
+  check_fusion_inputs(image_in, embedding_in, mask_in, mode, op);
+  const Segments layout(mode, image_in.size(1), embedding_in.size(1));
+  check_input(grad_in, op, "grad_fused", 4);
+  check_sizes(grad_in, op, "grad_fused", {image_in.size(0), layout.channels, image_in.size(2), image_in.size(3)});
+  const at::Tensor grad = grad_in.to(image_in.scalar_type()).contiguous(), image = image_in.contiguous(),
+                   embedding = embedding_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
   at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
   const at::Tensor mask_acc = mask.to(grad_mask.scalar_type()).view({image.size(0), image.size(2) * image.size(3)});
@@ -120,66 +141,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
   return {grad_image, grad_embedding, grad_mask.to(mask.scalar_type())};
 }
 
-void check_head(const at::Tensor& logits, const at::Tensor& image, const at::Tensor& embedding, int64_t mode) {
-  check_mode(mode);
-  TORCH_CHECK(logits.dim() == 4 && image.dim() == 4 && embedding.dim() == 4,
-              "decafa_head: logits, image and embedding must be 4-d");
-  TORCH_CHECK(image.scalar_type() == logits.scalar_type() && embedding.scalar_type() == logits.scalar_type(),
-              "decafa_head: logits, image and embedding must share one dtype");
+void check_head(const at::Tensor& logits, const at::Tensor& image, const at::Tensor& embedding, int64_t mode,
+                const char* op) {
+  check_mode(mode, op);
+  check_logits(logits, op);
+  check_companion(image, logits, op, "image", "logits");
+  check_companion(embedding, logits, op, "embedding", "logits");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head(const at::Tensor& logits_in, const at::Tensor& image_in,
-                                                           const at::Tensor& embedding_in, int64_t mode, double beta,
-                                                           bool normalized) {
-  check_head(logits_in, image_in, embedding_in, mode);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head(const at::Tensor& logits_in,
+                                                                       const at::Tensor& image_in,
+                                                                       const at::Tensor& embedding_in, int64_t mode,
+                                                                       double beta,
+                                                                       const std::optional<at::Tensor>& beta_map_in,
+                                                                       bool normalized) {
+  const char* op = "decafa_head";
+  check_head(logits_in, image_in, embedding_in, mode, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous(), image = image_in.contiguous(),
                    embedding = embedding_in.contiguous();
-  const int64_t B = logits.size(0), L = logits.size(1), hw = logits.size(2) * logits.size(3);
-  const FusionLayout layout(mode, image.size(1), embedding.size(1));
-  at::Tensor lse = empty_lse(logits);
+  const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
+  const Segments layout(mode, image.size(1), embedding.size(1));
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  at::Tensor stats = empty_stats(logits);
   at::Tensor z = at::empty({B, L, 2}, logits.options());
   at::Tensor out = empty_fused(logits, layout);
   // M (B, H*W) in the accumulation dtype, summed during the statistics pass: 1/L of the logits' size
-  at::Tensor mask = at::empty({B, hw}, logits.options().dtype(acc_type(logits.scalar_type())));
-  map_statistics(logits, beta, normalized, lse, &z, nullptr, &mask);
+  at::Tensor mask = at::empty({B, hw}, logits.options().dtype(acc));
+  map_statistics(logits, beta, beta_map, normalized, stats, &z, nullptr, &mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     write_fusion<scalar_t>(image, embedding, layout, out, given_mask<acc_t>(mask.const_data_ptr<acc_t>(), hw));
   });
-  return {z, out, lse};
+  at::Tensor mask_out = mask.view({B, 1, H, W});
+  if (acc != logits.scalar_type()) mask_out = mask_out.to(logits.scalar_type());
+  return {z, in_format_of(out, embedding_in), mask_out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
     const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_fused, const at::Tensor& logits_in,
-    const at::Tensor& image_in, const at::Tensor& embedding_in, const at::Tensor& lse_in, int64_t mode, double beta,
-    bool normalized) {
-  check_head(logits_in, image_in, embedding_in, mode);
+    const at::Tensor& image_in, const at::Tensor& embedding_in, const at::Tensor& mask_in, const at::Tensor& stats_in,
+    int64_t mode, double beta, const std::optional<at::Tensor>& beta_map_in, bool normalized) {
+  const char* op = "decafa_head_backward";
+  check_head(logits_in, image_in, embedding_in, mode, op);
+  const int64_t B = logits_in.size(0), L = logits_in.size(1), H = logits_in.size(2), W = logits_in.size(3), hw = H * W;
+  const Segments layout(mode, image_in.size(1), embedding_in.size(1));
+  check_grad(grad_z, op, "grad_z", {B, L, 2});
+  check_grad(grad_fused, op, "grad_fused", {B, layout.channels, H, W});
+  check_input(mask_in, op, "mask", 4);
+  check_sizes(mask_in, op, "mask", {B, 1, H, W}, logits_in.scalar_type());
+  check_stats(stats_in, logits_in, op);
+  const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous(), image = image_in.contiguous(),
-                   embedding = embedding_in.contiguous(), lse = lse_in.contiguous();
-  const int64_t B = logits.size(0), H = logits.size(2), W = logits.size(3), hw = H * W;
-  const FusionLayout layout(mode, image.size(1), embedding.size(1));
+                   embedding = embedding_in.contiguous(), stats = stats_in.contiguous();
   const at::ScalarType acc = acc_type(logits.scalar_type());
   const at::Tensor gz = as_acc(grad_z, logits.scalar_type());
   if (!grad_fused.has_value() || !grad_fused->defined()) {
-    return {logits_gradient(logits, lse, beta, normalized, gz, at::Tensor()), at::zeros_like(image),
-            at::zeros_like(embedding)};
+    auto [grad_logits, grad_beta] = logits_gradient(logits, stats, beta, beta_map, normalized, gz, at::Tensor());
+    return {grad_logits, at::zeros_like(image, at::MemoryFormat::Contiguous),
+            at::zeros_like(embedding, at::MemoryFormat::Contiguous), grad_beta};
   }
-  // The mask gradient does not depend on M, so: (1) grad_mask per pixel tile; (2) per map, the logits
-  // gradient from the recomputed Phi, summing M from the same Phi; (3) per pixel tile, the image and
-  // embedding gradients with that M. One exp per logit in all, and nothing of size B*L*H*W saved.
-  const at::Tensor grad = grad_fused->contiguous();
+  // (1) per pixel tile, from the saved M: the image, embedding and mask gradients; (2) per map, the logits
+  // gradient and grad_beta from the Phi recomputed from the stats. T is read once, nothing of size B*L*H*W
+  // is saved.
+  const at::Tensor grad = grad_fused->to(logits.scalar_type()).contiguous();
+  const at::Tensor mask = mask_in.to(acc).contiguous().view({B, hw});
   at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
   at::Tensor grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc));
-  at::Tensor mask = at::empty({B, hw}, grad_mask.options());
-  at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
-    fusion_gradients<scalar_t>(grad, image, embedding, layout, none, none, grad_mask, none);
+    fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask);
   });
-  at::Tensor grad_logits = logits_gradient(logits, lse, beta, normalized, gz, grad_mask, &mask);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
-    fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, none, mask);
-  });
-  return {grad_logits, grad_image, grad_embedding};
+  auto [grad_logits, grad_beta] = logits_gradient(logits, stats, beta, beta_map, normalized, gz, grad_mask);
+  return {grad_logits, grad_image, grad_embedding, grad_beta};
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 
 #include <c10/util/BFloat16.h>
 
+#include "../../kernels/fusion_layout.h"
+
 namespace decafa {
 namespace cpu {
 
@@ -70,14 +72,16 @@ DECAFA_INLINE scalar_t to_storage(acc_t v) {
   }
 }
 
-// Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised. Kept as a
+// Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised (a one-pixel
+// axis is its own centre, 0, as in kornia). Kept as a
 // table so that the moment loops read coordinates instead of converting int64 indices (which does not
 // vectorise before AVX-512).
 template <typename acc_t>
 std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
   std::vector<acc_t> c(n);
   const acc_t step = normalized ? (n > 1 ? acc_t(2) / acc_t(n - 1) : acc_t(0)) : acc_t(1);
-  for (int64_t i = 0; i < n; ++i) c[i] = (normalized ? acc_t(-1) : acc_t(0)) + step * acc_t(i);
+  const acc_t first = normalized && n > 1 ? acc_t(-1) : acc_t(0);
+  for (int64_t i = 0; i < n; ++i) c[i] = first + step * acc_t(i);
   return c;
 }
 
@@ -109,11 +113,12 @@ DECAFA_KERNEL void accumulate_scaled(const acc_t* src, int64_t n, acc_t scale, a
 
 template <typename acc_t>
 struct MapStats {
-  acc_t lse, zx, zy;
+  acc_t sum, zx, zy;
 };
 
-// Statistics of one map given a = beta * T in `a` (H*W values) and m = max(a). Overwrites `a` with
-// exp(a - m), so that Phi = a / exp(lse - m). When `moments` is false zx and zy are left at 0.
+// Statistics of one map given s = beta * T in `a` (H*W values) and m = max(s). Overwrites `a` with
+// exp(s - m) and returns their sum, so that Phi = a / sum (never exp(s - lse): that cancels in float32 at
+// large |s|). When `moments` is false zx and zy are left at 0.
 template <typename acc_t>
 DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, bool moments, const acc_t* xs,
                                        const acc_t* ys) {
@@ -141,7 +146,7 @@ DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, 
     sx += row_sx;
     sy += row_sum * ys[row];
   }
-  return {m + std::log(sum), sx / sum, sy / sum};
+  return {sum, sx / sum, sy / sum};
 }
 
 // First moments of a normalised map phi.
@@ -164,42 +169,45 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const acc_t* xs, 
   zy = sy;
 }
 
-// Phi of one map from the logits and the saved lse: phi = exp(beta * t - lse), renormalised to sum to 1.
-// lse is rounded to the accumulation dtype; for large beta * t (|a| ~ 40 in float32) that rounding alone makes
-// sum(phi) drift from 1 by ~1e-6, which would bias the recomputed z and the gradients. Dividing by the sum,
-// taken in the same sweep, removes it.
+// Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, the same
+// operations as the forward (load_scaled_max, exp_sums, store_scaled), so the same values.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t lse, acc_t* phi) {
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < hw; ++i) {
-    phi[i] = vexp(beta * static_cast<acc_t>(t[i]) - lse);
-    sum += phi[i];
-  }
+DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
+  // s is rounded to acc_t before the subtraction, as in the forward (one expression could fuse into an FMA)
+#pragma omp simd
+  for (int64_t i = 0; i < hw; ++i) phi[i] = beta * static_cast<acc_t>(t[i]);
   const acc_t inv = acc_t(1) / sum;
 #pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) phi[i] *= inv;
+  for (int64_t i = 0; i < hw; ++i) phi[i] = vexp(phi[i] - max) * inv;
 }
 
-// Softmax backward of one map: grad_t = beta * Phi * (g - sum_p g_p Phi_p).
+// Softmax backward of one map: g_s = Phi * (g - sum_p g_p Phi_p) is the gradient of s = beta * T;
+// grad_t = beta * g_s, and the return value is the map's grad_beta = sum_p T_p g_s,p.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void softmax_grad(const acc_t* phi, const scalar_t* g, int64_t hw, acc_t beta, scalar_t* grad_t) {
-  acc_t s = 0;
+DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scalar_t* t, int64_t hw, acc_t beta,
+                                 scalar_t* grad_t) {
+  acc_t s = 0, gb = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
-#pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) grad_t[i] = to_storage<scalar_t>(beta * phi[i] * (static_cast<acc_t>(g[i]) - s));
+#pragma omp simd reduction(+ : gb)
+  for (int64_t i = 0; i < hw; ++i) {
+    const acc_t gs = phi[i] * (static_cast<acc_t>(g[i]) - s);
+    grad_t[i] = to_storage<scalar_t>(beta * gs);
+    gb += static_cast<acc_t>(t[i]) * gs;
+  }
+  return gb;
 }
 
 // Gradient of one map's logits given its Phi, for a scalar loss depending on z and on M:
-//   gT = beta * Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  s = sum_p gM_p Phi_p.
-// grad_mask (H*W values, may be null) is the gradient w.r.t. M for this map's image; grad_z (2 values, may be
-// null) the gradient w.r.t. (zx, zy).
+//   g_s = Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  s = sum_p gM_p Phi_p,  grad_t = beta * g_s,
+// returning the map's grad_beta = sum_p T_p g_s,p. grad_mask (H*W values, may be null) is the gradient
+// w.r.t. M for this map's image; grad_z (2 values, may be null) the gradient w.r.t. (zx, zy).
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t beta, const acc_t* xs,
-                          const acc_t* ys, const acc_t* grad_z, const acc_t* grad_mask, scalar_t* grad_t) {
+DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const scalar_t* t, int64_t H, int64_t W, acc_t beta,
+                                  const acc_t* xs, const acc_t* ys, const acc_t* grad_z, const acc_t* grad_mask,
+                                  scalar_t* grad_t) {
   const int64_t hw = H * W;
-  acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0;
+  acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0, gb = 0;
   if (grad_mask != nullptr) {
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < hw; ++i) s += grad_mask[i] * phi[i];
@@ -211,53 +219,60 @@ DECAFA_KERNEL void landmark_grad(const acc_t* phi, int64_t H, int64_t W, acc_t b
   }
   for (int64_t row = 0; row < H; ++row) {
     const acc_t* p = phi + row * W;
+    const scalar_t* tr = t + row * W;
     const acc_t* gm = grad_mask != nullptr ? grad_mask + row * W : nullptr;
     scalar_t* out = grad_t + row * W;
     const acc_t row_term = gy * (ys[row] - zy) - gx * zx - s;
+    acc_t row_gb = 0;
     if (gm != nullptr) {
-#pragma omp simd
-      for (int64_t col = 0; col < W; ++col)
-        out[col] = to_storage<scalar_t>(beta * p[col] * (gm[col] + gx * xs[col] + row_term));
+#pragma omp simd reduction(+ : row_gb)
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t gs = p[col] * (gm[col] + gx * xs[col] + row_term);
+        out[col] = to_storage<scalar_t>(beta * gs);
+        row_gb += static_cast<acc_t>(tr[col]) * gs;
+      }
     } else {
-#pragma omp simd
-      for (int64_t col = 0; col < W; ++col)
-        out[col] = to_storage<scalar_t>(beta * p[col] * (gx * xs[col] + row_term));
+#pragma omp simd reduction(+ : row_gb)
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t gs = p[col] * (gx * xs[col] + row_term);
+        out[col] = to_storage<scalar_t>(beta * gs);
+        row_gb += static_cast<acc_t>(tr[col]) * gs;
+      }
     }
+    gb += row_gb;
   }
+  return gb;
 }
 
-// The fusion layout: which source (image or embedding) each block of output channels copies, and whether it
-// is multiplied by the mask. F1 = E; F2 = I*M; F3 = I|I*M; F4 = I|I*M|E*M; F5 = I|I*M|E|E*M.
+// The fusion layout (kernels/fusion_layout.h) as a list of blocks: which source (image or embedding) each
+// block of output channels copies, and whether it is multiplied by the mask.
 struct Segment {
   bool from_embedding;
   bool masked;
   int64_t first_channel;
 };
 
-struct FusionLayout {
+struct Segments {
   Segment segments[4];
   int count = 0;
   int64_t channels = 0;
 
-  FusionLayout(int64_t mode, int64_t image_channels, int64_t embedding_channels) {
-    auto add = [&](bool from_embedding, bool masked) {
-      segments[count++] = {from_embedding, masked, channels};
-      channels += from_embedding ? embedding_channels : image_channels;
-    };
-    switch (mode) {
-      case 1: add(true, false); break;
-      case 2: add(false, true); break;
-      case 3: add(false, false); add(false, true); break;
-      case 4: add(false, false); add(false, true); add(true, true); break;
-      default: add(false, false); add(false, true); add(true, false); add(true, true); break;
-    }
+  Segments(int64_t mode, int64_t image_channels, int64_t embedding_channels) {
+    const FusionLayout l = fusion_layout(static_cast<int>(mode), static_cast<int>(image_channels),
+                                         static_cast<int>(embedding_channels));
+    channels = l.channels;
+    // in channel order (the table's offsets increase in this order for every mode)
+    if (l.image >= 0) segments[count++] = {false, false, l.image};
+    if (l.image_mask >= 0) segments[count++] = {false, true, l.image_mask};
+    if (l.embedding >= 0) segments[count++] = {true, false, l.embedding};
+    if (l.embedding_mask >= 0) segments[count++] = {true, true, l.embedding_mask};
   }
 };
 
 // Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
 // the image's first channel; every channel plane has hw pixels.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile(const FusionLayout& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
+DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
                       int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b) {
   for (int s = 0; s < layout.count; ++s) {
     const Segment& seg = layout.segments[s];
@@ -279,7 +294,7 @@ DECAFA_KERNEL void fuse_tile(const FusionLayout& layout, const scalar_t* image_b
 // Backward of fuse_tile, part 1: the gradient of the mask over pixels [p0, p0 + n) of one image, in acc_t:
 // grad_mask[i] = sum over the masked channels of grad * source. It does not need the mask itself.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_mask_grad(const FusionLayout& layout, const scalar_t* grad_b, const scalar_t* image_b,
+DECAFA_KERNEL void fuse_tile_mask_grad(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
                                        int64_t ci, const scalar_t* embedding_b, int64_t ce, int64_t hw, int64_t p0,
                                        int64_t n, acc_t* grad_mask) {
   for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
@@ -300,7 +315,7 @@ DECAFA_KERNEL void fuse_tile_mask_grad(const FusionLayout& layout, const scalar_
 // Backward of fuse_tile, part 2: the gradients of the image and embedding pixels [p0, p0 + n) given the mask
 // tile (either output may be null when not wanted); `scratch` holds n values.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_source_grads(const FusionLayout& layout, const scalar_t* grad_b, int64_t ci, int64_t ce,
+DECAFA_KERNEL void fuse_tile_source_grads(const Segments& layout, const scalar_t* grad_b, int64_t ci, int64_t ce,
                                           const acc_t* mask, int64_t hw, int64_t p0, int64_t n,
                                           scalar_t* grad_image_b, scalar_t* grad_embedding_b, acc_t* scratch) {
   for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {

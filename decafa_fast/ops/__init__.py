@@ -1,20 +1,25 @@
 """Public drop-in ops: spatial softmax, soft-argmax, attention mask, F1-F5 fusion and the fused DeCaFA head.
 
 Each public function validates its arguments, picks a backend and calls one custom op. The custom ops
-share one set of schemas across backends (`schemas.py`):
+share one set of schemas across backends (`schemas.py`, op contract v2):
 
     decafa::<op>          C++ (csrc/), CPU kernels always, CUDA kernels when built with CUDA
     decafa_triton::<op>   Triton (decafa_fast/triton/), registered with torch.library.triton_op
 
-Forward ops also return the per-map log-sum-exp `lse` (B, L) of beta*T (float32; float64 for float64 T); backward ops take it and
-recompute Phi = exp(beta*T - lse) instead of storing Phi. Autograd (`autograd.py`) and fake (meta)
-kernels (`fakes.py`) are registered for every namespace, so every backend works under autograd,
-torch.compile(fullgraph=True) and opcheck. Backend selection is in `backend.py`, argument checks in
-`validation.py`.
+`beta` is a Python number or a tensor broadcastable to (B, L) (see reference.expand_beta); a tensor reaches
+the ops as `beta_map` (B, L) and gets its gradient. Forward ops also return per-map `stats` (B, L, 2) =
+(max, sum of exp(s - max)) of s = beta*T; backward ops take them and recompute Phi = exp(s - max) / sum
+instead of storing Phi. Autograd (`autograd.py`: fused backward for plain reverse mode, a differentiable
+formulation for higher orders) and fake kernels (`fakes.py`) are registered for every namespace, so every
+backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under torch.func transforms
+(grad, vjp, jacrev, jacfwd, vmap, jvp) and forward-mode AD with dual inputs the ops run the reference
+formulation, which those transforms differentiate exactly. Backend selection is in `backend.py`, argument
+checks in `validation.py`, the fusion layout in `layout.py`.
 """
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
 from . import backend as _backend_mod
@@ -30,8 +35,9 @@ from .backend import (
     set_backend,
     use_backend,
 )
-from .fakes import lse_dtype, register_fakes
-from .schemas import SCHEMAS
+from .fakes import FAKES, acc_dtype, register_fakes
+from .layout import FusionLayout, fusion_layout
+from .schemas import SCHEMAS, define_schemas
 from .validation import (
     FUSION_MODES,
     check_backend_dtype,
@@ -42,69 +48,98 @@ from .validation import (
 )
 
 __all__ = [
-    "spatial_softmax",
-    "soft_argmax",
-    "attention_mask",
-    "landmark_attention",
-    "fuse",
-    "decafa_head",
-    "set_backend",
-    "get_backend",
-    "backends",
+    "AUTO_CUDA_PREFERENCE",
     "BACKENDS",
+    "FAKES",
+    "FUSION_MODES",
+    "SCHEMAS",
+    "FusionLayout",
+    "acc_dtype",
+    "attention_mask",
+    "backends",
+    "decafa_head",
+    "fuse",
+    "fusion_layout",
+    "get_backend",
+    "landmark_attention",
+    "measured_gpus",
+    "namespace",
+    "resolve",
+    "set_backend",
+    "use_backend",
+    "soft_argmax",
+    "spatial_softmax",
 ]
 
 # --------------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------------
-def spatial_softmax(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def _transformed(*tensors: torch.Tensor | None) -> bool:
+    """True under a torch.func transform, or with forward-mode AD dual inputs: the compiled ops have no
+    forward-mode or batching rules, so these run the reference formulation instead (exact under every
+    transform). Never true while torch.compile traces (the check would only break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    if _forward_ad._current_level >= 0:
+        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return False
+
+
+def spatial_softmax(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Eq. (1): softmax of beta * logits over the H*W pixels of each map.
 
     logits (B, L, H, W) -> Phi (B, L, H, W), same dtype. NaN in a map gives NaN over that map.
+    beta: a number or a tensor broadcastable to (B, L) ((), (L,), (L, 1), (B, L), (B, L, 1)).
     """
-    backend, beta = prepare_logits("spatial_softmax", logits, beta)
-    if backend == "reference":
-        return reference.spatial_softmax(logits, beta)
-    phi, _ = namespace(backend).spatial_softmax(logits, beta)
+    backend, beta, beta_map = prepare_logits("spatial_softmax", logits, beta)
+    if backend == "reference" or _transformed(logits, beta_map):
+        return reference.spatial_softmax(logits, beta if beta_map is None else beta_map)
+    phi, _ = namespace(backend).spatial_softmax(logits, beta, beta_map)
     return phi
 
 
-def soft_argmax(logits: torch.Tensor, beta: float = 1.0, normalized: bool = False) -> torch.Tensor:
+def soft_argmax(
+    logits: torch.Tensor, beta: float | torch.Tensor = 1.0, normalized: bool = False
+) -> torch.Tensor:
     """Eqs. (1)+(2): soft-argmax of each map as (x, y), x the column and y the row.
 
-    logits (B, L, H, W) -> z (B, L, 2), same dtype; pixels 0..W-1 / 0..H-1, or [-1, 1] when normalized.
+    logits (B, L, H, W) -> z (B, L, 2), same dtype; pixels 0..W-1 / 0..H-1, or [-1, 1] when normalized
+    (a one-pixel axis gives 0). beta as in spatial_softmax.
     """
-    backend, beta = prepare_logits("soft_argmax", logits, beta)
-    if backend == "reference":
-        return reference.soft_argmax(logits, beta, bool(normalized))
-    z, _ = namespace(backend).soft_argmax(logits, beta, bool(normalized))
+    backend, beta, beta_map = prepare_logits("soft_argmax", logits, beta)
+    if backend == "reference" or _transformed(logits, beta_map):
+        return reference.soft_argmax(logits, beta if beta_map is None else beta_map, bool(normalized))
+    z, _ = namespace(backend).soft_argmax(logits, beta, beta_map, bool(normalized))
     return z
 
 
-def attention_mask(logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def attention_mask(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The summed attention mask M = sum over l of Phi_l: logits (B, L, H, W) -> M (B, 1, H, W)."""
-    backend, beta = prepare_logits("attention_mask", logits, beta)
-    if backend == "reference":
-        return reference.attention_mask(logits, beta)
-    m, _ = namespace(backend).attention_mask(logits, beta)
+    backend, beta, beta_map = prepare_logits("attention_mask", logits, beta)
+    if backend == "reference" or _transformed(logits, beta_map):
+        return reference.attention_mask(logits, beta if beta_map is None else beta_map)
+    m, _ = namespace(backend).attention_mask(logits, beta, beta_map)
     return m
 
 
 def landmark_attention(
-    logits: torch.Tensor, beta: float = 1.0, normalized: bool = False
+    logits: torch.Tensor, beta: float | torch.Tensor = 1.0, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-argmax and summed mask in one pass: logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W))."""
-    backend, beta = prepare_logits("landmark_attention", logits, beta)
-    if backend == "reference":
-        return reference.landmark_attention(logits, beta, bool(normalized))
-    z, m, _ = namespace(backend).landmark_attention(logits, beta, bool(normalized))
+    backend, beta, beta_map = prepare_logits("landmark_attention", logits, beta)
+    if backend == "reference" or _transformed(logits, beta_map):
+        return reference.landmark_attention(logits, beta if beta_map is None else beta_map, bool(normalized))
+    z, m, _ = namespace(backend).landmark_attention(logits, beta, beta_map, bool(normalized))
     return z, m
 
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: str = "F5") -> torch.Tensor:
-    """Eqs. (4)-(8): F1 = E; F2 = I*M; F3 = I‖I*M; F4 = I‖I*M‖E*M; F5 = I‖I*M‖E‖E*M (channel concat).
+    """Eqs. (4)-(8): F1 = E; F2 = I*M; F3 = I|I*M; F4 = I|I*M|E*M; F5 = I|I*M|E|E*M (channel concat).
 
-    image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> (B, channels(mode), H, W).
+    image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> (B, channels(mode), H, W) in the
+    memory format of the embedding.
     """
     check_tensor("image", image, 4, "of shape (B, Ci, H, W)")
     mode_id = check_mode(mode)
@@ -112,7 +147,7 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
     check_companion("mask", mask, image, "image", channels=1)
     backend = resolve(image.device, "fuse", (image, embedding, mask))
     check_backend_dtype(backend, image)
-    if backend == "reference":
+    if backend == "reference" or _transformed(image, embedding, mask):
         return reference.fuse(image, embedding, mask, mode)
     return namespace(backend).fuse(image, embedding, mask, mode_id)
 
@@ -122,26 +157,29 @@ def decafa_head(
     image: torch.Tensor,
     embedding: torch.Tensor,
     mode: str = "F5",
-    beta: float = 1.0,
+    beta: float | torch.Tensor = 1.0,
     normalized: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused landmark-attention head: softmax + moments + mask + fusion in one op.
 
     logits (B, L, H, W), image (B, Ci, H, W), embedding (B, C, H, W), all of one dtype and device
-    -> (z (B, L, 2), fused (B, channels(mode), H, W)). Equals
-    `z, M = landmark_attention(logits); fuse(image, embedding, M, mode)` without materialising M or Phi.
+    -> (z (B, L, 2), fused (B, channels(mode), H, W), in the embedding's memory format). Equals
+    `z, M = landmark_attention(logits, beta); fuse(image, embedding, M, mode)` without materialising Phi.
     """
     mode_id = check_mode(mode)
-    backend, beta = prepare_logits("decafa_head", logits, beta, image=image, embedding=embedding)
-    if backend == "reference":
-        return reference.decafa_head(logits, image, embedding, mode, beta, bool(normalized))
-    z, fused, _ = namespace(backend).decafa_head(logits, image, embedding, mode_id, beta, bool(normalized))
+    backend, beta, beta_map = prepare_logits("decafa_head", logits, beta, image=image, embedding=embedding)
+    if backend == "reference" or _transformed(logits, image, embedding, beta_map):
+        return reference.decafa_head(logits, image, embedding, mode, beta if beta_map is None else beta_map,
+                                     bool(normalized))
+    z, fused, _mask, _stats = namespace(backend).decafa_head(
+        logits, image, embedding, mode_id, beta, beta_map, bool(normalized)
+    )
     return z, fused
 
 
-
-
+# The C++ extension registers implementations only; the schemas are defined here, then fakes and autograd.
 if _backend_mod.extension_error is None:
+    define_schemas("decafa")
     register_fakes("decafa")
     register_autograd("decafa")
 if _backend_mod.triton_error is None:

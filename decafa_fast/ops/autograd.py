@@ -1,47 +1,106 @@
-"""Autograd of every compiled op: the forward saves the inputs and the per-map statistics, the backward
-calls the op's fused backward kernel of the same namespace."""
+"""Autograd of every compiled op (op contract v2), registered for each namespace (`decafa`, `decafa_triton`).
+
+The forward saves the inputs, the per-map stats and, for the head, the mask M (all small beside the
+inputs; Phi is never stored). Plain reverse mode (`.backward()`, grad mode off inside the backward) calls
+the op's fused backward kernel of the same namespace, and skips what `ctx.needs_input_grad` says nobody
+needs. A backward that builds a graph (create_graph=True: double backward, gradient penalties,
+gradgradcheck) instead differentiates the reference formulation on the saved inputs, so gradients of any
+order are exact on every backend. A tensor beta reaches the op as `beta_map` (B, L) and gets grad_beta.
+"""
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
-def register_autograd(ns_name: str) -> None:
-    ns = getattr(torch.ops, ns_name)
-    lib = f"{ns_name}::"
+from .. import reference
+from .layout import FUSION_MODES
 
-    # spatial_softmax ---------------------------------------------------------------------------
+Tensor = torch.Tensor
+
+
+def _graph_gradients(fn: Callable, inputs: Sequence[Tensor | None], needed: Sequence[bool],
+                     grad_outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Gradients of fn(*inputs) (a tuple of outputs) for the inputs marked `needed`, as a graph (so they can
+    be differentiated again). Outputs whose gradient is None do not contribute."""
+    with torch.enable_grad():
+        xs = [
+            x.detach().requires_grad_() if x is not None and need and not x.requires_grad else x
+            for x, need in zip(inputs, needed)
+        ]
+        outputs = fn(*xs)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+        wrt = [x for x, need in zip(xs, needed) if need]
+        if not pairs or not wrt:
+            return [None] * len(inputs)
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                         create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needed]
+
+
+def _beta_of(beta: float, beta_map: Tensor | None):
+    return beta if beta_map is None else beta_map
+
+
+def register_autograd(namespace: str) -> None:
+    ns = getattr(torch.ops, namespace)
+    lib = f"{namespace}::"
+
+    # spatial_softmax(logits, beta, beta_map) -> (phi, stats) ----------------------------------------------
     def softmax_setup(ctx, inputs, output):
-        logits, beta = inputs
+        logits, beta, beta_map = inputs
         ctx.beta = beta
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(logits, output[1])
+        ctx.save_for_backward(logits, output[1], beta_map)
 
-    def softmax_backward(ctx, grad_phi, _grad_lse):
-        logits, lse = ctx.saved_tensors
-        return ns.spatial_softmax_backward(grad_phi, logits, lse, ctx.beta), None
+    def softmax_backward(ctx, grad_phi, _grad_stats):
+        logits, stats, beta_map = ctx.saved_tensors
+        need_t, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if grad_phi is None or not (need_t or need_b):
+            return None, None, None
+        if torch.is_grad_enabled():
+            gt, gb = _graph_gradients(
+                lambda t, bm: (reference.spatial_softmax(t, _beta_of(ctx.beta, bm)),),
+                (logits, beta_map), (need_t, need_b), (grad_phi,))
+        else:
+            gt, gb = ns.spatial_softmax_backward(grad_phi, logits, stats, ctx.beta, beta_map)
+        return (gt if need_t else None), None, (gb if need_b else None)
 
     torch.library.register_autograd(lib + "spatial_softmax", softmax_backward, setup_context=softmax_setup)
 
-    # soft_argmax / attention_mask / landmark_attention share one backward --------------------------
+    # soft_argmax / attention_mask / landmark_attention share one backward -------------------------------
     def stats_setup(ctx, inputs, output):
-        logits, beta = inputs[0], inputs[1]
+        logits, beta, beta_map = inputs[:3]
         ctx.beta = beta
-        ctx.normalized = inputs[2] if len(inputs) > 2 else False
-        lse = output[-1]
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, lse)
+        ctx.normalized = inputs[3] if len(inputs) > 3 else False
+        ctx.n_inputs = len(inputs)
+        stats = output[-1]
+        ctx.mark_non_differentiable(stats)
+        ctx.save_for_backward(logits, stats, beta_map)
 
-    def _stats_grad(ctx, grad_z, grad_mask):
-        logits, lse = ctx.saved_tensors
-        return ns.landmark_attention_backward(grad_z, grad_mask, logits, lse, ctx.beta, ctx.normalized)
+    def stats_grad(ctx, grad_z, grad_mask):
+        logits, stats, beta_map = ctx.saved_tensors
+        need_t, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        nothing = (None,) * ctx.n_inputs
+        if (grad_z is None and grad_mask is None) or not (need_t or need_b):
+            return nothing
+        if torch.is_grad_enabled():
+            gt, gb = _graph_gradients(
+                lambda t, bm: reference.landmark_attention(t, _beta_of(ctx.beta, bm), ctx.normalized),
+                (logits, beta_map), (need_t, need_b), (grad_z, grad_mask))
+        else:
+            gt, gb = ns.landmark_attention_backward(grad_z, grad_mask, logits, stats, ctx.beta, beta_map,
+                                                    ctx.normalized)
+        return ((gt if need_t else None), None, (gb if need_b else None)) + nothing[3:]
 
-    def soft_argmax_backward(ctx, grad_z, _grad_lse):
-        return _stats_grad(ctx, grad_z, None), None, None
+    def soft_argmax_backward(ctx, grad_z, _grad_stats):
+        return stats_grad(ctx, grad_z, None)
 
-    def attention_mask_backward(ctx, grad_mask, _grad_lse):
-        return _stats_grad(ctx, None, grad_mask), None
+    def attention_mask_backward(ctx, grad_mask, _grad_stats):
+        return stats_grad(ctx, None, grad_mask)
 
-    def landmark_attention_backward(ctx, grad_z, grad_mask, _grad_lse):
-        return _stats_grad(ctx, grad_z, grad_mask), None, None
+    def landmark_attention_backward(ctx, grad_z, grad_mask, _grad_stats):
+        return stats_grad(ctx, grad_z, grad_mask)
 
     torch.library.register_autograd(lib + "soft_argmax", soft_argmax_backward, setup_context=stats_setup)
     torch.library.register_autograd(lib + "attention_mask", attention_mask_backward, setup_context=stats_setup)
@@ -49,7 +108,7 @@ def register_autograd(ns_name: str) -> None:
         lib + "landmark_attention", landmark_attention_backward, setup_context=stats_setup
     )
 
-    # fuse -------------------------------------------------------------------------------------------
+    # fuse(image, embedding, mask, mode) -> fused ------------------------------------------------------------
     def fuse_setup(ctx, inputs, output):
         image, embedding, mask, mode = inputs
         ctx.mode = mode
@@ -57,26 +116,48 @@ def register_autograd(ns_name: str) -> None:
 
     def fuse_backward(ctx, grad_fused):
         image, embedding, mask = ctx.saved_tensors
-        gi, ge, gm = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
-        return gi, ge, gm, None
+        needed = ctx.needs_input_grad[:3]
+        if grad_fused is None or not any(needed):
+            return None, None, None, None
+        if torch.is_grad_enabled():
+            grads = _graph_gradients(
+                lambda i, e, m: (reference.fuse(i, e, m, FUSION_MODES[ctx.mode - 1]),),
+                (image, embedding, mask), needed, (grad_fused,))
+        else:
+            grads = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
+        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,)
 
     torch.library.register_autograd(lib + "fuse", fuse_backward, setup_context=fuse_setup)
 
-    # decafa_head ------------------------------------------------------------------------------------
+    # decafa_head(logits, image, embedding, mode, beta, beta_map, normalized) -> (z, fused, mask, stats) -----
     def head_setup(ctx, inputs, output):
-        logits, image, embedding, mode, beta, normalized = inputs
+        logits, image, embedding, mode, beta, beta_map, normalized = inputs
         ctx.mode, ctx.beta, ctx.normalized = mode, beta, normalized
-        lse = output[2]
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, image, embedding, lse)
+        _z, _fused, mask, stats = output
+        ctx.mark_non_differentiable(mask, stats)
+        ctx.save_for_backward(logits, image, embedding, mask, stats, beta_map)
 
-    def head_backward(ctx, grad_z, grad_fused, _grad_lse):
-        logits, image, embedding, lse = ctx.saved_tensors
-        gt, gi, ge = ns.decafa_head_backward(
-            grad_z, grad_fused, logits, image, embedding, lse, ctx.mode, ctx.beta, ctx.normalized
-        )
-        return gt, gi, ge, None, None, None
+    def head_backward(ctx, grad_z, grad_fused, _grad_mask, _grad_stats):
+        logits, image, embedding, mask, stats, beta_map = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        need_t, need_i, need_e, need_b = n[0], n[1], n[2], n[5]
+        if (grad_z is None and grad_fused is None) or not (need_t or need_i or need_e or need_b):
+            return (None,) * 7
+        if torch.is_grad_enabled():
+            gt, gi, ge, gb = _graph_gradients(
+                lambda t, i, e, bm: reference.decafa_head(t, i, e, FUSION_MODES[ctx.mode - 1],
+                                                          _beta_of(ctx.beta, bm), ctx.normalized),
+                (logits, image, embedding, beta_map), (need_t, need_i, need_e, need_b), (grad_z, grad_fused))
+        elif not (need_t or need_b):
+            # image / embedding only: the saved M is all they need, the logits are not read
+            if grad_fused is None:
+                return (None,) * 7
+            gt, gb = None, None
+            gi, ge, _ = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
+        else:
+            gt, gi, ge, gb = ns.decafa_head_backward(grad_z, grad_fused, logits, image, embedding, mask, stats,
+                                                     ctx.mode, ctx.beta, beta_map, ctx.normalized)
+        return ((gt if need_t else None), (gi if need_i else None), (ge if need_e else None), None, None,
+                (gb if need_b else None), None)
 
     torch.library.register_autograd(lib + "decafa_head", head_backward, setup_context=head_setup)
-
-

@@ -2,10 +2,12 @@
 Its C++ twin is kernels/fusion_layout.h; the two must agree.
 
 Mode 1..5 = F1..F5:  F1 = E;  F2 = I*M;  F3 = I | I*M;  F4 = I | I*M | E*M;  F5 = I | I*M | E | E*M.
-Imports nothing (decafa_fast.reference uses it without importing the op library's backends)."""
+Imports nothing of the op library (decafa_fast.reference uses it)."""
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import torch
 
 FUSION_MODES = ("F1", "F2", "F3", "F4", "F5")
 
@@ -40,3 +42,10 @@ def mode_number(mode: str) -> int:
     if mode not in FUSION_MODES:
         raise ValueError(f"mode must be one of {FUSION_MODES}, got {mode!r}")
     return FUSION_MODES.index(mode) + 1
+
+
+def fused_memory_format(embedding: torch.Tensor) -> torch.memory_format:
+    """F follows E: channels_last when E is channels_last (and not also plain contiguous), else contiguous."""
+    if embedding.is_contiguous(memory_format=torch.channels_last) and not embedding.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

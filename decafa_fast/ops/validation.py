@@ -7,8 +7,11 @@ import torch
 
 from .. import reference
 from .backend import resolve
+from .layout import FUSION_MODES
 
-FUSION_MODES = reference.FUSION_MODES
+__all__ = ["FUSION_MODES", "check_backend_dtype", "check_beta", "check_companion", "check_logits", "check_mode",
+           "check_tensor", "prepare_logits"]
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_tensor(name: str, t, rank: int, what: str) -> None:
@@ -28,13 +31,26 @@ def check_logits(logits) -> None:
         raise ValueError(f"logits must have at least one landmark map (L >= 1), got shape {tuple(logits.shape)}")
 
 
-def check_beta(beta) -> float:
-    if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)) or isinstance(beta, bool):
-        raise TypeError(f"beta must be a Python float, got {type(beta).__name__}")
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be finite, got {beta}")
-    return beta
+def check_beta(beta, logits: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """beta as the ops take it: (float beta, None) for a Python number, (1.0, beta_map) for a tensor, with
+    beta_map its (B, L) expansion (contiguous, accumulation dtype, on the logits' device; differentiable)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
+        raise TypeError(f"beta must be a Python number or a tensor broadcastable to (B, L), got {type(beta).__name__}")
+    if not isinstance(beta, torch.Tensor):
+        beta = float(beta)
+        if not math.isfinite(beta):
+            raise ValueError(f"beta must be finite, got {beta}")
+        return beta, None
+    if not beta.is_floating_point():
+        raise TypeError(f"beta must be a floating-point tensor, got {beta.dtype}")
+    if beta.device != logits.device:
+        if beta.dim() != 0:
+            raise ValueError(f"beta is on {beta.device} but logits are on {logits.device}; put them on one device")
+        beta = beta.to(logits.device)
+    b, l = logits.shape[:2]
+    beta_map = reference.expand_beta(beta, b, l)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return 1.0, beta_map.to(acc).contiguous()
 
 
 def check_mode(mode) -> int:
@@ -64,14 +80,15 @@ def check_backend_dtype(backend: str, t: torch.Tensor) -> None:
         raise TypeError(f"float64 is supported on CPU and by the reference backend only, got {t.device} tensors")
 
 
-def prepare_logits(op: str, logits, beta, **companions) -> tuple[str, float]:
+def prepare_logits(op: str, logits, beta, **companions) -> tuple[str, float, torch.Tensor | None]:
     """Validates the logits and beta shared by every logits op, and the image and embedding that go with
-    them (keyword: name=tensor); returns the backend to run `op` and beta."""
+    them (keyword: name=tensor); returns the backend to run `op`, the float beta and the beta_map (None for
+    a Python number; see check_beta)."""
     check_logits(logits)
-    beta = check_beta(beta)
+    beta, beta_map = check_beta(beta, logits)
     for name, t in companions.items():
         check_companion(name, t, logits, "logits")
     backend = resolve(logits.device, op, (logits, *companions.values()))
     check_backend_dtype(backend, logits)
-    return backend, beta
+    return backend, beta, beta_map
 
