@@ -8,6 +8,9 @@ Options (also set by `decafa-fast bench`):
     --decafa-auto-table PATH    on a GPU, save the Triton-vs-CUDA races for the "auto" backend
     --decafa-rows PATH          append each row to a JSON-lines file as it is measured
 
+The helpers live beside this file: bench/measure.py (what is measured, and the machine) and bench/report.py
+(tables, plots, the auto-backend table); pytest puts this folder on sys.path, so they import by name.
+
 Unlike tests/, nothing here sets TRITON_INTERPRET: the Triton interpreter is not a benchmark, so Triton
 cases run on a GPU only.
 """
@@ -16,16 +19,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import measure
 import pytest
+import report
 import torch
 
-from decafa_fast.app import benchmark as B
 from decafa_fast import ops
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("decafa", "decafa-fast benchmarks")
-    group.addoption("--decafa-size", choices=sorted(B.SIZES), default="paper", help="op problem size")
+    group.addoption("--decafa-size", choices=sorted(measure.SIZES), default="paper", help="op problem size")
     group.addoption("--decafa-quick", action="store_true", help="a small subset of the benchmarks")
     group.addoption("--decafa-full", action="store_true", help="also the slow cases skipped by default on CPU")
     group.addoption("--decafa-backends", default=None, help="comma-separated backends to run (default: all)")
@@ -39,23 +43,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
-    facts = B.device_facts()
-    device = B.bench_device()
+    facts = measure.device_facts()
+    device = measure.bench_device()
     bw = getattr(config, "_decafa_copy_bw", None)
     if bw is not None:
         facts["copy_gbps"] = round(bw / 1e9, 2)
-    facts["clone_gbps"] = round(B.copy_bandwidth(device, repeats=3, fresh=True) / 1e9, 2)
+    facts["clone_gbps"] = round(measure.copy_bandwidth(device, repeats=3, fresh=True) / 1e9, 2)
     machine_info["decafa"] = facts
 
 
 @pytest.fixture(scope="session")
-def bench_size(pytestconfig: pytest.Config) -> B.BenchSize:
-    return B.SIZES[pytestconfig.getoption("--decafa-size")]
+def bench_size(pytestconfig: pytest.Config) -> measure.BenchSize:
+    return measure.SIZES[pytestconfig.getoption("--decafa-size")]
 
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return B.bench_device()
+    return measure.bench_device()
 
 
 @pytest.fixture(scope="session")
@@ -66,20 +70,20 @@ def tiny(pytestconfig: pytest.Config) -> bool:
 
 @pytest.fixture(scope="session")
 def time_budget(tiny: bool) -> float | None:
-    """Seconds of timed rounds per benchmark (None: decafa_fast.app.benchmark.choose_rounds's default)."""
+    """Seconds of timed rounds per benchmark (None: measure.choose_rounds's default)."""
     return 0.1 if tiny else None
 
 
 @pytest.fixture(scope="session")
 def min_rounds(tiny: bool) -> int | None:
-    """Fewest timed rounds per benchmark (None: decafa_fast.app.benchmark.choose_rounds's default)."""
+    """Fewest timed rounds per benchmark (None: measure.choose_rounds's default)."""
     return 1 if tiny else None
 
 
 @pytest.fixture(scope="session")
 def copy_bw(pytestconfig: pytest.Config, device: torch.device, tiny: bool) -> float:
     """Copy bandwidth (bytes/s) of this device, measured once per session: the ceiling for % of floor."""
-    bw = B.copy_bandwidth(device, nbytes=(32 << 20) if tiny else None)
+    bw = measure.copy_bandwidth(device, nbytes=(32 << 20) if tiny else None)
     pytestconfig._decafa_copy_bw = bw  # also reported in machine_info
     return bw
 
@@ -112,7 +116,7 @@ def record_row(pytestconfig: pytest.Config, bench_rows: list[dict[str, Any]], de
             with open(rows_path, "a") as fh:
                 fh.write(json.dumps(info, default=str) + "\n")
         if auto_table and device.type == "cuda" and info.get("backend") in ("triton", "cuda"):
-            B.update_auto_table(auto_table, bench_rows, device)
+            report.update_auto_table(auto_table, bench_rows, device)
 
     return record
 
@@ -123,13 +127,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     terminalreporter.section("decafa-fast: speed-up over the reference, % of the copy-bandwidth floor")
     if any(r.get("suite") == "ops" for r in rows):
-        terminalreporter.write_line(B.format_op_table(rows))
+        terminalreporter.write_line(report.format_op_table(rows))
     if any(r.get("suite") == "model" for r in rows):
-        terminalreporter.write_line(B.format_model_table(rows))
-    targets = B.format_targets(rows)
+        terminalreporter.write_line(report.format_model_table(rows))
+    targets = report.format_targets(rows)
     if targets:
         terminalreporter.write_line(targets)
-    terminalreporter.write_line("time: fastest round; definitions in decafa_fast/benchmark.py")
+    terminalreporter.write_line("time: fastest round; definitions in bench/measure.py")
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 """Races the GPU backends' decafa_head (Triton and CUDA C++) against each other, the plain-PyTorch reference
 (eager and under torch.compile) and the floor, on one GPU.
 
-The floor is the bytes that must move (decafa_fast.app.benchmark.floor_bytes) divided by the copy bandwidth
+The floor is the bytes that must move (bench/measure.py's floor_bytes) divided by the copy bandwidth
 measured in this run:
     forward:            read T, I, E once; write F and z once
     forward + backward: the forward floor, plus read grad_F, grad_z, T, I, E and write grad_T, grad_I, grad_E
@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...], deadline: float) -> int:
     """Times every case on `device`; `racers` are the backends that may race (the tests run this on CPU)."""
+    import measure as B  # bench/measure.py, beside this script
+
     from decafa_fast import ops, reference
-    from decafa_fast.app import benchmark as B
 
     status = ops.backends()
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -20,10 +20,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import measure
 import pytest
 import torch
 
-from decafa_fast.app import benchmark as B
 from decafa_fast import ops
 
 try:
@@ -51,7 +51,7 @@ class ModelCase:
 
 
 def model_cases(config: pytest.Config) -> list[ModelCase]:
-    cuda = B.bench_device().type == "cuda"
+    cuda = measure.bench_device().type == "cuda"
     quick, full = config.getoption("--decafa-quick"), config.getoption("--decafa-full")
     if cuda:
         groups = [("infer", "eager", "float32", 1), ("infer", "reduce-overhead", "float32", 1),
@@ -68,7 +68,7 @@ def model_cases(config: pytest.Config) -> list[ModelCase]:
         if quick:
             groups = groups[:1]
         fused = ("cpp",)
-    selected = B.selected_backends(config.getoption("--decafa-backends"))
+    selected = measure.selected_backends(config.getoption("--decafa-backends"))
     backends = [b for b in ("reference", *fused) if b in selected]
     return [ModelCase(*g, backend) for g in groups for backend in backends]
 
@@ -81,7 +81,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("mcase", model_cases(metafunc.config), ids=str)
 
 
-def model_config(size_name: str) -> "DeCaFAConfig":
+def model_config(size_name: str) -> DeCaFAConfig:
     """The paper's model; for --decafa-size tiny, a two-stage toy that only checks the machinery."""
     if size_name == "tiny":
         return DeCaFAConfig(stages=2, image_size=32, widths=(8, 8, 8), embedding_channels=8)
@@ -92,7 +92,7 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_round
                use_backend, pytestconfig):
     if _MODEL_ERROR:
         pytest.skip(_MODEL_ERROR)
-    reason = B.backend_skip_reason(mcase.backend, device)
+    reason = measure.backend_skip_reason(mcase.backend, device)
     if reason:
         pytest.skip(reason)
     use_backend(mcase.backend)
@@ -119,7 +119,7 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_round
         def call():
             with torch.no_grad():
                 out = runner(images)
-            B.synchronize(device)
+            measure.synchronize(device)
             return out
     else:
         model.train()
@@ -135,7 +135,7 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_round
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            B.synchronize(device)
+            measure.synchronize(device)
             return loss.detach()
 
     # warm-up: compilation, CUDA graph recording (reduce-overhead records on the second/third call), and on
@@ -152,18 +152,22 @@ def test_model(benchmark, mcase: ModelCase, device, tiny, time_budget, min_round
     _WARM.append(True)
 
     peak, peak_method = None, "not measured on CPU (the profiler over a whole model costs more than the run)"
+    shares = {}
     if device.type == "cuda":
-        peak, peak_method = B.peak_memory(call, device)
+        peak, peak_method = measure.peak_memory(call, device)
+    else:  # what the table's note on a CPU row slower than the reference rests on
+        shares = measure.time_shares(call)
 
     budget = time_budget or (2.0 if device.type == "cuda" else 1.0)
-    rounds, iterations = B.choose_rounds(estimate, device, budget, min_rounds)
+    rounds, iterations = measure.choose_rounds(estimate, device, budget, min_rounds)
     benchmark.pedantic(call, rounds=rounds, iterations=iterations)
 
-    t = B.fastest_time(benchmark)
+    t = measure.fastest_time(benchmark)
     info = benchmark.extra_info
     info.update(suite="model", task=mcase.task, mode=mcase.mode, dtype=mcase.dtype, batch=mcase.batch,
                 backend=mcase.backend, device=str(device), stages=cfg.stages, image_size=cfg.image_size,
-                channels_last=channels_last, peak_bytes=peak, peak_method=peak_method, **B.device_snapshot(device))
+                channels_last=channels_last, peak_bytes=peak, peak_method=peak_method, **shares,
+                **measure.device_snapshot(device))
     if t is not None:
         info.update(time_s=t, images_per_s=mcase.batch / t)
         if mcase.backend == "reference":

@@ -9,7 +9,7 @@ they apply ("kornia"), and the compiled backends cpp, triton, cuda. Batch sizes 
 CPU. Forward runs under no_grad; forward+backward computes the gradients of every input.
 
 For each case `extra_info` records the floor bytes, GB/s, % of the floor, peak memory and the speed-up over
-the reference (eager) of the same case; the definitions are in decafa_fast/benchmark.py. Parameters are
+the reference (eager) of the same case; the definitions are in bench/measure.py. Parameters are
 ordered so that the reference runs first in every (op, pass, dtype, B) group. Every benchmarked output is
 first checked against the reference, so that a wrong fast kernel cannot post a time.
 
@@ -21,13 +21,13 @@ bf16 at B = 1 and 64 (the reference under torch.compile in float32 at B = 64 onl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+import measure
 import pytest
 import torch
 
-from decafa_fast.app import benchmark as B
 from decafa_fast import ops, reference
 
 OPS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
@@ -58,13 +58,13 @@ class Case:
 
 
 def op_cases(config: pytest.Config) -> list[Case]:
-    cuda = B.bench_device().type == "cuda"
+    cuda = measure.bench_device().type == "cuda"
     quick = config.getoption("--decafa-quick")
     ops_, dtypes, batches = OPS, tuple(DTYPES), ((1, 8, 64) if cuda else (1, 8))
     if quick:  # on CUDA also bf16 and B = 1: the Triton-vs-CUDA races that the auto table needs
         ops_ = ("soft_argmax", "decafa_head")
         dtypes, batches = (tuple(DTYPES), (1, 64)) if cuda else (("float32",), (8,))
-    backends = B.selected_backends(config.getoption("--decafa-backends"))
+    backends = measure.selected_backends(config.getoption("--decafa-backends"))
     # the reference first in each group, so that every other backend's speed-up is known when it runs
     backends = tuple(sorted(backends, key=lambda b: b != "reference"))
     return [
@@ -82,7 +82,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --------------------------------------------------------------------------------------------------
 # Inputs and the function under test
 # --------------------------------------------------------------------------------------------------
-def make_inputs(op: str, batch: int, dtype: torch.dtype, device: torch.device, size: B.BenchSize,
+def make_inputs(op: str, batch: int, dtype: torch.dtype, device: torch.device, size: measure.BenchSize,
                 requires_grad: bool) -> list[torch.Tensor]:
     """The op's tensor arguments: logits (B, L, H, W) for the map ops; image (B, Ci, H, W), embedding
     (B, C, H, W) and mask (B, 1, H, W) for fuse; logits, image, embedding for the head."""
@@ -108,7 +108,7 @@ def make_inputs(op: str, batch: int, dtype: torch.dtype, device: torch.device, s
 _COMPILED: dict[str, Callable] = {}
 
 
-def op_function(op: str, backend: str, size: B.BenchSize) -> Callable[..., tuple[torch.Tensor, ...]]:
+def op_function(op: str, backend: str, size: measure.BenchSize) -> Callable[..., tuple[torch.Tensor, ...]]:
     """The callable to time for (op, backend), returning a tuple of tensors. For reference, cpp, triton
     and cuda the backend is selected globally (ops.set_backend) by the test."""
     if backend == "compiled":
@@ -138,7 +138,7 @@ _REFERENCE_OUT: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
 
 def check_against_reference(case: Case, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...],
-                            size: B.BenchSize) -> None:
+                            size: measure.BenchSize) -> None:
     group = (case.op, case.dtype, case.batch)
     if case.backend == "reference":
         _REFERENCE_OUT.clear()
@@ -161,7 +161,7 @@ def check_against_reference(case: Case, inputs: list[torch.Tensor], outputs: tup
 # --------------------------------------------------------------------------------------------------
 def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min_rounds, reference_times,
             record_row, use_backend, pytestconfig):
-    reason = B.backend_skip_reason(case.backend, device)
+    reason = measure.backend_skip_reason(case.backend, device)
     if reason:
         pytest.skip(reason)
     dtypes, batches = COMPILED_DEFAULT[device.type]
@@ -180,7 +180,7 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min
     inputs = make_inputs(case.op, case.batch, dtype, device, bench_size, requires_grad=backward)
 
     # dry run: compiles / autotunes, checks the values, gives output shapes and a first time
-    B.synchronize(device)
+    measure.synchronize(device)
     start = time.perf_counter()
     with torch.set_grad_enabled(backward):
         outputs = fn(*inputs)
@@ -188,7 +188,7 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min
     if backward:
         grad_outputs = [torch.randn_like(o) for o in outputs]
         torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-    B.synchronize(device)
+    measure.synchronize(device)
     first = time.perf_counter() - start
     outputs = tuple(o.detach() for o in outputs)
 
@@ -198,7 +198,7 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min
         else:
             with torch.no_grad():
                 result = fn(*inputs)
-        B.synchronize(device)
+        measure.synchronize(device)
         return result
 
     estimate = first
@@ -206,20 +206,20 @@ def test_op(benchmark, case: Case, device, bench_size, copy_bw, time_budget, min
         start = time.perf_counter()
         call()
         estimate = time.perf_counter() - start
-    peak, peak_method = B.peak_memory(call, device)
+    peak, peak_method = measure.peak_memory(call, device)
 
-    rounds, iterations = B.choose_rounds(estimate, device, time_budget, min_rounds)
+    rounds, iterations = measure.choose_rounds(estimate, device, time_budget, min_rounds)
     benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=1 if device.type == "cuda" else 0)
 
-    moved = B.floor_bytes(inputs, outputs, backward, grad_inputs=inputs if backward else ())
-    t = B.fastest_time(benchmark)
+    moved = measure.floor_bytes(inputs, outputs, backward, grad_inputs=inputs if backward else ())
+    t = measure.fastest_time(benchmark)
     info = benchmark.extra_info
     info.update(
         suite="ops", op=case.op, backend=case.backend, dtype=case.dtype, batch=case.batch, **{"pass": case.pass_},
         device=str(device), L=bench_size.landmarks, H=bench_size.height, W=bench_size.width,
         C=bench_size.channels, Ci=bench_size.image_channels, mode=bench_size.mode,
         floor_bytes=moved, copy_gbps=copy_bw / 1e9, peak_bytes=peak, peak_method=peak_method,
-        **B.device_snapshot(device),
+        **measure.device_snapshot(device),
     )
     if t is not None:
         info.update(time_s=t, gbps=moved / t / 1e9, floor_pct=100.0 * (moved / copy_bw) / t)

@@ -1,4 +1,5 @@
-"""The benchmark machinery: measuring helpers, tables, plots, and `decafa-fast bench` end to end at a tiny size."""
+"""The benchmark machinery (bench/measure.py, bench/report.py, bench/run.py): measuring helpers, tables, plots,
+notes, and `decafa-fast bench` end to end at a tiny size."""
 from __future__ import annotations
 
 import json
@@ -11,52 +12,59 @@ import pytest
 import torch
 
 from decafa_fast import ops
-from decafa_fast.app import benchmark as B
+from decafa_fast.app import benchmark as launcher
 
 ROOT = Path(__file__).resolve().parents[2]
+# the suite's modules import each other by name, as pytest and bench/run.py import them
+if str(ROOT / "bench") not in sys.path:
+    sys.path.append(str(ROOT / "bench"))
+import measure  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_floor_bytes_counts_each_tensor_once_forward_and_again_for_backward():
     t = torch.zeros(2, 3, 4, 5)  # 120 float32 = 480 bytes
     z = torch.zeros(2, 3, 2, dtype=torch.bfloat16)  # 12 bf16 = 24 bytes
-    assert B.tensor_bytes([t, None, z]) == 504
-    assert B.floor_bytes([t], [z], backward=False) == 504
+    assert measure.tensor_bytes([t, None, z]) == 504
+    assert measure.floor_bytes([t], [z], backward=False) == 504
     # backward: read grad_z (24) and t again (480), write grad_t (480)
-    assert B.floor_bytes([t], [z], backward=True, grad_inputs=[t]) == 504 + 24 + 480 + 480
+    assert measure.floor_bytes([t], [z], backward=True, grad_inputs=[t]) == 504 + 24 + 480 + 480
 
 
 def test_choose_rounds_stays_within_bounds():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert B.choose_rounds(10.0, cpu) == (3, 1)  # slow case: the minimum
-    assert B.choose_rounds(1e-6, cpu) == (20, 1)  # fast case: the cap
-    assert B.choose_rounds(10.0, cpu, min_rounds=1) == (1, 1)
-    rounds, iterations = B.choose_rounds(1e-5, cuda)  # 10 us kernels are batched to >= 1 ms per round
+    assert measure.choose_rounds(10.0, cpu) == (3, 1)  # slow case: the minimum
+    assert measure.choose_rounds(1e-6, cpu) == (20, 1)  # fast case: the cap
+    assert measure.choose_rounds(10.0, cpu, min_rounds=1) == (1, 1)
+    rounds, iterations = measure.choose_rounds(1e-5, cuda)  # 10 us kernels are batched to >= 1 ms per round
     assert iterations == 100 and 10 <= rounds <= 200
 
 
 def test_selected_backends_rejects_unknown_names():
-    assert B.selected_backends(None) == B.ALL_BACKENDS
-    assert B.selected_backends("cpp, reference") == ("cpp", "reference")
+    assert measure.selected_backends(None) == measure.ALL_BACKENDS
+    assert measure.selected_backends("cpp, reference") == ("cpp", "reference")
     with pytest.raises(ValueError, match="unknown"):
-        B.selected_backends("cpp,fast")
+        measure.selected_backends("cpp,fast")
 
 
 def test_backend_skip_reasons():
     cpu = torch.device("cpu")
-    assert B.backend_skip_reason("reference", cpu) is None
-    assert B.backend_skip_reason("cuda", cpu) is not None  # CPU run, or no CUDA build
+    assert measure.backend_skip_reason("reference", cpu) is None
+    assert measure.backend_skip_reason("cuda", cpu) is not None  # CPU run, or no CUDA build
     if not torch.cuda.is_available():  # Triton is unavailable, or only the interpreter: never benchmarked
-        assert B.backend_skip_reason("triton", cpu) is not None
+        assert measure.backend_skip_reason("triton", cpu) is not None
     if ops.backends()["cpp"] == "available":
-        assert B.backend_skip_reason("cpp", cpu) is None
+        assert measure.backend_skip_reason("cpp", cpu) is None
 
 
 def test_copy_bandwidth_and_peak_memory_on_cpu():
     cpu = torch.device("cpu")
-    assert B.copy_bandwidth(cpu, nbytes=8 << 20, repeats=2) > 1e8  # > 0.1 GB/s on anything
+    assert measure.copy_bandwidth(cpu, nbytes=8 << 20, repeats=2) > 1e8  # > 0.1 GB/s on anything
     x = torch.randn(256, 256)
-    peak, method = B.peak_memory(lambda: x * 2 + 1, cpu)  # two 256 KiB temporaries at most
+    peak, method = measure.peak_memory(lambda: x * 2 + 1, cpu)  # two 256 KiB temporaries at most
     assert method != "unavailable"
     assert 256 * 256 * 4 <= peak <= 4 * 256 * 256 * 4
 
@@ -68,14 +76,14 @@ def test_tables_and_plots_from_rows(tmp_path):
         for b in (1, 8) for be, t, s in (("reference", 3e-3, None), ("cpp", 1e-3, 3.0))
     ] + [dict(suite="model", task="infer", mode="eager", dtype="float32", batch=1, backend="cpp", time_s=0.5,
               speedup=1.1, peak_bytes=None)]
-    table = B.format_op_table(rows)
+    table = report.format_op_table(rows)
     assert "| decafa_head" in table and "3.00x" in table and "2.0" in table  # peak in MiB
     assert len(table.splitlines()) == 2 + 4
-    model = B.format_model_table(rows)
+    model = report.format_model_table(rows)
     assert "2.0" in model and "1.10x" in model  # 1 image / 0.5 s
-    png = B.plot_rows(rows, tmp_path / "ops.png")
+    png = report.plot_rows(rows, tmp_path / "ops.png")
     assert png is not None and png.read_bytes()[:8] == PNG_MAGIC
-    assert B.plot_rows([], tmp_path / "none.png") is None
+    assert report.plot_rows([], tmp_path / "none.png") is None
 
 
 def test_targets_table_judges_speedup_and_peak_memory():
@@ -84,54 +92,125 @@ def test_targets_table_judges_speedup_and_peak_memory():
             dict(head, **{"pass": "fwd"}, backend="cpp", time_s=1.0, speedup=3.0, peak_bytes=5),
             dict(head, **{"pass": "fwd+bwd"}, backend="reference", time_s=3.0, peak_bytes=2**20),
             dict(head, **{"pass": "fwd+bwd"}, backend="cpp", time_s=2.0, speedup=1.5, peak_bytes=2**21)]
-    lines = B.format_targets(rows).splitlines()[2:]
+    lines = report.format_targets(rows).splitlines()[2:]
     assert len(lines) == 3
     assert "3.00x" in lines[0] and lines[0].rstrip(" |").endswith("yes")
     assert "1.50x" in lines[1] and "NO" in lines[1]  # fwd+bwd needs >= 2x
     assert "2.0 MiB vs 1.0 MiB" in lines[2] and "NO" in lines[2]
-    assert B.format_targets([]) == ""
+    assert report.format_targets([]) == ""
     tiny = [dict(r, H=16, W=16) for r in rows]  # only the paper's size is judged
-    assert B.format_targets(tiny) == ""
+    assert report.format_targets(tiny) == ""
 
 
 def test_device_facts_name_the_machine():
-    facts = B.device_facts()
+    facts = measure.device_facts()
     assert facts["torch"] == torch.__version__
     assert facts["cpu_count"] >= 1 and facts["cpu_model"]
     assert set(facts["backends"]) >= {"reference", "cpp", "triton", "cuda"}
 
 
-def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
-    """`decafa-fast bench` runs pytest-benchmark on bench/, writes JSON, a summary and plots."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # as a user would run it (tests/conftest.py sets it for the op tests)
-    cmd = [sys.executable, "-m", "decafa_fast.app.cli", "bench", "--size", "tiny", "--quick",
-           "--backends", "reference,kornia,cpp", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| op" in proc.stdout and "speed-up" in proc.stdout
+def test_model_notes_say_why_a_cpu_model_row_is_slower():
+    """A model row slower than the reference gets a note built from what the run measured: the share of its time
+    in convolutions (the same with either backend) and whether the gap fits in the rest."""
+    base = dict(suite="model", task="infer", mode="eager", dtype="float32", batch=1)
+    rows = [dict(base, backend="reference", time_s=1.0, conv_share=0.9, loadavg_1m=1.5),
+            dict(base, backend="cpp", time_s=1.03, speedup=1 / 1.03, conv_share=0.91, loadavg_1m=2.5),
+            dict(base, batch=8, backend="reference", time_s=1.0, conv_share=0.9),
+            dict(base, batch=8, backend="cpp", time_s=1.6, speedup=1 / 1.6, conv_share=0.9),
+            dict(base, batch=4, backend="cpp", time_s=0.5, speedup=2.0, conv_share=0.5),  # faster: no note
+            dict(base, batch=2, backend="cpp", time_s=2.0, speedup=0.5)]  # cause not measured: no note
+    notes = report.model_notes(rows)
+    assert len(notes) == 2
+    assert "B 1 cpp is 0.97x" in notes[0] and "91% of its time" in notes[0] and "other 9% at most" in notes[0]
+    assert "3% slower, within that share" in notes[0] and "2.5 during this row, 1.5 during the reference's" in notes[0]
+    assert "B 8 cpp is 0.62x" in notes[1] and "60% slower, more than that share" in notes[1]
+    table = report.format_model_table(rows)
+    assert "conv %" in table and table.count("Note:") == 2
 
-    (json_path,) = tmp_path.glob("bench-*.json")
+
+def test_time_shares_find_the_convolutions():
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 32, 32)
+    with torch.no_grad():
+        shares = measure.time_shares(lambda: conv(x).sum())
+    assert 0.5 < shares["conv_share"] <= 1.0 and shares["decafa_share"] == 0.0
+
+
+def test_report_line_and_default_folder(monkeypatch, tmp_path):
+    row = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, backend="cpp", time_s=0.034,
+               floor_pct=12.5, speedup=4.93, **{"pass": "fwd"})
+    assert run.report_line(row) == "decafa_head fwd float32 B8 cpp: 34.000 ms, 12.5% of the floor, 4.93x the reference"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert run.default_out().parent == tmp_path / "decafa_fast" / "bench"
+
+
+def test_launcher_finds_the_suite_or_says_in_one_line_where_it_is(monkeypatch, tmp_path, capsys):
+    """`decafa-fast bench` runs bench/run.py from the checkout or from the copy a wheel carries
+    (decafa_fast/_sources/bench); an install with neither says what to run instead."""
+    assert launcher.suite_dir() == ROOT / "bench"  # this checkout
+    wheel_copy = tmp_path / "site" / "decafa_fast" / "_sources" / "bench"
+    wheel_copy.mkdir(parents=True)
+    (wheel_copy / "run.py").write_text("")
+    (wheel_copy / "measure.py").write_text("")
+    monkeypatch.setattr(launcher, "SUITE_DIRS", (tmp_path / "site" / "bench", wheel_copy))
+    assert launcher.suite_dir() == wheel_copy
+    monkeypatch.setattr(launcher, "SUITE_DIRS", (tmp_path / "nowhere",))
+    monkeypatch.delitem(sys.modules, "decafa_bench_run", raising=False)
+    from decafa_fast.app import cli
+
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python bench/run.py" in err
+
+
+def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
+    """`decafa-fast bench` runs the suites through pytest-benchmark and prints one table per suite (not
+    pytest-benchmark's as well) and no third-party deprecation warnings; with no --out it names a new folder
+    under the cache and writes only there (the working directory stays empty): JSON, rows, summary and plots.
+    kornia rows are there when kornia is installed; without it the run says why they are not."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user would run it
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "decafa_fast.app.cli", "bench", "--size", "tiny", "--quick",
+           "--backends", "reference,kornia,cpp"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("| op ") == 1 and out.count("| task ") == 1  # one ops table, one model table
+    assert "Name (time in" not in out and "-- benchmark" not in out  # pytest-benchmark's own table
+    assert "DeprecationWarning: " not in out + proc.stderr and "jit" not in out + proc.stderr
+    assert list(cwd.iterdir()) == []
+
+    (folder,) = (tmp_path / "cache" / "decafa_fast" / "bench").iterdir()
+    assert f"results go to {folder}" in out
+    (json_path,) = folder.glob("bench-*.json")
     data = json.loads(json_path.read_text())
     streamed = [json.loads(line) for line in json_path.with_suffix(".jsonl").read_text().splitlines()]
     assert len(streamed) == len(data["benchmarks"]) > 0  # one JSON line per benchmark, written as it ended
     assert data["machine_info"]["decafa"]["copy_gbps"] > 0
-    rows, _ = B.load_rows(json_path)
+    rows, _ = report.load_rows(json_path)
     op_rows = [r for r in rows if r["suite"] == "ops"]
     model_rows = [r for r in rows if r["suite"] == "model"]
     assert {r["op"] for r in op_rows} == {"soft_argmax", "decafa_head"}
-    assert {r["backend"] for r in op_rows} >= {"reference", "kornia"}
+    assert "reference" in {r["backend"] for r in op_rows}
+    kornia_reason = measure.backend_skip_reason("kornia", torch.device("cpu"))
+    if kornia_reason is None:
+        assert "kornia" in {r["backend"] for r in op_rows}
+    else:
+        assert "kornia" not in {r["backend"] for r in op_rows} and f"skipped: {kornia_reason}" in out
     for r in op_rows:
         assert r["time_s"] > 0 and r["floor_bytes"] > 0 and r["gbps"] > 0 and r["floor_pct"] > 0
         assert r["peak_bytes"] is not None and r["peak_method"]
         assert ("speedup" in r) == (r["backend"] != "reference")
-    assert model_rows and all(r["images_per_s"] > 0 for r in model_rows)
+        assert f"{r['op']} {r['pass']} {r['dtype']} B{r['batch']} {r['backend']}: " in out  # its progress line
+    assert model_rows and all(r["images_per_s"] > 0 and 0 < r["conv_share"] <= 1 for r in model_rows)
     if ops.backends()["cpp"] == "available":
         assert any(r["backend"] == "cpp" and r["speedup"] > 0 for r in op_rows + model_rows)
 
-    assert (tmp_path / "summary.md").read_text().startswith("# decafa-fast bench")
+    assert (folder / "summary.md").read_text().startswith("# decafa-fast bench")
     for name in ("ops_time_vs_batch.png", "model_time_vs_batch.png"):
-        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+        assert (folder / name).read_bytes()[:8] == PNG_MAGIC
 
 
 def _load_bench_script(name: str):
@@ -166,7 +245,7 @@ def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(script, "time_ms", fake_time)
     monkeypatch.setattr(script, "graph_time_ms", fake_time)
     monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "stats_block": [64]})
-    monkeypatch.setattr(B, "copy_bandwidth", lambda device: 1e10)
+    monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 1e10)  # head_floor imports it as B
     out = tmp_path / "race.json"
     args = script.parse_args(["--batch", "2", "--maps", "3", "--size", "9", "--channels", "2", "--dtypes",
                               "float32", "--no-compile", "--sweep", "--backends", "triton,cpp,cuda",
@@ -213,8 +292,8 @@ def test_gpu_check_script_without_a_gpu(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # no step ran: that is a failed check
-    report = (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
     for step in ("install", "tests", "head_floor", "bench_ops", "bench_model"):
-        assert f"| {step} | skipped: out of time |" in report
-    assert "| decafa_head | fwd  | float32 | 8 | cpp       |" in report and "3.00x" in report
+        assert f"| {step} | skipped: out of time |" in text
+    assert "| decafa_head | fwd  | float32 | 8 | cpp       |" in text and "3.00x" in text
     assert (out / "steps.log").is_file()

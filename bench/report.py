@@ -1,0 +1,247 @@
+"""What a run's rows become: the tables printed and saved, plots of time against batch size, the run's
+summary, and (on a GPU) the Triton-vs-CUDA races saved for the "auto" backend.
+
+A row is one benchmark's `extra_info` plus its time (bench/test_ops.py, bench/test_model.py); the measured
+quantities are defined in bench/measure.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def update_auto_table(path: str | Path, rows: Sequence[dict[str, Any]], device: torch.device) -> int:
+    """Saves the Triton-vs-CUDA races among `rows` for this GPU into the auto-backend table at `path`
+    (decafa_fast/autotable.py); returns how many entries the rows gave (0: nothing raced, nothing written)."""
+    from decafa_fast import autotable
+
+    entries = autotable.entries_from_rows(rows)
+    if entries:
+        name = torch.cuda.get_device_properties(device).name
+        autotable.save_entries(Path(path), name, entries, source="pytest " + " ".join(sys.argv[1:]))
+    return len(entries)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading results back: tables and plots
+# --------------------------------------------------------------------------------------------------
+def load_rows(json_path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The benchmark rows of a pytest-benchmark JSON file (extra_info + time), and its machine_info."""
+    data = json.loads(Path(json_path).read_text())
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        stats = bench.get("stats", {})
+        info.setdefault("time_s", stats.get("min"))
+        info["median_s"] = stats.get("median")
+        info["rounds"] = stats.get("rounds")
+        info["name"] = bench.get("name")
+        rows.append(info)
+    return rows, data.get("machine_info", {})
+
+
+def load_results(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (and machine_info) of a pytest-benchmark JSON file, or of a --decafa-rows JSON-lines file
+    (rows only; what a run cut off before its end has kept)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], {}
+    return load_rows(path)
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def format_op_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the op benchmarks: op, pass, dtype, B, backend, time, speed-up, GB/s, % floor, peak."""
+    ops_rows = [r for r in rows if r.get("suite") == "ops"]
+    header = ["op", "pass", "dtype", "B", "backend", "time (ms)", "speed-up", "GB/s", "% floor", "peak MiB"]
+    body = [
+        [r["op"], r["pass"], r["dtype"], str(r["batch"]), r["backend"], _fmt(r["time_s"] * 1e3, ".3f"),
+         _fmt(r.get("speedup"), ".2f", "x"), _fmt(r.get("gbps"), ".1f"), _fmt(r.get("floor_pct"), ".1f"),
+         _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".1f")]
+        for r in ops_rows
+    ]
+    return _markdown(header, body)
+
+
+def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the model benchmarks: task, mode, dtype, B, backend, time, images/s, speed-up, peak
+    memory and (CPU) the share of the time in convolutions; then a note on every row slower than the
+    reference whose cause the run measured (model_notes)."""
+    model_rows = [r for r in rows if r.get("suite") == "model"]
+    header = ["task", "mode", "dtype", "B", "backend", "time (ms)", "images/s", "speed-up", "peak MiB", "conv %"]
+    body = [
+        [r["task"], r["mode"], r["dtype"], str(r["batch"]), r["backend"], _fmt(r["time_s"] * 1e3, ".1f"),
+         _fmt(r["batch"] / r["time_s"], ".1f"), _fmt(r.get("speedup"), ".2f", "x"),
+         _fmt(None if r.get("peak_bytes") is None else r["peak_bytes"] / 2**20, ".1f"),
+         _fmt(None if r.get("conv_share") is None else 100 * r["conv_share"], ".0f")]
+        for r in model_rows
+    ]
+    notes = model_notes(model_rows)
+    return _markdown(header, body) + "".join(f"\n\n{note}" for note in notes)
+
+
+def model_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Why a model row is slower than the reference, where the run measured it: on CPU the convolutions,
+    which are the same layers with either backend, take most of the time, so the fused ops can move the
+    total by the remaining share at most, and the machine's load moves it as much."""
+    notes = []
+    for r in rows:
+        if r.get("suite") != "model" or r.get("speedup") is None or r["speedup"] >= 1.0 or r.get("conv_share") is None:
+            continue
+        ref = next((q for q in rows if q.get("suite") == "model" and q.get("backend") == "reference"
+                    and all(q.get(k) == r.get(k) for k in ("task", "mode", "dtype", "batch"))), {})
+        load = "" if r.get("loadavg_1m") is None else (
+            f" (1-minute load average {r['loadavg_1m']:.1f} during this row, {ref.get('loadavg_1m', float('nan')):.1f}"
+            " during the reference's)")
+        gap = 1.0 / r["speedup"] - 1.0  # extra time over the reference, as a fraction of the reference's
+        other = 1.0 - r["conv_share"]
+        why = (f"within that share, the size of this machine's run-to-run variation{load}" if gap <= other else
+               f"more than that share, so it comes from the machine{load}, not the ops")
+        notes.append(
+            f"Note: {r['task']} {r['mode']} {r['dtype']} B {r['batch']} {r['backend']} is {r['speedup']:.2f}x the "
+            f"reference: convolutions, the same layers with either backend, take {r['conv_share']:.0%} of its time, "
+            f"so the fused ops can change the other {other:.0%} at most; it is {gap:.0%} slower, {why}.")
+    return notes
+
+
+# The project's targets (issues 3 and 8): (description, row filter, measured quantity, threshold).
+# (only rows of the paper's size count: L 98, 128 x 128, C 64; the S = 4 model at 128 x 128)
+_HEAD_B8 = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, backend="cpp", L=98, H=128, W=128, C=64)
+_PAPER_MODEL = dict(suite="model", task="infer", mode="reduce-overhead", stages=4, image_size=128)
+TARGETS = [
+    ("CPU: fused head forward >= 3x the reference (cpp, fp32, B 8)", dict(_HEAD_B8, **{"pass": "fwd"}),
+     "speedup", 3.0),
+    ("CPU: fused head forward+backward >= 2x the reference (cpp, fp32, B 8)",
+     dict(_HEAD_B8, **{"pass": "fwd+bwd"}), "speedup", 2.0),
+    ("CPU: fused head forward+backward peak memory below the reference's (cpp, fp32, B 8)",
+     dict(_HEAD_B8, **{"pass": "fwd+bwd"}), "peak_vs_reference", 1.0),
+    ("GPU: DeCaFA S=4 at B 1 >= 1000 images/s (CUDA graphs)",
+     dict(_PAPER_MODEL, dtype="float32", batch=1), "images_per_s", 1000.0),
+    ("GPU: DeCaFA S=4 at B 256 bf16 >= 6000 images/s",
+     dict(_PAPER_MODEL, dtype="bfloat16", batch=256), "images_per_s", 6000.0),
+]
+
+
+def format_targets(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the targets that this run measured: target, backend, measured value, met or not."""
+    body = []
+    for text, match, quantity, threshold in TARGETS:
+        for r in rows:
+            if any(r.get(k) != v for k, v in match.items()) or r.get("backend") == "reference":
+                continue
+            if quantity == "peak_vs_reference":
+                ref = next((q for q in rows if q.get("backend") == "reference"
+                            and all(q.get(k) == v for k, v in match.items() if k != "backend")), None)
+                if ref is None or r.get("peak_bytes") is None or ref.get("peak_bytes") is None:
+                    continue
+                value = f"{r['peak_bytes'] / 2**20:.1f} MiB vs {ref['peak_bytes'] / 2**20:.1f} MiB"
+                met = r["peak_bytes"] < ref["peak_bytes"]
+            else:
+                measured = r.get(quantity) if quantity != "images_per_s" else r["batch"] / r["time_s"]
+                if measured is None:
+                    continue
+                value, met = f"{measured:.2f}" + ("x" if quantity == "speedup" else " images/s"), measured >= threshold
+            body.append([text, r["backend"], value, "yes" if met else "NO"])
+    return _markdown(["target", "backend", "measured", "met"], body) if body else ""
+
+
+# one colour per backend and one line style per pass / compile mode, the same in every panel
+_COLORS = {"reference": "black", "compiled": "tab:purple", "kornia": "tab:green", "cpp": "tab:blue",
+           "triton": "tab:orange", "cuda": "tab:red"}
+_LINESTYLES = {"fwd": "-", "fwd+bwd": "--", "eager": "-", "compile": "--", "reduce-overhead": ":"}
+
+
+def plot_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Time against batch size, one colour per backend (solid forward, dashed forward+backward; for the
+    model: solid eager, dashed torch.compile, dotted CUDA graphs), one panel per op (or model task) and
+    dtype; log-log axes. Returns the PNG path (None: no rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, str], dict[tuple[str, str], list[tuple[int, float]]]] = {}
+    for r in rows:
+        if r.get("suite") == "ops":
+            panel, line = (r["op"], r["dtype"]), (r["backend"], r["pass"])
+        elif r.get("suite") == "model":
+            panel, line = (f"model {r['task']}", r["dtype"]), (r["backend"], r["mode"])
+        else:
+            continue
+        panels.setdefault(panel, {}).setdefault(line, []).append((r["batch"], r["time_s"] * 1e3))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, ((title, dtype), lines) in zip(axes.flat, sorted(panels.items())):
+        for (backend, style), points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], _LINESTYLES.get(style, "-"), marker="o",
+                    color=_COLORS.get(backend, "gray"), label=f"{backend} {style}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{title} ({dtype})", fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    facts = machine.get("decafa", {})
+    parts = [f"CPU {facts.get('cpu_model', machine.get('cpu', {}).get('brand_raw', '?'))} "
+             f"({facts.get('cpu_count', '?')} cores, {facts.get('torch_threads', '?')} torch threads)"]
+    if facts.get("cuda_device"):
+        parts.append(f"GPU {facts['cuda_device']['name']}")
+    parts.append(f"torch {facts.get('torch', '?')}, triton {facts.get('triton')}, CUDA {facts.get('torch_cuda')}")
+    if facts.get("loadavg"):
+        parts.append(f"load average at start {facts['loadavg']}")
+    return "; ".join(parts)
+
+
+def summarize(rows: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: str | Path | None) -> str:
+    """The readable summary of one run (markdown). With `out_dir`: also written to out_dir/summary.md,
+    with the plots beside it."""
+    text = [f"# decafa-fast bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    if machine:
+        text += [_machine_line(machine), ""]
+    for suite, title, table in (("ops", "Ops", format_op_table), ("model", "Model (DeCaFA)", format_model_table)):
+        suite_rows = [r for r in rows if r.get("suite") == suite]
+        if suite_rows:
+            text += [f"## {title}", "", table(rows), ""]
+            if out_dir is not None:
+                text += [f"plot: {plot_rows(suite_rows, Path(out_dir) / f'{suite}_time_vs_batch.png')}", ""]
+    targets = format_targets(rows)
+    if targets:
+        text += ["## Targets", "", targets, ""]
+    text += ["time: fastest round; speed-up: reference-eager time / this time, same run; "
+             "% floor: (floor bytes / copy bandwidth) / time.", ""]
+    summary = "\n".join(text)
+    if out_dir is not None:
+        (Path(out_dir) / "summary.md").write_text(summary)
+    return summary
