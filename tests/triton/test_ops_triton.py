@@ -123,7 +123,7 @@ def _case_id(case):
 
 @pytest.mark.parametrize("case", HEAD_CASES, ids=[_case_id(c.values[0] if hasattr(c, "values") else c)
                                                   for c in HEAD_CASES])
-def test_head_values_andoutputs_and_grads(case):
+def test_head_values_and_grads(case):
     b, l, h, w, ci, c, mode, norm, dtype = case
     t, i, e = _inputs(b, l, h, w, ci, c, dtype)
     beta = 0.7
@@ -140,7 +140,7 @@ def test_head_values_andoutputs_and_grads(case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 33), (1, 5, 1, 130), (2, 1, 33, 1)], ids=str)
-def test_map_ops_values_andoutputs_and_grads(shape, dtype):
+def test_map_ops_values_and_grads(shape, dtype):
     t = _inputs(*shape, 1, 1, dtype)[0]
     for name, args in (
         ("spatial_softmax", (0.7,)),
@@ -158,7 +158,7 @@ def test_map_ops_values_andoutputs_and_grads(shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_fuse_values_andoutputs_and_grads(mode, dtype):
+def test_fuse_values_and_grads(mode, dtype):
     g = torch.Generator().manual_seed(3)
     i = torch.randn(3, 2, 7, 9, generator=g).to(DEVICE, dtype)
     e = torch.randn(3, 5, 7, 9, generator=g).to(DEVICE, dtype)
