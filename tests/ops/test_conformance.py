@@ -102,6 +102,12 @@ def heatmaps(shape=(B, L, H, W), seed: int = 0, device="cpu", dtype=torch.float6
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(device=device, dtype=dtype)
 
 
+def leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new leaf tensor that requires grad: a copy of t in dtype (never t itself, so the kornia and the
+    decafa_fast runs of a test do not share a tensor)."""
+    return t.detach().to(dtype=dtype, copy=True).requires_grad_()
+
+
 def both(code, x: torch.Tensor, temperature, device, dtype):
     """code through kornia in float64 and through decafa_fast in `dtype`, each on its own copy of x (and of
     a tensor temperature): (ours, theirs)."""
@@ -285,8 +291,8 @@ def test_per_map_temperature(decafa_backend, shape, code):
     x0 = heatmaps(device=device)
     results = {}
     for name, api, dt_ in (("kornia", KORNIA, torch.float64), ("decafa_fast", decafa_nn, dtype)):
-        x = x0.to(dt_).requires_grad_()
-        t = t0.to(dt_).requires_grad_()
+        x = leaf(x0, dt_)
+        t = leaf(t0, dt_)
         out = code(api, x, t)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=dt_, device=device).reshape(out.shape))
         results[name] = (out.detach(), x.grad, t.grad)
@@ -320,7 +326,7 @@ def test_one_pixel_axes(decafa_backend, hw, code):
     x0 = heatmaps((B, L, *hw), device=device)
     results = {}
     for name, api, dt_ in (("kornia", KORNIA, torch.float64), ("decafa_fast", decafa_nn, dtype)):
-        x = x0.to(dt_).requires_grad_()
+        x = leaf(x0, dt_)
         out = code(api, x, 0.5)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=dt_, device=device).reshape(out.shape))
         results[name] = (out.detach(), x.grad)
@@ -340,8 +346,8 @@ def test_empty_batch(decafa_backend, code):
     for temperature in (0.5, torch.full((L, 1), 0.5, dtype=torch.float64, device=device)):
         results = {}
         for name, api, dt_ in (("kornia", KORNIA, torch.float64), ("decafa_fast", decafa_nn, dtype)):
-            x = x0.to(dt_).requires_grad_()
-            t = temperature.to(dt_).requires_grad_() if isinstance(temperature, torch.Tensor) else temperature
+            x = leaf(x0, dt_)
+            t = leaf(temperature, dt_) if isinstance(temperature, torch.Tensor) else temperature
             out = code(api, x, t)
             out.sum().backward()
             results[name] = (out.detach(), x.grad, t.grad if isinstance(t, torch.Tensor) else None)
