@@ -236,18 +236,28 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg, info = self.config, self.info
+        """Everything before the first step; a resumed run checks and loads its checkpoint here."""
+        cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = info.device
         path = resume_path(cfg.resume, cfg.out)
         state = None
         if path is not None:
             state, saved = read_checkpoint_for_resume(path)
             check_resumable(path, state, saved, cfg)
         self.resumed_from = path if state is not None else None
-        self.model_config: DeCaFAConfig = cfg.model_config()
+        self._build_model()
+        self._build_data()
+        if state is not None:
+            self._load_state(path, state)
+        self._prepare_steps()
+        self._open_outputs(resumed=state is not None)
+        self.session_start, self.cpu_start = time.perf_counter(), time.process_time()
 
+    def _build_model(self) -> None:
+        cfg = self.config
+        self.device = self.info.device
+        self.model_config: DeCaFAConfig = cfg.model_config()
         torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
         self.model = DeCaFA(self.model_config).to(self.device)
         self.amp = self.device.type == "cuda" if cfg.amp == "auto" else cfg.amp == "bf16"
@@ -258,6 +268,8 @@ class Trainer:
         self.schedule = _poly(cfg.steps, cfg.poly_power)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
 
+    def _build_data(self) -> None:
+        cfg, info = self.config, self.info
         self.train_sets = build_train_sets(cfg)
         self.val_set = build_val_set(cfg)
         self.cycle = interleave(cfg.weights_per_set())
@@ -266,8 +278,9 @@ class Trainer:
         self.positions = [0] * len(self.train_sets)  # batches drawn from each set so far
         self.flip_generator = torch.Generator().manual_seed(cfg.seed * 31 + info.rank)
 
-        if state is not None:
-            self._load_state(path, state)
+    def _prepare_steps(self) -> None:
+        """The batch iterators (from the resumed positions) and the model as the steps call it (DDP, compile)."""
+        cfg, info = self.config, self.info
         self.iterators = [batches(ds, order, start, cfg.workers)
                           for (_, ds), order, start in zip(self.train_sets, self.orders, self.positions)]
         self.net: nn.Module = self.model
@@ -276,18 +289,22 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.net = torch.compile(self.net)
+        self.model.train()
 
+    def _open_outputs(self, resumed: bool) -> None:
+        """The output folder and metrics.csv (cut back to the checkpoint's step when resumed), the banner and
+        the progress bar: rank 0's business."""
+        cfg, info = self.config, self.info
         self.metrics = MetricsLog(self.out / METRICS, cfg.markups) if info.is_main else None
         if self.metrics is not None:
             self._make_out()
-            self.metrics.start(self.step_count if state is not None else None)
+            self.metrics.start(self.step_count if resumed else None)
         self._announce()
         if info.is_main and cfg.progress:
             from tqdm import tqdm
 
             self.progress = tqdm(total=cfg.steps, initial=self.step_count, desc="train", dynamic_ncols=True,
                                  mininterval=1.0)
-        self.model.train()
 
     def _make_out(self) -> None:
         try:
