@@ -25,7 +25,13 @@ def interpreted(name: str) -> bool:
     return name == "triton" and not torch.cuda.is_available()
 
 
-@pytest.fixture(params=COMPILED_BACKENDS)
+# Under the interpreter (no GPU) the Triton case of every backend-parametrised test takes seconds, not
+# milliseconds: a quick run (-m "not slow") leaves it to tests/triton/, which covers the kernels on their own.
+_BACKEND_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if interpreted(name) else name
+                   for name in COMPILED_BACKENDS]
+
+
+@pytest.fixture(params=_BACKEND_PARAMS)
 def backend(request):
     """Each compiled backend in turn (skipped, with the reason, where it is not available); restores "auto"."""
     status = ops.backends()[request.param]

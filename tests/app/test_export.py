@@ -19,6 +19,7 @@ from decafa_fast.app.training.checkpoint import load_model, save_checkpoint
 SIZE = 32
 
 
+@pytest.mark.slow
 def test_export_cli_two_stages(tmp_path, capsys):
     """Two stages, so the fused head (mask + F5 fusion) between them is in the graph."""
     torch.manual_seed(0)

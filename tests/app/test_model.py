@@ -90,6 +90,7 @@ def test_paper_model_has_about_ten_million_parameters():
     assert 9e6 < n < 11.5e6
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     """A small model drives the NME of one fixed batch below one pixel in a bounded number of steps."""
     torch.manual_seed(0)

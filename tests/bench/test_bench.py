@@ -163,6 +163,7 @@ def test_launcher_finds_the_suite_or_says_in_one_line_where_it_is(monkeypatch, t
     assert len(err.splitlines()) == 1 and "python bench/run.py" in err
 
 
+@pytest.mark.slow
 def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
     """`decafa-fast bench` runs the suites through pytest-benchmark and prints one table per suite (not
     pytest-benchmark's as well) and no third-party deprecation warnings; with no --out it names a new folder
@@ -222,6 +223,7 @@ def _load_bench_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_head_floor_script_needs_a_gpu():
     proc = subprocess.run([sys.executable, "bench/head_floor.py"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -230,6 +232,7 @@ def test_head_floor_script_needs_a_gpu():
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ops.backends()["triton"].startswith("available"), reason="Triton is not installed")
 def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     """bench/head_floor.py only runs on a GPU session, which is rare: run its logic (correctness gate, records,
@@ -272,6 +275,7 @@ def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     assert tops.TUNING.fuse_warps == data["info"]["triton_tuning"]["fuse_warps"]  # sweep restores TUNING
 
 
+@pytest.mark.slow
 def test_gpu_check_script_without_a_gpu(tmp_path):
     """bench/gpu_check.sh refuses to run without a GPU; with GPU_CHECK_ALLOW_CPU=1 and no time left for any
     step it still writes the report (steps table, and the tables of rows already in OUTDIR/rows.jsonl)."""

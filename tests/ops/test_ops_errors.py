@@ -83,6 +83,7 @@ def test_cuda_backend_refuses_cpu_tensors():
         ops.set_backend("auto")
 
 
+@pytest.mark.slow
 def test_environment_variable_selects_backend():
     code = "from decafa_fast import ops; print(ops.get_backend())"
     env = dict(os.environ, DECAFA_BACKEND="reference")

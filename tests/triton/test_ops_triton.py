@@ -326,7 +326,8 @@ def _opcheck_cases():
 @pytest.mark.parametrize("name", list(ops.SCHEMAS))
 def test_opcheck(name):
     args = _opcheck_cases()[name]
-    needs_grad = name in ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
+    needs_grad = name in (
+        "spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
     if needs_grad:
         args = tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                      for a in args)
@@ -358,6 +359,7 @@ def test_compile_fullgraph_forward_and_backward():
         TRITON_KERNELS.assert_close(x.grad, r.grad, torch.float32, grad=True)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu():
     """The interpreter is lenient: compile the real kernels (a representative subset) for sm_90 too, and
     check that none spills registers to local memory."""
