@@ -3,13 +3,22 @@ bit on CPU (weights, optimizer state, metrics rows), and metrics.csv holds each 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from decafa_fast.app.cli import main
 from decafa_fast.app.training.checkpoint import load_checkpoint
 from decafa_fast.app.training.config import TrainConfig
 from decafa_fast.app.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # two stages (so the fusion is in the loop), flips on, three alternating sets, small enough for ~1 s a run
 SMALL = dict(stages=2, image_size=16, widths=(4, 4, 4), embedding_channels=4, train_size=24, val_size=4,
@@ -87,3 +96,34 @@ def test_resume_keeps_the_settings_of_the_checkpoint(tmp_path):
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 3 and state["config"]["image_size"] == 16
     assert TrainConfig.from_dict(state["training"]["config"]).steps == 3
+
+
+@pytest.mark.slow  # ~20-40 s: a training process is started, killed with SIGKILL mid-run, then resumed
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    args = ["train", "--preset", "tiny", "--no-progress", "--threads", "1", "--device", "cpu", "--stages", "2",
+            "--image-size", "16", "--widths", "4,4,4", "--embedding-channels", "4", "--steps", "60",
+            "--log-every", "1", "--save-every", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "decafa_fast.app.cli", *args, "--out", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (cut / "checkpoint.pt").exists() and len(_rows(cut)) > load_checkpoint(cut / "checkpoint.pt")["step"]:
+                proc.send_signal(signal.SIGKILL)  # rows were logged after the checkpoint: kill now
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill: {proc.stderr.read()[-2000:]!r}"
+    killed_at = load_checkpoint(cut / "checkpoint.pt")["step"]
+    assert 0 < killed_at < 60
+    assert main([*args, "--out", str(cut), "--resume", "auto"]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    _assert_same_state(tmp_path / "whole" / "checkpoint.pt", cut / "checkpoint.pt")
+    rows, whole = _rows(cut), _rows(tmp_path / "whole")
+    assert [r["step"] for r in rows] == [str(s) for s in range(1, 61)]  # no row twice, none missing
+    assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
