@@ -178,3 +178,21 @@ def test_cli_prints_one_line_and_exits_with_status_2(finished_run, tmp_path, cap
         assert main(["train", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith("decafa-fast train: error: ") and expected in err, err
+
+
+def test_checkpoint_with_a_bad_config_value_names_file_and_setting(finished_run, tmp_path):
+    """A checkpoint whose stored config says image_size "32" (a string) is refused with the file and setting,
+    for resuming (training config) and for loading the model (model config) alike."""
+    from decafa_fast.app.training.checkpoint import load_checkpoint, load_model
+
+    state = load_checkpoint(finished_run / "checkpoint.pt")
+    state["training"]["config"]["image_size"] = "32"
+    state["config"]["image_size"] = "32"
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    with pytest.raises(UserError, match="edited.pt' holds an invalid training config: image_size must be an "
+                                        "integer, got '32'"):
+        _train(["--resume", str(edited), "--steps", "5", "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match="edited.pt' holds an invalid model config: image_size must be an "
+                                         "integer, got '32'"):
+        load_model(edited)
