@@ -102,7 +102,8 @@ def write_atomically(path: str | os.PathLike, data: bytes | memoryview, what: st
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by `save_checkpoint`.
 
-    Returns a dict with "config" (dict), "model" (state dict), "optimizer", "scheduler", "step", "extra".
+    Returns a dict with "config" (dict), "model" (state dict), "optimizer", "scheduler", "step", "extra" and,
+    from version 2 on, "training" (the resume state; None when only weights were saved).
     Raises FileNotFoundError for a missing file and ValueError for a truncated, corrupt or foreign one.
     """
     path = Path(path)

@@ -375,7 +375,8 @@ class Trainer:
         self.step_count += 1
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"loss became {value} at step {self.step_count}; try a lower --lr")
+            raise UserError(f"the training loss became {value} at step {self.step_count} (learning rate "
+                            f"{self.config.lr}); try a lower --lr")
         return StepResult(value, _batch_nme(outputs, targets, valid, mc.markups), k)
 
     def advance(self) -> bool:
