@@ -123,3 +123,61 @@ def test_bad_arguments():
         SyntheticFaces(2, size=32)[5]
     with pytest.raises(ValueError):
         generate_face(4, np.random.default_rng(0))
+
+
+# Proportions of a real frontal face, from the 68-point mean shape that OpenFace and dlib-based head-pose
+# code use (its x, y projected frontally), as fractions of the landmarks' box (width W, height H):
+REAL_68 = {
+    "aspect": 0.966,  # H / W: about square
+    "eye_corners": 0.630,  # distance of the outer eye corners (36, 45) / W
+    "eyes_y": 0.179,  # height of the outer eye corners below the box top / H
+    "nose_tip_y": 0.389,  # point 30
+    "mouth_y": 0.652,  # mouth corners 48, 54
+    "mouth_width": 0.399,  # / W
+    "brows_y": 0.035,  # mean of the brow points 17-26
+}
+
+
+def proportions(p: np.ndarray) -> dict[str, float]:
+    lo, hi = p.min(0), p.max(0)
+    w, h = hi - lo
+    rel_y = (p[:, 1] - lo[1]) / h
+    return {"aspect": h / w, "eye_corners": np.linalg.norm(p[36] - p[45]) / w,
+            "eyes_y": (rel_y[36] + rel_y[45]) / 2, "nose_tip_y": rel_y[30], "mouth_y": (rel_y[48] + rel_y[54]) / 2,
+            "mouth_width": np.linalg.norm(p[48] - p[54]) / w, "brows_y": rel_y[17:27].mean()}
+
+
+def test_frontal_faces_have_real_proportions():
+    """Upright faces (difficulty 0): every proportion's median within 0.05 of the real mean face's
+    (0.08 for the aspect), where the old generator's faces were flat (aspect 0.77) with the nose and
+    mouth too low (0.56 and 0.84)."""
+    shapes = [derive_from_wflw98(generate_face(64, np.random.default_rng([11, i]), 0.0)[1].astype(np.float64),
+                                 "300w68") for i in range(100)]
+    measured = {k: float(np.median([proportions(p)[k] for p in shapes])) for k in REAL_68}
+    for key, real in REAL_68.items():
+        assert abs(measured[key] - real) <= (0.08 if key == "aspect" else 0.05), (key, measured[key], real)
+
+
+def test_faces_fill_the_image_like_a_25_percent_margin_crop_and_turn_up_to_profile():
+    sides, aspects = [], []
+    for i in range(200):
+        _, p98 = generate_face(32, np.random.default_rng([12, i]))
+        p = derive_from_wflw98(p98.astype(np.float64), "300w68")
+        extent = p.max(0) - p.min(0)
+        sides.append(extent.max() / 32)
+        aspects.append(extent[1] / extent[0])
+    sides = np.array(sides)
+    assert abs(np.median(sides) - 0.8) < 0.03 and sides.min() > 0.7 and sides.max() < 0.9
+    # a face turned towards profile is narrow: a few are 1.3 times taller than wide or more, most near square
+    aspects = np.array(aspects)
+    assert 0.01 < np.mean(aspects > 1.3) < 0.15 and 0.9 < np.median(aspects) < 1.15 and aspects.max() > 1.4
+
+
+def test_generation_is_fast():
+    import time
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(50):
+        generate_face(64, rng)
+    assert (time.perf_counter() - start) / 50 < 0.02  # seconds per face, on a loaded 2-core machine

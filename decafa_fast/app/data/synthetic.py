@@ -3,9 +3,12 @@
 A face is built in a canonical frame (unit = half the face width, origin between the eyes and the
 mouth, y down): contour, brows, eyes with pupils, nose, lips, with random shape and expression (eye
 and mouth opening, smile, gaze). Each point has a depth; a yaw / pitch rotation of those 3-D points
-squashes the face and slides the inner features sideways as a turning head does. A random similarity
-(in-plane rotation, scale, shift) maps it into the image, and the face is drawn with OpenCV *from the
-transformed landmark points themselves*, so the markup matches the drawing. Then: cluttered background
+squashes the face and slides the inner features sideways as a turning head does (yaw up to 75 degrees).
+The shape keeps the proportions of real 68/98-point annotations (the landmarks' box about square for a
+frontal face), and the face is placed as a real crop would show it: the landmarks' box fills about 80 % of
+the image (a 25 % margin, as `crop.LANDMARK_SCALE`), turned in the image plane and shifted a little. The
+face is drawn with OpenCV *from the transformed landmark points themselves*, so the markup matches the
+drawing. Then: cluttered background
 (drawn first), lighting gradient, blur, noise and occluding patches.
 
 Every sample is a pure function of (seed, index): `SyntheticFaces(n, seed=s)[i]` is the same face in
@@ -46,8 +49,11 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     p = np.zeros((98, 2), np.float64)
     d = np.zeros(98, np.float64)
 
+    # Proportions follow real 68-point annotations (a frontal mean face): in units of half the jaw width,
+    # the outer eye corners sit 0.5 above the origin and 0.63 to each side, the brows 0.3 higher, the nose
+    # tip at -0.1, the mouth corners at 0.4 and the chin at 1.05, so the landmarks' box is about square.
     # contour 0..32: a super-ellipse from the image-left temple round the chin to the image-right temple
-    a, top, b, q = u(0.88, 1.0), u(-0.42, -0.3), u(1.0, 1.2), u(0.65, 1.0)
+    a, top, b, q = u(0.92, 1.05), u(-0.47, -0.35), u(1.35, 1.6), u(0.7, 0.95)
     theta = np.pi * (1.0 - np.arange(33) / 32.0)
     cos, sin = np.cos(theta), np.sin(theta)
     p[:33, 0] = a * np.sign(cos) * np.abs(cos) ** q
@@ -55,7 +61,7 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     d[:33] = 0.25 * np.abs(sin)
 
     # left-side features (image left); the right side is mirrored through the flip permutation below
-    eye_y, eye_dx, ew = u(-0.36, -0.26), u(0.36, 0.44), u(0.15, 0.2)
+    eye_y, eye_dx, ew = u(-0.56, -0.44), u(0.41, 0.49), u(0.16, 0.2)
     eye_open = u(0.15, 1.0) if rng is None or rng.random() < 0.85 else u(0.02, 0.15)
     eh = ew * 0.5 * eye_open
     ex = -eye_dx
@@ -70,7 +76,7 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     p[96] = (ex + 0.35 * ew * gx, eye_y + 0.25 * eh * gy)
     d[60:68] = d[96] = 0.5
 
-    brow_y, brow_t, arch = eye_y - u(0.17, 0.28), u(0.04, 0.08), u(0.0, 0.08)
+    brow_y, brow_t, arch = eye_y - u(0.2, 0.3), u(0.05, 0.09), u(0.02, 0.1)
     outer, inner = ex - ew - u(0.03, 0.1), ex + ew + u(-0.02, 0.04)
     s = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
     p[33:38, 0] = outer + (inner - outer) * s
@@ -91,7 +97,7 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
         p[33:98] += rng.normal(0.0, 0.008, size=(65, 2))
 
     # nose: bridge 51..54 (top to tip), base 55..59 (left to right)
-    tip_y, nw = u(0.08, 0.24), u(0.14, 0.22)
+    tip_y, nw = u(-0.16, -0.04), u(0.17, 0.25)
     p[51:55, 0] = 0.0
     p[51:55, 1] = np.linspace(eye_y + 0.02, tip_y, 4)
     d[51:55] = np.linspace(0.7, 1.0, 4)
@@ -100,9 +106,9 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     d[55:60] = [0.75, 0.85, 0.9, 0.85, 0.75]
 
     # mouth: a mid curve (smile lifts the corners) opened by `gap`, lips of random thickness
-    my, mw, smile = u(0.5, 0.66), u(0.26, 0.38), u(-0.06, 0.1)
+    my, mw, smile = u(0.34, 0.46), u(0.33, 0.45), u(-0.06, 0.1)
     gap = 0.0 if rng is not None and rng.random() < 0.45 else u(0.0, 0.22)
-    up_t, low_t = u(0.05, 0.09), u(0.06, 0.11)
+    up_t, low_t = u(0.08, 0.13), u(0.09, 0.15)
 
     def mid(x):
         return my - smile * (x / mw) ** 2
@@ -136,7 +142,7 @@ def canonical_face(rng: np.random.Generator | None = None) -> tuple[np.ndarray, 
     forehead = np.stack([a * np.cos(t), top - head_h * np.sin(t), np.zeros_like(t)], axis=1)
     hair_line = top - head_h * u(0.35, 0.8)
     neck_w = a * u(0.45, 0.6)
-    neck = np.array([[-neck_w, 0.6, 0.0], [neck_w, 0.6, 0.0], [neck_w * 1.3, 3.0, 0.0], [-neck_w * 1.3, 3.0, 0.0]])
+    neck = np.array([[-neck_w, 0.8, 0.0], [neck_w, 0.8, 0.0], [neck_w * 1.3, 3.0, 0.0], [-neck_w * 1.3, 3.0, 0.0]])
     extras = {
         "forehead": forehead,
         "hair_line": hair_line,
@@ -192,33 +198,37 @@ def generate_face(size: int, rng: np.random.Generator, difficulty: float = 1.0) 
     """Draw one random face.
 
     size: image side in pixels; difficulty in [0, 1] scales the pose range and the nuisances.
-    Returns (image (size, size) uint8, points98 (98, 2) float32 pixel coordinates inside the image).
+    Returns (image (size, size) uint8, points98 (98, 2) float32 pixel coordinates inside the image). The
+    landmarks' box fills about 80 % of the image on its longer side, as in a 25 %-margin crop of 300W.
     """
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     pts, depth, ex = canonical_face(rng)
-    yaw = np.deg2rad(rng.normal(0, 15) * difficulty)
-    yaw = float(np.clip(yaw, -np.deg2rad(40), np.deg2rad(40)))
-    pitch = float(np.deg2rad(rng.uniform(-10, 10) * difficulty))
+    # yaw up to profile (a broad spread, most faces within 30 degrees), pitch and in-plane roll
+    yaw = float(np.deg2rad(np.clip(rng.normal(0, 25), -75, 75) * difficulty))
+    pitch = float(np.deg2rad(rng.uniform(-12, 12) * difficulty))
     roll = float(np.deg2rad(np.clip(rng.normal(0, 12), -35, 35) * difficulty))
-    scale = size * rng.uniform(0.27, 0.36) * (1 - 0.1 * difficulty * rng.random())
-    shift = rng.uniform(-0.06, 0.06, size=2) * size * difficulty
-    squash = rng.uniform(0.9, 1.1)  # face aspect ratio
+    squash = rng.uniform(0.92, 1.08)  # face aspect ratio
+    # Placement as in a real crop: the landmarks' box fills `fill` of the image on its longer side (a 25 %
+    # margin gives 0.8), centred up to `shift` off the middle, as a detector's box would leave it.
+    fill = rng.uniform(0.74, 0.86) if difficulty > 0 else 0.8
+    shift = rng.uniform(-0.04, 0.04, size=2) * size * difficulty
+
+    def posed(xy: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        q = _pose(xy, dz, yaw, pitch)
+        q[:, 1] *= squash
+        c, si = np.cos(roll), np.sin(roll)
+        return q @ np.array([[c, si], [-si, c]])
+
+    unit = posed(pts, depth)
+    lo, hi = unit.min(axis=0), unit.max(axis=0)
+    scale = fill * size / float((hi - lo).max())
+    origin = (lo + hi) / 2
 
     def place(xy: np.ndarray, dz: np.ndarray, s: float) -> np.ndarray:
-        q = _pose(xy, dz, yaw, pitch)
-        q[:, 1] = (q[:, 1] - 0.25) * squash  # centre the landmark box (y spans about -0.7 .. 1.2)
-        c, si = np.cos(roll), np.sin(roll)
-        q = q @ np.array([[c, si], [-si, c]]) * s
-        return q + size / 2 + shift
+        return (posed(xy, dz) - origin) * s + (size - 1) / 2 + shift
 
-    # shrink until every landmark lies safely inside the image
-    for _ in range(20):
-        landmarks = place(pts, depth, scale)
-        if landmarks.min() >= 1.0 and landmarks.max() <= size - 2.0:
-            break
-        scale *= 0.92
-    landmarks = np.clip(landmarks, 0.0, size - 1.0)
+    landmarks = np.clip(place(pts, depth, scale), 0.0, size - 1.0)
 
     img = np.full((size, size), int(rng.uniform(0, 255)), np.uint8)
     _clutter(img, rng)
