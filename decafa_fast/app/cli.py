@@ -96,8 +96,17 @@ def user_message(error: BaseException) -> str | None:
             return f"{error.filename}: {error.strerror}"
         return str(error) or type(error).__name__
     if isinstance(error, ValueError):  # the readers' and validators' messages name the file / flag
-        return str(error) or type(error).__name__
+        return _original_message(str(error)) or type(error).__name__
     return None
+
+
+def _original_message(message: str) -> str:
+    """A DataLoader worker's error arrives with the worker's traceback in its message: keep its last line,
+    the original message, without the exception's type name."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def main(argv: list[str] | None = None) -> int:

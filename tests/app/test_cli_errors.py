@@ -57,6 +57,7 @@ def files(tmp_path_factory):
     folder("pts_huge", "face.pts", "\n".join(lines[:5] + ["1e30 12"] + lines[6:]) + "\n")
     folder("pts_nan", "face.pts", "\n".join(lines[:5] + ["nan 12"] + lines[6:]) + "\n")
     folder("pts_binary", "face.pts", bytes(range(256)) * 4)
+    folder("pts_far", "face.pts", "\n".join(lines[:5] + ["20 900"] + lines[6:]) + "\n")  # 14 sides below
     folder("json_syntax", "face.json", "[[1, 2],\n [3, 4,]\n")
     folder("json_shape", "face.json", "[1, 2, 3]")
     folder("json_markup", "face.json", '{"landmarks": [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]], "markup": "300w68"}')
@@ -113,6 +114,9 @@ def cases() -> list[tuple[str, list[str], str]]:
         table.append((f"evaluate-{name}", ["evaluate", "--data", "folder:" + ref(name), "--checkpoint", "{good.pt}"],
                       where))
     table += [
+        ("evaluate-far-in-a-worker", ["evaluate", "--data", "folder:{pts_far}", "--checkpoint", "{good.pt}",
+                                      "--workers", "1", "--no-progress"],
+         "face.pts: landmark 2 at [19.0, 899.0] is far outside"),
         ("evaluate-wflw-flags", ["evaluate", "--data", "wflw:{wflw_flags}", "--checkpoint", "{good.pt}"],
          "list_98pt_rect_attr_test.txt:2"),
         ("evaluate-celeba-short", ["evaluate", "--data", "celeba:{celeba_short}", "--checkpoint", "{good.pt}"],

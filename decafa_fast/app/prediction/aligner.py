@@ -27,6 +27,7 @@ import torch
 from ..data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box, crop_whole_image, read_image, to_gray
 from ..device import pick_device
 from ..errors import UserError
+from ..training.checkpoint import load_model
 from .detectors import SSD_PACKAGE, SSDFaceDetector, ssd_available
 
 __all__ = ["Face", "FaceAligner", "FaceDetector", "LandmarkSmoother", "open_video"]
@@ -143,8 +144,6 @@ class FaceAligner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = pick_device(device)
         if model is None:
-            from ..training.checkpoint import load_model
-
             model, _ = load_model(checkpoint, map_location=self.device)
         self.model = model.to(self.device).eval()
         self.config = model.config
