@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 
 from . import ops as tops
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
-from .stats import map_backward_kernel, map_stats_kernel
+from .stats import map_bwd_kernel, map_fwd_kernel
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
@@ -52,57 +52,84 @@ def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict):
     return sig, consts, attrs
 
 
-QUICK = ("map_stats z=1 phi=0", "map_backward head", "mask_fuse_fwd F0 (logits)", "mask_fuse_fwd F5 (logits)",
-         "fuse_bwd F5 (logits)", "mask_fuse_fwd F5 B=1", "fuse_bwd F5 B=1")
+QUICK = ("map_fwd head", "map_bwd head", "mask_fuse_fwd F5 (partials)", "fuse_bwd F5", "mask_fuse_fwd F5 B=1",
+         "fuse_bwd F5 B=1", "mask_fuse_fwd F5 channels_last")
 
 
 def _variants(dt: str):
     L, H, W, CI, C = 98, 128, 128, 1, 64
     hw = H * W
-    scfg = tops._stats_cfg(hw)
-    block, warps = scfg["BLOCK"], scfg["num_warps"]
-    t_vals = dict(b_start=0, b_step=-1, L=L, W=W, HW=hw, inv_w=1.0 / W, s_tb=L * hw, s_tl=hw, s_tp=1, beta=1.0,
-                  x_scale=1.0, x_off=0.5, y_scale=1.0, y_off=0.5)
     ptr = _PTR[dt]
-    for wz, wp in ((True, False), (False, True), (False, False)):
-        yield (f"map_stats z={int(wz)} phi={int(wp)}", map_stats_kernel, t_vals,
-               dict(t_ptr=ptr, lse_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr),
-               dict(BLOCK=block, WRITE_Z=wz, WRITE_PHI=wp, INT_DIV=False), warps)
-    b_vals = dict(t_vals, s_gb=hw, s_gl=0, s_gp=1, s_zb=2 * L, s_zl=2, s_zc=1)
-    for hg, hz, gty, label in ((True, True, "*fp32", "head"), (True, False, ptr, "softmax"), (False, True, ptr, "z")):
-        yield (f"map_backward {label}", map_backward_kernel, b_vals,
-               dict(t_ptr=ptr, lse_ptr="*fp32", g_ptr=gty, gz_ptr=ptr, gt_ptr=ptr),
-               dict(BLOCK=block, HAS_G=hg, HAS_GZ=hz, INT_DIV=False), warps)
-    cfg = tops._fuse_cfg(hw, L, CI, C, 64, torch.device("cpu"))
-    warps = cfg.pop("num_warps")
-    f_vals = dict(b_start=0, b_step=-1, L=L, HW=hw, CI=CI, C=C, n_tiles=hw // cfg["BLOCK_P"],
-                  s_tb=L * hw, s_tl=hw, s_tp=1, s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1,
-                  s_eb=C * hw, s_ec=hw, s_ep=1,
-                  s_fb=130 * hw, s_fc=hw, s_fp=1, beta=1.0, ip_off=0, im_off=CI, ep_off=2 * CI,
-                  em_off=2 * CI + C, CF=2 * CI + 2 * C)
-    fptrs = dict(t_ptr=ptr, lse_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, f_ptr=ptr, m_out_ptr=ptr)
+    n_runs, run_len = tops._runs(L, tops.TUNING.mask_runs)
+    t_vals = dict(L=L, W=W, HW=hw, inv_w=1.0 / W, n_runs=n_runs, run_len=run_len, s_tb=L * hw, s_tl=hw, s_tp=1,
+                  beta=1.0, x_scale=1.0, x_off=0.5, y_scale=1.0, y_off=0.5)
+    cl_vals = dict(t_vals, s_tl=1, s_tp=L)
+    fwd_ptrs = dict(t_ptr=ptr, beta_ptr="*fp32", stats_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr, part_ptr="*fp32")
+
+    def cfg(run, interleaved):
+        c = tops._map_cfg(H, W, run, interleaved)
+        return c, c.pop("num_warps")
+
+    flags = dict(HAS_BETA_MAP=False, INT_DIV=False, PIX64=False)
+    for label, vals, run, inter, wz, wp, wpart in (
+        ("head", t_vals, run_len, False, True, False, True),
+        ("softmax", t_vals, 1, False, False, True, False),
+        ("soft_argmax", t_vals, 1, False, True, False, False),
+        ("head channels_last", cl_vals, run_len, True, True, False, True),
+    ):
+        c, warps = cfg(run, inter)
+        yield (f"map_fwd {label}", map_fwd_kernel, vals, fwd_ptrs,
+               dict(c, **flags, WRITE_Z=wz, WRITE_PHI=wp, WRITE_PART=wpart), warps)
+    b_vals = dict(t_vals, s_gb=hw, s_gl=0, s_gp=1)
+    b_vals.pop("x_off"), b_vals.pop("y_off")
+    bwd_ptrs = dict(t_ptr=ptr, beta_ptr="*fp32", stats_ptr="*fp32", g_ptr="*fp32", gz_ptr=ptr, gt_ptr=ptr,
+                    gbeta_ptr="*fp32")
+    for label, vals, run, inter, g, per_map, gz in (
+        ("head", b_vals, run_len, False, True, False, True),
+        ("softmax", dict(b_vals, s_gb=L * hw, s_gl=hw), 1, False, True, True, False),
+        ("head channels_last", dict(b_vals, s_tl=1, s_tp=L), run_len, True, True, False, True),
+    ):
+        c, warps = cfg(run, inter)
+        ptrs = dict(bwd_ptrs, g_ptr=ptr) if per_map else bwd_ptrs
+        yield (f"map_bwd {label}", map_bwd_kernel, vals, ptrs,
+               dict(c, **flags, HAS_G=g, G_PER_MAP=per_map, HAS_GZ=gz), warps)
+
+    def fuse_cfg(nb, channels_last=False):
+        c = tops._fuse_cfg(hw, CI, C, nb, torch.device("cpu"), channels_last)
+        return c, c.pop("num_warps")
+
+    cf = 2 * CI + 2 * C
+    f_vals = dict(HW=hw, CI=CI, C=C, n_tiles=0, n_runs=n_runs, s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1,
+                  s_eb=C * hw, s_ec=hw, s_ep=1, s_fb=cf * hw, s_fc=hw, s_fp=1, ip_off=0, im_off=CI, ep_off=2 * CI,
+                  em_off=2 * CI + C)
+    fptrs = dict(part_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, f_ptr=ptr, m_out_ptr=ptr)
+    c64, w64 = fuse_cfg(64)
+    f64 = dict(f_vals, n_tiles=hw // c64["BLOCK_P"])
     for mode in range(6):
-        yield (f"mask_fuse_fwd F{mode} (logits)", mask_fuse_fwd_kernel, f_vals, fptrs,
-               dict(cfg, MODE=mode, FROM_LOGITS=True, WRITE_MASK=mode == 0), warps)
-    yield ("mask_fuse_fwd F5 (mask)", mask_fuse_fwd_kernel, f_vals, fptrs,
-           dict(cfg, MODE=5, FROM_LOGITS=False, WRITE_MASK=False), warps)
-    # B = 1 on a 132-SM GPU: narrow pixel tiles, tall map / channel tiles
+        yield (f"mask_fuse_fwd F{mode} (partials)", mask_fuse_fwd_kernel, f64, fptrs,
+               dict(c64, MODE=mode, FROM_PARTS=True, WRITE_MASK=True), w64)
+    yield ("mask_fuse_fwd F5 (mask)", mask_fuse_fwd_kernel, f64, fptrs,
+           dict(c64, MODE=5, FROM_PARTS=False, WRITE_MASK=False), w64)
+    ccl, wcl = fuse_cfg(64, True)
+    fcl = dict(f_vals, n_tiles=hw // ccl["BLOCK_P"], s_ec=1, s_ep=C, s_fc=1, s_fp=cf)
+    yield ("mask_fuse_fwd F5 channels_last", mask_fuse_fwd_kernel, fcl, fptrs,
+           dict(ccl, MODE=5, FROM_PARTS=True, WRITE_MASK=True), wcl)
+    # B = 1 on a 132-SM GPU: narrow pixel tiles, tall channel tiles
     saved = tops.TUNING.fuse_min_programs
     tops.TUNING.fuse_min_programs = 4 * 132
-    cfg1 = tops._fuse_cfg(hw, L, CI, C, 1, torch.device("cpu"))
+    c1, w1 = fuse_cfg(1)
     tops.TUNING.fuse_min_programs = saved
-    warps1 = cfg1.pop("num_warps")
-    f1 = dict(f_vals, n_tiles=hw // cfg1["BLOCK_P"])
-    yield (f"mask_fuse_fwd F5 B=1 P{cfg1['BLOCK_P']} L{cfg1['BLOCK_L']}", mask_fuse_fwd_kernel, f1, fptrs,
-           dict(cfg1, MODE=5, FROM_LOGITS=True, WRITE_MASK=False), warps1)
-    bptrs = dict(t_ptr=ptr, lse_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, gf_ptr=ptr, gi_ptr=ptr,
-                 ge_ptr=ptr, gm_ptr="*fp32")
+    f1 = dict(f_vals, n_tiles=hw // c1["BLOCK_P"])
+    yield (f"mask_fuse_fwd F5 B=1 P{c1['BLOCK_P']}", mask_fuse_fwd_kernel, f1, fptrs,
+           dict(c1, MODE=5, FROM_PARTS=True, WRITE_MASK=True), w1)
+    b_f = {k: v for k, v in f64.items() if k != "n_runs"}
+    bptrs = dict(m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, gf_ptr=ptr, gi_ptr=ptr, ge_ptr=ptr, gm_ptr="*fp32")
     for mode in range(1, 6):
-        yield (f"fuse_bwd F{mode} (logits)", fuse_bwd_kernel, f_vals, bptrs,
-               dict(cfg, MODE=mode, FROM_LOGITS=True), warps)
-    yield ("fuse_bwd F5 (mask)", fuse_bwd_kernel, f_vals, bptrs, dict(cfg, MODE=5, FROM_LOGITS=False), warps)
-    yield (f"fuse_bwd F5 B=1 P{cfg1['BLOCK_P']} L{cfg1['BLOCK_L']}", fuse_bwd_kernel, f1, bptrs,
-           dict(cfg1, MODE=5, FROM_LOGITS=True), warps1)
+        yield (f"fuse_bwd F{mode}", fuse_bwd_kernel, b_f, bptrs, dict(c64, MODE=mode), w64)
+    yield (f"fuse_bwd F5 B=1 P{c1['BLOCK_P']}", fuse_bwd_kernel, dict(b_f, n_tiles=f1["n_tiles"]), bptrs,
+           dict(c1, MODE=5), w1)
+    yield ("fuse_bwd F5 channels_last", fuse_bwd_kernel,
+           {k: v for k, v in fcl.items() if k != "n_runs"}, bptrs, dict(ccl, MODE=5), wcl)
 
 
 def _resources(cubin: bytes) -> tuple[str, int]:
@@ -124,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtypes", default="fp32,fp16,bf16")
     parser.add_argument("--quick", action="store_true", help="only the variants the fused head uses")
+    parser.add_argument("--only", default="", help="only variants whose name starts with this")
     parser.add_argument("--fail-on-spill", action="store_true",
                         help="count a variant with a stack frame over 16 bytes (more than a stray spill or two)"
                         " as failed")
@@ -135,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for dt in args.dtypes.split(","):
         for name, kernel, values, ptrs, constexprs, warps in _variants(dt):
-            if args.quick and not name.startswith(QUICK):
+            if (args.quick and not name.startswith(QUICK)) or not name.startswith(args.only):
                 continue
             sig, consts, attrs = _signature(kernel, values, ptrs, constexprs)
             try:
@@ -146,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAIL {dt:4} {name}: {type(exc).__name__}: {str(exc)[:400]}")
                 continue
             ptx = k.asm["ptx"]
-            v4 = len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx))
-            v2 = len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx))
+            v4 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx))
+            v2 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2", ptx))
+            st4 = len(re.findall(r"st\.global(?:\.[\w:]+)*\.v4", ptx))
             res, stack = _resources(k.asm["cubin"])
             spill = args.fail_on_spill and stack > 16
             failures += spill
-            print(f"{'SPILL' if spill else 'ok  '} {dt:4} {name:32} warps {warps:2} {res} ld.v4 {v4:3} ld.v2 {v2:3}")
+            print(f"{'SPILL' if spill else 'ok  '} {dt:4} {name:32} warps {warps:2} {res} "
+                  f"ld.v4 {v4:3} ld.v2 {v2:3} st.v4 {st4:3}")
     print(f"{failures} variant(s) failed" if failures else "all variants compiled")
     return 1 if failures else 0
 

@@ -1,56 +1,49 @@
-"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.ops.schemas.SCHEMAS.
+"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.ops.schemas.SCHEMAS (op
+contract v2). The op bodies below check their arguments (checks.py), allocate the outputs and launch the
+kernels of stats.py and fusion.py; decafa_fast.ops registers autograd on top.
 
-Each op is a `torch.library.triton_op` whose body allocates the outputs and launches kernels through
-`torch.library.wrap_triton`, so torch.compile(fullgraph=True) sees the kernels themselves. Autograd is
-registered by decafa_fast.ops (`register_autograd("decafa_triton")` in ops/autograd.py) once this module imports.
+Registration: with a GPU, each op is a `torch.library.triton_op`, so torch.compile sees the kernels
+themselves. triton_op infers its schema from the type hints of the body; tests/triton assert that the
+inferred schema is SCHEMAS[name] (argument names, types, defaults, returns). Under TRITON_INTERPRET=1
+(Triton's CPU interpreter, used by the tests here) the ops are plain `torch.library.custom_op`s defined from
+the SCHEMAS strings and the kernels are called directly: `wrap_triton` cannot trace the interpreter's
+function (torch 2.11 rejects its type outright). Both paths use the shared fakes of decafa_fast.ops.fakes.
 
-Under TRITON_INTERPRET=1 (Triton's CPU interpreter, used by the tests here) `wrap_triton` returns the
-interpreted function itself, which cannot be traced: FakeTensor tracing (opcheck, torch.compile) would run
-the kernel on fake tensors and fail ("Attempted to set the storage of a tensor on device meta ..."). There
-the ops are plain `torch.library.custom_op`s instead, opaque to the compiler, with the shape-only fake
-kernels below. The kernels and their launches are the same.
-
-Inputs may be float16, bfloat16 or float32 (float32 accumulation; float64 raises TypeError); contiguous,
-channels_last, or any layout whose H, W dims are "flat" (others are copied to contiguous). Outputs are
-contiguous. No atomics. `mode` is inferred as SymInt (torch.library infers a Python int that way).
-
-Two-pass ops (mask / fusion after the per-map statistics, and their backward) read the logits twice. They
-run over the batch in chunks of about `TUNING.chunk_bytes` of logits, and the second pass of a chunk walks
-its batch elements backwards: it starts on the logits the first pass read last, which are still in L2.
+Every launch runs under a device guard for the tensors' device (Triton launches on the *current* device).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
 from torch.library import wrap_triton
 
+from ..ops.layout import fused_memory_format, fusion_layout
+from . import checks
+from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
-from .stats import map_backward_kernel, map_stats_kernel
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .stats import map_bwd_kernel, map_fwd_kernel
 
 
 @dataclass
 class Tuning:
-    """Launch parameters (128 x 128 is the tuned case); bench/head_floor.py sweeps them on a GPU."""
+    """Launch parameters (128 x 128, L = 98 is the tuned case); bench/head_floor.py sweeps them on a GPU."""
 
-    stats_block: int = 4096  # most pixels a per-(b, l) program takes per step
-    stats_warps: int = 8
+    map_block_max: int = 16384  # largest map (pixels, rounded up to a power of 2) held whole on chip
+    map_tile: int = 16384  # elements of a [maps x pixels] tile of the per-map kernels on that path
+    map_chunk: int = 4096  # elements of a tile when a map is swept in chunks (large or channels_last maps)
+    map_warps: int = 32  # most warps of a per-map program (a whole 128 x 128 map: 16 pixels a thread)
+    # runs of maps per batch item where the per-map pass writes partial masks (and the backward reads the
+    # mask gradient once per run): each run costs 8 bytes per pixel (written, read back), against 4 (fp32)
+    # or 2 (bf16) bytes per pixel per map of the logits; 4 runs = 64 programs per 16 batch items
+    mask_runs: int = 4
     fuse_block_p: int = 256  # most pixels per (b, tile) program ...
     fuse_min_programs: int = -1  # ... halved (down to 32) until a launch has this many programs; -1: 4 per SM
-    fuse_block_l: int = 8  # maps per step of the mask sum
     fuse_block_c: int = 8  # channels per step of the fusion
     fuse_warps: int = 4
-    # logits per chunk of the two-pass ops (0 = the whole batch at once). Small chunks keep more of the
-    # logits in L2 for the second pass but cost two launches each (~10-20 us of Python per launch in eager
-    # mode); 64 MiB = 10 batch elements at 98 x 128 x 128 float32, 20 in bfloat16.
-    chunk_bytes: int = 64 << 20
     int_div_above: int = 1 << 20  # larger maps take rows by integer division (see stats._row_col)
 
 
@@ -58,23 +51,24 @@ TUNING = Tuning()
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers (plain Python on shapes and strides, so they trace)
+# Launch plumbing
 # --------------------------------------------------------------------------------------------------
-def _check_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton backend supports float16, bfloat16 and float32 {name}, got {t.dtype}")
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    """Launches `kernel` on `grid` (the caller holds the device guard). tests/triton/test_traffic.py wraps
+    this to attribute the interpreter's loads and stores to kernels."""
+    fn = kernel if INTERPRET else wrap_triton(kernel)
+    fn[grid](*args, **meta)
 
 
-def _lse32(lse: torch.Tensor) -> torch.Tensor:
-    if lse.dtype != torch.float32:
-        raise TypeError(f"lse must be float32 for the Triton backend, got {lse.dtype}")
-    return lse.contiguous()
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _prep(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(tensor, batch stride, channel stride, pixel stride) of a (B, C, H, W) tensor whose pixel
-    p = row*W + col sits at p * (pixel stride); copied to contiguous when no such stride exists.
-    None gives (dummy, 0, 0, 0): the kernel never reads it."""
+    p = row*W + col sits at p * (pixel stride): contiguous, channels_last and expanded tensors are used in
+    place, anything else is copied to contiguous. None gives (dummy, 0, 0, 0): never read."""
     if t is None:
         return dummy, 0, 0, 0
     h, w = t.shape[2], t.shape[3]
@@ -89,49 +83,57 @@ def _prep(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
-    """(scale, offset) mapping a pixel index 0..n-1 to the output coordinate."""
+    """(scale, offset) mapping a pixel index 0..n-1 to the output coordinate; a one-pixel axis normalises
+    to 0, its centre (as kornia)."""
     if not normalized:
         return 1.0, 0.0
     if n == 1:
-        return 0.0, -1.0
+        return 0.0, 0.0
     return 2.0 / (n - 1), -1.0
 
 
-def _segment_offsets(mode: int, ci: int, c: int) -> tuple[int, int, int, int, int]:
-    """First output channel of (plain I, masked I, plain E, masked E) and the channel count of F<mode>."""
-    table = {
-        1: (0, 0, 0, 0, c),
-        2: (0, 0, 0, 0, ci),
-        3: (0, ci, 0, 0, 2 * ci),
-        4: (0, ci, 0, 2 * ci, 2 * ci + c),
-        5: (0, ci, 2 * ci, 2 * ci + c, 2 * ci + 2 * c),
-    }
-    if mode not in table:
-        raise ValueError(f"mode must be 1..5 (F1..F5), got {mode}")
-    return table[mode]
+def _runs(l: int, want: int) -> tuple[int, int]:
+    """(n_runs, run_len): L maps split into at most `want` runs of consecutive maps."""
+    run_len = triton.cdiv(l, max(1, min(want, l)))
+    return triton.cdiv(l, run_len), run_len
 
 
-def _chunks(logits: torch.Tensor) -> list[tuple[int, int]]:
-    """(first batch index, count) of each chunk of about TUNING.chunk_bytes of logits."""
-    b = logits.shape[0]
-    per_b = logits[0].numel() * logits.element_size() if b else 1
-    n = b if TUNING.chunk_bytes <= 0 else max(1, TUNING.chunk_bytes // per_b)
-    return [(b0, min(n, b - b0)) for b0 in range(0, b, n)]
+def _interleaved(t: tuple) -> bool:
+    """The maps of a _flat tuple are interleaved pixel by pixel (channels_last with L > 1)."""
+    _, _, s_l, s_p = t
+    return s_p != 1 and s_l == 1
 
 
-def _stats_cfg(hw: int) -> dict:
-    return dict(BLOCK=min(triton.next_power_of_2(hw), TUNING.stats_block), num_warps=TUNING.stats_warps)
+def _map_cfg(h: int, w: int, run_len: int, interleaved: bool) -> dict:
+    """Tile shape of the per-map kernels. A map whose [H, W] tile (each rounded up to a power of 2) fits
+    map_block_max is held whole, one map at a time (one read of T); otherwise, and for an interleaved
+    (channels_last) layout, maps are swept in pixel chunks, rows of up to 32 consecutive maps at a time."""
+    bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    if bh * bw <= TUNING.map_block_max and not interleaved:
+        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True)
+        elements = bh * bw
+    else:
+        block_l = min(triton.next_power_of_2(run_len), 32) if interleaved else 1
+        block_p = max(16, min(triton.next_power_of_2(h * w), TUNING.map_chunk // block_l))
+        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False)
+        elements = block_l * block_p
+    return dict(cfg, num_warps=max(4, min(TUNING.map_warps, elements // 512)))
 
 
-@functools.lru_cache(maxsize=None)
+def _wide(hw: int, pixel_stride: int) -> bool:
+    """Whether pixel offsets within one map, (HW - 1) * stride, need 64 bits."""
+    return (hw - 1) * abs(pixel_stride) >= 2**31
+
+
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _fuse_cfg(hw: int, l: int, ci: int, c: int, nb: int, device: torch.device) -> dict:
-    """Block sizes of the per-(b, tile) kernels. Small launches (few batch elements) get narrower pixel
-    tiles so that every SM has work, and the tiles grow in maps / channels by as much, so that each loop
-    step still loads about fuse_block_p x fuse_block_l (or _c) elements and the loops stay short."""
+def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device, channels_last: bool) -> dict:
+    """Block sizes of the per-(b, tile) kernels. Small launches get narrower pixel tiles so that every SM has
+    work, and taller channel tiles by as much; channels_last tensors take all channels of a pixel at once
+    (their contiguous axis) up to 64."""
     block_p = min(triton.next_power_of_2(hw), TUNING.fuse_block_p)
     target = TUNING.fuse_min_programs
     if target < 0:
@@ -139,124 +141,107 @@ def _fuse_cfg(hw: int, l: int, ci: int, c: int, nb: int, device: torch.device) -
     while block_p > 32 and nb * triton.cdiv(hw, block_p) < target:
         block_p //= 2
     grow = max(1, TUNING.fuse_block_p // block_p)
+    block_c = TUNING.fuse_block_c * grow
+    if channels_last:  # whole pixels (up to 64 channels) per step, the tile kept at block_p x block_c elements
+        while block_c < 64 and block_p > 16:
+            block_c, block_p = 2 * block_c, block_p // 2
     return dict(
         BLOCK_P=block_p,
-        BLOCK_L=min(triton.next_power_of_2(max(l, 1)), TUNING.fuse_block_l * grow),
-        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), TUNING.fuse_block_c * grow),
-        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), TUNING.fuse_block_c * grow),
+        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), block_c),
+        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), block_c),
         num_warps=TUNING.fuse_warps,
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Launches over batch elements b0 .. b0+nb-1 (inputs prepared by _prep, outputs contiguous)
-# --------------------------------------------------------------------------------------------------
-def _walk(b0: int, nb: int, reverse: bool) -> tuple[int, int]:
-    """(b_start, b_step) of a launch over b0 .. b0+nb-1. The second pass of a two-pass op walks the batch
-    backwards, so that it starts on the batch elements whose logits the first pass read last (still in L2)."""
-    return (b0 + nb - 1, -1) if reverse else (b0, 1)
-
-
-def _run_stats(t, lse, z, phi, shape, beta: float, normalized: bool, b0: int, nb: int, reverse=False) -> None:
-    """map_stats_kernel: lse, and z / Phi when given (else None)."""
-    _, l, h, w = shape
+def _run_map_fwd(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_runs: int, run_len: int,
+                 normalized: bool) -> None:
+    b, l, h, w = shape
     tt, s_tb, s_tl, s_tp = t
     xs, xo = _coord_affine(w, normalized)
     ys, yo = _coord_affine(h, normalized)
-    # absent outputs are given the (read-only) logits as a never-used pointer: an output tensor there would
-    # alias a written argument, which torch.compile's kernel mutation analysis is better spared
-    wrap_triton(map_stats_kernel)[(nb * l,)](
-        tt, lse, z if z is not None else tt, phi if phi is not None else tt,
-        *_walk(b0, nb, reverse), l, w, h * w, 1.0 / w,
-        s_tb, s_tl, s_tp,
-        beta, xs, xo, ys, yo,
-        WRITE_Z=z is not None, WRITE_PHI=phi is not None, INT_DIV=h * w > TUNING.int_div_above,
-        **_stats_cfg(h * w),
-    )
+    # absent outputs get the (read-only) logits as a never-used pointer
+    _launch(map_fwd_kernel, (b * n_runs,),
+            tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
+            phi if phi is not None else tt, part if part is not None else stats,
+            l, w, h * w, 1.0 / w, n_runs, run_len,
+            s_tb, s_tl, s_tp,
+            beta, xs, xo, ys, yo,
+            HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None, WRITE_PHI=phi is not None,
+            WRITE_PART=part is not None, INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
+            **_map_cfg(h, w, run_len, _interleaved(t)))
 
 
-def _run_fuse_fwd(t, lse, m, i, e, fused, m_out, shape, mode: int, beta: float, b0: int, nb: int,
-                  reverse=False) -> None:
-    """mask_fuse_fwd_kernel: M from (t, lse) when lse is given, else from m; writes fused / m_out if given.
-    t, m, i, e are _prep tuples or None (not read)."""
-    _, l, h, w = shape
-    dummy = next(x[0] for x in (t, m, i, e) if x is not None)  # an input: never read, never written
-    tt, s_tb, s_tl, s_tp = t or (dummy, 0, 0, 0)
+def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt, gbeta,
+                 shape, n_runs: int, run_len: int, normalized: bool) -> None:
+    b, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
+    xs, _ = _coord_affine(w, normalized)
+    ys, _ = _coord_affine(h, normalized)
+    _launch(map_bwd_kernel, (b * n_runs,),
+            tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
+            l, w, h * w, 1.0 / w, n_runs, run_len,
+            s_tb, s_tl, s_tp,
+            s_gb, s_gl if g_per_map else 0, s_gp,
+            beta, xs, ys,
+            HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None, G_PER_MAP=g_per_map, HAS_GZ=gz is not None,
+            INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
+            **_map_cfg(h, w, run_len, _interleaved(t)))
+
+
+def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
+                   b: int, hw: int, mode: int, device: torch.device) -> None:
+    """mask_fuse_fwd_kernel: M from the partial masks (part given) or from m; writes m_out / fused if given."""
+    dummy = part if part is not None else m[0]
     mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
     ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
     ee, s_eb, s_ec, s_ep = e or (dummy, 0, 0, 0)
     ci = ii.shape[1] if i is not None else 0
     c = ee.shape[1] if e is not None else 0
-    ip, im, ep, em, cf = _segment_offsets(mode, ci, c) if mode else (0, 0, 0, 0, 0)
-    cfg = _fuse_cfg(h * w, l, ci, c, nb, tt.device)
-    n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
-    wrap_triton(mask_fuse_fwd_kernel)[(nb * n_tiles,)](
-        tt, lse if lse is not None else tt, mm, ii, ee,
-        fused if fused is not None else tt, m_out if m_out is not None else tt,
-        *_walk(b0, nb, reverse), l, h * w, ci, c, n_tiles,
-        s_tb, s_tl, s_tp,
-        s_mb, s_mp,
-        s_ib, s_ic, s_ip,
-        s_eb, s_ec, s_ep,
-        beta, ip, im, ep, em, cf,
-        MODE=mode, FROM_LOGITS=lse is not None, WRITE_MASK=m_out is not None, **cfg,
-    )
+    lay = fusion_layout(mode, ci, c)
+    ff, s_fb, s_fc, s_fp = _flat(fused, dummy)
+    cfg = _fuse_cfg(hw, ci, c, b, device, fused is not None and s_fc == 1 and s_fp != 1)
+    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    _launch(mask_fuse_fwd_kernel, (b * n_tiles,),
+            part if part is not None else dummy, mm, ii, ee, ff, m_out if m_out is not None else dummy,
+            hw, ci, c, n_tiles, n_runs,
+            s_mb, s_mp,
+            s_ib, s_ic, s_ip,
+            s_eb, s_ec, s_ep,
+            s_fb, s_fc, s_fp,
+            lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
+            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, **cfg)
 
 
-def _run_fuse_bwd(gf, t, lse, m, i, e, gi, ge, gm, shape, mode: int, beta: float, b0: int, nb: int,
-                  reverse=False) -> None:
-    """fuse_bwd_kernel: gI, gE, gM (the kernel writes only the ones F<mode> has); t or m may be None."""
-    _, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t or (gf[0], 0, 0, 0)
-    mm, s_mb, _, s_mp = m or (gf[0], 0, 0, 0)
+def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, hw: int, mode: int) -> None:
+    mm, s_mb, _, s_mp = m
     ii, s_ib, s_ic, s_ip = i
     ee, s_eb, s_ec, s_ep = e
     gg, s_fb, s_fc, s_fp = gf
     ci, c = ii.shape[1], ee.shape[1]
-    ip, im, ep, em, _ = _segment_offsets(mode, ci, c)
-    cfg = _fuse_cfg(h * w, l, ci, c, nb, gg.device)
-    n_tiles = triton.cdiv(h * w, cfg["BLOCK_P"])
-    wrap_triton(fuse_bwd_kernel)[(nb * n_tiles,)](
-        tt, lse if lse is not None else tt, mm, ii, ee, gg, gi, ge, gm,
-        *_walk(b0, nb, reverse), l, h * w, ci, c, n_tiles,
-        s_tb, s_tl, s_tp,
-        s_mb, s_mp,
-        s_ib, s_ic, s_ip,
-        s_eb, s_ec, s_ep,
-        s_fb, s_fc, s_fp,
-        beta, ip, im, ep, em,
-        MODE=mode, FROM_LOGITS=lse is not None, **cfg,
-    )
+    lay = fusion_layout(mode, ci, c)
+    cfg = _fuse_cfg(hw, ci, c, b, gg.device, s_fc == 1 and s_fp != 1)
+    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    _launch(fuse_bwd_kernel, (b * n_tiles,),
+            mm, ii, ee, gg, gi, ge, gm,
+            hw, ci, c, n_tiles,
+            s_mb, s_mp,
+            s_ib, s_ic, s_ip,
+            s_eb, s_ec, s_ep,
+            s_fb, s_fc, s_fp,
+            lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
+            MODE=mode, **cfg)
 
 
-def _run_map_backward(t, lse, g, per_map: bool, gz, gt, shape, beta: float, normalized: bool, b0: int, nb: int,
-                      reverse=False):
-    """map_backward_kernel: gT = beta*Phi*((G - sum G Phi) + gx (x - zx) + gy (y - zy)); G, gz may be None."""
-    _, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t
-    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
-    if not per_map:
-        s_gl = 0  # the mask gradient (B, 1, H, W) is shared by the L maps
-    if gz is not None:
-        zz, s_zb, s_zl, s_zc = gz, gz.stride(0), gz.stride(1), gz.stride(2)
-    else:
-        zz, s_zb, s_zl, s_zc = tt, 0, 0, 0
-    xs, _ = _coord_affine(w, normalized)
-    ys, _ = _coord_affine(h, normalized)
-    wrap_triton(map_backward_kernel)[(nb * l,)](
-        tt, lse, gg, zz, gt,
-        *_walk(b0, nb, reverse), l, w, h * w, 1.0 / w,
-        s_tb, s_tl, s_tp,
-        s_gb, s_gl, s_gp,
-        s_zb, s_zl, s_zc,
-        beta, xs, ys,
-        HAS_G=g is not None, HAS_GZ=gz is not None, INT_DIV=h * w > TUNING.int_div_above,
-        **_stats_cfg(h * w),
-    )
+# --------------------------------------------------------------------------------------------------
+# Shared pieces of the op bodies
+# --------------------------------------------------------------------------------------------------
+def _new_stats(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty((*logits.shape[:2], 2), dtype=torch.float32)
 
 
-def _new_lse(logits: torch.Tensor) -> torch.Tensor:
-    return logits.new_empty(logits.shape[:2], dtype=torch.float32)
+def _new_z(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty((*logits.shape[:2], 2))
 
 
 def _new_mask(logits: torch.Tensor) -> torch.Tensor:
@@ -264,225 +249,258 @@ def _new_mask(logits: torch.Tensor) -> torch.Tensor:
     return logits.new_empty((b, 1, h, w))
 
 
-def _zeros(t: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(t, memory_format=torch.contiguous_format)
+def _zeros(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _check_logits_and_beta(logits: torch.Tensor, beta_map: torch.Tensor | None) -> None:
+    checks.logits(logits)
+    checks.beta_map(beta_map, logits)
+
+
+def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool,
+                  want_z: bool, want_phi: bool, want_mask: bool):
+    """(z, phi, part, n_runs, stats): the per-map pass; part (B, n_runs, H*W) float32 holds the partial masks."""
+    b, l, h, w = logits.shape
+    stats = _new_stats(logits)
+    z = _new_z(logits) if want_z else None
+    phi = logits.new_empty(logits.shape) if want_phi else None
+    t = _flat(logits, logits)
+    if want_mask:
+        n_runs, run_len = _runs(l, TUNING.mask_runs)
+    else:  # no mask: one map per program, or rows of maps for an interleaved layout
+        n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
+    part = logits.new_empty((b, n_runs, h * w), dtype=torch.float32) if want_mask else None
+    if b:
+        with _device_guard(logits):
+            _run_map_fwd(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_runs, run_len,
+                         normalized)
+    return z, phi, part, n_runs, stats
+
+
+def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None,
+                   g: torch.Tensor | None, g_per_map: bool, grad_z: torch.Tensor | None, normalized: bool):
+    """(grad_logits, grad_beta) from G (per map, or (B, 1, H, W) / (B, H*W) shared by the maps) and grad_z."""
+    b, l, h, w = logits.shape
+    gbeta = logits.new_empty((b, l), dtype=torch.float32)
+    if g is None and grad_z is None:
+        return _zeros(logits), gbeta.zero_()
+    gt = logits.new_empty(logits.shape)
+    t = _flat(logits, logits)
+    if g is not None and not g_per_map:  # read the shared G once per run
+        n_runs, run_len = _runs(l, TUNING.mask_runs)
+    else:
+        n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
+    if b:
+        gp = None
+        if g is not None:
+            gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
+        with _device_guard(logits):
+            _run_map_bwd(t, beta, _contig(beta_map), stats.contiguous(), gp, g_per_map, _contig(grad_z), gt, gbeta,
+                         logits.shape, n_runs, run_len, normalized)
+    return gt, gbeta
+
+
+def _check_grad_z(grad_z, logits: torch.Tensor) -> None:
+    if grad_z is not None:
+        checks.per_map("grad_z", grad_z, logits, 2)
 
 
 # --------------------------------------------------------------------------------------------------
-# The ops (argument names and order exactly as in decafa_fast.ops.schemas.SCHEMAS)
+# The ops (argument names, order and types exactly as decafa_fast.ops.schemas.SCHEMAS)
 # --------------------------------------------------------------------------------------------------
-def spatial_softmax(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, L, H, W) -> (Phi (B, L, H, W), lse (B, L) float32)."""
-    _check_dtype("logits", logits)
-    phi, lse = logits.new_empty(logits.shape), _new_lse(logits)
-    if logits.shape[0]:
-        t = _prep(logits, logits)
-        _run_stats(t, lse, None, phi, logits.shape, beta, False, 0, logits.shape[0])
-    return phi, lse
+def spatial_softmax(
+    logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, L, H, W) -> (Phi (B, L, H, W) contiguous, stats (B, L, 2) float32)."""
+    _check_logits_and_beta(logits, beta_map)
+    _, phi, _, _, stats = _forward_maps(logits, beta, beta_map, False, False, True, False)
+    return phi, stats
 
 
 def spatial_softmax_backward(
-    grad_phi: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, beta: float
-) -> torch.Tensor:
-    """gT = beta * Phi * (gPhi - sum_p gPhi Phi), (B, L, H, W)."""
-    _check_dtype("logits", logits)
-    gt = logits.new_empty(logits.shape)
-    if logits.shape[0]:
-        t = _prep(logits, logits)
-        g = _prep(grad_phi, logits)
-        _run_map_backward(t, _lse32(lse), g, True, None, gt, logits.shape, beta, False, 0, logits.shape[0])
-    return gt
+    grad_phi: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_logits (B, L, H, W), grad_beta (B, L) float32)."""
+    _check_logits_and_beta(logits, beta_map)
+    checks.stats(stats, logits)
+    checks.companion("grad_phi", grad_phi, logits, "logits", channels=logits.shape[1], same_dtype=False)
+    return _backward_maps(logits, stats, beta, beta_map, grad_phi, True, None, False)
 
 
-def soft_argmax(logits: torch.Tensor, beta: float, normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, L, H, W) -> (z (B, L, 2) as (x, y), lse (B, L))."""
-    _check_dtype("logits", logits)
-    z, lse = logits.new_empty((*logits.shape[:2], 2)), _new_lse(logits)
-    if logits.shape[0]:
-        t = _prep(logits, logits)
-        _run_stats(t, lse, z, None, logits.shape, beta, normalized, 0, logits.shape[0])
-    return z, lse
+def soft_argmax(
+    logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, L, H, W) -> (z (B, L, 2) as (x, y), stats (B, L, 2))."""
+    _check_logits_and_beta(logits, beta_map)
+    z, _, _, _, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, False)
+    return z, stats
 
 
-def _mask_and_stats(logits: torch.Tensor, beta: float, normalized: bool, want_z: bool):
-    z = logits.new_empty((*logits.shape[:2], 2)) if want_z else None
-    m, lse = _new_mask(logits), _new_lse(logits)
-    t = _prep(logits, logits)
-    for b0, nb in _chunks(logits):
-        _run_stats(t, lse, z, None, logits.shape, beta, normalized, b0, nb)
-        _run_fuse_fwd(t, lse, None, None, None, None, m, logits.shape, 0, beta, b0, nb, reverse=True)
-    return z, m, lse
+def _mask_from_parts(logits: torch.Tensor, part: torch.Tensor, n_runs: int) -> torch.Tensor:
+    m = _new_mask(logits)
+    b, _, h, w = logits.shape
+    if b:
+        with _device_guard(logits):
+            _run_mask_fuse(part, n_runs, None, None, None, None, m, b, h * w, 0, logits.device)
+    return m
 
 
-def attention_mask(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, lse (B, L))."""
-    _check_dtype("logits", logits)
-    _, m, lse = _mask_and_stats(logits, beta, False, want_z=False)
-    return m, lse
+def attention_mask(
+    logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, stats (B, L, 2))."""
+    _check_logits_and_beta(logits, beta_map)
+    _, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
+    return _mask_from_parts(logits, part, n_runs), stats
 
 
 def landmark_attention(
-    logits: torch.Tensor, beta: float, normalized: bool
+    logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), lse (B, L))."""
-    _check_dtype("logits", logits)
-    return _mask_and_stats(logits, beta, normalized, want_z=True)
+    """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), stats (B, L, 2))."""
+    _check_logits_and_beta(logits, beta_map)
+    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    return z, _mask_from_parts(logits, part, n_runs), stats
 
 
 def landmark_attention_backward(
-    grad_z: Optional[torch.Tensor],
-    grad_mask: Optional[torch.Tensor],
+    grad_z: torch.Tensor | None,
+    grad_mask: torch.Tensor | None,
     logits: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     beta: float,
+    beta_map: torch.Tensor | None,
     normalized: bool,
-) -> torch.Tensor:
-    """gT (B, L, H, W) from grad_z (B, L, 2) and grad_mask (B, 1, H, W); a None grad counts as zero."""
-    _check_dtype("logits", logits)
-    if logits.shape[0] == 0 or (grad_z is None and grad_mask is None):
-        return _zeros(logits)
-    gt = logits.new_empty(logits.shape)
-    t = _prep(logits, logits)
-    g = _prep(grad_mask, logits) if grad_mask is not None else None
-    _run_map_backward(t, _lse32(lse), g, False, grad_z, gt, logits.shape, beta, normalized, 0, logits.shape[0])
-    return gt
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_logits, grad_beta) from grad_z (B, L, 2) and grad_mask (B, 1, H, W); None counts as zero."""
+    _check_logits_and_beta(logits, beta_map)
+    checks.stats(stats, logits)
+    _check_grad_z(grad_z, logits)
+    if grad_mask is not None:
+        checks.companion("grad_mask", grad_mask, logits, "logits", channels=1, same_dtype=False)
+    return _backward_maps(logits, stats, beta, beta_map, grad_mask, False, grad_z, normalized)
+
+
+def _check_fusion_inputs(image, embedding, mask, mode_, ref: torch.Tensor, ref_name: str) -> int:
+    mode_ = checks.mode(mode_)
+    checks.companion("image", image, ref, ref_name)
+    checks.device("image", image)
+    checks.companion("embedding", embedding, ref, ref_name)
+    if mask is not None:
+        checks.companion("mask", mask, ref, ref_name, channels=1, same_dtype=False)
+    return mode_
 
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int) -> torch.Tensor:
-    """image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> F<mode> (B, channels, H, W)."""
-    _check_dtype("image", image)
-    mode = int(mode)
+    """image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> F<mode> in E's memory format."""
+    checks.tensor("image", image, 4, "of shape (B, Ci, H, W)")
+    mode = _check_fusion_inputs(image, embedding, mask, mode, image, "image")
     b, ci, h, w = image.shape
-    cf = _segment_offsets(mode, ci, embedding.shape[1])[4]
-    fused = image.new_empty((b, cf, h, w))
+    fused = torch.empty((b, fusion_layout(mode, ci, embedding.shape[1]).channels, h, w), dtype=image.dtype,
+                        device=image.device, memory_format=fused_memory_format(embedding))
     if b:
-        i, e, m = _prep(image, image), _prep(embedding, image), _prep(mask, image)
-        _run_fuse_fwd(None, None, m, i, e, fused, None, (b, 0, h, w), mode, 0.0, 0, b)
+        with _device_guard(image):
+            _run_mask_fuse(None, 0, _flat(mask, image), _flat(image, image), _flat(embedding, image), fused, None,
+                           b, h * w, mode, image.device)
     return fused
+
+
+def _fuse_grads(grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor,
+                mode: int, gm: torch.Tensor):
+    """gI, gE (contiguous; zeros where F<mode> lacks the segment) and gM written into `gm` (zeros for F1)."""
+    b, _, h, w = image.shape
+    gi = image.new_empty(image.shape) if mode >= 2 else _zeros(image)
+    ge = embedding.new_empty(embedding.shape) if mode == 1 or mode >= 4 else _zeros(embedding)
+    if mode == 1:
+        gm.zero_()
+    if b:
+        with _device_guard(image):
+            _run_fuse_bwd(_flat(grad_fused, image), _flat(mask, image), _flat(image, image), _flat(embedding, image),
+                          gi, ge, gm, b, h * w, mode)
+    return gi, ge
 
 
 def fuse_backward(
     grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gI, gE, gM) for fuse; gM is (B, 1, H, W) in the mask dtype."""
-    _check_dtype("image", image)
-    mode = int(mode)
-    gi, ge, gm = _fuse_grad_buffers(image, embedding, mode, mask.dtype)
-    b, _, h, w = image.shape
-    if b:
-        i, e, m, g = _prep(image, image), _prep(embedding, image), _prep(mask, image), _prep(grad_fused, image)
-        _run_fuse_bwd(g, None, None, m, i, e, gi, ge, gm, (b, 0, h, w), mode, 0.0, 0, b)
-    return gi, ge, gm
-
-
-def _fuse_grad_buffers(image: torch.Tensor, embedding: torch.Tensor, mode: int, gm_dtype: torch.dtype):
-    """gI, gE, gM buffers: empty where F<mode> has a segment that the kernel writes, zeros elsewhere."""
-    b, _, h, w = image.shape
-    gi = image.new_empty(image.shape) if mode >= 2 else _zeros(image)
-    ge = embedding.new_empty(embedding.shape) if mode == 1 or mode >= 4 else _zeros(embedding)
-    gm = image.new_empty((b, 1, h, w), dtype=gm_dtype)
-    if mode == 1:
-        gm = gm.zero_()
+    """(grad_image, grad_embedding, grad_mask (B, 1, H, W) in the mask dtype), all contiguous."""
+    checks.tensor("image", image, 4, "of shape (B, Ci, H, W)")
+    mode = _check_fusion_inputs(image, embedding, mask, mode, image, "image")
+    cf = fusion_layout(mode, image.shape[1], embedding.shape[1]).channels
+    checks.fused("grad_fused", grad_fused, image, cf)
+    gm = mask.new_empty(mask.shape)
+    gi, ge = _fuse_grads(grad_fused, image, embedding, mask, mode, gm)
     return gi, ge, gm
 
 
 def decafa_head(
-    logits: torch.Tensor, image: torch.Tensor, embedding: torch.Tensor, mode: int, beta: float, normalized: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z (B, L, 2), F<mode> (B, channels, H, W), lse (B, L)); M and Phi never reach memory."""
-    _check_dtype("logits", logits)
-    mode = int(mode)
-    b, _, h, w = logits.shape
-    cf = _segment_offsets(mode, image.shape[1], embedding.shape[1])[4]
-    z, fused, lse = logits.new_empty((*logits.shape[:2], 2)), logits.new_empty((b, cf, h, w)), _new_lse(logits)
-    t, i, e = _prep(logits, logits), _prep(image, logits), _prep(embedding, logits)
-    for b0, nb in _chunks(logits):
-        _run_stats(t, lse, z, None, logits.shape, beta, normalized, b0, nb)
-        _run_fuse_fwd(t, lse, None, i, e, fused, None, logits.shape, mode, beta, b0, nb, reverse=True)
-    return z, fused, lse
-
-
-def decafa_head_backward(
-    grad_z: Optional[torch.Tensor],
-    grad_fused: Optional[torch.Tensor],
     logits: torch.Tensor,
     image: torch.Tensor,
     embedding: torch.Tensor,
-    lse: torch.Tensor,
     mode: int,
     beta: float,
+    beta_map: torch.Tensor | None,
     normalized: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gT, gI, gE): per pixel tile gI, gE and a float32 gM (M recomputed), then gT per map."""
-    _check_dtype("logits", logits)
-    mode = int(mode)
-    lse = _lse32(lse)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z (B, L, 2), F<mode> (B, channels, H, W) in E's memory format, M (B, 1, H, W), stats (B, L, 2)).
+
+    Two launches: map_fwd_kernel reads T once (stats, z, partial masks per run of maps), then
+    mask_fuse_fwd_kernel sums the partials in a fixed order, writes M and reads I, E once to write F."""
+    _check_logits_and_beta(logits, beta_map)
+    mode = _check_fusion_inputs(image, embedding, None, mode, logits, "logits")
+    b, _, h, w = logits.shape
+    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    m = _new_mask(logits)
+    fused = torch.empty((b, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels, h, w),
+                        dtype=logits.dtype, device=logits.device, memory_format=fused_memory_format(embedding))
+    if b:
+        with _device_guard(logits):
+            _run_mask_fuse(part, n_runs, None, _flat(image, logits), _flat(embedding, logits), fused, m, b, h * w,
+                           mode, logits.device)
+    return z, fused, m, stats
+
+
+def decafa_head_backward(
+    grad_z: torch.Tensor | None,
+    grad_fused: torch.Tensor | None,
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    embedding: torch.Tensor,
+    mask: torch.Tensor,
+    stats: torch.Tensor,
+    mode: int,
+    beta: float,
+    beta_map: torch.Tensor | None,
+    normalized: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_logits, grad_image, grad_embedding, grad_beta). A pixel-tiled pass over grad F, I, E and the
+    saved M gives grad I, grad E and a float32 grad M; a per-map pass over T (grad M read once per run of
+    maps) gives grad T and grad beta. T is not read for M."""
+    _check_logits_and_beta(logits, beta_map)
+    mode = _check_fusion_inputs(image, embedding, mask, mode, logits, "logits")
+    checks.stats(stats, logits)
+    _check_grad_z(grad_z, logits)
+    b, _, h, w = logits.shape
     if grad_fused is None:
-        gt = landmark_attention_backward(grad_z, None, logits, lse, beta, normalized)
-        return gt, _zeros(image), _zeros(embedding)
-    gi, ge, gm = _fuse_grad_buffers(image, embedding, mode, torch.float32)
-    if logits.shape[0] == 0:
-        return _zeros(logits), gi, ge
-    has_gm = mode >= 2  # F1 = E has no masked segment: nothing reaches the logits through M
-    has_gt = grad_z is not None or has_gm
-    gt = logits.new_empty(logits.shape) if has_gt else _zeros(logits)
-    t, i, e, g = _prep(logits, logits), _prep(image, logits), _prep(embedding, logits), _prep(grad_fused, logits)
-    gmp = (gm, gm.stride(0), 0, 1) if has_gm else None
-    for b0, nb in _chunks(logits):
-        _run_fuse_bwd(g, t, lse, None, i, e, gi, ge, gm, logits.shape, mode, beta, b0, nb)
-        if has_gt:
-            _run_map_backward(t, lse, gmp, False, grad_z, gt, logits.shape, beta, normalized, b0, nb, reverse=True)
-    return gt, gi, ge
+        gt, gbeta = _backward_maps(logits, stats, beta, beta_map, None, False, grad_z, normalized)
+        return gt, _zeros(image), _zeros(embedding), gbeta
+    checks.fused("grad_fused", grad_fused, image, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels)
+    gm = logits.new_empty((b, h * w), dtype=torch.float32)
+    gi, ge = _fuse_grads(grad_fused, image, embedding, mask, mode, gm)
+    # F1 = E has no masked segment: nothing reaches the logits through M
+    gt, gbeta = _backward_maps(logits, stats, beta, beta_map, gm if mode >= 2 else None, False, grad_z, normalized)
+    return gt, gi, ge, gbeta
 
 
 # --------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------
-def _fake_fused(image: torch.Tensor, embedding: torch.Tensor, mode: int) -> torch.Tensor:
-    cf = _segment_offsets(int(mode), image.shape[1], embedding.shape[1])[4]
-    return image.new_empty((image.shape[0], cf, *image.shape[2:]))
-
-
-def _lse_fake(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(t.shape[:2], dtype=torch.float32)
-
-
-# Shape-only fake kernels, used only under the interpreter (triton_op traces the real body otherwise).
-_FAKES = {
-    "spatial_softmax": lambda logits, beta: (logits.new_empty(logits.shape), _lse_fake(logits)),
-    "spatial_softmax_backward": lambda grad_phi, logits, lse, beta: logits.new_empty(logits.shape),
-    "soft_argmax": lambda logits, beta, normalized: (logits.new_empty((*logits.shape[:2], 2)), _lse_fake(logits)),
-    "attention_mask": lambda logits, beta: (
-        logits.new_empty((logits.shape[0], 1, *logits.shape[2:])),
-        _lse_fake(logits),
-    ),
-    "landmark_attention": lambda logits, beta, normalized: (
-        logits.new_empty((*logits.shape[:2], 2)),
-        logits.new_empty((logits.shape[0], 1, *logits.shape[2:])),
-        _lse_fake(logits),
-    ),
-    "landmark_attention_backward": lambda grad_z, grad_mask, logits, lse, beta, normalized: logits.new_empty(
-        logits.shape
-    ),
-    "fuse": lambda image, embedding, mask, mode: _fake_fused(image, embedding, mode),
-    "fuse_backward": lambda grad_fused, image, embedding, mask, mode: (
-        image.new_empty(image.shape),
-        embedding.new_empty(embedding.shape),
-        mask.new_empty(mask.shape),
-    ),
-    "decafa_head": lambda logits, image, embedding, mode, beta, normalized: (
-        logits.new_empty((*logits.shape[:2], 2)),
-        _fake_fused(image, embedding, mode),
-        _lse_fake(logits),
-    ),
-    "decafa_head_backward": lambda grad_z, grad_fused, logits, image, embedding, lse, mode, beta, normalized: (
-        logits.new_empty(logits.shape),
-        image.new_empty(image.shape),
-        embedding.new_empty(embedding.shape),
-    ),
-}
-
-_IMPLS = {
+IMPLS = {
     "spatial_softmax": spatial_softmax,
     "spatial_softmax_backward": spatial_softmax_backward,
     "soft_argmax": soft_argmax,
@@ -497,14 +515,19 @@ _IMPLS = {
 
 
 def _register() -> dict:
+    from ..ops.fakes import FAKES
+    from ..ops.schemas import SCHEMAS
+
+    if set(IMPLS) != set(SCHEMAS):
+        raise RuntimeError(f"decafa_triton implements {sorted(IMPLS)} but SCHEMAS defines {sorted(SCHEMAS)}")
     ops = {}
-    for name, fn in _IMPLS.items():
+    for name, fn in IMPLS.items():
         qualname = f"decafa_triton::{name}"
         if INTERPRET:
-            op = torch.library.custom_op(qualname, fn, mutates_args=())
-            op.register_fake(_FAKES[name])
-        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=SCHEMAS[name])
+        else:  # schema inferred from the type hints: test_triton_contract checks it against SCHEMAS
             op = torch.library.triton_op(qualname, fn, mutates_args=())
+        op.register_fake(FAKES[name])
         ops[name] = op
     return ops
 

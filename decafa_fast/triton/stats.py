@@ -1,17 +1,26 @@
-"""Per-map Triton kernels: one program per (b, l) landmark map.
+"""Per-map Triton kernels: one program per (b, run of consecutive maps).
 
-`map_stats_kernel`    forward: max, log-sum-exp and first moments of beta*T over the H*W pixels in one read of
-                      the map (online max with rescaling when the map is larger than BLOCK); optionally writes
-                      Phi itself (spatial_softmax) in a second sweep, which re-reads the map from cache.
-`map_backward_kernel` backward: recomputes Phi = exp(beta*T - lse) (renormalised); sweep 1 gives
-                      s = sum G*Phi and the expected coordinates, sweep 2 writes gT = beta*Phi*((G - s) + gx (x - zx) + gy (y - zy)).
-                      G is a per-map gradient (grad of Phi) or a per-batch one broadcast over l (grad of the
-                      mask: its l-stride is 0).
+`map_fwd_kernel`  forward. For each map of its run: max and sum of exp(s - max) of s = beta_l * T (the
+                  stats), the soft-argmax z, optionally Phi = exp(s - max) / sum (spatial_softmax), and the
+                  run's partial mask sum_{l in run} Phi_l (one (H*W) row of float32 per run).
+`map_bwd_kernel`  backward. Phi from T and the saved stats; g_phi = G + grad_z . coordinates, where G is a
+                  gradient of Phi per map (spatial_softmax) or one per batch item shared by every map (the
+                  gradient of the mask, held on chip for the whole run); then g_s = Phi (g_phi - sum Phi
+                  g_phi), grad T = beta_l g_s and grad beta_l = sum_p T_p g_s,p.
 
-Pixels are addressed as p = row*W + col in 0..H*W-1 with a single pixel stride (`s_tp`): the wrapper
-guarantees the spatial dims are "flat" (contiguous and channels_last both are). Coordinates are
-accumulated as raw column/row indices and mapped to the output convention with `off + scale * index`.
-All arithmetic is float32; nothing here uses atomics, so results are bitwise reproducible.
+Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
+- ONE_CHUNK: a whole map fits in one BLOCK_P tile (128 x 128 and below), so a tile of BLOCK_L maps x
+  BLOCK_P pixels is loaded once and everything above comes from registers: T is read exactly once.
+- otherwise (larger maps, or channels_last logits, whose maps are interleaved pixel by pixel): sweep 1
+  walks the pixels in chunks with an online max (rescaling the running sums when a chunk raises it);
+  sweep 2 walks them again for Phi, the partial mask and the gradients. Tiles are BLOCK_L maps wide, so
+  channels_last rows of BLOCK_L consecutive maps are read whole (no strided over-fetch); the second sweep
+  re-reads the run's maps, which the wrapper keeps small enough to stay in L2.
+
+Pixels are p = row*W + col with one pixel stride (`s_tp`; contiguous and channels_last both qualify) and
+64-bit offsets everywhere. All arithmetic is float32; no atomics, so results are bitwise reproducible.
+Phi is normalised by the sum of the shifted exponentials, never by exp(max - log-sum-exp), so float32
+stays exact for any magnitude of beta*T.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import triton.language as tl
 @triton.jit
 def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
     """Row and column (float32) of flat pixel indices p. A float reciprocal replaces the integer division
-    (many instructions per element on the GPU); it is exact while H*W <= 2**20 (checked for every W), else INT_DIV is set."""
+    (many instructions per element on the GPU); it is exact while H*W <= 2**20, else INT_DIV is set."""
     if INT_DIV:
         row = p // W
     else:
@@ -31,125 +40,263 @@ def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
 
 
 @triton.jit
-def map_stats_kernel(
-    t_ptr, lse_ptr, z_ptr, phi_ptr,
-    b_start, b_step, L, W, HW, inv_w,
-    s_tb, s_tl, s_tp,
-    beta, x_scale, x_off, y_scale, y_off,
-    BLOCK: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, INT_DIV: tl.constexpr,
-):
-    # program q handles map l = q % L of batch element b = b_start + b_step * (q // L) (b_step = -1 walks the
-    # batch backwards: it starts where the previous launch ended, on data still in L2); lse, z and phi are
-    # contiguous over (b, l)
-    b = b_start + b_step * (tl.program_id(0) // L)
-    l = tl.program_id(0) % L
-    pid = b.to(tl.int64) * L + l
-    base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
-    offs = tl.arange(0, BLOCK)
-
-    # Online softmax over chunks of the map: a scalar running max m; the lane accumulators are rescaled by
-    # exp(m_old - m_new) when a chunk raises it (one exp per pixel; a single chunk at 128 x 128 and below
-    # BLOCK, where this is the plain max-then-sum).
-    m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
-    s = tl.zeros([BLOCK], tl.float32)
-    sx = tl.zeros([BLOCK], tl.float32)
-    sy = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, HW, BLOCK):
-        p = start + offs
-        valid = p < HW
-        t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
-        a = tl.where(valid, t * beta, float("-inf"))
-        m_new = tl.maximum(m, tl.max(a, axis=0))
-        # the where() guards keep -inf - -inf (nothing finite seen yet) from turning into NaN
-        alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
-        e = tl.where(a == float("-inf"), 0.0, tl.exp(a - m_new))
-        s = s * alpha + e
-        if WRITE_Z:
-            row, col = _row_col(p, W, inv_w, INT_DIV)
-            sx = sx * alpha + e * col
-            sy = sy * alpha + e * row
-        m = m_new
-
-    total = tl.sum(s, axis=0)
-    lse = m + tl.log(total)
-    tl.store(lse_ptr + pid, lse)
-    if WRITE_Z:
-        zx = x_off + x_scale * (tl.sum(sx, axis=0) / total)
-        zy = y_off + y_scale * (tl.sum(sy, axis=0) / total)
-        tl.store(z_ptr + 2 * pid, zx.to(z_ptr.dtype.element_ty))
-        tl.store(z_ptr + 2 * pid + 1, zy.to(z_ptr.dtype.element_ty))
-    if WRITE_PHI:
-        out = phi_ptr + pid * HW
-        for start in range(0, HW, BLOCK):
-            p = start + offs
-            valid = p < HW
-            t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
-            phi = tl.exp(t * beta - lse)
-            tl.store(out + p, phi.to(phi_ptr.dtype.element_ty), mask=valid)
+def _run_bounds(r, run_len, L):
+    l_first = r * run_len
+    return l_first, tl.minimum(l_first + run_len, L)
 
 
 @triton.jit
-def map_backward_kernel(
-    t_ptr, lse_ptr, g_ptr, gz_ptr, gt_ptr,
-    b_start, b_step, L, W, HW, inv_w,
+def _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L: tl.constexpr, HAS_BETA_MAP: tl.constexpr):
+    """beta of each map in ls: beta_map[b, l] when given, else the float beta."""
+    if HAS_BETA_MAP:
+        return tl.load(beta_ptr + b64 * L + ls, mask=lv, other=1.0)
+    else:
+        return tl.zeros([BLOCK_L], tl.float32) + beta
+
+
+@triton.jit
+def map_fwd_kernel(
+    t_ptr, beta_ptr, stats_ptr, z_ptr, phi_ptr, part_ptr,
+    L, W, HW, inv_w, n_runs, run_len,
+    s_tb, s_tl, s_tp,
+    beta, x_scale, x_off, y_scale, y_off,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PIX64: tl.constexpr, HAS_BETA_MAP: tl.constexpr,
+    WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
+):
+    # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (B, n_runs, HW) are contiguous
+    b64 = (tl.program_id(0) // n_runs).to(tl.int64)
+    r = tl.program_id(0) % n_runs
+    l_first, l_end = _run_bounds(r, run_len, L)
+    t_base = t_ptr + b64 * s_tb
+    rows = tl.arange(0, BLOCK_L)
+    offs = tl.arange(0, BLOCK_P)
+
+    if ONE_CHUNK:
+        # the whole map as a [BLOCK_H, BLOCK_W] tile: coordinates are broadcast row / column vectors (few
+        # registers), and the moments come from the row and column marginals
+        rr = tl.arange(0, BLOCK_H)
+        cc = tl.arange(0, BLOCK_W)
+        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
+        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        if PIX64:  # (HW - 1) * s_tp may pass 2**31
+            p = p.to(tl.int64)
+        pt = p * s_tp
+        acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        for l in range(l_first, l_end):
+            row_id = b64 * L + l
+            if HAS_BETA_MAP:
+                beta_l = tl.load(beta_ptr + row_id)
+            else:
+                beta_l = beta
+            t = tl.load((t_base + tl.cast(l, tl.int64) * s_tl) + pt, mask=pv, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            s = tl.where(pv, t * beta_l, float("-inf"))
+            mx = tl.max(tl.max(s, axis=1), axis=0)
+            e = tl.where(pv, tl.exp(s - mx), 0.0)
+            total = tl.sum(tl.sum(e, axis=1), axis=0)
+            tl.store(stats_ptr + 2 * row_id, mx)
+            tl.store(stats_ptr + 2 * row_id + 1, total)
+            inv = 1.0 / total
+            if WRITE_Z:
+                zx = x_off + x_scale * (tl.sum(tl.sum(e, axis=0) * cc.to(tl.float32), axis=0) * inv)
+                zy = y_off + y_scale * (tl.sum(tl.sum(e, axis=1) * rr.to(tl.float32), axis=0) * inv)
+                tl.store(z_ptr + 2 * row_id, zx.to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty))
+            phi = e * inv
+            if WRITE_PHI:
+                tl.store((phi_ptr + row_id * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
+                         eviction_policy="evict_first")
+            if WRITE_PART:
+                acc += phi
+        if WRITE_PART:
+            tl.store((part_ptr + (b64 * n_runs + r) * HW) + p, acc, mask=pv)
+    else:
+        # sweep 1: online statistics, BLOCK_L maps at a time
+        for l0 in range(l_first, l_end, BLOCK_L):
+            ls = l0 + rows
+            lv = ls < l_end
+            beta_l = _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L, HAS_BETA_MAP)
+            m = tl.full([BLOCK_L], float("-inf"), tl.float32)
+            total = tl.zeros([BLOCK_L], tl.float32)
+            sx = tl.zeros([BLOCK_L], tl.float32)
+            sy = tl.zeros([BLOCK_L], tl.float32)
+            for p0 in range(0, HW, BLOCK_P):
+                p = (p0 + offs).to(tl.int64)
+                both = lv[:, None] & (p < HW)[None, :]
+                t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                            mask=both, other=0.0).to(tl.float32)
+                s = tl.where(both, t * beta_l[:, None], float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                # the where() guards keep -inf - -inf (nothing finite seen yet) from turning into NaN
+                alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
+                e = tl.where(s == float("-inf"), 0.0, tl.exp(s - m_new[:, None]))
+                total = total * alpha + tl.sum(e, axis=1)
+                if WRITE_Z:
+                    row, col = _row_col(p, W, inv_w, INT_DIV)
+                    sx = sx * alpha + tl.sum(e * col[None, :], axis=1)
+                    sy = sy * alpha + tl.sum(e * row[None, :], axis=1)
+                m = m_new
+            # a map that is -inf everywhere has no finite max: NaN, as torch.softmax gives
+            total = tl.where(m == float("-inf"), float("nan"), total)
+            row_id = b64 * L + ls
+            tl.store(stats_ptr + 2 * row_id, m, mask=lv)
+            tl.store(stats_ptr + 2 * row_id + 1, total, mask=lv)
+            if WRITE_Z:
+                zx = x_off + x_scale * (sx / total)
+                zy = y_off + y_scale * (sy / total)
+                tl.store(z_ptr + 2 * row_id, zx.to(z_ptr.dtype.element_ty), mask=lv)
+                tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty), mask=lv)
+        if WRITE_PHI or WRITE_PART:
+            tl.debug_barrier()  # the stats stored above are read back below by other threads
+            # sweep 2: Phi and the partial mask, chunk by chunk
+            for p0 in range(0, HW, BLOCK_P):
+                p = (p0 + offs).to(tl.int64)
+                pv = p < HW
+                acc = tl.zeros([BLOCK_P], tl.float32)
+                for l0 in range(l_first, l_end, BLOCK_L):
+                    ls = l0 + rows
+                    lv = ls < l_end
+                    both = lv[:, None] & pv[None, :]
+                    beta_l = _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L, HAS_BETA_MAP)
+                    row_id = b64 * L + ls
+                    mx = tl.load(stats_ptr + 2 * row_id, mask=lv, other=0.0)
+                    inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
+                    t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                                mask=both, other=0.0).to(tl.float32)
+                    phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
+                    if WRITE_PHI:
+                        tl.store(phi_ptr + row_id[:, None] * HW + p[None, :], phi.to(phi_ptr.dtype.element_ty),
+                                 mask=both, eviction_policy="evict_first")
+                    if WRITE_PART:
+                        acc += tl.sum(phi, axis=0)
+                if WRITE_PART:
+                    tl.store(part_ptr + (b64 * n_runs + r) * HW + p, acc, mask=pv)
+
+
+@triton.jit
+def _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
+                   x_scale, y_scale,
+                   BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr,
+                   HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr):
+    """g_phi of a [BLOCK_L, BLOCK_P] tile up to a per-map constant (which the softmax backward cancels):
+    G + (grad_zx * x_scale) col + (grad_zy * y_scale) row."""
+    g = tl.zeros([BLOCK_L, BLOCK_P], tl.float32)
+    if HAS_G:
+        if G_PER_MAP:
+            g += tl.load(g_ptr + b64 * s_gb + ls.to(tl.int64)[:, None] * s_gl + p[None, :] * s_gp,
+                         mask=both, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            g += g_shared[None, :]
+    if HAS_GZ:
+        row, col = _row_col(p, W, inv_w, INT_DIV)
+        zrow = gz_ptr + 2 * (b64 * L + ls)
+        gx = tl.load(zrow, mask=lv, other=0.0).to(tl.float32) * x_scale
+        gy = tl.load(zrow + 1, mask=lv, other=0.0).to(tl.float32) * y_scale
+        g += gx[:, None] * col[None, :] + gy[:, None] * row[None, :]
+    return g
+
+
+@triton.jit
+def map_bwd_kernel(
+    t_ptr, beta_ptr, stats_ptr, g_ptr, gz_ptr, gt_ptr, gbeta_ptr,
+    L, W, HW, inv_w, n_runs, run_len,
     s_tb, s_tl, s_tp,
     s_gb, s_gl, s_gp,
-    s_zb, s_zl, s_zc,
     beta, x_scale, y_scale,
-    BLOCK: tl.constexpr, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PIX64: tl.constexpr, HAS_BETA_MAP: tl.constexpr,
+    HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
-    b = b_start + b_step * (tl.program_id(0) // L)  # as in map_stats_kernel
-    l = tl.program_id(0) % L
-    pid = b.to(tl.int64) * L + l
-    base = t_ptr + b.to(tl.int64) * s_tb + l.to(tl.int64) * s_tl
-    g_base = g_ptr + b.to(tl.int64) * s_gb + l.to(tl.int64) * s_gl
-    offs = tl.arange(0, BLOCK)
-    lse = tl.load(lse_ptr + pid)
+    # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
+    b64 = (tl.program_id(0) // n_runs).to(tl.int64)
+    r = tl.program_id(0) % n_runs
+    l_first, l_end = _run_bounds(r, run_len, L)
+    t_base = t_ptr + b64 * s_tb
+    rows = tl.arange(0, BLOCK_L)
+    offs = tl.arange(0, BLOCK_P)
+    gt_ty = gt_ptr.dtype.element_ty
 
-    # Sweep 1: s = sum G*Phi and the expected raw column / row under Phi. exp(beta*T - lse) carries the
-    # rounding error of lse (~|beta*T| * 6e-8, common to the whole map); dividing by the recomputed sum n
-    # cancels it, as the reference's softmax normalises exactly.
-    acc_n = tl.zeros([BLOCK], tl.float32)
-    acc_s = tl.zeros([BLOCK], tl.float32)
-    acc_x = tl.zeros([BLOCK], tl.float32)
-    acc_y = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, HW, BLOCK):
-        p = start + offs
-        valid = p < HW
-        t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
-        phi = tl.where(valid, tl.exp(t * beta - lse), 0.0)
-        acc_n += phi
-        if HAS_G:
-            g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
-            acc_s += phi * g
-        if HAS_GZ:
-            row, col = _row_col(p, W, inv_w, INT_DIV)
-            acc_x += phi * col
-            acc_y += phi * row
-    inv_n = 1.0 / tl.sum(acc_n, axis=0)
-    s = tl.sum(acc_s, axis=0) * inv_n
-    ex = tl.sum(acc_x, axis=0) * inv_n
-    ey = tl.sum(acc_y, axis=0) * inv_n
-    gx = 0.0
-    gy = 0.0
-    if HAS_GZ:
-        # d z_n / d index = scale, so the raw-index form of gx (x_n - zx_n) is (gx * scale) (x - ex)
-        zbase = gz_ptr + b.to(tl.int64) * s_zb + l.to(tl.int64) * s_zl
-        gx = tl.load(zbase).to(tl.float32) * x_scale
-        gy = tl.load(zbase + s_zc).to(tl.float32) * y_scale
-
-    # Sweep 2: gT (the map is still in L1/L2 from sweep 1).
-    out = gt_ptr + pid * HW
-    for start in range(0, HW, BLOCK):
-        p = start + offs
-        valid = p < HW
-        t = tl.load(base + p * s_tp, mask=valid, other=0.0).to(tl.float32)
-        phi = tl.exp(t * beta - lse) * inv_n
-        term = tl.zeros([BLOCK], tl.float32)
-        if HAS_G:
-            g = tl.load(g_base + p * s_gp, mask=valid, other=0.0).to(tl.float32)
-            term += g - s
-        if HAS_GZ:
-            row, col = _row_col(p, W, inv_w, INT_DIV)
-            term += gx * (col - ex) + gy * (row - ey)
-        tl.store(out + p, (beta * phi * term).to(gt_ptr.dtype.element_ty), mask=valid)
+    if ONE_CHUNK:  # the whole map as a [BLOCK_H, BLOCK_W] tile, as in map_fwd_kernel
+        rr = tl.arange(0, BLOCK_H)
+        cc = tl.arange(0, BLOCK_W)
+        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
+        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        if PIX64:  # (HW - 1) * s_tp may pass 2**31
+            p = p.to(tl.int64)
+        pt = p * s_tp
+        g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        if HAS_G and not G_PER_MAP:  # the mask gradient: read once per run, used by every map of it
+            g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
+        for l in range(l_first, l_end):
+            row_id = b64 * L + l
+            if HAS_BETA_MAP:
+                beta_l = tl.load(beta_ptr + row_id)
+            else:
+                beta_l = beta
+            mx = tl.load(stats_ptr + 2 * row_id)
+            inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
+            t = tl.load((t_base + tl.cast(l, tl.int64) * s_tl) + pt, mask=pv, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
+            g = g_shared
+            if HAS_G and G_PER_MAP:
+                g_map = g_ptr + b64 * s_gb + tl.cast(l, tl.int64) * s_gl
+                g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+            mean = tl.sum(tl.sum(phi * g, axis=1), axis=0)
+            if HAS_GZ:  # g_phi += gx col + gy row (up to a per-map constant, which cancels); the mean of
+                # that part comes from the marginals of Phi, so no second [H, W] tensor stays live
+                gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
+                gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
+                mean += gx * tl.sum(tl.sum(phi, axis=0) * cc.to(tl.float32), axis=0)
+                mean += gy * tl.sum(tl.sum(phi, axis=1) * rr.to(tl.float32), axis=0)
+                gs = phi * (g - mean + gx * cc.to(tl.float32)[None, :] + gy * rr.to(tl.float32)[:, None])
+            else:
+                gs = phi * (g - mean)
+            tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+            # padding lanes have t = 0 and Phi = 0
+            tl.store(gbeta_ptr + row_id, tl.sum(tl.sum(t * gs, axis=1), axis=0))
+    else:
+        g_shared = tl.zeros([BLOCK_P], tl.float32)
+        for l0 in range(l_first, l_end, BLOCK_L):
+            ls = l0 + rows
+            lv = ls < l_end
+            beta_l = _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L, HAS_BETA_MAP)
+            row_id = b64 * L + ls
+            mx = tl.load(stats_ptr + 2 * row_id, mask=lv, other=0.0)
+            inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
+            # sweep 1: sum_p Phi g_phi
+            mean = tl.zeros([BLOCK_L], tl.float32)
+            for p0 in range(0, HW, BLOCK_P):
+                p = (p0 + offs).to(tl.int64)
+                pv = p < HW
+                both = lv[:, None] & pv[None, :]
+                if HAS_G and not G_PER_MAP:
+                    g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
+                    g_shared = g_shared.to(tl.float32)
+                t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                            mask=both, other=0.0).to(tl.float32)
+                phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
+                g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
+                                   x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
+                mean += tl.sum(phi * g, axis=1)
+            # sweep 2: grad T and grad beta
+            gbeta = tl.zeros([BLOCK_L], tl.float32)
+            for p0 in range(0, HW, BLOCK_P):
+                p = (p0 + offs).to(tl.int64)
+                pv = p < HW
+                both = lv[:, None] & pv[None, :]
+                if HAS_G and not G_PER_MAP:
+                    g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
+                    g_shared = g_shared.to(tl.float32)
+                t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                            mask=both, other=0.0).to(tl.float32)
+                phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
+                g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
+                                   x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
+                gs = phi * (g - mean[:, None])
+                tl.store(gt_ptr + row_id[:, None] * HW + p[None, :], (beta_l[:, None] * gs).to(gt_ty), mask=both,
+                         eviction_policy="evict_first")
+                gbeta += tl.sum(tl.where(both, t * gs, 0.0), axis=1)
+            tl.store(gbeta_ptr + row_id, gbeta, mask=lv)
