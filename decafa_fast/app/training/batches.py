@@ -1,4 +1,8 @@
-"""The training data order: endless batches whose order is a pure function of their position.
+"""What a run trains on and in which order: the training sets, their alternation, and endless batches
+whose order is a pure function of their position.
+
+The default data is synthetic faces, split into one part per markup (a 98-, a 68- and a 5-point annotated
+part), as the paper alternates batches of data sets annotated with different markups.
 
 Epoch e of a data set is a permutation drawn from a generator seeded by (seed + e), the one
 `DistributedSampler` draws, cut into per-rank shards and then into batches. Batch number p of a rank
@@ -12,10 +16,46 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.synthetic import collate_faces
+from ..data.synthetic import SyntheticFaces, collate_faces
 from ..errors import UserError
+from .config import TrainConfig
 
-__all__ = ["BatchOrder", "batches"]
+__all__ = ["BatchOrder", "batches", "build_train_sets", "build_val_set", "interleave"]
+
+
+def build_train_sets(config: TrainConfig) -> list[tuple[str, Dataset]]:
+    """(name, dataset) pairs whose batches alternate. Synthetic default: one part per markup."""
+    if config.data:
+        from ..data.real import build_dataset
+
+        return [(spec, build_dataset(spec, "train", config.image_size, config.markups, augment=True,
+                                     seed=config.seed)) for spec in config.data]
+    per = max(1, config.train_size // len(config.markups))
+    return [(f"synthetic-{markup}", SyntheticFaces(per, size=config.image_size, seed=config.seed * 1000 + 1 + k,
+                                                   markups=config.markups, annotate=(markup,)))
+            for k, markup in enumerate(config.markups)]
+
+
+def build_val_set(config: TrainConfig) -> Dataset:
+    if config.val_data:
+        from ..data.real import build_dataset
+
+        return build_dataset(config.val_data, "test", config.image_size, config.markups, seed=config.seed)
+    # a seed range never used for training
+    return SyntheticFaces(config.val_size, size=config.image_size, seed=config.seed * 1000 + 999,
+                          markups=config.markups)
+
+
+def interleave(weights: tuple[int, ...]) -> list[int]:
+    """One turn of the alternation, data set k appearing weights[k] times, spread out by smooth weighted
+    round robin: (2, 1, 1) -> [0, 1, 2, 0]; (1, 1, 1) -> [0, 1, 2]."""
+    total, current, cycle = sum(weights), [0] * len(weights), []
+    for _ in range(total):
+        current = [c + w for c, w in zip(current, weights)]
+        k = max(range(len(weights)), key=lambda i: current[i])
+        current[k] -= total
+        cycle.append(k)
+    return cycle
 
 
 class BatchOrder:

@@ -24,8 +24,10 @@ from typing import Any
 
 from ..data.synthetic import ALL_MARKUPS
 from . import distributed as D
+from .batches import interleave
 from .config import PRESETS, TrainConfig
-from .trainer import Trainer, interleave, read_checkpoint_for_resume, resume_path
+from .resume import read_checkpoint_for_resume, resume_path
+from .trainer import Trainer
 from .validation import evaluate_model, mean_shape_nme
 
 __all__ = ["PRESETS", "add_arguments", "config_from_args", "evaluate_model", "interleave", "mean_shape_nme", "run",

@@ -18,7 +18,6 @@ resume of such data (the synthetic default draws nothing at load time).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -28,64 +27,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from ..data.synthetic import SyntheticFaces
 from ..data.transforms import hflip_batch
 from ..errors import UserError
 from ..evaluation.metrics import nme
 from ..model import DeCaFA, DeCaFAConfig, count_parameters, decafa_loss
 from . import distributed as D
-from .batches import BatchOrder, batches
-from .checkpoint import load_checkpoint, save_checkpoint, write_atomically
-from .config import ConfigError, TrainConfig
+from .batches import BatchOrder, batches, build_train_sets, build_val_set, interleave
+from .checkpoint import save_checkpoint, write_atomically
+from .config import TrainConfig
+from .metrics_log import MetricsLog
+from .resume import CHECKPOINT, check_resumable, read_checkpoint_for_resume, resume_path
 from .rng import capture_rng, restore_rng
 from .validation import evaluate_model, mean_shape_nme
 
-__all__ = ["Trainer", "build_train_sets", "build_val_set", "interleave", "resume_path"]
+__all__ = ["StepResult", "Trainer"]
 
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
 
 
 # ------------------------------------------------------------------------------------------------
-# Data
+# Helpers of the step and the end of a run
 # ------------------------------------------------------------------------------------------------
-def build_train_sets(config: TrainConfig) -> list[tuple[str, Dataset]]:
-    """(name, dataset) pairs whose batches alternate. Synthetic default: one part per markup."""
-    if config.data:
-        from ..data.real import build_dataset
-
-        return [(spec, build_dataset(spec, "train", config.image_size, config.markups, augment=True,
-                                     seed=config.seed)) for spec in config.data]
-    per = max(1, config.train_size // len(config.markups))
-    return [(f"synthetic-{markup}", SyntheticFaces(per, size=config.image_size, seed=config.seed * 1000 + 1 + k,
-                                                   markups=config.markups, annotate=(markup,)))
-            for k, markup in enumerate(config.markups)]
-
-
-def build_val_set(config: TrainConfig) -> Dataset:
-    if config.val_data:
-        from ..data.real import build_dataset
-
-        return build_dataset(config.val_data, "test", config.image_size, config.markups, seed=config.seed)
-    # a seed range never used for training
-    return SyntheticFaces(config.val_size, size=config.image_size, seed=config.seed * 1000 + 999,
-                          markups=config.markups)
-
-
-def interleave(weights: tuple[int, ...]) -> list[int]:
-    """One turn of the alternation, data set k appearing weights[k] times, spread out by smooth weighted
-    round robin: (2, 1, 1) -> [0, 1, 2, 0]; (1, 1, 1) -> [0, 1, 2]."""
-    total, current, cycle = sum(weights), [0] * len(weights), []
-    for _ in range(total):
-        current = [c + w for c, w in zip(current, weights)]
-        k = max(range(len(weights)), key=lambda i: current[i])
-        current[k] -= total
-        cycle.append(k)
-    return cycle
-
-
 def _poly(total: int, power: float):
     return lambda step: max(0.0, 1.0 - step / max(1, total)) ** power
 
@@ -114,95 +77,6 @@ def _average_buffers(model: nn.Module, info: D.DistInfo) -> None:
             buf.div_(info.world_size)
         else:
             torch.distributed.broadcast(buf, src=0)
-
-
-# ------------------------------------------------------------------------------------------------
-# Resume
-# ------------------------------------------------------------------------------------------------
-def resume_path(resume: str | None, out: str) -> Path | None:
-    """The checkpoint to resume from: --resume PATH, or with "auto" OUT/checkpoint.pt when it exists."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = Path(out) / CHECKPOINT
-        return path if path.exists() else None
-    return Path(resume)
-
-
-def read_checkpoint_for_resume(path: Path) -> tuple[dict, TrainConfig]:
-    """The checkpoint's state and the TrainConfig it was trained with; UserError naming `path` otherwise."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {str(path)!r} does not exist; check --resume (or use --resume auto to "
-                        f"continue OUT/{CHECKPOINT} when present)")
-    try:
-        state = load_checkpoint(path)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    training = state.get("training")
-    if not isinstance(training, dict) or not isinstance(training.get("config"), dict):
-        raise UserError(f"{str(path)!r} holds model weights but no training state (an older decafa-fast or an "
-                        f"export wrote it): it can be evaluated but not resumed; start a new run without --resume")
-    try:
-        saved = TrainConfig.from_dict(training["config"])
-    except ConfigError as exc:
-        raise UserError(f"{str(path)!r} holds an invalid training config: {exc}") from exc
-    return state, saved
-
-
-def check_resumable(path: Path, state: dict, saved: TrainConfig, config: TrainConfig) -> None:
-    """Refuse a checkpoint of another configuration, or of a run that is already finished."""
-    differences = saved.differences(config)
-    if differences:
-        was = ", ".join(f"{name}={old}" for name, old, _ in differences)
-        now = ", ".join(f"{name}={new}" for name, _, new in differences)
-        raise UserError(f"{str(path)!r} is a checkpoint of another configuration: it was trained with {was}, this "
-                        f"run asks for {now}; resume with the checkpoint's settings, or start a new run in another "
-                        f"--out without --resume")
-    step = int(state["step"])
-    if step >= config.steps:
-        raise UserError(f"{str(path)!r} is a finished run: it reached step {step} and this run asks for "
-                        f"{config.steps} steps; to train it further pass --steps larger than {step}, or start a new "
-                        f"run in another --out without --resume")
-
-
-# ------------------------------------------------------------------------------------------------
-# metrics.csv
-# ------------------------------------------------------------------------------------------------
-class MetricsLog:
-    """metrics.csv: one row per logged step. Each append opens, writes and closes the file, so it is never
-    left open and a killed run loses nothing written."""
-
-    def __init__(self, path: Path, markups: tuple[str, ...]) -> None:
-        self.path = path
-        self.header = ["step", "elapsed_s", "lr", "loss", "train_nme", "data"] + [f"val_nme_{m}" for m in markups]
-
-    def start(self, resume_step: int | None) -> None:
-        """A new file with its header, or on resume the existing one cut back to rows <= resume_step."""
-        rows: list[list[str]] = []
-        if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader, None)
-                if header == self.header:
-                    rows = [r for r in reader if r and r[0].isdigit() and int(r[0]) <= resume_step]
-        text = _csv_text([self.header, *rows])
-        write_atomically(self.path, text.encode(), what="metrics file")
-
-    def append(self, row: list) -> None:
-        try:
-            with open(self.path, "a", newline="") as f:
-                csv.writer(f).writerow(row)
-        except OSError as exc:
-            raise UserError(f"cannot write metrics file {str(self.path)!r}: {exc.strerror or exc}; free some space "
-                            f"or choose another --out") from exc
-
-
-def _csv_text(rows: list[list]) -> str:
-    import io
-
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
