@@ -160,6 +160,7 @@ def test_one_line_and_status_2(files, tmp_path, capsys, monkeypatch, case_id, ar
     assert expected in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(files):
     argv = [sys.executable, "-m", "decafa_fast.app.cli", "evaluate", "--data", "synthetic:2", "--checkpoint",
             str(files["random.pt"])]

@@ -179,6 +179,7 @@ def _import_ops_with(env_updates: dict[str, str]) -> subprocess.CompletedProcess
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_import_reads_the_user_table_and_survives_a_broken_one(tmp_path):
     good = tmp_path / "good.json"
     autotable.save_entries(good, "G", [{"op": "fuse", "pass": "fwd", "dtype": "float32", "batch": 8,
