@@ -6,8 +6,8 @@ backend available here (reference, cpp, triton under TRITON_INTERPRET=1, cuda on
 Covered: values; first- and second-order gradients (``torch.autograd.grad(create_graph=True)`` then
 ``backward``) and ``gradgradcheck``; forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``);
 ``torch.func`` ``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``vmap``; a parameter temperature (its gradient and an
-optimiser step equal kornia's); per-map temperatures; one-pixel axes (normalized: kornia's 0); extreme
-magnitudes (float32 against float64); an empty batch.
+optimiser step equal kornia's, also through ``torch.compile(fullgraph=True)``); per-map temperatures;
+one-pixel axes (normalized: kornia's 0); extreme magnitudes (float32 against float64); an empty batch.
 
 Tolerances, |ours - kornia| <= rtol |kornia| + atol, atol = ATOL_SCALE * max |kornia| (so a tensor of large
 gradients is not held to the absolute error of a tensor of probabilities):
@@ -261,6 +261,25 @@ def test_parameter_temperature_trains_like_kornia(decafa_backend):
     assert k_grad.abs() > 1e-3  # the check can fail: the temperature matters to this loss
     assert_matches(grad, k_grad, dtype, 1, "d loss / d temperature (nn.Parameter)")
     assert_matches(stepped, k_stepped, dtype, 1, "temperature after one SGD step")
+
+
+def test_compiled_module_with_parameter_temperature(decafa_backend):
+    """torch.compile(fullgraph=True) (AOTAutograd, no code generation) of the module with an nn.Parameter
+    temperature: one graph, and values and gradients equal to kornia's eager ones."""
+    device, dtype = setting(decafa_backend)
+    x0 = heatmaps(device=device)
+    results = {}
+    for name, api, dt_ in (("kornia", KORNIA, torch.float64), ("decafa_fast", decafa_nn, dtype)):
+        mod = api.SpatialSoftArgmax2d(nn.Parameter(torch.full((L, 1), 0.6, dtype=dt_, device=device)))
+        run = mod if api is KORNIA else torch.compile(mod, backend="aot_eager", fullgraph=True)
+        x = leaf(x0, dt_)
+        out = run(x)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dt_, device=device).reshape(out.shape))
+        results[name] = (out.detach(), x.grad, mod.temperature.grad)
+    torch._dynamo.reset()
+    for o, k, what, order in zip(results["decafa_fast"], results["kornia"], ("values", "d/dx", "d/dtemperature"),
+                                 (0, 1, 1)):
+        assert_matches(o, k, dtype, order, f"compiled SpatialSoftArgmax2d: {what}")
 
 
 def test_tensor_temperature_gets_its_gradient(decafa_backend):
