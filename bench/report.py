@@ -99,25 +99,28 @@ def format_model_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def model_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Why a model row is slower than the reference, where the run measured it: on CPU the convolutions,
-    which are the same layers with either backend, take most of the time, so the fused ops can move the
-    total by the remaining share at most, and the machine's load moves it as much."""
+    the same layers with either backend, take most of the time, so the fused ops can move the total by the
+    remaining share at most; a gap smaller than the spread of the row's own timed rounds is noise."""
     notes = []
     for r in rows:
         if r.get("suite") != "model" or r.get("speedup") is None or r["speedup"] >= 1.0 or r.get("conv_share") is None:
             continue
         ref = next((q for q in rows if q.get("suite") == "model" and q.get("backend") == "reference"
                     and all(q.get(k) == r.get(k) for k in ("task", "mode", "dtype", "batch"))), {})
-        load = "" if r.get("loadavg_1m") is None else (
-            f" (1-minute load average {r['loadavg_1m']:.1f} during this row, {ref.get('loadavg_1m', float('nan')):.1f}"
-            " during the reference's)")
         gap = 1.0 / r["speedup"] - 1.0  # extra time over the reference, as a fraction of the reference's
         other = 1.0 - r["conv_share"]
-        why = (f"within that share, the size of this machine's run-to-run variation{load}" if gap <= other else
-               f"more than that share, so it comes from the machine{load}, not the ops")
-        notes.append(
-            f"Note: {r['task']} {r['mode']} {r['dtype']} B {r['batch']} {r['backend']} is {r['speedup']:.2f}x the "
-            f"reference: convolutions, the same layers with either backend, take {r['conv_share']:.0%} of its time, "
-            f"so the fused ops can change the other {other:.0%} at most; it is {gap:.0%} slower, {why}.")
+        note = (f"Note: {r['task']} {r['mode']} {r['dtype']} B {r['batch']} {r['backend']} is {r['speedup']:.2f}x the "
+                f"reference: convolutions, the same layers with either backend, take {r['conv_share']:.0%} of its "
+                f"time, so the fused ops can change the other {other:.0%} at most. It is {gap:.0%} slower")
+        spread = [q["median_s"] / q["time_s"] - 1.0 for q in (r, ref) if q.get("median_s") and q.get("time_s")]
+        if gap > other:
+            note += ", more than that share: the difference comes from the machine, not the ops"
+        elif spread and gap <= max(spread):
+            note += (f", less than the spread of the timed rounds themselves (median {max(spread):.0%} above the "
+                     "fastest): noise")
+        if r.get("loadavg_1m") is not None and ref.get("loadavg_1m") is not None:
+            note += f" (1-minute load average {r['loadavg_1m']:.1f} here, {ref['loadavg_1m']:.1f} for the reference)"
+        notes.append(note + ".")
     return notes
 
 

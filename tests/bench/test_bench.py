@@ -111,21 +111,25 @@ def test_device_facts_name_the_machine():
 
 def test_model_notes_say_why_a_cpu_model_row_is_slower():
     """A model row slower than the reference gets a note built from what the run measured: the share of its time
-    in convolutions (the same with either backend) and whether the gap fits in the rest."""
+    in convolutions (the same with either backend), whether the gap fits in the rest, and the rounds' spread."""
     base = dict(suite="model", task="infer", mode="eager", dtype="float32", batch=1)
-    rows = [dict(base, backend="reference", time_s=1.0, conv_share=0.9, loadavg_1m=1.5),
-            dict(base, backend="cpp", time_s=1.03, speedup=1 / 1.03, conv_share=0.91, loadavg_1m=2.5),
+    rows = [dict(base, backend="reference", time_s=1.0, median_s=1.02, conv_share=0.9, loadavg_1m=1.5),
+            dict(base, backend="cpp", time_s=1.03, median_s=1.08, speedup=1 / 1.03, conv_share=0.91, loadavg_1m=2.5),
             dict(base, batch=8, backend="reference", time_s=1.0, conv_share=0.9),
             dict(base, batch=8, backend="cpp", time_s=1.6, speedup=1 / 1.6, conv_share=0.9),
+            dict(base, batch=16, backend="reference", time_s=1.0, median_s=1.01, conv_share=0.8),
+            dict(base, batch=16, backend="cpp", time_s=1.1, median_s=1.11, speedup=1 / 1.1, conv_share=0.8),
             dict(base, batch=4, backend="cpp", time_s=0.5, speedup=2.0, conv_share=0.5),  # faster: no note
             dict(base, batch=2, backend="cpp", time_s=2.0, speedup=0.5)]  # cause not measured: no note
     notes = report.model_notes(rows)
-    assert len(notes) == 2
+    assert len(notes) == 3
     assert "B 1 cpp is 0.97x" in notes[0] and "91% of its time" in notes[0] and "other 9% at most" in notes[0]
-    assert "3% slower, within that share" in notes[0] and "2.5 during this row, 1.5 during the reference's" in notes[0]
+    assert "3% slower, less than the spread of the timed rounds themselves (median 5% above" in notes[0]
+    assert "load average 2.5 here, 1.5 for the reference" in notes[0]
     assert "B 8 cpp is 0.62x" in notes[1] and "60% slower, more than that share" in notes[1]
+    assert "B 16 cpp is 0.91x" in notes[2] and notes[2].endswith("10% slower.")  # within 20%, beyond the spread
     table = report.format_model_table(rows)
-    assert "conv %" in table and table.count("Note:") == 2
+    assert "conv %" in table and table.count("Note:") == 3
 
 
 def test_time_shares_find_the_convolutions():
