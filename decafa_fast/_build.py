@@ -114,7 +114,7 @@ def missing_tool(cuda: bool) -> str | None:
     if not is_ninja_available():
         return "the ninja build tool is missing (`pip install ninja`)"
     if cuda and (CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None):
-        return "no nvcc found for the CUDA kernels (set CUDA_HOME, or FORCE_CUDA=0 for a CPU-only build)"
+        return f"the CUDA kernels need nvcc, which is not in CUDA_HOME={CUDA_HOME!r} (set it to a CUDA toolkit)"
     return None
 
 
