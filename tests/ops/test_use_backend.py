@@ -197,6 +197,30 @@ def test_compile_traces_the_scoped_choice():
     torch.testing.assert_close(cpp_value, ref_value, rtol=1e-5, atol=1e-5)
 
 
+def test_scoped_choice_inside_a_compiled_function():
+    """A use_backend block inside a torch.compile(fullgraph=True) function: the block's op is traced on its
+    backend, the op after it on the thread's, and nothing is left chosen after the call."""
+    graphs: list[set[str]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    def two_backends(x):
+        with ops.use_backend("reference"):
+            inside = ops.soft_argmax(x * 2.0, 0.5, True)
+        return inside, ops.soft_argmax(x, 0.5, True)
+
+    torch._dynamo.reset()
+    t = logits()
+    inside, after = torch.compile(two_backends, backend=record, fullgraph=True)(t)
+    torch._dynamo.reset()
+    assert ops.get_backend() == "auto"
+    assert len(graphs) == 1 and sum("decafa.soft_argmax" in target for target in graphs[0]) == 1, graphs
+    torch.testing.assert_close(inside, ops.soft_argmax(t * 2.0, 0.5, True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, ops.soft_argmax(t, 0.5, True), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------
 # The ONNX export borrows the reference backend through use_backend
 # --------------------------------------------------------------------------------------------------
