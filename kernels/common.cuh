@@ -38,42 +38,14 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_raw(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
-}
+// Every global-memory access of the kernels goes through the helpers below, so that the CPU emulation
+// (kernels/smoke/cpu_emulation.h) can count the bytes each kernel loads and stores (DECAFA_COUNT_LOAD /
+// DECAFA_COUNT_STORE; no-ops on the GPU). Shared memory is accessed directly.
+#ifndef DECAFA_COUNT_LOAD
+#define DECAFA_COUNT_LOAD(bytes) ((void)0)
+#define DECAFA_COUNT_STORE(bytes) ((void)0)
+#endif
 
-template <int V, typename T>
-__device__ __forceinline__ void store_raw(T* p, const Vec<T, V>& x) {
-  *reinterpret_cast<Vec<T, V>*>(p) = x;
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void to_floats(const Vec<T, V>& x, float (&out)[V]) {
-#pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = to_float(x.v[j]);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[V]) {
-  to_floats<V>(load_raw<V>(p), out);
-}
-
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> from_floats(const float (&in)[V]) {
-  Vec<T, V> x;
-#pragma unroll
-  for (int j = 0; j < V; ++j) x.v[j] = from_float<T>(in[j]);
-  return x;
-}
-
-template <int V, typename T>
-__device__ __forceinline__ void store_floats(T* p, const float (&in)[V]) {
-  store_raw<V>(p, from_floats<V, T>(in));
-}
-
-// Streaming (evict-first) loads and stores for data touched once (the embedding, the fusion output, the
-// gradients): they leave L2 to the logits, which the second kernel of each pass reads again.
 template <int Bytes>
 struct Bits;
 template <>
@@ -93,37 +65,91 @@ struct Bits<2> {
   using type = unsigned short;
 };
 
-template <int V, typename T>
-__device__ __forceinline__ Vec<T, V> load_stream(const T* p) {
+// One access of V contiguous elements (V * sizeof(T) <= 16 bytes, aligned to it); `Stream` = evict-first
+// (__ldcs / __stcs) for data touched once.
+template <bool Stream, int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_one(const T* p) {
   using B = typename Bits<sizeof(T) * V>::type;
   static_assert(sizeof(B) == sizeof(Vec<T, V>), "vector size");
+  DECAFA_COUNT_LOAD(sizeof(B));
   union {
     B bits;
     Vec<T, V> vec;
   } u;
-  u.bits = __ldcs(reinterpret_cast<const B*>(p));
+  if constexpr (Stream) {
+    u.bits = __ldcs(reinterpret_cast<const B*>(p));
+  } else {
+    u.bits = *reinterpret_cast<const B*>(p);
+  }
   return u.vec;
 }
 
-template <int V, typename T>
-__device__ __forceinline__ void store_stream(T* p, const Vec<T, V>& x) {
+template <bool Stream, int V, typename T>
+__device__ __forceinline__ void store_one(T* p, const Vec<T, V>& x) {
   using B = typename Bits<sizeof(T) * V>::type;
+  DECAFA_COUNT_STORE(sizeof(B));
   union {
     B bits;
     Vec<T, V> vec;
   } u;
   u.vec = x;
-  __stcs(reinterpret_cast<B*>(p), u.bits);
+  if constexpr (Stream) {
+    __stcs(reinterpret_cast<B*>(p), u.bits);
+  } else {
+    *reinterpret_cast<B*>(p) = u.bits;
+  }
 }
 
-template <int V, typename T>
-__device__ __forceinline__ void load_floats_stream(const T* p, float (&out)[V]) {
-  to_floats<V>(load_stream<V>(p), out);
+// N elements p[0], p[stride], ..., p[(N-1) stride] as floats. stride == 1: 16-byte vector accesses (the
+// caller guarantees the alignment), else N scalar accesses.
+template <bool Stream, int N, typename T>
+__device__ __forceinline__ void load_n(const T* p, int64_t stride, float (&out)[N]) {
+  constexpr int kChunk = (N * sizeof(T) > 16) ? static_cast<int>(16 / sizeof(T)) : N;
+  if (N > 1 && stride == 1) {
+#pragma unroll
+    for (int c = 0; c < N; c += kChunk) {
+      const Vec<T, kChunk> v = load_one<Stream, kChunk>(p + c);
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) out[c + j] = to_float(v.v[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(load_one<Stream, 1>(p + j * stride).v[0]);
+  }
 }
 
-template <int V, typename T>
-__device__ __forceinline__ void store_floats_stream(T* p, const float (&in)[V]) {
-  store_stream<V>(p, from_floats<V, T>(in));
+template <bool Stream, int N, typename T>
+__device__ __forceinline__ void store_n(T* p, int64_t stride, const float (&in)[N]) {
+  constexpr int kChunk = (N * sizeof(T) > 16) ? static_cast<int>(16 / sizeof(T)) : N;
+  if (N > 1 && stride == 1) {
+#pragma unroll
+    for (int c = 0; c < N; c += kChunk) {
+      Vec<T, kChunk> v;
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) v.v[j] = from_float<T>(in[c + j]);
+      store_one<Stream, kChunk>(p + c, v);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      Vec<T, 1> v;
+      v.v[0] = from_float<T>(in[j]);
+      store_one<Stream, 1>(p + j * stride, v);
+    }
+  }
+}
+
+// One element as a float / from a float.
+template <typename T>
+__device__ __forceinline__ float load1(const T* p) {
+  return to_float(load_one<false, 1>(p).v[0]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store1(T* p, float v) {
+  Vec<T, 1> x;
+  x.v[0] = from_float<T>(v);
+  store_one<false, 1>(p, x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,6 +187,29 @@ __device__ __forceinline__ void block_sum(float (&v)[N], float (*scratch)[N]) {
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < N; ++i) v[i] = scratch[32][i];
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Maximum over the block (fmaxf: NaN is skipped here; a NaN still reaches the sums through its own exp).
+// `scratch` is __shared__ float[33]; consecutive calls may reuse it.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = warp_max(lane < num_warps ? scratch[lane] : -INFINITY);
+    if (lane == 0) scratch[32] = v;
+  }
+  __syncthreads();
+  return scratch[32];
 }
 
 // Running softmax statistics of a set of values a_p with pixel coordinates (col_p, row_p):

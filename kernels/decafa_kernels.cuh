@@ -1,16 +1,19 @@
-// Host launchers of the decafa CUDA kernels: a torch-free C++ API (raw device pointers, sizes, a stream).
+// Host launchers of the decafa CUDA kernels: a torch-free C++ API (raw device pointers, sizes, strides, a
+// stream). The math is op contract v2 (README.md here):
+//   s = beta_eff * T in float32, beta_eff = beta_map[b, l] when beta_map is non-null, else beta;
+//   stats (B, L, 2) float32 = (max_p s, sum_p exp(s - max)); Phi = exp(s - max) / sum (never exp(s - lse));
+//   z (B, L, 2) = sum_p Phi (col, row), or each axis mapped to [-1, 1] (a one-pixel axis gives 0);
+//   M (B, 1, H, W) = sum_l Phi; fusion F1..F5 (fusion_layout.h);
+//   backward: g_s = Phi (g_phi - sum_p Phi g_phi), grad_T = beta_eff g_s, grad_beta = sum_p T g_s.
 //
-// Layout: every tensor is dense and row-major (NCHW, contiguous):
-//   logits (B, L, H, W); image (B, Ci, H, W); embedding (B, C, H, W); mask (B, 1, H, W);
-//   z (B, L, 2) as (x, y) = (column, row); lse (B, L) float32; fused (B, channels(mode), H, W).
-// Element type: `DType` (float32, float16, bfloat16) for every tensor except lse and the float32 workspace;
-// all arithmetic accumulates in float32. Pointers must be device pointers; 16-byte alignment enables the
-// vector path (any alignment of the element size works). Nothing is synchronised: work is queued on
-// `stream`, and the launch status (cudaGetLastError) is returned. Zero-sized problems launch nothing.
-// No atomics: results are bitwise reproducible run to run. The math is in notes/kernel_math.md.
-//
-// Fusion `mode` 1..5: F1 = E; F2 = I*M; F3 = I|I*M; F4 = I|I*M|E*M; F5 = I|I*M|E|E*M (channel concat);
-// mode 0 means "no fusion output".
+// Tensors are described by a base pointer and `Strides` in elements: element (n, c, p) of a batch of
+// planes (p = row * W + col) is at data + n*batch + c*channel + p*pixel. NCHW contiguous is
+// {C*H*W, H*W, 1}, channels_last is {C*H*W, 1, C}. Stats, beta_map, the workspaces, the mask M and the
+// per-batch gradients (B, H*W) are dense. Element type: `DType` for T, I, E, z, Phi, M, F and their
+// gradients; float32 for stats, beta_map, grad_beta and the workspaces. All arithmetic is float32.
+// Nothing is synchronised: work is queued on `stream` (on the current device; the caller sets it) and the
+// launch status is returned. Zero-sized problems launch nothing. No atomics: every sum has a fixed
+// order, so results are bitwise reproducible run to run.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -18,19 +21,24 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fusion_layout.h"
+
 namespace decafa_kernels {
+
+using decafa::FusionLayout;
+using decafa::fusion_layout;
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Size in bytes of one element of `dtype`.
 size_t dtype_size(DType dtype);
 
-// Output-channel offset of each fusion segment (-1 when the mode has no such segment) and the total
-// channel count, for mode 0..5 with `image_channels` Ci and `embed_channels` C.
-struct FusionLayout {
-  int image_plain, image_masked, embed_plain, embed_masked, channels;
+// Element strides of a batch of planes: (n, c, p) -> n*batch + c*channel + p*pixel.
+struct Strides {
+  int64_t batch, channel, pixel;
 };
-FusionLayout fusion_layout(int mode, int image_channels, int embed_channels);
+inline Strides nchw_strides(int64_t channels, int64_t hw) { return {channels * hw, hw, 1}; }
+inline Strides nhwc_strides(int64_t channels, int64_t hw) { return {channels * hw, 1, channels}; }
 
 // logits (batch, maps, height, width).
 struct MapShape {
@@ -40,59 +48,83 @@ struct MapShape {
   int width;
 };
 
-// ------------------------------------------------------------------------------------------------
-// Building blocks
-// ------------------------------------------------------------------------------------------------
+// The logits and their inverse temperature.
+struct Logits {
+  const void* data;
+  Strides strides;        // batch, map, pixel
+  float beta;             // used when beta_map is null
+  const float* beta_map;  // (B, L) dense, or null
+};
 
-// One block per (b, l) map: lse (B, L) float32; z (B, L, 2) if non-null; phi = softmax (B, L, H, W) if
-// non-null (the map is then staged in shared memory when it fits, so T is read from HBM once).
-cudaError_t map_forward(DType dtype, MapShape shape, const void* logits, float beta, bool normalized,
-                        float* lse, void* z, void* phi, cudaStream_t stream);
-
-// One block per (b, pixel tile): the mask M = sum_l exp(beta*T - lse_l) (or read from `mask_in`
-// (B, 1, H, W) when non-null; logits and lse are then unused); writes `mask_out` (B, 1, H, W) if
-// non-null and the fusion `fused` if mode != 0. shape.maps is L (unused with mask_in).
-cudaError_t pixel_forward(DType dtype, MapShape shape, const void* logits, const float* lse, float beta,
-                          const void* mask_in, void* mask_out, const void* image, int image_channels,
-                          const void* embed, int embed_channels, int mode, void* fused, cudaStream_t stream);
-
-// Backward of the fusion per (b, pixel tile): grad_image, grad_embed (always written, zeros for a mode
-// without such a segment) and, if grad_mask is non-null, grad_mask (B, H*W) = sum over masked segments
-// of grad_fused * source, stored as float32 when grad_mask_float32, else as `dtype`. M is read from
-// `mask_in` when non-null, else recomputed from logits and lse.
-cudaError_t pixel_backward(DType dtype, MapShape shape, const void* grad_fused, const void* logits,
-                           const float* lse, float beta, const void* mask_in, const void* image,
-                           int image_channels, const void* embed, int embed_channels, int mode, void* grad_image,
-                           void* grad_embed, void* grad_mask, bool grad_mask_float32, cudaStream_t stream);
-
-// One block per (b, l) map: grad_logits = beta * Phi * [(g_p - s) + gx (x_p - zx) + gy (y_p - zy)] with
-// s = sum_p g_p Phi_p. `grad` (g) is either per map (B, L, H, W) when grad_per_map (softmax backward) or
-// per batch (B, H*W) (the mask gradient), stored as float32 when grad_float32 else as `dtype`; null = 0.
-// grad_z (B, L, 2) null = 0. Both null: grad_logits is zero-filled.
-cudaError_t map_backward(DType dtype, MapShape shape, const void* grad, bool grad_per_map, bool grad_float32,
-                         const void* grad_z, const void* logits, const float* lse, float beta, bool normalized,
-                         void* grad_logits, cudaStream_t stream);
+// The sources of the fusion (mode 1..5).
+struct FusionInputs {
+  int mode;
+  const void* image;
+  Strides image_strides;
+  int image_channels;
+  const void* embedding;
+  Strides embedding_strides;
+  int embedding_channels;
+};
 
 // ------------------------------------------------------------------------------------------------
-// Fused ops (what the torch glue calls). They run batch chunks sized so that a chunk's logits stay in
-// L2 between the per-map and the per-pixel kernel; set DECAFA_CUDA_BATCH_CHUNK=n to force n batches
-// per chunk (n <= 0: auto, the default; a huge n: no chunking).
+// Forward: one kernel over the maps (a block per (b, run of maps) reads each map once, holds it on chip,
+// writes stats, z, Phi and one partial mask per run), then, when M or F is wanted, one pixel-tiled kernel
+// (sums the partial masks in a fixed order, writes M, reads I and E once, writes F).
 // ------------------------------------------------------------------------------------------------
 
-// Statistics, mask and fusion: lse always; z, mask_out (B, 1, H, W) and fused (mode != 0) when non-null.
-cudaError_t head_forward(DType dtype, MapShape shape, const void* logits, const void* image, int image_channels,
-                         const void* embed, int embed_channels, int mode, float beta, bool normalized, float* lse,
-                         void* z, void* mask_out, void* fused, cudaStream_t stream);
+// Floats of workspace head_forward needs for the partial masks (B * runs * H * W on the current device).
+size_t head_forward_workspace_floats(MapShape shape);
+
+// stats always; z (B, L, 2) dense, phi (B, L, H, W) NCHW contiguous, mask (B, 1, H, W) and the fusion
+// (`fusion` non-null, written to `fused` with `fused_strides`) when their pointers are non-null.
+// `workspace` (head_forward_workspace_floats) is needed when mask or fusion is.
+cudaError_t head_forward(DType dtype, MapShape shape, Logits logits, bool normalized, float* stats, void* z,
+                         void* phi, void* mask, const FusionInputs* fusion, void* fused, Strides fused_strides,
+                         float* workspace, cudaStream_t stream);
+
+// F from I, E and a given mask (B, 1, H, W) dense: the op `fuse`. shape.maps is unused.
+cudaError_t fuse_forward(DType dtype, MapShape shape, const void* mask, const FusionInputs& fusion, void* fused,
+                         Strides fused_strides, cudaStream_t stream);
+
+// ------------------------------------------------------------------------------------------------
+// Backward: one pixel-tiled kernel over grad F, I, E, M (grad I, grad E, grad M), one kernel over the
+// maps (a block per (b, run of maps), the run's mask gradient held on chip) for grad T and grad beta.
+// ------------------------------------------------------------------------------------------------
+
+// grad_image, grad_embedding (with their strides; zeros for a source F does not contain) and grad_mask
+// (B, H*W) dense, float32 when grad_mask_float32 else `dtype`, null to skip) from grad_fused and the mask
+// (B, 1, H, W) dense.
+cudaError_t fuse_backward(DType dtype, MapShape shape, const void* grad_fused, Strides grad_fused_strides,
+                          const void* mask, const FusionInputs& fusion, void* grad_image, Strides grad_image_strides,
+                          void* grad_embedding, Strides grad_embedding_strides, void* grad_mask,
+                          bool grad_mask_float32, cudaStream_t stream);
+
+// The incoming gradient of Phi: per map (B, L, H, W) with strides (softmax backward), or one per batch
+// element (B, H*W) dense shared by its maps (the mask gradient); float32 or `dtype`; null data = 0.
+struct PhiGrad {
+  const void* data;
+  bool per_map;
+  bool float32;
+  Strides strides;  // per_map only
+};
+
+// grad_logits (B, L, H, W) NCHW contiguous and grad_beta (B, L) float32, from the gradient of Phi and
+// grad_z (B, L, 2) dense (null = 0).
+cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const float* stats, bool normalized,
+                          PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,
+                          cudaStream_t stream);
 
 // Floats of workspace head_backward needs: B * H * W (the float32 mask gradient).
 size_t head_backward_workspace_floats(MapShape shape);
 
-// Backward of head_forward: grad_logits, grad_image, grad_embed from grad_z (B, L, 2) and grad_fused,
-// either of which may be null (= zero). `workspace` holds head_backward_workspace_floats(shape) floats.
-cudaError_t head_backward(DType dtype, MapShape shape, const void* grad_z, const void* grad_fused,
-                          const void* logits, const void* image, int image_channels, const void* embed,
-                          int embed_channels, const float* lse, int mode, float beta, bool normalized,
-                          void* grad_logits, void* grad_image, void* grad_embed, float* workspace,
-                          cudaStream_t stream);
+// Backward of head_forward with fusion: fuse_backward into the float32 workspace, then maps_backward.
+// grad_z / grad_fused may be null (= 0). grad_logits NCHW contiguous; grad_image / grad_embedding with
+// their strides.
+cudaError_t head_backward(DType dtype, MapShape shape, Logits logits, const float* stats, bool normalized,
+                          const void* grad_z, const void* grad_fused, Strides grad_fused_strides, const void* mask,
+                          const FusionInputs& fusion, void* grad_logits, float* grad_beta, void* grad_image,
+                          Strides grad_image_strides, void* grad_embedding, Strides grad_embedding_strides,
+                          float* workspace, cudaStream_t stream);
 
 }  // namespace decafa_kernels

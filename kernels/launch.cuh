@@ -37,13 +37,27 @@ inline int threads_for(int64_t n, int max_threads) {
   return static_cast<int>(t < 32 ? 32 : (t > max_threads ? max_threads : t));
 }
 
-// Largest map (bytes) that a per-map kernel stages in dynamic shared memory: what one block may opt in
-// to, but leaving room for two blocks per multiprocessor (and the static reduction scratch).
-inline size_t staging_limit(const DeviceInfo& dev) {
-  const int half_sm = dev.smem_per_sm / 2;
-  const int limit = (dev.smem_optin < half_sm ? dev.smem_optin : half_sm) - 2048;
-  return limit > 0 ? static_cast<size_t>(limit) : 0;
-}
+// Maps per thread-held tile of the on-chip map kernels: each thread keeps kMapValues values of a map (and
+// of the run's partial mask / mask gradient) in registers; a block has at most kMapThreads threads, so
+// maps of up to kMapThreads * kMapValues pixels (128 x 128) are held on chip, larger ones streamed.
+constexpr int kMapThreads = 1024;
+constexpr int kMapValues = 16;
+constexpr int64_t kOnChipPixels = static_cast<int64_t>(kMapThreads) * kMapValues;
+
+// Runs of maps per batch element for the per-map kernels: enough blocks for two per multiprocessor, never
+// more than the maps. Each run writes (forward) or reads (backward) one H*W float32 plane, so few runs
+// keep the extra traffic small at the large batches that matter. DECAFA_CUDA_RUNS=n forces n.
+int map_runs(MapShape shape, const DeviceInfo& dev);
+
+// The two halves of every op (stats.cu, fusion.cu); the public launchers (head.cu) chain them.
+// maps_forward: stats, z, phi and the `runs` partial masks per batch element (partial may be null).
+cudaError_t maps_forward(DType dtype, MapShape shape, const Logits& logits, bool normalized, float* stats, void* z,
+                         void* phi, float* partial, int runs, cudaStream_t stream);
+// pixels_forward: the mask from `runs` partial masks (or from mask_in when partial is null), written to
+// mask_out when non-null, and the fusion when `fusion` is non-null.
+cudaError_t pixels_forward(DType dtype, MapShape shape, const float* partial, int runs, const void* mask_in,
+                           void* mask_out, const FusionInputs* fusion, void* fused, Strides fused_strides,
+                           cudaStream_t stream);
 
 }  // namespace detail
 }  // namespace decafa_kernels

@@ -1,168 +1,420 @@
-// Per-map kernels: one block per (b, l) map of H*W pixels.
-//   map_forward_kernel:  lse, z (soft-argmax) and optionally Phi, with an online softmax in one read of T.
-//   map_backward_kernel: the softmax / soft-argmax / mask gradient, two sweeps over the map (the map is
-//                        staged in shared memory when it fits, so T comes from HBM once).
+// Per-map kernels: one block per (b, run of consecutive maps of b), the maps of a run in turn.
+//   maps_forward:  s = beta_eff T; max; sum exp(s - max) and the two coordinate moments; z; Phi when asked;
+//                  and the run's partial mask sum_{l in run} Phi_l, written once at the end of the run.
+//   maps_backward: Phi = exp(s - max) / sum from the saved stats; g_phi = g + grad_z . coord;
+//                  S = sum Phi g_phi; g_s = Phi (g_phi - S); grad_T = beta_eff g_s; grad_beta = sum T g_s.
+// On chip (H*W <= kOnChipPixels, 128 x 128): each thread keeps its pixels of the current map, of the run's
+// partial mask and of the run's mask gradient in registers, so T is read from memory exactly once and the
+// mask gradient once per run. Larger maps are streamed: the map is read twice (stats, then Phi) and the
+// partial mask is accumulated in the workspace.
 #include <climits>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "launch.cuh"
 
 namespace decafa_kernels {
 namespace detail {
+
+int map_runs(MapShape shape, const DeviceInfo& dev) {
+  int64_t runs = ceil_div(2 * static_cast<int64_t>(dev.sm_count), shape.batch > 0 ? shape.batch : 1);
+  if (const char* env = std::getenv("DECAFA_CUDA_RUNS")) {
+    const long long n = std::atoll(env);
+    if (n > 0) runs = n;
+  }
+  if (runs > shape.maps) runs = shape.maps;
+  if (runs < 1) runs = 1;
+  // Equal runs of ceil(L / runs) maps: the last may be shorter, none empty.
+  const int64_t per_run = ceil_div(shape.maps, runs);
+  return static_cast<int>(ceil_div(shape.maps, per_run));
+}
+
 namespace {
 
-constexpr int kMapThreads = 512;
-
-// Output coordinate = offset + scale * pixel index (column for x, row for y).
+// Output coordinate = o + k * pixel index (column for x, row for y).
 struct Coords {
   float ox, kx, oy, ky;
 };
 
 Coords coords_for(int height, int width, bool normalized) {
   if (!normalized) return {0.f, 1.f, 0.f, 1.f};
-  // x_n = -1 + 2 col / (W - 1); a one-pixel axis sits at -1 (torch.linspace(-1, 1, 1) and kornia).
-  return {-1.f, width > 1 ? 2.f / (width - 1) : 0.f, -1.f, height > 1 ? 2.f / (height - 1) : 0.f};
+  // x_n = 2 col / (W - 1) - 1; a one-pixel axis gives 0, its centre (kornia's convention).
+  return {width > 1 ? -1.f : 0.f, width > 1 ? 2.f / (width - 1) : 0.f, height > 1 ? -1.f : 0.f,
+          height > 1 ? 2.f / (height - 1) : 0.f};
 }
 
-// Each thread walks vectors i = threadIdx.x, +blockDim.x, ... of V pixels, keeping running softmax stats
-// (max, sum, and the two exp-weighted coordinate sums, rescaled when the max grows); the block merges them.
+// The maps of a block: batch element b, maps [first, last).
+struct Run {
+  int64_t b;
+  int run, first, last;
+};
+
+__device__ __forceinline__ Run run_of_block(int runs, int per_run, int maps) {
+  Run r;
+  r.b = blockIdx.x / runs;
+  r.run = static_cast<int>(blockIdx.x - r.b * runs);
+  r.first = r.run * per_run;
+  r.last = r.first + per_run < maps ? r.first + per_run : maps;
+  return r;
+}
+
+template <typename T>
+struct ForwardArgs {
+  const T* logits;
+  Strides ts;  // batch, map, pixel
+  float beta;
+  const float* beta_map;
+  int maps, hw, width, runs, per_run;
+  Coords co;
+  float* stats;
+  T* z;
+  T* phi;
+  float* partial;  // (B, runs, hw) or null
+};
+
+template <typename T>
+__device__ __forceinline__ void write_map_outputs(const ForwardArgs<T>& a, int64_t map, float mx, float sum, float sx,
+                                                  float sy) {
+  store1(a.stats + 2 * map, mx);
+  store1(a.stats + 2 * map + 1, sum);
+  if (a.z != nullptr) {
+    store1(a.z + 2 * map, a.co.ox + a.co.kx * (sx / sum));
+    store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (sy / sum));
+  }
+}
+
+// A per-map value loaded by thread 0 and handed to the block through shared memory: one load per block
+// instead of one per thread. Two slots by map parity: a slot is rewritten only after every thread has
+// passed the next map's barrier, so after its read. Call from all threads.
+template <typename C, typename Load>
+__device__ __forceinline__ C broadcast(C (&slots)[2], int l, Load load) {
+  if (threadIdx.x == 0) slots[l & 1] = load();
+  __syncthreads();
+  return slots[l & 1];
+}
+
+// Vector k (of K) of this thread in the on-chip kernels: interleaved over the block when V > 1 (a warp access
+// is one contiguous run), a contiguous run of K pixels per thread on the scalar path (V == 1), whose pixel
+// coordinates then simply advance by one (K hoisted divisions would spill registers).
+template <int V, int K>
+__device__ __forceinline__ int vec_index(int k) {
+  return V > 1 ? static_cast<int>(threadIdx.x + k * blockDim.x) : static_cast<int>(threadIdx.x * K + k);
+}
+
+// Elements between consecutive vectors of a thread, in pixels.
+template <int V>
+__device__ __forceinline__ int64_t vec_step() {
+  return V > 1 ? static_cast<int64_t>(blockDim.x) * V : 1;
+}
+
+// The coordinates of the thread's first pixel on the scalar path (V == 1); the vector path sets them per vector.
+template <int V, int K>
+__device__ __forceinline__ void first_pixel(int width, int& col, int& row) {
+  col = row = 0;
+  if (V == 1) pixel_of(vec_index<V, K>(0), width, col, row);
+}
+
+// The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
 template <typename T, int V>
-__global__ void __launch_bounds__(kMapThreads)
-    map_forward_kernel(const T* __restrict__ logits, int hw, int width, float beta, Coords co,
-                       float* __restrict__ lse, T* __restrict__ z, T* __restrict__ phi, bool staged) {
+__global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
+  constexpr int K = kMapValues / V;
+  // The run's partial mask, H*W floats in dynamic shared memory (the registers hold the map); each thread
+  // only touches its own pixels, so no barrier guards it.
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ SoftStats scratch[33];
-  T* stage = reinterpret_cast<T*>(smem_raw);
+  float* mask = reinterpret_cast<float*>(smem_raw);
+  __shared__ float max_scratch[33];
+  __shared__ float sum_scratch[33][3];
+  __shared__ float beta_slots[2];
+  const Run r = run_of_block(a.runs, a.per_run, a.maps);
+  const int nvec = a.hw / V;
 
-  const int64_t map = blockIdx.x;
-  const T* src = logits + map * hw;
-  const int num_vec = hw / V;
-
-  SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
-#pragma unroll 4
-  for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
-    const Vec<T, V> raw = load_raw<V>(src + i * V);
-    if (staged) store_raw<V>(stage + i * V, raw);  // read back by this same thread below
-    float a[V];
-    to_floats<V>(raw, a);
-    float m = st.m;
+  for (int l = r.first; l < r.last; ++l) {
+    const int64_t map = r.b * a.maps + l;
+    const float beta = a.beta_map == nullptr
+                           ? a.beta
+                           : broadcast(beta_slots, l, [&] { return load1(a.beta_map + map); });
+    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    float s[K][V];
+    float mx = -INFINITY;
+    // one running pointer instead of K 64-bit addresses (registers)
+    const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
+    const int64_t step = vec_step<V>() * a.ts.pixel;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      a[j] *= beta;
-      m = fmaxf(m, a[j]);  // fmaxf skips NaN; a NaN still reaches s through its own exp below
+    for (int k = 0; k < K; ++k, q += step) {
+      const int i = vec_index<V, K>(k);
+      if (i < nvec) {
+        load_n<true, V>(q, a.ts.pixel, s[k]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          s[k][j] *= beta;
+          mx = fmaxf(mx, s[k][j]);
+        }
+      }
     }
-    const float f = rescale(st.m, m);
-    st.s *= f;
-    st.sx *= f;
-    st.sy *= f;
-    st.m = m;
+    mx = block_max(mx, max_scratch);
+    float acc[3] = {0.f, 0.f, 0.f};  // sum, sum * col, sum * row
     int col, row;
-    pixel_of(i * V, width, col, row);
+    first_pixel<V, K>(a.width, col, row);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      // a == m == -inf would give exp(nan); an all -inf map ends as lse = -inf, z = nan (like torch).
-      const float e = a[j] == -INFINITY ? 0.f : __expf(a[j] - m);
-      st.s += e;
-      st.sx += e * static_cast<float>(col);
-      st.sy += e * static_cast<float>(row);
-      next_pixel(width, col, row);
+    for (int k = 0; k < K; ++k) {
+      const int i = vec_index<V, K>(k);
+      if (V > 1) pixel_of(i * V, a.width, col, row);
+      if (i < nvec) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float e = __expf(s[k][j] - mx);
+          s[k][j] = e;
+          acc[0] += e;
+          acc[1] += e * static_cast<float>(col);
+          acc[2] += e * static_cast<float>(row);
+          next_pixel(a.width, col, row);
+        }
+      }
+    }
+    block_sum<3>(acc, sum_scratch);
+    const float sum = acc[0];
+    if (threadIdx.x == 0) write_map_outputs(a, map, mx, sum, acc[1], acc[2]);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = vec_index<V, K>(k);
+      if (i < nvec) {
+        float p[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) p[j] = s[k][j] / sum;
+        if (a.partial != nullptr) {
+          float* mine = mask + i * V;
+#pragma unroll
+          for (int j = 0; j < V; ++j) mine[j] = l == r.first ? p[j] : mine[j] + p[j];
+        }
+        if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+      }
     }
   }
-  const SoftStats total = block_merge(st, scratch);
-  const float map_lse = total.m + __logf(total.s);
-  if (threadIdx.x == 0) {
-    lse[map] = map_lse;
-    if (z != nullptr) {
-      z[2 * map] = from_float<T>(co.ox + co.kx * (total.sx / total.s));
-      z[2 * map + 1] = from_float<T>(co.oy + co.ky * (total.sy / total.s));
-    }
-  }
-  if (phi != nullptr) {
-    const T* again = staged ? stage : src;  // unstaged: the block's own map, just read, comes from L2
-    T* dst = phi + map * hw;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
-      float a[V];
-      load_floats<V>(again + i * V, a);
+  if (a.partial == nullptr) return;
+  float* out = a.partial + (r.b * a.runs + r.run) * a.hw;
 #pragma unroll
-      for (int j = 0; j < V; ++j) a[j] = __expf(beta * a[j] - map_lse);
-      store_floats_stream<V>(dst + i * V, a);
+  for (int k = 0; k < K; ++k) {
+    const int i = vec_index<V, K>(k);
+    if (i < nvec) {
+      float v[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = mask[i * V + j];
+      store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, v);
     }
   }
 }
 
-// grad_logits = beta * Phi * [(g_p - s) + gx (col - zx) + gy (row - zy)], s = sum g Phi, (zx, zy) = sum Phi
-// (col, row); gx, gy already carry the coordinate scale (normalised: x_n - zx_n = kx (col - zx)).
-// Phi = exp(beta T - lse) is renormalised by its sum S, taken in sweep 1: lse is a rounded float32, and for
-// |beta T| ~ 40 that alone makes S drift from 1 by ~1e-6, biasing z by ~1e-6 * col and so the gradient.
-template <typename T, typename G, int V>
-__global__ void __launch_bounds__(kMapThreads)
-    map_backward_kernel(const T* __restrict__ logits, const float* __restrict__ lse, int maps, int hw, int width,
-                        float beta, const G* __restrict__ grad, bool grad_per_map, const T* __restrict__ grad_z,
-                        float kx, float ky, T* __restrict__ grad_logits, bool staged) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float scratch[33][4];
-  T* stage = reinterpret_cast<T*>(smem_raw);
-
-  const int64_t map = blockIdx.x;
-  const int64_t b = map / maps;
-  const T* src = logits + map * hw;
-  const G* g = grad == nullptr ? nullptr : grad + (grad_per_map ? map : b) * hw;
-  const bool want_z = grad_z != nullptr;
-  const float map_lse = lse[map];
-  const int num_vec = hw / V;
-
-  // Sweep 1: s = sum g Phi and the coordinates z = sum Phi (col, row).
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 2
-  for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
-    const Vec<T, V> raw = load_raw<V>(src + i * V);
-    if (staged) store_raw<V>(stage + i * V, raw);
-    float a[V];
-    to_floats<V>(raw, a);
-    float gv[V];
-    if (g != nullptr) load_floats<V>(g + i * V, gv);
-    int col, row;
-    pixel_of(i * V, width, col, row);
+// Maps too large to hold: online statistics in one sweep, then Phi and the partial mask in a second.
+template <typename T, int V>
+__global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs<T> a) {
+  __shared__ SoftStats scratch[33];
+  __shared__ float beta_slots[2];
+  const Run r = run_of_block(a.runs, a.per_run, a.maps);
+  const int nvec = a.hw / V;
+  for (int l = r.first; l < r.last; ++l) {
+    const int64_t map = r.b * a.maps + l;
+    const float beta = a.beta_map == nullptr
+                           ? a.beta
+                           : broadcast(beta_slots, l, [&] { return load1(a.beta_map + map); });
+    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      float s[V];
+      load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, s);
+      float m = st.m;
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float p = __expf(beta * a[j] - map_lse);
-      acc[3] += p;
-      if (g != nullptr) acc[0] += gv[j] * p;
-      if (want_z) {
-        acc[1] += p * static_cast<float>(col);
-        acc[2] += p * static_cast<float>(row);
+      for (int j = 0; j < V; ++j) {
+        s[j] *= beta;
+        m = fmaxf(m, s[j]);
       }
-      next_pixel(width, col, row);
+      const float f = rescale(st.m, m);
+      st = {m, st.s * f, st.sx * f, st.sy * f};
+      int col, row;
+      pixel_of(i * V, a.width, col, row);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float e = s[j] == -INFINITY ? 0.f : __expf(s[j] - m);
+        st.s += e;
+        st.sx += e * static_cast<float>(col);
+        st.sy += e * static_cast<float>(row);
+        next_pixel(a.width, col, row);
+      }
+    }
+    const SoftStats total = block_merge(st, scratch);
+    if (threadIdx.x == 0) write_map_outputs(a, map, total.m, total.s, total.sx, total.sy);
+    float* part = a.partial == nullptr ? nullptr : a.partial + (r.b * a.runs + r.run) * a.hw;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      float p[V];
+      load_n<true, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, p);
+#pragma unroll
+      for (int j = 0; j < V; ++j) p[j] = __expf(beta * p[j] - total.m) / total.s;
+      if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+      if (part != nullptr) {  // this thread's own pixels: no other thread touches them
+        float acc[V];
+        if (l == r.first) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] = p[j];
+        } else {
+          load_n<false, V>(part + static_cast<int64_t>(i) * V, 1, acc);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] += p[j];
+        }
+        store_n<false, V>(part + static_cast<int64_t>(i) * V, 1, acc);
+      }
     }
   }
-  block_sum<4>(acc, scratch);
-  const float inv_sum = 1.f / acc[3];
-  const float s = acc[0] * inv_sum, zx = acc[1] * inv_sum, zy = acc[2] * inv_sum;
-  const float gx = want_z ? to_float(grad_z[2 * map]) * kx : 0.f;
-  const float gy = want_z ? to_float(grad_z[2 * map + 1]) * ky : 0.f;
+}
 
-  // Sweep 2: the gradient, from the staged map (or L2).
-  const T* again = staged ? stage : src;
-  T* dst = grad_logits + map * hw;
-#pragma unroll 2
-  for (int i = threadIdx.x; i < num_vec; i += blockDim.x) {
-    float a[V];
-    load_floats<V>(again + i * V, a);
-    float gv[V];
-    if (g != nullptr) load_floats<V>(g + i * V, gv);
-    int col, row;
-    pixel_of(i * V, width, col, row);
-    float out[V];
+template <typename T, typename G>
+struct BackwardArgs {
+  const T* logits;
+  Strides ts;
+  float beta;
+  const float* beta_map;
+  const float* stats;
+  int maps, hw, width, runs, per_run;
+  Coords co;
+  const G* grad;  // null = 0
+  Strides gs;     // per map: batch, map, pixel; per batch: batch, -, pixel
+  const T* grad_z;
+  T* grad_logits;  // NCHW contiguous
+  float* grad_beta;
+};
+
+// Per-map constants of the backward.
+struct MapBackward {
+  float beta, mx, sum, gzx, gzy;
+};
+
+template <typename T, typename G>
+__device__ __forceinline__ MapBackward map_backward_constants(const BackwardArgs<T, G>& a, int64_t map) {
+  MapBackward c;
+  c.beta = a.beta_map != nullptr ? load1(a.beta_map + map) : a.beta;
+  c.mx = load1(a.stats + 2 * map);
+  c.sum = load1(a.stats + 2 * map + 1);
+  c.gzx = a.grad_z != nullptr ? load1(a.grad_z + 2 * map) : 0.f;
+  c.gzy = a.grad_z != nullptr ? load1(a.grad_z + 2 * map + 1) : 0.f;
+  return c;
+}
+
+// Phi = exp(s - max) / sum from the saved stats.
+__device__ __forceinline__ float phi_of(float t, const MapBackward& c) { return __expf(c.beta * t - c.mx) / c.sum; }
+
+// g_phi at (col, row): the incoming gradient of Phi plus grad_z . coordinate.
+__device__ __forceinline__ float g_phi(float g, const MapBackward& c, const Coords& co, int col, int row) {
+  return g + c.gzx * (co.ox + co.kx * static_cast<float>(col)) + c.gzy * (co.oy + co.ky * static_cast<float>(row));
+}
+
+template <typename T, typename G, int V, bool PerMap>
+__global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs<T, G> a) {
+  constexpr int K = kMapValues / V;
+  __shared__ float scratch[33][1];
+  __shared__ MapBackward slots[2];
+  const Run r = run_of_block(a.runs, a.per_run, a.maps);
+  const int nvec = a.hw / V;
+  float g[K][V];  // per batch: the run's mask gradient, read once
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float p = __expf(beta * a[j] - map_lse) * inv_sum;
-      float d = gx * (static_cast<float>(col) - zx) + gy * (static_cast<float>(row) - zy) - s;
-      if (g != nullptr) d += gv[j];
-      out[j] = beta * p * d;
-      next_pixel(width, col, row);
+  for (int k = 0; k < K; ++k) {
+    const int i = vec_index<V, K>(k);
+#pragma unroll
+    for (int j = 0; j < V; ++j) g[k][j] = 0.f;
+    if (!PerMap && a.grad != nullptr && i < nvec)
+      load_n<false, V>(a.grad + r.b * a.gs.batch + static_cast<int64_t>(i) * V * a.gs.pixel, a.gs.pixel, g[k]);
+  }
+  for (int l = r.first; l < r.last; ++l) {
+    const int64_t map = r.b * a.maps + l;
+    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    float t[K][V];  // Phi is recomputed in the second loop: one more exp is cheaper than 32 registers
+    float acc[1] = {0.f};  // S = sum Phi g_phi
+    int col, row;
+    first_pixel<V, K>(a.width, col, row);
+    const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
+    const int64_t step = vec_step<V>() * a.ts.pixel;
+#pragma unroll
+    for (int k = 0; k < K; ++k, q += step) {
+      const int i = vec_index<V, K>(k);
+      if (i < nvec) {
+        load_n<true, V>(q, a.ts.pixel, t[k]);
+        if (PerMap && a.grad != nullptr)
+          load_n<true, V>(a.grad + r.b * a.gs.batch + l * a.gs.channel + static_cast<int64_t>(i) * V * a.gs.pixel,
+                          a.gs.pixel, g[k]);
+        if (V > 1) pixel_of(i * V, a.width, col, row);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          acc[0] += phi_of(t[k][j], c) * g_phi(g[k][j], c, a.co, col, row);
+          next_pixel(a.width, col, row);
+        }
+      }
     }
-    store_floats_stream<V>(dst + i * V, out);
+    block_sum<1>(acc, scratch);
+    const float S = acc[0];
+    float gb[1] = {0.f};  // grad_beta = sum T g_s
+    T* dst = a.grad_logits + map * a.hw;
+    first_pixel<V, K>(a.width, col, row);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = vec_index<V, K>(k);
+      if (V > 1) pixel_of(i * V, a.width, col, row);
+      if (i < nvec) {
+        float out[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float gs = phi_of(t[k][j], c) * (g_phi(g[k][j], c, a.co, col, row) - S);
+          gb[0] += t[k][j] * gs;
+          out[j] = c.beta * gs;
+          next_pixel(a.width, col, row);
+        }
+        store_n<true, V>(dst + static_cast<int64_t>(i) * V, 1, out);
+      }
+    }
+    block_sum<1>(gb, scratch);
+    if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
+  }
+}
+
+// Maps too large to hold: two sweeps per map (S, then the gradient), T and g read in each.
+template <typename T, typename G, int V, bool PerMap>
+__global__ void __launch_bounds__(kMapThreads) maps_backward_streamed(BackwardArgs<T, G> a) {
+  __shared__ float scratch[33][1];
+  __shared__ MapBackward slots[2];
+  const Run r = run_of_block(a.runs, a.per_run, a.maps);
+  const int nvec = a.hw / V;
+  for (int l = r.first; l < r.last; ++l) {
+    const int64_t map = r.b * a.maps + l;
+    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
+    float acc[1] = {0.f}, gb[1] = {0.f};
+    for (int sweep = 0; sweep < 2; ++sweep) {
+      const float S = acc[0];
+      for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+        float t[V], g[V];
+        load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, t);
+#pragma unroll
+        for (int j = 0; j < V; ++j) g[j] = 0.f;
+        if (gsrc != nullptr) load_n<false, V>(gsrc + static_cast<int64_t>(i) * V * a.gs.pixel, a.gs.pixel, g);
+        int col, row;
+        pixel_of(i * V, a.width, col, row);
+        float out[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float ph = phi_of(t[j], c);
+          const float gp = g_phi(g[j], c, a.co, col, row);
+          if (sweep == 0) {
+            acc[0] += ph * gp;
+          } else {
+            const float gs = ph * (gp - S);
+            gb[0] += t[j] * gs;
+            out[j] = c.beta * gs;
+          }
+          next_pixel(a.width, col, row);
+        }
+        if (sweep == 1) store_n<true, V>(a.grad_logits + map * a.hw + static_cast<int64_t>(i) * V, 1, out);
+      }
+      block_sum<1>(sweep == 0 ? acc : gb, scratch);
+    }
+    if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
   }
 }
 
@@ -173,104 +425,109 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int V>
-cudaError_t run_map_forward(int64_t maps, int hw, int width, float beta, Coords co, const T* logits, float* lse,
-                            T* z, T* phi, bool staged, cudaStream_t stream) {
-  const size_t smem = staged ? static_cast<size_t>(hw) * sizeof(T) : 0;
-  auto kernel = map_forward_kernel<T, V>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const int threads = threads_for(hw / V, kMapThreads);
-  kernel<<<static_cast<unsigned>(maps), threads, smem, stream>>>(logits, hw, width, beta, co, lse, z, phi, staged);
-  return cudaGetLastError();
+// Threads of a per-map block: enough for the map's vectors (K per thread on chip), a multiple of 32.
+int map_threads(int nvec, bool on_chip, int V) {
+  const int64_t per_thread = on_chip ? kMapValues / V : 1;
+  return threads_for(ceil_div(nvec, per_thread), kMapThreads);
 }
 
 template <typename T>
-cudaError_t map_forward_t(MapShape shape, const T* logits, float beta, bool normalized, float* lse, T* z, T* phi,
-                          cudaStream_t stream) {
-  const int64_t maps = shape.batch * shape.maps;
-  const int64_t hw64 = static_cast<int64_t>(shape.height) * shape.width;
-  if (maps == 0 || hw64 == 0) return cudaSuccess;
-  if (maps > INT_MAX || hw64 > INT_MAX) return cudaErrorInvalidValue;
-  const int hw = static_cast<int>(hw64);
-  DeviceInfo dev;
-  cudaError_t err = device_info(&dev);
-  if (err != cudaSuccess) return err;
+cudaError_t maps_forward_t(MapShape shape, const Logits& lg, bool normalized, float* stats, T* z, T* phi,
+                           float* partial, int runs, cudaStream_t stream) {
+  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
+  const int per_run = static_cast<int>(ceil_div(shape.maps, runs));
+  const int64_t blocks = shape.batch * runs;
+  if (blocks > INT_MAX || hw > INT_MAX / 2) return cudaErrorInvalidValue;
+  ForwardArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps,
+                   static_cast<int>(hw), shape.width, runs, per_run, coords_for(shape.height, shape.width, normalized),
+                   stats, z, phi, partial};
   constexpr int kVec = vec_width(sizeof(T));
-  const bool vec = hw % kVec == 0 && aligned(logits, 16) && aligned(phi, 16);
-  const bool staged = phi != nullptr && static_cast<size_t>(hw) * sizeof(T) <= staging_limit(dev);
-  const Coords co = coords_for(shape.height, shape.width, normalized);
-  if (vec) return run_map_forward<T, kVec>(maps, hw, shape.width, beta, co, logits, lse, z, phi, staged, stream);
-  return run_map_forward<T, 1>(maps, hw, shape.width, beta, co, logits, lse, z, phi, staged, stream);
+  const bool vec = hw % kVec == 0 && lg.strides.pixel == 1 && lg.strides.batch % kVec == 0 &&
+                   lg.strides.channel % kVec == 0 && aligned(lg.data, 16) && aligned(phi, 16) && aligned(partial, 16);
+  const bool on_chip = hw <= kOnChipPixels;
+  const int v = vec ? kVec : 1;
+  const int threads = map_threads(static_cast<int>(hw / v), on_chip, v);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (on_chip) {
+    const size_t smem = partial != nullptr ? static_cast<size_t>(hw) * sizeof(float) : 0;
+    cudaError_t err = vec ? allow_smem(maps_forward_onchip<T, kVec>, smem) : allow_smem(maps_forward_onchip<T, 1>, smem);
+    if (err != cudaSuccess) return err;
+    if (vec) maps_forward_onchip<T, kVec><<<grid, threads, smem, stream>>>(a);
+    else maps_forward_onchip<T, 1><<<grid, threads, smem, stream>>>(a);
+  } else {
+    if (vec) maps_forward_streamed<T, kVec><<<grid, threads, 0, stream>>>(a);
+    else maps_forward_streamed<T, 1><<<grid, threads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
 }
 
-template <typename T, typename G, int V>
-cudaError_t run_map_backward(MapShape shape, int hw, const G* grad, bool grad_per_map, const T* grad_z,
-                             const T* logits, const float* lse, float beta, float kx, float ky, T* grad_logits,
-                             bool staged, cudaStream_t stream) {
-  const size_t smem = staged ? static_cast<size_t>(hw) * sizeof(T) : 0;
-  auto kernel = map_backward_kernel<T, G, V>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
-  const int threads = threads_for(hw / V, kMapThreads);
-  const unsigned blocks = static_cast<unsigned>(shape.batch * shape.maps);
-  kernel<<<blocks, threads, smem, stream>>>(logits, lse, shape.maps, hw, shape.width, beta, grad, grad_per_map,
-                                            grad_z, kx, ky, grad_logits, staged);
+template <typename T, typename G, bool PerMap>
+cudaError_t maps_backward_launch(const BackwardArgs<T, G>& a, bool vec, bool on_chip, int64_t blocks,
+                                 cudaStream_t stream) {
+  constexpr int kVec = vec_width(sizeof(T));
+  const int v = vec ? kVec : 1;
+  const int threads = map_threads(a.hw / v, on_chip, v);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (on_chip) {
+    if (vec) maps_backward_onchip<T, G, kVec, PerMap><<<grid, threads, 0, stream>>>(a);
+    else maps_backward_onchip<T, G, 1, PerMap><<<grid, threads, 0, stream>>>(a);
+  } else {
+    if (vec) maps_backward_streamed<T, G, kVec, PerMap><<<grid, threads, 0, stream>>>(a);
+    else maps_backward_streamed<T, G, 1, PerMap><<<grid, threads, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 
 template <typename T, typename G>
-cudaError_t map_backward_t(MapShape shape, const G* grad, bool grad_per_map, const T* grad_z, const T* logits,
-                           const float* lse, float beta, bool normalized, T* grad_logits, cudaStream_t stream) {
-  const int64_t maps = shape.batch * shape.maps;
-  const int64_t hw64 = static_cast<int64_t>(shape.height) * shape.width;
-  if (maps == 0 || hw64 == 0) return cudaSuccess;
-  if (maps > INT_MAX || hw64 > INT_MAX) return cudaErrorInvalidValue;
-  if (grad == nullptr && grad_z == nullptr) {
-    cudaError_t err = cudaMemsetAsync(grad_logits, 0, static_cast<size_t>(maps * hw64) * sizeof(T), stream);
-    return err;
-  }
-  const int hw = static_cast<int>(hw64);
+cudaError_t maps_backward_t(MapShape shape, const Logits& lg, const float* stats, bool normalized, const PhiGrad& gp,
+                            const T* grad_z, T* grad_logits, float* grad_beta, cudaStream_t stream) {
+  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
+  if (hw > INT_MAX / 2) return cudaErrorInvalidValue;
   DeviceInfo dev;
   cudaError_t err = device_info(&dev);
   if (err != cudaSuccess) return err;
+  const int runs = map_runs(shape, dev);
+  const int64_t blocks = shape.batch * runs;
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  const Strides gs = gp.per_map ? gp.strides : Strides{hw, 0, 1};
+  BackwardArgs<T, G> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, stats, shape.maps,
+                       static_cast<int>(hw), shape.width, runs, static_cast<int>(ceil_div(shape.maps, runs)),
+                       coords_for(shape.height, shape.width, normalized), static_cast<const G*>(gp.data), gs,
+                       grad_z, grad_logits, grad_beta};
   constexpr int kVec = vec_width(sizeof(T));
-  const bool vec = hw % kVec == 0 && aligned(logits, 16) && aligned(grad_logits, 16) &&
-                   aligned(grad, kVec * sizeof(G));
-  const bool staged = static_cast<size_t>(hw) * sizeof(T) <= staging_limit(dev);
-  const Coords co = coords_for(shape.height, shape.width, normalized);
-  if (vec)
-    return run_map_backward<T, G, kVec>(shape, hw, grad, grad_per_map, grad_z, logits, lse, beta, co.kx, co.ky,
-                                        grad_logits, staged, stream);
-  return run_map_backward<T, G, 1>(shape, hw, grad, grad_per_map, grad_z, logits, lse, beta, co.kx, co.ky,
-                                   grad_logits, staged, stream);
+  const bool grad_vec = gp.data == nullptr || (gs.pixel == 1 && gs.batch % kVec == 0 &&
+                                               (!gp.per_map || gs.channel % kVec == 0) && aligned(gp.data, 16));
+  const bool vec = hw % kVec == 0 && lg.strides.pixel == 1 && lg.strides.batch % kVec == 0 &&
+                   lg.strides.channel % kVec == 0 && aligned(lg.data, 16) && aligned(grad_logits, 16) && grad_vec;
+  const bool on_chip = hw <= kOnChipPixels;
+  if (gp.per_map) return maps_backward_launch<T, G, true>(a, vec, on_chip, blocks, stream);
+  return maps_backward_launch<T, G, false>(a, vec, on_chip, blocks, stream);
 }
 
 }  // namespace
-}  // namespace detail
 
-cudaError_t map_forward(DType dtype, MapShape shape, const void* logits, float beta, bool normalized, float* lse,
-                        void* z, void* phi, cudaStream_t stream) {
-  DECAFA_DISPATCH(dtype, return detail::map_forward_t<scalar_t>(
-                             shape, static_cast<const scalar_t*>(logits), beta, normalized, lse,
-                             static_cast<scalar_t*>(z), static_cast<scalar_t*>(phi), stream));
+cudaError_t maps_forward(DType dtype, MapShape shape, const Logits& logits, bool normalized, float* stats, void* z,
+                         void* phi, float* partial, int runs, cudaStream_t stream) {
+  DECAFA_DISPATCH(dtype, return maps_forward_t<scalar_t>(shape, logits, normalized, stats, static_cast<scalar_t*>(z),
+                                                         static_cast<scalar_t*>(phi), partial, runs, stream));
   return cudaSuccess;
 }
 
-cudaError_t map_backward(DType dtype, MapShape shape, const void* grad, bool grad_per_map, bool grad_float32,
-                         const void* grad_z, const void* logits, const float* lse, float beta, bool normalized,
-                         void* grad_logits, cudaStream_t stream) {
+}  // namespace detail
+
+cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const float* stats, bool normalized,
+                          PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,
+                          cudaStream_t stream) {
+  if (shape.batch == 0 || shape.maps == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;
   DECAFA_DISPATCH(
       dtype,
-      if (grad_float32) {
-        return detail::map_backward_t<scalar_t, float>(
-            shape, static_cast<const float*>(grad), grad_per_map, static_cast<const scalar_t*>(grad_z),
-            static_cast<const scalar_t*>(logits), lse, beta, normalized, static_cast<scalar_t*>(grad_logits),
-            stream);
-      } return detail::map_backward_t<scalar_t, scalar_t>(
-          shape, static_cast<const scalar_t*>(grad), grad_per_map, static_cast<const scalar_t*>(grad_z),
-          static_cast<const scalar_t*>(logits), lse, beta, normalized, static_cast<scalar_t*>(grad_logits),
-          stream));
+      if (grad_phi.float32) {
+        return detail::maps_backward_t<scalar_t, float>(shape, logits, stats, normalized, grad_phi,
+                                                        static_cast<const scalar_t*>(grad_z),
+                                                        static_cast<scalar_t*>(grad_logits), grad_beta, stream);
+      } return detail::maps_backward_t<scalar_t, scalar_t>(shape, logits, stats, normalized, grad_phi,
+                                                           static_cast<const scalar_t*>(grad_z),
+                                                           static_cast<scalar_t*>(grad_logits), grad_beta, stream));
   return cudaSuccess;
 }
 

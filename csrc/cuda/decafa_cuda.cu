@@ -1,10 +1,12 @@
-// CUDA implementation of the decafa operator library (schemas in decafa_fast/ops/schemas.py): tensor checks,
-// contiguous inputs, the current stream, dtype dispatch to the torch-free launchers in kernels/.
-// Shapes and the math: decafa_fast/ops/schemas.py and kernels/README.md.
+// CUDA implementation of the decafa operator library (op contract v2; schemas in decafa_fast/ops/schemas.py):
+// checks every argument (rank, shapes, dtype, device, layout) with a RuntimeError that names it, reads NCHW
+// and channels_last logits / images / embeddings / incoming gradients in place (any other strides are
+// copied to contiguous first), sets the device guard and calls the torch-free launchers of kernels/ on the
+// current stream. Outputs: F in the memory format of E; phi, M, z, stats and every gradient contiguous.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // the current stream; lighter than ATen/cuda/CUDAContext.h (no cuBLAS/cuSPARSE headers)
+#include <c10/cuda/CUDAStream.h>  // the current stream; lighter than ATen/cuda/CUDAContext.h
 #include <torch/library.h>
 
 #include <climits>
@@ -17,212 +19,259 @@ namespace {
 
 namespace dk = decafa_kernels;
 using at::Tensor;
+using std::optional;
+
+#define DECAFA_CHECK(cond, ...) TORCH_CHECK(cond, "decafa CUDA kernels: ", __VA_ARGS__)
 
 dk::DType dtype_of(const Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat:
-      return dk::DType::kFloat32;
-    case at::kHalf:
-      return dk::DType::kFloat16;
-    case at::kBFloat16:
-      return dk::DType::kBFloat16;
+    case at::kFloat: return dk::DType::kFloat32;
+    case at::kHalf: return dk::DType::kFloat16;
+    case at::kBFloat16: return dk::DType::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "decafa CUDA kernels: ", name, " must be float32, float16 or bfloat16, got ",
-                       t.scalar_type(), " (float64 runs on CPU or with the reference backend)");
+      DECAFA_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type(),
+                   " (float64 runs on CPU or with the reference backend)");
   }
   return dk::DType::kFloat32;  // not reached
 }
 
+// A defined CUDA tensor of the given rank.
 void check_cuda(const Tensor& t, const char* name, int64_t rank) {
-  TORCH_CHECK(t.is_cuda(), "decafa CUDA kernels: ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == rank, "decafa CUDA kernels: ", name, " must have rank ", rank, ", got shape ",
-              t.sizes());
+  DECAFA_CHECK(t.defined(), name, " is undefined");
+  DECAFA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  DECAFA_CHECK(t.dim() == rank, name, " must have rank ", rank, ", got shape ", t.sizes());
 }
 
-// `t` must be on the device of `ref` and have its dtype.
+// On the device of `ref`, with its dtype.
 void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "decafa CUDA kernels: ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "decafa CUDA kernels: ", name, " must have the dtype of ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  DECAFA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+  DECAFA_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+               ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 void check_sizes(const Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, "decafa CUDA kernels: ", name, " must have shape ", expected, ", got ",
-              t.sizes());
+  DECAFA_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
 }
 
 int to_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT_MAX / 2, "decafa CUDA kernels: ", what, " = ", v, " is too large");
+  DECAFA_CHECK(v >= 0 && v <= INT_MAX / 2, what, " = ", v, " is too large for the CUDA kernels");
   return static_cast<int>(v);
-}
-
-// logits (B, L, H, W) as the kernels' shape.
-dk::MapShape map_shape(const Tensor& logits) {
-  const int64_t h = logits.size(2), w = logits.size(3);
-  to_int(h * w, "H*W");
-  return {logits.size(0), to_int(logits.size(1), "L"), to_int(h, "H"), to_int(w, "W")};
-}
-
-// Image/embedding (B, C, H, W) as a MapShape with maps = 0 (the fusion kernels do not need L then).
-dk::MapShape pixel_shape(const Tensor& t) {
-  const int64_t h = t.size(2), w = t.size(3);
-  to_int(h * w, "H*W");
-  return {t.size(0), 0, to_int(h, "H"), to_int(w, "W")};
-}
-
-int check_mode(int64_t mode) {
-  TORCH_CHECK(mode >= 1 && mode <= 5, "decafa CUDA kernels: mode must be 1..5 (F1..F5), got ", mode);
-  return static_cast<int>(mode);
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "decafa CUDA kernels: ", op, " failed: ", cudaGetErrorString(err));
+  DECAFA_CHECK(err == cudaSuccess, op, " failed: ", cudaGetErrorString(err));
 }
 
-// Checks the logits and returns them contiguous.
-Tensor logits_arg(const Tensor& logits) {
+// A (B, C, H, W) tensor as the kernels read it: NCHW or channels_last in place, anything else copied to
+// contiguous. `strides` are in elements over (batch, channel, pixel).
+struct Planes {
+  Tensor t;
+  dk::Strides strides;
+  bool channels_last;
+};
+
+Planes planes(const Tensor& t) {
+  const int64_t c = t.size(1), hw = t.size(2) * t.size(3);
+  if (t.is_contiguous()) return {t, dk::nchw_strides(c, hw), false};
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return {t, dk::nhwc_strides(c, hw), true};
+  return {t.contiguous(), dk::nchw_strides(c, hw), false};
+}
+
+// The logits: (B, L, H, W), float32 / float16 / bfloat16 CUDA, L, H, W >= 1.
+void check_logits(const Tensor& logits) {
   check_cuda(logits, "logits", 4);
   dtype_of(logits, "logits");
-  TORCH_CHECK(logits.size(2) >= 1 && logits.size(3) >= 1 && logits.size(1) >= 1,
-              "decafa CUDA kernels: logits must have L, H, W >= 1, got shape ", logits.sizes());
-  return logits.contiguous();
+  DECAFA_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
+               "logits must have L, H, W >= 1, got shape ", logits.sizes());
+  to_int(logits.size(1), "L");
+  to_int(logits.size(2) * logits.size(3), "H*W");
 }
 
-// The saved log-sum-exp: float32 (B, L) on the logits' device.
-// An optional incoming gradient checked against the logits (dtype, device) and a shape, made contiguous;
+dk::MapShape map_shape(const Tensor& t) {
+  return {t.size(0), static_cast<int>(t.size(1)), static_cast<int>(t.size(2)), static_cast<int>(t.size(3))};
+}
+
+// A small float32 tensor of the logits' device and the given shape (stats, beta_map), made contiguous.
+Tensor float32_arg(const Tensor& t, const char* name, const Tensor& logits, at::IntArrayRef sizes) {
+  DECAFA_CHECK(t.defined(), name, " is undefined");
+  DECAFA_CHECK(t.device() == logits.device(), name, " must be on ", logits.device(), " (the logits' device), got ",
+               t.device());
+  DECAFA_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (the accumulation dtype), got ",
+               t.scalar_type());
+  check_sizes(t, name, sizes);
+  return t.contiguous();
+}
+
+// The logits, their temperature (beta_map (B, L) float32 or the float beta) and the kept tensors.
+struct LogitsArg {
+  Planes planes;
+  Tensor beta_map;
+  dk::Logits view;
+};
+
+LogitsArg logits_arg(const Tensor& logits, double beta, const optional<Tensor>& beta_map_in) {
+  check_logits(logits);
+  LogitsArg a{planes(logits), Tensor(), {}};
+  if (beta_map_in.has_value() && beta_map_in->defined())
+    a.beta_map = float32_arg(*beta_map_in, "beta_map", logits, {logits.size(0), logits.size(1)});
+  a.view = {a.planes.t.data_ptr(), a.planes.strides, static_cast<float>(beta),
+            a.beta_map.defined() ? a.beta_map.data_ptr<float>() : nullptr};
+  return a;
+}
+
+// An optional incoming gradient of the logits' dtype and device with the given shape, made contiguous;
 // undefined when the caller passed None.
-Tensor optional_grad(const std::optional<Tensor>& grad, const char* name, const Tensor& logits,
-                     at::IntArrayRef sizes) {
+Tensor optional_grad(const optional<Tensor>& grad, const char* name, const Tensor& logits, at::IntArrayRef sizes) {
   if (!grad.has_value() || !grad->defined()) return Tensor();
+  DECAFA_CHECK(grad->is_cuda(), name, " must be a CUDA tensor, got one on ", grad->device());
   check_like(*grad, name, logits, "logits");
   check_sizes(*grad, name, sizes);
   return grad->contiguous();
 }
 
-Tensor lse_arg(const Tensor& lse, const Tensor& logits) {
-  TORCH_CHECK(lse.is_cuda() && lse.device() == logits.device(), "decafa CUDA kernels: lse must be on ",
-              logits.device(), ", got ", lse.device());
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "decafa CUDA kernels: lse must be float32, got ",
-                   lse.scalar_type());
-  check_sizes(lse, "lse", {logits.size(0), logits.size(1)});
-  return lse.contiguous();
-}
-
-// A (B, C, H, W) companion of `ref` (same B, H, W, device, dtype), made contiguous.
-Tensor companion_arg(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
+// A (B, C, H, W) companion of `ref` (same B, H, W, device, dtype).
+void check_companion(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
   check_cuda(t, name, 4);
   check_like(t, name, ref, ref_name);
-  TORCH_CHECK(t.size(0) == ref.size(0) && t.size(2) == ref.size(2) && t.size(3) == ref.size(3),
-              "decafa CUDA kernels: ", name, " must match ", ref_name, " in B, H, W (", ref.sizes(), "), got ",
-              t.sizes());
+  DECAFA_CHECK(t.size(0) == ref.size(0) && t.size(2) == ref.size(2) && t.size(3) == ref.size(3), name,
+               " must match ", ref_name, " in B, H, W (", ref.sizes(), "), got ", t.sizes());
   to_int(t.size(1), "channels");
-  return t.contiguous();
 }
 
-int64_t fused_channels(int mode, const Tensor& image, const Tensor& embed) {
-  return dk::fusion_layout(mode, static_cast<int>(image.size(1)), static_cast<int>(embed.size(1))).channels;
+int check_mode(int64_t mode) {
+  DECAFA_CHECK(mode >= 1 && mode <= 5, "mode must be 1..5 (F1..F5), got ", mode);
+  return static_cast<int>(mode);
+}
+
+// The fusion sources: image (B, Ci, H, W), embedding (B, C, H, W), both like `ref`; F's channel count.
+struct FusionArg {
+  Planes image, embed;
+  dk::FusionInputs view;
+  int64_t channels;
+};
+
+FusionArg fusion_arg(const Tensor& image, const Tensor& embed, const Tensor& ref, const char* ref_name, int mode) {
+  check_companion(image, "image", ref, ref_name);
+  check_companion(embed, "embedding", ref, ref_name);
+  FusionArg f{planes(image), planes(embed), {}, 0};
+  const int ci = static_cast<int>(image.size(1)), c = static_cast<int>(embed.size(1));
+  f.view = {mode, f.image.t.data_ptr(), f.image.strides, ci, f.embed.t.data_ptr(), f.embed.strides, c};
+  f.channels = dk::fusion_layout(mode, ci, c).channels;
+  to_int(f.channels, "fused channels");
+  return f;
+}
+
+// F (B, channels, H, W) in the memory format of the embedding as read.
+Tensor empty_fused(const FusionArg& f, dk::Strides* strides) {
+  const Tensor& e = f.embed.t;
+  const int64_t hw = e.size(2) * e.size(3);
+  if (f.embed.channels_last) {
+    *strides = dk::nhwc_strides(f.channels, hw);
+    return at::empty({e.size(0), f.channels, e.size(2), e.size(3)},
+                     e.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  *strides = dk::nchw_strides(f.channels, hw);
+  return at::empty({e.size(0), f.channels, e.size(2), e.size(3)}, e.options());
+}
+
+// A mask (B, 1, H, W) like `ref`, made contiguous.
+Tensor mask_arg(const Tensor& mask, const Tensor& ref, const char* ref_name) {
+  check_companion(mask, "mask", ref, ref_name);
+  DECAFA_CHECK(mask.size(1) == 1, "mask must have 1 channel, got shape ", mask.sizes());
+  return mask.contiguous();
+}
+
+// grad_fused (B, channels, H, W) like `ref`, read in place when NCHW or channels_last.
+Planes grad_fused_arg(const Tensor& grad, const Tensor& ref, const char* ref_name, int64_t channels, int mode) {
+  check_companion(grad, "grad_fused", ref, ref_name);
+  DECAFA_CHECK(grad.size(1) == channels, "grad_fused must have ", channels, " channels for mode ", mode,
+               ", got shape ", grad.sizes());
+  return planes(grad);
 }
 
 // ------------------------------------------------------------------------------------------------
 // Forward ops
 // ------------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor> spatial_softmax_cuda(const Tensor& logits_in, double beta) {
-  const Tensor logits = logits_arg(logits_in);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor phi = at::empty(logits.sizes(), logits.options());
-  Tensor lse = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
-  check_launch(dk::map_forward(dtype_of(logits, "logits"), map_shape(logits), logits.data_ptr(),
-                               static_cast<float>(beta), false, lse.data_ptr<float>(), nullptr, phi.data_ptr(),
-                               current_stream()),
-               "spatial_softmax");
-  return {phi, lse};
-}
-
-// Shared by soft_argmax, attention_mask, landmark_attention and decafa_head.
 struct HeadOutputs {
-  Tensor z, mask, fused, lse;
+  Tensor z, phi, mask, fused, stats;
 };
 
-HeadOutputs head_forward(const Tensor& logits, const Tensor* image, const Tensor* embed, int mode, double beta,
-                         bool normalized, bool want_z, bool want_mask) {
+// Shared by every forward op on the logits. `fusion` null: no F.
+HeadOutputs head_forward(const LogitsArg& lg, const Tensor& logits, const FusionArg* fusion, bool normalized,
+                         bool want_z, bool want_phi, bool want_mask, const char* op) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const dk::MapShape shape = map_shape(logits);
   HeadOutputs out;
-  out.lse = at::empty({b, l}, logits.options().dtype(at::kFloat));
+  out.stats = at::empty({b, l, 2}, logits.options().dtype(at::kFloat));
   if (want_z) out.z = at::empty({b, l, 2}, logits.options());
+  if (want_phi) out.phi = at::empty({b, l, h, w}, logits.options());
   if (want_mask) out.mask = at::empty({b, 1, h, w}, logits.options());
-  int ci = 0, c = 0;
-  if (mode != 0) {
-    ci = static_cast<int>(image->size(1));
-    c = static_cast<int>(embed->size(1));
-    out.fused = at::empty({b, fused_channels(mode, *image, *embed), h, w}, logits.options());
-  }
-  check_launch(dk::head_forward(dtype_of(logits, "logits"), map_shape(logits), logits.data_ptr(),
-                                mode != 0 ? image->data_ptr() : nullptr, ci,
-                                mode != 0 ? embed->data_ptr() : nullptr, c, mode, static_cast<float>(beta),
-                                normalized, out.lse.data_ptr<float>(), want_z ? out.z.data_ptr() : nullptr,
-                                want_mask ? out.mask.data_ptr() : nullptr,
-                                mode != 0 ? out.fused.data_ptr() : nullptr, current_stream()),
-               "decafa head forward");
+  dk::Strides fs{0, 0, 0};
+  if (fusion != nullptr) out.fused = empty_fused(*fusion, &fs);
+  Tensor workspace;
+  if (want_mask || fusion != nullptr)
+    workspace = at::empty({static_cast<int64_t>(dk::head_forward_workspace_floats(shape))},
+                          logits.options().dtype(at::kFloat));
+  check_launch(dk::head_forward(dtype_of(logits, "logits"), shape, lg.view, normalized, out.stats.data_ptr<float>(),
+                                want_z ? out.z.data_ptr() : nullptr, want_phi ? out.phi.data_ptr() : nullptr,
+                                want_mask ? out.mask.data_ptr() : nullptr, fusion ? &fusion->view : nullptr,
+                                fusion ? out.fused.data_ptr() : nullptr, fs,
+                                workspace.defined() ? workspace.data_ptr<float>() : nullptr, current_stream()),
+               op);
   return out;
 }
 
-std::tuple<Tensor, Tensor> soft_argmax_cuda(const Tensor& logits, double beta, bool normalized) {
-  HeadOutputs o = head_forward(logits_arg(logits), nullptr, nullptr, 0, beta, normalized, true, false);
-  return {o.z, o.lse};
+std::tuple<Tensor, Tensor> spatial_softmax_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  HeadOutputs o = head_forward(lg, logits, nullptr, false, false, true, false, "spatial_softmax");
+  return {o.phi, o.stats};
 }
 
-std::tuple<Tensor, Tensor> attention_mask_cuda(const Tensor& logits, double beta) {
-  HeadOutputs o = head_forward(logits_arg(logits), nullptr, nullptr, 0, beta, false, false, true);
-  return {o.mask, o.lse};
+std::tuple<Tensor, Tensor> soft_argmax_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map,
+                                            bool normalized) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  HeadOutputs o = head_forward(lg, logits, nullptr, normalized, true, false, false, "soft_argmax");
+  return {o.z, o.stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> landmark_attention_cuda(const Tensor& logits, double beta, bool normalized) {
-  HeadOutputs o = head_forward(logits_arg(logits), nullptr, nullptr, 0, beta, normalized, true, true);
-  return {o.z, o.mask, o.lse};
+std::tuple<Tensor, Tensor> attention_mask_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  HeadOutputs o = head_forward(lg, logits, nullptr, false, false, false, true, "attention_mask");
+  return {o.mask, o.stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> decafa_head_cuda(const Tensor& logits_in, const Tensor& image_in,
-                                                    const Tensor& embed_in, int64_t mode, double beta,
-                                                    bool normalized) {
-  const Tensor logits = logits_arg(logits_in);
-  const Tensor image = companion_arg(image_in, "image", logits, "logits");
-  const Tensor embed = companion_arg(embed_in, "embedding", logits, "logits");
-  HeadOutputs o = head_forward(logits, &image, &embed, check_mode(mode), beta, normalized, true, false);
-  return {o.z, o.fused, o.lse};
+std::tuple<Tensor, Tensor, Tensor> landmark_attention_cuda(const Tensor& logits, double beta,
+                                                           const optional<Tensor>& beta_map, bool normalized) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  HeadOutputs o = head_forward(lg, logits, nullptr, normalized, true, false, true, "landmark_attention");
+  return {o.z, o.mask, o.stats};
 }
 
-// The checked, contiguous arguments of fuse and fuse_backward.
-struct FuseArgs {
-  Tensor image, embed, mask;
-  int mode;
-};
+std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_cuda(const Tensor& logits, const Tensor& image,
+                                                            const Tensor& embed, int64_t mode, double beta,
+                                                            const optional<Tensor>& beta_map, bool normalized) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const FusionArg f = fusion_arg(image, embed, logits, "logits", check_mode(mode));
+  HeadOutputs o = head_forward(lg, logits, &f, normalized, true, false, true, "decafa_head");
+  return {o.z, o.fused, o.mask, o.stats};
+}
 
-FuseArgs fuse_args(const Tensor& image_in, const Tensor& embed_in, const Tensor& mask_in, int64_t mode_in) {
-  check_cuda(image_in, "image", 4);
-  dtype_of(image_in, "image");
+Tensor fuse_cuda(const Tensor& image, const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
+  check_cuda(image, "image", 4);
+  dtype_of(image, "image");
+  to_int(image.size(2) * image.size(3), "H*W");
   const int mode = check_mode(mode_in);
-  const Tensor image = image_in.contiguous();
-  const Tensor embed = companion_arg(embed_in, "embedding", image, "image");
-  const Tensor mask = companion_arg(mask_in, "mask", image, "image");
-  TORCH_CHECK(mask.size(1) == 1, "decafa CUDA kernels: mask must have 1 channel, got shape ", mask.sizes());
-  return {image, embed, mask, mode};
-}
-
-Tensor fuse_cuda(const Tensor& image_in, const Tensor& embed_in, const Tensor& mask_in, int64_t mode_in) {
-  const FuseArgs args = fuse_args(image_in, embed_in, mask_in, mode_in);
-  const Tensor &image = args.image, &embed = args.embed, &mask = args.mask;
-  const int mode = args.mode;
+  const FusionArg f = fusion_arg(image, embed, image, "image", mode);
+  const Tensor mask = mask_arg(mask_in, image, "image");
   const c10::cuda::CUDAGuard guard(image.device());
-  const int64_t b = image.size(0), h = image.size(2), w = image.size(3);
-  Tensor fused = at::empty({b, fused_channels(mode, image, embed), h, w}, image.options());
-  check_launch(dk::pixel_forward(dtype_of(image, "image"), pixel_shape(image), nullptr, nullptr, 1.f,
-                                 mask.data_ptr(), nullptr, image.data_ptr(), static_cast<int>(image.size(1)),
-                                 embed.data_ptr(), static_cast<int>(embed.size(1)), mode, fused.data_ptr(),
-                                 current_stream()),
+  dk::Strides fs{0, 0, 0};
+  Tensor fused = empty_fused(f, &fs);
+  const dk::MapShape shape{image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))};
+  check_launch(dk::fuse_forward(dtype_of(image, "image"), shape, mask.data_ptr(), f.view, fused.data_ptr(), fs,
+                                current_stream()),
                "fuse");
   return fused;
 }
@@ -230,96 +279,104 @@ Tensor fuse_cuda(const Tensor& image_in, const Tensor& embed_in, const Tensor& m
 // ------------------------------------------------------------------------------------------------
 // Backward ops
 // ------------------------------------------------------------------------------------------------
-Tensor spatial_softmax_backward_cuda(const Tensor& grad_phi_in, const Tensor& logits_in, const Tensor& lse_in,
-                                     double beta) {
-  const Tensor logits = logits_arg(logits_in);
-  const Tensor lse = lse_arg(lse_in, logits);
-  check_cuda(grad_phi_in, "grad_phi", 4);
-  check_like(grad_phi_in, "grad_phi", logits, "logits");
-  check_sizes(grad_phi_in, "grad_phi", logits.sizes());
-  const Tensor grad_phi = grad_phi_in.contiguous();
-  const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor grad = at::empty(logits.sizes(), logits.options());
-  check_launch(dk::map_backward(dtype_of(logits, "logits"), map_shape(logits), grad_phi.data_ptr(), true, false,
-                                nullptr, logits.data_ptr(), lse.data_ptr<float>(), static_cast<float>(beta), false,
-                                grad.data_ptr(), current_stream()),
-               "spatial_softmax_backward");
-  return grad;
+Tensor stats_arg(const Tensor& stats, const Tensor& logits) {
+  return float32_arg(stats, "stats", logits, {logits.size(0), logits.size(1), 2});
 }
 
-Tensor landmark_attention_backward_cuda(const std::optional<Tensor>& grad_z_in,
-                                        const std::optional<Tensor>& grad_mask_in, const Tensor& logits_in,
-                                        const Tensor& lse_in, double beta, bool normalized) {
-  const Tensor logits = logits_arg(logits_in);
-  const Tensor lse = lse_arg(lse_in, logits);
+std::tuple<Tensor, Tensor> maps_backward(const LogitsArg& lg, const Tensor& logits, const Tensor& stats,
+                                         bool normalized, dk::PhiGrad grad, const Tensor& grad_z, const char* op) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Tensor grad_logits = at::empty(logits.sizes(), logits.options());
+  Tensor grad_beta = at::empty({logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+  check_launch(dk::maps_backward(dtype_of(logits, "logits"), map_shape(logits), lg.view, stats.data_ptr<float>(),
+                                 normalized, grad, grad_z.defined() ? grad_z.data_ptr() : nullptr,
+                                 grad_logits.data_ptr(), grad_beta.data_ptr<float>(), current_stream()),
+               op);
+  return {grad_logits, grad_beta};
+}
+
+std::tuple<Tensor, Tensor> spatial_softmax_backward_cuda(const Tensor& grad_phi, const Tensor& logits,
+                                                         const Tensor& stats_in, double beta,
+                                                         const optional<Tensor>& beta_map) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const Tensor stats = stats_arg(stats_in, logits);
+  check_cuda(grad_phi, "grad_phi", 4);
+  check_like(grad_phi, "grad_phi", logits, "logits");
+  check_sizes(grad_phi, "grad_phi", logits.sizes());
+  const Planes g = planes(grad_phi);
+  return maps_backward(lg, logits, stats, false, dk::PhiGrad{g.t.data_ptr(), true, false, g.strides}, Tensor(),
+                       "spatial_softmax_backward");
+}
+
+std::tuple<Tensor, Tensor> landmark_attention_backward_cuda(const optional<Tensor>& grad_z_in,
+                                                            const optional<Tensor>& grad_mask_in,
+                                                            const Tensor& logits, const Tensor& stats_in, double beta,
+                                                            const optional<Tensor>& beta_map, bool normalized) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const Tensor stats = stats_arg(stats_in, logits);
   const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
   const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
   const Tensor grad_mask = optional_grad(grad_mask_in, "grad_mask", logits, {b, 1, h, w});
-  const c10::cuda::CUDAGuard guard(logits.device());
-  Tensor grad = at::empty(logits.sizes(), logits.options());
-  check_launch(dk::map_backward(dtype_of(logits, "logits"), map_shape(logits),
-                                grad_mask.defined() ? grad_mask.data_ptr() : nullptr, false, false,
-                                grad_z.defined() ? grad_z.data_ptr() : nullptr, logits.data_ptr(),
-                                lse.data_ptr<float>(), static_cast<float>(beta), normalized, grad.data_ptr(),
-                                current_stream()),
-               "landmark_attention_backward");
-  return grad;
+  const dk::PhiGrad g{grad_mask.defined() ? grad_mask.data_ptr() : nullptr, false, false, dk::Strides{0, 0, 0}};
+  return maps_backward(lg, logits, stats, normalized, g, grad_z, "landmark_attention_backward");
 }
 
-std::tuple<Tensor, Tensor, Tensor> fuse_backward_cuda(const Tensor& grad_fused_in, const Tensor& image_in,
-                                                      const Tensor& embed_in, const Tensor& mask_in,
-                                                      int64_t mode_in) {
-  const FuseArgs args = fuse_args(image_in, embed_in, mask_in, mode_in);
-  const Tensor &image = args.image, &embed = args.embed, &mask = args.mask;
-  const int mode = args.mode;
-  const Tensor grad_fused = companion_arg(grad_fused_in, "grad_fused", image, "image");
-  TORCH_CHECK(grad_fused.size(1) == fused_channels(mode, image, embed), "decafa CUDA kernels: grad_fused must have ",
-              fused_channels(mode, image, embed), " channels for mode ", mode, ", got shape ", grad_fused.sizes());
+std::tuple<Tensor, Tensor, Tensor> fuse_backward_cuda(const Tensor& grad_fused_in, const Tensor& image,
+                                                      const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
+  check_cuda(image, "image", 4);
+  dtype_of(image, "image");
+  to_int(image.size(2) * image.size(3), "H*W");
+  const int mode = check_mode(mode_in);
+  const FusionArg f = fusion_arg(image, embed, image, "image", mode);
+  const Tensor mask = mask_arg(mask_in, image, "image");
+  const Planes grad_fused = grad_fused_arg(grad_fused_in, image, "image", f.channels, mode);
   const c10::cuda::CUDAGuard guard(image.device());
   Tensor grad_image = at::empty(image.sizes(), image.options());
   Tensor grad_embed = at::empty(embed.sizes(), embed.options());
   Tensor grad_mask = at::empty(mask.sizes(), mask.options());
-  check_launch(dk::pixel_backward(dtype_of(image, "image"), pixel_shape(image), grad_fused.data_ptr(), nullptr,
-                                  nullptr, 1.f, mask.data_ptr(), image.data_ptr(), static_cast<int>(image.size(1)),
-                                  embed.data_ptr(), static_cast<int>(embed.size(1)), mode, grad_image.data_ptr(),
-                                  grad_embed.data_ptr(), grad_mask.data_ptr(), false,
-                                  current_stream()),
+  const int64_t hw = image.size(2) * image.size(3);
+  const dk::MapShape shape{image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))};
+  check_launch(dk::fuse_backward(dtype_of(image, "image"), shape, grad_fused.t.data_ptr(), grad_fused.strides,
+                                 mask.data_ptr(), f.view, grad_image.data_ptr(), dk::nchw_strides(image.size(1), hw),
+                                 grad_embed.data_ptr(), dk::nchw_strides(embed.size(1), hw), grad_mask.data_ptr(),
+                                 false, current_stream()),
                "fuse_backward");
   return {grad_image, grad_embed, grad_mask};
 }
 
-std::tuple<Tensor, Tensor, Tensor> decafa_head_backward_cuda(const std::optional<Tensor>& grad_z_in,
-                                                             const std::optional<Tensor>& grad_fused_in,
-                                                             const Tensor& logits_in, const Tensor& image_in,
-                                                             const Tensor& embed_in, const Tensor& lse_in,
-                                                             int64_t mode_in, double beta, bool normalized) {
-  const Tensor logits = logits_arg(logits_in);
-  const Tensor image = companion_arg(image_in, "image", logits, "logits");
-  const Tensor embed = companion_arg(embed_in, "embedding", logits, "logits");
-  const Tensor lse = lse_arg(lse_in, logits);
+std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_backward_cuda(
+    const optional<Tensor>& grad_z_in, const optional<Tensor>& grad_fused_in, const Tensor& logits,
+    const Tensor& image, const Tensor& embed, const Tensor& mask_in, const Tensor& stats_in, int64_t mode_in,
+    double beta, const optional<Tensor>& beta_map, bool normalized) {
+  const LogitsArg lg = logits_arg(logits, beta, beta_map);
   const int mode = check_mode(mode_in);
-  const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
+  const FusionArg f = fusion_arg(image, embed, logits, "logits", mode);
+  const Tensor mask = mask_arg(mask_in, logits, "logits");
+  const Tensor stats = stats_arg(stats_in, logits);
+  const int64_t b = logits.size(0), l = logits.size(1), hw = logits.size(2) * logits.size(3);
   const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
-  const Tensor grad_fused =
-      optional_grad(grad_fused_in, "grad_fused", logits, {b, fused_channels(mode, image, embed), h, w});
+  Planes grad_fused{Tensor(), {0, 0, 0}, false};
+  if (grad_fused_in.has_value() && grad_fused_in->defined())
+    grad_fused = grad_fused_arg(*grad_fused_in, logits, "logits", f.channels, mode);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   Tensor grad_image = at::empty(image.sizes(), image.options());
   Tensor grad_embed = at::empty(embed.sizes(), embed.options());
+  Tensor grad_beta = at::empty({b, l}, logits.options().dtype(at::kFloat));
   const dk::MapShape shape = map_shape(logits);
   Tensor workspace;
-  if (grad_fused.defined())
+  if (grad_fused.t.defined())
     workspace = at::empty({static_cast<int64_t>(dk::head_backward_workspace_floats(shape))},
                           logits.options().dtype(at::kFloat));
-  check_launch(dk::head_backward(dtype_of(logits, "logits"), shape, grad_z.defined() ? grad_z.data_ptr() : nullptr,
-                                 grad_fused.defined() ? grad_fused.data_ptr() : nullptr, logits.data_ptr(),
-                                 image.data_ptr(), static_cast<int>(image.size(1)), embed.data_ptr(),
-                                 static_cast<int>(embed.size(1)), lse.data_ptr<float>(), mode,
-                                 static_cast<float>(beta), normalized, grad_logits.data_ptr(), grad_image.data_ptr(),
-                                 grad_embed.data_ptr(), workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-                                 current_stream()),
+  check_launch(dk::head_backward(dtype_of(logits, "logits"), shape, lg.view, stats.data_ptr<float>(), normalized,
+                                 grad_z.defined() ? grad_z.data_ptr() : nullptr,
+                                 grad_fused.t.defined() ? grad_fused.t.data_ptr() : nullptr, grad_fused.strides,
+                                 mask.data_ptr(), f.view, grad_logits.data_ptr(), grad_beta.data_ptr<float>(),
+                                 grad_image.data_ptr(), dk::nchw_strides(image.size(1), hw), grad_embed.data_ptr(),
+                                 dk::nchw_strides(embed.size(1), hw),
+                                 workspace.defined() ? workspace.data_ptr<float>() : nullptr, current_stream()),
                "decafa_head_backward");
-  return {grad_logits, grad_image, grad_embed};
+  return {grad_logits, grad_image, grad_embed, grad_beta};
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // A minimal CPU emulation of the CUDA features the decafa kernels use, so that their logic (indexing,
 // edges, reductions, barriers, chunking) can be run and checked on a machine without a GPU:
 //   g++ -std=c++20 -pthread -include kernels/smoke/cpu_emulation.h <kernels with <<<>>> rewritten> ...
-// (tests/test_kernels_build.py does the rewriting: `k<<<g, b, s, st>>>(args)` -> `emu::launch(k, g, b, s,
-// st, args)` and the `extern __shared__` line -> `emu::dynamic_smem()`).
+// (tests/cuda/test_kernels_build.py does the rewriting: `k<<<g, b, s, st>>>(args)` ->
+// `emu::launch("k", k, g, b, s, st, args)` and the `extern __shared__` line -> `emu::dynamic_smem()`).
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run round-robin until it waits at a
 // barrier or returns; blocks run one after another. __syncthreads waits for every live thread of the block;
@@ -11,8 +11,12 @@
 // shared by the threads of a block, and blocks never overlap. Device memory is host memory. Device facts
 // come from EMU_SM_COUNT (default 1, so small grids still take the vector paths) and EMU_L2_BYTES.
 // Dynamic shared memory is filled with NaN bytes before each block so that reading unwritten data shows.
+// Every global load and store of a kernel is counted (bytes, per kernel name: emu::traffic()), which is how
+// the bytes each pass moves are checked without a GPU.
 // Not for performance, and only what the kernels need: float shuffles, 1-D/2-D blocks, one stream.
 #pragma once
+
+#define DECAFA_EMULATION 1
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +28,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -122,8 +128,32 @@ inline void fiber_entry() {
   b.fibers[b.current].done = true;
 }  // returns to the scheduler through uc_link
 
+// Bytes loaded and stored by each kernel (by name), counted by the kernels' access helpers
+// (DECAFA_COUNT_LOAD / DECAFA_COUNT_STORE) for every lane of every access, and launches per kernel.
+struct Traffic {
+  unsigned long long loads = 0, stores = 0, launches = 0;
+};
+inline std::map<std::string, Traffic>& traffic() {
+  static std::map<std::string, Traffic> t;
+  return t;
+}
+inline Traffic* t_traffic = nullptr;
+inline void count_load(size_t bytes) {
+  if (t_traffic) t_traffic->loads += bytes;
+}
+inline void count_store(size_t bytes) {
+  if (t_traffic) t_traffic->stores += bytes;
+}
+
+// `name` is the kernel's name as written at the launch (template arguments dropped).
 template <typename Kernel, typename... Args>
-cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, Args... args) {
+cudaError_t launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                   Args... args) {
+  std::string key(name);
+  key = key.substr(0, key.find('<'));
+  Traffic& traffic_of_kernel = traffic()[key];
+  ++traffic_of_kernel.launches;
+  t_traffic = &traffic_of_kernel;
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads <= 0 || threads > 1024 || threads % 32 != 0) return cudaErrorInvalidConfiguration;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaErrorInvalidConfiguration;
@@ -169,6 +199,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, cuda
         }
       }
   t_block = nullptr;
+  t_traffic = nullptr;
   return cudaSuccess;
 }
 
@@ -178,6 +209,10 @@ inline int env_int(const char* name, int fallback) {
 }
 
 }  // namespace emu
+
+// The kernels' access helpers report every global load and store here.
+#define DECAFA_COUNT_LOAD(bytes) ::emu::count_load(bytes)
+#define DECAFA_COUNT_STORE(bytes) ::emu::count_store(bytes)
 
 // The CUDA built-ins and intrinsics the kernels use.
 #define threadIdx (::emu::t_thread_idx)
@@ -226,6 +261,9 @@ cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int value) {
   return value <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
+  emu::Traffic& t = emu::traffic()["cudaMemsetAsync"];
+  ++t.launches;
+  t.stores += count;
   std::memset(p, value, count);
   return cudaSuccess;
 }

@@ -108,49 +108,87 @@ Vec download(dk::DType dt, const void* d, size_t n) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// CPU reference (double)
+// Layouts: host vectors are NCHW; the device copy is NCHW or channels_last.
+// ------------------------------------------------------------------------------------------------
+Vec to_layout(const Vec& v, int n, int c, int hw, bool cl) {
+  if (!cl) return v;
+  Vec out(v.size());
+  for (int b = 0; b < n; ++b)
+    for (int ch = 0; ch < c; ++ch)
+      for (int p = 0; p < hw; ++p) out[(size_t(b) * hw + p) * c + ch] = v[(size_t(b) * c + ch) * hw + p];
+  return out;
+}
+
+Vec from_layout(const Vec& v, int n, int c, int hw, bool cl) {
+  if (!cl) return v;
+  Vec out(v.size());
+  for (int b = 0; b < n; ++b)
+    for (int ch = 0; ch < c; ++ch)
+      for (int p = 0; p < hw; ++p) out[(size_t(b) * c + ch) * hw + p] = v[(size_t(b) * hw + p) * c + ch];
+  return out;
+}
+
+dk::Strides strides(int c, int hw, bool cl) { return cl ? dk::nhwc_strides(c, hw) : dk::nchw_strides(c, hw); }
+
+// Rounds `v` to dt in place and uploads it in the layout.
+void* upload_as(Device& dev, dk::DType dt, Vec& v, int n, int c, int hw, bool cl) {
+  for (auto& x : v) x = round_to(dt, static_cast<float>(x));
+  Vec laid = to_layout(v, n, c, hw, cl);
+  return dev.upload(dt, laid);
+}
+
+Vec download_as(dk::DType dt, const void* d, int n, int c, int hw, bool cl) {
+  return from_layout(download(dt, d, size_t(n) * c * hw), n, c, hw, cl);
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU reference (double), op contract v2
 // ------------------------------------------------------------------------------------------------
 struct Case {
   int b, l, h, w, ci, c, mode;
   float beta;
-  bool normalized;
-  const char* chunk;  // DECAFA_CUDA_BATCH_CHUNK, or nullptr for auto
-  bool all_dtypes;    // also float16 / bfloat16 (else float32 only)
+  bool beta_map, normalized, logits_cl, embed_cl;
+  bool all_dtypes;  // also float16 / bfloat16 (else float32 only)
 };
 
-struct Stats {
-  Vec lse, z, phi, mask;
+struct Forward {
+  Vec beta, stats, z, phi, mask;  // beta: the effective beta of each map
 };
 
-Stats reference_stats(const Case& k, const Vec& t) {
+Forward reference_forward(const Case& k, const Vec& t, const Vec& beta_map) {
   const int hw = k.h * k.w;
-  Stats s{Vec(size_t(k.b) * k.l), Vec(size_t(k.b) * k.l * 2), Vec(t.size()), Vec(size_t(k.b) * hw, 0.0)};
-  const double kx = k.normalized ? (k.w > 1 ? 2.0 / (k.w - 1) : 0.0) : 1.0, o = k.normalized ? -1.0 : 0.0;
+  const size_t maps = size_t(k.b) * k.l;
+  Forward f{Vec(maps), Vec(2 * maps), Vec(2 * maps), Vec(t.size()), Vec(size_t(k.b) * hw, 0.0)};
+  const double kx = k.normalized ? (k.w > 1 ? 2.0 / (k.w - 1) : 0.0) : 1.0;
   const double ky = k.normalized ? (k.h > 1 ? 2.0 / (k.h - 1) : 0.0) : 1.0;
-  for (int m = 0; m < k.b * k.l; ++m) {
-    const double* a = &t[size_t(m) * hw];
+  const double ox = k.normalized && k.w > 1 ? -1.0 : 0.0, oy = k.normalized && k.h > 1 ? -1.0 : 0.0;
+  for (size_t m = 0; m < maps; ++m) {
+    const double beta = k.beta_map ? beta_map[m] : k.beta;
+    f.beta[m] = beta;
+    const double* a = &t[m * hw];
     double mx = -INFINITY, sum = 0, sx = 0, sy = 0;
-    for (int p = 0; p < hw; ++p) mx = std::max(mx, k.beta * a[p]);
-    for (int p = 0; p < hw; ++p) sum += std::exp(k.beta * a[p] - mx);
-    s.lse[m] = mx + std::log(sum);
+    for (int p = 0; p < hw; ++p) mx = std::max(mx, beta * a[p]);
+    for (int p = 0; p < hw; ++p) sum += std::exp(beta * a[p] - mx);
+    f.stats[2 * m] = mx;
+    f.stats[2 * m + 1] = sum;
     for (int p = 0; p < hw; ++p) {
-      const double ph = std::exp(k.beta * a[p] - s.lse[m]);
-      s.phi[size_t(m) * hw + p] = ph;
+      const double ph = std::exp(beta * a[p] - mx) / sum;
+      f.phi[m * hw + p] = ph;
       sx += ph * (p % k.w);
       sy += ph * (p / k.w);
-      s.mask[size_t(m / k.l) * hw + p] += ph;
+      f.mask[(m / k.l) * hw + p] += ph;
     }
-    s.z[2 * m] = o + kx * sx;
-    s.z[2 * m + 1] = o + ky * sy;
+    f.z[2 * m] = ox + kx * sx;
+    f.z[2 * m + 1] = oy + ky * sy;
   }
-  return s;
+  return f;
 }
 
 struct Fusion {
   Vec fused, gi, ge, gm;
 };
 
-// Fusion of (img, emb) with `mask` (B, HW), and its backward for the upstream gradient gf.
+// Fusion of (img, emb) with `mask` (B, HW), and its backward for the upstream gradient gf (all NCHW).
 Fusion reference_fusion(const Case& k, const Vec& img, const Vec& emb, const Vec& mask, const Vec& gf) {
   const int hw = k.h * k.w;
   const dk::FusionLayout lay = dk::fusion_layout(k.mode, k.ci, k.c);
@@ -174,33 +212,41 @@ Fusion reference_fusion(const Case& k, const Vec& img, const Vec& emb, const Vec
           }
         }
       };
-      seg(img, k.ci, lay.image_plain, lay.image_masked, f.gi);
-      seg(emb, k.c, lay.embed_plain, lay.embed_masked, f.ge);
+      seg(img, k.ci, lay.image, lay.image_mask, f.gi);
+      seg(emb, k.c, lay.embedding, lay.embedding_mask, f.ge);
     }
   return f;
 }
 
-// beta Phi [(g - sum g Phi) + gx kx (col - zx) + gy ky (row - zy)]; g per map or per batch element (or empty).
-Vec reference_map_backward(const Case& k, const Vec& phi, const Vec& g, bool per_map, const Vec& gz) {
+// g_phi = g + grad_z . coord; g_s = Phi (g_phi - sum Phi g_phi); grad_T = beta g_s; grad_beta = sum T g_s.
+// g per map or per batch element (or empty), gz empty = 0.
+struct MapGrads {
+  Vec gt, gbeta;
+};
+
+MapGrads reference_map_backward(const Case& k, const Forward& f, const Vec& t, const Vec& g, bool per_map,
+                                const Vec& gz) {
   const int hw = k.h * k.w;
   const double kx = k.normalized ? (k.w > 1 ? 2.0 / (k.w - 1) : 0.0) : 1.0;
   const double ky = k.normalized ? (k.h > 1 ? 2.0 / (k.h - 1) : 0.0) : 1.0;
-  Vec gt(phi.size());
-  for (int m = 0; m < k.b * k.l; ++m) {
-    const double* ph = &phi[size_t(m) * hw];
-    const double* gm = g.empty() ? nullptr : &g[size_t(per_map ? m : m / k.l) * hw];
-    double s = 0, zx = 0, zy = 0;
+  const double ox = k.normalized && k.w > 1 ? -1.0 : 0.0, oy = k.normalized && k.h > 1 ? -1.0 : 0.0;
+  MapGrads out{Vec(t.size()), Vec(size_t(k.b) * k.l)};
+  for (size_t m = 0; m < size_t(k.b) * k.l; ++m) {
+    const double* ph = &f.phi[m * hw];
+    const double* gm = g.empty() ? nullptr : &g[(per_map ? m : m / k.l) * hw];
+    const double gx = gz.empty() ? 0.0 : gz[2 * m], gy = gz.empty() ? 0.0 : gz[2 * m + 1];
+    auto gphi = [&](int p) { return (gm ? gm[p] : 0.0) + gx * (ox + kx * (p % k.w)) + gy * (oy + ky * (p / k.w)); };
+    double s = 0;
+    for (int p = 0; p < hw; ++p) s += ph[p] * gphi(p);
+    double gb = 0;
     for (int p = 0; p < hw; ++p) {
-      if (gm) s += gm[p] * ph[p];
-      zx += ph[p] * (p % k.w);
-      zy += ph[p] * (p / k.w);
+      const double gs = ph[p] * (gphi(p) - s);
+      out.gt[m * hw + p] = f.beta[m] * gs;
+      gb += t[m * hw + p] * gs;
     }
-    const double gx = gz.empty() ? 0.0 : gz[2 * m] * kx, gy = gz.empty() ? 0.0 : gz[2 * m + 1] * ky;
-    for (int p = 0; p < hw; ++p)
-      gt[size_t(m) * hw + p] =
-          k.beta * ph[p] * ((gm ? gm[p] : 0.0) - s + gx * ((p % k.w) - zx) + gy * ((p / k.w) - zy));
+    out.gbeta[m] = gb;
   }
-  return gt;
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -219,8 +265,10 @@ void expect_close(const char* what, const Case& k, dk::DType dt, const Vec& got,
   const double rel = err / (ref + 1e-12);
   if (!(rel <= tol)) {
     ++failures;
-    std::printf("FAIL %-22s %-8s B=%d L=%d H=%d W=%d Ci=%d C=%d mode=%d: max error / max |ref| = %.3g\n", what,
-                dtype_name(dt), k.b, k.l, k.h, k.w, k.ci, k.c, k.mode, rel);
+    std::printf("FAIL %-24s %-8s B=%d L=%d H=%d W=%d Ci=%d C=%d mode=%d beta_map=%d cl=%d/%d: "
+                "max error / max |ref| = %.3g\n",
+                what, dtype_name(dt), k.b, k.l, k.h, k.w, k.ci, k.c, k.mode, k.beta_map, k.logits_cl, k.embed_cl,
+                rel);
   }
 }
 
@@ -231,87 +279,192 @@ Vec random_vec(size_t n, std::mt19937& rng, double scale) {
   return v;
 }
 
-void run_case(const Case& k, dk::DType dt, std::mt19937& rng) {
-  if (k.chunk) {
-    setenv("DECAFA_CUDA_BATCH_CHUNK", k.chunk, 1);
-  } else {
-    unsetenv("DECAFA_CUDA_BATCH_CHUNK");
+// The stats as (max, sum) against the reference; the max compared relative to the largest |max|.
+void expect_stats(const Case& k, const Vec& got, const Vec& want) {
+  Vec gm, gs, wm, ws;
+  for (size_t i = 0; i < want.size(); i += 2) {
+    gm.push_back(got[i]);
+    wm.push_back(want[i]);
+    gs.push_back(got[i + 1]);
+    ws.push_back(want[i + 1]);
   }
+  expect_close("stats max", k, dk::DType::kFloat32, gm, wm);
+  expect_close("stats sum", k, dk::DType::kFloat32, gs, ws);
+}
+
+void run_case(const Case& k, dk::DType dt, std::mt19937& rng) {
   const int hw = k.h * k.w;
   const dk::FusionLayout lay = dk::fusion_layout(k.mode, k.ci, k.c);
   const size_t n_t = size_t(k.b) * k.l * hw, n_i = size_t(k.b) * k.ci * hw, n_e = size_t(k.b) * k.c * hw;
   const size_t n_f = size_t(k.b) * lay.channels * hw, n_z = size_t(k.b) * k.l * 2, n_m = size_t(k.b) * hw;
+  const size_t maps = size_t(k.b) * k.l;
   const dk::MapShape shape{k.b, k.l, k.h, k.w};
-  const dk::MapShape pixels{k.b, 0, k.h, k.w};
   const dk::DType f32 = dk::DType::kFloat32;
   Device dev;
 
   Vec t = random_vec(n_t, rng, 2.0), img = random_vec(n_i, rng, 1.0), emb = random_vec(n_e, rng, 1.0);
   Vec gz = random_vec(n_z, rng, 1.0), gf = random_vec(n_f, rng, 1.0), gphi = random_vec(n_t, rng, 1.0);
   Vec ext_mask = random_vec(n_m, rng, 1.0), gmask = random_vec(n_m, rng, 1.0);
-  void *d_t = dev.upload(dt, t), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
-  void *d_gz = dev.upload(dt, gz), *d_gf = dev.upload(dt, gf), *d_gphi = dev.upload(dt, gphi);
-  void *d_xm = dev.upload(dt, ext_mask), *d_gmask = dev.upload(dt, gmask);
+  Vec beta_map = random_vec(maps, rng, 1.0);
+  void* d_t = upload_as(dev, dt, t, k.b, k.l, hw, k.logits_cl);
+  void* d_i = upload_as(dev, dt, img, k.b, k.ci, hw, k.embed_cl);
+  void* d_e = upload_as(dev, dt, emb, k.b, k.c, hw, k.embed_cl);
+  void* d_gf = upload_as(dev, dt, gf, k.b, lay.channels, hw, k.embed_cl);
+  void* d_gphi = upload_as(dev, dt, gphi, k.b, k.l, hw, k.logits_cl);
+  void *d_gz = dev.upload(dt, gz), *d_xm = dev.upload(dt, ext_mask), *d_gmask = dev.upload(dt, gmask);
+  auto* d_beta = static_cast<float*>(dev.upload_f32(beta_map));
 
-  // The reference sees the inputs as rounded to dt; the fused head's backward sees lse from the forward.
-  const Stats st = reference_stats(k, t);
-  const Fusion head = reference_fusion(k, img, emb, st.mask, gf);
+  const dk::Logits logits{d_t, strides(k.l, hw, k.logits_cl), k.beta, k.beta_map ? d_beta : nullptr};
+  const dk::FusionInputs fusion{k.mode, d_i, strides(k.ci, hw, k.embed_cl), k.ci,
+                                d_e,    strides(k.c, hw, k.embed_cl),  k.c};
+  const dk::Strides fs = strides(lay.channels, hw, k.embed_cl);
+
+  // The reference sees the inputs as rounded to dt.
+  const Forward ref = reference_forward(k, t, beta_map);
+  const Fusion head = reference_fusion(k, img, emb, ref.mask, gf);
   const Fusion ext = reference_fusion(k, img, emb, ext_mask, gf);
 
-  // head_forward (fusion) and head_backward
-  auto* lse = static_cast<float*>(dev.poisoned(f32, st.lse.size()));
-  void *d_z = dev.poisoned(dt, n_z), *d_f = dev.poisoned(dt, n_f);
-  CHECK_CUDA(dk::head_forward(dt, shape, d_t, d_i, k.ci, d_e, k.c, k.mode, k.beta, k.normalized, lse, d_z, nullptr,
-                              d_f, nullptr));
-  void *d_gt = dev.poisoned(dt, n_t), *d_gi = dev.poisoned(dt, n_i), *d_ge = dev.poisoned(dt, n_e);
-  auto* ws = static_cast<float*>(dev.poisoned(f32, dk::head_backward_workspace_floats(shape)));
-  CHECK_CUDA(dk::head_backward(dt, shape, d_gz, d_gf, d_t, d_i, k.ci, d_e, k.c, lse, k.mode, k.beta, k.normalized,
-                               d_gt, d_gi, d_ge, ws, nullptr));
+  // head_forward with fusion: stats, z, M, F
+  auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * maps));
+  auto* ws = static_cast<float*>(dev.poisoned(f32, std::max<size_t>(1, dk::head_forward_workspace_floats(shape))));
+  void *d_z = dev.poisoned(dt, n_z), *d_f = dev.poisoned(dt, n_f), *d_m = dev.poisoned(dt, n_m);
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, k.normalized, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws,
+                              nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
-  expect_close("head lse", k, f32, download(f32, lse, st.lse.size()), st.lse);
-  expect_close("head z", k, dt, download(dt, d_z, n_z), st.z);
-  expect_close("head fused", k, dt, download(dt, d_f, n_f), head.fused);
-  expect_close("head grad_logits", k, dt, download(dt, d_gt, n_t), reference_map_backward(k, st.phi, head.gm, false, gz));
-  expect_close("head grad_image", k, dt, download(dt, d_gi, n_i), head.gi);
-  expect_close("head grad_embed", k, dt, download(dt, d_ge, n_e), head.ge);
+  expect_stats(k, download(f32, stats, 2 * maps), ref.stats);
+  expect_close("head z", k, dt, download(dt, d_z, n_z), ref.z);
+  expect_close("head mask", k, dt, download(dt, d_m, n_m), ref.mask);
+  expect_close("head fused", k, dt, download_as(dt, d_f, k.b, lay.channels, hw, k.embed_cl), head.fused);
+
+  // head_backward from the forward's M and stats; gradients NCHW contiguous
+  const dk::Strides gis = dk::nchw_strides(k.ci, hw), ges = dk::nchw_strides(k.c, hw);
+  void *d_gt = dev.poisoned(dt, n_t), *d_gi = dev.poisoned(dt, n_i), *d_ge = dev.poisoned(dt, n_e);
+  auto* gbeta = static_cast<float*>(dev.poisoned(f32, maps));
+  auto* bws = static_cast<float*>(dev.poisoned(f32, dk::head_backward_workspace_floats(shape)));
+  CHECK_CUDA(dk::head_backward(dt, shape, logits, stats, k.normalized, d_gz, d_gf, fs, d_m, fusion, d_gt, gbeta, d_gi,
+                               gis, d_ge, ges, bws, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  // the reference backward sees M as stored in dt
+  Vec m_dt = download(dt, d_m, n_m);
+  const Fusion head_b = reference_fusion(k, img, emb, m_dt, gf);
+  const MapGrads hg = reference_map_backward(k, ref, t, head_b.gm, false, gz);
+  expect_close("head grad_logits", k, dt, download(dt, d_gt, n_t), hg.gt);
+  expect_close("head grad_beta", k, f32, download(f32, gbeta, maps), hg.gbeta);
+  expect_close("head grad_image", k, dt, download(dt, d_gi, n_i), head_b.gi);
+  expect_close("head grad_embed", k, dt, download(dt, d_ge, n_e), head_b.ge);
 
   // head_backward with grad_fused = null (loss on z only): grad_image = grad_embed = 0
-  CHECK_CUDA(dk::head_backward(dt, shape, d_gz, nullptr, d_t, d_i, k.ci, d_e, k.c, lse, k.mode, k.beta,
-                               k.normalized, d_gt, d_gi, d_ge, nullptr, nullptr));
-  expect_close("z-only grad_logits", k, dt, download(dt, d_gt, n_t), reference_map_backward(k, st.phi, {}, false, gz));
+  CHECK_CUDA(dk::head_backward(dt, shape, logits, stats, k.normalized, d_gz, nullptr, fs, d_m, fusion, d_gt, gbeta,
+                               d_gi, gis, d_ge, ges, nullptr, nullptr));
+  const MapGrads zg = reference_map_backward(k, ref, t, {}, false, gz);
+  expect_close("z-only grad_logits", k, dt, download(dt, d_gt, n_t), zg.gt);
+  expect_close("z-only grad_beta", k, f32, download(f32, gbeta, maps), zg.gbeta);
   expect_close("z-only grad_embed", k, dt, download(dt, d_ge, n_e), Vec(n_e, 0.0));
 
   if (!k.all_dtypes && dt != f32) return;
-  // head_forward without fusion: z and the mask (soft_argmax / attention_mask / landmark_attention)
-  void* d_m = dev.poisoned(dt, n_m);
-  CHECK_CUDA(dk::head_forward(dt, shape, d_t, nullptr, 0, nullptr, 0, 0, k.beta, k.normalized, lse, d_z, d_m,
-                              nullptr, nullptr));
-  expect_close("attention mask", k, dt, download(dt, d_m, n_m), st.mask);
-  expect_close("attention z", k, dt, download(dt, d_z, n_z), st.z);
-
-  // spatial_softmax and its backward (grad per map)
+  // spatial_softmax (phi, no mask) and its backward (grad per map, in the logits' layout)
   void* d_phi = dev.poisoned(dt, n_t);
-  CHECK_CUDA(dk::map_forward(dt, shape, d_t, k.beta, k.normalized, lse, nullptr, d_phi, nullptr));
-  expect_close("softmax phi", k, dt, download(dt, d_phi, n_t), st.phi);
-  CHECK_CUDA(dk::map_backward(dt, shape, d_gphi, true, false, nullptr, d_t, lse, k.beta, k.normalized, d_gt, nullptr));
-  expect_close("softmax grad", k, dt, download(dt, d_gt, n_t), reference_map_backward(k, st.phi, gphi, true, {}));
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, k.normalized, stats, nullptr, d_phi, nullptr, nullptr, nullptr, fs,
+                              nullptr, nullptr));
+  expect_close("softmax phi", k, dt, download(dt, d_phi, n_t), ref.phi);
+  const dk::PhiGrad per_map{d_gphi, true, false, strides(k.l, hw, k.logits_cl)};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, k.normalized, per_map, nullptr, d_gt, gbeta, nullptr));
+  const MapGrads sg = reference_map_backward(k, ref, t, gphi, true, {});
+  expect_close("softmax grad", k, dt, download(dt, d_gt, n_t), sg.gt);
+  expect_close("softmax grad_beta", k, f32, download(f32, gbeta, maps), sg.gbeta);
 
-  // landmark_attention backward: grad_mask in dt (per batch element) and grad_z
-  CHECK_CUDA(dk::map_backward(dt, shape, d_gmask, false, false, d_gz, d_t, lse, k.beta, k.normalized, d_gt, nullptr));
-  expect_close("attention grad", k, dt, download(dt, d_gt, n_t), reference_map_backward(k, st.phi, gmask, false, gz));
+  // landmark_attention: z and M without fusion; backward with grad_mask in dt and grad_z
+  void *d_z2 = dev.poisoned(dt, n_z), *d_m2 = dev.poisoned(dt, n_m);
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, k.normalized, stats, d_z2, nullptr, d_m2, nullptr, nullptr, fs, ws,
+                              nullptr));
+  expect_close("attention z", k, dt, download(dt, d_z2, n_z), ref.z);
+  expect_close("attention mask", k, dt, download(dt, d_m2, n_m), ref.mask);
+  const dk::PhiGrad per_batch{d_gmask, false, false, dk::Strides{0, 0, 0}};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, k.normalized, per_batch, d_gz, d_gt, gbeta, nullptr));
+  const MapGrads ag = reference_map_backward(k, ref, t, gmask, false, gz);
+  expect_close("attention grad", k, dt, download(dt, d_gt, n_t), ag.gt);
+  expect_close("attention grad_beta", k, f32, download(f32, gbeta, maps), ag.gbeta);
 
   // fuse / fuse_backward with an explicit mask
-  CHECK_CUDA(dk::pixel_forward(dt, pixels, nullptr, nullptr, 1.f, d_xm, nullptr, d_i, k.ci, d_e, k.c, k.mode, d_f,
-                               nullptr));
-  expect_close("fuse", k, dt, download(dt, d_f, n_f), ext.fused);
+  CHECK_CUDA(dk::fuse_forward(dt, shape, d_xm, fusion, d_f, fs, nullptr));
+  expect_close("fuse", k, dt, download_as(dt, d_f, k.b, lay.channels, hw, k.embed_cl), ext.fused);
   void* d_gm = dev.poisoned(dt, n_m);
-  CHECK_CUDA(dk::pixel_backward(dt, pixels, d_gf, nullptr, nullptr, 1.f, d_xm, d_i, k.ci, d_e, k.c, k.mode, d_gi,
-                                d_ge, d_gm, false, nullptr));
+  CHECK_CUDA(dk::fuse_backward(dt, shape, d_gf, fs, d_xm, fusion, d_gi, gis, d_ge, ges, d_gm, false, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   expect_close("fuse grad_image", k, dt, download(dt, d_gi, n_i), ext.gi);
   expect_close("fuse grad_embed", k, dt, download(dt, d_ge, n_e), ext.ge);
   expect_close("fuse grad_mask", k, dt, download(dt, d_gm, n_m), ext.gm);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Traffic at the paper shape
+// ------------------------------------------------------------------------------------------------
+#ifdef DECAFA_EMULATION
+// Bytes per kernel since the last call, printed as "traffic <pass> <kernel> <launches> <loaded> <stored>".
+unsigned long long report_traffic(const char* pass) {
+  unsigned long long total = 0;
+  for (auto& [name, t] : emu::traffic()) {
+    if (t.launches == 0) continue;
+    std::printf("traffic %s %s %llu %llu %llu\n", pass, name.c_str(), t.launches, t.loads, t.stores);
+    total += t.loads + t.stores;
+  }
+  emu::traffic().clear();
+  return total;
+}
+
+int run_traffic(int batch) {
+  const int L = 98, H = 128, W = 128, C = 64, CI = 1, MODE = 5;
+  const Case k{batch, L, H, W, CI, C, MODE, 1.0f, false, false, false, false, true};
+  const dk::FusionLayout lay = dk::fusion_layout(MODE, CI, C);
+  const int hw = H * W;
+  const double b = batch;
+  std::mt19937 rng(99);
+  for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kBFloat16}) {
+    const double e = static_cast<double>(dk::dtype_size(dt));
+    const dk::MapShape shape{batch, L, H, W};
+    Device dev;
+    Vec t = random_vec(size_t(batch) * L * hw, rng, 2.0), img = random_vec(size_t(batch) * CI * hw, rng, 1.0);
+    Vec emb = random_vec(size_t(batch) * C * hw, rng, 1.0), gz = random_vec(size_t(batch) * L * 2, rng, 1.0);
+    Vec gf = random_vec(size_t(batch) * lay.channels * hw, rng, 1.0);
+    void *d_t = dev.upload(dt, t), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
+    void *d_gz = dev.upload(dt, gz), *d_gf = dev.upload(dt, gf);
+    const dk::Logits logits{d_t, dk::nchw_strides(L, hw), 1.0f, nullptr};
+    const dk::FusionInputs fusion{MODE, d_i, dk::nchw_strides(CI, hw), CI, d_e, dk::nchw_strides(C, hw), C};
+    const dk::Strides fs = dk::nchw_strides(lay.channels, hw);
+    auto* stats = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, size_t(batch) * L * 2));
+    auto* ws = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, dk::head_forward_workspace_floats(shape)));
+    void *d_z = dev.poisoned(dt, size_t(batch) * L * 2), *d_f = dev.poisoned(dt, size_t(batch) * lay.channels * hw);
+    void* d_m = dev.poisoned(dt, size_t(batch) * hw);
+    emu::traffic().clear();
+    CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws, nullptr));
+    std::printf("traffic dtype %s batch %d\n", dtype_name(dt), batch);
+    const double fwd = static_cast<double>(report_traffic("forward"));
+    // floor: read T, I, E; write z, F
+    const double fwd_floor = b * e * (double(L) * hw + double(CI) * hw + double(C) * hw + 2.0 * L +
+                                      double(lay.channels) * hw);
+    void *d_gt = dev.poisoned(dt, size_t(batch) * L * hw), *d_gi = dev.poisoned(dt, size_t(batch) * CI * hw);
+    void* d_ge = dev.poisoned(dt, size_t(batch) * C * hw);
+    auto* gbeta = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, size_t(batch) * L));
+    auto* bws = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, dk::head_backward_workspace_floats(shape)));
+    CHECK_CUDA(dk::head_backward(dt, shape, logits, stats, false, d_gz, d_gf, fs, d_m, fusion, d_gt, gbeta, d_gi,
+                                 dk::nchw_strides(CI, hw), d_ge, dk::nchw_strides(C, hw), bws, nullptr));
+    const double bwd = static_cast<double>(report_traffic("backward"));
+    // floor: read grad F, grad z, T, I, E and the saved M and stats; write grad T, grad I, grad E
+    const double bwd_floor = b * (e * (double(lay.channels) * hw + 2.0 * L + double(L) * hw + double(CI) * hw +
+                                       double(C) * hw + hw + double(L) * hw + double(CI) * hw + double(C) * hw) +
+                                  4.0 * 2 * L);
+    std::printf("traffic summary %s forward %.0f floor %.0f ratio %.4f fwd+bwd %.0f floor %.0f ratio %.4f\n",
+                dtype_name(dt), fwd, fwd_floor, fwd / fwd_floor, fwd + bwd, fwd_floor + bwd_floor,
+                (fwd + bwd) / (fwd_floor + bwd_floor));
+    // the counted run must also be right
+    const Forward ref = reference_forward(k, Vec(download(dt, d_t, t.size())), {});
+    expect_close("traffic mask", k, dt, download(dt, d_m, size_t(batch) * hw), ref.mask);
+    expect_close("traffic z", k, dt, download(dt, d_z, size_t(batch) * L * 2), ref.z);
+  }
+  std::printf("decafa_kernels_smoke: %s\n", failures == 0 ? "all cases passed" : "FAILED");
+  return failures == 0 ? 0 : 1;
+}
+#endif
 
 int main(int argc, char** argv) {
   int count = 0;
@@ -319,21 +472,34 @@ int main(int argc, char** argv) {
     std::printf("decafa_kernels_smoke: no CUDA device visible, nothing run\n");
     return 0;
   }
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";  // skip the large map
+  const std::string arg = argc > 1 ? argv[1] : "";
+#ifdef DECAFA_EMULATION
+  if (arg == "--traffic") return run_traffic(argc > 2 ? std::atoi(argv[2]) : 2);
+#endif
+  if (arg == "--runs") {  // the runs of maps the launchers pick for batch B at the paper shape on this device
+    const dk::MapShape shape{argc > 2 ? std::atoi(argv[2]) : 64, 98, 128, 128};
+    std::printf("runs %zu\n", dk::head_forward_workspace_floats(shape) / (size_t(shape.batch) * 128 * 128));
+    return 0;
+  }
+  const bool quick = arg == "--quick";  // skip the large map
   std::mt19937 rng(1234);
+  // b, l, h, w, ci, c, mode, beta, beta_map, normalized, logits_cl, embed_cl, all_dtypes
   const Case cases[] = {
-      {2, 3, 5, 7, 1, 3, 5, 1.0f, false, nullptr, true},      // scalar path (H*W odd)
-      {2, 3, 1, 1, 2, 2, 4, 1.0f, true, nullptr, true},       // one pixel
-      {3, 5, 16, 16, 1, 5, 5, 0.7f, true, nullptr, true},     // vector path, L not a multiple of 4
-      {3, 4, 16, 16, 3, 2, 1, 1.0f, false, "1", false},       // F1, one batch element per chunk
-      {3, 4, 16, 16, 3, 2, 2, 1.0f, false, "2", false},       // F2, uneven chunks
-      {2, 5, 12, 20, 1, 4, 3, 2.0f, false, nullptr, false},   // F3
-      {2, 9, 24, 24, 2, 7, 4, -1.5f, true, nullptr, true},    // F4, negative beta
-      {1, 2, 190, 190, 1, 2, 5, 1.0f, false, nullptr, false}, // map over the shared-memory staging limit
+      {2, 3, 5, 7, 1, 3, 5, 1.0f, false, false, false, false, true},    // scalar path (H*W odd)
+      {2, 3, 1, 1, 2, 2, 4, 1.0f, true, true, false, false, true},      // one pixel, per-map beta
+      {3, 5, 16, 16, 1, 8, 5, 0.7f, false, true, false, false, true},   // vector path, L not a multiple of 4
+      {3, 5, 16, 16, 1, 8, 5, 0.7f, true, true, true, true, true},      // channels_last T and E
+      {2, 6, 8, 12, 3, 8, 4, 1.2f, true, false, false, true, true},     // channels_last E, vector channels
+      {3, 4, 16, 16, 3, 2, 1, 1.0f, false, false, true, false, false},  // F1, channels_last T
+      {3, 4, 16, 16, 3, 2, 2, 1.0f, false, false, false, true, false},  // F2, channels_last E (C = 2)
+      {2, 5, 12, 20, 1, 4, 3, 2.0f, false, false, false, false, false}, // F3
+      {2, 9, 24, 24, 2, 7, 4, -1.5f, true, true, false, false, true},   // F4, negative beta
+      {1, 2, 130, 130, 1, 2, 5, 1.0f, true, false, false, false, false},// map over the on-chip capacity
+      {1, 2, 130, 130, 1, 2, 5, 1.0f, false, true, true, true, false},  // the same, channels_last
   };
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {
-    if (quick && k.h * k.w > 10000) continue;
+    if (quick && k.h * k.w > 40000) continue;
     for (dk::DType dt : dtypes)
       if (dt == dk::DType::kFloat32 || k.all_dtypes) run_case(k, dt, rng);
   }

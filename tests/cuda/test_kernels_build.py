@@ -8,6 +8,10 @@
   kernels/smoke/cpu_emulation.h (CUDA threads as fibers, barriers and warp shuffles emulated), then run:
   every launcher against a CPU double-precision reference, float32/float16/bfloat16, on the vector and the
   scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width).
+* The bytes each kernel moves: the emulation counts every lane of every global load and store; at the paper
+  shape (L = 98, 128 x 128, C = 64, Ci = 1, F5) the fused head's forward must stay within 1.10x its floor
+  and forward + backward within 1.15x (issue 13), float32 and bfloat16, for the launch configuration an
+  H100 picks at B = 64.
 
 All compiles start at once (this machine has few cores). Each check skips with the reason when its tool
 (nvcc, cmake, g++, the CUDA headers) is missing.
@@ -82,7 +86,7 @@ def _emulation_sources(out_dir: Path) -> Path:
     parts = []
     for src in sorted(ROOT.glob("kernels/*.cu")):
         text = src.read_text()
-        text, launches = re.subn(r"(\w+(?:<[^<>]*>)?)<<<(.*?)>>>\(", r"::emu::launch(\1, \2, ", text, flags=re.S)
+        text, launches = re.subn(r"(\w+(?:<[^<>]*>)?)<<<(.*?)>>>\(", r'::emu::launch("\1", \1, \2, ', text, flags=re.S)
         text = text.replace("extern __shared__ __align__(16) unsigned char smem_raw[];",
                             "unsigned char* smem_raw = ::emu::dynamic_smem();")
         assert "<<<" not in text and "extern __shared__" not in text, f"{src.name}: unhandled CUDA syntax"
@@ -186,3 +190,48 @@ def test_kernels_on_cpu_emulation(builds, sm_count):
     run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all cases passed" in run.stdout
+
+
+# The runs of maps per batch element an H100 (132 multiprocessors) picks at B = 64: the traffic test counts
+# that configuration at a small batch (the ratios do not depend on B once the runs are fixed).
+H100_SMS, H100_BATCH = "132", 64
+TRAFFIC_LIMITS = {"forward": 1.10, "fwd+bwd": 1.15}
+
+
+def _traffic(binary, batch: int, runs: str) -> dict:
+    env = dict(os.environ, DECAFA_CUDA_RUNS=runs)
+    run = subprocess.run([str(binary), "--traffic", str(batch)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    out = {"kernels": [], "summary": {}}
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["traffic", "summary"]:
+            # traffic summary DTYPE forward N floor N ratio R fwd+bwd N floor N ratio R
+            out["summary"][parts[2]] = {"forward": float(parts[8]), "fwd+bwd": float(parts[14]),
+                                        "forward_bytes": int(parts[4]), "fwd+bwd_bytes": int(parts[10])}
+        elif parts[:1] == ["traffic"] and parts[1] in ("forward", "backward"):
+            out["kernels"].append(parts[1:])
+    return out
+
+
+def test_traffic_at_the_paper_shape(builds):
+    """Counted bytes of every kernel of the fused head against the floor (read T, I, E, write z, F; backward:
+    read grad F, grad z, T, I, E, M, stats, write grad T, grad I, grad E)."""
+    code, output, binary = _result(builds, "emulation")
+    assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
+    picked = subprocess.run([str(binary), "--runs", str(H100_BATCH)], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, EMU_SM_COUNT=H100_SMS)).stdout.split()
+    assert picked[0] == "runs", picked
+    runs = picked[1]
+    one, two = _traffic(binary, 1, runs), _traffic(binary, 2, runs)
+    for dtype in ("float32", "bfloat16"):
+        for pass_, limit in TRAFFIC_LIMITS.items():
+            ratio = two["summary"][dtype][pass_]
+            assert ratio <= limit, f"{dtype} {pass_}: {ratio:.4f}x the floor's bytes > {limit}x\n{two}"
+            assert abs(ratio - one["summary"][dtype][pass_]) < 1e-3, "the ratio depends on B"
+        assert two["summary"][dtype]["forward_bytes"] == 2 * one["summary"][dtype]["forward_bytes"]
+    # two launches per pass, none per chunk
+    launches = [(p, int(n)) for p, _, n, *_ in two["kernels"]]
+    assert sum(n for p, n in launches if p == "forward") == 4  # 2 per dtype
+    assert sum(n for p, n in launches if p == "backward") == 4
