@@ -127,3 +127,20 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     rows, whole = _rows(cut), _rows(tmp_path / "whole")
     assert [r["step"] for r in rows] == [str(s) for s in range(1, 61)]  # no row twice, none missing
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
+
+
+def test_resume_says_when_the_training_data_changed(tmp_path, capsys):
+    """The checkpoint keeps a fingerprint of the training sets: resuming on other data (another synthetic
+    generator, other files) says that the run will not continue as the original would have."""
+    out = tmp_path / "run"
+    Trainer(_config(out, steps=3, save_every=1)).run()
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert len(state["training"]["data"]) == 16
+    Trainer(_config(out, steps=4, save_every=1, resume="auto")).run()
+    assert "training data differ" not in capsys.readouterr().out
+    state = load_checkpoint(out / "checkpoint.pt")
+    state["training"]["data"] = "0" * 16
+    torch.save(state, out / "checkpoint.pt")
+    Trainer(_config(out, steps=5, resume="auto")).run()
+    printed = capsys.readouterr().out
+    assert f"note: the training data differ from those {out / 'checkpoint.pt'} was trained on" in printed

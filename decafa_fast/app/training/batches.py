@@ -11,16 +11,18 @@ to continue exactly where the interrupted one was (no sampler or loader state to
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..data.synthetic import SyntheticFaces, collate_faces
 from ..errors import UserError
 from .config import TrainConfig
 
-__all__ = ["BatchOrder", "batches", "build_train_sets", "build_val_set", "interleave"]
+__all__ = ["BatchOrder", "batches", "build_train_sets", "build_val_set", "fingerprint", "interleave"]
 
 
 def build_train_sets(config: TrainConfig) -> list[tuple[str, Dataset]]:
@@ -100,3 +102,30 @@ def batches(dataset: Dataset, order: BatchOrder, start: int = 0, workers: int = 
     loader = DataLoader(dataset, batch_sampler=_FromPosition(order, start), collate_fn=collate_faces,
                         num_workers=workers)
     return iter(loader)
+
+
+def fingerprint(datasets: list[Dataset]) -> str:
+    """A short hash of what the training sets hold (their sizes, and the first and last face of each: the
+    synthetic image and points, or a real record's file and points), read without drawing any random
+    number. A resumed run compares it with its checkpoint's: another synthetic generator or other files
+    mean the run cannot continue as the original would have."""
+    digest = hashlib.sha256()
+
+    def add(ds: Dataset) -> None:
+        digest.update(f"{type(ds).__name__}:{len(ds)};".encode())
+        if isinstance(ds, ConcatDataset):
+            for part in ds.datasets:
+                add(part)
+            return
+        ends = sorted({0, len(ds) - 1}) if len(ds) else []
+        for i in ends:
+            if isinstance(ds, SyntheticFaces):
+                image, points = ds.raw(i)
+                digest.update(np.ascontiguousarray(image).tobytes() + np.asarray(points, np.float64).tobytes())
+            elif hasattr(ds, "records"):
+                record = ds.records[i]
+                digest.update(str(record.image).encode() + np.asarray(record.landmarks, np.float64).tobytes())
+
+    for ds in datasets:
+        add(ds)
+    return digest.hexdigest()[:16]

@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..evaluation.metrics import nme
 from ..model import DeCaFA, DeCaFAConfig, count_parameters, decafa_loss
 from . import distributed as D
-from .batches import BatchOrder, batches, build_train_sets, build_val_set, interleave
+from .batches import BatchOrder, batches, build_train_sets, build_val_set, fingerprint, interleave
 from .checkpoint import save_checkpoint, write_atomically
 from .config import TrainConfig
 from .metrics_log import MetricsLog
@@ -151,6 +151,7 @@ class Trainer:
                        for k, (_, ds) in enumerate(self.train_sets)]
         self.positions = [0] * len(self.train_sets)  # batches drawn from each set so far
         self.flip_generator = torch.Generator().manual_seed(cfg.seed * 31 + info.rank)
+        self.data_fingerprint = fingerprint([ds for _, ds in self.train_sets])
 
     def _prepare_steps(self) -> None:
         """The batch iterators (from the resumed positions) and the model as the steps call it (DDP, compile)."""
@@ -204,6 +205,9 @@ class Trainer:
         self.positions = [int(p) for p in training["positions"]]
         self.log_sums = list(training["log_sums"])
         self.elapsed_before = float(training["elapsed_s"])
+        if training.get("data", self.data_fingerprint) != self.data_fingerprint:
+            self._say(f"note: the training data differ from those {path} was trained on (another synthetic "
+                      f"generator or other files): the run continues on these, not as the original would have")
         rng = training["rng"]
         if len(rng) != self.info.world_size:
             self._say(f"note: {path} was written by {len(rng)} process(es), this run has {self.info.world_size}: "
@@ -311,7 +315,7 @@ class Trainer:
         RNG states are gathered)."""
         rng = capture_rng({"flip": self.flip_generator}, [ds for _, ds in self.train_sets])
         return {"config": self.config.to_dict(), "positions": list(self.positions), "log_sums": list(self.log_sums),
-                "elapsed_s": self.elapsed(), "world_size": self.info.world_size,
+                "elapsed_s": self.elapsed(), "world_size": self.info.world_size, "data": self.data_fingerprint,
                 "rng": D.all_gather_object(rng, self.info)}
 
     def save(self, extra: dict | None = None, training: dict | None = None) -> None:
