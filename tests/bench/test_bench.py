@@ -209,9 +209,11 @@ def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
         assert r["peak_bytes"] is not None and r["peak_method"]
         assert ("speedup" in r) == (r["backend"] != "reference")
         assert f"{r['op']} {r['pass']} {r['dtype']} B{r['batch']} {r['backend']}: " in out  # its progress line
-    assert model_rows and all(r["images_per_s"] > 0 and 0 < r["conv_share"] <= 1 for r in model_rows)
-    if ops.backends()["cpp"] == "available":
-        assert any(r["backend"] == "cpp" and r["speedup"] > 0 for r in op_rows + model_rows)
+    assert model_rows and all(r["images_per_s"] > 0 for r in model_rows)
+    if not torch.cuda.is_available():  # a CPU run: the cpp backend races, the model rows say where the time goes
+        assert all(0 < r["conv_share"] <= 1 for r in model_rows)
+        if ops.backends()["cpp"] == "available":
+            assert any(r["backend"] == "cpp" and r["speedup"] > 0 for r in op_rows + model_rows)
 
     assert (folder / "summary.md").read_text().startswith("# decafa-fast bench")
     for name in ("ops_time_vs_batch.png", "model_time_vs_batch.png"):
