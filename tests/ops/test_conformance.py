@@ -157,13 +157,13 @@ def test_first_and_second_order_gradients(decafa_backend, code):
         assert_matches(o, k, dtype, order, f"{code.__name__} {what}")
 
 
-@pytest.mark.parametrize("code", CODES.values(), ids=CODES.keys())
-def test_gradcheck_and_gradgradcheck(decafa_backend, code):
+@pytest.mark.parametrize("code", [soft_argmax_normalized, soft_argmax_pixels, softmax], ids=lambda f: f.__name__)
+def test_gradcheck_and_gradgradcheck(decafa_backend, code):  # (the module runs soft_argmax_normalized's code)
     if decafa_backend not in FLOAT64_BACKENDS:
         pytest.skip(f"gradcheck needs float64; the {decafa_backend} kernels stop at float32 (second order is "
                     "compared with kornia in float32 in test_first_and_second_order_gradients)")
     device = backend_device(decafa_backend)
-    x = heatmaps((1, 2, 3, 4), device=device).requires_grad_()
+    x = heatmaps((1, 2, 2, 3), device=device).requires_grad_()  # gradgradcheck's cost grows as numel squared
     temperature = torch.tensor([[0.8], [1.3]], dtype=torch.float64, device=device, requires_grad=True)
 
     def f(x, temperature):
