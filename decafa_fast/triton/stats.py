@@ -9,16 +9,18 @@
                   g_phi), grad T = beta_l g_s and grad beta_l = sum_p T_p g_s,p.
 
 Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
-- ONE_CHUNK: a whole map fits in one BLOCK_P tile (128 x 128 and below), so a tile of BLOCK_L maps x
-  BLOCK_P pixels is loaded once and everything above comes from registers: T is read exactly once.
+- ONE_CHUNK: a whole map fits one [BLOCK_H, BLOCK_W] tile (128 x 128 and below), loaded once per map; the
+  stats, z (from the row and column marginals, so coordinates are broadcast vectors, not per-pixel
+  registers), Phi and the gradients all come from registers: T is read exactly once.
 - otherwise (larger maps, or channels_last logits, whose maps are interleaved pixel by pixel): sweep 1
-  walks the pixels in chunks with an online max (rescaling the running sums when a chunk raises it);
-  sweep 2 walks them again for Phi, the partial mask and the gradients. Tiles are BLOCK_L maps wide, so
-  channels_last rows of BLOCK_L consecutive maps are read whole (no strided over-fetch); the second sweep
-  re-reads the run's maps, which the wrapper keeps small enough to stay in L2.
+  walks the pixels in chunks of a [BLOCK_L maps, BLOCK_P pixels] tile with an online max (rescaling the
+  running sums when a chunk raises it); sweep 2 walks them again for Phi, the partial mask and the
+  gradients. Rows of BLOCK_L consecutive maps are read whole (no strided over-fetch of channels_last);
+  the second sweep re-reads the run's maps.
 
 Pixels are p = row*W + col with one pixel stride (`s_tp`; contiguous and channels_last both qualify) and
-64-bit offsets everywhere. All arithmetic is float32; no atomics, so results are bitwise reproducible.
+64-bit offsets (int32 only for a pixel index inside one map, while PIX64 says (HW - 1) * stride < 2**31).
+All arithmetic is float32; no atomics, so results are bitwise reproducible.
 Phi is normalised by the sum of the shifted exponentials, never by exp(max - log-sum-exp), so float32
 stays exact for any magnitude of beta*T.
 """
@@ -244,19 +246,29 @@ def map_bwd_kernel(
                 g_map = g_ptr + b64 * s_gb + tl.cast(l, tl.int64) * s_gl
                 g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
+            # grad beta = sum_p T_p g_s,p with g_s = Phi (g_phi - mean): as sum_p g_s,p = 0, T may be centred
+            # on its value at the max, and the sum split into one pass of reductions (T is then dead, and
+            # only Phi and G stay live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max
+            t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
+            up = tl.where(pv, t - t_max, 0.0) * phi
             mean = tl.sum(tl.sum(phi * g, axis=1), axis=0)
-            if HAS_GZ:  # g_phi += gx col + gy row (up to a per-map constant, which cancels); the mean of
-                # that part comes from the marginals of Phi, so no second [H, W] tensor stays live
+            gbeta = tl.sum(tl.sum(up * g, axis=1), axis=0)
+            sum_up = tl.sum(tl.sum(up, axis=1), axis=0)
+            if HAS_GZ:  # g_phi += gx col + gy row (up to a per-map constant, which cancels); its sums come
+                # from the row / column marginals, so no further [H, W] tensor stays live
                 gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
                 gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-                mean += gx * tl.sum(tl.sum(phi, axis=0) * cc.to(tl.float32), axis=0)
-                mean += gy * tl.sum(tl.sum(phi, axis=1) * rr.to(tl.float32), axis=0)
-                gs = phi * (g - mean + gx * cc.to(tl.float32)[None, :] + gy * rr.to(tl.float32)[:, None])
+                col = cc.to(tl.float32)
+                row = rr.to(tl.float32)
+                mean += gx * tl.sum(tl.sum(phi, axis=0) * col, axis=0)
+                mean += gy * tl.sum(tl.sum(phi, axis=1) * row, axis=0)
+                gbeta += gx * tl.sum(tl.sum(up, axis=0) * col, axis=0)
+                gbeta += gy * tl.sum(tl.sum(up, axis=1) * row, axis=0)
+                gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
             else:
                 gs = phi * (g - mean)
             tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
-            # padding lanes have t = 0 and Phi = 0
-            tl.store(gbeta_ptr + row_id, tl.sum(tl.sum(t * gs, axis=1), axis=0))
+            tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
     else:
         g_shared = tl.zeros([BLOCK_P], tl.float32)
         for l0 in range(l_first, l_end, BLOCK_L):
