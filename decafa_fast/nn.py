@@ -37,6 +37,10 @@ def beta_from_temperature(temperature: Temperature | None, heatmaps: torch.Tenso
         return 1.0 / _positive_number(temperature)
     if not temperature.is_floating_point():
         raise TypeError(f"a tensor temperature must have a floating dtype, got {temperature.dtype}")
+    if not isinstance(heatmaps, torch.Tensor):
+        raise TypeError(f"input must be a tensor of shape (B, N, H, W), got {type(heatmaps).__name__}")
+    if heatmaps.dim() != 4:
+        raise ValueError(f"input must have shape (B, N, H, W), got {tuple(heatmaps.shape)}")
     b, l = heatmaps.shape[:2]
     per_map = temperature
     if per_map.dim() >= 1:

@@ -327,6 +327,8 @@ def test_temperature_errors_name_the_problem(decafa_backend):
         decafa_nn.spatial_soft_argmax2d(x, torch.ones(H * W, dtype=dtype, device=device))
     with pytest.raises(ValueError, match="does not broadcast"):
         decafa_nn.spatial_soft_argmax2d(x, torch.ones(L + 1, 1, dtype=dtype, device=device))
+    with pytest.raises(ValueError, match=r"input must have shape \(B, N, H, W\)"):
+        decafa_nn.spatial_soft_argmax2d(x[0], torch.ones(L, 1, dtype=dtype, device=device))
     for bad in (0.0, -1.0, torch.tensor([[0.5], [-0.5], [1.0]], dtype=dtype, device=device)):
         with pytest.raises(ValueError, match="positive"):  # kornia raises ValueError as well
             decafa_nn.spatial_soft_argmax2d(x, bad)
