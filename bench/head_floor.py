@@ -8,7 +8,9 @@ measured in this run:
     forward + backward: the forward floor, plus read grad_F, grad_z, T, I, E and write grad_T, grad_I, grad_E
 Default: the tuned case B = 64, L = 98, 128 x 128, C = 64, Ci = 1, F5, in float32 and bfloat16, forward and
 forward + backward, plus the B = 1 forward latency (eager, and replayed from a CUDA graph, which removes the
-Python launch overhead). `--sweep` also times the Triton forward under one-at-a-time changes of
+Python launch overhead). Every GPU case of every dtype runs before the references (torch.compile compiles
+for tens of seconds); `--budget-s` bounds the whole script: each case checks it before it starts, and the
+JSON file is rewritten after every case. `--sweep` also times the Triton forward under one-at-a-time changes of
 decafa_fast.triton.ops.TUNING. Needs a CUDA GPU (exits with status 2 and a message otherwise):
 
     python bench/head_floor.py [--backends triton,cuda] [--sweep] [--json out.json]
@@ -16,10 +18,8 @@ decafa_fast.triton.ops.TUNING. Needs a CUDA GPU (exits with status 2 and a messa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,16 +30,15 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GPU_BACKENDS = ("triton", "cuda")
 
-# One-at-a-time variations of the Triton Tuning defaults for --sweep.
+# One-at-a-time variations of the Triton Tuning defaults for --sweep (fields TUNING lacks are skipped).
 SWEEP = {
-    "chunk_bytes": [0, 8 << 20, 16 << 20, 32 << 20, 128 << 20],
-    "fuse_block_p": [64, 128, 512, 1024],
-    "fuse_min_programs": [0, 1056, 4224],
-    "fuse_block_l": [4, 16],
+    "mask_runs": [2, 8],
+    "map_warps": [16],
+    "map_tile": [8192],
+    "fuse_block_p": [128, 512],
+    "fuse_min_programs": [0, 1056],
     "fuse_block_c": [4, 16],
     "fuse_warps": [2, 8],
-    "stats_block": [1024, 2048, 8192],
-    "stats_warps": [4, 16],
 }
 
 
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton forward under TUNING variations")
     p.add_argument("--budget-s", type=float, default=1e9,
-                   help="stop the sweep when the whole script has run this many seconds")
+                   help="start no case (nor sweep point) after the script has run this many seconds")
     p.add_argument("--json", help="write all numbers to this file")
     return p.parse_args(argv)
 
@@ -101,21 +100,6 @@ def graph_time_ms(fn: Callable[[], object], reps: int) -> float:
     with torch.cuda.graph(graph):
         fn()
     return time_ms(graph.replay, reps)
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]):
-    """Sets environment variables for the block (the CUDA launchers read DECAFA_CUDA_BATCH_CHUNK per call)."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -202,8 +186,37 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
                    torch.empty(batch, fc, s, s, dtype=dtype, device="meta")]
         return B.floor_bytes(tensors, outputs, backward, grad_inputs=tensors) / bandwidth * 1e3
 
+    def due(what: str) -> bool:
+        """True when the budget is spent: each case checks before it starts."""
+        if time.monotonic() > deadline:
+            print(f"skipped (out of time, --budget-s {args.budget_s}): {what}", flush=True)
+            return True
+        return False
+
+    def time_variant(dname: str, name: str, x, leaves, grads, fwd_floor: float, total_floor: float) -> None:
+        fn = head(name)
+
+        def fwd_bwd():
+            for t in leaves:
+                t.grad = None
+            torch.autograd.backward(fn(*leaves), grads)
+
+        try:
+            with torch.no_grad():
+                if not due(f"{dname} {name} forward"):
+                    record(dname, f"{name} forward", time_ms(lambda: fn(*x), args.reps), fwd_floor)
+                if name in backends and not due(f"{dname} {name} forward cuda graph"):
+                    record(dname, f"{name} forward cuda graph", graph_time_ms(lambda: fn(*x), args.reps), fwd_floor)
+            if not due(f"{dname} {name} forward+backward"):
+                record(dname, f"{name} forward+backward", time_ms(fwd_bwd, max(5, args.reps // 2)), total_floor)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{dname:9} {name}: out of memory")
+        torch.cuda.empty_cache()
+
+    # Every GPU case of every dtype first (what a cut-off run must not lose), then the references:
+    # torch.compile spends tens of seconds compiling before its first time.
     dnames = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    floors = {}
+    floors, prepared = {}, {}
     for dname in dnames:
         dtype = DTYPES[dname]
         x = inputs(dtype, b)
@@ -229,34 +242,9 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
         grads = (torch.randn(b, l, 2, device=device, generator=g).to(dtype),
                  torch.randn(b, fc, s, s, device=device, generator=g).to(dtype))
         leaves = [t.detach().clone().requires_grad_() for t in x]
-
-        def time_variant(name: str) -> None:
-            fn = head(name)
-
-            def fwd_bwd():
-                for t in leaves:
-                    t.grad = None
-                torch.autograd.backward(fn(*leaves), grads)
-
-            try:
-                with torch.no_grad():
-                    record(dname, f"{name} forward", time_ms(lambda: fn(*x), args.reps), fwd_floor)
-                    if name in backends:
-                        record(dname, f"{name} forward cuda graph", graph_time_ms(lambda: fn(*x), args.reps),
-                               fwd_floor)
-                record(dname, f"{name} forward+backward", time_ms(fwd_bwd, max(5, args.reps // 2)), total_floor)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{dname:9} {name}: out of memory")
-            torch.cuda.empty_cache()
-
-        # The GPU backends first (what a cut-off run must not lose), then the references: torch.compile
-        # spends tens of seconds compiling before its first time.
+        prepared[dname] = (x, leaves, grads, fwd_floor, total_floor)
         for name in backends:
-            time_variant(name)
-        if "cuda" in backends:  # the CUDA launcher splits big batches to keep T in L2; without the split:
-            with environment({"DECAFA_CUDA_BATCH_CHUNK": "1000000"}), torch.no_grad():
-                record(dname, "cuda forward, no batch chunks", time_ms(lambda: head("cuda")(*x), args.reps),
-                       fwd_floor)
+            time_variant(dname, name, x, leaves, grads, fwd_floor, total_floor)
 
         # B = 1 latency (target 15 us): eager (Python + launches) and replayed from a CUDA graph (GPU time)
         one = tuple(t[:1].clone() for t in x)
@@ -264,12 +252,17 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
         for name in backends:
             fn = head(name)
             with torch.no_grad():
-                record(dname, f"{name} forward B=1 eager", time_ms(lambda: fn(*one), args.reps * 3, flush=False),
-                       one_floor)
-                record(dname, f"{name} forward B=1 cuda graph", graph_time_ms(lambda: fn(*one), args.reps * 3),
-                       one_floor)
+                if not due(f"{dname} {name} forward B=1 eager"):
+                    record(dname, f"{name} forward B=1 eager", time_ms(lambda: fn(*one), args.reps * 3, flush=False),
+                           one_floor)
+                if not due(f"{dname} {name} forward B=1 cuda graph"):
+                    record(dname, f"{name} forward B=1 cuda graph", graph_time_ms(lambda: fn(*one), args.reps * 3),
+                           one_floor)
+        torch.cuda.empty_cache()
+
+    for dname in dnames:
         for name in ["reference eager"] + (["reference compile"] if compiled_ref else []):
-            time_variant(name)
+            time_variant(dname, name, *prepared[dname])
         torch.cuda.empty_cache()
 
     print("\n| dtype | case | time (us) | x floor |\n|---|---|---|---|")
@@ -295,6 +288,9 @@ def sweep_triton(args, deadline: float, results: dict, floors: dict, inputs: Cal
     for dname in (d.strip() for d in args.dtypes.split(",") if d.strip()):
         x = inputs(DTYPES[dname])
         for field, values in SWEEP.items():
+            if field not in base:
+                print(f"sweep: decafa_fast.triton.ops.TUNING has no field {field!r}, skipped")
+                continue
             for value in values:
                 if time.monotonic() > deadline:
                     print(f"sweep stopped: --budget-s {args.budget_s} spent")
@@ -302,8 +298,8 @@ def sweep_triton(args, deadline: float, results: dict, floors: dict, inputs: Cal
                     return
                 setattr(tops.TUNING, field, value)
                 try:
-                    # chunks trade L2 hits for launches: time them from a CUDA graph too (GPU time only)
-                    for graph in (False, True) if field == "chunk_bytes" else (False,):
+                    # runs trade bytes for programs: time them from a CUDA graph too (GPU time only)
+                    for graph in (False, True) if field == "mask_runs" else (False,):
                         with torch.no_grad():
                             call = lambda: head(*x)  # noqa: E731
                             ms = graph_time_ms(call, args.reps) if graph else time_ms(call, args.reps)

@@ -253,7 +253,7 @@ def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(script, "time_ms", fake_time)
     monkeypatch.setattr(script, "graph_time_ms", fake_time)
-    monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "stats_block": [64]})
+    monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "map_warps": [4]})
     monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 1e10)  # head_floor imports it as B
     out = tmp_path / "race.json"
     args = script.parse_args(["--batch", "2", "--maps", "3", "--size", "9", "--channels", "2", "--dtypes",
@@ -274,8 +274,8 @@ def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     floor = (b * l * s * s + b * s * s + b * c * s * s + b * fc * s * s + b * l * 2) * 4 / 1e10 * 1e3
     assert cases["floor forward"]["ms"] == pytest.approx(floor)
     assert cases["triton forward"]["x_floor"] == pytest.approx(2e-3 / floor)
-    assert [(r["dtype"], r.get("fuse_warps"), r.get("stats_block")) for r in data["sweep"]] == [
-        ("float32", 2, None), ("float32", None, 64)]
+    assert [(r["dtype"], r.get("fuse_warps"), r.get("map_warps")) for r in data["sweep"]] == [
+        ("float32", 2, None), ("float32", None, 4)]
     from decafa_fast.triton import ops as tops
 
     assert tops.TUNING.fuse_warps == data["info"]["triton_tuning"]["fuse_warps"]  # sweep restores TUNING
@@ -288,6 +288,7 @@ def test_gpu_check_script_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the script would run for real")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHON"] = sys.executable  # the python3 on PATH may lack torch
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "refused")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stderr
