@@ -33,7 +33,6 @@ class Tuning:
     """Launch parameters (128 x 128, L = 98 is the tuned case); bench/head_floor.py sweeps them on a GPU."""
 
     map_block_max: int = 16384  # largest map (pixels, rounded up to a power of 2) held whole on chip
-    map_tile: int = 16384  # elements of a [maps x pixels] tile of the per-map kernels on that path
     map_chunk: int = 4096  # elements of a tile when a map is swept in chunks (large or channels_last maps)
     map_warps: int = 32  # most warps of a per-map program (a whole 128 x 128 map: 16 pixels a thread)
     # runs of maps per batch item where the per-map pass writes partial masks (and the backward reads the
