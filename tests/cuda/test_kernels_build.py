@@ -161,6 +161,7 @@ def _result(builds, key):
     return res
 
 
+@pytest.mark.slow
 def test_kernels_cmake_build(builds):
     code, output, build = _result(builds, "cmake")
     assert code == 0, "CMake build of kernels/ failed:\n" + output[-4000:]
@@ -171,6 +172,7 @@ def test_kernels_cmake_build(builds):
     assert "decafa_kernels_smoke:" in run.stdout
 
 
+@pytest.mark.slow
 def test_cuda_glue_compiles(builds):
     code, output, out_dir = _result(builds, "glue")
     assert code == 0, "nvcc -c of csrc/cuda/*.cu failed:\n" + output[-4000:]
@@ -179,6 +181,7 @@ def test_cuda_glue_compiles(builds):
         assert obj.is_file() and obj.stat().st_size > 0, obj
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sm_count", ["1", "132"])
 def test_kernels_on_cpu_emulation(builds, sm_count):
     """Every launcher against the CPU reference, run through the CUDA emulation (vector width of the pixel
@@ -215,6 +218,7 @@ def _traffic(binary, batch: int, runs: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_traffic_at_the_paper_shape(builds):
     """Counted bytes of every kernel of the fused head against the floor (read T, I, E, write z, F; backward:
     read grad F, grad z, T, I, E, M, stats, write grad T, grad I, grad E)."""
