@@ -1,8 +1,10 @@
 """The CUDA C++ backend (decafa::* CUDA kernels from kernels/) against decafa_fast.reference: values and
 gradients of every op in float32 / float16 / bfloat16 over shapes that take each kernel path (scalar and
-16-byte vector loads, shared-memory staged and unstaged maps, one pixel, empty batch), every fusion mode,
-one-sided gradients, channels_last inputs, batch chunking, determinism, -inf / NaN logits, dtype errors and
-torch.compile. Skipped, with the reason, where no GPU or no CUDA build of the extension is present.
+16-byte vector loads, maps held on chip and streamed, one pixel, empty batch), every fusion mode, one-sided
+gradients, channels_last inputs (F in the embedding's memory format), the runs of maps, per-map beta and its
+gradient, float32 at extreme magnitudes, determinism, -inf / NaN logits, argument checks of the raw ops, the
+device guard, dtype errors and torch.compile. Skipped, with the reason, where no GPU or no CUDA build of the
+extension is present.
 
 Tolerances: tests/harness.py's CUDA_FAST_MATH profile (atol scaled by the reference's largest magnitude):
 float32 rtol 1e-4 / atol 1e-5 (the kernels use fast-math exp), float16 1e-2, bfloat16 2e-2, values and
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from decafa_fast import ops, reference
+from decafa_fast.ops.layout import FUSION_MODES
 from harness import CUDA_FAST_MATH, all_ops, grad_or_zeros, make_inputs
 
 _STATUS = ops.backends()["cuda"]
@@ -23,7 +26,7 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-MODES = reference.FUSION_MODES
+MODES = FUSION_MODES
 # (B, L, H, W): odd H*W (scalar path), one pixel, empty batch, one row, H*W % 8 == 0 (vector path for every
 # dtype), the tuned 128 x 128 with L = 98 at a small batch, and a map too big to stage in shared memory
 SHAPES = [(2, 3, 7, 9), (1, 1, 1, 1), (0, 2, 5, 5), (3, 5, 1, 6), (2, 7, 16, 24), (2, 98, 128, 128),
@@ -105,22 +108,32 @@ def test_softmax_and_attention_one_sided():
 
 
 def test_channels_last_and_strided_inputs():
-    logits, image, embedding = make_inputs(2, 6, 12, 16, ci=3, c=4, device="cuda", seed=3)
-    want = ops.decafa_head(logits, image, embedding, "F5", 1.0, False)
-    cl = [t.to(memory_format=torch.channels_last) for t in (logits, image, embedding)]
-    got = ops.decafa_head(*cl, "F5", 1.0, False)
-    for a, b in zip(got, want):
-        assert a.is_contiguous()
-        assert torch.equal(a, b)
+    """channels_last logits and embeddings are read in place; F comes back in the embedding's memory format,
+    the gradients contiguous."""
+    leaves = [t.requires_grad_() for t in make_inputs(2, 6, 12, 16, ci=3, c=4, device="cuda", seed=3)]
+    cl = [t.detach().to(memory_format=torch.channels_last).requires_grad_() for t in leaves]
+    results = []
+    for inputs in (leaves, cl):
+        z, fused = ops.decafa_head(*inputs, "F5", 1.0, False)
+        (z.sum() * 0.1 + (fused * torch.arange(fused.shape[1], device="cuda").view(1, -1, 1, 1)).sum()).backward()
+        results.append((z, fused, [t.grad for t in inputs]))
+    (z, fused, grads), (z_cl, fused_cl, grads_cl) = results
+    assert fused.is_contiguous() and fused_cl.is_contiguous(memory_format=torch.channels_last)
+    assert not fused_cl.is_contiguous()
+    CUDA_FAST_MATH.assert_close(z_cl, z, torch.float32, what="channels_last z")
+    CUDA_FAST_MATH.assert_close(fused_cl, fused, torch.float32, what="channels_last fused")
+    for g, g_cl in zip(grads, grads_cl):
+        assert g_cl.is_contiguous()
+        CUDA_FAST_MATH.assert_close(g_cl, g, torch.float32, grad=True, what="channels_last gradient")
     wide = torch.randn(2, 6, 12, 32, device="cuda")[..., ::2]  # non-contiguous view
     CUDA_FAST_MATH.assert_close(ops.soft_argmax(wide), reference.soft_argmax(wide.double()), torch.float32,
                                 what="strided logits")
 
 
-@pytest.mark.parametrize("chunk", ["1", "3", "1000"])
-def test_batch_chunking_does_not_change_results(monkeypatch, chunk):
-    """DECAFA_CUDA_BATCH_CHUNK only changes how batches are grouped into launches (and so the vector width
-    of the pixel kernels): the same sums in the same order, equal up to FMA contraction."""
+@pytest.mark.parametrize("runs", ["1", "3", "98"])
+def test_runs_of_maps_do_not_change_results(monkeypatch, runs):
+    """DECAFA_CUDA_RUNS only changes how the maps of a batch element are grouped into blocks (and so the order
+    in which the partial masks are summed): equal up to rounding."""
     leaves = [t.requires_grad_() for t in make_inputs(5, 6, 16, 16, device="cuda", seed=4)]
 
     def run():
@@ -131,12 +144,79 @@ def test_batch_chunking_does_not_change_results(monkeypatch, chunk):
             fused.shape).remainder(7)).sum()).backward()
         return [z, fused] + [t.grad.clone() for t in leaves]
 
-    monkeypatch.delenv("DECAFA_CUDA_BATCH_CHUNK", raising=False)
+    monkeypatch.delenv("DECAFA_CUDA_RUNS", raising=False)
     default = run()
-    monkeypatch.setenv("DECAFA_CUDA_BATCH_CHUNK", chunk)
-    chunked = run()
-    for a, b in zip(default, chunked):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+    monkeypatch.setenv("DECAFA_CUDA_RUNS", runs)
+    other = run()
+    for a, b in zip(default, other):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_per_map_beta_and_its_gradient():
+    leaves = [t.requires_grad_() for t in make_inputs(3, 5, 9, 11, ci=2, c=3, device="cuda", seed=9)]
+    beta = (0.5 + torch.rand(5, 1, device="cuda")).requires_grad_()  # kornia's (L, 1) temperature shape
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_beta = beta.detach().double().requires_grad_()
+    for impl, args, b in ((ops, leaves, beta), (reference, ref_leaves, ref_beta)):
+        z, fused = impl.decafa_head(*args, "F5", b, True)
+        (torch.sin(z.double()).sum() + (fused.double() ** 2).sum()).backward()
+    CUDA_FAST_MATH.assert_close(beta.grad, ref_beta.grad, torch.float32, grad=True, what="grad beta")
+    for name, leaf, ref_leaf in zip(("logits", "image", "embedding"), leaves, ref_leaves):
+        CUDA_FAST_MATH.assert_close(leaf.grad, ref_leaf.grad, torch.float32, grad=True, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e10, 1e30])
+def test_float32_exact_at_large_magnitudes(magnitude):
+    """Phi, M and F normalised by the sum of the shifted exponentials: float32 relative error <= 1e-6 against
+    float64 for |beta T| up to 1e30 (exp(s - lse) loses everything there)."""
+    logits, image, embedding = make_inputs(2, 3, 8, 8, device="cuda", seed=10)
+    logits = logits / logits.abs().amax() * magnitude
+    phi = ops.spatial_softmax(logits)
+    want = reference.spatial_softmax(logits.double())
+    assert float((phi.double() - want).norm() / want.norm()) <= 1e-6
+    _, fused = ops.decafa_head(logits, image, embedding, "F5")
+    _, want_f = reference.decafa_head(logits.double(), image.double(), embedding.double(), "F5")
+    assert float((fused.double() - want_f).norm() / want_f.norm()) <= 1e-6
+
+
+def test_one_pixel_axis_normalized_is_centre():
+    z = ops.soft_argmax(torch.randn(2, 3, 1, 5, device="cuda"), 1.0, True)
+    assert torch.all(z[..., 1] == 0)
+    z = ops.soft_argmax(torch.randn(2, 3, 4, 1, device="cuda"), 1.0, True)
+    assert torch.all(z[..., 0] == 0)
+
+
+def test_raw_ops_check_their_arguments():
+    logits, image, embedding = make_inputs(2, 3, 6, 7, ci=1, c=2, device="cuda", seed=11)
+    head = torch.ops.decafa.decafa_head
+    with pytest.raises(RuntimeError, match="embedding"):
+        head(logits, image, embedding[:1], 5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="beta_map"):
+        head(logits, image, embedding, 5, 1.0, torch.ones(2, 4, device="cuda"), False)
+    z, fused, mask, stats = head(logits, image, embedding, 5, 1.0, None, False)
+    backward = torch.ops.decafa.decafa_head_backward
+    with pytest.raises(RuntimeError, match="stats"):
+        backward(z, fused, logits, image, embedding, mask, stats[:, :2], 5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="grad_fused"):
+        backward(z, fused[:, :3], logits, image, embedding, mask, stats, 5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="mask"):
+        backward(z, fused, logits, image, embedding, mask[..., :3], stats, 5, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.decafa.fuse(image, embedding, torch.ones(2, 2, 6, 7, device="cuda"), 5)
+    with pytest.raises(RuntimeError, match="grad_phi"):
+        torch.ops.decafa.spatial_softmax_backward(logits[:1], logits, stats, 1.0, None)
+    with pytest.raises(RuntimeError, match="logits"):
+        torch.ops.decafa.soft_argmax(logits.cpu(), 1.0, None, False)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_device_guard_runs_on_the_tensors_device():
+    logits, image, embedding = make_inputs(2, 3, 8, 8, device="cuda:1", seed=12)
+    with torch.cuda.device(0):
+        z, fused = ops.decafa_head(logits, image, embedding)
+    assert z.device == fused.device == torch.device("cuda:1")
+    want = reference.decafa_head(logits.double(), image.double(), embedding.double())
+    CUDA_FAST_MATH.assert_close(fused, want[1].float(), torch.float32, what="fused on cuda:1")
 
 
 def test_deterministic():
@@ -173,15 +253,20 @@ def test_float64_rejected_with_a_clear_error():
     with pytest.raises(TypeError, match="float64"):
         ops.decafa_head(logits, image, embedding)
     with pytest.raises((TypeError, RuntimeError), match="float32, float16 or bfloat16"):
-        torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.0, False)
+        torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.0, None, False)
 
 
-def test_lse_output_and_shapes():
+def test_stats_mask_and_shapes():
     logits, image, embedding = make_inputs(2, 4, 6, 10, ci=1, c=2, dtype=torch.float16, device="cuda")
-    z, fused, lse = torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.5, False)
-    assert lse.dtype == torch.float32 and lse.shape == (2, 4)
-    CUDA_FAST_MATH.assert_close(lse, torch.logsumexp(1.5 * logits.double().flatten(2), -1), torch.float32, what="lse")
-    assert fused.shape == (2, 6, 6, 10) and z.shape == (2, 4, 2)
+    z, fused, mask, stats = torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.5, None, False)
+    assert stats.dtype == torch.float32 and stats.shape == (2, 4, 2)
+    s = 1.5 * logits.double().flatten(2)
+    mx = s.amax(-1)
+    CUDA_FAST_MATH.assert_close(stats[..., 0], mx, torch.float32, what="stats max")
+    CUDA_FAST_MATH.assert_close(stats[..., 1], torch.exp(s - mx[..., None]).sum(-1), torch.float32, what="stats sum")
+    want_mask = reference.attention_mask(logits.double(), 1.5)
+    CUDA_FAST_MATH.assert_close(mask, want_mask.half(), torch.float16, what="mask")
+    assert fused.shape == (2, 6, 6, 10) and z.shape == (2, 4, 2) and mask.shape == (2, 1, 6, 10)
 
 
 def test_torch_compile_fullgraph():
