@@ -236,7 +236,10 @@ def generate_face(size: int, rng: np.random.Generator, difficulty: float = 1.0) 
     # neck, head (contour + forehead arc), hair
     _poly(img, place(ex["neck"][:, :2], ex["neck"][:, 2], scale), skin * 0.8)
     forehead = place(ex["forehead"][:, :2], ex["forehead"][:, 2], scale)
-    _poly(img, np.concatenate([landmarks[:33], forehead]), skin)
+    # the skin is the hull of the outline and every feature: on a head turned towards profile the far eye,
+    # brow and nose lie beyond the jaw's outline, on the cheek and the silhouette that the hull follows
+    head = cv2.convexHull(np.concatenate([landmarks, forehead]).astype(np.float32))[:, 0]
+    _poly(img, head, skin)
     if ex["hair"] > 0.3:
         fh = ex["forehead"].copy()
         cut = fh[:, 1] < ex["hair_line"]
