@@ -197,6 +197,34 @@ def test_compile_traces_the_scoped_choice():
     torch.testing.assert_close(cpp_value, ref_value, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_function_follows_each_threads_choice():
+    """One compiled function, called from a thread inside use_backend("reference") and then from a thread
+    inside use_backend("cpp"): the guard on the thread's choice sends the second to a graph of its own."""
+    graphs: list[set[str]] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ops.soft_argmax(x, 0.5, True), backend=record, fullgraph=True)
+    t = logits()
+    results: dict[str, torch.Tensor] = {}
+
+    def call_in(choice: str):
+        def body():
+            with ops.use_backend(choice):
+                results[choice] = compiled(t)
+        return body
+
+    run_threads(call_in("reference"))
+    run_threads(call_in("cpp"))
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and not any("decafa" in g for g in graphs[0]), graphs
+    assert any("decafa.soft_argmax" in g for g in graphs[1]), graphs
+    torch.testing.assert_close(results["cpp"], results["reference"], rtol=1e-5, atol=1e-6)
+
+
 def test_scoped_choice_inside_a_compiled_function():
     """A use_backend block inside a torch.compile(fullgraph=True) function: the block's op is traced on its
     backend, the op after it on the thread's, and nothing is left chosen after the call."""
