@@ -138,6 +138,7 @@ def load_or_build(root: Path | None = None, cache: Path | None = None, log=None)
         if problem:
             raise RuntimeError(f"cannot compile decafa_fast._C for torch {torch.__version__}: {problem}")
         build_dir.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(build_dir)
         print(f"decafa-fast: compiling the C++ extension for torch {torch.__version__} "
               f"({'CPU + CUDA' if cuda else 'CPU'}; once, takes a few minutes; cached in {build_dir}) ...",
               file=log, flush=True)
@@ -146,6 +147,24 @@ def load_or_build(root: Path | None = None, cache: Path | None = None, log=None)
         print(f"decafa-fast: C++ extension built in {time.perf_counter() - start:.0f} s", file=log, flush=True)
     torch.ops.load_library(str(library))
     return library
+
+
+STALE_LOCK_S = 15 * 60
+
+
+def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) -> bool:
+    """Removes torch's build lock when the build that held it is gone (killed: the lock outlives it, and every
+    later first use would wait on it forever). A build writes into its folder as it goes, so a lock in a folder
+    where nothing was written for `stale_after_s` is stale. Returns whether it removed one."""
+    lock = build_dir / "lock"
+    try:
+        newest = max(p.stat().st_mtime for p in build_dir.iterdir())
+        if lock.exists() and time.time() - newest > stale_after_s:
+            lock.unlink()
+            return True
+    except (OSError, ValueError):  # a file came or went meanwhile: leave the lock to torch
+        pass
+    return False
 
 
 def _compile(root: Path, build_dir: Path, cuda: bool) -> None:

@@ -93,6 +93,23 @@ def test_first_use_build_without_a_compiler_says_so_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_killed_build_leaves_no_lock_that_blocks_the_next(tmp_path):
+    """torch's build lock outlives a killed build; a later first use removes it once nothing has been written in
+    that build folder for a while, and leaves the lock of a build that is still writing."""
+    from decafa_fast import _build
+
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "lock").touch()
+    (folder / "attention.o").write_bytes(b"")
+    assert not _build.clear_stale_lock(folder)  # just written: a build may be running
+    old = time.time() - _build.STALE_LOCK_S - 60
+    for path in folder.iterdir():
+        os.utime(path, (old, old))
+    assert _build.clear_stale_lock(folder) and not (folder / "lock").exists()
+    assert not _build.clear_stale_lock(folder)  # no lock: nothing to do
+
+
 @pytest.mark.slow
 def test_first_use_build_compiles_once_then_loads_the_cache(tmp_path):
     """A package without _C compiles it on first import (one line before, one after), against this torch,
