@@ -134,6 +134,9 @@ def load_or_build(root: Path | None = None, cache: Path | None = None, log=None)
     build_dir = (cache_root() if cache is None else cache) / build_key(root, cuda)
     library = build_dir / f"{LIBRARY_NAME}{LIBRARY_SUFFIX}"
     if not library.is_file():
+        if os.environ.get("DECAFA_FIRST_USE_BUILD", "1") == "0":
+            raise RuntimeError(f"decafa_fast._C is not built for torch {torch.__version__}, and "
+                               "DECAFA_FIRST_USE_BUILD=0 turns off compiling it on first use")
         problem = missing_tool(cuda)
         if problem:
             raise RuntimeError(f"cannot compile decafa_fast._C for torch {torch.__version__}: {problem}")

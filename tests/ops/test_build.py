@@ -110,6 +110,15 @@ def test_a_killed_build_leaves_no_lock_that_blocks_the_next(tmp_path):
     assert not _build.clear_stale_lock(folder)  # no lock: nothing to do
 
 
+def test_first_use_build_can_be_turned_off(tmp_path, monkeypatch):
+    from decafa_fast import _build
+
+    monkeypatch.setenv("DECAFA_FIRST_USE_BUILD", "0")
+    with pytest.raises(RuntimeError, match="DECAFA_FIRST_USE_BUILD=0 turns off"):
+        _build.load_or_build(_copy_checkout(tmp_path / "src", ("csrc", "kernels")), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow
 def test_first_use_build_compiles_once_then_loads_the_cache(tmp_path):
     """A package without _C compiles it on first import (one line before, one after), against this torch,
