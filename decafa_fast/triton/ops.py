@@ -402,7 +402,7 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
     b, ci, h, w = image.shape
     fused = torch.empty((b, fusion_layout(mode, ci, embedding.shape[1]).channels, h, w), dtype=image.dtype,
                         device=image.device, memory_format=fused_memory_format(embedding))
-    if b:
+    if b and h * w:  # no pixels: an empty fusion
         with _device_guard(image):
             _run_mask_fuse(None, 0, _flat(mask, image), _flat(image, image), _flat(embedding, image), fused, None,
                            b, h * w, mode, image.device)
@@ -417,7 +417,7 @@ def _fuse_grads(grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.
     ge = embedding.new_empty(embedding.shape) if mode == 1 or mode >= 4 else _zeros(embedding)
     if mode == 1:
         gm.zero_()
-    if b:
+    if b and h * w:
         with _device_guard(image):
             _run_fuse_bwd(_flat(grad_fused, image), _flat(mask, image), _flat(image, image), _flat(embedding, image),
                           gi, ge, gm, b, h * w, mode)

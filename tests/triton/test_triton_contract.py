@@ -353,3 +353,13 @@ def test_every_launch_is_under_a_device_guard():
                 assert id(call) in guarded, f"{fn.name} launches {call.func.id} outside _device_guard"
     guard = tops._device_guard(torch.empty(0, device="meta"))
     assert not isinstance(guard, torch.cuda.device)
+
+
+def test_channels_last_inputs_are_used_in_place():
+    """channels_last T, I, E, grad F (and broadcast grads) reach the kernels without a copy: the strides
+    handed to the kernel are the tensor's own."""
+    t, i, e = _inputs(2, 5, 6, 7, 1, 3, seed=12, channels_last=True)
+    for x in (t, i, e, torch.ones(2, 1, 1, 1).expand(2, 1, 6, 7)):
+        flat, s_b, s_c, s_p = tops._flat(x, x)
+        assert flat.data_ptr() == x.data_ptr() and (s_b, s_c) == (x.stride(0), x.stride(1)), x.stride()
+    assert tops._interleaved(tops._flat(t, t)) and not tops._interleaved(tops._flat(t.contiguous(), t))
