@@ -406,6 +406,7 @@ cudaError_t pixels_forward(DType dtype, MapShape shape, const float* partial, in
 
 cudaError_t fuse_forward(DType dtype, MapShape shape, const void* mask, const FusionInputs& fusion, void* fused,
                          Strides fused_strides, cudaStream_t stream) {
+  if (shape.batch == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;  // (empty: no pointers)
   if (mask == nullptr) return cudaErrorInvalidValue;
   return detail::pixels_forward(dtype, shape, nullptr, 0, mask, nullptr, &fusion, fused, fused_strides, stream);
 }

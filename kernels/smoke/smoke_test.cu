@@ -490,6 +490,7 @@ int main(int argc, char** argv) {
       {3, 5, 16, 16, 1, 8, 5, 0.7f, false, true, false, false, true},   // vector path, L not a multiple of 4
       {3, 5, 16, 16, 1, 8, 5, 0.7f, true, true, true, true, true},      // channels_last T and E
       {2, 6, 8, 12, 3, 8, 4, 1.2f, true, false, false, true, true},     // channels_last E, vector channels
+      {2, 3, 6, 10, 4, 16, 5, 0.8f, false, false, false, true, true},   // channels_last E, 16-byte channels
       {3, 4, 16, 16, 3, 2, 1, 1.0f, false, false, true, false, false},  // F1, channels_last T
       {3, 4, 16, 16, 3, 2, 2, 1.0f, false, false, false, true, false},  // F2, channels_last E (C = 2)
       {2, 5, 12, 20, 1, 4, 3, 2.0f, false, false, false, false, false}, // F3
