@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch._library.autograd
+import torch._library.custom_ops
+import torch._library.utils
+import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
 from .layout import FUSION_MODES
@@ -24,8 +28,10 @@ def _graph_gradients(fn: Callable, inputs: Sequence[Tensor | None], needed: Sequ
     """Gradients of fn(*inputs) (a tuple of outputs) for the inputs marked `needed`, as a graph (so they can
     be differentiated again). Outputs whose gradient is None do not contribute."""
     with torch.enable_grad():
+        # Differentiate with respect to fresh aliases: the gradient with respect to an input itself would also
+        # count the paths through the others when one depends on another (image = x, logits = conv(x)).
         xs = [
-            x.detach().requires_grad_() if x is not None and need and not x.requires_grad else x
+            x if x is None or not need else (x.view_as(x) if x.requires_grad else x.detach().requires_grad_())
             for x, need in zip(inputs, needed)
         ]
         outputs = fn(*xs)
@@ -40,6 +46,41 @@ def _graph_gradients(fn: Callable, inputs: Sequence[Tensor | None], needed: Sequ
 
 def _beta_of(beta: float, beta_map: Tensor | None):
     return beta if beta_map is None else beta_map
+
+
+def _has_tangent(args) -> bool:
+    return _forward_ad._current_level >= 0 and any(
+        isinstance(a, Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
+    )
+
+
+_LIBRARIES: dict[str, torch.library.Library] = {}
+
+
+def _register(qualname: str, backward: Callable, setup_context: Callable) -> None:
+    """torch.library.register_autograd, plus a clear error for forward-mode AD (torch.autograd.forward_ad,
+    torch.func.jvp/jacfwd) on the raw op: torch would silently drop the tangent when no input requires grad.
+    The public decafa_fast.ops functions run the reference formulation there instead.
+    Ops made by torch.library.custom_op / triton_op (decafa_triton) keep the plain registration."""
+    op = torch._library.utils.lookup_op(qualname)
+    if isinstance(torch._library.custom_ops._maybe_get_opdef(qualname), torch._library.custom_ops.CustomOpDef):
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        return
+    kernel = torch._library.autograd.make_autograd_impl(op, torch._library.autograd.Info(backward, setup_context))
+    namespace, name = qualname.split("::")
+    public = f"decafa_fast.ops.{name}" if not name.endswith("_backward") else "decafa_fast.ops"
+
+    def autograd_kernel(keyset, *args, **kwargs):
+        if _has_tangent(args):
+            raise RuntimeError(
+                f"{qualname} has no forward-mode AD (jvp) rule: call {public}, which runs the reference "
+                f"formulation under forward-mode AD and torch.func transforms, or decafa_fast.reference"
+            )
+        return kernel(keyset, *args, **kwargs)
+
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    _LIBRARIES[namespace].impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def register_autograd(namespace: str) -> None:
@@ -66,7 +107,7 @@ def register_autograd(namespace: str) -> None:
             gt, gb = ns.spatial_softmax_backward(grad_phi, logits, stats, ctx.beta, beta_map)
         return (gt if need_t else None), None, (gb if need_b else None)
 
-    torch.library.register_autograd(lib + "spatial_softmax", softmax_backward, setup_context=softmax_setup)
+    _register(lib + "spatial_softmax", softmax_backward, setup_context=softmax_setup)
 
     # soft_argmax / attention_mask / landmark_attention share one backward -------------------------------
     def stats_setup(ctx, inputs, output):
@@ -102,11 +143,9 @@ def register_autograd(namespace: str) -> None:
     def landmark_attention_backward(ctx, grad_z, grad_mask, _grad_stats):
         return stats_grad(ctx, grad_z, grad_mask)
 
-    torch.library.register_autograd(lib + "soft_argmax", soft_argmax_backward, setup_context=stats_setup)
-    torch.library.register_autograd(lib + "attention_mask", attention_mask_backward, setup_context=stats_setup)
-    torch.library.register_autograd(
-        lib + "landmark_attention", landmark_attention_backward, setup_context=stats_setup
-    )
+    _register(lib + "soft_argmax", soft_argmax_backward, setup_context=stats_setup)
+    _register(lib + "attention_mask", attention_mask_backward, setup_context=stats_setup)
+    _register(lib + "landmark_attention", landmark_attention_backward, setup_context=stats_setup)
 
     # fuse(image, embedding, mask, mode) -> fused ------------------------------------------------------------
     def fuse_setup(ctx, inputs, output):
@@ -127,7 +166,7 @@ def register_autograd(namespace: str) -> None:
             grads = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
         return tuple(g if need else None for g, need in zip(grads, needed)) + (None,)
 
-    torch.library.register_autograd(lib + "fuse", fuse_backward, setup_context=fuse_setup)
+    _register(lib + "fuse", fuse_backward, setup_context=fuse_setup)
 
     # decafa_head(logits, image, embedding, mode, beta, beta_map, normalized) -> (z, fused, mask, stats) -----
     def head_setup(ctx, inputs, output):
@@ -160,4 +199,4 @@ def register_autograd(namespace: str) -> None:
         return ((gt if need_t else None), (gi if need_i else None), (ge if need_e else None), None, None,
                 (gb if need_b else None), None)
 
-    torch.library.register_autograd(lib + "decafa_head", head_backward, setup_context=head_setup)
+    _register(lib + "decafa_head", head_backward, setup_context=head_setup)

@@ -141,32 +141,39 @@ def test_gradcheck_float64(name):
 # --------------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels, autograd registration, AOT dispatch
 # --------------------------------------------------------------------------------------------------
-def opcheck_cases(device, dtype=torch.float32):
+def opcheck_cases(device, dtype=torch.float32, per_map_beta=False):
+    """Arguments of every op in op contract v2; with `per_map_beta` every op that takes beta gets a beta_map."""
     t, i, e = make_inputs(2, 3, 5, 6, c=2, dtype=dtype, device=device)
     m = torch.rand(2, 1, 5, 6, dtype=dtype, device=device)
-    lse = torch.logsumexp(t.float().flatten(2) * 1.1, -1)
+    acc = ops.acc_dtype(dtype)
+    bm = torch.rand(2, 3, dtype=acc, device=device) + 0.5 if per_map_beta else None
+    s = t.to(acc).flatten(2) * (1.1 if bm is None else bm[..., None])
+    top = s.max(-1).values
+    stats = torch.stack([top, (s - top[..., None]).exp().sum(-1)], -1)
     gz, gm = torch.randn(2, 3, 2, dtype=dtype, device=device), torch.randn(2, 1, 5, 6, dtype=dtype, device=device)
     return {
-        "spatial_softmax": (t, 1.1),
-        "spatial_softmax_backward": (torch.randn_like(t), t, lse, 1.1),
-        "soft_argmax": (t, 1.1, True),
-        "attention_mask": (t, 1.1),
-        "landmark_attention": (t, 1.1, False),
-        "landmark_attention_backward": (gz, gm, t, lse, 1.1, True),
+        "spatial_softmax": (t, 1.1, bm),
+        "spatial_softmax_backward": (torch.randn_like(t), t, stats, 1.1, bm),
+        "soft_argmax": (t, 1.1, bm, True),
+        "attention_mask": (t, 1.1, bm),
+        "landmark_attention": (t, 1.1, bm, False),
+        "landmark_attention_backward": (gz, gm, t, stats, 1.1, bm, True),
         "fuse": (i, e, m, 5),
         "fuse_backward": (torch.randn(2, 6, 5, 6, dtype=dtype, device=device), i, e, m, 5),
-        "decafa_head": (t, i, e, 4, 1.1, True),
-        "decafa_head_backward": (gz, torch.randn(2, 4, 5, 6, dtype=dtype, device=device), t, i, e, lse, 4, 1.1, True),
+        "decafa_head": (t, i, e, 4, 1.1, bm, True),
+        "decafa_head_backward": (gz, torch.randn(2, 4, 5, 6, dtype=dtype, device=device), t, i, e, m, stats, 4, 1.1,
+                                 bm, True),
     }
 
 
+@pytest.mark.parametrize("per_map_beta", [False, True])
 @pytest.mark.parametrize("op_name", list(ops.SCHEMAS))
-def test_opcheck(backend, op_name):
+def test_opcheck(backend, op_name, per_map_beta):
     namespace = torch.ops.decafa_triton if backend == "triton" else torch.ops.decafa
-    args = opcheck_cases(backend_device(backend))[op_name]
-    if not op_name.endswith("backward"):
+    args = opcheck_cases(backend_device(backend), per_map_beta=per_map_beta)[op_name]
+    if not op_name.endswith("backward"):  # the inputs, beta_map included, require grad
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dtype.is_floating_point
-                     and a.dim() == 4 else a for a in args)
+                     and a.dim() in (2, 4) else a for a in args)
     torch.library.opcheck(getattr(namespace, op_name).default, args)
 
 
@@ -278,7 +285,8 @@ def test_single_pixel_and_empty_batch(backend):
     t, i, e = make_inputs(3, 2, 1, 1, device=device)
     z, f = ops.decafa_head(t, i, e, "F5")
     assert z.abs().max().item() == 0  # the only pixel is (0, 0)
-    torch.testing.assert_close(ops.soft_argmax(t, normalized=True).cpu(), torch.full((3, 2, 2), -1.0))
+    # a one-pixel axis is its own centre, 0 (as kornia 0.9)
+    torch.testing.assert_close(ops.soft_argmax(t, normalized=True).cpu(), torch.full((3, 2, 2), 0.0))
     torch.testing.assert_close(ops.attention_mask(t).cpu(), torch.full((3, 1, 1, 1), 2.0))
     t0, i0, e0 = make_inputs(0, 2, 4, 4, device=device)
     z0, f0 = ops.decafa_head(t0.requires_grad_(), i0.requires_grad_(), e0.requires_grad_(), "F5")

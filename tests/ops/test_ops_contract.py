@@ -1,0 +1,191 @@
+"""Op contract v2 on the C++ backend: float32 exact at any magnitude of beta*T, the raw torch.ops.decafa.*
+entry points reject mismatched arguments with a RuntimeError (a quick in-process check; the subprocess fuzz
+test is tests/ops/test_raw_op_fuzz.py), the head returns M and stats, F in E's memory format, and results that
+do not depend on the thread count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decafa_fast import ops, reference
+
+pytestmark = pytest.mark.skipif(not ops.backends()["cpp"].startswith("available"), reason=ops.backends()["cpp"])
+D = torch.ops.decafa
+
+
+# --------------------------------------------------------------------------------------------------
+# float32 at large |beta * T|: Phi = exp(s - max) / sum, never exp(s - lse)
+# --------------------------------------------------------------------------------------------------
+def _large_logits(magnitude: float) -> torch.Tensor:
+    """Maps whose values share a large offset (+-magnitude) and differ by O(1): where a log-sum-exp of that
+    magnitude loses the differences in float32. Beta is 1, so beta*T is the float32 logits themselves."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2, 3, 5, 6, generator=g) * 2
+    sign = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+    return (sign * magnitude + spread).float()
+
+
+def _extreme_maps() -> torch.Tensor:
+    """Maps of +-1e38 (the float32 limit is 3.4e38), one of them constant."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.where(torch.rand(2, 3, 5, 6, generator=g) < 0.5, -1e38, 1e38)
+    t[0, 0] = 1e38
+    t[1, 2] = -1e38
+    return t.float()
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e6, 1e7, 1e30, "1e38 maps"])
+def test_float32_exact_at_any_magnitude(magnitude):
+    t = _extreme_maps() if magnitude == "1e38 maps" else _large_logits(magnitude)
+    g = torch.Generator().manual_seed(2)
+    i, e = torch.rand(2, 1, 5, 6, generator=g), torch.randn(2, 2, 5, 6, generator=g)
+    with ops.use_backend("cpp"):
+        phi = ops.spatial_softmax(t)
+        mask = ops.attention_mask(t)
+        _, fused = ops.decafa_head(t, i, e, "F5")
+    want_phi = reference.spatial_softmax(t.double())
+    want_mask = reference.attention_mask(t.double())
+    _, want_fused = reference.decafa_head(t.double(), i.double(), e.double(), "F5")
+    assert torch.isfinite(phi).all() and torch.isfinite(fused).all()
+    assert _relative_error(phi, want_phi) <= 1e-6
+    assert _relative_error(mask, want_mask) <= 1e-6
+    assert _relative_error(fused, want_fused) <= 1e-6
+
+
+def test_stats_are_max_and_sum_of_shifted_exponentials():
+    t = _large_logits(1e6)
+    bm = torch.rand(2, 3) + 0.5
+    for beta, beta_map in ((1.0, None), (1.0, bm)):
+        _, stats = D.spatial_softmax(t, beta, beta_map)
+        # s = beta * T rounded to float32 as the contract says; the max and the sum are then exact to float32
+        s = (t.flatten(2) * (1.0 if beta_map is None else bm[..., None])).double()
+        top = s.max(-1).values
+        assert stats.shape == (2, 3, 2) and stats.dtype == torch.float32
+        torch.testing.assert_close(stats[..., 0].double(), top, rtol=1e-7, atol=0)
+        torch.testing.assert_close(stats[..., 1].double(), (s - top[..., None]).exp().sum(-1), rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The head returns M and the stats; F follows E's memory format
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_head_returns_mask_and_stats(dtype):
+    t = torch.randn(2, 3, 5, 6).to(dtype)
+    i, e = torch.rand(2, 1, 5, 6).to(dtype), torch.randn(2, 2, 5, 6).to(dtype)
+    z, f, m, stats = D.decafa_head(t, i, e, 5, 0.8, None, True)
+    _, m_ref, stats_ref = D.landmark_attention(t, 0.8, None, True)
+    assert m.dtype == dtype and m.shape == (2, 1, 5, 6) and m.is_contiguous()
+    torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
+    torch.testing.assert_close(stats, stats_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", [1, 3, 5])
+def test_fused_in_embedding_memory_format(mode):
+    t = torch.randn(2, 3, 5, 6)
+    i, e = torch.rand(2, 1, 5, 6), torch.randn(2, 4, 5, 6)
+    e_cl, m = e.contiguous(memory_format=torch.channels_last), torch.rand(2, 1, 5, 6)
+    for op in (lambda emb: D.decafa_head(t, i, emb, mode, 1.0, None, False)[1],
+               lambda emb: D.fuse(i, emb, m, mode)):
+        f, f_cl = op(e), op(e_cl)
+        assert f.is_contiguous()
+        assert f_cl.is_contiguous(memory_format=torch.channels_last) and not f_cl.is_contiguous()
+        torch.testing.assert_close(f, f_cl, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw ops: mismatched arguments raise RuntimeError naming the argument (never a crash or a wrong read)
+# --------------------------------------------------------------------------------------------------
+def _raw_calls():
+    t, i, e = torch.randn(2, 3, 5, 6), torch.rand(2, 1, 5, 6), torch.randn(2, 2, 5, 6)
+    m, gz = torch.rand(2, 1, 5, 6), torch.randn(2, 3, 2)
+    stats = D.spatial_softmax(t, 1.0, None)[1]
+    gf5 = torch.randn(2, 6, 5, 6)
+    return {
+        "softmax logits rank": (lambda: D.spatial_softmax(t[0], 1.0, None), "logits"),
+        "softmax int logits": (lambda: D.spatial_softmax(t.long(), 1.0, None), "logits"),
+        "softmax empty map": (lambda: D.spatial_softmax(t[:, :, :0], 1.0, None), "logits"),
+        "softmax beta_map shape": (lambda: D.spatial_softmax(t, 1.0, torch.ones(3, 2)), "beta_map"),
+        "softmax beta_map dtype": (lambda: D.spatial_softmax(t, 1.0, torch.ones(2, 3, dtype=torch.float64)),
+                                   "beta_map"),
+        "softmax backward grad shape": (lambda: D.spatial_softmax_backward(torch.randn(2, 3, 5, 5), t, stats, 1.0,
+                                                                           None), "grad_phi"),
+        "softmax backward stats shape": (lambda: D.spatial_softmax_backward(torch.randn_like(t), t, stats[:1], 1.0,
+                                                                            None), "stats"),
+        "softmax backward lse-shaped stats": (lambda: D.spatial_softmax_backward(torch.randn_like(t), t,
+                                                                                 stats[..., 0], 1.0, None), "stats"),
+        "attention backward grad_z": (lambda: D.landmark_attention_backward(gz[:, :2], None, t, stats, 1.0, None,
+                                                                            False), "grad_z"),
+        "attention backward grad_mask": (lambda: D.landmark_attention_backward(None, m[..., :3], t, stats, 1.0, None,
+                                                                               False), "grad_mask"),
+        "attention backward stats dtype": (lambda: D.landmark_attention_backward(gz, None, t, stats.double(), 1.0,
+                                                                                 None, False), "stats"),
+        "fuse batch": (lambda: D.fuse(i, e[:1], m, 5), "embedding"),
+        "fuse spatial": (lambda: D.fuse(i, e, m[..., :4], 5), "mask"),
+        "fuse mask channels": (lambda: D.fuse(i, e, torch.rand(2, 2, 5, 6), 5), "mask"),
+        "fuse dtype": (lambda: D.fuse(i, e.double(), m, 5), "embedding"),
+        "fuse mode": (lambda: D.fuse(i, e, m, 7), "mode"),
+        "fuse backward grad channels": (lambda: D.fuse_backward(gf5[:, :5], i, e, m, 5), "grad_fused"),
+        "head image spatial": (lambda: D.decafa_head(t, i[..., :5], e, 5, 1.0, None, False), "image"),
+        "head embedding batch": (lambda: D.decafa_head(t, i, e[:1], 5, 1.0, None, False), "embedding"),
+        "head beta_map": (lambda: D.decafa_head(t, i, e, 5, 1.0, torch.ones(2, 4), False), "beta_map"),
+        "head backward grad_fused": (lambda: D.decafa_head_backward(gz, gf5[:, :4], t, i, e, m, stats, 5, 1.0, None,
+                                                                    False), "grad_fused"),
+        "head backward mask": (lambda: D.decafa_head_backward(gz, gf5, t, i, e, m[:1], stats, 5, 1.0, None, False),
+                               "mask"),
+        "head backward stats": (lambda: D.decafa_head_backward(gz, gf5, t, i, e, m, stats[:, :2], 5, 1.0, None,
+                                                               False), "stats"),
+        "head backward grad_z": (lambda: D.decafa_head_backward(gz[:1], gf5, t, i, e, m, stats, 5, 1.0, None, False),
+                                 "grad_z"),
+    }
+
+
+RAW = _raw_calls()
+
+
+@pytest.mark.parametrize("case", list(RAW))
+def test_raw_op_rejects_mismatched_arguments(case):
+    call, argument = RAW[case]
+    with pytest.raises(RuntimeError, match=argument):
+        call()
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism across thread counts (no atomics; the mask's summation order depends on the shape only)
+# --------------------------------------------------------------------------------------------------
+def test_bitwise_identical_across_thread_counts():
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(3, 17, 33, 35, generator=g)
+    i, e = torch.rand(3, 1, 33, 35, generator=g), torch.randn(3, 5, 33, 35, generator=g)
+    bm = torch.rand(3, 17, generator=g) + 0.5
+    gz, gf = torch.randn(3, 17, 2, generator=g), torch.randn(3, 12, 33, 35, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            z, f, m, stats = D.decafa_head(t, i, e, 5, 1.0, bm, True)
+            grads = D.decafa_head_backward(gz, gf, t, i, e, m, stats, 5, 1.0, bm, True)
+            results.append((z, f, m, stats, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw ops under forward-mode AD: a clear error naming the public op (never a dropped tangent)
+# --------------------------------------------------------------------------------------------------
+def test_raw_op_forward_ad_raises_naming_the_alternative():
+    import torch.autograd.forward_ad as fwAD
+
+    t = torch.randn(1, 2, 3, 4)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="decafa_fast.ops.soft_argmax"):
+        D.soft_argmax(fwAD.make_dual(t, torch.randn_like(t)), 1.0, None, False)
+    with pytest.raises(RuntimeError, match="decafa_fast.ops.decafa_head"):
+        i, e = torch.rand(1, 1, 3, 4), torch.randn(1, 2, 3, 4)
+        torch.func.jvp(lambda x: D.decafa_head(x, i, e, 5, 1.0, None, False)[1], (t,), (torch.randn_like(t),))
