@@ -19,6 +19,9 @@ storage offset of one element (misaligned for vector loads) must raise a Runtime
 the valid call (rtol 1e-5, atol 1e-6); so must an incoming gradient in float64 (a kernel may convert it).
 Fusing maps with H = 0 or W = 0 may also return (an empty fusion is well defined).
 
+Forward-mode AD, which the raw ops have no rule for, must raise a RuntimeError too (a dual input must not
+come out without its tangent): `test_raw_ops_refuse_forward_mode_ad`, in this process.
+
 The calls run in a subprocess (one per namespace), so a segfault fails this test, naming the case, instead of
 killing pytest; after a crash the remaining cases run in a fresh subprocess. Deterministic (seeded inputs,
 fixed case order).
@@ -266,3 +269,33 @@ def test_raw_ops_reject_bad_arguments(namespace):
         elif not any(n in message for n in case.names):
             failures.append(f"{where} -> RuntimeError naming none of {case.names}: {message}")
     assert not failures, f"{len(failures)} of {len(all_cases)} calls:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_raw_ops_refuse_forward_mode_ad(namespace):
+    """Each op with a dual tensor (its first tensor argument) under torch.autograd.forward_ad: a RuntimeError,
+    or outputs that carry tangents; never outputs that silently lost them."""
+    import torch.autograd.forward_ad as fwAD
+
+    from decafa_fast import ops
+
+    needed = "cpp" if namespace == "decafa" else "triton"
+    status = ops.backends()[needed]
+    if not status.startswith("available"):
+        pytest.skip(f"torch.ops.{namespace} is not registered here: {status}")
+    failures = []
+    for op, arguments in _schemas().items():
+        args = valid_args(op, arguments, SIZES)
+        name = next(n for n, t in arguments if "Tensor" in t)
+        with fwAD.dual_level():
+            args[name] = fwAD.make_dual(args[name], torch.ones_like(args[name]))
+            try:
+                result = getattr(getattr(torch.ops, namespace), op)(**args)
+            except RuntimeError:
+                continue
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            # (statistics are not differentiable, so one output without a tangent may be right; none is not)
+            if all(fwAD.unpack_dual(o).tangent is None for o in outputs):
+                failures.append(f"torch.ops.{namespace}.{op} with a dual {name}: no output has a tangent, and no "
+                                "error was raised")
+    assert not failures, "\n".join(failures)
