@@ -173,3 +173,13 @@ def test_last_stage_coordinates_are_float32_under_bf16_autocast():
         torch.testing.assert_close(z, want, atol=1e-5, rtol=0)
         # bf16 logits move the coordinates by far more than that tolerance
         assert (coarse - want).abs().max() > 1e-3  # 100x the tolerance above
+
+
+def test_a_model_cast_to_bfloat16_runs_and_gives_float32_coordinates():
+    """model.to(bfloat16) without autocast (as the GPU model benchmark runs it): the last stage's transfer
+    layers take the embedding in their own dtype, and the coordinates still come out in float32."""
+    torch.manual_seed(0)
+    model = DeCaFA(DeCaFAConfig(stages=2, widths=(4, 8, 16), embedding_channels=8)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 32, 32, dtype=torch.bfloat16))
+    assert out[-1][0].dtype == torch.float32 and torch.isfinite(out[-1][0]).all()

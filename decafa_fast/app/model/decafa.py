@@ -157,9 +157,11 @@ class DeCaFA(nn.Module):
             if last:
                 # The last stage's coordinates are the model's answer and go into the loss: its transfer
                 # layers and soft-argmax run in float32 even under autocast (bf16 logits would cost their
-                # 8-bit mantissa; a bf16 coordinate moves in 0.25-0.5 px steps at 128 px).
+                # 8-bit mantissa; a bf16 coordinate moves in 0.25-0.5 px steps at 128 px). A model whose
+                # weights were cast to bf16 keeps them: its input follows the weights' dtype.
+                weight_dtype = next(transfer.parameters()).dtype
                 with torch.autocast(embedding.device.type, enabled=False):
-                    logits = transfer(embedding.float())
+                    logits = transfer(embedding.to(weight_dtype))
             else:
                 logits = transfer(embedding)
             zs: list[torch.Tensor] = []
