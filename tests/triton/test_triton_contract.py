@@ -363,3 +363,23 @@ def test_channels_last_inputs_are_used_in_place():
         flat, s_b, s_c, s_p = tops._flat(x, x)
         assert flat.data_ptr() == x.data_ptr() and (s_b, s_c) == (x.stride(0), x.stride(1)), x.stride()
     assert tops._interleaved(tops._flat(t, t)) and not tops._interleaved(tops._flat(t.contiguous(), t))
+
+
+def test_bfloat16_probe_blames_bfloat16_only_for_a_missing_dtype(monkeypatch):
+    """Issue 13 item 8: an interpreter that cannot run the ops at all (torch 2.11's wrap_triton rejecting the
+    interpreter's function, numpy >= 2.4 breaking triton 3.6) must fail loudly, not skip as "no bfloat16"."""
+    from decafa_fast.triton import probe
+
+    assert probe._is_missing_bfloat16(TypeError("data type 'bfloat16' not understood"))
+    assert probe._is_missing_bfloat16(KeyError("triton.language.bfloat16"))
+    assert not probe._is_missing_bfloat16(TypeError("wrap_triton only works on functions annotated with triton.jit"))
+    assert not probe._is_missing_bfloat16(RuntimeError("CUDA error while launching a bfloat16 kernel"))
+    if not tops.INTERPRET:
+        return
+
+    def broken(*args):
+        raise TypeError("wrap_triton only works on functions annotated with triton.jit or triton.autotune")
+
+    monkeypatch.setattr(torch.ops.decafa_triton, "soft_argmax", broken)
+    with pytest.raises(TypeError, match="wrap_triton"):
+        probe.interpreter_bfloat16_problem.__wrapped__()
