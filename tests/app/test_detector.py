@@ -84,3 +84,22 @@ def test_predict_reports_the_face_it_found(tmp_path, capsys):
     (entry,) = json.loads((tmp_path / "out" / "predictions.json").read_text())
     (face,) = entry["faces"]
     assert face["source"] == "detector" and iou(np.array(face["box"]), FACE) > 0.6
+
+
+def test_predict_warns_on_several_faces(tmp_path, capsys):
+    import torch
+
+    from decafa_fast.app import cli
+    from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+    from decafa_fast.app.training.checkpoint import save_checkpoint
+
+    photo = cv2.imread(str(PHOTO))
+    pair = tmp_path / "pair.png"
+    assert len(FaceDetector("ssd")(np.hstack([photo, photo]))) == 2
+    cv2.imwrite(str(pair), np.hstack([photo, photo]))
+    config = DeCaFAConfig(stages=1, image_size=32, embedding_channels=8, widths=(8, 8, 8))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "t.pt", DeCaFA(config).eval(), config)
+    assert cli.main(["predict", str(pair), "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"),
+                     "--no-annotate"]) == 0
+    assert f"{pair}: warning: 2 faces detected" in capsys.readouterr().err
