@@ -39,6 +39,10 @@ class Tuning:
     # mask gradient once per run): each run costs 8 bytes per pixel (written, read back), against 4 (fp32)
     # or 2 (bf16) bytes per pixel per map of the logits; 4 runs = 64 programs per 16 batch items
     mask_runs: int = 4
+    # ... more runs (down to one map each) until a per-map launch has this many programs (-1: one per SM, as
+    # one 32-warp program fills an SM): small batches trade partial-mask bytes for parallelism; on a 132-SM
+    # GPU, B >= 33 keeps mask_runs (the configuration tests/triton/test_traffic.py counts)
+    map_min_programs: int = -1
     fuse_block_p: int = 256  # most pixels per (b, tile) program ...
     fuse_min_programs: int = -1  # ... halved (down to 32) until a launch has this many programs; -1: 4 per SM
     fuse_block_c: int = 8  # channels per step of the fusion
@@ -95,6 +99,14 @@ def _runs(l: int, want: int) -> tuple[int, int]:
     """(n_runs, run_len): L maps split into at most `want` runs of consecutive maps."""
     run_len = triton.cdiv(l, max(1, min(want, l)))
     return triton.cdiv(l, run_len), run_len
+
+
+def _mask_runs(b: int, l: int, device: torch.device) -> tuple[int, int]:
+    """(n_runs, run_len) of the per-map passes that write partial masks or read a shared grad M."""
+    target = TUNING.map_min_programs
+    if target < 0:
+        target = _sm_count(device.index or 0) if device.type == "cuda" else 0
+    return _runs(l, max(TUNING.mask_runs, triton.cdiv(target, max(b, 1))))
 
 
 def _interleaved(t: tuple) -> bool:
@@ -270,7 +282,7 @@ def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | No
     phi = logits.new_empty(logits.shape) if want_phi else None
     t = _flat(logits, logits)
     if want_mask:
-        n_runs, run_len = _runs(l, TUNING.mask_runs)
+        n_runs, run_len = _mask_runs(b, l, logits.device)
     else:  # no mask: one map per program, or rows of maps for an interleaved layout
         n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
     part = logits.new_empty((b, n_runs, h * w), dtype=torch.float32) if want_mask else None
@@ -291,7 +303,7 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
     gt = logits.new_empty(logits.shape)
     t = _flat(logits, logits)
     if g is not None and not g_per_map:  # read the shared G once per run
-        n_runs, run_len = _runs(l, TUNING.mask_runs)
+        n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
         n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
     if b:

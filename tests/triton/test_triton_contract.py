@@ -383,3 +383,24 @@ def test_bfloat16_probe_blames_bfloat16_only_for_a_missing_dtype(monkeypatch):
     monkeypatch.setattr(torch.ops.decafa_triton, "soft_argmax", broken)
     with pytest.raises(TypeError, match="wrap_triton"):
         probe.interpreter_bfloat16_problem.__wrapped__()
+
+
+def test_small_batches_split_runs_further(monkeypatch):
+    """A per-map launch with fewer programs than map_min_programs (one per SM on a GPU) splits the maps into
+    more runs, down to one map each; values and gradients do not depend on the split."""
+    monkeypatch.setattr(tops.TUNING, "map_min_programs", 132)
+    assert tops._mask_runs(64, 98, DEVICE) == (4, 25)
+    assert tops._mask_runs(1, 98, DEVICE) == (98, 1)
+    assert tops._mask_runs(8, 98, DEVICE) == (17, 6)
+    monkeypatch.setattr(tops.TUNING, "map_min_programs", 0)
+    assert tops._mask_runs(1, 98, DEVICE) == (4, 25)
+
+    t, i, e = _inputs(1, 7, 5, 6, 1, 2, seed=13)
+    gz, gf = torch.randn(1, 7, 2).to(DEVICE), torch.randn(1, 6, 5, 6).to(DEVICE)
+    results = []
+    for programs in (0, 1000):
+        monkeypatch.setattr(tops.TUNING, "map_min_programs", programs)
+        z, f, m, st = NS.decafa_head(t, i, e, 5, 1.0, None, True)
+        results.append((z, f, m, st, *NS.decafa_head_backward(gz, gf, t, i, e, m, st, 5, 1.0, None, True)))
+    for a, b in zip(*results):
+        _close(a, b.double(), "runs of 2 maps vs one map a run")
