@@ -11,6 +11,7 @@ TINY = dict(widths=(4, 8, 8), embedding_channels=4, image_size=16)
 FUSIONS = ("F1", "F2", "F3", "F4", "F5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_output_shapes(stages, fusion):
@@ -38,6 +39,7 @@ def test_odd_size_batch_of_one_and_independent_transfer():
     assert [layer.in_channels for layer in chained.transfers[0].layers] == [4, 98, 68]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_gradients_reach_every_stage(fusion):
     """A loss on the last stage alone sends gradient to every stage through the fusion (and, for F2, the mask)."""

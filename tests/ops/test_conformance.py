@@ -404,6 +404,7 @@ def structured_offset(magnitude: float, sign: float, device) -> tuple[torch.Tens
     return t.to(device), 2.0**e
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["positive", "negative"])
 @pytest.mark.parametrize("magnitude", MAGNITUDES)
 def test_extreme_magnitudes_float32(decafa_backend, magnitude, sign):

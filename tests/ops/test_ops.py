@@ -199,6 +199,7 @@ class TinyHead(torch.nn.Module):
         return z.sum() + z2.sum() + m.mean() + ops.spatial_softmax(f[:, :2]).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(compiler):
     if compiler == "inductor" and ops.get_backend() != "auto":

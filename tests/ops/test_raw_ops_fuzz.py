@@ -237,6 +237,7 @@ def _child(namespace: str, start: int) -> tuple[list[dict], int | None, int]:
     return results, (None if done else started), proc.returncode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_raw_ops_reject_bad_arguments(namespace):
     from decafa_fast import ops

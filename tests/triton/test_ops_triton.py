@@ -122,6 +122,7 @@ def _case_id(case):
     return f"B{b}-L{l}-{h}x{w}-Ci{ci}-C{c}-{mode}-{'norm' if norm else 'pix'}-{str(dtype)[6:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HEAD_CASES, ids=[_case_id(c.values[0] if hasattr(c, "values") else c)
                                                   for c in HEAD_CASES])
 def test_head_values_and_grads(case):
@@ -139,6 +140,7 @@ def test_head_values_and_grads(case):
         TRITON_KERNELS.assert_close(gr, r, dtype, grad=True, what=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 33), (1, 5, 1, 130), (2, 1, 33, 1)], ids=str)
 def test_map_ops_values_and_grads(shape, dtype):
@@ -316,6 +318,7 @@ def _opcheck_cases():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ops.SCHEMAS))
 def test_opcheck(name):
     args = _opcheck_cases()[name]

@@ -142,6 +142,7 @@ def _report(dtype, fwd, bwd, floors):
     print("\n".join(lines))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("requested", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_head_traffic_at_the_paper_shape(requested):
     dtype = _dtype_for(requested)

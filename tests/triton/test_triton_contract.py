@@ -185,6 +185,7 @@ def test_head_forward_backward(case, small_maps, monkeypatch):
         _close(gbeta, want[3], "grad beta", rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_map", [False, True])
 @pytest.mark.parametrize("small_maps", [False, True], ids=["whole-map", "chunked"])
 def test_map_ops_forward_backward(per_map, small_maps, monkeypatch):
