@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "fusion_layout.h"  // F's channel layout, shared with csrc/cpu and decafa_fast/ops/layout.py
 #include "launch.cuh"
 
 namespace decafa_kernels {

@@ -83,6 +83,14 @@ __device__ __forceinline__ void write_map_outputs(const ForwardArgs<T>& a, int64
   }
 }
 
+// V logits of a map. The vector path (NCHW, pixel stride 1) touches them once: streaming loads. The scalar
+// path serves channels_last maps, whose sectors the next maps of the run share (L elements apart, the run's
+// next maps are the next elements): cached loads, so that those maps find them in L2.
+template <int V, typename T>
+__device__ __forceinline__ void load_logits(const T* p, int64_t pixel_stride, float (&out)[V]) {
+  load_n<(V > 1), V>(p, pixel_stride, out);
+}
+
 // A per-map value loaded by thread 0 and handed to the block through shared memory: one load per block
 // instead of one per thread. Two slots by map parity: a slot is rewritten only after every thread has
 // passed the next map's barrier, so after its read. Call from all threads.
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
     for (int k = 0; k < K; ++k, q += step) {
       const int i = vec_index<V, K>(k);
       if (i < nvec) {
-        load_n<true, V>(q, a.ts.pixel, s[k]);
+        load_logits<V>(q, a.ts.pixel, s[k]);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           s[k][j] *= beta;
@@ -335,7 +343,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     for (int k = 0; k < K; ++k, q += step) {
       const int i = vec_index<V, K>(k);
       if (i < nvec) {
-        load_n<true, V>(q, a.ts.pixel, t[k]);
+        load_logits<V>(q, a.ts.pixel, t[k]);
         if (PerMap && a.grad != nullptr)
           load_n<true, V>(a.grad + r.b * a.gs.batch + l * a.gs.channel + static_cast<int64_t>(i) * V * a.gs.pixel,
                           a.gs.pixel, g[k]);
