@@ -205,8 +205,10 @@ def test_raw_ops_check_their_arguments():
         torch.ops.decafa.fuse(image, embedding, torch.ones(2, 2, 6, 7, device="cuda"), 5)
     with pytest.raises(RuntimeError, match="grad_phi"):
         torch.ops.decafa.spatial_softmax_backward(logits[:1], logits, stats, 1.0, None)
+    with pytest.raises(RuntimeError, match="image"):
+        head(logits, image.cpu(), embedding, 5, 1.0, None, False)
     with pytest.raises(RuntimeError, match="logits"):
-        torch.ops.decafa.soft_argmax(logits.cpu(), 1.0, None, False)
+        torch.ops.decafa.soft_argmax(logits[:, :, :, :0], 1.0, None, False)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
