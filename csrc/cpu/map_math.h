@@ -28,10 +28,12 @@ namespace cpu {
 #define DECAFA_INLINE inline
 #endif
 
-// The per-map loops are compiled twice, for AVX2+FMA and for the baseline ISA, and the loader picks one for
-// the CPU at hand (GCC function multiversioning): 8-wide exp where available, still portable.
+// The per-map loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the
+// baseline ISA, and the loader picks one for the CPU at hand (GCC function multiversioning): 16- or 8-wide
+// exp where available, still portable. (A clone list "avx2,fma" would make two clones, AVX2 without FMA
+// and FMA without AVX2; the ISA levels keep each clone's features together.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DECAFA_KERNEL __attribute__((target_clones("avx2,fma", "default")))
+#define DECAFA_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DECAFA_KERNEL inline
 #endif
