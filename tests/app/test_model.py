@@ -55,6 +55,7 @@ def test_gradients_reach_every_stage(fusion):
         assert model.transfers[0].layers[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_full_loss_gives_every_parameter_a_gradient():
     torch.manual_seed(0)
     model = DeCaFA(DeCaFAConfig(stages=2, **TINY))

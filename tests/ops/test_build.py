@@ -51,6 +51,7 @@ print("CMDS", sorted(captured["cmdclass"]))
 """
 
 
+@pytest.mark.slow
 def test_setup_compiles_at_install_when_it_can_import_torch():
     proc = _run_python("HIDE_TORCH = False" + _SETUP_PROBE, ROOT, {}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,6 +80,7 @@ def test_setup_without_torch_defers_the_build_and_ships_the_sources(tmp_path):
     assert not list(sources.rglob("*.so")) and not list(sources.rglob("__pycache__"))
 
 
+@pytest.mark.slow
 def test_first_use_build_without_a_compiler_says_so_in_one_line(tmp_path):
     """No compiler: importing the package still works, the cpp backend names the reason, ops run the reference."""
     copy = _copy_checkout(tmp_path / "src")

@@ -154,6 +154,7 @@ def test_new_thread_starts_from_the_process_default():
     assert result["backend"] == "auto"
 
 
+@pytest.mark.slow
 def test_environment_default_and_scoped_override():
     code = (
         "from decafa_fast import ops\n"
