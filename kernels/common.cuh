@@ -212,6 +212,12 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   return scratch[32];
 }
 
+// s = beta * T rounded to float32, the same in every pass. __fmul_rn is never fused into an FMA: nvcc contracts
+// `beta * t - max` into fma(beta, t, -max) by default, which skips this rounding, so the backward's exp(s - max)
+// at the pixel holding the max was exp(rounding error of beta * t) instead of the forward's exp(0) = 1 (a
+// one-pixel map, Phi = 1, then got a gradient of ~1e-7 instead of 0).
+__device__ __forceinline__ float scaled_logit(float beta, float t) { return __fmul_rn(beta, t); }
+
 // Running softmax statistics of a set of values a_p with pixel coordinates (col_p, row_p):
 // m = max a, s = sum exp(a - m), sx = sum exp(a - m) col, sy = sum exp(a - m) row.
 struct SoftStats {

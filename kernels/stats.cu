@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
         load_logits<V>(q, a.ts.pixel, s[k]);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          s[k][j] *= beta;
+          s[k][j] = scaled_logit(beta, s[k][j]);
           mx = fmaxf(mx, s[k][j]);
         }
       }
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs
       float m = st.m;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        s[j] *= beta;
+        s[j] = scaled_logit(beta, s[j]);
         m = fmaxf(m, s[j]);
       }
       const float f = rescale(st.m, m);
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs
       float p[V];
       load_n<true, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, p);
 #pragma unroll
-      for (int j = 0; j < V; ++j) p[j] = __expf(beta * p[j] - total.m) / total.s;
+      for (int j = 0; j < V; ++j) p[j] = __expf(scaled_logit(beta, p[j]) - total.m) / total.s;
       if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
       if (part != nullptr) {  // this thread's own pixels: no other thread touches them
         float acc[V];
@@ -305,8 +305,10 @@ __device__ __forceinline__ MapBackward map_backward_constants(const BackwardArgs
   return c;
 }
 
-// Phi = exp(s - max) / sum from the saved stats.
-__device__ __forceinline__ float phi_of(float t, const MapBackward& c) { return __expf(c.beta * t - c.mx) / c.sum; }
+// Phi = exp(s - max) / sum from the saved stats, s rounded as in the forward.
+__device__ __forceinline__ float phi_of(float t, const MapBackward& c) {
+  return __expf(scaled_logit(c.beta, t) - c.mx) / c.sum;
+}
 
 // g_phi at (col, row): the incoming gradient of Phi plus grad_z . coordinate.
 __device__ __forceinline__ float g_phi(float g, const MapBackward& c, const Coords& co, int col, int row) {

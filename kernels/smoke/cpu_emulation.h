@@ -1,6 +1,7 @@
 // A minimal CPU emulation of the CUDA features the decafa kernels use, so that their logic (indexing,
 // edges, reductions, barriers, chunking) can be run and checked on a machine without a GPU:
-//   g++ -std=c++20 -pthread -include kernels/smoke/cpu_emulation.h <kernels with <<<>>> rewritten> ...
+//   g++ -std=c++20 -ffp-contract=fast -fexpensive-optimizations -mfma -include kernels/smoke/cpu_emulation.h
+//       <kernels with <<<>>> rewritten> ...   (FMA contraction as nvcc does by default)
 // (tests/cuda/test_kernels_build.py does the rewriting: `k<<<g, b, s, st>>>(args)` ->
 // `emu::launch("k", k, g, b, s, st, args)` and the `extern __shared__` line -> `emu::dynamic_smem()`).
 //
@@ -203,6 +204,14 @@ cudaError_t launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_
   return cudaSuccess;
 }
 
+// __fmul_rn: the product rounded to float32 and never fused into an FMA with what follows (the volatile store
+// forces the rounding even under -ffp-contract=fast, with which the emulation is built to contract a*b+c
+// as nvcc does by default).
+inline float fmul_rn(float a, float b) {
+  volatile float product = a * b;
+  return product;
+}
+
 inline int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : fallback;
@@ -224,6 +233,7 @@ inline int env_int(const char* name, int fallback) {
 #define __ldg(p) ::emu::ldg(p)
 #define __expf(x) std::exp(x)
 #define __logf(x) std::log(x)
+#define __fmul_rn(a, b) ::emu::fmul_rn(a, b)
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__

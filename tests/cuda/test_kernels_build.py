@@ -101,6 +101,18 @@ def _emulation_sources(out_dir: Path) -> Path:
     return combined
 
 
+def _fma_flags() -> list[str]:
+    """g++ flags that contract a * b + c into one FMA as nvcc does by default (its --fmad=true), so that the
+    emulation rounds like the GPU where that matters (a one-pixel map's Phi must stay exactly 1 in the
+    backward). -ffp-contract=fast alone is not enough: GCC forms FMAs only with -fexpensive-optimizations and
+    an FMA target; -mfma only where this CPU has FMA (else the binary could not run here)."""
+    try:
+        has_fma = " fma " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        has_fma = False
+    return ["-ffp-contract=fast", "-fexpensive-optimizations"] + (["-mfma"] if has_fma else [])
+
+
 def _start(cmd: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -130,7 +142,7 @@ def builds(tmp_path_factory):
     else:
         emulated = _emulation_sources(tmp)
         binary = tmp / "smoke_emulated"
-        emu_procs = [_start([GXX, "-std=c++20", "-O1", "-w", "-include",
+        emu_procs = [_start([GXX, "-std=c++20", "-O1", *_fma_flags(), "-w", "-include",
                              str(ROOT / "kernels" / "smoke" / "cpu_emulation.h"), f"-I{ROOT / 'kernels'}",
                              f"-I{CUDA_INCLUDE}", str(emulated), "-o", str(binary)], cwd=tmp)]
 
