@@ -109,7 +109,9 @@ def test_softmax_and_attention_one_sided():
 
 def test_channels_last_and_strided_inputs():
     """channels_last logits and embeddings are read in place; F comes back in the embedding's memory format,
-    the gradients contiguous."""
+    the backward op's gradients contiguous (op contract v2, fakes.py). A leaf's .grad is another matter: torch's
+    AccumulateGrad copies a gradient into the leaf's own strides (its layout contract, the same on every
+    backend), so the .grad of a channels_last leaf is channels_last."""
     leaves = [t.requires_grad_() for t in make_inputs(2, 6, 12, 16, ci=3, c=4, device="cuda", seed=3)]
     cl = [t.detach().to(memory_format=torch.channels_last).requires_grad_() for t in leaves]
     results = []
@@ -122,9 +124,20 @@ def test_channels_last_and_strided_inputs():
     assert not fused_cl.is_contiguous()
     CUDA_FAST_MATH.assert_close(z_cl, z, torch.float32, what="channels_last z")
     CUDA_FAST_MATH.assert_close(fused_cl, fused, torch.float32, what="channels_last fused")
-    for g, g_cl in zip(grads, grads_cl):
-        assert g_cl.is_contiguous()
+    for g, g_cl, leaf in zip(grads, grads_cl, cl):
+        assert g_cl.stride() == leaf.stride(), "AccumulateGrad gives a leaf's .grad the leaf's strides"
         CUDA_FAST_MATH.assert_close(g_cl, g, torch.float32, grad=True, what="channels_last gradient")
+    logits, image, embedding = (t.detach() for t in cl)
+    z, fused, mask, stats = torch.ops.decafa.decafa_head(logits, image, embedding, 5, 1.0, None, False)
+    assert fused.is_contiguous(memory_format=torch.channels_last) and mask.is_contiguous()
+    # the upstream gradients of the loss above
+    grad_z = torch.full_like(z, 0.1)
+    grad_fused = torch.ones_like(fused) * torch.arange(fused.shape[1], device="cuda").view(1, -1, 1, 1)
+    raw = torch.ops.decafa.decafa_head_backward(grad_z, grad_fused, logits, image, embedding, mask, stats, 5, 1.0,
+                                                None, False)
+    for name, g, g_cl in zip(("logits", "image", "embedding"), raw, grads_cl):
+        assert g.is_contiguous(), f"raw decafa_head_backward: grad {name} is not contiguous"
+        CUDA_FAST_MATH.assert_close(g, g_cl, torch.float32, grad=True, what=f"raw channels_last grad {name}")
     wide = torch.randn(2, 6, 12, 32, device="cuda")[..., ::2]  # non-contiguous view
     CUDA_FAST_MATH.assert_close(ops.soft_argmax(wide), reference.soft_argmax(wide.double()), torch.float32,
                                 what="strided logits")
