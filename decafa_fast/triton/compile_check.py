@@ -1,12 +1,17 @@
 """Compile every decafa Triton kernel for a GPU target without a GPU, and report its resources.
 
-    python -m decafa_fast.triton.compile_check [--arch 90] [--sass]
+    python -m decafa_fast.triton.compile_check [--arch 90] [--float-args fp64] [--quick] [--fail-on-spill]
 
 Builds each kernel variant used at the tuned size (B*L maps of 128 x 128, L = 98, Ci = 1, C = 64) for
 float32, float16 and bfloat16 through `triton.compile` with a `GPUTarget` (so the real code generator
 runs, unlike TRITON_INTERPRET), then prints registers, spills, shared memory and whether the pixel loads
 are 16-byte vectors (`ld.global.v4` in the PTX), using the cuobjdump that ships with Triton.
-Must run without TRITON_INTERPRET=1. Exit status 1 if any variant fails to compile.
+Python float arguments (beta, coordinate scales) are typed fp32, as Triton's JIT launches them, or with
+--float-args fp64 as torch.compile's inductor does when it compiles the kernels of a triton_op (wrap_triton
+keeps a Python float's double precision). Either way every variant must keep its arithmetic in float32: a
+variant whose Triton IR computes in f64 anywhere but the conversion of such an argument counts as failed.
+Must run without TRITON_INTERPRET=1. Exit status 1 if any variant fails to compile, computes in f64, or
+(with --fail-on-spill) spills past its allowance.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ from .stats import map_bwd_kernel, map_fwd_kernel
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
-def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict):
-    """Signature/constants/attrs the way Triton's JIT specialises a launch with these argument values."""
+def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict, float_type: str = "fp32"):
+    """Signature/constants/attrs the way Triton's JIT specialises a launch with these argument values
+    (float_type: the type a Python float argument gets, fp32 for the JIT, fp64 under inductor)."""
     sig, consts, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -41,7 +47,7 @@ def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict):
         else:
             v = values[name]
             if isinstance(v, float):
-                sig[name] = "fp32"
+                sig[name] = float_type
             elif v == 1:  # the JIT turns int arguments equal to 1 into constants
                 sig[name] = "constexpr"
                 consts[name] = 1
@@ -141,6 +147,22 @@ def _variants(dt: str):
            {k: v for k, v in fcl.items() if k != "n_runs"}, bptrs, dict(ccl, MODE=5), wcl)
 
 
+def _f64_ops(ttir: str) -> list[str]:
+    """Lines of a kernel's Triton IR that compute in f64. Converting an f64 argument down to f32 is the one
+    allowed use; any other f64 value (a product, a loop-carried variable) means a double argument promoted
+    float32 arithmetic."""
+    args = set(re.findall(r"%([\w.]+): f64", "".join(re.findall(r"tt\.func[^\n]*", ttir))))
+    converted = re.compile(r"arith\.truncf %([\w.]+) : f64 to f32")
+    bad = []
+    for line in ttir.splitlines():
+        if not re.search(r"\bf64\b", line) or line.lstrip().startswith("tt.func"):
+            continue
+        m = converted.search(line)
+        if not (m and m.group(1) in args):
+            bad.append(line.strip())
+    return bad
+
+
 def _resources(cubin: bytes) -> tuple[str, int]:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
@@ -165,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="count a variant with a stack frame over 16 bytes (a stray spill or two; exceptions:"
                         " SPILL_ALLOWANCE)"
                         " as failed")
+    parser.add_argument("--float-args", choices=("fp32", "fp64"), default="fp32",
+                        help="type of the Python float arguments: fp32 as Triton's JIT launches them, fp64 as"
+                        " torch.compile's inductor compiles a triton_op's kernels")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check needs TRITON_INTERPRET unset (the interpreter does not compile)", file=sys.stderr)
@@ -175,13 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, kernel, values, ptrs, constexprs, warps in _variants(dt):
             if (args.quick and not name.startswith(QUICK)) or not name.startswith(args.only):
                 continue
-            sig, consts, attrs = _signature(kernel, values, ptrs, constexprs)
+            sig, consts, attrs = _signature(kernel, values, ptrs, constexprs, args.float_args)
             try:
                 k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=target,
                                    options={"num_warps": warps})
             except Exception as exc:  # report every failing variant, not just the first
                 failures += 1
                 print(f"FAIL {dt:4} {name}: {type(exc).__name__}: {str(exc)[:400]}")
+                continue
+            f64 = _f64_ops(k.asm["ttir"])
+            if f64:
+                failures += 1
+                print(f"FP64 {dt:4} {name}: {len(f64)} f64 operation(s) in the Triton IR, first: {f64[0][:200]}")
                 continue
             ptx = k.asm["ptx"]
             v4 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx))
