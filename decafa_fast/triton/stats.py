@@ -20,7 +20,11 @@ Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
 
 Pixels are p = row*W + col with one pixel stride (`s_tp`; contiguous and channels_last both qualify) and
 64-bit offsets (int32 only for a pixel index inside one map, while PIX64 says (HW - 1) * stride < 2**31).
-All arithmetic is float32; no atomics, so results are bitwise reproducible.
+All arithmetic is float32; no atomics, so results are bitwise reproducible. The float arguments (beta,
+inv_w, the coordinate scales and offsets) are cast to float32 on entry: Triton's JIT passes a Python float
+as fp32, but torch.compile (inductor compiling a triton_op's kernels) passes it as fp64, and an fp64 scalar
+would promote every product with it, and the loop-carried accumulators, to float64 (a compile error on
+Triton 3.6, "Loop-carried variable acc ... re-assigned to fp64"). compile_check --float-args fp64 checks it.
 Phi is normalised by the sum of the shifted exponentials, never by exp(max - log-sum-exp), so float32
 stays exact for any magnitude of beta*T.
 """
@@ -67,6 +71,9 @@ def map_fwd_kernel(
     WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (B, n_runs, HW) are contiguous
+    beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
+    x_scale, x_off = tl.cast(x_scale, tl.float32), tl.cast(x_off, tl.float32)
+    y_scale, y_off = tl.cast(y_scale, tl.float32), tl.cast(y_off, tl.float32)
     b64 = (tl.program_id(0) // n_runs).to(tl.int64)
     r = tl.program_id(0) % n_runs
     l_first, l_end = _run_bounds(r, run_len, L)
@@ -211,6 +218,8 @@ def map_bwd_kernel(
     HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
+    beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
+    x_scale, y_scale = tl.cast(x_scale, tl.float32), tl.cast(y_scale, tl.float32)
     b64 = (tl.program_id(0) // n_runs).to(tl.int64)
     r = tl.program_id(0) % n_runs
     l_first, l_end = _run_bounds(r, run_len, L)

@@ -355,19 +355,41 @@ def test_compile_fullgraph_forward_and_backward():
         TRITON_KERNELS.assert_close(x.grad, r.grad, torch.float32, grad=True)
 
 
+def _compile_check(*args: str) -> subprocess.CompletedProcess:
+    """Runs decafa_fast.triton.compile_check (real sm_90 code generation, no GPU) in a process without the
+    interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "decafa_fast.triton.compile_check", *args],
+        capture_output=True, text=True, env=env, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+
+
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu():
     """The interpreter is lenient: compile the real kernels (a representative subset) for sm_90 too, and
     check that none spills registers to local memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "decafa_fast.triton.compile_check", "--quick", "--fail-on-spill", "--dtypes", "bf16"],
-        capture_output=True, text=True, env=env, timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    )
+    proc = _compile_check("--quick", "--fail-on-spill", "--dtypes", "bf16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all variants compiled" in proc.stdout
+
+
+def test_kernels_keep_float32_with_fp64_float_arguments():
+    """torch.compile compiles the kernels of a triton_op with its Python float arguments (beta, the
+    coordinate scales) typed fp64, where Triton's JIT and the interpreter use fp32. An fp64 scalar promotes
+    the arithmetic to float64: on the GPU (Triton 3.6) map_fwd_kernel failed to compile ("loop-carried
+    variable acc ... fp32 ... re-assigned to fp64"), and other variants compiled silently in float64. Every
+    kernel variant must compile for sm_90 with fp64 float arguments and hold no f64 operation in its Triton
+    IR beyond converting those arguments to float32."""
+    proc = _compile_check("--float-args", "fp64", "--dtypes", "fp32,bf16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL", "FP64", "SPILL"))]
+    assert lines and all(line.startswith("ok") for line in lines), proc.stdout
+    for dt in ("fp32", "bf16"):  # every kernel was compiled, in both dtypes
+        for kernel in ("map_fwd", "map_bwd", "mask_fuse_fwd", "fuse_bwd"):
+            assert any(line.split()[1:3] == [dt, kernel] for line in lines), (dt, kernel, proc.stdout)
 
 
 @pytest.mark.skipif(USABLE or not _IMPORTED_BEFORE, reason="the tests above ran in this process")
