@@ -62,11 +62,15 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
     torch.func.jvp/jacfwd) on the raw op: torch would silently drop the tangent when no input requires grad.
     The public decafa_fast.ops functions run the reference formulation there instead.
     Ops made by torch.library.custom_op / triton_op (decafa_triton) keep the plain registration."""
-    op = torch._library.utils.lookup_op(qualname)
-    if isinstance(torch._library.custom_ops._maybe_get_opdef(qualname), torch._library.custom_ops.CustomOpDef):
+    try:  # torch's own autograd kernel maker (private): the guard below wraps it
+        custom = isinstance(torch._library.custom_ops._maybe_get_opdef(qualname), torch._library.custom_ops.CustomOpDef)
+        make_kernel, info = torch._library.autograd.make_autograd_impl, torch._library.autograd.Info
+    except AttributeError:  # another torch: the plain registration (forward AD then is torch's behaviour)
+        custom, make_kernel = True, None
+    if custom:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
         return
-    kernel = torch._library.autograd.make_autograd_impl(op, torch._library.autograd.Info(backward, setup_context))
+    kernel = make_kernel(torch._library.utils.lookup_op(qualname), info(backward, setup_context))
     namespace, name = qualname.split("::")
     public = f"decafa_fast.ops.{name}" if not name.endswith("_backward") else "decafa_fast.ops"
 
