@@ -3,7 +3,7 @@
 // the unstaged (map larger than the shared-memory limit) path, for every fusion mode.
 //
 // Runs on a GPU (built by CMakeLists.txt), or on the CPU through kernels/smoke/cpu_emulation.h (built by
-// tests/test_kernels_build.py), which checks the kernels' logic on machines without a GPU.
+// tests/cuda/test_kernels_build.py), which checks the kernels' logic on machines without a GPU.
 // Exit code: 0 = passed, or no GPU visible (says so); 1 = a mismatch or a CUDA error.
 #include <algorithm>
 #include <cmath>

@@ -3,7 +3,7 @@
 Every masked tl.load / tl.store of every kernel launched by a call is intercepted in Triton's interpreter
 (InterpreterBuilder.create_masked_load / create_masked_store; unmasked ones go through them too) and its
 active lanes are counted: bytes = active lanes x element size. Kernels are told apart by wrapping
-decafa_fast.triton.ops._launch. The floor is DESIGN.md's "Kernel strategy":
+decafa_fast.triton.ops._launch. The floor is the bytes that must move:
     forward            read T, I, E once; write z, F once
     forward + backward the forward floor + read grad F, grad z, T, I, E and the saved M and stats once;
                        write grad T, grad I, grad E once
