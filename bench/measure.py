@@ -45,7 +45,8 @@ class BenchSize:
     mode: str = "F5"
 
 
-# "paper" is the tuned case (L = 98, 128 x 128, C = 64); "tiny" only checks that the machinery works (tests/bench/test_bench.py).
+# "paper" is the tuned case (L = 98, 128 x 128, C = 64); "tiny" only checks that the machinery works
+# (tests/bench/test_bench.py).
 SIZES = {
     "paper": BenchSize(),
     "tiny": BenchSize(landmarks=5, height=16, width=16, channels=4),
