@@ -204,3 +204,17 @@ def register_autograd(namespace: str) -> None:
                 (gb if need_b else None), None)
 
     _register(lib + "decafa_head", head_backward, setup_context=head_setup)
+
+    # The backward ops: no derivative of their own (the forward ops' double backward differentiates the
+    # reference formulation instead), so differentiating one, or feeding it dual tensors, raises.
+    def no_derivative(name):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"{namespace}::{name} has no derivative of its own: differentiate the decafa_fast.ops function "
+                f"(its backward with create_graph=True runs a differentiable formulation) or decafa_fast.reference"
+            )
+        return backward
+
+    for name in ("spatial_softmax_backward", "landmark_attention_backward", "fuse_backward",
+                 "decafa_head_backward"):
+        _register(lib + name, no_derivative(name), setup_context=lambda ctx, inputs, output: None)
