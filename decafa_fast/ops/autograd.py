@@ -9,6 +9,7 @@ order are exact on every backend. A tensor beta reaches the op as `beta_map` (B,
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,16 +62,20 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
     """torch.library.register_autograd, plus a clear error for forward-mode AD (torch.autograd.forward_ad,
     torch.func.jvp/jacfwd) on the raw op: torch would silently drop the tangent when no input requires grad.
     The public decafa_fast.ops functions run the reference formulation there instead.
-    Ops made by torch.library.custom_op / triton_op (decafa_triton) keep the plain registration."""
+    Ops made by torch.library.custom_op / triton_op (decafa_triton) get the same guard around their kernel."""
     try:  # torch's own autograd kernel maker (private): the guard below wraps it
-        custom = isinstance(torch._library.custom_ops._maybe_get_opdef(qualname), torch._library.custom_ops.CustomOpDef)
+        opdef = torch._library.custom_ops._maybe_get_opdef(qualname)
         make_kernel, info = torch._library.autograd.make_autograd_impl, torch._library.autograd.Info
     except AttributeError:  # another torch: the plain registration (forward AD then is torch's behaviour)
-        custom, make_kernel = True, None
-    if custom:
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
         return
-    kernel = make_kernel(torch._library.utils.lookup_op(qualname), info(backward, setup_context))
+    op = torch._library.utils.lookup_op(qualname)
+    if isinstance(opdef, torch._library.custom_ops.CustomOpDef):
+        # custom_op / triton_op (decafa_triton): its own registration, then its kernel replaced by the guarded one
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+        kernel, lib = make_kernel(op, opdef), opdef._lib
+    else:
+        kernel, lib = make_kernel(op, info(backward, setup_context)), None
     namespace, name = qualname.split("::")
     public = f"decafa_fast.ops.{name}" if not name.endswith("_backward") else "decafa_fast.ops"
 
@@ -82,9 +87,13 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
             )
         return kernel(keyset, *args, **kwargs)
 
-    if namespace not in _LIBRARIES:
-        _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
-    _LIBRARIES[namespace].impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    if lib is None:
+        if namespace not in _LIBRARIES:
+            _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+        lib = _LIBRARIES[namespace]
+    with warnings.catch_warnings():  # replacing the custom op's own Autograd kernel is the point
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def register_autograd(namespace: str) -> None:
