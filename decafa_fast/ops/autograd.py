@@ -91,9 +91,15 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         if namespace not in _LIBRARIES:
             _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
         lib = _LIBRARIES[namespace]
-    with warnings.catch_warnings():  # replacing the custom op's own Autograd kernel is the point
+        keys = ("Autograd",)
+    else:
+        # A custom_op already holds the Autograd (alias) key from Python, and torch < 2.13 refuses a second
+        # Python kernel there; a kernel on the per-backend keys takes precedence over the alias one.
+        keys = ("AutogradCPU", "AutogradCUDA")
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
-        lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+        for key in keys:
+            lib.impl(name, autograd_kernel, key, with_keyset=True)
 
 
 def register_autograd(namespace: str) -> None:
