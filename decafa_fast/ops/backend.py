@@ -126,8 +126,9 @@ def get_backend() -> str:
     return _thread_choice.name or _backend
 
 
-# Which GPU backend "auto" uses on CUDA where the measured table (below) has no answer.
-AUTO_CUDA_PREFERENCE: list[str] = ["triton", "cuda"]
+# Which GPU backend "auto" uses on CUDA where the measured table (below) has no answer: CUDA C++ first, the
+# winner of every race measured so far (H200, bench/RESULTS.md).
+AUTO_CUDA_PREFERENCE: list[str] = ["cuda", "triton"]
 # GPU name -> the Triton-vs-CUDA races measured on it (decafa_fast/autotable.py): read once, no CUDA call.
 _AUTO_TABLES: dict[str, autotable.Index] = autotable.load_index([autotable.SHIPPED, autotable.user_table_path()])
 _GPU_NAMES: dict[int | None, str] = {}  # CUDA device index -> GPU model name
