@@ -93,22 +93,8 @@ def _child(start: int) -> tuple[list[dict], int | None, int, str]:
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_raw_ops_cuda_fuzz as f; "
             f"f.run_cases({start}, sys.stdout)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
-    results, started, done = [], None, False
-    for line in proc.stdout.splitlines():
-        if not line.startswith("{"):
-            continue
-        record = json.loads(line)
-        if "start" in record:
-            started = record["start"]
-        elif "index" in record:
-            results.append(record)
-            started = None
-        elif record.get("done"):
-            done = True
-    if not done and started is None:
-        raise AssertionError(f"the CUDA fuzz subprocess failed before its first case (rc {proc.returncode}):\n"
-                             f"{proc.stderr[-3000:]}")
-    return results, (None if done else started), proc.returncode, proc.stderr
+    results, crashed_at = fuzz.read_child_output(proc, "the CUDA fuzz subprocess")
+    return results, crashed_at, proc.returncode, proc.stderr
 
 
 def test_raw_cuda_ops_reject_bad_arguments():

@@ -219,6 +219,13 @@ def _child(namespace: str, start: int) -> tuple[list[dict], int | None, int]:
             f"f.run_cases({namespace!r}, {start}, sys.stdout)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                           check=False)
+    results, crashed_at = read_child_output(proc, "the fuzz subprocess")
+    return results, crashed_at, proc.returncode
+
+
+def read_child_output(proc: subprocess.CompletedProcess, what: str) -> tuple[list[dict], int | None]:
+    """The JSON lines a `run_cases` child printed: (results, index of the case it died in, or None if it
+    finished). A child that died before its first case fails the test with its stderr."""
     results, started, done = [], None, False
     for line in proc.stdout.splitlines():
         if not line.startswith("{"):
@@ -232,9 +239,8 @@ def _child(namespace: str, start: int) -> tuple[list[dict], int | None, int]:
         elif record.get("done"):
             done = True
     if not done and started is None:
-        raise AssertionError(f"the fuzz subprocess failed before its first case (rc {proc.returncode}):\n"
-                             f"{proc.stderr[-3000:]}")
-    return results, (None if done else started), proc.returncode
+        raise AssertionError(f"{what} failed before its first case (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return results, (None if done else started)
 
 
 @pytest.mark.slow
