@@ -109,15 +109,4 @@ def test_raw_cuda_ops_reject_bad_arguments():
         results[crashed_at] = {"index": crashed_at, "outcome": f"crashed the process (exit status {rc})",
                                "message": stderr.strip().splitlines()[-1][:300] if stderr.strip() else ""}
         start = crashed_at + 1
-    failures = []
-    for index, case in enumerate(all_cases):
-        r = results.get(index, {"outcome": "never ran", "message": ""})
-        outcome, message = r["outcome"], r["message"]
-        where = f"torch.ops.decafa.{case.op} (CUDA): {case.name}"
-        if (case.equivalent is not None and outcome == "same") or (case.may_return and outcome == "returned"):
-            continue
-        if outcome != "RuntimeError":
-            failures.append(f"{where} -> {outcome} {message}".rstrip())
-        elif not any(n in message for n in case.names):
-            failures.append(f"{where} -> RuntimeError naming none of {case.names}: {message}")
-    assert not failures, f"{len(failures)} of {len(all_cases)} calls:\n" + "\n".join(failures)
+    fuzz.assert_every_case_refused(all_cases, results, lambda case: f"torch.ops.decafa.{case.op} (CUDA): {case.name}")

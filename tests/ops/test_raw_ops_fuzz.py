@@ -264,17 +264,22 @@ def test_raw_ops_reject_bad_arguments(namespace):
                                "message": ""}
         start = crashed_at + 1
 
+    assert_every_case_refused(all_cases, results, lambda case: f"torch.ops.{namespace}.{case.op}: {case.name}")
+
+
+def assert_every_case_refused(all_cases: list, results: dict[int, dict], where) -> None:
+    """Each case's outcome must be a RuntimeError naming one of its arguments (or, for layouts, the valid
+    call's result); `where(case)` names the call in the failure list."""
     failures = []
     for index, case in enumerate(all_cases):
         r = results.get(index, {"outcome": "never ran", "message": ""})
         outcome, message = r["outcome"], r["message"]
-        where = f"torch.ops.{namespace}.{case.op}: {case.name}"
         if (case.equivalent is not None and outcome == "same") or (case.may_return and outcome == "returned"):
             continue
         if outcome != "RuntimeError":
-            failures.append(f"{where} -> {outcome} {message}".rstrip())
+            failures.append(f"{where(case)} -> {outcome} {message}".rstrip())
         elif not any(n in message for n in case.names):
-            failures.append(f"{where} -> RuntimeError naming none of {case.names}: {message}")
+            failures.append(f"{where(case)} -> RuntimeError naming none of {case.names}: {message}")
     assert not failures, f"{len(failures)} of {len(all_cases)} calls:\n" + "\n".join(failures)
 
 
