@@ -259,19 +259,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_cuda(const Tensor& logits
   return {o.z, o.fused, o.mask, o.stats};
 }
 
-Tensor fuse_cuda(const Tensor& image, const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
+// The arguments of fuse and fuse_backward: image (the reference of the others), embedding, mask, mode.
+struct FuseArgs {
+  FusionArg f;
+  Tensor mask;
+  dk::MapShape shape;
+};
+
+FuseArgs fuse_args(const Tensor& image, const Tensor& embed, const Tensor& mask, int64_t mode) {
   check_cuda(image, "image", 4);
   dtype_of(image, "image");
   to_int(image.size(2) * image.size(3), "H*W");
-  const int mode = check_mode(mode_in);
-  const FusionArg f = fusion_arg(image, embed, image, "image", mode);
-  const Tensor mask = mask_arg(mask_in, image, "image");
+  // braced initialisation runs left to right: image and embedding are checked before the mask
+  return {fusion_arg(image, embed, image, "image", check_mode(mode)), mask_arg(mask, image, "image"),
+          {image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))}};
+}
+
+Tensor fuse_cuda(const Tensor& image, const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
+  const FuseArgs a = fuse_args(image, embed, mask_in, mode_in);
   const c10::cuda::CUDAGuard guard(image.device());
   dk::Strides fs{0, 0, 0};
-  Tensor fused = empty_fused(f, &fs);
-  const dk::MapShape shape{image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))};
-  check_launch(dk::fuse_forward(dtype_of(image, "image"), shape, mask.data_ptr(), f.view, fused.data_ptr(), fs,
-                                current_stream()),
+  Tensor fused = empty_fused(a.f, &fs);
+  check_launch(dk::fuse_forward(dtype_of(image, "image"), a.shape, a.mask.data_ptr(), a.f.view, fused.data_ptr(),
+                                fs, current_stream()),
                "fuse");
   return fused;
 }
@@ -323,23 +333,17 @@ std::tuple<Tensor, Tensor> landmark_attention_backward_cuda(const optional<Tenso
 
 std::tuple<Tensor, Tensor, Tensor> fuse_backward_cuda(const Tensor& grad_fused_in, const Tensor& image,
                                                       const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
-  check_cuda(image, "image", 4);
-  dtype_of(image, "image");
-  to_int(image.size(2) * image.size(3), "H*W");
-  const int mode = check_mode(mode_in);
-  const FusionArg f = fusion_arg(image, embed, image, "image", mode);
-  const Tensor mask = mask_arg(mask_in, image, "image");
-  const Planes grad_fused = grad_fused_arg(grad_fused_in, image, "image", f.channels, mode);
+  const FuseArgs a = fuse_args(image, embed, mask_in, mode_in);
+  const Planes grad_fused = grad_fused_arg(grad_fused_in, image, "image", a.f.channels, a.f.view.mode);
   const c10::cuda::CUDAGuard guard(image.device());
   Tensor grad_image = at::empty(image.sizes(), image.options());
   Tensor grad_embed = at::empty(embed.sizes(), embed.options());
-  Tensor grad_mask = at::empty(mask.sizes(), mask.options());
+  Tensor grad_mask = at::empty(a.mask.sizes(), a.mask.options());
   const int64_t hw = image.size(2) * image.size(3);
-  const dk::MapShape shape{image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))};
-  check_launch(dk::fuse_backward(dtype_of(image, "image"), shape, grad_fused.t.data_ptr(), grad_fused.strides,
-                                 mask.data_ptr(), f.view, grad_image.data_ptr(), dk::nchw_strides(image.size(1), hw),
-                                 grad_embed.data_ptr(), dk::nchw_strides(embed.size(1), hw), grad_mask.data_ptr(),
-                                 false, current_stream()),
+  check_launch(dk::fuse_backward(dtype_of(image, "image"), a.shape, grad_fused.t.data_ptr(), grad_fused.strides,
+                                 a.mask.data_ptr(), a.f.view, grad_image.data_ptr(),
+                                 dk::nchw_strides(image.size(1), hw), grad_embed.data_ptr(),
+                                 dk::nchw_strides(embed.size(1), hw), grad_mask.data_ptr(), false, current_stream()),
                "fuse_backward");
   return {grad_image, grad_embed, grad_mask};
 }
