@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a GPU, save the Triton-vs-CUDA races here for the 'auto' backend (default: "
                              "decafa_fast.autotable.user_table_path(), which 'auto' reads at import)")
     parser.add_argument("--no-auto-table", action="store_true", help="do not save the races for 'auto'")
+    parser.add_argument("--cpu-floor", action="store_true",
+                        help="run bench/cpu_floor.py instead of the suites: every op on the CPU against its memory "
+                             "floor, cpp beside the reference, torch.compile and kornia, under both allocator "
+                             "settings (issue 16); takes --quick, --out and --backends (without 'compiled': no "
+                             "torch.compile); its other options: python bench/cpu_floor.py --help")
     parser.add_argument("--report", nargs="+", metavar="FILE", default=None,
                         help="run nothing: print the tables of saved results (pytest-benchmark .json or the "
                              ".jsonl rows that a run streams beside it)")
@@ -167,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
             machine = machine or info
         print(report.summarize(rows, machine, None))
         return 0 if rows else 1
+    if args.cpu_floor:
+        return run_cpu_floor(args)
     missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"decafa-fast bench needs {' and '.join(missing)}: pip install 'decafa-fast[bench]'", file=sys.stderr)
@@ -198,6 +205,21 @@ def run(args: argparse.Namespace) -> int:
     print(summary)
     print(f"results: {json_path} ({elapsed:.0f} s)")
     return code
+
+
+def run_cpu_floor(args: argparse.Namespace) -> int:
+    """bench/cpu_floor.py with this run's --quick and --backends, its JSON under --out."""
+    import cpu_floor
+
+    out = Path(args.out) if args.out else default_out()
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["--json", str((out / "cpu_floor.json").resolve())]
+    if args.quick:
+        argv.append("--quick")
+    if args.backends and "compiled" not in measure.selected_backends(args.backends):
+        argv.append("--no-compile")
+    print(f"running: python {cpu_floor.__file__} {' '.join(argv)}", flush=True)
+    return cpu_floor.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,3 +110,18 @@ def test_targets_of_issue_16():
     assert _verdicts(_row("spatial_softmax", "fwd", "float32", 1, 9.0, 0.1)) == {}  # no target at B = 1
     assert _verdicts(_row("decafa_head", "fwd", "float32", 8, None, 3.0)) == {x3: None}  # cpp not timed
     assert _verdicts(dict(_row("decafa_head", "fwd", "float32", 8, 99.0, 3.0), issue_shape=False)) == {}
+
+
+def test_decafa_fast_bench_runs_it(tmp_path, monkeypatch):
+    """`decafa-fast bench --cpu-floor` passes --quick, --out and --backends on to bench/cpu_floor.py."""
+    import argparse
+
+    from decafa_fast.app import benchmark as launcher
+
+    calls = []
+    monkeypatch.setattr(cpu_floor, "main", lambda argv: calls.append(argv) or 7)
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args(["--cpu-floor", "--quick", "--backends", "reference,cpp", "--out", str(tmp_path)])
+    assert launcher.run(args) == 7
+    assert calls == [["--json", str(tmp_path.resolve() / "cpu_floor.json"), "--quick", "--no-compile"]]
