@@ -4,7 +4,10 @@
 The CPU counterpart of bench/head_floor.py (issue 16). For each case (op, pass, dtype, B) it prints:
     floor ms      the op's floor bytes (bench/measure.py's floor_bytes: inputs read once, outputs written
                   once; forward+backward adds the upstream gradients, the inputs again and the input
-                  gradients) divided by the copy bandwidth measured at the start of the same run
+                  gradients) divided by the copy bandwidth measured in the same run: the higher of the two
+                  processes' measurements (a copy into a buffer allocated beforehand does not depend on the
+                  allocator setting, and other load on the machine can only lower it), so that both
+                  settings' ratios share one floor; each process's own measurement is in the JSON
     cpp, reference, torch.compile, kornia
                   median ms of --reps calls after --warmup calls: decafa_fast.ops on backend "cpp", the same
                   ops on backend "reference" (eager PyTorch), torch.compile of decafa_fast.reference's function
@@ -246,7 +249,7 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
         "machine": facts, "rows": [],
     }
     nbytes = args.copy_mib << 20
-    bandwidth = measure.copy_bandwidth(torch.device("cpu"), nbytes)
+    bandwidth = measure.copy_bandwidth(torch.device("cpu"), nbytes, repeats=10)
     result["copy_gbs"] = bandwidth / 1e9
     result["fresh_clone_gbs"] = measure.copy_bandwidth(torch.device("cpu"), nbytes, fresh=True) / 1e9
     print(f"[{result['allocator']} allocator] {result['cpu_model']}, {result['torch_threads']} threads; copy "
@@ -261,6 +264,8 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
         return False
 
     def time_backend(case: Case, row: dict, backend: str, want: tuple[torch.Tensor, ...]) -> None:
+        """Times `backend` on `case` into `row`; or records why not: skipped, a wrong result, or an error
+        (an error of cpp counts as wrong, one of another backend is a skip reason)."""
         nonlocal wrong
         reason = skip_reason(case.op, backend, args)
         if reason is None and due(f"{case} {backend}"):
@@ -268,9 +273,27 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
         if reason:
             row["skipped"][backend] = reason
             return
-        dtype = DTYPES[case.dtype]
+        try:
+            ms, times = first_check_and_time(case, row, backend, want)
+        except Exception as exc:
+            differs = isinstance(exc, AssertionError)  # check_close: differs from the reference
+            message = str(exc)[:500] if differs else f"raised {type(exc).__name__}: {str(exc)[:300]}"
+            if differs or backend == "cpp":
+                wrong = True
+                row["wrong"][backend] = message
+            else:
+                row["skipped"][backend] = message
+            print(f"  {'WRONG' if differs else 'ERROR'} {case} {backend}: {message[:300]}", file=sys.stderr, flush=True)
+            return
+        row["ms"][backend], row["times_ms"][backend] = ms, times
+        extra = f" (compile {row['compile_s']:.1f} s)" if backend == "compiled" else ""
+        print(f"  {case!s:40} {backend:9} {ms:9.3f} ms{extra}", flush=True)
+
+    def first_check_and_time(case: Case, row: dict, backend: str,
+                             want: tuple[torch.Tensor, ...]) -> tuple[float, list[float]]:
+        """A first call (it compiles, for torch.compile), checked against `want`, then the timed calls."""
         backward = case.pass_ == "fwd+bwd"
-        inputs = [t.requires_grad_(backward) for t in make_inputs(case.op, case.batch, dtype, args)]
+        inputs = [t.requires_grad_(backward) for t in make_inputs(case.op, case.batch, DTYPES[case.dtype], args)]
         start = time.perf_counter()
         fn = op_function(case.op, backend, args.mode)
         if backward:
@@ -284,23 +307,14 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
                 with torch.no_grad():
                     return fn(*inputs)
         with torch.set_grad_enabled(backward):
-            outputs = fn(*inputs)  # first call: compiles (torch.compile), gives the values to check
+            outputs = fn(*inputs)
         if backward:
             torch.autograd.grad(outputs, inputs, grads)
         if backend == "compiled":
             row["compile_s"] = time.perf_counter() - start
-        try:
-            check_close(case, backend, outputs, want)
-        except AssertionError as exc:
-            wrong = True
-            row["wrong"][backend] = str(exc)[:500]
-            print(f"  WRONG {case} {backend}: {str(exc)[:300]}", file=sys.stderr, flush=True)
-            return
+        check_close(case, backend, outputs, want)
         del outputs
-        ms, times = median_ms(call, args.reps, args.warmup)
-        row["ms"][backend], row["times_ms"][backend] = ms, times
-        extra = f" (compile {row['compile_s']:.1f} s)" if backend == "compiled" else ""
-        print(f"  {case!s:40} {backend:9} {ms:9.3f} ms{extra}", flush=True)
+        return median_ms(call, args.reps, args.warmup)
 
     # phase 1: floor, cpp, reference, kornia of every case; phase 2: torch.compile (slow to compile)
     phases = [("cpp", "reference", "kornia", "compiled")] if args.no_compile else [
@@ -417,7 +431,8 @@ def markdown(results: dict) -> str:
     lines += [f"## CPU ops against the memory floor: {first.get('cpu_model')}, {first.get('date')}", "",
               f"L = {shape['maps']}, {shape['size']} x {shape['size']}, C = {shape['channels']}, "
               f"Ci = {shape['image_channels']}, {shape['mode']}; median of {shape['reps']} calls after "
-              f"{shape['warmup']} warm-up; command `{results['command']}`."]
+              f"{shape['warmup']} warm-up; floor = bytes / {fmt(results.get('copy_gbs'))} GB/s (the higher of "
+              f"the copy bandwidths below); command `{results['command']}`."]
     for s in settings.values():
         lines += ["", f"### {setting_title(s)}", "",
                   f"{s.get('torch_threads')} threads; CPU flags {' '.join(s.get('cpu_flags') or []) or '-'}; copy "
@@ -439,8 +454,22 @@ def markdown(results: dict) -> str:
                          f"{cells[0]} | {fmt(r['cpp_x_floor'], 3)} | {cells[1]} | {compiled} | "
                          f"{fmt(ms.get('kornia'))} | {targets} | {met} |")
     lines += ["", "### Targets of issue 16 (cpp)", ""]
+    if not any(r["targets"] for s in settings.values() for r in s.get("rows", [])):
+        lines.append("No target applies: they are stated at the issue's shape (L 98, 128 x 128, C 64, Ci 1, F5; "
+                     "B 8, and B 1 for the head's latency).")
+    else:
+        lines += target_table(settings)
+    reasons = sorted({f"{b}: {why}" for s in settings.values() for r in s.get("rows", [])
+                      for b, why in r["skipped"].items()})
+    if reasons:
+        lines += ["", "Not timed: " + "; ".join(reasons) + "."]
+    return "\n".join(lines)
+
+
+def target_table(settings: dict) -> list[str]:
+    """Each target's row: the cpp value and verdict under every allocator setting, side by side."""
     header = " | ".join(f"{setting_title(s)} | met" for s in settings.values())
-    lines += [f"| case | target | {header} |", "|---|---|" + "---|---|" * len(settings)]
+    lines = [f"| case | target | {header} |", "|---|---|" + "---|---|" * len(settings)]
     keyed = [{(r["op"], r["pass"], r["dtype"], r["batch"]): r for r in s.get("rows", [])} for s in settings.values()]
     for key, r in (keyed[0] if keyed else {}).items():
         for i, t in enumerate(r["targets"]):
@@ -451,15 +480,22 @@ def markdown(results: dict) -> str:
                 unit = "x floor" if t2["kind"] == "x_floor" else "ms"
                 value = "-" if t2["value"] is None else f"{t2['value']:.2f} {unit}"
                 cells.append(f"{value} | {({True: 'yes', False: 'no', None: '-'})[t2['met']]}")
-            lines.append(f"| {' '.join(map(str, key))} | {t['target']} | {' | '.join(cells)} |")
-    if not any(r["targets"] for s in settings.values() for r in s.get("rows", [])):
-        lines.append("(no target applies: the targets are stated at the issue's shape, L 98, 128 x 128, C 64, "
-                     "Ci 1, F5, B 8 and 1)")
-    reasons = sorted({f"{b}: {why}" for s in settings.values() for r in s.get("rows", [])
-                      for b, why in r["skipped"].items()})
-    if reasons:
-        lines += ["", "Not timed: " + "; ".join(reasons) + "."]
-    return "\n".join(lines)
+            op, pass_, dtype, batch = key
+            lines.append(f"| {op} {pass_} {dtype} B={batch} | {t['target']} | {' | '.join(cells)} |")
+    return lines
+
+
+def share_floor(results: dict) -> None:
+    """Every row's floor from one copy bandwidth, the highest that a process of this run measured."""
+    measured = [s["copy_gbs"] for s in results["allocators"].values() if s.get("copy_gbs")]
+    if not measured:
+        return
+    results["copy_gbs"] = max(measured)
+    for setting in results["allocators"].values():
+        for row in setting.get("rows", []):
+            if row["floor_bytes"] is not None:
+                row["floor_ms"] = row["floor_bytes"] / (results["copy_gbs"] * 1e9) * 1e3
+                judge(row)
 
 
 def write_json(path: str | None, results: dict) -> None:
@@ -492,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         order = ("default", "thp")
         both = {label: mine, ("thp" if label == "default" else "default"): other}
         results["allocators"] = {k: both[k] for k in order}
-        write_json(args.json, results)
+    share_floor(results)
+    write_json(args.json, results)
     if not args.child:
         print()
         print(markdown(results))

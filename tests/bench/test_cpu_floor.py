@@ -65,17 +65,19 @@ def test_one_run_times_every_op_under_both_allocators(tmp_path, capsys):
                      ("attention_mask", "fwd"), ("landmark_attention", "fwd"), ("fuse", "fwd"),
                      ("decafa_head", "fwd"), ("decafa_head", "fwd+bwd")}
     cpp_available = ops.backends()["cpp"] == "available"
+    # one floor for both settings: the higher copy bandwidth that the two processes measured
+    assert data["copy_gbs"] == max(s["copy_gbs"] for s in settings.values())
     for label, s in settings.items():
         for key in ("torch_threads", "cpu_model", "date", "loadavg_before", "loadavg_after"):
             assert s[key], (label, key)
-        assert s["copy_gbs"] > 0
+        assert s["copy_gbs"] > 0 and s["fresh_clone_gbs"] > 0
         rows = s["rows"]
         assert {(r["op"], r["pass"]) for r in rows} == expected_rows and len(rows) == len(expected_rows), label
         for r in rows:
             what = (label, r["op"], r["pass"])
             assert r["floor_bytes"] == expected_floor_bytes(r["op"], r["pass"]), what
             assert r["floor_ms"] > 0
-            assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / (s["copy_gbs"] * 1e9) * 1e3), what
+            assert r["floor_ms"] == pytest.approx(r["floor_bytes"] / (data["copy_gbs"] * 1e9) * 1e3), what
             assert not r["wrong"], what
             assert r["ms"]["reference"] > 0, what
             assert r["skipped"]["compiled"] == "--no-compile"
@@ -125,3 +127,36 @@ def test_decafa_fast_bench_runs_it(tmp_path, monkeypatch):
     args = parser.parse_args(["--cpu-floor", "--quick", "--backends", "reference,cpp", "--out", str(tmp_path)])
     assert launcher.run(args) == 7
     assert calls == [["--json", str(tmp_path.resolve() / "cpu_floor.json"), "--quick", "--no-compile"]]
+
+
+def test_a_wrong_or_failing_kernel_posts_no_time_and_fails_the_run(tmp_path, monkeypatch):
+    real = cpu_floor.op_function
+
+    def broken(op, backend, mode):
+        fn = real(op, backend, mode)
+        if backend == "cpp" and op == "fuse":
+            return lambda *a: tuple(2 * o for o in fn(*a))
+        if backend == "cpp" and op == "soft_argmax":
+            def fail(*a):
+                raise RuntimeError("kernel exploded")
+            return fail
+        if backend == "kornia":
+            def fail_kornia(*a):
+                raise ValueError("kornia exploded")
+            return fail_kornia
+        return fn
+
+    monkeypatch.setattr(cpu_floor, "op_function", broken)
+    out = tmp_path / "cpu_floor.json"
+    argv = ["--quick", "--no-compile", "--no-thp", "--dtypes", "float32", "--batches", "1", "--reps", "1",
+            "--copy-mib", "16", "--json", str(out)]
+    assert cpu_floor.main(argv) == 1
+    rows = {(r["op"], r["pass"]): r for r in json.loads(out.read_text())["allocators"]["default"]["rows"]}
+    fuse = rows[("fuse", "fwd")]
+    assert "differs from the reference" in fuse["wrong"]["cpp"]
+    assert "cpp" not in fuse["ms"] and fuse["cpp_x_floor"] is None
+    for pass_ in ("fwd", "fwd+bwd"):
+        soft = rows[("soft_argmax", pass_)]
+        assert "RuntimeError: kernel exploded" in soft["wrong"]["cpp"] and "cpp" not in soft["ms"]
+        assert "ValueError: kornia exploded" in soft["skipped"]["kornia"]  # another backend's error: a skip
+    assert rows[("decafa_head", "fwd")]["ms"]["cpp"] > 0  # the others are still timed
