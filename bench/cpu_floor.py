@@ -19,15 +19,18 @@ Ops: spatial_softmax, soft_argmax, attention_mask, landmark_attention, fuse and 
 no_grad); soft_argmax and decafa_head also forward+backward (torch.autograd.grad with a random upstream
 gradient allocated beforehand, not the expanded ones of .sum(), so that the time is our kernels').
 Every timed output is first compared with the reference's (same tolerances as bench/test_ops.py): a wrong
-kernel posts no time, and the script exits with status 1.
+result posts no time and makes the script exit with status 1, as does an error of cpp; an error of another
+backend (a torch.compile that fails, say) is recorded as the reason it was not timed.
 
 Allocator settings: this process measures with the setting it was started with (THP_MEM_ALLOC_ENABLE=1 asks
 PyTorch's CPU allocator for transparent huge pages; unset is the default), then reruns this script in a
 subprocess with the other setting; both go in the table and the JSON. Each run records torch's thread
-count, the CPU model and its vector extensions, the date and the load average before and after.
+count, the CPU model and its vector extensions, the date and the load average before and after: on a
+shared machine, other processes' load shows up as times in multiples of the scheduler's time slice.
 
 Phases: every case's floor, cpp, reference and kornia times first, then the torch.compile column (tens of
-seconds of compilation per case on a 2-core machine). `--budget-s` bounds the whole script: this process
+seconds of compilation per case on a 2-core machine; the subprocess may find the same graphs in inductor's
+on-disk cache, so its "compile s" can be shorter). `--budget-s` bounds the whole script: this process
 gets half of it (all of it with --no-thp), the subprocess what is left; each case checks the time before it
 starts, and the JSON is rewritten after every case, so a run cut off keeps what it measured.
 
