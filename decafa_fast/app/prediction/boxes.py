@@ -1,0 +1,26 @@
+"""Merging the face boxes that a detector finds more than once (in several tiles or at several scales)."""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["merge_boxes"]
+
+
+def merge_boxes(boxes: np.ndarray, scores: np.ndarray, overlap: float = 0.5) -> list[int]:
+    """Indices of the boxes (N, 4) (x0, y0, x1, y1) to keep, best score first. Greedy suppression by score:
+    a box goes when it shares more than `overlap` of the smaller box's area with a better one (the same face
+    seen at two scales gives boxes of different sizes, which plain IoU would keep both of)."""
+    order = list(np.argsort(-scores, kind="stable"))
+    area = (boxes[:, 2] - boxes[:, 0]).clip(0) * (boxes[:, 3] - boxes[:, 1]).clip(0)
+    keep: list[int] = []
+    for i in order:
+        ok = True
+        for j in keep:
+            iw = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+            ih = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+            if iw > 0 and ih > 0 and iw * ih > overlap * max(min(area[i], area[j]), 1e-9):
+                ok = False
+                break
+        if ok:
+            keep.append(int(i))
+    return keep
