@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "map_math.h"
+#include "output_cache.h"
 
 namespace decafa {
 namespace cpu {
@@ -107,7 +108,7 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps)
   }
   const int64_t runs = std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, std::max<int64_t>(L, 1));
   // (B, runs, hw) partial masks; the mask itself when there is one run per image
-  at::Tensor partial = runs == 1 ? *mask : at::empty({B, runs, hw}, mask->options());
+  at::Tensor partial = runs == 1 ? *mask : empty_output({B, runs, hw}, mask->options());
   acc_t* partial_p = partial.data_ptr<acc_t>();
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(hw);
@@ -143,8 +144,10 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
     for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
       for (int64_t map = first; map < last; ++map) {
         const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
-        const acc_t m = load_scaled_max(t + map * hw, hw, b, a);
-        const MapStats<acc_t> st = exp_sums(a, m, H, W, z_p != nullptr, xs.data(), ys.data());
+        const acc_t m = scaled_max(t + map * hw, hw, b);
+        // e = exp(s - m) kept in `a` only when Phi or M is wanted
+        acc_t* e = phi_p != nullptr || mask_acc != nullptr ? a : nullptr;
+        const MapStats<acc_t> st = exp_sums(t + map * hw, H, W, b, m, z_p != nullptr, xs.data(), ys.data(), e);
         stats_p[2 * map] = m;
         stats_p[2 * map + 1] = st.sum;
         if (z_p != nullptr) {
@@ -163,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
                                                    const at::Tensor& beta_map, bool normalized,
                                                    const at::Tensor& grad_z, const at::Tensor& grad_mask) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad = empty_output_like(logits);
   at::Tensor grad_beta = empty_grad_beta(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_logits_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -198,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, 
   const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor stats = empty_stats(logits);
-  at::Tensor phi = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor phi = empty_output_like(logits);
   map_statistics(logits, beta, beta_map, false, stats, nullptr, &phi);
   return {phi, stats};
 }
@@ -215,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_softmax_backward(const at::Tensor& gr
   const at::Tensor logits = logits_in.contiguous(), stats = stats_in.contiguous();
   const at::Tensor grad_phi = grad_phi_in.to(logits.scalar_type()).contiguous();
   const int64_t L = logits.size(1), maps = logits.size(0) * L, hw = logits.size(2) * logits.size(3);
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad = empty_output_like(logits);
   at::Tensor grad_beta = empty_grad_beta(logits);
   if (grad.numel() == 0) return {grad, grad_beta};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_softmax_backward", [&] {
@@ -248,12 +251,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(const at::Tenso
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3);
   at::Tensor stats = empty_stats(logits);
   at::Tensor z = want_z ? at::empty({B, L, 2}, logits.options()) : at::Tensor();
-  at::Tensor mask = want_mask ? at::empty({B, 1, H, W}, logits.options()) : at::Tensor();
+  at::Tensor mask = want_mask ? empty_output({B, 1, H, W}, logits.options()) : at::Tensor();
   // M is summed in the accumulation dtype: straight into `mask` when that is the output dtype too
   const at::ScalarType acc = acc_type(logits.scalar_type());
   at::Tensor mask_acc;
   if (want_mask) {
-    mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : at::empty({B, H * W}, mask.options().dtype(acc));
+    mask_acc = acc == logits.scalar_type() ? mask.view({B, H * W}) : empty_output({B, H * W}, mask.options().dtype(acc));
   }
   map_statistics(logits, beta, beta_map, normalized, stats, want_z ? &z : nullptr, nullptr,
                  want_mask ? &mask_acc : nullptr);

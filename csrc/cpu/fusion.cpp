@@ -13,20 +13,21 @@
 
 #include "attention.h"
 #include "map_math.h"
+#include "output_cache.h"
 
 namespace decafa {
 namespace cpu {
 namespace {
 
 at::Tensor empty_fused(const at::Tensor& like, const Segments& layout) {
-  return at::empty({like.size(0), layout.channels, like.size(2), like.size(3)}, like.options());
+  return empty_output({like.size(0), layout.channels, like.size(2), like.size(3)}, like.options());
 }
 
 // F in the memory format of E: channels_last when E is channels_last and not also plain contiguous. The
 // kernels write contiguous F; a channels_last E costs one copy at the end.
 at::Tensor in_format_of(const at::Tensor& fused, const at::Tensor& embedding) {
   if (embedding.is_contiguous(at::MemoryFormat::ChannelsLast) && !embedding.is_contiguous()) {
-    return fused.contiguous(at::MemoryFormat::ChannelsLast);
+    return empty_output(fused.sizes(), fused.options(), at::MemoryFormat::ChannelsLast).copy_(fused);
   }
   return fused;
 }
@@ -132,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
   check_sizes(grad_in, op, "grad_fused", {image_in.size(0), layout.channels, image_in.size(2), image_in.size(3)});
   const at::Tensor grad = grad_in.to(image_in.scalar_type()).contiguous(), image = image_in.contiguous(),
                    embedding = embedding_in.contiguous(), mask = mask_in.contiguous();
-  at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
-  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
+  at::Tensor grad_image = empty_output_like(image), grad_embedding = empty_output_like(embedding);
+  at::Tensor grad_mask = empty_output(mask.sizes(), mask.options().dtype(acc_type(image.scalar_type())));
   const at::Tensor mask_acc = mask.to(grad_mask.scalar_type()).view({image.size(0), image.size(2) * image.size(3)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "decafa_fuse_backward", [&] {
     fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask_acc);
@@ -167,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head(const at:
   at::Tensor z = at::empty({B, L, 2}, logits.options());
   at::Tensor out = empty_fused(logits, layout);
   // M (B, H*W) in the accumulation dtype, summed during the statistics pass: 1/L of the logits' size
-  at::Tensor mask = at::empty({B, hw}, logits.options().dtype(acc));
+  at::Tensor mask = empty_output({B, hw}, logits.options().dtype(acc));
   map_statistics(logits, beta, beta_map, normalized, stats, &z, nullptr, &mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -206,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
   // is saved.
   const at::Tensor grad = grad_fused->to(logits.scalar_type()).contiguous();
   const at::Tensor mask = mask_in.to(acc).contiguous().view({B, hw});
-  at::Tensor grad_image = at::empty_like(image), grad_embedding = at::empty_like(embedding);
-  at::Tensor grad_mask = at::empty({B, 1, H, W}, logits.options().dtype(acc));
+  at::Tensor grad_image = empty_output_like(image), grad_embedding = empty_output_like(embedding);
+  at::Tensor grad_mask = empty_output({B, 1, H, W}, logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head_backward", [&] {
     fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask);
   });

@@ -21,7 +21,8 @@ namespace decafa {
 namespace cpu {
 
 // exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): Cephes' expf,
-// range reduction by ln 2 and a degree-6 polynomial, about 1 ulp. -inf gives exactly 0, NaN stays NaN.
+// range reduction by ln 2 and a degree-6 polynomial, about 1 ulp, for x <= 0 (all the kernels need). -inf gives
+// exactly 0, NaN stays NaN.
 #if defined(__GNUC__)
 #define DECAFA_INLINE inline __attribute__((always_inline))
 #else
@@ -39,9 +40,10 @@ namespace cpu {
 #endif
 
 DECAFA_INLINE float vexp(float x) {
-  const float lo = -87.33654f, hi = 88.72283f;
-  float xc = x < lo ? lo : (x > hi ? hi : x);  // NaN fails both tests and stays NaN
-  const float magic = 12582912.0f;             // 1.5 * 2^23: float add rounds to an integer
+  // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed.
+  const float lo = -87.33654f;
+  const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
+  const float magic = 12582912.0f;   // 1.5 * 2^23: float add rounds to an integer
   float n = (xc * 1.44269504088896341f + magic) - magic;
   float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -87,16 +89,30 @@ std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
   return c;
 }
 
-// dst = beta * src, returning max(dst): the first sweep of a map.
+// s = beta * t rounded to acc_t, as the op contract says. The "+ 0" keeps the compiler from fusing the product
+// into the subtraction that follows (an FMA skips the rounding of s: 3% off in Phi at |s| ~ 1e6); with FMA
+// it is one fma(beta, t, 0), without it one more add. (-0 becomes +0: the same for max and exp.)
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t load_scaled_max(const scalar_t* src, int64_t n, acc_t beta, acc_t* dst) {
+DECAFA_INLINE acc_t scaled(scalar_t t, acc_t beta) {
+  return beta * static_cast<acc_t>(t) + acc_t(0);
+}
+
+// max of s = beta * t over n values: the first sweep of a map, which only reads it.
+template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    dst[i] = beta * static_cast<acc_t>(src[i]);
-    m = dst[i] > m ? dst[i] : m;
+    const acc_t s = scaled(t[i], beta);
+    m = s > m ? s : m;
   }
   return m;
+}
+
+// e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits.
+template <typename scalar_t, typename acc_t>
+DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
+  return vexp(scaled(t, beta) - m);
 }
 
 // dst = scale * src, converted to the output dtype.
@@ -118,37 +134,50 @@ struct MapStats {
   acc_t sum, zx, zy;
 };
 
-// Statistics of one map given s = beta * T in `a` (H*W values) and m = max(s). Overwrites `a` with
-// exp(s - m) and returns their sum, so that Phi = a / sum (never exp(s - lse): that cancels in float32 at
-// large |s|). When `moments` is false zx and zy are left at 0.
-template <typename acc_t>
-DECAFA_KERNEL MapStats<acc_t> exp_sums(acc_t* a, acc_t m, int64_t H, int64_t W, bool moments, const acc_t* xs,
-                                       const acc_t* ys) {
+// One row of a map's second sweep: sums of e = exp(beta * t - m) and of e * x, e stored when kStore.
+template <bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+DECAFA_INLINE void exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, const acc_t* xs, acc_t* e,
+                           acc_t& sum, acc_t& sum_x) {
+  acc_t row_sum = 0, row_sx = 0;
+#pragma omp simd reduction(+ : row_sum, row_sx)
+  for (int64_t col = 0; col < W; ++col) {
+    const acc_t v = shifted_exp(t[col], beta, m);
+    if constexpr (kStore) e[col] = v;
+    row_sum += v;
+    if constexpr (kMoments) row_sx += v * xs[col];
+  }
+  sum = row_sum;
+  sum_x = row_sx;
+}
+
+template <bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
+                                       const acc_t* xs, const acc_t* ys, acc_t* e) {
   acc_t sum = 0, sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
-    acc_t* r = a + row * W;
-    acc_t row_sum = 0, row_sx = 0;
-    if (moments) {
-#pragma omp simd reduction(+ : row_sum, row_sx)
-      for (int64_t col = 0; col < W; ++col) {
-        const acc_t e = vexp(r[col] - m);
-        r[col] = e;
-        row_sum += e;
-        row_sx += e * xs[col];
-      }
-    } else {
-#pragma omp simd reduction(+ : row_sum)
-      for (int64_t col = 0; col < W; ++col) {
-        const acc_t e = vexp(r[col] - m);
-        r[col] = e;
-        row_sum += e;
-      }
-    }
+    acc_t row_sum, row_sx;
+    exp_row<kMoments, kStore>(t + row * W, W, beta, m, xs, kStore ? e + row * W : nullptr, row_sum, row_sx);
     sum += row_sum;
     sx += row_sx;
     sy += row_sum * ys[row];
   }
   return {sum, sx / sum, sy / sum};
+}
+
+// The second sweep of a map (H x W logits t, m = max of s = beta * t from scaled_max): the sum of
+// e = exp(s - m), so that Phi = e / sum (never exp(s - lse): that cancels in float32 at large |s|), and, when
+// `moments`, the first moments (zx, zy) (else 0, 0). When `e` is given (H*W values) it receives e. t is read
+// again, from cache: the map was just read by scaled_max.
+template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL MapStats<acc_t> exp_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
+                                       const acc_t* xs, const acc_t* ys, acc_t* e) {
+  if (moments) {
+    return e != nullptr ? exp_rows<true, true>(t, H, W, beta, m, xs, ys, e)
+                        : exp_rows<true, false>(t, H, W, beta, m, xs, ys, e);
+  }
+  const MapStats<acc_t> st = e != nullptr ? exp_rows<false, true>(t, H, W, beta, m, xs, ys, e)
+                                          : exp_rows<false, false>(t, H, W, beta, m, xs, ys, e);
+  return {st.sum, 0, 0};
 }
 
 // First moments of a normalised map phi.
@@ -171,16 +200,13 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const acc_t* xs, 
   zy = sy;
 }
 
-// Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, the same
-// operations as the forward (load_scaled_max, exp_sums, store_scaled), so the same values.
+// Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, from the same
+// expression as the forward (shifted_exp), so the same values.
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
-  // s is rounded to acc_t before the subtraction, as in the forward (one expression could fuse into an FMA)
-#pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) phi[i] = beta * static_cast<acc_t>(t[i]);
   const acc_t inv = acc_t(1) / sum;
 #pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) phi[i] = vexp(phi[i] - max) * inv;
+  for (int64_t i = 0; i < hw; ++i) phi[i] = shifted_exp(t[i], beta, max) * inv;
 }
 
 // Softmax backward of one map: g_s = Phi * (g - sum_p g_p Phi_p) is the gradient of s = beta * T;

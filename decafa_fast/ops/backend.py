@@ -18,13 +18,16 @@ from .. import autotable
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 
 extension_error: str | None = None
+extension_path: str | None = None  # the loaded decafa_fast._C library (cpu_cache reads its C entry points)
 try:
-    from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY(decafa) registrations)
+    from .. import _C  # (loads the TORCH_LIBRARY(decafa) registrations)
+
+    extension_path = _C.__file__
 except ImportError:  # not built at install (build isolation hid torch): build on first use (decafa_fast/_build.py)
     from .. import _build
 
     try:
-        _build.load_or_build()
+        extension_path = str(_build.load_or_build())
     except RuntimeError as exc:
         extension_error = str(exc)
 
