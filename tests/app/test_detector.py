@@ -119,6 +119,19 @@ def test_yunet_finds_a_face_larger_than_its_network_sees(yunet):
 
 
 @needs_yunet
+def test_yunet_leaves_torch_thread_count_as_it_was(yunet):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yunet(np.zeros((64, 64, 3), np.uint8))  # runs on one thread, then restores the count
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_yunet
 def test_auto_picks_yunet_when_installed():
     assert FaceDetector("auto").kind == "yuface"
 

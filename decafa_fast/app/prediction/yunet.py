@@ -12,13 +12,18 @@ previous scale, up to full size (at most 4096 pixels), keep only the boxes under
 photos (README, "Face detection"), it finds a face turned to near profile and faces down to 14 pixels in a
 1280-pixel image, where OpenCV's frontal Haar cascade and the SSD miss them.
 
-The library parallelises each layer with OpenMP, on the runtime torch loaded first (a thread per core). On
-a machine whose cores are busy with other work this is slow: a 600 x 400 photo took 610-650 ms, and 40-60
-ms with OMP_NUM_THREADS=1 (2 cores, load average 4.4).
+The library parallelises each layer with OpenMP, and where torch is loaded first (always, in decafa-fast)
+it runs on torch's OpenMP runtime, a thread per core. On cores busy with other work the threads wait on
+each other at every layer: a 600 x 400 photo took 250-450 ms, a 60 x 40 one up to 430 ms (2 cores, load
+average 5). So each pass runs with torch's thread count set to 1 and then restored (35-100 ms, and under
+5 ms), as the network is small.
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -39,6 +44,21 @@ def yunet_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@contextmanager
+def _one_openmp_thread() -> Iterator[None]:
+    """torch's thread count (its OpenMP runtime, which the library runs on) set to 1 for a while."""
+    torch = sys.modules.get("torch")
+    if torch is None:  # then the library has its own runtime, which torch's setting does not reach
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class YuNetFaceDetector:
@@ -68,7 +88,8 @@ class YuNetFaceDetector:
                                interpolation=cv2.INTER_AREA)
         with warnings.catch_warnings():  # yuface warns on any image over 960 px; the pyramid handles large ones
             warnings.filterwarnings("ignore", message="Image size")
-            scores, xywh, _ = self._detect(np.ascontiguousarray(image), self.threshold)
+            with _one_openmp_thread():
+                scores, xywh, _ = self._detect(np.ascontiguousarray(image), self.threshold)
         xywh = np.asarray(xywh, np.float64).reshape(-1, 4)  # int16 from the library
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) / scale
         return boxes, np.asarray(scores, np.float64).reshape(-1) / 100.0
