@@ -102,7 +102,7 @@ def test_yunet_finds_a_small_face_that_haar_misses(yunet, haar, face_px):
 @needs_camera
 def test_yunet_finds_a_small_and_a_turned_face_in_one_photo(yunet, haar):
     """A 16 px portrait pasted into the cameraman photo at 640 x 640: YuNet finds both faces, and nothing
-    else; the cascade finds neither (the SSD finds the cameraman only: README, "Face detection")."""
+    else; the cascade finds neither (the SSD finds the cameraman only: `detector_report`)."""
     case = pasted(cv2.imread(str(PHOTO)), cv2.imread(str(CAMERA)), 640, 16)
     boxes = yunet(case.image)
     assert len(boxes) == 2 and all(found(boxes, face) for face in case.faces), (boxes, case.faces)

@@ -4,13 +4,14 @@
 weights are part of the library: nothing is downloaded at run time. Its wheels exist for CPython 3.10 and
 3.11 on Linux x86-64 and Windows; elsewhere `FaceDetector` falls back to the SSD, then to Haar.
 
-The network sees the image at its own size and finds faces from about 14 pixels up to about 400; past that
+The network sees the image at its own size and finds faces from about 13 pixels up to about 400; past that
 it returns a wrong box and stray small ones. So the image is looked at as a pyramid: a coarse pass with the
 longer side at most 640 pixels keeps every box (faces that fill the frame), then passes at twice the
-previous scale, up to full size (at most 4096 pixels), keep only the boxes under 48 pixels at their scale
-(faces too small for the coarser pass). The same face found twice is merged by score. Measured on real
-photos (README, "Face detection"), it finds a face turned to near profile and faces down to 14 pixels in a
-1280-pixel image, where OpenCV's frontal Haar cascade and the SSD miss them.
+previous scale, up to full size (at most 4096 pixels), keep only the boxes under 64 pixels at their scale
+(faces too small for the coarser pass); an image under 640 pixels is also looked at twice as large. The
+same face found twice is merged by score. Measured on real photos (`detector_report`, in the README), it
+finds a face turned to near profile, which OpenCV's frontal Haar cascade misses, and faces of 13 to 16
+pixels in 640 to 2000-pixel images, which both the cascade and the SSD miss.
 
 The library parallelises each layer with OpenMP, and where torch is loaded first (always, in decafa-fast)
 it runs on torch's OpenMP runtime, a thread per core. On cores busy with other work the threads wait on
