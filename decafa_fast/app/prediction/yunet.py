@@ -11,7 +11,7 @@ previous scale, up to full size (at most 4096 pixels), keep only the boxes under
 (faces too small for the coarser pass); an image under 640 pixels is also looked at twice as large. The
 same face found twice is merged by score. Measured on real photos (`detector_report`, in the README), it
 finds a face turned to near profile, which OpenCV's frontal Haar cascade misses, and faces of 13 to 16
-pixels in 640 to 2000-pixel images, which both the cascade and the SSD miss.
+pixels in 640 and 1280-pixel images, which both the cascade and the SSD miss.
 
 The library parallelises each layer with OpenMP, and where torch is loaded first (always, in decafa-fast)
 it runs on torch's OpenMP runtime, a thread per core. On cores busy with other work the threads wait on
