@@ -90,18 +90,19 @@ void check_mode(int64_t mode, const char* op) {
 
 // Tasks a pass that sums a mask aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at
 // most L), each summing its Phi into its own partial mask. A function of the shape alone, so that the
-// summation order, and so the result, does not depend on the thread count.
-constexpr int64_t kMaskTasks = 64;
+// summation order, and so the result, does not depend on the thread count. Each run costs one zeroed and
+// summed plane, so runs are few: 16 tasks keep 16 threads busy at B = 1.
+constexpr int64_t kMaskTasks = 16;
 
 // Calls maps(first, last, scratch, mask_acc) over every map of B images of L maps, in parallel, each call
-// on a run of maps with `scratch` (hw values) to itself. Without `mask`, mask_acc is null. With `mask`
-// (contiguous (B, hw) in acc_t), each run lies in one image and gets its own zeroed partial mask as
+// on a run of maps with `scratch` (scratch_size values) to itself. Without `mask`, mask_acc is null. With
+// `mask` (contiguous (B, hw) in acc_t), each run lies in one image and gets its own zeroed partial mask as
 // mask_acc; the partials are then added into `mask` in run order.
 template <typename acc_t, typename Maps>
-void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps) {
+void for_each_map(int64_t B, int64_t L, int64_t hw, int64_t scratch_size, at::Tensor* mask, Maps maps) {
   if (mask == nullptr) {
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> scratch(hw);
+      std::vector<acc_t> scratch(scratch_size);
       maps(begin, end, scratch.data(), nullptr);
     });
     return;
@@ -111,7 +112,7 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, at::Tensor* mask, Maps maps)
   at::Tensor partial = runs == 1 ? *mask : empty_output({B, runs, hw}, mask->options());
   acc_t* partial_p = partial.data_ptr<acc_t>();
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(hw);
+    std::vector<acc_t> scratch(scratch_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / runs, run = task % runs;
       acc_t* acc = partial_p + task * hw;
@@ -141,22 +142,29 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
     scalar_t* z_p = z != nullptr ? z->data_ptr<scalar_t>() : nullptr;
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    for_each_map<acc_t>(B, L, hw, mask, [&](int64_t first, int64_t last, acc_t* a, acc_t* mask_acc) {
-      for (int64_t map = first; map < last; ++map) {
-        const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
-        const acc_t m = scaled_max(t + map * hw, hw, b);
-        // e = exp(s - m) kept in `a` only when Phi or M is wanted
-        acc_t* e = phi_p != nullptr || mask_acc != nullptr ? a : nullptr;
-        const MapStats<acc_t> st = exp_sums(t + map * hw, H, W, b, m, z_p != nullptr, xs.data(), ys.data(), e);
-        stats_p[2 * map] = m;
-        stats_p[2 * map + 1] = st.sum;
-        if (z_p != nullptr) {
-          z_p[2 * map] = to_storage<scalar_t>(st.zx);
-          z_p[2 * map + 1] = to_storage<scalar_t>(st.zy);
+    // scratch: e of up to kMaskGroup maps when M is summed (added into it a group at a time), else of one
+    const int64_t group = mask != nullptr ? kMaskGroup : 1;
+    for_each_map<acc_t>(B, L, hw, group * hw, mask, [&](int64_t first, int64_t last, acc_t* e_group, acc_t* mask_acc) {
+      for (int64_t group_first = first; group_first < last; group_first += group) {
+        const int count = static_cast<int>(std::min(group, last - group_first));
+        acc_t scale[kMaskGroup];
+        for (int k = 0; k < count; ++k) {
+          const int64_t map = group_first + k;
+          const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
+          const acc_t m = scaled_max(t + map * hw, hw, b);
+          // e = exp(s - m) kept in the scratch only when Phi or M is wanted
+          acc_t* e = phi_p != nullptr || mask_acc != nullptr ? e_group + k * hw : nullptr;
+          const MapStats<acc_t> st = exp_sums(t + map * hw, H, W, b, m, z_p != nullptr, xs.data(), ys.data(), e);
+          stats_p[2 * map] = m;
+          stats_p[2 * map + 1] = st.sum;
+          if (z_p != nullptr) {
+            z_p[2 * map] = to_storage<scalar_t>(st.zx);
+            z_p[2 * map + 1] = to_storage<scalar_t>(st.zy);
+          }
+          scale[k] = acc_t(1) / st.sum;  // Phi = e * scale
+          if (phi_p != nullptr) store_scaled(e, hw, scale[k], phi_p + map * hw);
         }
-        const acc_t scale = acc_t(1) / st.sum;  // Phi = a * scale
-        if (phi_p != nullptr) store_scaled(a, hw, scale, phi_p + map * hw);
-        if (mask_acc != nullptr) accumulate_scaled(a, hw, scale, mask_acc);
+        if (mask_acc != nullptr) accumulate_group(e_group, hw, count, scale, mask_acc);
       }
     });
   });
@@ -178,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
     scalar_t* out = grad.data_ptr<scalar_t>();
     acc_t* gb = grad_beta.data_ptr<acc_t>();
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    for_each_map<acc_t>(B, L, hw, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
+    for_each_map<acc_t>(B, L, hw, hw, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
       for (int64_t map = first; map < last; ++map) {
         const int64_t b = map / L;
         const acc_t beta_eff = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);

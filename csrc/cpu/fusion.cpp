@@ -45,14 +45,17 @@ void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const Se
     const scalar_t* img = image.const_data_ptr<scalar_t>();
     const scalar_t* emb = embedding.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const bool stream = out.nbytes() >= kStreamingBytes;
     at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> mask(kPixelTile);
+      alignas(64) scalar_t staging[kPixelTile];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
         mask_of(b, p0, n, mask.data());
         fuse_tile(layout, img + b * ci * hw, ci, emb + b * ce * hw, ce, mask.data(), hw, p0, n,
-                  o + b * layout.channels * hw);
+                  o + b * layout.channels * hw, stream ? staging : nullptr);
       }
+      if (stream) stream_fence();
     });
   }
 }

@@ -16,12 +16,13 @@
 #include <c10/util/BFloat16.h>
 
 #include "../../kernels/fusion_layout.h"
+#include "stream_store.h"
 
 namespace decafa {
 namespace cpu {
 
-// exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): Cephes' expf,
-// range reduction by ln 2 and a degree-6 polynomial, about 1 ulp, for x <= 0 (all the kernels need). -inf gives
+// exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
+// ln 2 and a degree-6 polynomial, about 1 ulp, for x <= 0 (all the kernels need). -inf gives
 // exactly 0, NaN stays NaN.
 #if defined(__GNUC__)
 #define DECAFA_INLINE inline __attribute__((always_inline))
@@ -40,24 +41,28 @@ namespace cpu {
 #endif
 
 DECAFA_INLINE float vexp(float x) {
-  // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed.
-  const float lo = -87.33654f;
+  // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed. Below
+  // lo, 0: then n >= -125 and 2^n y is a normal float, so the scaling by 2^n is an integer add to y's
+  // exponent bits (off the floating-point units the rest keeps busy).
+  const float lo = -86.99f;
   const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
   const float magic = 12582912.0f;   // 1.5 * 2^23: float add rounds to an integer
-  float n = (xc * 1.44269504088896341f + magic) - magic;
-  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  y = y * scale;
-  return x < lo ? 0.0f : y;
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  // exp(r) = 1 + r + r^2 P(r) on |r| <= ln2 / 2, P of degree 4 fitted for least maximum relative error
+  // (3.7e-9; 1.0 ulp in float32 measured against float64 over [-87, 0])
+  float p = 1.3879691250622272e-3f;
+  p = p * r + 8.36869329214096e-3f;
+  p = p * r + 4.166722670197487e-2f;
+  p = p * r + 1.666652113199234e-1f;
+  p = p * r + 4.999999701976776e-1f;
+  const float y = p * r * r + r + 1.0f;  // in [0.7, 1.5]
+  int32_t bits;
+  std::memcpy(&bits, &y, sizeof(bits));
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  float e;
+  std::memcpy(&e, &bits, sizeof(e));
+  return x < lo ? 0.0f : e;
 }
 DECAFA_INLINE double vexp(double x) { return std::exp(x); }
 
@@ -91,28 +96,38 @@ std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
 
 // s = beta * t rounded to acc_t, as the op contract says. The "+ 0" keeps the compiler from fusing the product
 // into the subtraction that follows (an FMA skips the rounding of s: 3% off in Phi at |s| ~ 1e6); with FMA
-// it is one fma(beta, t, 0), without it one more add. (-0 becomes +0: the same for max and exp.)
-template <typename scalar_t, typename acc_t>
+// it is one fma(beta, t, 0), without it one more add. (-0 becomes +0: the same for max and exp.) kUnitBeta:
+// beta is 1 (the default), s = t, the same value without the multiply.
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE acc_t scaled(scalar_t t, acc_t beta) {
-  return beta * static_cast<acc_t>(t) + acc_t(0);
+  if constexpr (kUnitBeta) {
+    return static_cast<acc_t>(t);
+  } else {
+    return beta * static_cast<acc_t>(t) + acc_t(0);
+  }
 }
 
-// max of s = beta * t over n values: the first sweep of a map, which only reads it.
-template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
+DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t s = scaled(t[i], beta);
+    const acc_t s = scaled<kUnitBeta>(t[i], beta);
     m = s > m ? s : m;
   }
   return m;
 }
 
-// e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits.
+// max of s = beta * t over n values: the first sweep of a map, which only reads it.
 template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
+  return beta == acc_t(1) ? scaled_max_of<true>(t, n, beta) : scaled_max_of<false>(t, n, beta);
+}
+
+// e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits.
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
-  return vexp(scaled(t, beta) - m);
+  return vexp(scaled<kUnitBeta>(t, beta) - m);
 }
 
 // dst = scale * src, converted to the output dtype.
@@ -129,19 +144,44 @@ DECAFA_KERNEL void accumulate_scaled(const acc_t* src, int64_t n, acc_t scale, a
   for (int64_t i = 0; i < n; ++i) dst[i] += scale * src[i];
 }
 
+// Maps whose Phi are added into a mask accumulator in one sweep (their e kept side by side in cache): the
+// accumulator is read and written once per group instead of once per map.
+constexpr int kMaskGroup = 4;
+
+template <int K, typename acc_t>
+DECAFA_INLINE void accumulate_group_of(const acc_t* e, int64_t n, const acc_t* scale, acc_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t v = dst[i];
+    for (int k = 0; k < K; ++k) v += scale[k] * e[k * n + i];
+    dst[i] = v;
+  }
+}
+
+// dst += sum over k < count of scale[k] * e[k * n : (k + 1) * n], k in order; count <= kMaskGroup.
+template <typename acc_t>
+DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const acc_t* scale, acc_t* dst) {
+  switch (count) {
+    case 1: return accumulate_group_of<1>(e, n, scale, dst);
+    case 2: return accumulate_group_of<2>(e, n, scale, dst);
+    case 3: return accumulate_group_of<3>(e, n, scale, dst);
+    default: return accumulate_group_of<kMaskGroup>(e, n, scale, dst);
+  }
+}
+
 template <typename acc_t>
 struct MapStats {
   acc_t sum, zx, zy;
 };
 
 // One row of a map's second sweep: sums of e = exp(beta * t - m) and of e * x, e stored when kStore.
-template <bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE void exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, const acc_t* xs, acc_t* e,
                            acc_t& sum, acc_t& sum_x) {
   acc_t row_sum = 0, row_sx = 0;
 #pragma omp simd reduction(+ : row_sum, row_sx)
   for (int64_t col = 0; col < W; ++col) {
-    const acc_t v = shifted_exp(t[col], beta, m);
+    const acc_t v = shifted_exp<kUnitBeta>(t[col], beta, m);
     if constexpr (kStore) e[col] = v;
     row_sum += v;
     if constexpr (kMoments) row_sx += v * xs[col];
@@ -150,18 +190,30 @@ DECAFA_INLINE void exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, co
   sum_x = row_sx;
 }
 
-template <bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
   acc_t sum = 0, sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
     acc_t row_sum, row_sx;
-    exp_row<kMoments, kStore>(t + row * W, W, beta, m, xs, kStore ? e + row * W : nullptr, row_sum, row_sx);
+    exp_row<kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, xs, kStore ? e + row * W : nullptr, row_sum,
+                                         row_sx);
     sum += row_sum;
     sx += row_sx;
     sy += row_sum * ys[row];
   }
-  return {sum, sx / sum, sy / sum};
+  return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
+}
+
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
+DECAFA_INLINE MapStats<acc_t> exp_sums_of(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
+                                          bool moments, const acc_t* xs, const acc_t* ys, acc_t* e) {
+  if (moments) {
+    return e != nullptr ? exp_rows<kUnitBeta, true, true>(t, H, W, beta, m, xs, ys, e)
+                        : exp_rows<kUnitBeta, true, false>(t, H, W, beta, m, xs, ys, e);
+  }
+  return e != nullptr ? exp_rows<kUnitBeta, false, true>(t, H, W, beta, m, xs, ys, e)
+                      : exp_rows<kUnitBeta, false, false>(t, H, W, beta, m, xs, ys, e);
 }
 
 // The second sweep of a map (H x W logits t, m = max of s = beta * t from scaled_max): the sum of
@@ -171,13 +223,8 @@ DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, 
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL MapStats<acc_t> exp_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
-  if (moments) {
-    return e != nullptr ? exp_rows<true, true>(t, H, W, beta, m, xs, ys, e)
-                        : exp_rows<true, false>(t, H, W, beta, m, xs, ys, e);
-  }
-  const MapStats<acc_t> st = e != nullptr ? exp_rows<false, true>(t, H, W, beta, m, xs, ys, e)
-                                          : exp_rows<false, false>(t, H, W, beta, m, xs, ys, e);
-  return {st.sum, 0, 0};
+  return beta == acc_t(1) ? exp_sums_of<true>(t, H, W, beta, m, moments, xs, ys, e)
+                          : exp_sums_of<false>(t, H, W, beta, m, moments, xs, ys, e);
 }
 
 // First moments of a normalised map phi.
@@ -200,13 +247,22 @@ inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const acc_t* xs, 
   zy = sy;
 }
 
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
+DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t inv, acc_t* phi) {
+#pragma omp simd
+  for (int64_t i = 0; i < hw; ++i) phi[i] = shifted_exp<kUnitBeta>(t[i], beta, max) * inv;
+}
+
 // Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, from the same
 // expression as the forward (shifted_exp), so the same values.
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
   const acc_t inv = acc_t(1) / sum;
-#pragma omp simd
-  for (int64_t i = 0; i < hw; ++i) phi[i] = shifted_exp(t[i], beta, max) * inv;
+  if (beta == acc_t(1)) {
+    recompute_phi_of<true>(t, hw, beta, max, inv, phi);
+  } else {
+    recompute_phi_of<false>(t, hw, beta, max, inv, phi);
+  }
 }
 
 // Softmax backward of one map: g_s = Phi * (g - sum_p g_p Phi_p) is the gradient of s = beta * T;
@@ -298,10 +354,12 @@ struct Segments {
 };
 
 // Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
-// the image's first channel; every channel plane has hw pixels.
+// the image's first channel; every channel plane has hw pixels. With `staging` (n values) the output is
+// written with streaming stores (stream_store.h): masked channels are computed into staging first.
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
-                      int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b) {
+                             int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b,
+                             scalar_t* staging) {
   for (int s = 0; s < layout.count; ++s) {
     const Segment& seg = layout.segments[s];
     const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
@@ -310,8 +368,12 @@ DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, in
       const scalar_t* in = src + c * hw + p0;
       scalar_t* out = out_b + (seg.first_channel + c) * hw + p0;
       if (seg.masked) {
+        scalar_t* product = staging != nullptr ? staging : out;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
+        for (int64_t i = 0; i < n; ++i) product[i] = to_storage<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
+        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
+      } else if (staging != nullptr) {
+        stream_copy(out, in, n * sizeof(scalar_t));
       } else {
         std::memcpy(out, in, n * sizeof(scalar_t));
       }
