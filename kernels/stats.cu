@@ -7,6 +7,9 @@
 // partial mask and of the run's mask gradient in registers, so T is read from memory exactly once and the
 // mask gradient once per run. Larger maps are streamed: the map is read twice (stats, then Phi) and the
 // partial mask is accumulated in the workspace.
+// channels_last T (maps adjacent in memory, L elements between pixels) is read on chip a pair of maps per
+// access where the pointer and strides allow (MapPairs): map l is used from registers, map l + 1 waits in
+// shared memory until its turn, so every map is still reduced alone, in the same order, with the same bits.
 #include <climits>
 #include <cstdlib>
 
@@ -91,6 +94,43 @@ __device__ __forceinline__ void load_logits(const T* p, int64_t pixel_stride, fl
   load_n<(V > 1), V>(p, pixel_stride, out);
 }
 
+// Pair loads of channels_last T (Pairs): at each pixel maps l and l + 1 are adjacent, so one 2-element access
+// (8 bytes in float32, 4 in 16-bit types) fetches both. `l` even, the pointer aligned to 2 elements (the
+// launcher checks base, batch and pixel strides). Map l is returned, map l + 1 goes to the thread's own slot
+// of the shared-memory stash, from which the next map takes it (no barrier: only this thread touches it).
+// Slot of the thread's value k: k * blockDim.x + threadIdx.x, so a warp's accesses hit distinct banks.
+template <typename T>
+__device__ __forceinline__ float load_pair(const T* p, T* slot) {
+  const Vec<T, 2> v = load_one<false, 2>(p);
+  *slot = v.v[1];
+  return to_float(v.v[0]);
+}
+
+// The V logits at `q` of map l on chip: from the stash `slot` when map l came with map l - 1 (`stashed`), as
+// the first of a pair (`pair`), or on their own.
+template <bool Pairs, int V, typename T>
+__device__ __forceinline__ void load_map_values(const T* q, int64_t pixel_stride, T* slot, bool pair, bool stashed,
+                                                float (&out)[V]) {
+  if constexpr (Pairs) {
+    static_assert(V == 1, "pairs of maps are the channels_last (scalar pixel) path");
+    if (stashed) {
+      out[0] = to_float(*slot);
+      return;
+    }
+    if (pair) {
+      out[0] = load_pair(q, slot);
+      return;
+    }
+  }
+  load_logits<V>(q, pixel_stride, out);
+}
+
+// Whether map l of the run [l, last) starts a pair: an even map index (alignment) with a next map in the run.
+template <bool Pairs>
+__device__ __forceinline__ bool starts_pair(int l, int last) {
+  return Pairs && (l & 1) == 0 && l + 1 < last;
+}
+
 // A per-map value loaded by thread 0 and handed to the block through shared memory: one load per block
 // instead of one per thread. Two slots by map parity: a slot is rewritten only after every thread has
 // passed the next map's barrier, so after its read. Call from all threads.
@@ -123,35 +163,40 @@ __device__ __forceinline__ void first_pixel(int width, int& col, int& row) {
 }
 
 // The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
-template <typename T, int V>
+template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
   constexpr int K = kMapValues / V;
-  // The run's partial mask, H*W floats in dynamic shared memory (the registers hold the map); each thread
-  // only touches its own pixels, so no barrier guards it.
+  // The run's partial mask, H*W floats in dynamic shared memory (the registers hold the map), then with
+  // Pairs the stash of kMapValues * blockDim.x values of T; each thread only touches its own slots (pixels), so
+  // no barrier guards them.
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* mask = reinterpret_cast<float*>(smem_raw);
+  T* stash = reinterpret_cast<T*>(mask + (a.partial != nullptr ? a.hw : 0));
   __shared__ float max_scratch[33];
   __shared__ float sum_scratch[33][3];
   __shared__ float beta_slots[2];
   const Run r = run_of_block(a.runs, a.per_run, a.maps);
   const int nvec = a.hw / V;
 
+  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     const float beta = a.beta_map == nullptr
                            ? a.beta
                            : broadcast(beta_slots, l, [&] { return load1(a.beta_map + map); });
     const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const bool pair = starts_pair<Pairs>(l, r.last);
     float s[K][V];
     float mx = -INFINITY;
     // one running pointer instead of K 64-bit addresses (registers)
     const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
     const int64_t step = vec_step<V>() * a.ts.pixel;
+    T* slot = stash + threadIdx.x;
 #pragma unroll
-    for (int k = 0; k < K; ++k, q += step) {
+    for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
       const int i = vec_index<V, K>(k);
       if (i < nvec) {
-        load_logits<V>(q, a.ts.pixel, s[k]);
+        load_map_values<Pairs, V>(q, a.ts.pixel, slot, pair, stashed, s[k]);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           s[k][j] = scaled_logit(beta, s[k][j]);
@@ -197,6 +242,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
         if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
       }
     }
+    stashed = pair;
   }
   if (a.partial == nullptr) return;
   float* out = a.partial + (r.b * a.runs + r.run) * a.hw;
@@ -315,9 +361,35 @@ __device__ __forceinline__ float g_phi(float g, const MapBackward& c, const Coor
   return g + c.gzx * (co.ox + co.kx * static_cast<float>(col)) + c.gzy * (co.oy + co.ky * static_cast<float>(row));
 }
 
-template <typename T, typename G, int V, bool PerMap>
+// The backward holds the run's mask gradient (or a map's gradient) in registers beside the map, with no
+// register to spare: the pair loads' registers must not pile up next to them (nvcc batches the K loads; that
+// spilled). So with Pairs every map of the backward comes through the stash: a pair's maps go to plane 0
+// (map l) and plane 1 (map l + 1, `plane` elements further), a single map to plane 0, and the map's loop then
+// reads plane 0, or plane 1 for the second map of a pair. Same slots as load_pair.
+template <int K, typename T>
+__device__ __forceinline__ void stash_maps(const T* q, int64_t step, T* slot, int plane, int nvec, bool pair) {
+#pragma unroll
+  for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
+    if (vec_index<1, K>(k) < nvec) {
+      if (pair) {
+        const Vec<T, 2> v = load_one<false, 2>(q);
+        slot[0] = v.v[0];
+        slot[plane] = v.v[1];
+      } else {
+        slot[0] = load_one<false, 1>(q).v[0];
+      }
+    }
+  }
+}
+
+template <typename T, typename G, int V, bool PerMap, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs<T, G> a) {
   constexpr int K = kMapValues / V;
+  // With Pairs: the stash, two planes of kMapValues * blockDim.x values of T (a pair's maps, stash_pair), each
+  // thread's own slots only.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* stash = reinterpret_cast<T*>(smem_raw);
+  const int plane = kMapValues * blockDim.x;
   __shared__ float scratch[33][1];
   __shared__ MapBackward slots[2];
   const Run r = run_of_block(a.runs, a.per_run, a.maps);
@@ -331,21 +403,27 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if (!PerMap && a.grad != nullptr && i < nvec)
       load_n<false, V>(a.grad + r.b * a.gs.batch + static_cast<int64_t>(i) * V * a.gs.pixel, a.gs.pixel, g[k]);
   }
+  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
     const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const bool pair = starts_pair<Pairs>(l, r.last);
     float t[K][V];  // Phi is recomputed in the second loop: one more exp is cheaper than 32 registers
     float acc[1] = {0.f};  // S = sum Phi g_phi
     int col, row;
     first_pixel<V, K>(a.width, col, row);
     const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
     const int64_t step = vec_step<V>() * a.ts.pixel;
+    if constexpr (Pairs) {
+      if (!stashed) stash_maps<K>(q, step, stash + threadIdx.x, plane, nvec, pair);
+    }
+    T* slot = stash + threadIdx.x + (stashed ? plane : 0);  // plane 1: the second map of a pair
 #pragma unroll
-    for (int k = 0; k < K; ++k, q += step) {
+    for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
       const int i = vec_index<V, K>(k);
       if (i < nvec) {
-        load_logits<V>(q, a.ts.pixel, t[k]);
+        load_map_values<Pairs, V>(q, a.ts.pixel, slot, false, true, t[k]);  // Pairs: always from the stash
         if (PerMap && a.grad != nullptr)
           load_n<true, V>(a.grad + r.b * a.gs.batch + l * a.gs.channel + static_cast<int64_t>(i) * V * a.gs.pixel,
                           a.gs.pixel, g[k]);
@@ -380,6 +458,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     }
     block_sum<1>(gb, scratch);
     if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
+    stashed = pair;
   }
 }
 
@@ -435,6 +514,21 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
+// Whether the on-chip kernels read channels_last T a pair of maps per access (Pairs): adjacent maps (map
+// stride 1), even pixel and batch strides and a base aligned to two elements (so every even map's pair is an
+// aligned 2-element access), at least two maps, and `smem` bytes of dynamic shared memory (the stash, and the
+// partial mask in the forward; static shared memory is under 1 KiB) within the device's limit. Otherwise one
+// scalar access per value.
+template <typename T>
+bool map_pairs(const Logits& lg, int maps, size_t smem) {
+  if (maps < 2 || lg.strides.channel != 1 || lg.strides.pixel % 2 != 0 || lg.strides.batch % 2 != 0 ||
+      !aligned(lg.data, 2 * sizeof(T)))
+    return false;
+  DeviceInfo dev;
+  if (device_info(&dev) != cudaSuccess) return false;
+  return smem + 1024 <= static_cast<size_t>(dev.smem_optin);
+}
+
 // Threads of a per-map block: enough for the map's vectors (K per thread on chip), a multiple of 32.
 int map_threads(int nvec, bool on_chip, int V) {
   const int64_t per_thread = on_chip ? kMapValues / V : 1;
@@ -459,11 +553,21 @@ cudaError_t maps_forward_t(MapShape shape, const Logits& lg, bool normalized, fl
   const int threads = map_threads(static_cast<int>(hw / v), on_chip, v);
   const unsigned grid = static_cast<unsigned>(blocks);
   if (on_chip) {
-    const size_t smem = partial != nullptr ? static_cast<size_t>(hw) * sizeof(float) : 0;
-    cudaError_t err = vec ? allow_smem(maps_forward_onchip<T, kVec>, smem) : allow_smem(maps_forward_onchip<T, 1>, smem);
-    if (err != cudaSuccess) return err;
-    if (vec) maps_forward_onchip<T, kVec><<<grid, threads, smem, stream>>>(a);
-    else maps_forward_onchip<T, 1><<<grid, threads, smem, stream>>>(a);
+    const size_t mask_smem = partial != nullptr ? static_cast<size_t>(hw) * sizeof(float) : 0;
+    const size_t stash_smem = static_cast<size_t>(kMapValues) * threads * sizeof(T);
+    const bool pairs = !vec && map_pairs<T>(lg, shape.maps, mask_smem + stash_smem);
+    const size_t smem = mask_smem + (pairs ? stash_smem : 0);
+    cudaError_t err;
+    if (vec) {
+      if ((err = allow_smem(maps_forward_onchip<T, kVec, false>, smem)) != cudaSuccess) return err;
+      maps_forward_onchip<T, kVec, false><<<grid, threads, smem, stream>>>(a);
+    } else if (pairs) {
+      if ((err = allow_smem(maps_forward_onchip<T, 1, true>, smem)) != cudaSuccess) return err;
+      maps_forward_onchip<T, 1, true><<<grid, threads, smem, stream>>>(a);
+    } else {
+      if ((err = allow_smem(maps_forward_onchip<T, 1, false>, smem)) != cudaSuccess) return err;
+      maps_forward_onchip<T, 1, false><<<grid, threads, smem, stream>>>(a);
+    }
   } else {
     if (vec) maps_forward_streamed<T, kVec><<<grid, threads, 0, stream>>>(a);
     else maps_forward_streamed<T, 1><<<grid, threads, 0, stream>>>(a);
@@ -472,15 +576,28 @@ cudaError_t maps_forward_t(MapShape shape, const Logits& lg, bool normalized, fl
 }
 
 template <typename T, typename G, bool PerMap>
-cudaError_t maps_backward_launch(const BackwardArgs<T, G>& a, bool vec, bool on_chip, int64_t blocks,
+cudaError_t maps_backward_launch(const BackwardArgs<T, G>& a, bool vec, bool pairs, bool on_chip, int64_t blocks,
                                  cudaStream_t stream) {
   constexpr int kVec = vec_width(sizeof(T));
   const int v = vec ? kVec : 1;
   const int threads = map_threads(a.hw / v, on_chip, v);
   const unsigned grid = static_cast<unsigned>(blocks);
   if (on_chip) {
-    if (vec) maps_backward_onchip<T, G, kVec, PerMap><<<grid, threads, 0, stream>>>(a);
-    else maps_backward_onchip<T, G, 1, PerMap><<<grid, threads, 0, stream>>>(a);
+    // A 16-bit mask gradient held for the run (G = T, the raw maps_backward's) leaves no register for the
+    // pair path (ptxas spills for sm_80): that variant reads channels_last T one value per access.
+    constexpr bool kPairsFit = PerMap || sizeof(G) == 4;
+    if (vec) {
+      maps_backward_onchip<T, G, kVec, PerMap, false><<<grid, threads, 0, stream>>>(a);
+    } else if (kPairsFit && pairs) {
+      if constexpr (kPairsFit) {
+        const size_t smem = 2 * static_cast<size_t>(kMapValues) * threads * sizeof(T);  // the stash's two planes
+        const cudaError_t err = allow_smem(maps_backward_onchip<T, G, 1, PerMap, true>, smem);
+        if (err != cudaSuccess) return err;
+        maps_backward_onchip<T, G, 1, PerMap, true><<<grid, threads, smem, stream>>>(a);
+      }
+    } else {
+      maps_backward_onchip<T, G, 1, PerMap, false><<<grid, threads, 0, stream>>>(a);
+    }
   } else {
     if (vec) maps_backward_streamed<T, G, kVec, PerMap><<<grid, threads, 0, stream>>>(a);
     else maps_backward_streamed<T, G, 1, PerMap><<<grid, threads, 0, stream>>>(a);
@@ -510,8 +627,10 @@ cudaError_t maps_backward_t(MapShape shape, const Logits& lg, const float* stats
   const bool vec = hw % kVec == 0 && lg.strides.pixel == 1 && lg.strides.batch % kVec == 0 &&
                    lg.strides.channel % kVec == 0 && aligned(lg.data, 16) && aligned(grad_logits, 16) && grad_vec;
   const bool on_chip = hw <= kOnChipPixels;
-  if (gp.per_map) return maps_backward_launch<T, G, true>(a, vec, on_chip, blocks, stream);
-  return maps_backward_launch<T, G, false>(a, vec, on_chip, blocks, stream);
+  const size_t stash_smem = 2 * static_cast<size_t>(kMapValues) * map_threads(static_cast<int>(hw), true, 1) * sizeof(T);
+  const bool pairs = !vec && on_chip && map_pairs<T>(lg, shape.maps, stash_smem);
+  if (gp.per_map) return maps_backward_launch<T, G, true>(a, vec, pairs, on_chip, blocks, stream);
+  return maps_backward_launch<T, G, false>(a, vec, pairs, on_chip, blocks, stream);
 }
 
 }  // namespace

@@ -130,9 +130,11 @@ inline void fiber_entry() {
 }  // returns to the scheduler through uc_link
 
 // Bytes loaded and stored by each kernel (by name), counted by the kernels' access helpers
-// (DECAFA_COUNT_LOAD / DECAFA_COUNT_STORE) for every lane of every access, and launches per kernel.
+// (DECAFA_COUNT_LOAD / DECAFA_COUNT_STORE) for every lane of every access, launches per kernel, and the
+// accesses per width in bytes (which shows whether a path used vector accesses).
 struct Traffic {
   unsigned long long loads = 0, stores = 0, launches = 0;
+  std::map<size_t, unsigned long long> load_widths, store_widths;  // bytes per access -> accesses
 };
 inline std::map<std::string, Traffic>& traffic() {
   static std::map<std::string, Traffic> t;
@@ -140,10 +142,14 @@ inline std::map<std::string, Traffic>& traffic() {
 }
 inline Traffic* t_traffic = nullptr;
 inline void count_load(size_t bytes) {
-  if (t_traffic) t_traffic->loads += bytes;
+  if (!t_traffic) return;
+  t_traffic->loads += bytes;
+  ++t_traffic->load_widths[bytes];
 }
 inline void count_store(size_t bytes) {
-  if (t_traffic) t_traffic->stores += bytes;
+  if (!t_traffic) return;
+  t_traffic->stores += bytes;
+  ++t_traffic->store_widths[bytes];
 }
 
 // `name` is the kernel's name as written at the launch (template arguments dropped).

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -448,24 +449,146 @@ void check_one_pixel_map_has_zero_gradients() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// channels_last T: pairs of maps per access against one value per access
+// ------------------------------------------------------------------------------------------------
+using WidthCount = std::map<size_t, unsigned long long>;  // bytes per access -> accesses (emulation)
+
+// "width:accesses,..." of a kernel's loads or stores.
+std::string widths(const std::map<size_t, unsigned long long>& by_width) {
+  std::string out;
+  for (auto& [bytes, n] : by_width) out += (out.empty() ? "" : ",") + std::to_string(bytes) + ":" + std::to_string(n);
+  return out.empty() ? "-" : out;
+}
+
+// The load widths of the two on-chip per-map kernels over one map_outputs call.
+struct MapLoadWidths {
+  WidthCount forward, backward;
+};
+
+// The per-map outputs (stats, z, M, Phi, and grad T / grad beta from a per-batch and a per-map gradient) of
+// channels_last T uploaded `shift` elements past an aligned address: shift 0 lets the on-chip kernels read
+// a pair of maps per access, shift 1 leaves one scalar per value. Under the emulation `widths` gets the load
+// widths of the two on-chip kernels.
+std::vector<Vec> map_outputs(dk::DType dt, const dk::MapShape& shape, Vec& t, Vec& gz, Vec& gmask, Vec& gphi,
+                             int shift, MapLoadWidths* widths_out) {
+  const int hw = shape.height * shape.width;
+  const size_t maps = size_t(shape.batch) * shape.maps, n_t = maps * hw, n_m = size_t(shape.batch) * hw;
+  const size_t es = dk::dtype_size(dt);
+  const dk::DType f32 = dk::DType::kFloat32;
+  Device dev;
+  void* packed = upload_as(dev, dt, t, shape.batch, shape.maps, hw, true);
+  auto* d_t = static_cast<unsigned char*>(dev.alloc((n_t + 1) * es)) + shift * es;
+  CHECK_CUDA(cudaMemcpy(d_t, packed, n_t * es, cudaMemcpyDeviceToDevice));
+  void *d_gz = dev.upload(dt, gz), *d_gmask = dev.upload(dt, gmask);
+  void* d_gphi = upload_as(dev, dt, gphi, shape.batch, shape.maps, hw, true);
+  const dk::Logits logits{d_t, dk::nhwc_strides(shape.maps, hw), 0.9f, nullptr};
+  auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * maps));
+  auto* ws = static_cast<float*>(dev.poisoned(f32, std::max<size_t>(1, dk::head_forward_workspace_floats(shape))));
+  void *d_z = dev.poisoned(dt, 2 * maps), *d_m = dev.poisoned(dt, n_m), *d_phi = dev.poisoned(dt, n_t);
+  void *d_gt = dev.poisoned(dt, n_t), *d_gt2 = dev.poisoned(dt, n_t);
+  auto *gbeta = static_cast<float*>(dev.poisoned(f32, maps)), *gbeta2 = static_cast<float*>(dev.poisoned(f32, maps));
+#ifdef DECAFA_EMULATION
+  emu::traffic().clear();
+#endif
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, true, stats, d_z, nullptr, d_m, nullptr, nullptr, dk::Strides{},
+                              ws, nullptr));
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, true, stats, nullptr, d_phi, nullptr, nullptr, nullptr,
+                              dk::Strides{}, nullptr, nullptr));
+  const dk::PhiGrad per_batch{d_gmask, false, false, dk::Strides{0, 0, 0}};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, true, per_batch, d_gz, d_gt, gbeta, nullptr));
+  const dk::PhiGrad per_map{d_gphi, true, false, dk::nhwc_strides(shape.maps, hw)};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, true, per_map, nullptr, d_gt2, gbeta2, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+#ifdef DECAFA_EMULATION
+  widths_out->forward = emu::traffic()["maps_forward_onchip"].load_widths;
+  widths_out->backward = emu::traffic()["maps_backward_onchip"].load_widths;
+  emu::traffic().clear();
+#else
+  (void)widths_out;
+#endif
+  return {download(f32, stats, 2 * maps), download(dt, d_z, 2 * maps), download(dt, d_m, n_m),
+          download(dt, d_phi, n_t),       download(dt, d_gt, n_t),     download(f32, gbeta, maps),
+          download(dt, d_gt2, n_t),       download(f32, gbeta2, maps)};
+}
+
+// Both paths give the same bits (each map is reduced alone, in the same order, either way), and under the
+// emulation the aligned one is seen to load 2-element vectors and the shifted one scalars only. Shapes: runs
+// starting at odd maps and ending with a single map (DECAFA_CUDA_RUNS=3 over 8 maps), H*W not a multiple of the
+// per-thread pixels, one pixel, and an odd L (odd pixel stride: no pairs, scalar either way).
+void check_map_pairs_match_scalar() {
+  struct Shape {
+    dk::MapShape shape;
+    const char* runs;  // DECAFA_CUDA_RUNS: pairs need runs of two maps or more, whatever the device
+  };
+  const Shape shapes[] = {{{2, 8, 12, 12}, "3"}, {{1, 6, 9, 13}, "1"}, {{2, 2, 1, 1}, "1"}, {{2, 7, 5, 5}, "1"}};
+  const char* names[] = {"stats", "z", "mask", "phi", "grad_T (mask)", "grad_beta (mask)", "grad_T (per map)",
+                         "grad_beta (per map)"};
+  std::mt19937 rng(4321);
+  for (const Shape& sh : shapes) {
+    const char* saved = std::getenv("DECAFA_CUDA_RUNS");
+    const std::string saved_runs = saved ? saved : "";
+    setenv("DECAFA_CUDA_RUNS", sh.runs, 1);
+    const dk::MapShape& shape = sh.shape;
+    const size_t maps = size_t(shape.batch) * shape.maps, hw = size_t(shape.height) * shape.width;
+    for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16}) {
+      Vec t = random_vec(maps * hw, rng, 2.0), gz = random_vec(2 * maps, rng, 1.0);
+      Vec gmask = random_vec(shape.batch * hw, rng, 1.0), gphi = random_vec(maps * hw, rng, 1.0);
+      MapLoadWidths paired_widths, scalar_widths;
+      const std::vector<Vec> paired = map_outputs(dt, shape, t, gz, gmask, gphi, 0, &paired_widths);
+      const std::vector<Vec> scalar = map_outputs(dt, shape, t, gz, gmask, gphi, 1, &scalar_widths);
+      for (size_t i = 0; i < paired.size(); ++i)
+        if (paired[i] != scalar[i]) {
+          ++failures;
+          std::printf("FAIL pairs vs scalar %-20s %-8s B=%d L=%d H=%d W=%d: not bitwise equal\n", names[i],
+                      dtype_name(dt), shape.batch, shape.maps, shape.height, shape.width);
+        }
+#ifdef DECAFA_EMULATION
+      // The forward kernel loads nothing but T here: pairs in the aligned run, none in the shifted one. The
+      // backward also loads float32 stats (a pair's width in 16-bit types): more of that width when aligned.
+      const size_t pair = 2 * dk::dtype_size(dt);
+      auto n = [pair](const WidthCount& w) { return w.count(pair) ? w.at(pair) : 0ull; };
+      const bool pairs_expected = shape.maps % 2 == 0;
+      const bool paired_ok = pairs_expected ? n(paired_widths.forward) > 0 &&
+                                                  n(paired_widths.backward) > n(scalar_widths.backward)
+                                            : n(paired_widths.forward) == 0;
+      if (!paired_ok || n(scalar_widths.forward) != 0) {
+        ++failures;
+        std::printf("FAIL pairs vs scalar load widths %-8s B=%d L=%d H=%d W=%d\n", dtype_name(dt), shape.batch,
+                    shape.maps, shape.height, shape.width);
+      }
+      std::printf("map pairs %-8s B=%d L=%d H=%d W=%d: forward loads %s / %s, backward loads %s / %s "
+                  "(aligned / shifted T)\n", dtype_name(dt), shape.batch, shape.maps, shape.height, shape.width,
+                  widths(paired_widths.forward).c_str(), widths(scalar_widths.forward).c_str(),
+                  widths(paired_widths.backward).c_str(), widths(scalar_widths.backward).c_str());
+#endif
+    }
+    if (saved) setenv("DECAFA_CUDA_RUNS", saved_runs.c_str(), 1);
+    else unsetenv("DECAFA_CUDA_RUNS");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Traffic at the paper shape
 // ------------------------------------------------------------------------------------------------
 #ifdef DECAFA_EMULATION
-// Bytes per kernel since the last call, printed as "traffic <pass> <kernel> <launches> <loaded> <stored>".
+// Bytes per kernel since the last call, printed as
+// "traffic <pass> <kernel> <launches> <loaded> <stored> loads <width:accesses,...> stores <width:accesses,...>".
 unsigned long long report_traffic(const char* pass) {
   unsigned long long total = 0;
   for (auto& [name, t] : emu::traffic()) {
     if (t.launches == 0) continue;
-    std::printf("traffic %s %s %llu %llu %llu\n", pass, name.c_str(), t.launches, t.loads, t.stores);
+    std::printf("traffic %s %s %llu %llu %llu loads %s stores %s\n", pass, name.c_str(), t.launches, t.loads,
+                t.stores, widths(t.load_widths).c_str(), widths(t.store_widths).c_str());
     total += t.loads + t.stores;
   }
   emu::traffic().clear();
   return total;
 }
 
-int run_traffic(int batch) {
+// The fused head at the paper shape; `cl`: T, I, E, F and the gradients channels_last (else NCHW).
+int run_traffic(int batch, bool cl) {
   const int L = 98, H = 128, W = 128, C = 64, CI = 1, MODE = 5;
-  const Case k{batch, L, H, W, CI, C, MODE, 1.0f, false, false, false, false, true};
+  const Case k{batch, L, H, W, CI, C, MODE, 1.0f, false, false, cl, cl, true};
   const dk::FusionLayout lay = dk::fusion_layout(MODE, CI, C);
   const int hw = H * W;
   const double b = batch;
@@ -477,18 +600,19 @@ int run_traffic(int batch) {
     Vec t = random_vec(size_t(batch) * L * hw, rng, 2.0), img = random_vec(size_t(batch) * CI * hw, rng, 1.0);
     Vec emb = random_vec(size_t(batch) * C * hw, rng, 1.0), gz = random_vec(size_t(batch) * L * 2, rng, 1.0);
     Vec gf = random_vec(size_t(batch) * lay.channels * hw, rng, 1.0);
-    void *d_t = dev.upload(dt, t), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
-    void *d_gz = dev.upload(dt, gz), *d_gf = dev.upload(dt, gf);
-    const dk::Logits logits{d_t, dk::nchw_strides(L, hw), 1.0f, nullptr};
-    const dk::FusionInputs fusion{MODE, d_i, dk::nchw_strides(CI, hw), CI, d_e, dk::nchw_strides(C, hw), C};
-    const dk::Strides fs = dk::nchw_strides(lay.channels, hw);
+    void* d_t = upload_as(dev, dt, t, batch, L, hw, cl);
+    void *d_i = upload_as(dev, dt, img, batch, CI, hw, cl), *d_e = upload_as(dev, dt, emb, batch, C, hw, cl);
+    void *d_gz = dev.upload(dt, gz), *d_gf = upload_as(dev, dt, gf, batch, lay.channels, hw, cl);
+    const dk::Logits logits{d_t, strides(L, hw, cl), 1.0f, nullptr};
+    const dk::FusionInputs fusion{MODE, d_i, strides(CI, hw, cl), CI, d_e, strides(C, hw, cl), C};
+    const dk::Strides fs = strides(lay.channels, hw, cl);
     auto* stats = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, size_t(batch) * L * 2));
     auto* ws = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, dk::head_forward_workspace_floats(shape)));
     void *d_z = dev.poisoned(dt, size_t(batch) * L * 2), *d_f = dev.poisoned(dt, size_t(batch) * lay.channels * hw);
     void* d_m = dev.poisoned(dt, size_t(batch) * hw);
     emu::traffic().clear();
     CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws, nullptr));
-    std::printf("traffic dtype %s batch %d\n", dtype_name(dt), batch);
+    std::printf("traffic dtype %s batch %d layout %s\n", dtype_name(dt), batch, cl ? "channels_last" : "nchw");
     const double fwd = static_cast<double>(report_traffic("forward"));
     // floor: read T, I, E; write z, F
     const double fwd_floor = b * e * (double(L) * hw + double(CI) * hw + double(C) * hw + 2.0 * L +
@@ -498,7 +622,7 @@ int run_traffic(int batch) {
     auto* gbeta = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, size_t(batch) * L));
     auto* bws = static_cast<float*>(dev.poisoned(dk::DType::kFloat32, dk::head_backward_workspace_floats(shape)));
     CHECK_CUDA(dk::head_backward(dt, shape, logits, stats, false, d_gz, d_gf, fs, d_m, fusion, d_gt, gbeta, d_gi,
-                                 dk::nchw_strides(CI, hw), d_ge, dk::nchw_strides(C, hw), bws, nullptr));
+                                 strides(CI, hw, cl), d_ge, strides(C, hw, cl), bws, nullptr));
     const double bwd = static_cast<double>(report_traffic("backward"));
     // floor: read grad F, grad z, T, I, E and the saved M and stats; write grad T, grad I, grad E
     const double bwd_floor = b * (e * (double(lay.channels) * hw + 2.0 * L + double(L) * hw + double(CI) * hw +
@@ -508,7 +632,7 @@ int run_traffic(int batch) {
                 dtype_name(dt), fwd, fwd_floor, fwd / fwd_floor, fwd + bwd, fwd_floor + bwd_floor,
                 (fwd + bwd) / (fwd_floor + bwd_floor));
     // the counted run must also be right
-    const Forward ref = reference_forward(k, Vec(download(dt, d_t, t.size())), {});
+    const Forward ref = reference_forward(k, download_as(dt, d_t, batch, L, hw, cl), {});
     expect_close("traffic mask", k, dt, download(dt, d_m, size_t(batch) * hw), ref.mask);
     expect_close("traffic z", k, dt, download(dt, d_z, size_t(batch) * L * 2), ref.z);
   }
@@ -525,7 +649,8 @@ int main(int argc, char** argv) {
   }
   const std::string arg = argc > 1 ? argv[1] : "";
 #ifdef DECAFA_EMULATION
-  if (arg == "--traffic") return run_traffic(argc > 2 ? std::atoi(argv[2]) : 2);
+  if (arg == "--traffic")  // --traffic B [channels_last]
+    return run_traffic(argc > 2 ? std::atoi(argv[2]) : 2, argc > 3 && std::string(argv[3]) == "channels_last");
 #endif
   if (arg == "--runs") {  // the runs of maps the launchers pick for batch B at the paper shape on this device
     const dk::MapShape shape{argc > 2 ? std::atoi(argv[2]) : 64, 98, 128, 128};
@@ -550,6 +675,7 @@ int main(int argc, char** argv) {
       {1, 2, 130, 130, 1, 2, 5, 1.0f, false, true, true, true, false},  // the same, channels_last
   };
   check_one_pixel_map_has_zero_gradients();
+  check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {
     if (quick && k.h * k.w > 40000) continue;

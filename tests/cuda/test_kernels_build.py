@@ -10,8 +10,9 @@
   scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width).
 * The bytes each kernel moves: the emulation counts every lane of every global load and store; at the paper
   shape (L = 98, 128 x 128, C = 64, Ci = 1, F5) the fused head's forward must stay within 1.10x its floor
-  and forward + backward within 1.15x (issue 13), float32 and bfloat16, for the launch configuration an
-  H100 picks at B = 64.
+  and forward + backward within 1.15x (issue 13), float32 and bfloat16, NCHW and channels_last, for the
+  launch configuration an H100 picks at B = 64. The emulation also counts accesses per width: channels_last
+  T must be read a pair of maps per access there (8 bytes in float32, 4 in bfloat16).
 
 All compiles start at once (this machine has few cores). Each check skips with the reason when its tool
 (nvcc, cmake, g++, the CUDA headers) is missing.
@@ -213,34 +214,46 @@ H100_SMS, H100_BATCH = "132", 64
 TRAFFIC_LIMITS = {"forward": 1.10, "fwd+bwd": 1.15}
 
 
-def _traffic(binary, batch: int, runs: str) -> dict:
+def _widths(field: str) -> dict[int, int]:
+    """'4:10,8:20' -> {4: 10, 8: 20} (bytes per access -> accesses); '-' -> {}."""
+    return {} if field == "-" else {int(w): int(n) for w, n in (x.split(":") for x in field.split(","))}
+
+
+def _traffic(binary, batch: int, runs: str, layout: str = "nchw") -> dict:
     env = dict(os.environ, DECAFA_CUDA_RUNS=runs)
-    run = subprocess.run([str(binary), "--traffic", str(batch)], capture_output=True, text=True, timeout=600,
-                         env=env)
+    run = subprocess.run([str(binary), "--traffic", str(batch), layout], capture_output=True, text=True,
+                         timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    out = {"kernels": [], "summary": {}}
+    out = {"kernels": [], "summary": {}, "load_widths": {}}
+    dtype = None
     for line in run.stdout.splitlines():
         parts = line.split()
+        if parts[:2] == ["traffic", "dtype"]:
+            dtype = parts[2]
         if parts[:2] == ["traffic", "summary"]:
             # traffic summary DTYPE forward N floor N ratio R fwd+bwd N floor N ratio R
             out["summary"][parts[2]] = {"forward": float(parts[8]), "fwd+bwd": float(parts[14]),
                                         "forward_bytes": int(parts[4]), "fwd+bwd_bytes": int(parts[10])}
         elif parts[:1] == ["traffic"] and parts[1] in ("forward", "backward"):
-            out["kernels"].append(parts[1:])
+            # traffic PASS KERNEL LAUNCHES LOADED STORED loads W:N,... stores W:N,...
+            out["kernels"].append(parts[1:6])
+            out["load_widths"][(dtype, parts[2])] = _widths(parts[7])
     return out
 
 
 @pytest.mark.slow
-def test_traffic_at_the_paper_shape(builds):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_traffic_at_the_paper_shape(builds, layout):
     """Counted bytes of every kernel of the fused head against the floor (read T, I, E, write z, F; backward:
-    read grad F, grad z, T, I, E, M, stats, write grad T, grad I, grad E)."""
+    read grad F, grad z, T, I, E, M, stats, write grad T, grad I, grad E), with T, I, E, F and the gradients
+    NCHW or channels_last."""
     code, output, binary = _result(builds, "emulation")
     assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
     picked = subprocess.run([str(binary), "--runs", str(H100_BATCH)], capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, EMU_SM_COUNT=H100_SMS)).stdout.split()
     assert picked[0] == "runs", picked
     runs = picked[1]
-    one, two = _traffic(binary, 1, runs), _traffic(binary, 2, runs)
+    one, two = _traffic(binary, 1, runs, layout), _traffic(binary, 2, runs, layout)
     for dtype in ("float32", "bfloat16"):
         for pass_, limit in TRAFFIC_LIMITS.items():
             ratio = two["summary"][dtype][pass_]
@@ -251,3 +264,15 @@ def test_traffic_at_the_paper_shape(builds):
     launches = [(p, int(n)) for p, _, n, *_ in two["kernels"]]
     assert sum(n for p, n in launches if p == "forward") == 4  # 2 per dtype
     assert sum(n for p, n in launches if p == "backward") == 4
+    # how T is read: 16-byte vectors of one map (NCHW), or one access per pixel for a pair of maps
+    # (channels_last: L = 98 is even and the buffer aligned, so every map comes in a pair)
+    t_values = 2 * 98 * 128 * 128
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        fwd = two["load_widths"][(dtype, "maps_forward_onchip")]
+        bwd = two["load_widths"][(dtype, "maps_backward_onchip")]
+        width = 16 if layout == "nchw" else 2 * size
+        assert fwd == {width: t_values * size // width}, (dtype, fwd)  # T only, all at that width
+        assert bwd.get(width, 0) >= t_values * size // width, (dtype, bwd)
+        # no scalar T: narrower loads are only the run's mask-gradient planes (scalars on the channels_last
+        # path) and the per-map stats / grad z
+        assert sum(n for w, n in bwd.items() if w < width) <= int(runs) * 2 * 128 * 128 + 4 * 2 * 98, (dtype, bwd)
