@@ -18,6 +18,23 @@ Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
   gradients. Rows of BLOCK_L consecutive maps are read whole (no strided over-fetch of channels_last);
   the second sweep re-reads the run's maps.
 
+Why channels_last T is read twice here (and once by the CUDA kernels): no Phi of a map, hence no partial
+mask, exists before the map's max and sum are known, so a single read must keep every value of the map on
+chip from its load to its Phi (16384 values at 128 x 128). With channels_last the values of one map are L
+elements apart and a 32-byte sector holds 8 (float32) or 16 (bfloat16) consecutive maps of one pixel:
+  - one map at a time as a [BLOCK_H, BLOCK_W] tile with pixel stride L (the ONE_CHUNK path) requests each
+    value once, but each lane then fetches its own sector, used again only by the next map of the run; one
+    program's map spans 16384 sectors (512 KiB) and the ~2 programs per SM in flight (~264 on an H100) span
+    ~135 MB between two uses of a sector, more than the 50 MB L2, so DRAM would move ~8x (float32) / ~16x
+    (bfloat16) T's bytes;
+  - k adjacent maps per access means k maps held at once: a Triton tile lives in registers (there is no
+    explicit shared memory in which to park the next map, as the CUDA kernels do), and the ONE_CHUNK head
+    kernels already use the 64 registers a thread has at 32 warps for one map and the run's partial mask
+    (forward) or the run's mask gradient (backward); k = 2 adds 16 values a thread (32 warps x 32 lanes
+    x 16 = one map), k = 8 (a whole sector) would need 512 KiB, twice an SM's register file.
+So the interleaved path trades one extra read of T (counted: forward and backward T bytes 2x, the rest as
+NCHW; tests/triton/test_traffic.py) for full sectors and no spills.
+
 Pixels are p = row*W + col with one pixel stride (`s_tp`; contiguous and channels_last both qualify) and
 64-bit offsets (int32 only for a pixel index inside one map, while PIX64 says (HW - 1) * stride < 2**31).
 All arithmetic is float32; no atomics, so results are bitwise reproducible. The float arguments (beta,
