@@ -186,15 +186,21 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
     scalar_t* out = grad.data_ptr<scalar_t>();
     acc_t* gb = grad_beta.data_ptr<acc_t>();
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
-    for_each_map<acc_t>(B, L, hw, hw, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
+    // grad_t rows are staged in the scratch after Phi and streamed out when grad_t is large
+    const bool stream = grad.nbytes() >= kStreamingBytes;
+    const int64_t staging_values = stream ? (W * int64_t(sizeof(scalar_t)) + sizeof(acc_t) - 1) / sizeof(acc_t) : 0;
+    for_each_map<acc_t>(B, L, hw, hw + staging_values, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
+      scalar_t* staging = stream ? reinterpret_cast<scalar_t*>(phi + hw) : nullptr;
       for (int64_t map = first; map < last; ++map) {
         const int64_t b = map / L;
         const acc_t beta_eff = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
-        recompute_phi(t + map * hw, hw, beta_eff, stats_p[2 * map], stats_p[2 * map + 1], phi);
-        gb[map] = landmark_grad(phi, t + map * hw, H, W, beta_eff, xs.data(), ys.data(),
-                                gz != nullptr ? gz + 2 * map : nullptr, gm != nullptr ? gm + b * hw : nullptr,
-                                out + map * hw);
+        const acc_t* gm_b = gm != nullptr ? gm + b * hw : nullptr;
+        const PhiSums<acc_t> sums = phi_with_sums(t + map * hw, H, W, beta_eff, stats_p[2 * map], stats_p[2 * map + 1],
+                                                  xs.data(), ys.data(), gz != nullptr, gm_b, phi);
+        gb[map] = landmark_grad(phi, sums, t + map * hw, H, W, beta_eff, xs.data(), ys.data(),
+                                gz != nullptr ? gz + 2 * map : nullptr, gm_b, out + map * hw, staging);
       }
+      if (stream) stream_fence();
     });
   });
   return {grad, grad_beta};

@@ -78,20 +78,18 @@ void fusion_gradients(const at::Tensor& grad, const at::Tensor& image, const at:
   scalar_t* ge = grad_embedding.defined() ? grad_embedding.data_ptr<scalar_t>() : nullptr;
   acc_t* gm = grad_mask.defined() ? grad_mask.data_ptr<acc_t>() : nullptr;
   const acc_t* m = mask.defined() ? mask.const_data_ptr<acc_t>() : nullptr;
+  const bool stream = std::max(gi != nullptr ? grad_image.nbytes() : 0, ge != nullptr ? grad_embedding.nbytes() : 0) >=
+                      kStreamingBytes;
   at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kPixelTile);
+    alignas(64) scalar_t staging[kPixelTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, p0 = (task % tiles) * kPixelTile, n = std::min(kPixelTile, hw - p0);
-      const scalar_t* g_b = g + b * layout.channels * hw;
-      if (gm != nullptr) {
-        fuse_tile_mask_grad(layout, g_b, img + b * ci * hw, ci, emb + b * ce * hw, ce, hw, p0, n, gm + b * hw + p0);
-      }
-      if (gi != nullptr || ge != nullptr) {
-        fuse_tile_source_grads(layout, g_b, ci, ce, m + b * hw + p0, hw, p0, n,
-                               gi != nullptr ? gi + b * ci * hw : nullptr, ge != nullptr ? ge + b * ce * hw : nullptr,
-                               scratch.data());
-      }
+      fuse_tile_backward(layout, g + b * layout.channels * hw, img + b * ci * hw, ci, emb + b * ce * hw, ce,
+                         m != nullptr ? m + b * hw + p0 : nullptr, hw, p0, n, gi != nullptr ? gi + b * ci * hw : nullptr,
+                         ge != nullptr ? ge + b * ce * hw : nullptr, gm != nullptr ? gm + b * hw + p0 : nullptr,
+                         stream ? staging : nullptr);
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -227,26 +227,6 @@ DECAFA_KERNEL MapStats<acc_t> exp_sums(const scalar_t* t, int64_t H, int64_t W, 
                           : exp_sums_of<false>(t, H, W, beta, m, moments, xs, ys, e);
 }
 
-// First moments of a normalised map phi.
-template <typename acc_t>
-inline void moments_of(const acc_t* phi, int64_t H, int64_t W, const acc_t* xs, const acc_t* ys,
-                       acc_t& zx, acc_t& zy) {
-  acc_t sx = 0, sy = 0;
-  for (int64_t row = 0; row < H; ++row) {
-    const acc_t* r = phi + row * W;
-    acc_t row_sum = 0, row_sx = 0;
-#pragma omp simd reduction(+ : row_sum, row_sx)
-    for (int64_t col = 0; col < W; ++col) {
-      row_sum += r[col];
-      row_sx += r[col] * xs[col];
-    }
-    sx += row_sx;
-    sy += row_sum * ys[row];
-  }
-  zx = sx;
-  zy = sy;
-}
-
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t inv, acc_t* phi) {
 #pragma omp simd
@@ -282,47 +262,98 @@ DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scal
   return gb;
 }
 
-// Gradient of one map's logits given its Phi, for a scalar loss depending on z and on M:
-//   g_s = Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  s = sum_p gM_p Phi_p,  grad_t = beta * g_s,
-// returning the map's grad_beta = sum_p T_p g_s,p. grad_mask (H*W values, may be null) is the gradient
-// w.r.t. M for this map's image; grad_z (2 values, may be null) the gradient w.r.t. (zx, zy).
+// What the logits gradient of one map needs besides Phi: its first moments (zx, zy) and s = sum_p gM_p Phi_p.
+template <typename acc_t>
+struct PhiSums {
+  acc_t zx = 0, zy = 0, s = 0;
+};
+
+template <bool kUnitBeta, bool kMoments, bool kMaskGrad, typename scalar_t, typename acc_t>
+DECAFA_INLINE PhiSums<acc_t> phi_with_sums_of(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max,
+                                              acc_t inv, const acc_t* xs, const acc_t* ys, const acc_t* grad_mask,
+                                              acc_t* phi) {
+  PhiSums<acc_t> out;
+  for (int64_t row = 0; row < H; ++row) {
+    const scalar_t* tr = t + row * W;
+    const acc_t* gm = kMaskGrad ? grad_mask + row * W : nullptr;
+    acc_t* p = phi + row * W;
+    acc_t row_sum = 0, row_sx = 0, row_s = 0;
+#pragma omp simd reduction(+ : row_sum, row_sx, row_s)
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, max) * inv;
+      p[col] = v;
+      if constexpr (kMoments) {
+        row_sum += v;
+        row_sx += v * xs[col];
+      }
+      if constexpr (kMaskGrad) row_s += gm[col] * v;
+    }
+    out.zx += row_sx;
+    out.zy += row_sum * ys[row];
+    out.s += row_s;
+  }
+  return out;
+}
+
+template <bool kUnitBeta, typename scalar_t, typename acc_t>
+DECAFA_INLINE PhiSums<acc_t> phi_with_sums_beta(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max,
+                                                acc_t inv, const acc_t* xs, const acc_t* ys, bool moments,
+                                                const acc_t* grad_mask, acc_t* phi) {
+  if (moments) {
+    return grad_mask != nullptr
+               ? phi_with_sums_of<kUnitBeta, true, true>(t, H, W, beta, max, inv, xs, ys, grad_mask, phi)
+               : phi_with_sums_of<kUnitBeta, true, false>(t, H, W, beta, max, inv, xs, ys, grad_mask, phi);
+  }
+  return grad_mask != nullptr ? phi_with_sums_of<kUnitBeta, false, true>(t, H, W, beta, max, inv, xs, ys, grad_mask, phi)
+                              : phi_with_sums_of<kUnitBeta, false, false>(t, H, W, beta, max, inv, xs, ys, grad_mask, phi);
+}
+
+// Phi of one map recomputed as recompute_phi does (the same values), in one sweep with the moments (when
+// `moments`) and s (when grad_mask, the H*W gradient of M for the map's image, is given).
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const scalar_t* t, int64_t H, int64_t W, acc_t beta,
-                                  const acc_t* xs, const acc_t* ys, const acc_t* grad_z, const acc_t* grad_mask,
-                                  scalar_t* grad_t) {
-  const int64_t hw = H * W;
-  acc_t s = 0, zx = 0, zy = 0, gx = 0, gy = 0, gb = 0;
-  if (grad_mask != nullptr) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < hw; ++i) s += grad_mask[i] * phi[i];
-  }
-  if (grad_z != nullptr) {
-    gx = grad_z[0];
-    gy = grad_z[1];
-    moments_of(phi, H, W, xs, ys, zx, zy);
-  }
+DECAFA_KERNEL PhiSums<acc_t> phi_with_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max, acc_t sum,
+                                           const acc_t* xs, const acc_t* ys, bool moments, const acc_t* grad_mask,
+                                           acc_t* phi) {
+  const acc_t inv = acc_t(1) / sum;
+  return beta == acc_t(1) ? phi_with_sums_beta<true>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi)
+                          : phi_with_sums_beta<false>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi);
+}
+
+// Gradient of one map's logits given its Phi and phi_with_sums' sums, for a scalar loss depending on z and M:
+//   g_s = Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  grad_t = beta * g_s,
+// returning the map's grad_beta = sum_p T_p g_s,p. grad_mask (H*W values, may be null) is the gradient
+// w.r.t. M for this map's image; grad_z (2 values, may be null) the gradient w.r.t. (zx, zy). With `staging`
+// (W values) grad_t is written with streaming stores.
+template <typename scalar_t, typename acc_t>
+DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, const scalar_t* t, int64_t H,
+                                  int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
+                                  const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
+  const acc_t gx = grad_z != nullptr ? grad_z[0] : acc_t(0), gy = grad_z != nullptr ? grad_z[1] : acc_t(0);
+  acc_t gb = 0;
   for (int64_t row = 0; row < H; ++row) {
     const acc_t* p = phi + row * W;
     const scalar_t* tr = t + row * W;
     const acc_t* gm = grad_mask != nullptr ? grad_mask + row * W : nullptr;
     scalar_t* out = grad_t + row * W;
-    const acc_t row_term = gy * (ys[row] - zy) - gx * zx - s;
+    scalar_t* target = staging != nullptr ? staging : out;
+    const acc_t row_term = gy * (ys[row] - sums.zy) - gx * sums.zx - sums.s;
     acc_t row_gb = 0;
     if (gm != nullptr) {
 #pragma omp simd reduction(+ : row_gb)
       for (int64_t col = 0; col < W; ++col) {
         const acc_t gs = p[col] * (gm[col] + gx * xs[col] + row_term);
-        out[col] = to_storage<scalar_t>(beta * gs);
+        target[col] = to_storage<scalar_t>(beta * gs);
         row_gb += static_cast<acc_t>(tr[col]) * gs;
       }
     } else {
 #pragma omp simd reduction(+ : row_gb)
       for (int64_t col = 0; col < W; ++col) {
         const acc_t gs = p[col] * (gx * xs[col] + row_term);
-        out[col] = to_storage<scalar_t>(beta * gs);
+        target[col] = to_storage<scalar_t>(beta * gs);
         row_gb += static_cast<acc_t>(tr[col]) * gs;
       }
     }
+    if (staging != nullptr) stream_copy(out, staging, W * sizeof(scalar_t));
     gb += row_gb;
   }
   return gb;
@@ -381,54 +412,86 @@ DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, in
   }
 }
 
-// Backward of fuse_tile, part 1: the gradient of the mask over pixels [p0, p0 + n) of one image, in acc_t:
-// grad_mask[i] = sum over the masked channels of grad * source. It does not need the mask itself.
-template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_mask_grad(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
-                                       int64_t ci, const scalar_t* embedding_b, int64_t ce, int64_t hw, int64_t p0,
-                                       int64_t n, acc_t* grad_mask) {
-  for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
-  for (int s = 0; s < layout.count; ++s) {
-    const Segment& seg = layout.segments[s];
-    if (!seg.masked) continue;
-    const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
-    const int64_t channels = seg.from_embedding ? ce : ci;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* g = grad_b + (seg.first_channel + c) * hw + p0;
-      const scalar_t* in = src + c * hw + p0;
+// One source channel of the fusion backward over n pixels: out = g_plain + mask * g_masked (the channel's
+// gradient; g_plain is null when the mode copies no plain block of this source) and grad_mask += g_masked *
+// src. Each gradient of F is read once.
+template <bool kPlain, bool kOut, bool kMaskGrad, typename scalar_t, typename acc_t>
+DECAFA_INLINE void masked_channel_backward(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
+                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) grad_mask[i] += static_cast<acc_t>(g[i]) * static_cast<acc_t>(in[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = static_cast<acc_t>(g_masked[i]);
+    if constexpr (kMaskGrad) grad_mask[i] += g * static_cast<acc_t>(src[i]);
+    if constexpr (kOut) {
+      const acc_t plain = kPlain ? static_cast<acc_t>(g_plain[i]) : acc_t(0);
+      out[i] = to_storage<scalar_t>(plain + g * mask[i]);
     }
   }
 }
 
-// Backward of fuse_tile, part 2: the gradients of the image and embedding pixels [p0, p0 + n) given the mask
-// tile (either output may be null when not wanted); `scratch` holds n values.
+// masked_channel_backward with the channel's gradient written, and grad_mask summed when given.
+template <bool kPlain, typename scalar_t, typename acc_t>
+DECAFA_INLINE void masked_channel_gradient(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
+                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
+  if (grad_mask != nullptr) {
+    masked_channel_backward<kPlain, true, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
+  } else {
+    masked_channel_backward<kPlain, true, false>(g_plain, g_masked, src, mask, n, out, grad_mask);
+  }
+}
+
+// Backward of fuse_tile over pixels [p0, p0 + n) of one image: the gradients of the image and embedding
+// channels (either output may be null when not wanted; they need `mask`) and, when grad_mask is given, the
+// gradient of the mask in acc_t: the sum over the masked channels (image first, then embedding, each in
+// channel order) of grad * source. With `staging` (n values) the source gradients are written with
+// streaming stores.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_source_grads(const Segments& layout, const scalar_t* grad_b, int64_t ci, int64_t ce,
-                                          const acc_t* mask, int64_t hw, int64_t p0, int64_t n,
-                                          scalar_t* grad_image_b, scalar_t* grad_embedding_b, acc_t* scratch) {
+DECAFA_KERNEL void fuse_tile_backward(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
+                                      int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask,
+                                      int64_t hw, int64_t p0, int64_t n, scalar_t* grad_image_b,
+                                      scalar_t* grad_embedding_b, acc_t* grad_mask, scalar_t* staging) {
+  if (grad_mask != nullptr) {
+    for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
+  }
   for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {
-    scalar_t* grad_src = from_embedding ? grad_embedding_b : grad_image_b;
-    if (grad_src == nullptr) continue;
+    int64_t plain = -1, masked = -1;  // first channel in F of this source's plain and masked blocks
+    for (int k = 0; k < layout.count; ++k) {
+      const Segment& seg = layout.segments[k];
+      if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
+      (seg.masked ? masked : plain) = seg.first_channel;
+    }
+    const scalar_t* src_b = from_embedding ? embedding_b : image_b;
+    scalar_t* grad_src_b = from_embedding ? grad_embedding_b : grad_image_b;
     const int64_t channels = from_embedding ? ce : ci;
+    if (masked < 0 && grad_src_b == nullptr) continue;
     for (int64_t c = 0; c < channels; ++c) {
-      for (int64_t i = 0; i < n; ++i) scratch[i] = 0;  // gradient of this source channel
-      for (int s = 0; s < layout.count; ++s) {
-        const Segment& seg = layout.segments[s];
-        if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
-        const scalar_t* g = grad_b + (seg.first_channel + c) * hw + p0;
-        if (seg.masked) {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) scratch[i] += static_cast<acc_t>(g[i]) * mask[i];
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) scratch[i] += static_cast<acc_t>(g[i]);
+      const scalar_t* g_plain = plain >= 0 ? grad_b + (plain + c) * hw + p0 : nullptr;
+      scalar_t* out = grad_src_b != nullptr ? grad_src_b + c * hw + p0 : nullptr;
+      if (masked >= 0) {
+        const scalar_t* g_masked = grad_b + (masked + c) * hw + p0;
+        const scalar_t* src = src_b + c * hw + p0;
+        if (out == nullptr) {
+          if (grad_mask != nullptr) {
+            masked_channel_backward<false, false, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
+          }
+          continue;
         }
+        scalar_t* target = staging != nullptr ? staging : out;  // where the channel's gradient is computed
+        if (g_plain != nullptr) {
+          masked_channel_gradient<true>(g_plain, g_masked, src, mask, n, target, grad_mask);
+        } else {
+          masked_channel_gradient<false>(g_plain, g_masked, src, mask, n, target, grad_mask);
+        }
+        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
+      } else if (g_plain != nullptr) {
+        if (staging != nullptr) {
+          stream_copy(out, g_plain, n * sizeof(scalar_t));
+        } else {
+          std::memcpy(out, g_plain, n * sizeof(scalar_t));
+        }
+      } else {
+        std::memset(out, 0, n * sizeof(scalar_t));  // the mode has no block of this source
       }
-      scalar_t* out = grad_src + c * hw + p0;
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = to_storage<scalar_t>(scratch[i]);
     }
   }
 }
