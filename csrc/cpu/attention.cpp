@@ -144,7 +144,11 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
     // scratch: e of up to kMaskGroup maps when M is summed (added into it a group at a time), else of one
     const int64_t group = mask != nullptr ? kMaskGroup : 1;
-    for_each_map<acc_t>(B, L, hw, group * hw, mask, [&](int64_t first, int64_t last, acc_t* e_group, acc_t* mask_acc) {
+    // a large Phi is staged after them and streamed out
+    const bool stream = phi != nullptr && phi->nbytes() >= kStreamingBytes;
+    const int64_t scratch = group * hw + (stream ? (hw * int64_t(sizeof(scalar_t)) + sizeof(acc_t) - 1) / sizeof(acc_t) : 0);
+    for_each_map<acc_t>(B, L, hw, scratch, mask, [&](int64_t first, int64_t last, acc_t* e_group, acc_t* mask_acc) {
+      scalar_t* staging = stream ? reinterpret_cast<scalar_t*>(e_group + group * hw) : nullptr;
       for (int64_t group_first = first; group_first < last; group_first += group) {
         const int count = static_cast<int>(std::min(group, last - group_first));
         acc_t scale[kMaskGroup];
@@ -162,10 +166,16 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
             z_p[2 * map + 1] = to_storage<scalar_t>(st.zy);
           }
           scale[k] = acc_t(1) / st.sum;  // Phi = e * scale
-          if (phi_p != nullptr) store_scaled(e, hw, scale[k], phi_p + map * hw);
+          if (phi_p != nullptr && staging != nullptr) {
+            store_scaled(e, hw, scale[k], staging);
+            stream_copy(phi_p + map * hw, staging, hw * sizeof(scalar_t));
+          } else if (phi_p != nullptr) {
+            store_scaled(e, hw, scale[k], phi_p + map * hw);
+          }
         }
         if (mask_acc != nullptr) accumulate_group(e_group, hw, count, scale, mask_acc);
       }
+      if (stream) stream_fence();
     });
   });
 }
