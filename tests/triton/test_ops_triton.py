@@ -370,10 +370,37 @@ def _compile_check(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_gpu():
     """The interpreter is lenient: compile the real kernels (a representative subset) for sm_90 too, and
-    check that none spills registers to local memory."""
-    proc = _compile_check("--quick", "--fail-on-spill", "--dtypes", "bf16")
+    check that none spills registers to local memory beyond its allowance for this Triton."""
+    proc = _compile_check("--quick", "--fail-on-spill", "--dtypes", "fp32,bf16")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all variants compiled" in proc.stdout
+
+
+def test_spill_allowance_is_per_triton_version():
+    """The allowances are the stacks measured with each Triton (compile_check's comment); a kernel not listed
+    gets 16 bytes, and a Triton not measured the largest allowance of any measured one."""
+    from decafa_fast.triton import compile_check as cc
+
+    assert cc.spill_allowance("map_fwd head", "3.9.0") == cc.DEFAULT_STACK == 16
+    assert cc.spill_allowance("map_bwd head", "3.9.0") == 96
+    assert cc.spill_allowance("map_fwd head", "3.6.0") == 32
+    assert cc.spill_allowance("map_bwd head", "3.6.0") == 152
+    assert cc.spill_allowance("mask_fuse_fwd F5 (partials)", "3.6.0") == 16
+    assert cc.spill_allowance("map_bwd head", "3.7.0+git1234") == 152
+    assert cc.spill_allowance("map_bwd softmax", "3.10.0") == 56
+
+
+@pytest.mark.slow
+def test_spill_beyond_the_allowance_fails():
+    """--fail-on-spill fails loudly (exit status 1, a SPILL line with the stack and the allowance) when a kernel
+    spills more than allowed: map_bwd head with its allowance overridden to 0. (Should map_bwd head ever stop
+    spilling, this fails: then drop its SPILL_ALLOWANCE entries and this test.)"""
+    proc = _compile_check("--only", "map_bwd head", "--dtypes", "bf16", "--fail-on-spill",
+                          "--allowance", "map_bwd head=0")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spilled = [line for line in proc.stdout.splitlines() if line.startswith("SPILL")]
+    assert spilled and "map_bwd head" in spilled[0] and "> allowed 0" in spilled[0], proc.stdout
+    assert "1 variant(s) failed" in proc.stdout
 
 
 def test_kernels_keep_float32_with_fp64_float_arguments():
