@@ -14,7 +14,8 @@ formulation for higher orders) and fake kernels (`fakes.py`) are registered for 
 backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under torch.func transforms
 (grad, vjp, jacrev, jacfwd, vmap, jvp) and forward-mode AD with dual inputs the ops run the reference
 formulation, which those transforms differentiate exactly. Backend selection is in `backend.py`, argument
-checks in `validation.py`, the fusion layout in `layout.py`.
+checks in `validation.py`, the fusion layout in `layout.py`, the CPU kernels' output cache in
+`cpu_cache.py`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
 from . import backend as _backend_mod
+from . import cpu_cache
 from .autograd import register_autograd
 from .backend import (
     AUTO_CUDA_PREFERENCE,
@@ -57,6 +59,7 @@ __all__ = [
     "acc_dtype",
     "attention_mask",
     "backends",
+    "cpu_cache",
     "decafa_head",
     "fuse",
     "fusion_layout",
