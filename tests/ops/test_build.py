@@ -138,12 +138,14 @@ with ops.use_backend("cpp"):
     got = ops.soft_argmax(t)
 torch.testing.assert_close(got, reference.soft_argmax(t), rtol=1e-5, atol=1e-5)
 print("MATCH")
+print("CACHE LIMIT", ops.cpu_cache.limit())  # the C entry points of the first-use build are found too
 """
     start = time.perf_counter()
     first = _run_python(code, tmp_path, env, timeout=1500)
     first_s = time.perf_counter() - start
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "CPP available" in first.stdout and "MATCH" in first.stdout
+    assert f"CACHE LIMIT {1024 << 20}" in first.stdout
     assert "compiling the C++ extension" in first.stderr and "C++ extension built in" in first.stderr
     (build,) = (tmp_path / "cache").iterdir()  # one build, named by torch, Python and the sources
     assert build.name.startswith("torch") and list(build.glob("decafa_fast_C.*"))
