@@ -72,7 +72,9 @@ QUICK = ("map_fwd head", "map_bwd head", "mask_fuse_fwd F5 (partials)", "fuse_bw
 # Tried without success (2026-11-28, both Tritons): the seven sums of map_bwd head (incl. the grad z moments)
 # as one multi-output tl.reduce instead of row / column marginals (3.9: 48 / 64 / 72); grad z folded into one
 # g_phi tile (3.9: 48 / 88 / 88); 16 warps, 128 registers a thread (3.9: map_bwd head 56 / - / 8, 3.6: 120
-# / - / 96). Without the grad z terms map_bwd head stays at 8 / 0 / 0 (3.9): those cost the registers. Open:
+# / - / 96); the map loop as tl.range(num_stages=1) (no change); no pixel mask on a full tile (worse: 3.9
+# 80 / 152 / 144, 3.6 120 / 232 / 232: ptxas spends freed registers on scheduling). Without the grad z terms
+# map_bwd head stays at 8 / 0 / 0 (3.9): those cost the registers. Open:
 # whether a few L1-resident words a thread cost anything on a GPU (bench/triton_notes.md).
 DEFAULT_STACK = 16
 SPILL_ALLOWANCE = {
