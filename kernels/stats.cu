@@ -162,6 +162,15 @@ __device__ __forceinline__ void first_pixel(int width, int& col, int& row) {
   if (V == 1) pixel_of(vec_index<V, K>(0), width, col, row);
 }
 
+// Where the partial mask keeps vector k (pixel i * V) of this thread in shared memory: on the vector path at
+// the pixel's own place (a warp's 16-byte vectors are adjacent), on the scalar path at k * blockDim.x +
+// thread, so that a warp's 32 lanes, whose pixels are K apart, hit 32 different banks (at i they would
+// hit 2 banks in float32: 16-way conflicts on every access). The launcher sizes the mask to match.
+template <int V, int K>
+__device__ __forceinline__ int mask_slot(int k, int i) {
+  return V > 1 ? i * V : static_cast<int>(k * blockDim.x + threadIdx.x);
+}
+
 // The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
 template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
@@ -171,7 +180,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   // no barrier guards them.
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* mask = reinterpret_cast<float*>(smem_raw);
-  T* stash = reinterpret_cast<T*>(mask + (a.partial != nullptr ? a.hw : 0));
+  T* stash = reinterpret_cast<T*>(mask + (a.partial == nullptr ? 0 : V > 1 ? a.hw : kMapValues * blockDim.x));
   __shared__ float max_scratch[33];
   __shared__ float sum_scratch[33][3];
   __shared__ float beta_slots[2];
@@ -235,7 +244,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
 #pragma unroll
         for (int j = 0; j < V; ++j) p[j] = s[k][j] / sum;
         if (a.partial != nullptr) {
-          float* mine = mask + i * V;
+          float* mine = mask + mask_slot<V, K>(k, i);
 #pragma unroll
           for (int j = 0; j < V; ++j) mine[j] = l == r.first ? p[j] : mine[j] + p[j];
         }
@@ -252,7 +261,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
     if (i < nvec) {
       float v[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = mask[i * V + j];
+      for (int j = 0; j < V; ++j) v[j] = mask[mask_slot<V, K>(k, i) + j];
       store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, v);
     }
   }
@@ -553,7 +562,9 @@ cudaError_t maps_forward_t(MapShape shape, const Logits& lg, bool normalized, fl
   const int threads = map_threads(static_cast<int>(hw / v), on_chip, v);
   const unsigned grid = static_cast<unsigned>(blocks);
   if (on_chip) {
-    const size_t mask_smem = partial != nullptr ? static_cast<size_t>(hw) * sizeof(float) : 0;
+    // the partial mask: H*W floats, or K slots a thread on the scalar path (mask_slot)
+    const size_t mask_smem =
+        partial == nullptr ? 0 : (vec ? static_cast<size_t>(hw) : static_cast<size_t>(kMapValues) * threads) * sizeof(float);
     const size_t stash_smem = static_cast<size_t>(kMapValues) * threads * sizeof(T);
     const bool pairs = !vec && map_pairs<T>(lg, shape.maps, mask_smem + stash_smem);
     const size_t smem = mask_smem + (pairs ? stash_smem : 0);
