@@ -162,6 +162,29 @@ __device__ __forceinline__ void first_pixel(int width, int& col, int& row) {
   if (V == 1) pixel_of(vec_index<V, K>(0), width, col, row);
 }
 
+// On the scalar path (V == 1) a thread's K values belong to adjacent pixels i0 .. i0 + K - 1, so the forward's
+// stores to a dense output (Phi, the partial mask) go out as 16-byte vectors when all K pixels are in the map
+// and `dst` (pixel i0) is 16-byte aligned; else one scalar each (the last thread of a map whose size is not a
+// multiple of K, or an output at an odd offset).
+template <bool Stream, int K, typename T>
+__device__ __forceinline__ void store_run(T* dst, int i0, int nvec, const float (&v)[K][1]) {
+  constexpr int C = static_cast<int>(16 / sizeof(T));
+  static_assert(K % C == 0, "whole 16-byte vectors");
+  if (i0 + K <= nvec && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+#pragma unroll
+    for (int c = 0; c < K; c += C) {
+      float chunk[C];
+#pragma unroll
+      for (int j = 0; j < C; ++j) chunk[j] = v[c + j][0];
+      store_n<Stream, C>(dst + c, 1, chunk);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (i0 + k < nvec) store_n<Stream, 1>(dst + k, 1, v[k]);
+  }
+}
+
 // Where the partial mask keeps vector k (pixel i * V) of this thread in shared memory: on the vector path at
 // the pixel's own place (a warp's 16-byte vectors are adjacent), on the scalar path at k * blockDim.x +
 // thread, so that a warp's 32 lanes, whose pixels are K apart, hit 32 different banks (at i they would
@@ -248,21 +271,36 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
 #pragma unroll
           for (int j = 0; j < V; ++j) mine[j] = l == r.first ? p[j] : mine[j] + p[j];
         }
-        if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+        if constexpr (V == 1) {
+          s[k][0] = p[0];  // stored below as a run of the thread's adjacent pixels
+        } else if (a.phi != nullptr) {
+          store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+        }
       }
+    }
+    if constexpr (V == 1) {
+      const int i0 = vec_index<V, K>(0);
+      if (a.phi != nullptr) store_run<true, K>(a.phi + map * a.hw + i0, i0, nvec, s);
     }
     stashed = pair;
   }
   if (a.partial == nullptr) return;
   float* out = a.partial + (r.b * a.runs + r.run) * a.hw;
+  if constexpr (V == 1) {
+    float v[K][1];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int i = vec_index<V, K>(k);
-    if (i < nvec) {
-      float v[V];
+    for (int k = 0; k < K; ++k) v[k][0] = vec_index<V, K>(k) < nvec ? mask[mask_slot<V, K>(k, 0)] : 0.f;
+    store_run<false, K>(out + vec_index<V, K>(0), vec_index<V, K>(0), nvec, v);
+  } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = mask[mask_slot<V, K>(k, i) + j];
-      store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, v);
+    for (int k = 0; k < K; ++k) {
+      const int i = vec_index<V, K>(k);
+      if (i < nvec) {
+        float v[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] = mask[mask_slot<V, K>(k, i) + j];
+        store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, v);
+      }
     }
   }
 }
@@ -462,6 +500,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
           out[j] = c.beta * gs;
           next_pixel(a.width, col, row);
         }
+        // (one scalar each on the scalar path: holding them for store_run spills in the backward)
         store_n<true, V>(dst + static_cast<int64_t>(i) * V, 1, out);
       }
     }
