@@ -1,9 +1,20 @@
-"""Merging the face boxes that a detector finds more than once (in several tiles or at several scales)."""
+"""What the face detectors share: their input as a 3-channel BGR image, and the merging of the face boxes
+that a detector finds more than once (in several tiles or at several scales)."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
-__all__ = ["merge_boxes"]
+__all__ = ["as_bgr", "merge_boxes"]
+
+
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """A grayscale (H, W) or (H, W, 1), BGR or BGRA uint8 image as BGR (H, W, 3)."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
 
 
 def merge_boxes(boxes: np.ndarray, scores: np.ndarray, overlap: float = 0.5) -> list[int]:

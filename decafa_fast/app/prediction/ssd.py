@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .boxes import merge_boxes
+from .boxes import as_bgr, merge_boxes
 
 __all__ = ["SSD_PACKAGE", "SSDFaceDetector", "ssd_available", "ssd_model_files"]
 
@@ -81,10 +81,7 @@ class SSDFaceDetector:
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(boxes (N, 4), scores (N,)), best first."""
-        if image.ndim == 2 or image.shape[2] == 1:
-            image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        image = as_bgr(image)
         h, w = image.shape[:2]
         side = max(h, w)
         square = np.empty((side, side, 3), np.uint8)

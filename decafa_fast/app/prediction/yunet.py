@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import cv2
 import numpy as np
 
-from .boxes import merge_boxes
+from .boxes import as_bgr, merge_boxes
 
 __all__ = ["YUNET_PACKAGE", "YuNetFaceDetector", "yunet_available"]
 
@@ -97,10 +97,7 @@ class YuNetFaceDetector:
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(boxes (N, 4), scores (N,)), best first."""
-        if image.ndim == 2 or image.shape[2] == 1:
-            image = cv2.cvtColor(image.reshape(image.shape[:2]), cv2.COLOR_GRAY2BGR)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        image = as_bgr(image)
         h, w = image.shape[:2]
         coarse = min(1.0, _COARSE / max(h, w))
         # an image under 640 px is also looked at twice as large: its small faces are few pixels
