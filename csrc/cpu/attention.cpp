@@ -95,12 +95,14 @@ void check_mode(int64_t mode, const char* op) {
 constexpr int64_t kMaskTasks = 16;
 
 // Calls maps(first, last, scratch, mask_acc) over every map of B images of L maps, in parallel, each call
-// on a run of maps with `scratch` (scratch_size values) to itself. Without `mask`, mask_acc is null. With
-// `mask` (contiguous (B, hw) in acc_t), each run lies in one image and gets its own zeroed partial mask as
-// mask_acc; the partials are then added into `mask` in run order.
+// on a run of maps with `scratch` (scratch_size values) to itself. Without `mask` or `partials`, mask_acc
+// is null. Otherwise each run lies in one image and gets its own zeroed partial mask as mask_acc: with
+// `mask` (contiguous (B, hw) in acc_t) the partials are then added into it in run order; with `partials`
+// they are left to the caller as a (B, runs, hw) tensor (sum_partial_masks adds them up).
 template <typename acc_t, typename Maps>
-void for_each_map(int64_t B, int64_t L, int64_t hw, int64_t scratch_size, at::Tensor* mask, Maps maps) {
-  if (mask == nullptr) {
+void for_each_map(int64_t B, int64_t L, int64_t hw, int64_t scratch_size, at::Tensor* mask, at::Tensor* partials,
+                  Maps maps) {
+  if (mask == nullptr && partials == nullptr) {
     at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(scratch_size);
       maps(begin, end, scratch.data(), nullptr);
@@ -108,8 +110,9 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, int64_t scratch_size, at::Te
     return;
   }
   const int64_t runs = std::clamp<int64_t>((kMaskTasks + B - 1) / std::max<int64_t>(B, 1), 1, std::max<int64_t>(L, 1));
+  const at::TensorOptions options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // (B, runs, hw) partial masks; the mask itself when there is one run per image
-  at::Tensor partial = runs == 1 ? *mask : empty_output({B, runs, hw}, mask->options());
+  at::Tensor partial = runs == 1 && mask != nullptr ? *mask : empty_output({B, runs, hw}, options);
   acc_t* partial_p = partial.data_ptr<acc_t>();
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(scratch_size);
@@ -120,19 +123,19 @@ void for_each_map(int64_t B, int64_t L, int64_t hw, int64_t scratch_size, at::Te
       maps(b * L + run * L / runs, b * L + (run + 1) * L / runs, scratch.data(), acc);
     }
   });
+  if (partials != nullptr) {
+    *partials = partial;
+    return;
+  }
   if (runs == 1) return;
   acc_t* m_p = mask->data_ptr<acc_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const acc_t* first = partial_p + b * runs * hw;
-      std::copy(first, first + hw, m_p + b * hw);
-      for (int64_t run = 1; run < runs; ++run) accumulate_scaled(first + run * hw, hw, acc_t(1), m_p + b * hw);
-    }
+    for (int64_t b = begin; b < end; ++b) sum_partial_masks(partial_p + b * runs * hw, runs, hw, 0, hw, m_p + b * hw);
   });
 }
 
 void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& beta_map, bool normalized,
-                    at::Tensor& stats, at::Tensor* z, at::Tensor* phi, at::Tensor* mask) {
+                    at::Tensor& stats, at::Tensor* z, at::Tensor* phi, at::Tensor* mask, at::Tensor* mask_partials) {
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3), hw = H * W;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_map_statistics", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -143,11 +146,12 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
     scalar_t* phi_p = phi != nullptr ? phi->data_ptr<scalar_t>() : nullptr;
     const std::vector<acc_t> xs = axis_coordinates<acc_t>(W, normalized), ys = axis_coordinates<acc_t>(H, normalized);
     // scratch: e of up to kMaskGroup maps when M is summed (added into it a group at a time), else of one
-    const int64_t group = mask != nullptr ? kMaskGroup : 1;
+    const bool summing = mask != nullptr || mask_partials != nullptr;
+    const int64_t group = summing ? kMaskGroup : 1;
     // a large Phi is staged after them and streamed out
     const bool stream = phi != nullptr && phi->nbytes() >= kStreamingBytes;
     const int64_t scratch = group * hw + (stream ? (hw * int64_t(sizeof(scalar_t)) + sizeof(acc_t) - 1) / sizeof(acc_t) : 0);
-    for_each_map<acc_t>(B, L, hw, scratch, mask, [&](int64_t first, int64_t last, acc_t* e_group, acc_t* mask_acc) {
+    for_each_map<acc_t>(B, L, hw, scratch, mask, mask_partials, [&](int64_t first, int64_t last, acc_t* e_group, acc_t* mask_acc) {
       scalar_t* staging = stream ? reinterpret_cast<scalar_t*>(e_group + group * hw) : nullptr;
       for (int64_t group_first = first; group_first < last; group_first += group) {
         const int count = static_cast<int>(std::min(group, last - group_first));
@@ -199,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
     // grad_t rows are staged in the scratch after Phi and streamed out when grad_t is large
     const bool stream = grad.nbytes() >= kStreamingBytes;
     const int64_t staging_values = stream ? (W * int64_t(sizeof(scalar_t)) + sizeof(acc_t) - 1) / sizeof(acc_t) : 0;
-    for_each_map<acc_t>(B, L, hw, hw + staging_values, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
+    for_each_map<acc_t>(B, L, hw, hw + staging_values, nullptr, nullptr, [&](int64_t first, int64_t last, acc_t* phi, acc_t*) {
       scalar_t* staging = stream ? reinterpret_cast<scalar_t*>(phi + hw) : nullptr;
       for (int64_t map = first; map < last; ++map) {
         const int64_t b = map / L;

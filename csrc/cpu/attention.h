@@ -43,10 +43,13 @@ void check_mode(int64_t mode, const char* op);
 
 // Per-map statistics of contiguous logits (B, L, H, W) in one pass over each map: fills stats (B, L, 2),
 // and, when given, z (B, L, 2), phi (B, L, H, W) and mask, M = sum_l Phi_l as a contiguous (B, H*W) tensor
-// of the accumulation dtype (summed from the same exp values, so M costs no second exp per pixel).
-// beta_map (contiguous (B, L), accumulation dtype), when defined, replaces beta map by map.
+// of the accumulation dtype (summed from the same exp values, so M costs no second exp per pixel). With
+// mask_partials instead of mask, M is left as partial sums over runs of maps, a (B, runs, H*W) tensor that
+// sum_partial_masks (map_math.h) adds up in run order, giving M's bits. beta_map (contiguous (B, L),
+// accumulation dtype), when defined, replaces beta map by map.
 void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& beta_map, bool normalized,
-                    at::Tensor& stats, at::Tensor* z, at::Tensor* phi, at::Tensor* mask = nullptr);
+                    at::Tensor& stats, at::Tensor* z, at::Tensor* phi, at::Tensor* mask = nullptr,
+                    at::Tensor* mask_partials = nullptr);
 
 // Gradients of contiguous logits, and grad_beta (B, L), for a loss depending on z and M = sum_l Phi_l,
 // recomputing Phi from the stats. grad_z (B, L, 2) and grad_mask (B, 1, H, W) are contiguous in the

@@ -33,14 +33,14 @@ at::Tensor in_format_of(const at::Tensor& fused, const at::Tensor& embedding) {
 }
 
 // Per pixel tile of each image: the fusion channels of image / embedding with the mask, where the mask tile
-// comes from `mask_of(b, p0, n, acc)`. Called inside a dtype dispatch.
+// comes from `mask_of(b, p0, n, acc)` (called for every tile, even when F has no channels). Called inside a
+// dtype dispatch.
 template <typename scalar_t, typename MaskOf>
 void write_fusion(const at::Tensor& image, const at::Tensor& embedding, const Segments& layout, at::Tensor& out,
                   MaskOf mask_of) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = image.size(0), ci = image.size(1), ce = embedding.size(1);
   const int64_t hw = image.size(2) * image.size(3), tiles = (hw + kPixelTile - 1) / kPixelTile;
-  if (out.numel() == 0) return;
   {
     const scalar_t* img = image.const_data_ptr<scalar_t>();
     const scalar_t* emb = embedding.const_data_ptr<scalar_t>();
@@ -168,12 +168,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head(const at:
   at::Tensor stats = empty_stats(logits);
   at::Tensor z = at::empty({B, L, 2}, logits.options());
   at::Tensor out = empty_fused(logits, layout);
-  // M (B, H*W) in the accumulation dtype, summed during the statistics pass: 1/L of the logits' size
-  at::Tensor mask = empty_output({B, hw}, logits.options().dtype(acc));
-  map_statistics(logits, beta, beta_map, normalized, stats, &z, nullptr, &mask);
+  // M (B, H*W) in the accumulation dtype: the statistics pass sums each run of maps' Phi into a partial mask
+  // (B, runs, H*W); each pixel tile of the fusion pass adds up its tile of them (in run order, the bits of
+  // landmark_attention's M), writes it into M and uses it, so M is summed in parallel over tiles, even at B = 1.
+  at::Tensor partials;
+  map_statistics(logits, beta, beta_map, normalized, stats, &z, nullptr, nullptr, &partials);
+  const int64_t runs = partials.size(1);
+  at::Tensor mask = runs == 1 ? partials.view({B, hw}) : empty_output({B, hw}, logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "decafa_head", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    write_fusion<scalar_t>(image, embedding, layout, out, given_mask<acc_t>(mask.const_data_ptr<acc_t>(), hw));
+    const acc_t* partial_p = partials.const_data_ptr<acc_t>();
+    acc_t* mask_p = mask.data_ptr<acc_t>();
+    write_fusion<scalar_t>(image, embedding, layout, out, [&](int64_t b, int64_t p0, int64_t n, acc_t* tile) {
+      sum_partial_masks(partial_p + b * runs * hw, runs, hw, p0, n, tile);
+      if (runs > 1) std::memcpy(mask_p + b * hw + p0, tile, n * sizeof(acc_t));
+    });
   });
   at::Tensor mask_out = mask.view({B, 1, H, W});
   if (acc != logits.scalar_type()) mask_out = mask_out.to(logits.scalar_type());

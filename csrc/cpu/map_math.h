@@ -156,6 +156,19 @@ DECAFA_KERNEL void accumulate_scaled(const acc_t* src, int64_t n, acc_t scale, a
   for (int64_t i = 0; i < n; ++i) dst[i] += scale * src[i];
 }
 
+// out[0, n) = sum over runs of partial[run * hw + p0 + i], added in run order (so M has the same bits
+// whichever pixels a task sums).
+template <typename acc_t>
+DECAFA_KERNEL void sum_partial_masks(const acc_t* partial, int64_t runs, int64_t hw, int64_t p0, int64_t n,
+                                     acc_t* out) {
+  std::memcpy(out, partial + p0, n * sizeof(acc_t));
+  for (int64_t run = 1; run < runs; ++run) {
+    const acc_t* src = partial + run * hw + p0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] += src[i];
+  }
+}
+
 // Maps whose Phi are added into a mask accumulator in one sweep (their e kept side by side in cache): the
 // accumulator is read and written once per group instead of once per map.
 constexpr int kMaskGroup = 4;
