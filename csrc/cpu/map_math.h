@@ -149,13 +149,6 @@ DECAFA_KERNEL void store_scaled(const acc_t* src, int64_t n, acc_t scale, scalar
   for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<scalar_t>(scale * src[i]);
 }
 
-// dst += scale * src: one map's Phi added into a mask accumulator.
-template <typename acc_t>
-DECAFA_KERNEL void accumulate_scaled(const acc_t* src, int64_t n, acc_t scale, acc_t* dst) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] += scale * src[i];
-}
-
 // out[0, n) = sum over runs of partial[run * hw + p0 + i], added in run order (so M has the same bits
 // whichever pixels a task sums).
 template <typename acc_t>
