@@ -47,6 +47,7 @@ from .validation import (
     check_mode,
     check_tensor,
     prepare_logits,
+    reference_beta,
 )
 
 __all__ = [
@@ -98,7 +99,7 @@ def spatial_softmax(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> t
     """
     backend, beta, beta_map = prepare_logits("spatial_softmax", logits, beta)
     if backend == "reference" or _transformed(logits, beta_map):
-        return reference.spatial_softmax(logits, beta if beta_map is None else beta_map)
+        return reference.spatial_softmax(logits, reference_beta(beta, beta_map))
     phi, _ = namespace(backend).spatial_softmax(logits, beta, beta_map)
     return phi
 
@@ -113,7 +114,7 @@ def soft_argmax(
     """
     backend, beta, beta_map = prepare_logits("soft_argmax", logits, beta)
     if backend == "reference" or _transformed(logits, beta_map):
-        return reference.soft_argmax(logits, beta if beta_map is None else beta_map, bool(normalized))
+        return reference.soft_argmax(logits, reference_beta(beta, beta_map), bool(normalized))
     z, _ = namespace(backend).soft_argmax(logits, beta, beta_map, bool(normalized))
     return z
 
@@ -122,7 +123,7 @@ def attention_mask(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> to
     """The summed attention mask M = sum over l of Phi_l: logits (B, L, H, W) -> M (B, 1, H, W)."""
     backend, beta, beta_map = prepare_logits("attention_mask", logits, beta)
     if backend == "reference" or _transformed(logits, beta_map):
-        return reference.attention_mask(logits, beta if beta_map is None else beta_map)
+        return reference.attention_mask(logits, reference_beta(beta, beta_map))
     m, _ = namespace(backend).attention_mask(logits, beta, beta_map)
     return m
 
@@ -133,7 +134,7 @@ def landmark_attention(
     """Soft-argmax and summed mask in one pass: logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W))."""
     backend, beta, beta_map = prepare_logits("landmark_attention", logits, beta)
     if backend == "reference" or _transformed(logits, beta_map):
-        return reference.landmark_attention(logits, beta if beta_map is None else beta_map, bool(normalized))
+        return reference.landmark_attention(logits, reference_beta(beta, beta_map), bool(normalized))
     z, m, _ = namespace(backend).landmark_attention(logits, beta, beta_map, bool(normalized))
     return z, m
 
@@ -172,7 +173,7 @@ def decafa_head(
     mode_id = check_mode(mode)
     backend, beta, beta_map = prepare_logits("decafa_head", logits, beta, image=image, embedding=embedding)
     if backend == "reference" or _transformed(logits, image, embedding, beta_map):
-        return reference.decafa_head(logits, image, embedding, mode, beta if beta_map is None else beta_map,
+        return reference.decafa_head(logits, image, embedding, mode, reference_beta(beta, beta_map),
                                      bool(normalized))
     z, fused, _mask, _stats = namespace(backend).decafa_head(
         logits, image, embedding, mode_id, beta, beta_map, bool(normalized)

@@ -20,6 +20,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
 from .layout import FUSION_MODES
+from .validation import reference_beta
 
 Tensor = torch.Tensor
 
@@ -45,8 +46,6 @@ def _graph_gradients(fn: Callable, inputs: Sequence[Tensor | None], needed: Sequ
     return [next(grads) if need else None for need in needed]
 
 
-def _beta_of(beta: float, beta_map: Tensor | None):
-    return beta if beta_map is None else beta_map
 
 
 def _has_tangent(args) -> bool:
@@ -120,7 +119,7 @@ def register_autograd(namespace: str) -> None:
             return None, None, None
         if torch.is_grad_enabled():
             gt, gb = _graph_gradients(
-                lambda t, bm: (reference.spatial_softmax(t, _beta_of(ctx.beta, bm)),),
+                lambda t, bm: (reference.spatial_softmax(t, reference_beta(ctx.beta, bm)),),
                 (logits, beta_map), (need_t, need_b), (grad_phi,))
         else:
             gt, gb = ns.spatial_softmax_backward(grad_phi, logits, stats, ctx.beta, beta_map)
@@ -146,7 +145,7 @@ def register_autograd(namespace: str) -> None:
             return nothing
         if torch.is_grad_enabled():
             gt, gb = _graph_gradients(
-                lambda t, bm: reference.landmark_attention(t, _beta_of(ctx.beta, bm), ctx.normalized),
+                lambda t, bm: reference.landmark_attention(t, reference_beta(ctx.beta, bm), ctx.normalized),
                 (logits, beta_map), (need_t, need_b), (grad_z, grad_mask))
         else:
             gt, gb = ns.landmark_attention_backward(grad_z, grad_mask, logits, stats, ctx.beta, beta_map,
@@ -204,7 +203,7 @@ def register_autograd(namespace: str) -> None:
         if torch.is_grad_enabled():
             gt, gi, ge, gb = _graph_gradients(
                 lambda t, i, e, bm: reference.decafa_head(t, i, e, FUSION_MODES[ctx.mode - 1],
-                                                          _beta_of(ctx.beta, bm), ctx.normalized),
+                                                          reference_beta(ctx.beta, bm), ctx.normalized),
                 (logits, image, embedding, beta_map), (need_t, need_i, need_e, need_b), (grad_z, grad_fused))
         elif not (need_t or need_b):
             # image / embedding only: the saved M is all they need, the logits are not read

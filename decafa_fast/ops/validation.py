@@ -92,3 +92,7 @@ def prepare_logits(op: str, logits, beta, **companions) -> tuple[str, float, tor
     check_backend_dtype(backend, logits)
     return backend, beta, beta_map
 
+
+def reference_beta(beta: float, beta_map: torch.Tensor | None) -> float | torch.Tensor:
+    """The beta the reference formulation takes: the (B, L) map when there is one, else the number."""
+    return beta if beta_map is None else beta_map
