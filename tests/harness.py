@@ -119,6 +119,41 @@ def make_inputs(b: int, l: int, h: int, w: int, ci: int = 1, c: int = 3, dtype: 
     return tuple(t.to(dtype).to(device) for t in (logits, image, embedding))
 
 
+def opcheck_args(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+                 per_map_beta: bool = False, channels_last: bool = False, seed: int = 9) -> dict[str, tuple]:
+    """Valid arguments of every raw op of op contract v2 (decafa_fast/ops/schemas.py) at a tiny shape (B 2,
+    L 3, 4 x 5, Ci 1, C 2), for torch.library.opcheck: fuse in F4, the head in F5, stats computed as the
+    contract defines them. per_map_beta: every op that takes beta also gets a (B, L) beta_map.
+    channels_last: the forward ops get a channels_last embedding (F must follow its memory format)."""
+    t, i, e = make_inputs(2, 3, 4, 5, ci=1, c=2, dtype=dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    beta = 0.7
+    beta_map = (torch.rand(2, 3, generator=g) + 0.5).to(acc).to(device) if per_map_beta else None
+    s = t.to(acc).flatten(2) * (beta if beta_map is None else beta_map[..., None])
+    top = s.max(-1).values
+    stats = torch.stack([top, (s - top[..., None]).exp().sum(-1)], -1)
+    mask = torch.rand(2, 1, 4, 5, generator=g).to(dtype).to(device)
+    grad_z = randn(2, 3, 2)
+    e_forward = e.contiguous(memory_format=torch.channels_last) if channels_last else e
+    return {
+        "spatial_softmax": (t, beta, beta_map),
+        "spatial_softmax_backward": (randn(2, 3, 4, 5), t, stats, beta, beta_map),
+        "soft_argmax": (t, beta, beta_map, True),
+        "attention_mask": (t, beta, beta_map),
+        "landmark_attention": (t, beta, beta_map, False),
+        "landmark_attention_backward": (grad_z, randn(2, 1, 4, 5), t, stats, beta, beta_map, True),
+        "fuse": (i, e_forward, mask, 4),
+        "fuse_backward": (randn(2, 4, 4, 5), i, e, mask, 4),
+        "decafa_head": (t, i, e_forward, 5, beta, beta_map, True),
+        "decafa_head_backward": (grad_z, randn(2, 6, 4, 5), t, i, e, mask, stats, 5, beta, beta_map, False),
+    }
+
+
 def reference_copies(tensors: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """Copies in the reference's dtype: the reference runs on the same (already rounded) inputs as the kernels."""
     return tuple(t.detach().to(dtype) for t in tensors)

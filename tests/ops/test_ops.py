@@ -12,7 +12,7 @@ import torch
 
 from conftest import backend_device, interpreted
 from decafa_fast import ops, reference
-from harness import ROUNDED_REFERENCE, all_ops, grad_or_zeros, make_inputs, weighted_loss
+from harness import ROUNDED_REFERENCE, all_ops, grad_or_zeros, make_inputs, opcheck_args, weighted_loss
 
 MODES = ops.FUSION_MODES
 
@@ -141,36 +141,11 @@ def test_gradcheck_float64(name):
 # --------------------------------------------------------------------------------------------------
 # opcheck: schema, fake kernels, autograd registration, AOT dispatch
 # --------------------------------------------------------------------------------------------------
-def opcheck_cases(device, dtype=torch.float32, per_map_beta=False):
-    """Arguments of every op in op contract v2; with `per_map_beta` every op that takes beta gets a beta_map."""
-    t, i, e = make_inputs(2, 3, 5, 6, c=2, dtype=dtype, device=device)
-    m = torch.rand(2, 1, 5, 6, dtype=dtype, device=device)
-    acc = ops.acc_dtype(dtype)
-    bm = torch.rand(2, 3, dtype=acc, device=device) + 0.5 if per_map_beta else None
-    s = t.to(acc).flatten(2) * (1.1 if bm is None else bm[..., None])
-    top = s.max(-1).values
-    stats = torch.stack([top, (s - top[..., None]).exp().sum(-1)], -1)
-    gz, gm = torch.randn(2, 3, 2, dtype=dtype, device=device), torch.randn(2, 1, 5, 6, dtype=dtype, device=device)
-    return {
-        "spatial_softmax": (t, 1.1, bm),
-        "spatial_softmax_backward": (torch.randn_like(t), t, stats, 1.1, bm),
-        "soft_argmax": (t, 1.1, bm, True),
-        "attention_mask": (t, 1.1, bm),
-        "landmark_attention": (t, 1.1, bm, False),
-        "landmark_attention_backward": (gz, gm, t, stats, 1.1, bm, True),
-        "fuse": (i, e, m, 5),
-        "fuse_backward": (torch.randn(2, 6, 5, 6, dtype=dtype, device=device), i, e, m, 5),
-        "decafa_head": (t, i, e, 4, 1.1, bm, True),
-        "decafa_head_backward": (gz, torch.randn(2, 4, 5, 6, dtype=dtype, device=device), t, i, e, m, stats, 4, 1.1,
-                                 bm, True),
-    }
-
-
 @pytest.mark.parametrize("per_map_beta", [False, True])
 @pytest.mark.parametrize("op_name", list(ops.SCHEMAS))
 def test_opcheck(backend, op_name, per_map_beta):
     namespace = torch.ops.decafa_triton if backend == "triton" else torch.ops.decafa
-    args = opcheck_cases(backend_device(backend), per_map_beta=per_map_beta)[op_name]
+    args = opcheck_args(backend_device(backend), per_map_beta=per_map_beta)[op_name]
     if not op_name.endswith("backward"):  # the inputs, beta_map included, require grad
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dtype.is_floating_point
                      and a.dim() in (2, 4) else a for a in args)

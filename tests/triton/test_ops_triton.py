@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from decafa_fast import ops, reference  # noqa: E402
 from decafa_fast.ops.layout import FUSION_MODES  # noqa: E402
-from harness import TRITON_KERNELS, make_inputs, outputs_and_grads, reference_copies  # noqa: E402
+from harness import TRITON_KERNELS, make_inputs, opcheck_args, outputs_and_grads, reference_copies  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and not CUDA
@@ -296,32 +296,10 @@ def test_float64_is_rejected():
         NS.soft_argmax(t, 1.0, None, False)
 
 
-def _opcheck_cases():
-    t, i, e = _inputs(2, 3, 4, 5, 1, 2, torch.float32, seed=9)
-    g = torch.Generator().manual_seed(10)
-    m = torch.rand(2, 1, 4, 5, generator=g).to(DEVICE)
-    _, _, mask, stats = NS.decafa_head(t, i, e, 5, 1.0, None, False)
-    gz = torch.randn(2, 3, 2).to(DEVICE)
-    beta_map = (torch.rand(2, 3, generator=g) + 0.5).to(DEVICE)
-    return {
-        "spatial_softmax": (t, 0.7, None),
-        "spatial_softmax_backward": (torch.randn_like(t), t, stats, 1.0, None),
-        "soft_argmax": (t, 1.0, beta_map, True),
-        "attention_mask": (t, 1.0, None),
-        "landmark_attention": (t, 1.0, beta_map, False),
-        "landmark_attention_backward": (gz, torch.randn_like(m), t, stats, 1.0, None, True),
-        "fuse": (i, e, m, 4),
-        "fuse_backward": (torch.randn(2, 4, 4, 5).to(DEVICE), i, e, m, 4),
-        "decafa_head": (t, i, e, 5, 1.0, None, True),
-        "decafa_head_backward": (None, torch.randn(2, 6, 4, 5).to(DEVICE), t, i, e, mask, stats, 5, 1.0, None,
-                                 False),
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ops.SCHEMAS))
 def test_opcheck(name):
-    args = _opcheck_cases()[name]
+    args = opcheck_args(DEVICE, per_map_beta=True)[name]
     needs_grad = name in (
         "spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
     if needs_grad:

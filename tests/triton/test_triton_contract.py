@@ -21,6 +21,7 @@ import torch
 tops = pytest.importorskip("decafa_fast.triton.ops")
 from decafa_fast.ops.fakes import FAKES  # noqa: E402
 from decafa_fast.ops.schemas import SCHEMAS  # noqa: E402
+from harness import opcheck_args  # noqa: E402
 
 NS = torch.ops.decafa_triton
 DEVICE = torch.device("cpu" if tops.INTERPRET else "cuda")
@@ -97,26 +98,6 @@ def test_schema_is_the_single_source(name):
         assert str(getattr(NS, name).default._schema) == str(want)
 
 
-def _opcheck_args():
-    t, i, e = _inputs(2, 3, 4, 5, 1, 2, seed=9)
-    bm = torch.rand(2, 3).to(DEVICE) + 0.5
-    z, f, m, st = NS.decafa_head(t, i, e, 5, 1.0, None, False)
-    gz = torch.randn(2, 3, 2).to(DEVICE)
-    cl = e.contiguous(memory_format=torch.channels_last)
-    return {
-        "spatial_softmax": (t, 0.7, bm),
-        "spatial_softmax_backward": (torch.randn_like(t), t, st, 1.0, None),
-        "soft_argmax": (t, 1.0, None, True),
-        "attention_mask": (t, 1.0, bm),
-        "landmark_attention": (t, 1.0, None, False),
-        "landmark_attention_backward": (gz, torch.randn_like(m), t, st, 1.0, bm, True),
-        "fuse": (i, cl, m, 4),
-        "fuse_backward": (torch.randn(2, 4, 4, 5).to(DEVICE), i, e, m, 4),
-        "decafa_head": (t, i, cl, 5, 1.0, bm, True),
-        "decafa_head_backward": (gz, torch.randn_like(f), t, i, e, m, st, 5, 1.0, None, False),
-    }
-
-
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_opcheck_with_the_shared_fakes(name):
     """The registered fake is the shared one of decafa_fast.ops.fakes, and opcheck finds the kernels agree
@@ -124,7 +105,8 @@ def test_opcheck_with_the_shared_fakes(name):
     from torch._library.custom_ops import OPDEFS
 
     assert OPDEFS[f"decafa_triton::{name}"]._abstract_fn is FAKES[name]
-    result = torch.library.opcheck(getattr(NS, name), _opcheck_args()[name],
+    args = opcheck_args(DEVICE, per_map_beta=True, channels_last=True)[name]
+    result = torch.library.opcheck(getattr(NS, name), args,
                                    test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in result.values()), result
 
