@@ -15,6 +15,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace decafa {
 namespace cpu {
@@ -84,7 +87,14 @@ class OutputCache final : public c10::Allocator {
   void empty() { set_limit_and_restore(0); }
 
  private:
-  OutputCache() : limit_(limit_from_environment()) {}
+  OutputCache() : limit_(limit_from_environment()) {
+#if defined(__unix__)
+    // A fork (a DataLoader worker) while another thread holds the lock would leave the child's copy locked
+    // forever: hold it across the fork, then release it on both sides.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
+  }
 
   static void release(void* p) { instance().give_back(p); }
 

@@ -97,3 +97,27 @@ def test_the_environment_sets_the_limit(value, expect):
     env = dict(os.environ, DECAFA_CPU_CACHE_MB=value)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert expect in out.stdout, out.stdout + out.stderr
+
+
+def _child_softmax(queue) -> None:
+    # one thread, as DataLoader's workers do: GNU OpenMP's thread pool does not survive a fork (torch's own
+    # parallel ops hang in a forked child as ours would)
+    torch.set_num_threads(1)
+    t = logits()
+    before = cpu_cache.live_bytes()
+    phi = ops.spatial_softmax(t)
+    queue.put((cpu_cache.live_bytes() > before,
+               torch.allclose(phi, reference.spatial_softmax(t), rtol=1e-5, atol=1e-7)))
+
+
+def test_a_forked_child_allocates_through_the_cache(fresh_cache):
+    import multiprocessing
+
+    held = ops.spatial_softmax(logits())  # the parent holds a cached block across the fork
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_softmax, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0 and queue.get(timeout=5) == (True, True)
+    del held
