@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,18 +196,6 @@ def skip_reason(op: str, backend: str, args: argparse.Namespace) -> str | None:
     return measure.backend_skip_reason(backend, torch.device("cpu"))
 
 
-def median_ms(fn: Callable[[], object], reps: int, warmup: int) -> tuple[float, list[float]]:
-    """Median wall time of fn() in ms over `reps` calls after `warmup` untimed ones; and every time."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
-
-
 def check_close(case: Case, backend: str, got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
     """AssertionError naming the case when `got` differs from the reference's outputs `want`."""
     tol = TOLERANCE[DTYPES[case.dtype]]
@@ -317,7 +304,7 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
             row["compile_s"] = time.perf_counter() - start
         check_close(case, backend, outputs, want)
         del outputs
-        return median_ms(call, args.reps, args.warmup)
+        return measure.median_ms(call, args.reps, warmup=args.warmup)
 
     # phase 1: floor, cpp, reference, kornia of every case; phase 2: torch.compile (slow to compile)
     phases = [("cpp", "reference", "kornia", "compiled")] if args.no_compile else [

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -70,36 +69,19 @@ _L2_FLUSH: torch.Tensor | None = None
 def time_ms(fn: Callable[[], object], reps: int, flush: bool = True) -> float:
     """Median time of fn() in ms from CUDA events around each call; the L2 cache is flushed before each
     call (so that a call cannot read what the previous one left there) unless flush=False."""
+    import measure  # bench/measure.py, beside this script
+
     global _L2_FLUSH
     if _L2_FLUSH is None:
         _L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if flush:
-            _L2_FLUSH.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return measure.median_ms(fn, reps, torch.device("cuda"), before_each=_L2_FLUSH.zero_ if flush else None)[0]
 
 
 def graph_time_ms(fn: Callable[[], object], reps: int) -> float:
     """Median time of fn() captured once in a CUDA graph and replayed: GPU time without launch overhead."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compiles, allocations) off the default stream
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, reps)
+    import measure
+
+    return time_ms(measure.cuda_graph(fn), reps)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -232,6 +233,47 @@ def backend_skip_reason(name: str, device: torch.device) -> str | None:
     if name == "cpp" and device.type != "cpu":
         return "the cpp backend runs CPU tensors; this run benchmarks CUDA"
     return None
+
+
+def median_ms(fn: Callable[[], object], reps: int, device: torch.device | None = None, warmup: int = 3,
+              before_each: Callable[[], object] | None = None) -> tuple[float, list[float]]:
+    """Median time of fn() in ms over `reps` calls after `warmup` untimed ones, and every time: CUDA events
+    around each call on a GPU, wall time on the CPU. before_each(), when given, runs untimed before every
+    timed call (an L2 flush, say). device: where fn runs, the CPU when None."""
+    on_gpu = device is not None and device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if before_each is not None:
+            before_each()
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(times), times
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn captured once in a CUDA graph (after 3 warm-up calls off the default stream: compiles, allocations);
+    the returned callable replays it, which removes the Python launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def fastest_time(benchmark: Any) -> float | None:

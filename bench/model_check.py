@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench/'s modules import each other by name
+    sys.path.insert(0, str(HERE))
+
+import measure  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,40 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a two-stage toy model (checks the machinery)")
     p.add_argument("--json", help="write all numbers to this file (after every case)")
     return p.parse_args(argv)
-
-
-def time_ms(fn: Callable[[], object], reps: int, device: torch.device) -> float:
-    """Median wall time of fn() in ms, synchronised around each call (events on CUDA)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def graph_call(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn captured once in a CUDA graph; the returned callable replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +83,7 @@ def run(args: argparse.Namespace, device: torch.device, gpu_backends: tuple[str,
             return
         try:
             with ops.use_backend(backend), torch.no_grad():
-                ms = time_ms(make(), args.reps, device)
+                ms = measure.median_ms(make(), args.reps, device)[0]
         except Exception as exc:  # one failing case must not cost the others their numbers
             print(f"FAILED {name} {backend} B={batch}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             results["cases"].append({"case": name, "backend": backend, "batch": batch, "error": str(exc)[:300]})
@@ -135,7 +107,7 @@ def run(args: argparse.Namespace, device: torch.device, gpu_backends: tuple[str,
     if device.type == "cuda":  # 2. CUDA graphs at B = 1
         x = images(1)
         for backend in backends:
-            case("eager cuda graph", backend, 1, lambda x=x: graph_call(lambda: model(x)))
+            case("eager cuda graph", backend, 1, lambda x=x: measure.cuda_graph(lambda: model(x)))
     if not args.no_compile:  # 3. compiled, while time remains
         x = images(1)
         mode = "reduce-overhead" if device.type == "cuda" else None
