@@ -195,21 +195,29 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Maximum over the block (fmaxf: NaN is skipped here; a NaN still reaches the sums through its own exp).
-// `scratch` is __shared__ float[33]; consecutive calls may reuse it.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
+// The two-level tree of the scalar block reductions: warp_op within each warp, the warp results through
+// scratch[0..31], warp_op again in warp 0 (`identity` for the missing warps), the total through scratch[32]
+// to every thread. `scratch` is __shared__ T[33]; consecutive calls may reuse it.
+template <typename T, typename WarpOp>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, WarpOp warp_op) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int num_warps = blockDim.x >> 5;
-  v = warp_max(v);
+  v = warp_op(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = warp_max(lane < num_warps ? scratch[lane] : -INFINITY);
+    v = warp_op(lane < num_warps ? scratch[lane] : identity);
     if (lane == 0) scratch[32] = v;
   }
   __syncthreads();
   return scratch[32];
+}
+
+// Maximum over the block (fmaxf: NaN is skipped here; a NaN still reaches the sums through its own exp).
+// `scratch` is __shared__ float[33].
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  return block_reduce<float>(v, scratch, -INFINITY, [](float x) { return warp_max(x); });
 }
 
 // s = beta * T rounded to float32, the same in every pass. __fmul_rn is never fused into an FMA: nvcc contracts
@@ -252,19 +260,8 @@ __device__ __forceinline__ SoftStats warp_merge(SoftStats v) {
 
 // Block-wide merge of SoftStats; `scratch` is __shared__ SoftStats[33]. Every thread gets the total.
 __device__ __forceinline__ SoftStats block_merge(SoftStats v, SoftStats* scratch) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int num_warps = blockDim.x >> 5;
-  v = warp_merge(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const SoftStats empty{-INFINITY, 0.f, 0.f, 0.f};
-    v = warp_merge(lane < num_warps ? scratch[lane] : empty);
-    if (lane == 0) scratch[32] = v;
-  }
-  __syncthreads();
-  return scratch[32];
+  return block_reduce<SoftStats>(v, scratch, SoftStats{-INFINITY, 0.f, 0.f, 0.f},
+                                 [](SoftStats x) { return warp_merge(x); });
 }
 
 // Pixel p of a row-major map of width w: (col, row). Used once per vector; the elements of a vector

@@ -141,6 +141,18 @@ __device__ __forceinline__ C broadcast(C (&slots)[2], int l, Load load) {
   return slots[l & 1];
 }
 
+// The logits of map l of the run's image (forward and backward arguments alike).
+template <typename Args>
+__device__ __forceinline__ auto map_logits(const Args& a, const Run& r, int l) {
+  return a.logits + r.b * a.ts.batch + l * a.ts.channel;
+}
+
+// The forward's beta of map `map` (l in its image): the scalar, or beta_map[map] through `slots`.
+template <typename T>
+__device__ __forceinline__ float forward_beta(const ForwardArgs<T>& a, int64_t map, int l, float (&slots)[2]) {
+  return a.beta_map == nullptr ? a.beta : broadcast(slots, l, [&] { return load1(a.beta_map + map); });
+}
+
 // Vector k (of K) of this thread in the on-chip kernels: interleaved over the block when V > 1 (a warp access
 // is one contiguous run), a contiguous run of K pixels per thread on the scalar path (V == 1), whose pixel
 // coordinates then simply advance by one (K hoisted divisions would spill registers).
@@ -213,10 +225,8 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   bool stashed = false;  // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const float beta = a.beta_map == nullptr
-                           ? a.beta
-                           : broadcast(beta_slots, l, [&] { return load1(a.beta_map + map); });
-    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const float beta = forward_beta(a, map, l, beta_slots);
+    const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float s[K][V];
     float mx = -INFINITY;
@@ -314,10 +324,8 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs
   const int nvec = a.hw / V;
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const float beta = a.beta_map == nullptr
-                           ? a.beta
-                           : broadcast(beta_slots, l, [&] { return load1(a.beta_map + map); });
-    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const float beta = forward_beta(a, map, l, beta_slots);
+    const T* src = map_logits(a, r, l);
     SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       float s[V];
@@ -454,7 +462,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
-    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float t[K][V];  // Phi is recomputed in the second loop: one more exp is cheaper than 32 registers
     float acc[1] = {0.f};  // S = sum Phi g_phi
@@ -520,7 +528,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_streamed(BackwardAr
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
-    const T* src = a.logits + r.b * a.ts.batch + l * a.ts.channel;
+    const T* src = map_logits(a, r, l);
     const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
     float acc[1] = {0.f}, gb[1] = {0.f};
     for (int sweep = 0; sweep < 2; ++sweep) {
