@@ -83,6 +83,18 @@ def test_head_returns_mask_and_stats(dtype):
     torch.testing.assert_close(stats, stats_ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_head_mask_without_fusion_channels(batch):
+    # F1 of an embedding with no channels: F is empty, but M (summed per pixel tile of the fusion pass on the
+    # CPU) must still be the whole mask
+    t = torch.randn(batch, 7, 5, 6)
+    z, f, m, stats = D.decafa_head(t, torch.rand(batch, 1, 5, 6), torch.randn(batch, 0, 5, 6), 1, 1.0, None, False)
+    _, m_ref, _ = D.landmark_attention(t, 1.0, None, False)
+    assert f.shape == (batch, 0, 5, 6)
+    torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
+    torch.testing.assert_close(m, reference.attention_mask(t), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", [1, 3, 5])
 def test_fused_in_embedding_memory_format(mode):
     t = torch.randn(2, 3, 5, 6)
