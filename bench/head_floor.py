@@ -38,6 +38,7 @@ SWEEP = {
     "fuse_min_programs": [0, 1056],
     "fuse_block_c": [4, 16],
     "fuse_warps": [2, 8],
+    "interleaved_whole_maps": [False],  # channels_last T only (--channels-last)
 }
 
 
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,float16,bfloat16")
     p.add_argument("--backends", default=",".join(GPU_BACKENDS), help="GPU backends to race (those available)")
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per case (median reported)")
+    p.add_argument("--channels-last", action="store_true", help="T, I and E in channels_last memory format")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--sweep", action="store_true", help="also time the Triton forward under TUNING variations")
     p.add_argument("--budget-s", type=float, default=1e9,
@@ -158,9 +160,11 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
 
     def inputs(dtype: torch.dtype, batch: int) -> tuple[torch.Tensor, ...]:
         g = torch.Generator(device=device).manual_seed(0)
-        return ((3 * torch.randn(batch, l, s, s, device=device, generator=g)).to(dtype),
-                torch.rand(batch, ci, s, s, device=device, generator=g).to(dtype),
-                torch.randn(batch, c, s, s, device=device, generator=g).to(dtype))
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        return tuple(x.to(dtype).contiguous(memory_format=fmt) for x in (
+            3 * torch.randn(batch, l, s, s, device=device, generator=g),
+            torch.rand(batch, ci, s, s, device=device, generator=g),
+            torch.randn(batch, c, s, s, device=device, generator=g)))
 
     def floor_ms(tensors, batch: int, backward: bool) -> float:
         dtype = tensors[0].dtype  # meta tensors: shapes and sizes only
@@ -273,6 +277,8 @@ def sweep_triton(args, deadline: float, results: dict, floors: dict, inputs: Cal
             if field not in base:
                 print(f"sweep: decafa_fast.triton.ops.TUNING has no field {field!r}, skipped")
                 continue
+            if field == "interleaved_whole_maps" and not args.channels_last:
+                continue  # NCHW maps are whole either way
             for value in values:
                 if time.monotonic() > deadline:
                     print(f"sweep stopped: --budget-s {args.budget_s} spent")

@@ -67,8 +67,13 @@ QUICK = ("map_fwd head", "map_bwd head", "mask_fuse_fwd F5 (partials)", "fuse_bw
 # 128 x 128 map at 32 warps (64 registers a thread, the most at 1024 threads; 16 pixels a thread): map_fwd
 # head the run's partial mask and the map, map_bwd head the run's grad M, T and Phi, plus the grad z terms.
 # The allowances are the measured stacks (sm_90, the most over fp32 / fp16 / bf16), so any growth fails:
-#   Triton 3.9: map_fwd head 0 / 0 / 0; map_bwd head 32 / 88 / 96
-#   Triton 3.6: map_fwd head 32 / 24 / 24; map_bwd head 88 / 96 / 152; map_bwd softmax 56 / 0 / 0
+#   Triton 3.9: map_fwd head 0 / 0 / 0; map_bwd head 32 / 88 / 96; map_bwd head channels_last 56 / 88 / 88
+#   Triton 3.6: map_fwd head 32 / 24 / 24; map_bwd head 88 / 96 / 152; map_bwd softmax 56 / 0 / 0;
+#               map_fwd head channels_last 8 / 8 / 8; map_bwd head channels_last 288 / 448 / 704
+# channels_last T (whole maps, one scalar load per value) needs its pixel stride as a constant (T_PIX): with
+# a run-time stride the 16 strided 64-bit addresses of a thread's pixels spill (3.9: forward 80, backward
+# 96-152 bytes; 3.6: backward 416-784). Triton 3.6 still spills in that backward: a GPU decides between it
+# and TUNING.interleaved_whole_maps = False (T swept twice, no spill; bench/head_floor.py --channels-last).
 # Tried without success (2026-11-28, both Tritons): the seven sums of map_bwd head (incl. the grad z moments)
 # as one multi-output tl.reduce instead of row / column marginals (3.9: 48 / 64 / 72); grad z folded into one
 # g_phi tile (3.9: 48 / 88 / 88); 16 warps, 128 registers a thread (3.9: map_bwd head 56 / - / 8, 3.6: 120
@@ -78,8 +83,8 @@ QUICK = ("map_fwd head", "map_bwd head", "mask_fuse_fwd F5 (partials)", "fuse_bw
 # whether a few L1-resident words a thread cost anything on a GPU (bench/triton_notes.md).
 DEFAULT_STACK = 16
 SPILL_ALLOWANCE = {
-    (3, 6): {"map_fwd head": 32, "map_bwd head": 152, "map_bwd softmax": 56},
-    (3, 9): {"map_bwd head": 96},
+    (3, 6): {"map_fwd head": 32, "map_bwd head": 152, "map_bwd softmax": 56, "map_bwd head channels_last": 704},
+    (3, 9): {"map_bwd head": 96, "map_bwd head channels_last": 88},
 }
 
 
@@ -103,7 +108,7 @@ def _variants(dt: str):
     fwd_ptrs = dict(t_ptr=ptr, beta_ptr="*fp32", stats_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr, part_ptr="*fp32")
 
     def cfg(run, interleaved):
-        c = tops._map_cfg(H, W, run, interleaved)
+        c = tops._map_cfg(H, W, run, L if interleaved else 1, interleaved)
         return c, c.pop("num_warps")
 
     flags = dict(HAS_BETA_MAP=False, INT_DIV=False, PIX64=False)

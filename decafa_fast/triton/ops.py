@@ -35,6 +35,10 @@ class Tuning:
     map_block_max: int = 16384  # largest map (pixels, rounded up to a power of 2) held whole on chip
     map_chunk: int = 4096  # elements of a tile when a map is swept in chunks (large or channels_last maps)
     map_warps: int = 32  # most warps of a per-map program (a whole 128 x 128 map: 16 pixels a thread)
+    # channels_last T: whole maps too (one read of T, one scalar load per value, maps r, r + n_runs, ... per
+    # program so that programs share sectors), or False: swept in rows of consecutive maps (full sectors,
+    # T read twice). Only a GPU can tell which is faster (stats.py docstring; bench/head_floor.py --sweep)
+    interleaved_whole_maps: bool = True
     # runs of maps per batch item where the per-map pass writes partial masks (and the backward reads the
     # mask gradient once per run): each run costs 8 bytes per pixel (written, read back), against 4 (fp32)
     # or 2 (bf16) bytes per pixel per map of the logits; 4 runs = 64 programs per 16 batch items
@@ -115,18 +119,34 @@ def _interleaved(t: tuple) -> bool:
     return s_p != 1 and s_l == 1
 
 
-def _map_cfg(h: int, w: int, run_len: int, interleaved: bool) -> dict:
-    """Tile shape of the per-map kernels. A map whose [H, W] tile (each rounded up to a power of 2) fits
-    map_block_max is held whole, one map at a time (one read of T); otherwise, and for an interleaved
-    (channels_last) layout, maps are swept in pixel chunks, rows of up to 32 consecutive maps at a time."""
+def _one_chunk(h: int, w: int, interleaved: bool) -> bool:
+    """Whether the per-map kernels hold each map whole, one at a time (one read of T): its [H, W] tile (each
+    rounded up to a power of 2) fits map_block_max, and, for interleaved maps, interleaved_whole_maps."""
+    fits = triton.next_power_of_2(h) * triton.next_power_of_2(w) <= TUNING.map_block_max
+    return fits and (TUNING.interleaved_whole_maps or not interleaved)
+
+
+def _plain_runs(t: tuple, l: int, h: int, w: int) -> tuple[int, int]:
+    """(n_runs, run_len) of a per-map pass with no partial mask or shared gradient: one map per program, or,
+    for swept interleaved (channels_last) maps, rows of up to 32 consecutive maps."""
+    interleaved = _interleaved(t)
+    return _runs(l, l if _one_chunk(h, w, interleaved) or not interleaved else triton.cdiv(l, 32))
+
+
+def _map_cfg(h: int, w: int, run_len: int, pixel_stride: int, interleaved: bool) -> dict:
+    """Tile shape of the per-map kernels: a whole map (_one_chunk), else maps swept in pixel chunks, rows
+    of up to 32 consecutive maps at a time for an interleaved (channels_last) layout. Whole interleaved maps
+    take their pixel stride as a constant (T_PIX; one compilation per L)."""
     bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
-    if bh * bw <= TUNING.map_block_max and not interleaved:
-        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True)
+    if _one_chunk(h, w, interleaved):
+        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, INTERLEAVED=interleaved,
+                   T_PIX=pixel_stride if interleaved else 0)
         elements = bh * bw
     else:
         block_l = min(triton.next_power_of_2(run_len), 32) if interleaved else 1
         block_p = max(16, min(triton.next_power_of_2(h * w), TUNING.map_chunk // block_l))
-        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False)
+        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, INTERLEAVED=False,
+                   T_PIX=0)
         elements = block_l * block_p
     return dict(cfg, num_warps=max(4, min(TUNING.map_warps, elements // 512)))
 
@@ -179,7 +199,7 @@ def _run_map_fwd(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_
             beta, xs, xo, ys, yo,
             HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None, WRITE_PHI=phi is not None,
             WRITE_PART=part is not None, INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
-            **_map_cfg(h, w, run_len, _interleaved(t)))
+            **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
 
 
 def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt, gbeta,
@@ -197,7 +217,7 @@ def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_
             beta, xs, ys,
             HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None, G_PER_MAP=g_per_map, HAS_GZ=gz is not None,
             INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
-            **_map_cfg(h, w, run_len, _interleaved(t)))
+            **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
 
 
 def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
@@ -283,8 +303,8 @@ def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | No
     t = _flat(logits, logits)
     if want_mask:
         n_runs, run_len = _mask_runs(b, l, logits.device)
-    else:  # no mask: one map per program, or rows of maps for an interleaved layout
-        n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
+    else:
+        n_runs, run_len = _plain_runs(t, l, h, w)
     part = logits.new_empty((b, n_runs, h * w), dtype=torch.float32) if want_mask else None
     if b:
         with _device_guard(logits):
@@ -305,7 +325,7 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
     if g is not None and not g_per_map:  # read the shared G once per run
         n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
-        n_runs, run_len = _runs(l, l if not _interleaved(t) else triton.cdiv(l, 32))
+        n_runs, run_len = _plain_runs(t, l, h, w)
     if b:
         gp = None
         if g is not None:

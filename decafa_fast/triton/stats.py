@@ -1,4 +1,4 @@
-"""Per-map Triton kernels: one program per (b, run of consecutive maps).
+"""Per-map Triton kernels: one program per (b, run of maps).
 
 `map_fwd_kernel`  forward. For each map of its run: max and sum of exp(s - max) of s = beta_l * T (the
                   stats), the soft-argmax z, optionally Phi = exp(s - max) / sum (spatial_softmax), and the
@@ -12,28 +12,28 @@ Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
 - ONE_CHUNK: a whole map fits one [BLOCK_H, BLOCK_W] tile (128 x 128 and below), loaded once per map; the
   stats, z (from the row and column marginals, so coordinates are broadcast vectors, not per-pixel
   registers), Phi and the gradients all come from registers: T is read exactly once.
-- otherwise (larger maps, or channels_last logits, whose maps are interleaved pixel by pixel): sweep 1
-  walks the pixels in chunks of a [BLOCK_L maps, BLOCK_P pixels] tile with an online max (rescaling the
-  running sums when a chunk raises it); sweep 2 walks them again for Phi, the partial mask and the
-  gradients. Rows of BLOCK_L consecutive maps are read whole (no strided over-fetch of channels_last);
-  the second sweep re-reads the run's maps.
+- otherwise (larger maps, or channels_last logits with TUNING.interleaved_whole_maps off): sweep 1 walks
+  the pixels in chunks of a [BLOCK_L maps, BLOCK_P pixels] tile with an online max (rescaling the running
+  sums when a chunk raises it); sweep 2 walks them again for Phi, the partial mask and the gradients. Rows
+  of BLOCK_L consecutive maps are read whole (full sectors of channels_last); the second sweep re-reads
+  the run's maps.
 
-Why channels_last T is read twice here (and once by the CUDA kernels): no Phi of a map, hence no partial
-mask, exists before the map's max and sum are known, so a single read must keep every value of the map on
-chip from its load to its Phi (16384 values at 128 x 128). With channels_last the values of one map are L
-elements apart and a 32-byte sector holds 8 (float32) or 16 (bfloat16) consecutive maps of one pixel:
-  - one map at a time as a [BLOCK_H, BLOCK_W] tile with pixel stride L (the ONE_CHUNK path) requests each
-    value once, but each lane then fetches its own sector, used again only by the next map of the run; one
-    program's map spans 16384 sectors (512 KiB) and the ~2 programs per SM in flight (~264 on an H100) span
-    ~135 MB between two uses of a sector, more than the 50 MB L2, so DRAM would move ~8x (float32) / ~16x
-    (bfloat16) T's bytes;
-  - k adjacent maps per access means k maps held at once: a Triton tile lives in registers (there is no
-    explicit shared memory in which to park the next map, as the CUDA kernels do), and the ONE_CHUNK head
-    kernels already use the 64 registers a thread has at 32 warps for one map and the run's partial mask
-    (forward) or the run's mask gradient (backward); k = 2 adds 16 values a thread (32 warps x 32 lanes
-    x 16 = one map), k = 8 (a whole sector) would need 512 KiB, twice an SM's register file.
-So the interleaved path trades one extra read of T (counted: forward and backward T bytes 2x, the rest as
-NCHW; tests/triton/test_traffic.py) for full sectors and no spills.
+channels_last T (INTERLEAVED, maps L elements apart, a 32-byte sector holding 8 (float32) or 16 (bfloat16)
+consecutive maps of one pixel) takes the ONE_CHUNK path too, so T is read once per pass as for NCHW: one
+scalar load per value at the constexpr pixel stride T_PIX. A lane's sector is then used by the other maps
+of that pixel; were those the next maps of the same program, the sector would have to survive in L2 while
+every program in flight reads a whole map (one 32-warp program per SM: 132 x 512 KiB of sectors on an
+H100, 66 MB, more than its 50 MB L2), and DRAM would move up to 8x / 16x T's bytes. So an interleaved
+program takes maps r, r + n_runs, r + 2 n_runs, ... (not a run of consecutive maps): at each step the
+n_runs programs of a batch item, started together and doing the same work, read n_runs adjacent maps of
+every pixel, so one step of all programs in flight touches 66 / n_runs MB of sectors (17 MB with the 4
+runs of a large batch), and a sector is used up within 2 (float32) or 4 (bfloat16) such steps. The
+partial mask of a program is then the sum over its maps, whichever they are (pass 2 adds the partials in
+program order: still a fixed order). Holding k adjacent maps per program instead would need k maps in
+registers (no explicit shared memory in Triton; the head kernels already spend the 64 registers a thread
+has at 32 warps on one map beside the partial mask or the mask gradient). Whether the sectors are shared
+as planned is for a GPU to measure (bench/head_floor.py --channels-last, with and without
+TUNING.interleaved_whole_maps).
 
 Pixels are p = row*W + col with one pixel stride (`s_tp`; contiguous and channels_last both qualify) and
 64-bit offsets (int32 only for a pixel index inside one map, while PIX64 says (HW - 1) * stride < 2**31).
@@ -69,6 +69,32 @@ def _run_bounds(r, run_len, L):
 
 
 @triton.jit
+def _whole_map_order(r, run_len, n_runs, L, INTERLEAVED: tl.constexpr):
+    """(first, stop, step) of the maps a whole-map program takes in turn: its run of consecutive maps, or,
+    for interleaved (channels_last) T, maps r, r + n_runs, ...: the n_runs programs of a batch item then
+    read adjacent maps of every pixel at the same time and share its sectors (module docstring)."""
+    if INTERLEAVED:
+        return r, L, n_runs
+    else:
+        l_first, l_end = _run_bounds(r, run_len, L)
+        return l_first, l_end, 1
+
+
+@triton.jit
+def _map_ptrs(base, rr, cc, p, W, s_tp, PIX64: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr):
+    """Pointers to a whole map's pixels. Interleaved: the pixel stride is the constexpr T_PIX (L for
+    channels_last), so a thread's pixels of one row sit at constant offsets from one register, and the row
+    and the column offsets are added to the pointer at each use: a [H, W] tensor of strided 64-bit addresses
+    kept live across the map loop would cost 32 registers a thread (spills)."""
+    if INTERLEAVED:
+        if PIX64:
+            rr, cc = rr.to(tl.int64), cc.to(tl.int64)
+        return (base + (rr * (W * T_PIX))[:, None]) + (cc * T_PIX)[None, :]
+    else:
+        return base + p * s_tp
+
+
+@triton.jit
 def _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L: tl.constexpr, HAS_BETA_MAP: tl.constexpr):
     """beta of each map in ls: beta_map[b, l] when given, else the float beta."""
     if HAS_BETA_MAP:
@@ -84,7 +110,8 @@ def map_fwd_kernel(
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, PIX64: tl.constexpr, HAS_BETA_MAP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
+    HAS_BETA_MAP: tl.constexpr,
     WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (B, n_runs, HW) are contiguous
@@ -107,15 +134,16 @@ def map_fwd_kernel(
         p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        pt = p * s_tp
         acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
-        for l in range(l_first, l_end):
+        l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
+        for l in range(l_start, l_stop, l_step):
             row_id = b64 * L + l
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
                 beta_l = beta
-            t = tl.load((t_base + tl.cast(l, tl.int64) * s_tl) + pt, mask=pv, other=0.0,
+            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
+                        mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             s = tl.where(pv, t * beta_l, float("-inf"))
             mx = tl.max(tl.max(s, axis=1), axis=0)
@@ -231,7 +259,8 @@ def map_bwd_kernel(
     s_gb, s_gl, s_gp,
     beta, x_scale, y_scale,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, PIX64: tl.constexpr, HAS_BETA_MAP: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
+    HAS_BETA_MAP: tl.constexpr,
     HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
     # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
@@ -252,11 +281,11 @@ def map_bwd_kernel(
         p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        pt = p * s_tp
         g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         if HAS_G and not G_PER_MAP:  # the mask gradient: read once per run, used by every map of it
             g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
-        for l in range(l_first, l_end):
+        l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
+        for l in range(l_start, l_stop, l_step):
             row_id = b64 * L + l
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
@@ -264,7 +293,8 @@ def map_bwd_kernel(
                 beta_l = beta
             mx = tl.load(stats_ptr + 2 * row_id)
             inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
-            t = tl.load((t_base + tl.cast(l, tl.int64) * s_tl) + pt, mask=pv, other=0.0,
+            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
+                        mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
             g = g_shared

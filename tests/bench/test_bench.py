@@ -240,25 +240,32 @@ def test_head_floor_script_needs_a_gpu():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.backends()["triton"].startswith("available"), reason="Triton is not installed")
-def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys, channels_last):
     """bench/head_floor.py only runs on a GPU session, which is rare: run its logic (correctness gate, records,
     sweep, JSON) here on CPU tensors with the Triton interpreter and cpp racing, timing stubbed out."""
     script = _load_bench_script("head_floor")
-    calls = []
+    layouts = []
 
     def fake_time(fn, reps, flush=True):
         fn()
-        calls.append(reps)
         return 2e-3
 
     monkeypatch.setattr(script, "time_ms", fake_time)
     monkeypatch.setattr(script, "graph_time_ms", fake_time)
-    monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "map_warps": [4]})
+    monkeypatch.setattr(script, "SWEEP", {"fuse_warps": [2], "map_warps": [4], "interleaved_whole_maps": [False]})
     monkeypatch.setattr(measure, "copy_bandwidth", lambda device: 1e10)  # head_floor imports it as B
+    real_head = ops.decafa_head
+
+    def spy_head(logits, *a, **k):
+        layouts.append(logits.is_contiguous(memory_format=torch.channels_last))
+        return real_head(logits, *a, **k)
+
+    monkeypatch.setattr(ops, "decafa_head", spy_head)
     out = tmp_path / "race.json"
     args = script.parse_args(["--batch", "2", "--maps", "3", "--size", "9", "--channels", "2", "--dtypes",
                               "float32", "--no-compile", "--sweep", "--backends", "triton,cpp,cuda",
-                              "--json", str(out)])
+                              "--json", str(out)] + (["--channels-last"] if channels_last else []))
     assert script.race(args, torch.device("cpu"), ("triton", "cpp"), deadline=float("inf")) == 0
     text = capsys.readouterr().out
     assert "backend 'cuda' skipped" in text
@@ -274,8 +281,12 @@ def test_head_floor_race_logic_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     floor = (b * l * s * s + b * s * s + b * c * s * s + b * fc * s * s + b * l * 2) * 4 / 1e10 * 1e3
     assert cases["floor forward"]["ms"] == pytest.approx(floor)
     assert cases["triton forward"]["x_floor"] == pytest.approx(2e-3 / floor)
-    assert [(r["dtype"], r.get("fuse_warps"), r.get("map_warps")) for r in data["sweep"]] == [
-        ("float32", 2, None), ("float32", None, 4)]
+    swept = [("float32", 2, None, None), ("float32", None, 4, None)]
+    if channels_last:  # the layout switch is swept for channels_last T only
+        swept.append(("float32", None, None, False))
+    assert [(r["dtype"], r.get("fuse_warps"), r.get("map_warps"), r.get("interleaved_whole_maps"))
+            for r in data["sweep"]] == swept
+    assert layouts and set(layouts) == {channels_last}
     from decafa_fast.triton import ops as tops
 
     assert tops.TUNING.fuse_warps == data["info"]["triton_tuning"]["fuse_warps"]  # sweep restores TUNING
