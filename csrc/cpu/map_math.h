@@ -39,8 +39,9 @@ namespace cpu {
 
 // exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
 // ln 2 and a degree-6 polynomial, about 1 ulp, for x <= 0 (all the kernels need). -inf gives exactly 0, NaN
-// stays NaN. kCoarse (for 16-bit logits, whose Phi, z and M are 16-bit too): a degree-4 polynomial, 6.5e-6
-// relative error (0.001 ulp of bfloat16, 0.007 ulp of float16), two FMAs fewer per value.
+// stays NaN. kCoarse (for 16-bit logits, whose Phi, z and M are 16-bit too): a degree-4 polynomial in Horner
+// form after a one-constant reduction, 2.9e-6 relative error (0.0007 ulp of bfloat16, 0.006 ulp of float16),
+// with three multiply-adds fewer per value (the exp is what bounds the 16-bit statistics ops, issue 16).
 template <bool kCoarse = false>
 DECAFA_INLINE float vexp(float x) {
   // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed. Below
@@ -49,26 +50,35 @@ DECAFA_INLINE float vexp(float x) {
   const float lo = -86.99f;
   const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
   const float magic = 12582912.0f;   // 1.5 * 2^23: float add rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  // exp(r) = 1 + r + r^2 P(r) on |r| <= ln2 / 2, P fitted for least maximum relative error: of degree 4
-  // (3.7e-9; 1.0 ulp in float32 measured against float64 over [-87, 0]), or of degree 2 when kCoarse
-  float p;
+  const float shifted = xc * 1.44269504088896341f + magic;  // n + magic: n in the low mantissa bits
+  const float n = shifted - magic;
+  float y;  // exp(r), in [0.7, 1.5]
   if constexpr (kCoarse) {
-    p = 4.1658759117126465e-2f;
-    p = p * r + 1.6753455996513367e-1f;
-    p = p * r + 5.000114440917969e-1f;
+    // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
+    // below the polynomial's 2.9e-6, fitted for least maximum relative error on |r| <= ln2 / 2)
+    const float r = xc - n * 0.693147182464599609375f;
+    float p = 4.151337966322899e-2f;
+    p = p * r + 1.6787388920783997e-1f;
+    p = p * r + 5.000301599502563e-1f;
+    p = p * r + 9.999668598175049e-1f;
+    y = p * r + 1.0f;
   } else {
-    p = 1.3879691250622272e-3f;
+    // Cody-Waite: ln2 split in two so that n * hi is exact; exp(r) = 1 + r + r^2 P(r), P of degree 4
+    // (3.7e-9; 1.0 ulp in float32 measured against float64 over [-87, 0])
+    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.3879691250622272e-3f;
     p = p * r + 8.36869329214096e-3f;
     p = p * r + 4.166722670197487e-2f;
     p = p * r + 1.666652113199234e-1f;
     p = p * r + 4.999999701976776e-1f;
+    y = p * r * r + r + 1.0f;
   }
-  const float y = p * r * r + r + 1.0f;  // in [0.7, 1.5]
-  int32_t bits;
+  // 2^n y: n sits in the low bits of `shifted` (magic's low 22 bits are 0), so shifting its bits left by 23
+  // leaves n << 23 (two's complement, magic's own bits shifted out): no float-to-int conversion
+  int32_t bits, n_bits;
   std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+  bits += static_cast<int32_t>(static_cast<uint32_t>(n_bits) << 23);
   float e;
   std::memcpy(&e, &bits, sizeof(e));
   return x < lo ? 0.0f : e;
@@ -187,6 +197,16 @@ DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const 
   }
 }
 
+// Brings the W values at `row` into cache. The exp sweep of a map is bound by arithmetic, the max sweep of
+// the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap (on the
+// 2-core CI machine, 25% off a float32 soft_argmax; bench/RESULTS.md). A prefetch never faults, so the row
+// after the tensor's last map may be asked for.
+template <typename scalar_t>
+DECAFA_INLINE void prefetch_row(const scalar_t* row, int64_t W) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b, 0, 3);
+}
+
 template <typename acc_t>
 struct MapStats {
   acc_t sum, zx, zy;
@@ -213,6 +233,7 @@ DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, 
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
   acc_t sum = 0, sx = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
+    prefetch_row(t + H * W + row * W, W);  // the next map: its max sweep then finds it in cache
     acc_t row_sum, row_sx;
     exp_row<kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, xs, kStore ? e + row * W : nullptr, row_sum,
                                          row_sx);

@@ -58,6 +58,13 @@ def setting(backend: str) -> tuple[torch.device, torch.dtype]:
     return backend_device(backend), torch.float64 if backend in FLOAT64_BACKENDS else torch.float32
 
 
+@pytest.fixture(autouse=True)
+def seeded_upstream_gradients():
+    """The random upstream gradients below (randn_like) the same whatever ran before: unseeded, a draw whose
+    temperature gradient cancels to a small sum can miss the float32 tolerance in one test order only."""
+    torch.manual_seed(0)
+
+
 def tolerances(dtype: torch.dtype, order: int) -> tuple[float, float]:
     """(rtol, atol scale) for values (order 0), first- (1) and second-order (2) gradients."""
     if dtype == torch.float64:
