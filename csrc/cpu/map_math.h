@@ -6,6 +6,7 @@
 // double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -37,12 +38,25 @@ namespace cpu {
 #define DECAFA_KERNEL inline
 #endif
 
+// How exactly vexp computes: to about 1 ulp of float32 for float32 (and float64, which takes std::exp)
+// logits; less for 16-bit logits, whose Phi, z and M are 16-bit too, in fewer multiply-adds (the exp is what
+// bounds the 16-bit statistics ops on the CPU, issue 16).
+enum class ExpPrecision {
+  kFloat,     // Cody-Waite reduction, degree-6 polynomial: 1.0 ulp of float32
+  kHalf,      // one-constant reduction, degree 4: 2.9e-6 relative (0.006 ulp of float16), 3 multiply-adds fewer
+  kBFloat16,  // one-constant reduction, degree 3: 1.0e-4 relative (0.026 ulp of bfloat16), 4 fewer
+};
+
+template <typename scalar_t>
+constexpr ExpPrecision exp_precision_for() {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return ExpPrecision::kBFloat16;
+  if constexpr (sizeof(scalar_t) == 2) return ExpPrecision::kHalf;
+  return ExpPrecision::kFloat;
+}
+
 // exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
-// ln 2 and a degree-6 polynomial, about 1 ulp, for x <= 0 (all the kernels need). -inf gives exactly 0, NaN
-// stays NaN. kCoarse (for 16-bit logits, whose Phi, z and M are 16-bit too): a degree-4 polynomial in Horner
-// form after a one-constant reduction, 2.9e-6 relative error (0.0007 ulp of bfloat16, 0.006 ulp of float16),
-// with three multiply-adds fewer per value (the exp is what bounds the 16-bit statistics ops, issue 16).
-template <bool kCoarse = false>
+// ln 2 and a polynomial (ExpPrecision), for x <= 0 (all the kernels need). -inf gives exactly 0, NaN stays NaN.
+template <ExpPrecision kPrecision = ExpPrecision::kFloat>
 DECAFA_INLINE float vexp(float x) {
   // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed. Below
   // lo, 0: then n >= -125 and 2^n y is a normal float, so the scaling by 2^n is an integer add to y's
@@ -53,14 +67,21 @@ DECAFA_INLINE float vexp(float x) {
   const float shifted = xc * 1.44269504088896341f + magic;  // n + magic: n in the low mantissa bits
   const float n = shifted - magic;
   float y;  // exp(r), in [0.7, 1.5]
-  if constexpr (kCoarse) {
+  if constexpr (kPrecision != ExpPrecision::kFloat) {
     // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
-    // below the polynomial's 2.9e-6, fitted for least maximum relative error on |r| <= ln2 / 2)
+    // below either polynomial's error; both fitted for least maximum relative error on |r| <= ln2 / 2)
     const float r = xc - n * 0.693147182464599609375f;
-    float p = 4.151337966322899e-2f;
-    p = p * r + 1.6787388920783997e-1f;
-    p = p * r + 5.000301599502563e-1f;
-    p = p * r + 9.999668598175049e-1f;
+    float p;
+    if constexpr (kPrecision == ExpPrecision::kHalf) {
+      p = 4.151337966322899e-2f;
+      p = p * r + 1.6787388920783997e-1f;
+      p = p * r + 5.000301599502563e-1f;
+      p = p * r + 9.999668598175049e-1f;
+    } else {
+      p = 1.651763916015625e-1f;
+      p = p * r + 5.0412517786026e-1f;
+      p = p * r + 1.0001956224441528f;
+    }
     y = p * r + 1.0f;
   } else {
     // Cody-Waite: ln2 split in two so that n * hi is exact; exp(r) = 1 + r + r^2 P(r), P of degree 4
@@ -83,7 +104,7 @@ DECAFA_INLINE float vexp(float x) {
   std::memcpy(&e, &bits, sizeof(e));
   return x < lo ? 0.0f : e;
 }
-template <bool kCoarse = false>
+template <ExpPrecision kPrecision = ExpPrecision::kFloat>
 DECAFA_INLINE double vexp(double x) {
   return std::exp(x);
 }
@@ -149,7 +170,7 @@ DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
 // e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits.
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
-  return vexp<sizeof(scalar_t) == 2>(scaled<kUnitBeta>(t, beta) - m);  // coarse for 16-bit logits
+  return vexp<exp_precision_for<scalar_t>()>(scaled<kUnitBeta>(t, beta) - m);
 }
 
 // dst = scale * src, converted to the output dtype.
@@ -212,41 +233,75 @@ struct MapStats {
   acc_t sum, zx, zy;
 };
 
-// One row of a map's second sweep: sums of e = exp(beta * t - m) and of e * x, e stored when kStore.
+// Widest map whose x moment is taken from column sums (a stack array of this many acc_t).
+constexpr int64_t kColumnSumsMax = 1024;
+
+// One row of a map's second sweep: the sum of e = exp(beta * t - m), e stored when kStore, and, when
+// kMoments, e added into the column sums (the x moment is taken from them once per map: one add per value
+// instead of a multiply-add, which the exp's polynomial keeps busy).
 template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
-DECAFA_INLINE void exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, const acc_t* xs, acc_t* e,
-                           acc_t& sum, acc_t& sum_x) {
-  acc_t row_sum = 0, row_sx = 0;
-#pragma omp simd reduction(+ : row_sum, row_sx)
+DECAFA_INLINE acc_t exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, acc_t* e, acc_t* column_sums) {
+  acc_t row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
   for (int64_t col = 0; col < W; ++col) {
     const acc_t v = shifted_exp<kUnitBeta>(t[col], beta, m);
     if constexpr (kStore) e[col] = v;
     row_sum += v;
-    if constexpr (kMoments) row_sx += v * xs[col];
+    if constexpr (kMoments) column_sums[col] += v;
   }
-  sum = row_sum;
-  sum_x = row_sx;
+  return row_sum;
 }
 
 template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
-  acc_t sum = 0, sx = 0, sy = 0;
+  acc_t column_sums[kMoments ? kColumnSumsMax : 1];
+  if constexpr (kMoments) std::fill(column_sums, column_sums + W, acc_t(0));
+  acc_t sum = 0, sy = 0;
   for (int64_t row = 0; row < H; ++row) {
     prefetch_row(t + H * W + row * W, W);  // the next map: its max sweep then finds it in cache
-    acc_t row_sum, row_sx;
-    exp_row<kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, xs, kStore ? e + row * W : nullptr, row_sum,
-                                         row_sx);
+    const acc_t row_sum =
+        exp_row<kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, kStore ? e + row * W : nullptr, column_sums);
+    sum += row_sum;
+    sy += row_sum * ys[row];
+  }
+  if constexpr (!kMoments) return {sum, 0, 0};
+  acc_t sx = 0;
+#pragma omp simd reduction(+ : sx)
+  for (int64_t col = 0; col < W; ++col) sx += column_sums[col] * xs[col];
+  return {sum, sx / sum, sy / sum};
+}
+
+// The x moment by a multiply-add per value, for maps wider than kColumnSumsMax.
+template <bool kUnitBeta, bool kStore, typename scalar_t, typename acc_t>
+DECAFA_INLINE MapStats<acc_t> exp_rows_wide(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
+                                            const acc_t* xs, const acc_t* ys, acc_t* e) {
+  acc_t sum = 0, sx = 0, sy = 0;
+  for (int64_t row = 0; row < H; ++row) {
+    const scalar_t* tr = t + row * W;
+    acc_t* er = kStore ? e + row * W : nullptr;
+    acc_t row_sum = 0, row_sx = 0;
+#pragma omp simd reduction(+ : row_sum, row_sx)
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, m);
+      if constexpr (kStore) er[col] = v;
+      row_sum += v;
+      row_sx += v * xs[col];
+    }
     sum += row_sum;
     sx += row_sx;
     sy += row_sum * ys[row];
   }
-  return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
+  return {sum, sx / sum, sy / sum};
 }
 
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_sums_of(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                           bool moments, const acc_t* xs, const acc_t* ys, acc_t* e) {
+  if (moments && W > kColumnSumsMax) {
+    return e != nullptr ? exp_rows_wide<kUnitBeta, true>(t, H, W, beta, m, xs, ys, e)
+                        : exp_rows_wide<kUnitBeta, false>(t, H, W, beta, m, xs, ys, e);
+  }
   if (moments) {
     return e != nullptr ? exp_rows<kUnitBeta, true, true>(t, H, W, beta, m, xs, ys, e)
                         : exp_rows<kUnitBeta, true, false>(t, H, W, beta, m, xs, ys, e);
