@@ -233,47 +233,46 @@ struct MapStats {
   acc_t sum, zx, zy;
 };
 
-// Widest map whose x moment is taken from column sums (a stack array of this many acc_t).
+// Widest map swept with per-column accumulators (stack arrays of this many acc_t).
 constexpr int64_t kColumnSumsMax = 1024;
 
-// One row of a map's second sweep: the sum of e = exp(beta * t - m), e stored when kStore, and, when
-// kMoments, e added into the column sums (the x moment is taken from them once per map: one add per value
-// instead of a multiply-add, which the exp's polynomial keeps busy).
-template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
-DECAFA_INLINE acc_t exp_row(const scalar_t* t, int64_t W, acc_t beta, acc_t m, acc_t* e, acc_t* column_sums) {
-  acc_t row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-  for (int64_t col = 0; col < W; ++col) {
-    const acc_t v = shifted_exp<kUnitBeta>(t[col], beta, m);
-    if constexpr (kStore) e[col] = v;
-    row_sum += v;
-    if constexpr (kMoments) column_sums[col] += v;
-  }
-  return row_sum;
-}
-
+// The second sweep of a map, row by row: e = exp(beta * t - m) (stored when kStore) is added into per-column
+// accumulators, of e and, when kMoments, of e * y (the row's coordinate): a row ends without a horizontal
+// sum (a 128-value row is 8 vectors, and a per-row sum cost a quarter of the sweep), and the x moment comes
+// from the column sums once per map (one add per value instead of a multiply-add).
 template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
-  acc_t column_sums[kMoments ? kColumnSumsMax : 1];
-  if constexpr (kMoments) std::fill(column_sums, column_sums + W, acc_t(0));
-  acc_t sum = 0, sy = 0;
+  acc_t column_sums[kColumnSumsMax], column_ys[kMoments ? kColumnSumsMax : 1];
+  std::fill(column_sums, column_sums + W, acc_t(0));
+  if constexpr (kMoments) std::fill(column_ys, column_ys + W, acc_t(0));
   for (int64_t row = 0; row < H; ++row) {
     prefetch_row(t + H * W + row * W, W);  // the next map: its max sweep then finds it in cache
-    const acc_t row_sum =
-        exp_row<kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, kStore ? e + row * W : nullptr, column_sums);
-    sum += row_sum;
-    sy += row_sum * ys[row];
+    const scalar_t* tr = t + row * W;
+    acc_t* er = kStore ? e + row * W : nullptr;
+    const acc_t y = kMoments ? ys[row] : acc_t(0);
+#pragma omp simd
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, m);
+      if constexpr (kStore) er[col] = v;
+      column_sums[col] += v;
+      if constexpr (kMoments) column_ys[col] += v * y;
+    }
   }
-  if constexpr (!kMoments) return {sum, 0, 0};
-  acc_t sx = 0;
-#pragma omp simd reduction(+ : sx)
-  for (int64_t col = 0; col < W; ++col) sx += column_sums[col] * xs[col];
-  return {sum, sx / sum, sy / sum};
+  acc_t sum = 0, sx = 0, sy = 0;
+#pragma omp simd reduction(+ : sum, sx, sy)
+  for (int64_t col = 0; col < W; ++col) {
+    sum += column_sums[col];
+    if constexpr (kMoments) {
+      sx += column_sums[col] * xs[col];
+      sy += column_ys[col];
+    }
+  }
+  return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
 }
 
-// The x moment by a multiply-add per value, for maps wider than kColumnSumsMax.
-template <bool kUnitBeta, bool kStore, typename scalar_t, typename acc_t>
+// The same for maps wider than kColumnSumsMax: a sum per row.
+template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_rows_wide(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                             const acc_t* xs, const acc_t* ys, acc_t* e) {
   acc_t sum = 0, sx = 0, sy = 0;
@@ -286,28 +285,31 @@ DECAFA_INLINE MapStats<acc_t> exp_rows_wide(const scalar_t* t, int64_t H, int64_
       const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, m);
       if constexpr (kStore) er[col] = v;
       row_sum += v;
-      row_sx += v * xs[col];
+      if constexpr (kMoments) row_sx += v * xs[col];
     }
     sum += row_sum;
     sx += row_sx;
     sy += row_sum * ys[row];
   }
-  return {sum, sx / sum, sy / sum};
+  return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
+}
+
+template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+DECAFA_INLINE MapStats<acc_t> exp_sweep(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
+                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
+  return W <= kColumnSumsMax ? exp_rows<kUnitBeta, kMoments, kStore>(t, H, W, beta, m, xs, ys, e)
+                             : exp_rows_wide<kUnitBeta, kMoments, kStore>(t, H, W, beta, m, xs, ys, e);
 }
 
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_sums_of(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                           bool moments, const acc_t* xs, const acc_t* ys, acc_t* e) {
-  if (moments && W > kColumnSumsMax) {
-    return e != nullptr ? exp_rows_wide<kUnitBeta, true>(t, H, W, beta, m, xs, ys, e)
-                        : exp_rows_wide<kUnitBeta, false>(t, H, W, beta, m, xs, ys, e);
-  }
   if (moments) {
-    return e != nullptr ? exp_rows<kUnitBeta, true, true>(t, H, W, beta, m, xs, ys, e)
-                        : exp_rows<kUnitBeta, true, false>(t, H, W, beta, m, xs, ys, e);
+    return e != nullptr ? exp_sweep<kUnitBeta, true, true>(t, H, W, beta, m, xs, ys, e)
+                        : exp_sweep<kUnitBeta, true, false>(t, H, W, beta, m, xs, ys, e);
   }
-  return e != nullptr ? exp_rows<kUnitBeta, false, true>(t, H, W, beta, m, xs, ys, e)
-                      : exp_rows<kUnitBeta, false, false>(t, H, W, beta, m, xs, ys, e);
+  return e != nullptr ? exp_sweep<kUnitBeta, false, true>(t, H, W, beta, m, xs, ys, e)
+                      : exp_sweep<kUnitBeta, false, false>(t, H, W, beta, m, xs, ys, e);
 }
 
 // The second sweep of a map (H x W logits t, m = max of s = beta * t from scaled_max): the sum of
@@ -362,30 +364,70 @@ struct PhiSums {
   acc_t zx = 0, zy = 0, s = 0;
 };
 
+// Per-column accumulators as in exp_rows (no horizontal sum per row) for maps up to kColumnSumsMax wide,
+// a sum per row beyond.
 template <bool kUnitBeta, bool kMoments, bool kMaskGrad, typename scalar_t, typename acc_t>
 DECAFA_INLINE PhiSums<acc_t> phi_with_sums_of(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max,
                                               acc_t inv, const acc_t* xs, const acc_t* ys, const acc_t* grad_mask,
                                               acc_t* phi) {
   PhiSums<acc_t> out;
+  if (W > kColumnSumsMax) {
+    for (int64_t row = 0; row < H; ++row) {
+      const scalar_t* tr = t + row * W;
+      const acc_t* gm = kMaskGrad ? grad_mask + row * W : nullptr;
+      acc_t* p = phi + row * W;
+      acc_t row_sum = 0, row_sx = 0, row_s = 0;
+#pragma omp simd reduction(+ : row_sum, row_sx, row_s)
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, max) * inv;
+        p[col] = v;
+        if constexpr (kMoments) {
+          row_sum += v;
+          row_sx += v * xs[col];
+        }
+        if constexpr (kMaskGrad) row_s += gm[col] * v;
+      }
+      out.zx += row_sx;
+      out.zy += row_sum * ys[row];
+      out.s += row_s;
+    }
+    return out;
+  }
+  acc_t column_sums[kMoments ? kColumnSumsMax : 1], column_ys[kMoments ? kColumnSumsMax : 1];
+  acc_t column_s[kMaskGrad ? kColumnSumsMax : 1];
+  if constexpr (kMoments) {
+    std::fill(column_sums, column_sums + W, acc_t(0));
+    std::fill(column_ys, column_ys + W, acc_t(0));
+  }
+  if constexpr (kMaskGrad) std::fill(column_s, column_s + W, acc_t(0));
   for (int64_t row = 0; row < H; ++row) {
     const scalar_t* tr = t + row * W;
     const acc_t* gm = kMaskGrad ? grad_mask + row * W : nullptr;
     acc_t* p = phi + row * W;
-    acc_t row_sum = 0, row_sx = 0, row_s = 0;
-#pragma omp simd reduction(+ : row_sum, row_sx, row_s)
+    const acc_t y = kMoments ? ys[row] : acc_t(0);
+#pragma omp simd
     for (int64_t col = 0; col < W; ++col) {
       const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, max) * inv;
       p[col] = v;
       if constexpr (kMoments) {
-        row_sum += v;
-        row_sx += v * xs[col];
+        column_sums[col] += v;
+        column_ys[col] += v * y;
       }
-      if constexpr (kMaskGrad) row_s += gm[col] * v;
+      if constexpr (kMaskGrad) column_s[col] += gm[col] * v;
     }
-    out.zx += row_sx;
-    out.zy += row_sum * ys[row];
-    out.s += row_s;
   }
+  acc_t zx = 0, zy = 0, s = 0;
+#pragma omp simd reduction(+ : zx, zy, s)
+  for (int64_t col = 0; col < W; ++col) {
+    if constexpr (kMoments) {
+      zx += column_sums[col] * xs[col];
+      zy += column_ys[col];
+    }
+    if constexpr (kMaskGrad) s += column_s[col];
+  }
+  out.zx = zx;
+  out.zy = zy;
+  out.s = s;
   return out;
 }
 
@@ -413,6 +455,27 @@ DECAFA_KERNEL PhiSums<acc_t> phi_with_sums(const scalar_t* t, int64_t H, int64_t
                           : phi_with_sums_beta<false>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi);
 }
 
+// One row of landmark_grad: g_s = Phi (gM + gx x + row_term), grad_t = beta g_s, and T g_s added into the
+// column accumulators (kByColumn) or into row_gb.
+template <bool kMaskGrad, bool kByColumn, typename scalar_t, typename acc_t>
+DECAFA_INLINE void logits_grad_row(const acc_t* p, const scalar_t* tr, const acc_t* gm, const acc_t* xs, int64_t W,
+                                   acc_t gx, acc_t row_term, acc_t beta, scalar_t* target, acc_t* column_gb,
+                                   acc_t& row_gb) {
+  acc_t gb = 0;
+#pragma omp simd reduction(+ : gb)
+  for (int64_t col = 0; col < W; ++col) {
+    const acc_t g = kMaskGrad ? gm[col] + gx * xs[col] + row_term : gx * xs[col] + row_term;
+    const acc_t gs = p[col] * g;
+    target[col] = to_storage<scalar_t>(beta * gs);
+    if constexpr (kByColumn) {
+      column_gb[col] += static_cast<acc_t>(tr[col]) * gs;
+    } else {
+      gb += static_cast<acc_t>(tr[col]) * gs;
+    }
+  }
+  if constexpr (!kByColumn) row_gb += gb;
+}
+
 // Gradient of one map's logits given its Phi and phi_with_sums' sums, for a scalar loss depending on z and M:
 //   g_s = Phi * [(gM - s) + gx (x - zx) + gy (y - zy)],  grad_t = beta * g_s,
 // returning the map's grad_beta = sum_p T_p g_s,p. grad_mask (H*W values, may be null) is the gradient
@@ -423,6 +486,10 @@ DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, 
                                   int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
                                   const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
   const acc_t gx = grad_z != nullptr ? grad_z[0] : acc_t(0), gy = grad_z != nullptr ? grad_z[1] : acc_t(0);
+  // grad beta's terms added per column (as in exp_rows), or per row for maps over kColumnSumsMax wide
+  const bool by_column = W <= kColumnSumsMax;
+  acc_t column_gb[kColumnSumsMax];
+  if (by_column) std::fill(column_gb, column_gb + W, acc_t(0));
   acc_t gb = 0;
   for (int64_t row = 0; row < H; ++row) {
     const acc_t* p = phi + row * W;
@@ -431,24 +498,18 @@ DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, 
     scalar_t* out = grad_t + row * W;
     scalar_t* target = staging != nullptr ? staging : out;
     const acc_t row_term = gy * (ys[row] - sums.zy) - gx * sums.zx - sums.s;
-    acc_t row_gb = 0;
-    if (gm != nullptr) {
-#pragma omp simd reduction(+ : row_gb)
-      for (int64_t col = 0; col < W; ++col) {
-        const acc_t gs = p[col] * (gm[col] + gx * xs[col] + row_term);
-        target[col] = to_storage<scalar_t>(beta * gs);
-        row_gb += static_cast<acc_t>(tr[col]) * gs;
-      }
+    if (by_column) {
+      gm != nullptr ? logits_grad_row<true, true>(p, tr, gm, xs, W, gx, row_term, beta, target, column_gb, gb)
+                    : logits_grad_row<false, true>(p, tr, gm, xs, W, gx, row_term, beta, target, column_gb, gb);
     } else {
-#pragma omp simd reduction(+ : row_gb)
-      for (int64_t col = 0; col < W; ++col) {
-        const acc_t gs = p[col] * (gx * xs[col] + row_term);
-        target[col] = to_storage<scalar_t>(beta * gs);
-        row_gb += static_cast<acc_t>(tr[col]) * gs;
-      }
+      gm != nullptr ? logits_grad_row<true, false>(p, tr, gm, xs, W, gx, row_term, beta, target, column_gb, gb)
+                    : logits_grad_row<false, false>(p, tr, gm, xs, W, gx, row_term, beta, target, column_gb, gb);
     }
     if (staging != nullptr) stream_copy(out, staging, W * sizeof(scalar_t));
-    gb += row_gb;
+  }
+  if (by_column) {
+#pragma omp simd reduction(+ : gb)
+    for (int64_t col = 0; col < W; ++col) gb += column_gb[col];
   }
   return gb;
 }

@@ -110,6 +110,36 @@ def test_head_mask_without_fusion_channels(batch):
     torch.testing.assert_close(m, reference.attention_mask(t), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [7, 1024, 1025])
+def test_cpu_sweeps_of_narrow_and_wide_maps(width):
+    """The CPU sweeps add a map's values per column for maps up to 1024 pixels wide (kColumnSumsMax) and per
+    row beyond: both give the float64 reference's z, M, Phi, F and gradients (temperature per map
+    included), in float64 to 1e-10 and in float32 to 2e-5 of each output's largest value."""
+    g = torch.Generator().manual_seed(width)
+    t = (3 * torch.randn(2, 3, 3, width, generator=g, dtype=torch.float64)).requires_grad_()
+    beta = (torch.rand(2, 3, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    i, e = torch.rand(2, 1, 3, width, dtype=torch.float64), torch.randn(2, 2, 3, width, dtype=torch.float64)
+
+    def outputs(backend, dtype):
+        before = ops.get_backend()
+        ops.set_backend(backend)
+        try:
+            z, m = ops.landmark_attention(t.to(dtype), beta.to(dtype))
+            phi = ops.spatial_softmax(t.to(dtype), beta.to(dtype))
+            zh, f = ops.decafa_head(t.to(dtype), i.to(dtype), e.to(dtype), beta=beta.to(dtype))
+            w = torch.linspace(-1, 1, 12, dtype=dtype).view(2, 3, 2)
+            loss = (z * w).sum() + (m * e[:, :1].to(dtype)).sum() + (phi * t.detach().cos().to(dtype)).sum()
+            loss = loss + (f * f.detach()).sum() + (zh * w).sum()
+            return (z, m, phi, zh, f) + torch.autograd.grad(loss, (t, beta))
+        finally:
+            ops.set_backend(before)
+
+    want = outputs("reference", torch.float64)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        for ours, ref in zip(outputs("cpp", dtype), want):
+            torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", [1, 3, 5])
 def test_fused_in_embedding_memory_format(mode):
     t = torch.randn(2, 3, 5, 6)
