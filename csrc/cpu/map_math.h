@@ -236,28 +236,51 @@ struct MapStats {
 // Widest map swept with per-column accumulators (stack arrays of this many acc_t).
 constexpr int64_t kColumnSumsMax = 1024;
 
-// The second sweep of a map, row by row: e = exp(beta * t - m) (stored when kStore) is added into per-column
-// accumulators, of e and, when kMoments, of e * y (the row's coordinate): a row ends without a horizontal
-// sum (a 128-value row is 8 vectors, and a per-row sum cost a quarter of the sweep), and the x moment comes
-// from the column sums once per map (one add per value instead of a multiply-add).
+// kRows (1 or 2) rows of exp_rows' sweep starting at t (row coordinates y[0..kRows)): e stored when kStore,
+// and added into the column accumulators, the rows' values summed first (so a pair of rows reads and writes
+// the accumulators once).
+template <int kRows, bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
+DECAFA_INLINE void exp_rows_into(const scalar_t* t, int64_t W, acc_t beta, acc_t m, const acc_t* y, acc_t* e,
+                                 acc_t* column_sums, acc_t* column_ys) {
+  const scalar_t* t1 = kRows == 2 ? t + W : t;
+  acc_t* e1 = kStore && kRows == 2 ? e + W : e;
+  const acc_t y0 = kMoments ? y[0] : acc_t(0), y1 = kMoments && kRows == 2 ? y[1] : acc_t(0);
+#pragma omp simd
+  for (int64_t col = 0; col < W; ++col) {
+    const acc_t v0 = shifted_exp<kUnitBeta>(t[col], beta, m);
+    if constexpr (kStore) e[col] = v0;
+    if constexpr (kRows == 2) {
+      const acc_t v1 = shifted_exp<kUnitBeta>(t1[col], beta, m);
+      if constexpr (kStore) e1[col] = v1;
+      column_sums[col] += v0 + v1;
+      if constexpr (kMoments) column_ys[col] += v0 * y0 + v1 * y1;
+    } else {
+      column_sums[col] += v0;
+      if constexpr (kMoments) column_ys[col] += v0 * y0;
+    }
+  }
+}
+
+// The second sweep of a map, two rows at a time: e = exp(beta * t - m) (stored when kStore) is added into
+// per-column accumulators, of e and, when kMoments, of e * y (the row's coordinate): a row ends without a
+// horizontal sum (a 128-value row is 8 vectors, and a per-row sum cost a quarter of the sweep), and the x
+// moment comes from the column sums once per map (one add per value instead of a multiply-add).
 template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_rows(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                        const acc_t* xs, const acc_t* ys, acc_t* e) {
   acc_t column_sums[kColumnSumsMax], column_ys[kMoments ? kColumnSumsMax : 1];
   std::fill(column_sums, column_sums + W, acc_t(0));
   if constexpr (kMoments) std::fill(column_ys, column_ys + W, acc_t(0));
-  for (int64_t row = 0; row < H; ++row) {
-    prefetch_row(t + H * W + row * W, W);  // the next map: its max sweep then finds it in cache
-    const scalar_t* tr = t + row * W;
-    acc_t* er = kStore ? e + row * W : nullptr;
-    const acc_t y = kMoments ? ys[row] : acc_t(0);
-#pragma omp simd
-    for (int64_t col = 0; col < W; ++col) {
-      const acc_t v = shifted_exp<kUnitBeta>(tr[col], beta, m);
-      if constexpr (kStore) er[col] = v;
-      column_sums[col] += v;
-      if constexpr (kMoments) column_ys[col] += v * y;
-    }
+  int64_t row = 0;
+  for (; row + 1 < H; row += 2) {
+    prefetch_row(t + H * W + row * W, 2 * W);  // the next map: its max sweep then finds it in cache
+    exp_rows_into<2, kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, ys + row, kStore ? e + row * W : nullptr,
+                                                  column_sums, column_ys);
+  }
+  if (row < H) {
+    prefetch_row(t + H * W + row * W, W);
+    exp_rows_into<1, kUnitBeta, kMoments, kStore>(t + row * W, W, beta, m, ys + row, kStore ? e + row * W : nullptr,
+                                                  column_sums, column_ys);
   }
   acc_t sum = 0, sx = 0, sy = 0;
 #pragma omp simd reduction(+ : sum, sx, sy)
