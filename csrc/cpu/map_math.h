@@ -63,9 +63,8 @@ DECAFA_INLINE float vexp(float x) {
   // exponent bits (off the floating-point units the rest keeps busy).
   const float lo = -86.99f;
   const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
-  const float magic = 12582912.0f;   // 1.5 * 2^23: float add rounds to an integer
-  const float shifted = xc * 1.44269504088896341f + magic;  // n + magic: n in the low mantissa bits
-  const float n = shifted - magic;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: float add rounds to an integer
+  const float n = (xc * 1.44269504088896341f + magic) - magic;
   float y;  // exp(r), in [0.7, 1.5]
   if constexpr (kPrecision != ExpPrecision::kFloat) {
     // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
@@ -94,12 +93,12 @@ DECAFA_INLINE float vexp(float x) {
     p = p * r + 4.999999701976776e-1f;
     y = p * r * r + r + 1.0f;
   }
-  // 2^n y: n sits in the low bits of `shifted` (magic's low 22 bits are 0), so shifting its bits left by 23
-  // leaves n << 23 (two's complement, magic's own bits shifted out): no float-to-int conversion
-  int32_t bits, n_bits;
+  // 2^n y. n is converted, not taken from the low bits of (x log2e + magic), which would save an operation:
+  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. A NaN n converts
+  // to INT_MIN on x86 (0 on ARM), which the shift by 23 turns into 0: NaN stays NaN.
+  int32_t bits;
   std::memcpy(&bits, &y, sizeof(bits));
-  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
-  bits += static_cast<int32_t>(static_cast<uint32_t>(n_bits) << 23);
+  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
   float e;
   std::memcpy(&e, &bits, sizeof(e));
   return x < lo ? 0.0f : e;

@@ -277,12 +277,17 @@ def test_single_pixel_and_empty_batch(backend):
     assert m0.grad.shape == m0.shape
 
 
-def test_nan_logits_poison_only_their_map(backend):
+@pytest.mark.parametrize("nan_bits", [0x7FC00000, 0x7FC001FF, 0x7F800001, 0xFFC00003],
+                         ids=["quiet", "payload", "signaling", "negative"])
+def test_nan_logits_poison_only_their_map(backend, nan_bits):
     """Documented: NaN in a map gives NaN for that map's z and Phi (as torch.softmax does), and NaN in the
-    mask wherever that map contributes; other maps and images are untouched."""
+    mask wherever that map contributes; other maps and images are untouched. Any NaN: a payload in the low
+    mantissa bits once turned into a finite value in the CPU exp's exponent arithmetic."""
     device = backend_device(backend)
     t, i, e = make_inputs(2, 3, 4, 5, device=device)
-    t[0, 1, 2, 3] = float("nan")
+    nan = torch.tensor([nan_bits], dtype=torch.int64).to(torch.int32).view(torch.float32).to(device)
+    assert torch.isnan(nan).all()
+    t[0, 1, 2, 3] = nan.to(t.dtype)[0]
     z, f = ops.decafa_head(t, i, e, "F5")
     phi = ops.spatial_softmax(t)
     assert torch.isnan(z[0, 1]).all() and torch.isnan(phi[0, 1]).all()
