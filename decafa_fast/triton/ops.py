@@ -37,7 +37,8 @@ class Tuning:
     map_warps: int = 32  # most warps of a per-map program (a whole 128 x 128 map: 16 pixels a thread)
     # channels_last T: whole maps too (one read of T, one scalar load per value, maps r, r + n_runs, ... per
     # program so that programs share sectors), or False: swept in rows of consecutive maps (full sectors,
-    # T read twice). Only a GPU can tell which is faster (stats.py docstring; bench/head_floor.py --sweep)
+    # T read twice). Only a GPU can tell which is faster (stats.py docstring; bench/head_floor.py
+    # --channels-last --sweep)
     interleaved_whole_maps: bool = True
     # runs of maps per batch item where the per-map pass writes partial masks (and the backward reads the
     # mask gradient once per run): each run costs 8 bytes per pixel (written, read back), against 4 (fp32)
