@@ -151,13 +151,27 @@ DECAFA_INLINE acc_t scaled(scalar_t t, acc_t beta) {
 
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t s = scaled<kUnitBeta>(t[i], beta);
-    m = s > m ? s : m;
+  // four quarters of the map at once: four independent chains of max (one vector chain waits on the max's
+  // latency at every step; with the map in cache, that, not the loads, bounded the sweep)
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  acc_t m0 = lowest, m1 = lowest, m2 = lowest, m3 = lowest;
+  const int64_t q = n / 4;
+#pragma omp simd reduction(max : m0, m1, m2, m3)
+  for (int64_t i = 0; i < q; ++i) {
+    const acc_t s0 = scaled<kUnitBeta>(t[i], beta), s1 = scaled<kUnitBeta>(t[q + i], beta);
+    const acc_t s2 = scaled<kUnitBeta>(t[2 * q + i], beta), s3 = scaled<kUnitBeta>(t[3 * q + i], beta);
+    m0 = s0 > m0 ? s0 : m0;
+    m1 = s1 > m1 ? s1 : m1;
+    m2 = s2 > m2 ? s2 : m2;
+    m3 = s3 > m3 ? s3 : m3;
   }
-  return m;
+  for (int64_t i = 4 * q; i < n; ++i) {
+    const acc_t s = scaled<kUnitBeta>(t[i], beta);
+    m0 = s > m0 ? s : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  return m2 > m0 ? m2 : m0;
 }
 
 // max of s = beta * t over n values: the first sweep of a map, which only reads it.
