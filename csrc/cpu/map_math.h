@@ -330,9 +330,77 @@ DECAFA_INLINE MapStats<acc_t> exp_rows_wide(const scalar_t* t, int64_t H, int64_
   return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
 }
 
+// Two bfloat16 values from one 32-bit load (a bfloat16 is the high half of its float32): the even column's
+// float is the word shifted left by 16, the odd column's the word with its low half cleared. Half the
+// widening operations of one value at a time, which cost a quarter of a bfloat16 sweep.
+#if defined(__GNUC__)
+typedef uint32_t bf16_pair_t __attribute__((may_alias, aligned(2)));
+DECAFA_INLINE uint32_t load_bf16_pair(const c10::BFloat16* t) { return *reinterpret_cast<const bf16_pair_t*>(t); }
+#else
+DECAFA_INLINE uint32_t load_bf16_pair(const c10::BFloat16* t) {
+  uint32_t u;
+  std::memcpy(&u, t, sizeof(u));
+  return u;
+}
+#endif
+
+DECAFA_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// exp_rows for bfloat16 logits of an even width when e is not stored: a pair of columns per 32-bit load,
+// with column accumulators for the even and the odd columns (the sums' order differs from exp_rows', so the
+// last bits of the sums and moments do; each is still fixed by the shape). Storing e would need the pairs
+// interleaved again, which costs what the loads save (measured: within 5% either way).
+template <bool kUnitBeta, bool kMoments>
+DECAFA_INLINE MapStats<float> exp_rows_bf16_pairs(const c10::BFloat16* t, int64_t H, int64_t W, float beta,
+                                                  float m, const float* xs, const float* ys) {
+  const int64_t half = W / 2;
+  float sums_even[kColumnSumsMax / 2], sums_odd[kColumnSumsMax / 2];
+  float ys_even[kMoments ? kColumnSumsMax / 2 : 1], ys_odd[kMoments ? kColumnSumsMax / 2 : 1];
+  std::fill(sums_even, sums_even + half, 0.0f);
+  std::fill(sums_odd, sums_odd + half, 0.0f);
+  if constexpr (kMoments) {
+    std::fill(ys_even, ys_even + half, 0.0f);
+    std::fill(ys_odd, ys_odd + half, 0.0f);
+  }
+  for (int64_t row = 0; row < H; ++row) {
+    prefetch_row(t + H * W + row * W, W);  // the next map, as in exp_rows
+    const c10::BFloat16* tr = t + row * W;
+    const float y = kMoments ? ys[row] : 0.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+      const uint32_t pair = load_bf16_pair(tr + 2 * j);
+      const float v0 = vexp<ExpPrecision::kBFloat16>(scaled<kUnitBeta>(bits_to_float(pair << 16), beta) - m);
+      const float v1 = vexp<ExpPrecision::kBFloat16>(scaled<kUnitBeta>(bits_to_float(pair & 0xFFFF0000u), beta) - m);
+      sums_even[j] += v0;
+      sums_odd[j] += v1;
+      if constexpr (kMoments) {
+        ys_even[j] += v0 * y;
+        ys_odd[j] += v1 * y;
+      }
+    }
+  }
+  float sum = 0, sx = 0, sy = 0;
+#pragma omp simd reduction(+ : sum, sx, sy)
+  for (int64_t j = 0; j < half; ++j) {
+    sum += sums_even[j] + sums_odd[j];
+    if constexpr (kMoments) {
+      sx += sums_even[j] * xs[2 * j] + sums_odd[j] * xs[2 * j + 1];
+      sy += ys_even[j] + ys_odd[j];
+    }
+  }
+  return {sum, kMoments ? sx / sum : 0, kMoments ? sy / sum : 0};
+}
+
 template <bool kUnitBeta, bool kMoments, bool kStore, typename scalar_t, typename acc_t>
 DECAFA_INLINE MapStats<acc_t> exp_sweep(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m,
                                         const acc_t* xs, const acc_t* ys, acc_t* e) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !kStore) {
+    if (W % 2 == 0 && W <= kColumnSumsMax) return exp_rows_bf16_pairs<kUnitBeta, kMoments>(t, H, W, beta, m, xs, ys);
+  }
   return W <= kColumnSumsMax ? exp_rows<kUnitBeta, kMoments, kStore>(t, H, W, beta, m, xs, ys, e)
                              : exp_rows_wide<kUnitBeta, kMoments, kStore>(t, H, W, beta, m, xs, ys, e);
 }

@@ -140,6 +140,30 @@ def test_cpu_sweeps_of_narrow_and_wide_maps(width):
             torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("width", [6, 7, 128])
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_cpu_bfloat16_soft_argmax_by_column_pairs(width, beta):
+    """bfloat16 logits of an even width take the sweep that reads two columns per load (map_math.h
+    exp_rows_bf16_pairs), odd widths the other: both give the float64 soft-argmax of the same bfloat16
+    values to within a bfloat16 rounding of z, with and without a temperature, at 1 and 2 threads alike."""
+    g = torch.Generator().manual_seed(width)
+    t = (3 * torch.randn(2, 5, 9, width, generator=g)).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        z1, stats1 = D.soft_argmax(t, beta, None, False)
+        torch.set_num_threads(2)
+        z2, stats2 = D.soft_argmax(t, beta, None, False)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(z1, z2) and torch.equal(stats1, stats2)
+    want = reference.soft_argmax(t.double(), beta)
+    torch.testing.assert_close(z1.double(), want, rtol=8e-3, atol=1e-2)
+    s = beta * t.double().flatten(2)
+    top = s.max(-1).values
+    torch.testing.assert_close(stats1[..., 1].double(), (s - top[..., None]).exp().sum(-1), rtol=2e-4, atol=0)
+
+
 @pytest.mark.parametrize("mode", [1, 3, 5])
 def test_fused_in_embedding_memory_format(mode):
     t = torch.randn(2, 3, 5, 6)
