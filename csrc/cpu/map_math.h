@@ -174,9 +174,44 @@ DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
   return m2 > m0 ? m2 : m0;
 }
 
-// max of s = beta * t over n values: the first sweep of a map, which only reads it.
+// Largest of n > 0 16-bit floats (bfloat16 or float16), read as int16 without widening: 32 values per
+// 512-bit integer max and min instead of 16 per float max after two widening operations (bfloat16
+// soft_argmax at B = 8 on one thread of the development machine, in the max sweep alone: 1.5 -> 1.0 ms,
+// min of 10). A sign-magnitude float read as int16 orders like its value when positive and in reverse when
+// negative, so the largest value is the largest int16 when that is >= 0, else the smallest int16. False
+// when the values hold a NaN that decides the answer: the float sweep, which skips NaN, then takes over,
+// so that the result is the same in every case.
+template <typename scalar_t>
+DECAFA_INLINE bool max_of_16_bit(const scalar_t* t, int64_t n, float& out) {
+  constexpr int16_t kInfinityBits = std::is_same_v<scalar_t, c10::BFloat16> ? 0x7F80 : 0x7C00;
+  const int16_t* bits = reinterpret_cast<const int16_t*>(t);
+  int16_t hi = std::numeric_limits<int16_t>::min(), lo = std::numeric_limits<int16_t>::max();
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+  for (int64_t i = 0; i < n; ++i) {
+    hi = bits[i] > hi ? bits[i] : hi;
+    lo = bits[i] < lo ? bits[i] : lo;
+  }
+  // a positive NaN is above +inf; a negative one, -NaN, has the largest magnitude, so lo is one only when
+  // every value is a negative NaN
+  const int16_t kNegativeNaNAbove = static_cast<int16_t>(kInfinityBits - 0x8000);
+  if (hi > kInfinityBits || (hi < 0 && lo > kNegativeNaNAbove)) return false;
+  const int16_t largest = hi >= 0 ? hi : lo;
+  scalar_t v;
+  std::memcpy(&v, &largest, sizeof(v));
+  out = static_cast<float>(v);
+  return true;
+}
+
+// max of s = beta * t over n values: the first sweep of a map, which only reads it. For 16-bit logits and
+// a positive finite beta, beta times the largest logit: rounding is monotonic, so that is the same value.
 template <typename scalar_t, typename acc_t>
 DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    float largest;
+    if (n > 0 && beta > acc_t(0) && beta < std::numeric_limits<acc_t>::infinity() && max_of_16_bit(t, n, largest)) {
+      return beta == acc_t(1) ? largest : scaled<false>(largest, beta);
+    }
+  }
   return beta == acc_t(1) ? scaled_max_of<true>(t, n, beta) : scaled_max_of<false>(t, n, beta);
 }
 

@@ -164,6 +164,46 @@ def test_cpu_bfloat16_soft_argmax_by_column_pairs(width, beta):
     torch.testing.assert_close(stats1[..., 1].double(), (s - top[..., None]).exp().sum(-1), rtol=2e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16_bit_max_in_integer_order(dtype):
+    """The CPU max sweep of 16-bit logits compares their bits as int16 (map_math.h max_of_16_bit) when beta
+    is positive: the saved max must be the float max of s = beta * T (NaN skipped, as the float sweep does)
+    for maps of positive, negative and mixed signs, signed zeros, infinities and NaN of either sign, under
+    per-map temperatures of either sign."""
+    info = torch.finfo(dtype)
+
+    def from_bits(*bits):
+        return torch.tensor(bits, dtype=torch.int32).to(torch.int16).view(dtype)
+
+    quiet_nan = 0x7FC1 if dtype == torch.bfloat16 else 0x7E01  # with a payload
+    g = torch.Generator().manual_seed(3)
+    maps = [v.to(dtype) for v in (
+        3 * torch.randn(12, generator=g),             # mixed signs
+        -torch.rand(12, generator=g) - 0.5,          # all negative
+        torch.rand(12, generator=g) + 0.5,           # all positive
+        torch.tensor([-0.0] * 6 + [-1.0] * 6),       # -0 is the largest
+        torch.tensor([0.0] * 6 + [-0.0] * 6),        # zeros of both signs
+        torch.tensor([-float("inf")] * 12),          # nothing above -inf
+        torch.tensor([float("inf")] + [1.0] * 11),   # +inf
+        torch.tensor([info.max, -info.max] * 6),     # the extremes
+    )]
+    for v in maps[:3]:  # one NaN of either sign among them
+        for nan in (quiet_nan, quiet_nan | 0x8000):
+            w = v.clone()
+            w[5] = from_bits(nan)[0]
+            maps.append(w)
+    maps.append(from_bits(*[(quiet_nan | 0x8000) + k for k in range(12)]))  # only negative NaN
+    t = torch.stack(maps).view(1, -1, 3, 4)
+    assert torch.isnan(t[0, -1]).all() and (t[0, -1].view(torch.int16) < 0).all()  # every value a negative NaN
+    L = t.shape[1]
+    for beta_map in (torch.ones(1, L), torch.full((1, L), 0.7), torch.full((1, L), -0.5),
+                     torch.linspace(-2, 2, L).view(1, L)):
+        _, stats = D.spatial_softmax(t, 1.0, beta_map)
+        s = beta_map[..., None] * t.float().flatten(2)  # float32, as the contract rounds s
+        want = torch.where(torch.isnan(s), torch.tensor(-float("inf")), s).amax(-1)
+        assert torch.equal(stats[..., 0], want), (beta_map, stats[..., 0], want)
+
+
 @pytest.mark.parametrize("mode", [1, 3, 5])
 def test_fused_in_embedding_memory_format(mode):
     t = torch.randn(2, 3, 5, 6)
