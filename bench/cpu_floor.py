@@ -15,6 +15,14 @@ The CPU counterpart of bench/head_floor.py (issue 16). For each case (op, pass, 
                   reported apart as "compile s"), and kornia's spatial_softmax2d / spatial_soft_argmax2d where
                   kornia has the op
     cpp / floor   and whether the case meets its target in issue 16 (TARGETS below)
+    in-cache ms   forward of the map ops (IN_CACHE_OPS): what cpp takes for the case's B x L maps at the rate it
+                  runs on one thread when the logits sit in cache, divided by the thread count (scaling taken
+                  as perfect): the best of --reps * 3 one-thread calls on one image of 48 maps minus that of
+                  16 maps (a call's fixed cost cancels), per map, times B x L over the threads. (Timed on one
+                  thread because a call this short on two measures the second thread's wake-up.) The
+                  arithmetic's own floor: an op bound by its exp (one per logit, as many in bfloat16 as in
+                  float32, for half the bytes) cannot beat it, whatever its bytes' floor says. cpp / in-cache
+                  is how far memory and the rest keep the op from it
 Ops: spatial_softmax, soft_argmax, attention_mask, landmark_attention, fuse and decafa_head forward (under
 no_grad); soft_argmax and decafa_head also forward+backward (torch.autograd.grad with a random upstream
 gradient allocated beforehand, not the expanded ones of .sum(), so that the time is our kernels').
@@ -64,6 +72,8 @@ import measure  # noqa: E402
 OPS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention", "fuse", "decafa_head")
 BACKWARD_OPS = ("soft_argmax", "decafa_head")
 KORNIA_OPS = ("spatial_softmax", "soft_argmax")
+IN_CACHE_OPS = ("spatial_softmax", "soft_argmax", "attention_mask", "landmark_attention")
+IN_CACHE_MAPS = (16, 48)  # maps of one image timed for the in-cache rate: at 128 x 128, 0.5-3 MB of logits
 BACKENDS = ("cpp", "reference", "compiled", "kornia")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (rtol, atol as a fraction of the largest reference value) of the check before timing, as bench/test_ops.py
@@ -229,6 +239,25 @@ def loadavg() -> list[float] | None:
     return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def in_cache_ms(case: Case, args: argparse.Namespace) -> float:
+    """cpp's time for the case's B x L maps at its in-cache rate (see the module's docstring)."""
+    fn = op_function(case.op, "cpp", args.mode)
+    threads = torch.get_num_threads()
+    best = []
+    torch.set_num_threads(1)
+    try:
+        for maps in IN_CACHE_MAPS:
+            shape = argparse.Namespace(**{**vars(args), "maps": maps})
+            logits = make_inputs(case.op, 1, DTYPES[case.dtype], shape)
+            with torch.no_grad():
+                _, times = measure.median_ms(lambda: fn(*logits), 3 * args.reps, warmup=args.warmup + 1)
+            best.append(min(times))
+    finally:
+        torch.set_num_threads(threads)
+    per_map = (best[1] - best[0]) / (IN_CACHE_MAPS[1] - IN_CACHE_MAPS[0])
+    return per_map * case.batch * args.maps / threads
+
+
 def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callable[[dict], None]) -> dict:
     """Every case under this process's allocator setting; `on_update(result)` after every case."""
     facts = measure.device_facts()
@@ -323,6 +352,10 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
             set_floor(row, inputs, want, case.pass_ == "fwd+bwd", bandwidth)
             for backend in phase:
                 time_backend(case, row, backend, want)
+            if ("cpp" in phase and "cpp" in row["ms"] and case.op in IN_CACHE_OPS and case.pass_ == "fwd"
+                    and not due(f"{case} in-cache")):
+                row["in_cache_ms"] = in_cache_ms(case, args)
+                print(f"  {case!s:40} {'in-cache':9} {row['in_cache_ms']:9.3f} ms", flush=True)
             del inputs, want
             gc.collect()
             judge(row)
@@ -336,7 +369,8 @@ def measure_setting(args: argparse.Namespace, deadline: float, on_update: Callab
 def new_row(case: Case, args: argparse.Namespace) -> dict:
     return {"op": case.op, "pass": case.pass_, "dtype": case.dtype, "batch": case.batch, "floor_bytes": None,
             "floor_ms": None, "ms": {}, "times_ms": {}, "compile_s": None,
-            "skipped": {}, "wrong": {}, "cpp_x_floor": None, "targets": [],
+            "skipped": {}, "wrong": {}, "cpp_x_floor": None, "in_cache_ms": None, "cpp_x_in_cache": None,
+            "targets": [],
             "issue_shape": issue_shape(args)}
 
 
@@ -356,6 +390,8 @@ def judge(row: dict) -> None:
     cpp was not timed. Targets are stated at the issue's shape only: none at another shape."""
     cpp = row["ms"].get("cpp")
     row["cpp_x_floor"] = cpp / row["floor_ms"] if cpp is not None and row["floor_ms"] else None
+    in_cache = row.get("in_cache_ms")
+    row["cpp_x_in_cache"] = cpp / in_cache if cpp is not None and in_cache and in_cache > 0 else None
     row["targets"] = []
     if not row["issue_shape"]:
         return
@@ -429,9 +465,9 @@ def markdown(results: dict) -> str:
                   f"{fmt(s.get('copy_gbs'), 3)} GB/s read + write (fresh clone {fmt(s.get('fresh_clone_gbs'), 3)} "
                   f"GB/s); load average {s.get('loadavg_before')} before, {s.get('loadavg_after')} after"
                   + (f"; subprocess exit status {s['exit_status']}" if "exit_status" in s else ""), "",
-                  "| op | pass | dtype | B | floor ms | cpp ms | cpp / floor | reference ms | torch.compile ms "
-                  "(compile s) | kornia ms | target | met |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| op | pass | dtype | B | floor ms | cpp ms | cpp / floor | in-cache ms | cpp / in-cache | "
+                  "reference ms | torch.compile ms (compile s) | kornia ms | target | met |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s.get("rows", []):
             ms = r["ms"]
             compiled = fmt(ms.get("compiled"))
@@ -441,7 +477,8 @@ def markdown(results: dict) -> str:
             met = "; ".join({True: "yes", False: "no", None: "-"}[t["met"]] for t in r["targets"]) or "-"
             cells = [fmt(ms.get(b)) if b not in r["wrong"] else "WRONG" for b in ("cpp", "reference")]
             lines.append(f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['batch']} | {fmt(r['floor_ms'])} | "
-                         f"{cells[0]} | {fmt(r['cpp_x_floor'], 3)} | {cells[1]} | {compiled} | "
+                         f"{cells[0]} | {fmt(r['cpp_x_floor'], 3)} | {fmt(r.get('in_cache_ms'))} | "
+                         f"{fmt(r.get('cpp_x_in_cache'), 3)} | {cells[1]} | {compiled} | "
                          f"{fmt(ms.get('kornia'))} | {targets} | {met} |")
     lines += ["", "### Targets of issue 16 (cpp)", ""]
     if not any(r["targets"] for s in settings.values() for r in s.get("rows", [])):

@@ -60,6 +60,7 @@ def test_one_run_times_every_op_under_both_allocators(tmp_path, capsys):
     assert settings["thp"]["exit_status"] == 0
     assert settings["thp"]["pid"] != settings["default"]["pid"]  # measured in the subprocess
     assert "default allocator (THP_MEM_ALLOC_ENABLE unset)" in text and "### THP_MEM_ALLOC_ENABLE=1" in text
+    assert "| in-cache ms | cpp / in-cache |" in text
 
     expected_rows = {("spatial_softmax", "fwd"), ("soft_argmax", "fwd"), ("soft_argmax", "fwd+bwd"),
                      ("attention_mask", "fwd"), ("landmark_attention", "fwd"), ("fuse", "fwd"),
@@ -83,6 +84,13 @@ def test_one_run_times_every_op_under_both_allocators(tmp_path, capsys):
             assert r["skipped"]["compiled"] == "--no-compile"
             if cpp_available:
                 assert r["ms"]["cpp"] > 0 and r["cpp_x_floor"] == pytest.approx(r["ms"]["cpp"] / r["floor_ms"])
+            if cpp_available and r["op"] in cpu_floor.IN_CACHE_OPS and r["pass"] == "fwd":
+                # a difference of two timings: at this tiny shape it may even come out <= 0, and then has no ratio
+                assert isinstance(r["in_cache_ms"], float), what
+                if r["in_cache_ms"] > 0:
+                    assert r["cpp_x_in_cache"] == pytest.approx(r["ms"]["cpp"] / r["in_cache_ms"]), what
+            else:
+                assert r["in_cache_ms"] is None and r["cpp_x_in_cache"] is None, what
             if r["op"] in cpu_floor.KORNIA_OPS:
                 assert r["ms"]["kornia"] > 0, what
             else:
