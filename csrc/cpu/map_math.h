@@ -54,6 +54,13 @@ constexpr ExpPrecision exp_precision_for() {
   return ExpPrecision::kFloat;
 }
 
+// The float whose bits are u.
+DECAFA_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 // exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
 // ln 2 and a polynomial (ExpPrecision), for x <= 0 (all the kernels need). -inf gives exactly 0, NaN stays NaN.
 template <ExpPrecision kPrecision = ExpPrecision::kFloat>
@@ -99,9 +106,7 @@ DECAFA_INLINE float vexp(float x) {
   int32_t bits;
   std::memcpy(&bits, &y, sizeof(bits));
   bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
-  float e;
-  std::memcpy(&e, &bits, sizeof(e));
-  return x < lo ? 0.0f : e;
+  return x < lo ? 0.0f : bits_to_float(static_cast<uint32_t>(bits));
 }
 template <ExpPrecision kPrecision = ExpPrecision::kFloat>
 DECAFA_INLINE double vexp(double x) {
@@ -215,10 +220,11 @@ DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
   return beta == acc_t(1) ? scaled_max_of<true>(t, n, beta) : scaled_max_of<false>(t, n, beta);
 }
 
-// e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits.
-template <bool kUnitBeta, typename scalar_t, typename acc_t>
+// e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits. The
+// bfloat16 pair sweep passes logits it has widened to float itself, with the bfloat16 precision.
+template <bool kUnitBeta, typename scalar_t, typename acc_t, ExpPrecision kPrecision = exp_precision_for<scalar_t>()>
 DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
-  return vexp<exp_precision_for<scalar_t>()>(scaled<kUnitBeta>(t, beta) - m);
+  return vexp<kPrecision>(scaled<kUnitBeta>(t, beta) - m);
 }
 
 // dst = scale * src, converted to the output dtype.
@@ -379,12 +385,6 @@ DECAFA_INLINE uint32_t load_bf16_pair(const c10::BFloat16* t) {
 }
 #endif
 
-DECAFA_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // exp_rows for bfloat16 logits of an even width when e is not stored: a pair of columns per 32-bit load,
 // with column accumulators for the even and the odd columns (the sums' order differs from exp_rows', so the
 // last bits of the sums and moments do; each is still fixed by the shape). Storing e would need the pairs
@@ -392,6 +392,7 @@ DECAFA_INLINE float bits_to_float(uint32_t u) {
 template <bool kUnitBeta, bool kMoments>
 DECAFA_INLINE MapStats<float> exp_rows_bf16_pairs(const c10::BFloat16* t, int64_t H, int64_t W, float beta,
                                                   float m, const float* xs, const float* ys) {
+  constexpr ExpPrecision kBFloat16Exp = exp_precision_for<c10::BFloat16>();
   const int64_t half = W / 2;
   float sums_even[kColumnSumsMax / 2], sums_odd[kColumnSumsMax / 2];
   float ys_even[kMoments ? kColumnSumsMax / 2 : 1], ys_odd[kMoments ? kColumnSumsMax / 2 : 1];
@@ -408,8 +409,8 @@ DECAFA_INLINE MapStats<float> exp_rows_bf16_pairs(const c10::BFloat16* t, int64_
 #pragma omp simd
     for (int64_t j = 0; j < half; ++j) {
       const uint32_t pair = load_bf16_pair(tr + 2 * j);
-      const float v0 = vexp<ExpPrecision::kBFloat16>(scaled<kUnitBeta>(bits_to_float(pair << 16), beta) - m);
-      const float v1 = vexp<ExpPrecision::kBFloat16>(scaled<kUnitBeta>(bits_to_float(pair & 0xFFFF0000u), beta) - m);
+      const float v0 = shifted_exp<kUnitBeta, float, float, kBFloat16Exp>(bits_to_float(pair << 16), beta, m);
+      const float v1 = shifted_exp<kUnitBeta, float, float, kBFloat16Exp>(bits_to_float(pair & 0xFFFF0000u), beta, m);
       sums_even[j] += v0;
       sums_odd[j] += v1;
       if constexpr (kMoments) {
