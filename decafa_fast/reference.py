@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops.layout import fused_memory_format, fusion_layout, mode_number
+from .contract.layout import fused_memory_format, fusion_layout, mode_number
 
 Beta = float | torch.Tensor
 
@@ -107,7 +107,7 @@ def landmark_attention(
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: str = "F5") -> torch.Tensor:
     """Eqs. (4)-(8), channel concatenation (|) of:
     F1 = E;  F2 = I*M;  F3 = I | I*M;  F4 = I | I*M | E*M;  F5 = I | I*M | E | E*M
-    (the layout table in decafa_fast/ops/layout.py). F is in E's memory format.
+    (the layout table in decafa_fast/contract/layout.py). F is in E's memory format.
     """
     layout = fusion_layout(mode_number(mode), image.shape[1], embedding.shape[1])
     blocks = [

@@ -1,7 +1,7 @@
 """Public drop-in ops: spatial softmax, soft-argmax, attention mask, F1-F5 fusion and the fused DeCaFA head.
 
 Each public function validates its arguments, picks a backend and calls one custom op. The custom ops
-share one set of schemas across backends (`schemas.py`, op contract v2):
+share one set of schemas across backends (`decafa_fast.contract.schemas`):
 
     decafa::<op>          C++ (csrc/), CPU kernels always, CUDA kernels when built with CUDA
     decafa_triton::<op>   Triton (decafa_fast/triton/), registered with torch.library.triton_op
@@ -10,11 +10,11 @@ share one set of schemas across backends (`schemas.py`, op contract v2):
 the ops as `beta_map` (B, L) and gets its gradient. Forward ops also return per-map `stats` (B, L, 2) =
 (max, sum of exp(s - max)) of s = beta*T; backward ops take them and recompute Phi = exp(s - max) / sum
 instead of storing Phi. Autograd (`autograd.py`: fused backward for plain reverse mode, a differentiable
-formulation for higher orders) and fake kernels (`fakes.py`) are registered for every namespace, so every
+formulation for higher orders) and fake kernels (`contract.fakes`) are registered for every namespace, so every
 backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under torch.func transforms
 (grad, vjp, jacrev, jacfwd, vmap, jvp) and forward-mode AD with dual inputs the ops run the reference
 formulation, which those transforms differentiate exactly. Backend selection is in `backend.py`, argument
-checks in `validation.py`, the fusion layout in `layout.py`, the CPU kernels' output cache in
+checks in `validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in
 `cpu_cache.py`.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
+from ..contract.fakes import FAKES, acc_dtype, register_fakes
+from ..contract.layout import FusionLayout, fusion_layout
+from ..contract.schemas import SCHEMAS, define_schemas
 from . import backend as _backend_mod
 from . import cpu_cache
 from .autograd import register_autograd
@@ -37,9 +40,6 @@ from .backend import (
     set_backend,
     use_backend,
 )
-from .fakes import FAKES, acc_dtype, register_fakes
-from .layout import FusionLayout, fusion_layout
-from .schemas import SCHEMAS, define_schemas
 from .validation import (
     FUSION_MODES,
     check_backend_dtype,

@@ -19,7 +19,7 @@ import torch._library.utils
 import torch.autograd.forward_ad as _forward_ad
 
 from .. import reference
-from .layout import FUSION_MODES
+from ..contract.layout import FUSION_MODES
 from .validation import reference_beta
 
 Tensor = torch.Tensor

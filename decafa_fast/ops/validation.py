@@ -6,8 +6,8 @@ import math
 import torch
 
 from .. import reference
+from ..contract.layout import FUSION_MODES
 from .backend import resolve
-from .layout import FUSION_MODES
 
 __all__ = ["FUSION_MODES", "check_backend_dtype", "check_beta", "check_companion", "check_logits", "check_mode",
            "check_tensor", "prepare_logits"]

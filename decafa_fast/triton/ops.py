@@ -21,7 +21,7 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from ..ops.layout import fused_memory_format, fusion_layout
+from ..contract.layout import fused_memory_format, fusion_layout
 from . import checks
 from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
@@ -547,8 +547,8 @@ IMPLS = {
 
 
 def _register() -> dict:
-    from ..ops.fakes import FAKES
-    from ..ops.schemas import SCHEMAS
+    from ..contract.fakes import FAKES
+    from ..contract.schemas import SCHEMAS
 
     if set(IMPLS) != set(SCHEMAS):
         raise RuntimeError(f"decafa_triton implements {sorted(IMPLS)} but SCHEMAS defines {sorted(SCHEMAS)}")

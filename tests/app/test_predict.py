@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import decafa_fast
 from decafa_fast.app import cli
 from decafa_fast.app.data import SyntheticFaces
 from decafa_fast.app.data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, crop_from_box, crop_whole_image
@@ -55,8 +54,8 @@ HAS_HAAR = hasattr(cv2, "CascadeClassifier")  # OpenCV 4 has it; OpenCV 5 no lon
 
 def test_face_aligner_is_exported_and_falls_back_to_the_whole_image(tmp_path):
     with pytest.warns(UserWarning, match="Haar") if not HAS_HAAR else contextlib.nullcontext():
-        aligner = decafa_fast.FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu", detector="haar"
-                                          if HAS_HAAR else "auto")
+        aligner = FaceAligner(tiny_checkpoint(tmp_path / "t.pt"), device="cpu", detector="haar"
+                              if HAS_HAAR else "auto")
     assert aligner.detector.kind == ("haar" if HAS_HAAR else "none")
     image = synthetic_frames(1, size=48)[0][:, :40]  # not square: 48 rows, 40 columns
     assert aligner.detect(image).shape == (0, 4)  # no detector finds a synthetic face

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from decafa_fast import ops, reference
-from decafa_fast.ops.layout import FUSION_MODES
+from decafa_fast.contract.layout import FUSION_MODES
 from harness import CUDA_FAST_MATH, all_ops, grad_or_zeros, make_inputs
 
 _STATUS = ops.backends()["cuda"]

@@ -74,7 +74,7 @@ class Case:
 
 
 def _schemas() -> dict[str, list[tuple[str, str]]]:
-    from decafa_fast.ops.schemas import SCHEMAS
+    from decafa_fast.contract.schemas import SCHEMAS
 
     parsed = {}
     for op, schema in SCHEMAS.items():

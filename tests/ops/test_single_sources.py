@@ -1,10 +1,10 @@
 """Things written once (issue 14, item 2), checked across the backends that use them:
 
-- each op's schema lives in decafa_fast/ops/schemas.py and every namespace is defined from it (no C++
+- each op's schema lives in decafa_fast/contract/schemas.py and every namespace is defined from it (no C++
   TORCH_LIBRARY block, no second set of schema strings);
-- one fake per op (decafa_fast/ops/fakes.py), registered for every namespace from that table (no C++ Meta
+- one fake per op (decafa_fast/contract/fakes.py), registered for every namespace from that table (no C++ Meta
   kernels, no other register_fake);
-- the fusion channel layout once per language, decafa_fast/ops/layout.py and kernels/fusion_layout.h, and
+- the fusion channel layout once per language, decafa_fast/contract/layout.py and kernels/fusion_layout.h, and
   the two twins give the same layout for every mode.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from decafa_fast import ops
-from decafa_fast.ops.fakes import FAKES
-from decafa_fast.ops.layout import fusion_layout
-from decafa_fast.ops.schemas import SCHEMAS
+from decafa_fast.contract.fakes import FAKES
+from decafa_fast.contract.layout import fusion_layout
+from decafa_fast.contract.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "decafa_fast"
@@ -61,7 +61,7 @@ def test_no_second_schema_source():
         for pattern in (r"\bTORCH_LIBRARY\s*\(", r"\bTORCH_LIBRARY_FRAGMENT\s*\(", r"\bm\.def\s*\("):
             assert not re.search(pattern, text), f"{path.relative_to(ROOT)} defines a schema ({pattern})"
     for path in PY_SOURCES:
-        if path == PACKAGE / "ops" / "schemas.py":
+        if path == PACKAGE / "contract" / "schemas.py":
             continue
         text = path.read_text()
         assert not re.search(r"\.define\(", text), f"{path.relative_to(ROOT)} defines an op outside schemas.py"
@@ -69,13 +69,13 @@ def test_no_second_schema_source():
 
 
 def test_one_fake_per_op():
-    """Fakes are registered from FAKES only (ops/fakes.py for decafa, triton/ops.py for decafa_triton), and
+    """Fakes are registered from FAKES only (contract/fakes.py for decafa, triton/ops.py for decafa_triton), and
     no C++ Meta kernel competes with them."""
     for path in PY_SOURCES:
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"register_fake\(|impl_abstract\(|register_kernel\(\s*\"Meta\"", line):
                 where = f"{path.relative_to(ROOT)}:{n}"
-                assert path == PACKAGE / "ops" / "fakes.py" or "FAKES[" in line, f"{where}: a fake not from FAKES"
+                assert path == PACKAGE / "contract" / "fakes.py" or "FAKES[" in line, f"{where}: a fake not from FAKES"
     for path in CPP_SOURCES:
         text = path.read_text(errors="replace")
         assert not re.search(r"TORCH_LIBRARY_IMPL\s*\(\s*\w+\s*,\s*Meta", text), f"{path.relative_to(ROOT)}"
@@ -98,7 +98,7 @@ int main() {
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to compile kernels/fusion_layout.h")
 def test_fusion_layout_twins_agree(tmp_path):
-    """kernels/fusion_layout.h (C++: csrc/cpu and kernels/) and ops/layout.py (Python: reference, fakes,
+    """kernels/fusion_layout.h (C++: csrc/cpu and kernels/) and contract/layout.py (Python: reference, fakes,
     Triton) give the same blocks for modes 0..5; both reject any other mode (C++: channels = -1)."""
     source = tmp_path / "layout.cpp"
     source.write_text(LAYOUT_PROGRAM)

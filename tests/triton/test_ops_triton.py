@@ -28,7 +28,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from decafa_fast import ops, reference  # noqa: E402
-from decafa_fast.ops.layout import FUSION_MODES  # noqa: E402
+from decafa_fast.contract.layout import FUSION_MODES  # noqa: E402
 from harness import TRITON_KERNELS, make_inputs, opcheck_args, outputs_and_grads, reference_copies  # noqa: E402
 
 CUDA = torch.cuda.is_available()

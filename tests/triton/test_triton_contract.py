@@ -19,8 +19,8 @@ import pytest
 import torch
 
 tops = pytest.importorskip("decafa_fast.triton.ops")
-from decafa_fast.ops.fakes import FAKES  # noqa: E402
-from decafa_fast.ops.schemas import SCHEMAS  # noqa: E402
+from decafa_fast.contract.fakes import FAKES  # noqa: E402
+from decafa_fast.contract.schemas import SCHEMAS  # noqa: E402
 from harness import opcheck_args  # noqa: E402
 
 NS = torch.ops.decafa_triton

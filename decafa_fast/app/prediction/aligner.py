@@ -1,6 +1,6 @@
 """`FaceAligner`: landmarks for faces in photos and video frames, from a DeCaFA checkpoint.
 
-    from decafa_fast import FaceAligner
+    from decafa_fast.app.prediction.aligner import FaceAligner
     aligner = FaceAligner("runs/decafa.pt")            # GPU if there is one
     faces = aligner.align("photo.jpg")                 # or a BGR / grayscale numpy image
     faces[0].landmarks["wflw98"]                       # (98, 2) x, y in the photo's pixels

@@ -2,7 +2,7 @@
 Its C++ twin is kernels/fusion_layout.h; the two must agree.
 
 Mode 1..5 = F1..F5:  F1 = E;  F2 = I*M;  F3 = I | I*M;  F4 = I | I*M | E*M;  F5 = I | I*M | E | E*M.
-Imports nothing of the op library (decafa_fast.reference uses it)."""
+Imports torch alone (the reference, the fakes and the Triton ops use it)."""
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -1,4 +1,4 @@
-"""The schema of every compiled op (op contract v2, /work/notes/OPS_V2.md), written once.
+"""The schema of every compiled op, written once.
 
 `decafa::<op>` (C++: CPU kernels, CUDA glue) and `decafa_triton::<op>` (Triton) implement the same schemas.
 The C++ extension only registers implementations (TORCH_LIBRARY_IMPL); the schemas of the `decafa`
