@@ -31,16 +31,21 @@ except ImportError:
     torch = None
 
 
+# Trees beside the package that the application reads from a wheel: `decafa-fast bench` (decafa_fast/app/
+# benchmark.py) runs the suite in bench/, from the checkout or from this copy. Not part of the op library.
+APP_TREES = ("bench",)
+
+
 class BuildPyWithSources(build_py):
     """A wheel (not an editable install, which reads the checkout) also carries the sources that only live
-    beside the package: csrc/ and kernels/ for the first-use build, bench/ for `decafa-fast bench`."""
+    beside the package: csrc/ and kernels/ for the first-use build, APP_TREES for the application."""
 
     def run(self) -> None:
         super().run()
         if getattr(self, "editable_mode", False):
             return
         target = Path(self.build_lib) / "decafa_fast" / build_config.WHEEL_SOURCES
-        for tree in (*build_config.SOURCE_TREES, "bench"):
+        for tree in (*build_config.SOURCE_TREES, *APP_TREES):
             if target.joinpath(tree).exists():
                 shutil.rmtree(target / tree)
             shutil.copytree(here / tree, target / tree,

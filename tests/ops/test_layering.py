@@ -22,8 +22,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "decafa_fast"
-LIBRARY = [p for p in PACKAGE.rglob("*.py")
-           if "app" not in p.relative_to(PACKAGE).parts and "_sources" not in p.relative_to(PACKAGE).parts]
+# Every module but the application's and the console script's shim (_cli.py: it checks for the app extra, then
+# hands over to decafa_fast.app.cli).
+LIBRARY = [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "_cli.py"
+           and "app" not in p.relative_to(PACKAGE).parts and "_sources" not in p.relative_to(PACKAGE).parts]
 APPLICATION_MODULES = ("cv2", "matplotlib", "tqdm")
 
 
