@@ -15,8 +15,10 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -28,6 +30,8 @@ COMMANDS = {
     "export": ("decafa_fast.app.export", "export a checkpoint to ONNX"),
 }
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+APP_DIR = str(Path(__file__).resolve().parent)
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "show the full traceback of an error (also DECAFA_DEBUG=1)"
 
@@ -116,18 +120,42 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv or os.environ.get("DECAFA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     command = argv[0] if argv and not argv[0].startswith("-") else ""
+    prefix = f"decafa-fast {command}" if command else "decafa-fast"
     try:
-        return run_command(argv)
+        with warnings.catch_warnings():
+            if not debug:
+                _one_line_warnings(prefix)
+            return run_command(argv)
     except SystemExit:  # --help
         raise
+    except KeyboardInterrupt as error:
+        if debug:
+            raise
+        kept = str(error) if isinstance(error, Interrupted) else ""
+        print(f"{prefix}: interrupted{': ' + kept if kept else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         message = None if debug else user_message(error)
         if message is None:
             raise
         line = " ".join(message.split())  # one line, whatever the message's formatting
-        prefix = f"decafa-fast {command}" if command else "decafa-fast"
         print(f"{prefix}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _one_line_warnings(prefix: str) -> None:
+    """Show the application's own warnings as one line each, `PREFIX: warning: ...` (a library's warnings keep
+    their usual form, with the file and line that raised them)."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(APP_DIR):
+            print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("default")
+    warnings.showwarning = one_line
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticFaces
-    from .training.checkpoint import load_model
+    from .model.checkpoint import load_model
 
     model, config = load_model(args.checkpoint, map_location="cpu")
     path = export_onnx(model, args.out, opset=args.opset)

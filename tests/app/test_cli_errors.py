@@ -15,7 +15,7 @@ import torch
 from decafa_fast.app import cli
 from decafa_fast.app.data import SyntheticFaces, w300, wflw
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.model.checkpoint import save_checkpoint
 
 SIZE = 32
 

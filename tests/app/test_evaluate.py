@@ -16,7 +16,7 @@ from decafa_fast.app.data import SyntheticFaces, crop, derive_from_wflw98, w300,
 from decafa_fast.app.evaluation import metrics
 from decafa_fast.app.evaluation.evaluate import evaluate_records, model_points, predict_records
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.model.checkpoint import save_checkpoint
 
 SIZE = 32
 

@@ -16,8 +16,8 @@ from decafa_fast.app import cli
 from decafa_fast.app.data import SyntheticFaces
 from decafa_fast.app.data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, crop_from_box, crop_whole_image
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.model.checkpoint import save_checkpoint
 from decafa_fast.app.prediction.aligner import Face, FaceAligner, FaceDetector, LandmarkSmoother
-from decafa_fast.app.training.checkpoint import save_checkpoint
 
 SIZE = 32
 

@@ -32,7 +32,7 @@ from ..data.markups import MARKUPS, derive_from_wflw98
 from ..data.real import SYNTHETIC_EVAL_SEED, FaceDataset, FaceRecord, parse_data_spec, read_eval_subsets
 from ..data.synthetic import SyntheticFaces, collate_faces
 from ..device import pick_device
-from ..training.checkpoint import load_model
+from ..model.checkpoint import load_model
 from . import metrics
 
 THRESHOLDS = (0.08, 0.10)

@@ -28,7 +28,7 @@ import torch
 from ..data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box, crop_whole_image, read_image, to_gray
 from ..device import pick_device
 from ..errors import UserError
-from ..training.checkpoint import load_model
+from ..model.checkpoint import load_model
 from .ssd import SSD_PACKAGE, SSDFaceDetector, ssd_available
 from .yunet import YUNET_PACKAGE, YuNetFaceDetector, yunet_available
 
@@ -143,7 +143,7 @@ class FaceDetector:
 class FaceAligner:
     """Detect faces and predict their landmarks with a DeCaFA model.
 
-    checkpoint: path of a checkpoint written by `decafa_fast.app.training.checkpoint.save_checkpoint` (or pass `model`,
+    checkpoint: path of a checkpoint written by `decafa_fast.app.model.checkpoint.save_checkpoint` (or pass `model`,
     a DeCaFA, instead). device: "auto" (CUDA if available), "cpu", "cuda:0", ... batch_size: crops per
     forward pass. detector, detector_model, min_face: see `FaceDetector`. Boxes passed by the caller are
     face boxes like a detector's: they get the same margin (`DETECTOR_SCALE`, `DETECTOR_SHIFT`).
