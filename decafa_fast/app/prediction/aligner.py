@@ -16,6 +16,7 @@ is what lets the procedural synthetic faces, which the cascade does not recognis
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,20 @@ class FaceDetector:
         elif kind == "yunet":
             if model is None or not Path(model).is_file():
                 raise FileNotFoundError(f"detector 'yunet' needs its ONNX model file (--detector-model), got {model!r}")
-            self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
+            try:
+                self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
+            except cv2.error as exc:
+                raise UserError(f"--detector-model {str(model)!r} is not a YuNet ONNX model that OpenCV "
+                                f"{cv2.__version__} can load ({_cv2_reason(exc)})") from exc
+        self.model = model
+
+    def describe(self) -> str:
+        """Which detector runs, in words (the `predict` command prints it)."""
+        return {"yuface": f"yuface (YuNet compiled into the {YUNET_PACKAGE} package)",
+                "ssd": f"ssd (OpenCV's ResNet-10 SSD, weights from the {SSD_PACKAGE} package)",
+                "haar": "haar (OpenCV's frontal-face Haar cascade)",
+                "yunet": f"yunet (YuNet from {self.model})",
+                "none": "none (every image is aligned as a whole)"}[self.kind]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.kind == "none":
@@ -138,6 +152,15 @@ class FaceDetector:
             rects = np.zeros((0, 4)) if found is None else np.asarray(found[:, :4], dtype=np.float64)
             rects = rects[(rects[:, 2] >= self.min_face) & (rects[:, 3] >= self.min_face)]
         return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+
+
+def _cv2_reason(error: Exception) -> str:
+    """The reason in an OpenCV error ("... error: (-5:Bad argument) REASON in function 'f'"), on one line."""
+    text = " ".join(str(error).split())
+    if "error: " in text:
+        text = text.split("error: ", 1)[1]
+    text = re.sub(r"^\(-?\d+:[^)]*\)\s*", "", text)  # OpenCV's status code and its name
+    return text.split(" in function ")[0].strip() or type(error).__name__
 
 
 class FaceAligner:
