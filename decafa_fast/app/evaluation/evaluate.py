@@ -278,7 +278,8 @@ def _run(args: argparse.Namespace) -> int:
     curves = {r.name: r.errors for r in results if r.n}
     if curves and ced_path is not None:
         path = metrics.plot_ced(curves, ced_path, threshold=args.ced_threshold,
-                                title=f"{DATA_NAMES[kind]}: cumulative error distribution")
+                                title=f"{DATA_NAMES[kind]}: cumulative error distribution",
+                                flag="--ced" if args.ced else "--out" if args.out else "--json")
         print(f"CED plot: {path}")
     if json_path is not None:
         write_text(json_path, json.dumps({

@@ -108,8 +108,10 @@ def failure_rate(errors, threshold: float = 0.08) -> float:
     return float(np.mean(~(e <= threshold)))
 
 
-def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | None = None) -> Path:
-    """Save the CED curves of several methods / sets to a PNG; returns the path.
+def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | None = None,
+             flag: str = "--ced") -> Path:
+    """Save the CED curves of several methods / sets to a PNG; returns the path. A failed write raises
+    files.WriteError naming the path (and `flag`, the option that chose it).
 
     errors_by_name: name -> (N,) per-sample NMEs. The legend shows AUC and failure rate at `threshold`.
     """
@@ -138,4 +140,4 @@ def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | N
     png = io.BytesIO()
     fig.savefig(png, format="png")
     plt.close(fig)
-    return write_atomically(path, png.getbuffer(), what="CED plot", flag="--ced")
+    return write_atomically(path, png.getbuffer(), what="CED plot", flag=flag)
