@@ -1,12 +1,15 @@
 """`decafa-fast` command line: bench, train, ablate, evaluate, predict, export, info.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their subcommand runs, so `decafa-fast info` stays fast and a missing optional dependency
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int` (or
+`run_argv(argv) -> int` when another program parses its options); modules are imported only when their
+subcommand runs, so `decafa-fast info` stays fast and a missing optional dependency
 (onnx, say) only affects the command that needs it.
 
 A mistake in the user's input (a missing or malformed file, a bad flag, a full disk) is printed as one line,
 `decafa-fast CMD: error: ...`, and the command exits with status 2; `--debug` (or DECAFA_DEBUG=1) shows the
-traceback instead. Anything else that escapes is a bug and keeps its traceback.
+traceback instead. Anything else that escapes is a bug and keeps its traceback. Ctrl-C ends a command with
+one line, `decafa-fast CMD: interrupted: ...` saying what it had written and kept, and exit status 130. The
+application's own warnings are one line each, `decafa-fast CMD: warning: ...`.
 """
 from __future__ import annotations
 
@@ -80,6 +83,8 @@ def run_command(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "run_argv"):  # a command that hands its options to a program of its own (bench)
+            return int(module.run_argv(argv[1:]))
         sub = ArgumentParser(prog=f"decafa-fast {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(sub)
         sub.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
