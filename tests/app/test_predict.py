@@ -219,8 +219,12 @@ def test_the_run_reports_faces_per_image(tmp_path, capsys):
     assert cli.main(["predict", str(image), str(tmp_path / "b.png"), "--checkpoint", str(ckpt), "--out",
                      str(tmp_path / "out"), "--detector", "none", "--boxes", str(boxes)]) == 0
     captured = capsys.readouterr()
-    assert f"{image}: warning: no face detected" in captured.err
+    # with --detector none no face is looked for: the whole image is the expected result, not a warning
+    assert f"{image}: aligned the whole image as one face (--detector none)" in captured.out
+    assert "warning" not in captured.err
     assert "b.png: 2 face(s) from --boxes" in captured.out
+    assert "face detector: none (every image is aligned as a whole); images listed in --boxes use the boxes" \
+        in captured.out
 
 
 def test_predict_names_its_detector_and_draws_a_legend(tmp_path, capsys):

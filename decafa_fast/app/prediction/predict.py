@@ -272,7 +272,8 @@ def _predict(args: argparse.Namespace, items: list[tuple[str, object]], aligner:
                 results = aligner.align_many(frames, [_boxes_for(boxes, p) for p in paths]) if paths else []
                 for path, frame, faces in zip(paths, frames, results):
                     written.entries.append(_entry(str(path), None, faces, markups))
-                    tqdm.write(_faces_line(path, faces), file=sys.stderr if _unusual(faces) else sys.stdout)
+                    unusual = _unusual(faces) and detector != "none"
+                    tqdm.write(_faces_line(path, faces, detector), file=sys.stderr if unusual else sys.stdout)
                     if annotate:
                         target = out / f"{path.stem}_landmarks.png"
                         _write_image(target, draw(frame, faces, markups, detector))
@@ -320,11 +321,14 @@ def _unusual(faces: list[Face]) -> bool:
     return sum(f.source == "detector" for f in faces) != 1 and not any(f.source == "given" for f in faces)
 
 
-def _faces_line(path: Path, faces: list[Face]) -> str:
-    """One line per image: how many faces were found, with a warning for none or several."""
+def _faces_line(path: Path, faces: list[Face], detector: str = "auto") -> str:
+    """One line per image: how many faces were found, with a warning for none or several (none is expected
+    with --detector none)."""
     detected = sum(f.source == "detector" for f in faces)
     if any(f.source == "given" for f in faces):
         return f"{path}: {len(faces)} face(s) from --boxes"
+    if detector == "none":
+        return f"{path}: aligned the whole image as one face (--detector none)"
     if detected == 0:
         return f"{path}: warning: no face detected; aligned the whole image as one face (pass --boxes to give it)"
     if detected > 1:
