@@ -34,7 +34,7 @@ from ..data.real import SYNTHETIC_EVAL_SEED, FaceDataset, FaceRecord, parse_data
 from ..data.synthetic import SyntheticFaces, collate_faces
 from ..device import pick_device
 from ..errors import Interrupted, UserError
-from ..files import output_folder, write_text
+from ..files import write_text
 from ..model.checkpoint import load_model
 from . import metrics
 
@@ -225,8 +225,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def output_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """(JSON path, CED plot path) of a run, each None when not asked for: --json and --ced name them; --out DIR
-    gives DIR/results.json and DIR/ced.png; a plot not placed otherwise goes beside the JSON."""
-    out = output_folder(args.out) if args.out else None
+    gives DIR/results.json and DIR/ced.png; a plot not placed otherwise goes beside the JSON. Checked before
+    any work; the folders are made when the files are written."""
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder; choose a folder (it is made if missing)")
     json_path = Path(args.json) if args.json else (out / "results.json" if out is not None else None)
     if args.ced:
         ced = Path(args.ced)
