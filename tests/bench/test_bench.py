@@ -255,6 +255,38 @@ def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_decafa_fast_bench_keeps_the_rows_and_says_so(tmp_path):
+    """SIGINT to the terminal's process group (Ctrl-C) once a row is measured: the launcher and the runner both
+    get it; the runner prints the rows so far and one line naming the file that keeps them; exit status 130."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "decafa_fast.app.cli", "bench", "--size", "tiny", "--quick",
+                             "--backends", "reference", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(p.stat().st_size for p in out.glob("*.jsonl")):
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    (rows,) = out.glob("*.jsonl")
+    assert stderr.strip().splitlines() == [
+        f"decafa-fast bench: interrupted: kept the {len(rows.read_text().splitlines())} row(s) measured so far in "
+        f"{rows} (python bench/run.py --report {rows} prints them)"]
+    assert "| soft_argmax" in stdout and "Traceback" not in stdout + stderr
+
+
 def _load_bench_script(name: str):
     import importlib.util
 
