@@ -299,3 +299,20 @@ def test_sigint_ends_train_with_one_line_and_status_130(tmp_path):
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith("decafa-fast train: interrupted: stopped at step ")
     assert f"kept {out / 'checkpoint.pt'} (step " in lines[0] and "continue with --resume auto" in lines[0]
+
+
+def test_ablate_does_not_replace_the_runs_of_its_rows_without_overwrite(tmp_path):
+    import argparse as _argparse
+
+    from decafa_fast.app.training import ablate
+
+    parser = _argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    (tmp_path / "row2").mkdir()
+    (tmp_path / "row2" / "checkpoint.pt").write_bytes(b"a run")
+    with pytest.raises(UserError, match=f"--out '{tmp_path}' already holds runs of these rows "
+                                        f"\\({tmp_path / 'row2'}\\); replace them with --overwrite") as error:
+        ablate.run(parser.parse_args(["--rows", "1,2", "--out", str(tmp_path)]))
+    _one_line(error)
+    assert not (tmp_path / "row1").exists() and (tmp_path / "row2" / "checkpoint.pt").read_bytes() == b"a run"
+    assert ablate.row_config(parser.parse_args(["--out", str(tmp_path), "--overwrite"]), 1).overwrite
