@@ -111,6 +111,7 @@ def record_row(pytestconfig: pytest.Config, bench_rows: list[dict[str, Any]], de
     auto_table = pytestconfig.getoption("--decafa-auto-table")
 
     def record(info: dict[str, Any]) -> None:
+        info.update(_spread_of(getattr(pytestconfig, "_decafa_benchmark", None)))
         bench_rows.append(dict(info))
         if rows_path:
             with open(rows_path, "a") as fh:
@@ -119,6 +120,23 @@ def record_row(pytestconfig: pytest.Config, bench_rows: list[dict[str, Any]], de
             report.update_auto_table(auto_table, bench_rows, device)
 
     return record
+
+
+@pytest.fixture(autouse=True)
+def _current_benchmark(request: pytest.FixtureRequest, pytestconfig: pytest.Config):
+    """The running test's pytest-benchmark fixture, where record_row reads the spread of its rounds."""
+    pytestconfig._decafa_benchmark = (request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames
+                                      else None)
+    yield
+    pytestconfig._decafa_benchmark = None
+
+
+def _spread_of(benchmark: Any) -> dict[str, Any]:
+    """min_s, median_s, max_s (seconds per call) and rounds of a benchmark's timed rounds ({} before timing)."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None:
+        return {}
+    return {"min_s": stats.min, "median_s": stats.median, "max_s": stats.max, "rounds": stats.rounds}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -133,6 +151,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     targets = report.format_targets(rows)
     if targets:
         terminalreporter.write_line(targets)
+    for line in report.run_warnings(rows):
+        terminalreporter.write_line(line)
     terminalreporter.write_line("time: fastest round; definitions in bench/measure.py")
 
 

@@ -11,6 +11,8 @@ Definitions (the same in every table and in the JSON's `extra_info`):
     % of floor    100 * (floor bytes / copy bandwidth) / measured time.
     time          the fastest round (least disturbed by other load on the machine); the JSON also
                   holds the median and every round.
+    spread        (slowest - fastest) / fastest of the timed rounds; each row records min_s, median_s,
+                  max_s and rounds, with the 1-minute load average and core count when it ended.
     peak memory   bytes allocated during one call above what was live before it. CUDA:
                   torch.cuda.max_memory_allocated. CPU: the PyTorch profiler's memory timeline
                   (torch.profiler with profile_memory=True; every CPU tensor allocation and free), whose
@@ -386,11 +388,21 @@ def device_facts() -> dict[str, Any]:
     return facts
 
 
+def load_and_cores() -> tuple[float | None, int]:
+    """The 1-minute load average (None where the system has none) and the machine's core count, which the load
+    average is measured against (it counts the runnable tasks of the whole machine)."""
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    return load, os.cpu_count() or 1
+
+
 def device_snapshot(device: torch.device) -> dict[str, Any]:
-    """What may change during a run, for each benchmark's extra_info: load (CPU), clock/temp/power (GPU)."""
+    """What may change during a run, for each benchmark's extra_info: load and core count (CPU),
+    clock/temp/power (GPU)."""
     snap: dict[str, Any] = {}
-    if hasattr(os, "getloadavg"):
-        snap["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    load, cores = load_and_cores()
+    if load is not None:
+        snap["loadavg_1m"] = load
+        snap["cores"] = cores
     if device.type == "cuda":
         gpus = _nvml_facts()
         index = device.index if device.index is not None else torch.cuda.current_device()

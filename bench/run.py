@@ -1,11 +1,18 @@
 """The benchmark runner: `python bench/run.py [options]` in a source checkout, or `decafa-fast bench` (which
-runs this file wherever the suite is: the checkout, or the copy a wheel carries in decafa_fast/_sources).
+runs this file as a script wherever the suite is: the checkout, or the copy a wheel carries in
+decafa_fast/_sources). As a script its folder is first on sys.path, so the suite's modules (measure.py,
+report.py) import by name, as pytest imports them beside the suites.
 
 It runs the pytest-benchmark suites beside it (test_ops.py, test_model.py) in this process with pytest's own
 terminal output off, prints one line per case as it ends and one summary at the end (bench/report.py), and
 writes only under --out (default: a new folder under ~/.cache/decafa_fast/bench, named on stdout): the
 pytest-benchmark JSON, the rows as JSON lines (what an interrupted run keeps), summary.md and the plots. On a
 GPU it also saves the Triton-vs-CUDA races in the table the "auto" backend reads (also named on stdout).
+
+Every row records the 1-minute load average when it ended and the spread of its timed rounds (fastest,
+median, slowest). The run warns in one line when the machine is busy (load average above its core count),
+and the summary marks rows measured on a busy machine and rows whose spread is wider than their gap to the
+reference (they cannot be ranked against it), with one warning line for each kind.
 """
 from __future__ import annotations
 
@@ -17,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # the suite's modules import each other by name, as pytest imports them here
-    sys.path.insert(0, str(HERE))
+import measure
+import report
 
-import measure  # noqa: E402
-import report  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 SUITES = {"all": ("test_ops.py", "test_model.py"), "ops": ("test_ops.py",), "model": ("test_model.py",)}
 # Deprecation warnings from the libraries a run imports (torch.jit, kornia, onnxscript ...) say nothing about
@@ -141,7 +146,7 @@ class Progress:
             self.done += 1
         elif report.when == "call" and report.passed:
             rows = getattr(self.config, "_decafa_rows", [])
-            line = report_line(rows[-1]) if rows else report.nodeid
+            line = report_line(rows[-1], rows) if rows else report.nodeid
             print(f"[{self.done + 1:>{len(str(self.total))}}/{self.total}] {line}", flush=True)
 
     def pytest_warning_recorded(self, warning_message, when, nodeid, location) -> None:
@@ -151,16 +156,20 @@ class Progress:
             print(f"warning: {text} ({warning_message.filename}:{warning_message.lineno})", flush=True)
 
 
-def report_line(row: dict[str, Any]) -> str:
-    """One finished case: what it was, its time, and its speed-up over the reference when known."""
+def report_line(row: dict[str, Any], rows: list[dict[str, Any]] | None = None) -> str:
+    """One finished case: what it was, its time, its spread, its speed-up over the reference when known, and
+    its marks (report.row_marks: busy machine, spread wider than the gap to the reference)."""
     if row.get("suite") == "model":
         what = f"model {row['task']} {row['mode']} {row['dtype']} B{row['batch']} {row['backend']}"
         extra = f", {row['batch'] / row['time_s']:.1f} images/s"
     else:
         what = f"{row.get('op')} {row.get('pass')} {row.get('dtype')} B{row.get('batch')} {row.get('backend')}"
         extra = f", {row['floor_pct']:.1f}% of the floor" if row.get("floor_pct") is not None else ""
+    spread = report.spread(row)
+    spread_text = f" (spread {100 * spread:.0f}%)" if spread is not None else ""
     speedup = f", {row['speedup']:.2f}x the reference" if row.get("speedup") is not None else ""
-    return f"{what}: {row['time_s'] * 1e3:.3f} ms{extra}{speedup}"
+    marks = report.row_marks(row, rows if rows is not None else [row])
+    return f"{what}: {row['time_s'] * 1e3:.3f} ms{spread_text}{extra}{speedup}" + (f" [{marks}]" if marks else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if auto_table is not None:
         print(f"GPU races for the 'auto' backend go to {auto_table}", flush=True)
     print("running: python -m pytest " + " ".join(argv), flush=True)
+    busy = report.busy_warning(*measure.load_and_cores())
+    if busy:
+        print(busy, flush=True)
     sys.dont_write_bytecode = True  # nothing outside --out: no __pycache__ beside the suite
     start = time.perf_counter()
     progress = Progress()
@@ -196,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     if progress.skips:
         print("skipped: " + "; ".join(f"{n} x {reason}" for reason, n in progress.skips.items()))
+    rows_path = json_path.with_suffix(".jsonl")
+    if code == pytest.ExitCode.INTERRUPTED:
+        return interrupted(rows_path, None if args.no_plot else out)
     rows, machine = report.load_rows(json_path) if json_path.is_file() and json_path.stat().st_size else ([], {})
     if not rows:
         print(f"decafa-fast bench: pytest exited with {code} and measured nothing", file=sys.stderr)
@@ -205,6 +220,21 @@ def run(args: argparse.Namespace) -> int:
     print(summary)
     print(f"results: {json_path} ({elapsed:.0f} s)")
     return code
+
+
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+
+
+def interrupted(rows_path: Path, out: Path | None) -> int:
+    """Ctrl-C: the summary of the rows measured so far (kept in `rows_path`), and one line saying what is kept."""
+    rows = report.load_results(rows_path)[0] if rows_path.is_file() else []
+    if rows:
+        print()
+        print(report.summarize(rows, {}, out))
+    kept = (f"kept the {len(rows)} row(s) measured so far in {rows_path} (python bench/run.py --report "
+            f"{rows_path} prints them)" if rows else "nothing was measured yet")
+    print(f"decafa-fast bench: interrupted: {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def run_cpu_floor(args: argparse.Namespace) -> int:
@@ -223,9 +253,15 @@ def run_cpu_floor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python bench/run.py (decafa-fast bench)",
+                                     description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # outside pytest's own handling (the report of saved results, say)
+        print("decafa-fast bench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """`decafa-fast` command line: bench, train, ablate, evaluate, predict, export, info.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their subcommand runs, so `decafa-fast info` stays fast and a missing optional dependency
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int` (or
+`run_argv(argv) -> int` when another program parses its options); modules are imported only when their
+subcommand runs, so `decafa-fast info` stays fast and a missing optional dependency
 (onnx, say) only affects the command that needs it.
 
 A mistake in the user's input (a missing or malformed file, a bad flag, a full disk) is printed as one line,
 `decafa-fast CMD: error: ...`, and the command exits with status 2; `--debug` (or DECAFA_DEBUG=1) shows the
-traceback instead. Anything else that escapes is a bug and keeps its traceback.
+traceback instead. Anything else that escapes is a bug and keeps its traceback. Ctrl-C ends a command with
+one line, `decafa-fast CMD: interrupted: ...` saying what it had written and kept, and exit status 130. The
+application's own warnings are one line each, `decafa-fast CMD: warning: ...`.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ import errno
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -28,6 +33,8 @@ COMMANDS = {
     "export": ("decafa_fast.app.export", "export a checkpoint to ONNX"),
 }
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's status for a command ended by SIGINT (128 + 2)
+APP_DIR = str(Path(__file__).resolve().parent)
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = "show the full traceback of an error (also DECAFA_DEBUG=1)"
 
@@ -76,6 +83,8 @@ def run_command(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "run_argv"):  # a command that hands its options to a program of its own (bench)
+            return int(module.run_argv(argv[1:]))
         sub = ArgumentParser(prog=f"decafa-fast {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(sub)
         sub.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
@@ -116,18 +125,42 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv or os.environ.get("DECAFA_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     command = argv[0] if argv and not argv[0].startswith("-") else ""
+    prefix = f"decafa-fast {command}" if command else "decafa-fast"
     try:
-        return run_command(argv)
+        with warnings.catch_warnings():
+            if not debug:
+                _one_line_warnings(prefix)
+            return run_command(argv)
     except SystemExit:  # --help
         raise
+    except KeyboardInterrupt as error:
+        if debug:
+            raise
+        kept = str(error) if isinstance(error, Interrupted) else ""
+        print(f"{prefix}: interrupted{': ' + kept if kept else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         message = None if debug else user_message(error)
         if message is None:
             raise
         line = " ".join(message.split())  # one line, whatever the message's formatting
-        prefix = f"decafa-fast {command}" if command else "decafa-fast"
         print(f"{prefix}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _one_line_warnings(prefix: str) -> None:
+    """Show the application's own warnings as one line each, `PREFIX: warning: ...` (a library's warnings keep
+    their usual form, with the file and line that raised them)."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(APP_DIR):
+            print(f"{prefix}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("default")
+    warnings.showwarning = one_line
 
 
 if __name__ == "__main__":

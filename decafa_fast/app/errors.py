@@ -6,7 +6,7 @@ escapes is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["Interrupted", "UserError"]
 
 
 class UserError(Exception):
@@ -16,3 +16,12 @@ class UserError(Exception):
         message = " ".join(str(message).split())  # one line, whatever the caller's formatting
         super().__init__(message)
         self.message = message
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what the command had written and kept (the CLI prints it, exit status 130)."""
+
+    def __init__(self, kept: str) -> None:
+        kept = " ".join(str(kept).split())
+        super().__init__(kept)
+        self.kept = kept

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from .. import ops
+from .errors import Interrupted
+from .files import WriteError, write_atomically
 
 __all__ = ["LastStage", "check_onnx", "export_onnx", "soft_argmax_standard", "standard_ops"]
 
@@ -68,14 +71,26 @@ def standard_ops() -> contextlib.AbstractContextManager[str]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = 18, batch: int = 2) -> Path:
-    """Export `model` (a DeCaFA) to `path` with a dynamic batch size; returns the path."""
+    """Export `model` (a DeCaFA) to `path` with a dynamic batch size; returns the path. The exporter writes into a
+    temporary folder; the file then replaces `path` atomically (a failed write names `path`, see files.py)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise WriteError(f"--out {str(path)!r} is a folder; name the ONNX file to write, e.g. "
+                         f"{str(path / 'decafa.onnx')!r}")
     config = model.config
     wrapper = LastStage(model).eval()
     example = torch.rand(batch, config.image_channels, config.image_size, config.image_size)
     names = [f"landmarks_{m}" for m in config.markups]
     log = io.StringIO()  # the exporter narrates its steps on stdout; keep them for when it fails
+    with tempfile.TemporaryDirectory(prefix="decafa-export-") as folder:
+        scratch = Path(folder) / path.name
+        _export(wrapper, example, scratch, names, opset, log)
+        data = scratch.read_bytes()
+    return write_atomically(path, data, what="ONNX model")
+
+
+def _export(wrapper: nn.Module, example: torch.Tensor, scratch: Path, names: list[str], opset: int,
+            log: io.StringIO) -> None:
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed" notices are irrelevant here
@@ -83,7 +98,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 18, batch: int 
         with standard_ops(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")  # the exporter's own deprecation / torchvision notices
             torch.onnx.export(
-                wrapper, (example,), str(path), input_names=["images"], output_names=names, opset_version=opset,
+                wrapper, (example,), str(scratch), input_names=["images"], output_names=names, opset_version=opset,
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
                 external_data=False, verbose=False,
             )
@@ -92,7 +107,6 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 18, batch: int 
         raise
     finally:
         onnx_logger.setLevel(level)
-    return path
 
 
 def check_onnx(model: nn.Module, path: str | Path, images: torch.Tensor,
@@ -128,15 +142,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data.synthetic import SyntheticFaces
-    from .training.checkpoint import load_model
+    from .model.checkpoint import load_model
 
-    model, config = load_model(args.checkpoint, map_location="cpu")
-    path = export_onnx(model, args.out, opset=args.opset)
+    try:
+        model, config = load_model(args.checkpoint, map_location="cpu")
+        path = export_onnx(model, args.out, opset=args.opset)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(f"nothing was written ({args.out} appears only once the export is complete)") from interrupt
     size_mb = path.stat().st_size / 2**20
     outputs = ", ".join(f"landmarks_{m} (B, {n}, 2)" for m, n in zip(config.markups, config.n_points))
     print(f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}): input images (B, {config.image_channels}, "
           f"{config.image_size}, {config.image_size}), outputs {outputs}")
+    try:
+        return _check(args, model, config, path)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(f"kept {path}; its onnxruntime check did not finish") from interrupt
+
+
+def _check(args: argparse.Namespace, model: nn.Module, config, path: Path) -> int:
+    from .data.synthetic import SyntheticFaces
+
     if args.no_check:
         return 0
     faces = SyntheticFaces(args.check_batch, size=config.image_size, seed=12345)

@@ -15,7 +15,7 @@ import torch
 from decafa_fast.app import cli
 from decafa_fast.app.data import SyntheticFaces, w300, wflw
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.model.checkpoint import save_checkpoint
 
 SIZE = 32
 
@@ -142,6 +142,19 @@ def cases() -> list[tuple[str, list[str], str]]:
          "--detector-model"),
         ("predict-markups", ["predict", "{photo.png}", "--checkpoint", "{good.pt}", "--markups", "abc"], "abc"),
         ("unknown-command", ["fly"], "fly"),
+        ("evaluate-checkpoint-folder", ["evaluate", "--checkpoint", "{tmp}"], "is a folder, not a checkpoint file"),
+        ("evaluate-checkpoint-png", ["evaluate", "--checkpoint", "{photo.png}"],
+         "photo.png' is not a readable decafa-fast checkpoint: it is a PNG image"),
+        ("predict-checkpoint-text", ["predict", "{photo.png}", "--checkpoint", "{notes.txt}"], "it is a text file"),
+        ("evaluate-out-file", ["evaluate", "--checkpoint", "{good.pt}", "--out", "{notes.txt}"],
+         "notes.txt' is a file, not a folder"),
+        ("evaluate-json-folder", ["evaluate", "--checkpoint", "{good.pt}", "--json", "{tmp}"], "is a folder"),
+        ("predict-out-file", ["predict", "{photo.png}", "--checkpoint", "{good.pt}", "--out", "{notes.txt}"],
+         "--out '{notes.txt}' is a file, not a folder"),
+        ("export-out-folder", ["export", "--checkpoint", "{good.pt}", "--out", "{tmp}"], "is a folder; name the ONNX"),
+        ("train-out-file", ["train", "--preset", "tiny", "--out", "{notes.txt}"], "is a file, not a folder"),
+        ("predict-detector-model-text", ["predict", "{photo.png}", "--checkpoint", "{good.pt}", "--detector-model",
+                                         "{notes.txt}"], "notes.txt' is not a YuNet ONNX model"),
     ]
     return table
 
@@ -157,7 +170,8 @@ def test_one_line_and_status_2(files, tmp_path, capsys, monkeypatch, case_id, ar
     assert code == 2, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("decafa-fast") and ": error: " in lines[0]
-    assert expected in lines[0], lines[0]
+    assert re.sub(r"\{([\w.]+)\}", lambda m: names[m.group(1)], expected) in lines[0], lines[0]
+    assert "weights_only" not in err and "File exists" not in err
 
 
 @pytest.mark.slow
@@ -188,3 +202,76 @@ def test_unreadable_images_are_skipped_with_status_1(files, tmp_path, capsys):
     assert code == 1 and "Traceback" not in err
     assert sum("skipped:" in line for line in err.splitlines()) == 2 and "text.jpg" in err and "half.png" in err
     assert (tmp_path / "out" / "ok_landmarks.png").is_file()
+
+
+# ---- a full disk: every error names the file -----------------------------------------------------------
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """Every write to a file under tmp_path/full fails with ENOSPC, as on a full disk (the error carries no file
+    name, as a failed write() does not)."""
+    import builtins
+    import errno
+
+    root = tmp_path / "full"
+    root.mkdir()
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax") and str(file).startswith(str(root)):
+            return FullFile(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    return root
+
+
+@pytest.mark.parametrize("argv, target", [
+    (["evaluate", "--data", "synthetic:2", "--checkpoint", "{good.pt}", "--no-progress", "--out", "{full}/eval"],
+     "eval/ced.png"),
+    (["evaluate", "--data", "synthetic:2", "--checkpoint", "{good.pt}", "--no-progress", "--json", "{full}/r.json",
+      "--ced", "{tmp}/ced.png"], "r.json"),
+    (["evaluate", "--data", "synthetic:2", "--checkpoint", "{good.pt}", "--no-progress", "--ced", "{full}/c.png"],
+     "c.png"),
+    (["predict", "{photo.png}", "--checkpoint", "{good.pt}", "--detector", "none", "--out", "{full}/p"],
+     "p/photo_landmarks.png"),
+    (["predict", "{photo.png}", "--checkpoint", "{good.pt}", "--detector", "none", "--no-annotate", "--out",
+      "{full}/p"], "p/predictions.json"),
+    (["train", "--preset", "tiny", "--no-progress", "--device", "cpu", "--steps", "1", "--out", "{full}/run"],
+     "run/metrics.csv"),
+], ids=["evaluate-out", "evaluate-json", "evaluate-ced", "predict-image", "predict-json", "train"])
+def test_full_disk_names_the_file(files, full_disk, tmp_path, capsys, monkeypatch, argv, target):
+    monkeypatch.delenv("DECAFA_DEBUG", raising=False)
+    names = {k: str(v) for k, v in files.items()} | {"tmp": str(tmp_path), "full": str(full_disk)}
+    argv = [re.sub(r"\{([\w.]+)\}", lambda m: names[m.group(1)], a) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"'{full_disk / target}': No space left on device; free some space or choose another --" in lines[0]
+    assert not list(full_disk.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_full_disk_names_the_onnx_file(files, full_disk, capsys):
+    out = full_disk / "m.onnx"
+    assert cli.main(["export", "--checkpoint", str(files["good.pt"]), "--out", str(out), "--no-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"decafa-fast export: error: cannot write ONNX model '{out}': No space left on device; free some "
+                   "space or choose another --out")

@@ -183,7 +183,7 @@ def tiny_checkpoint(tmp_path):
     import torch
 
     from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-    from decafa_fast.app.training.checkpoint import save_checkpoint
+    from decafa_fast.app.model.checkpoint import save_checkpoint
 
     config = DeCaFAConfig(stages=1, image_size=32, embedding_channels=8, widths=(8, 8, 8))
     torch.manual_seed(0)

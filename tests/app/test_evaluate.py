@@ -16,7 +16,7 @@ from decafa_fast.app.data import SyntheticFaces, crop, derive_from_wflw98, w300,
 from decafa_fast.app.evaluation import metrics
 from decafa_fast.app.evaluation.evaluate import evaluate_records, model_points, predict_records
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-from decafa_fast.app.training.checkpoint import save_checkpoint
+from decafa_fast.app.model.checkpoint import save_checkpoint
 
 SIZE = 32
 
@@ -167,3 +167,37 @@ def test_landmarks_far_outside_the_image_are_rejected(tmp_path):
     w300.write_pts(data / "a.pts", points + 1.0)
     with pytest.raises(ValueError, match=r"a\.pts:11: landmark 0 is .*must be finite pixel positions"):
         cli.run_command(["evaluate", "--data", f"folder:{data}", "--checkpoint", str(ckpt)])
+
+
+def test_evaluate_writes_files_only_where_asked(tmp_path, capsys, monkeypatch):
+    """No --out, --json or --ced: nothing is written (not even into the working folder); --json puts the plot
+    beside it; --out DIR holds results.json and ced.png."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    base = ["evaluate", "--data", "synthetic:2", "--checkpoint", str(ckpt), "--no-progress"]
+    assert cli.main(base) == 0
+    assert list(cwd.iterdir()) == []
+    assert "no files written (--out DIR saves the results and the CED plot" in capsys.readouterr().out
+    assert cli.main([*base, "--json", str(tmp_path / "j" / "r.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "j").iterdir()) == ["r.json", "r_ced.png"]
+    assert cli.main([*base, "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["ced.png", "results.json"]
+    assert (tmp_path / "o" / "ced.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"][0]["faces"] == 2
+    assert list(cwd.iterdir()) == []
+
+
+def test_ctrl_c_during_evaluate_is_one_line(tmp_path, capsys, monkeypatch):
+    from decafa_fast.app.evaluation import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_synthetic", interrupted)
+    code = cli.main(["evaluate", "--data", "synthetic:2", "--checkpoint", str(tiny_checkpoint(tmp_path / "t.pt")),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip() == ("decafa-fast evaluate: interrupted: nothing was written (the results are "
+                                           "written once every face is evaluated)")

@@ -14,7 +14,7 @@ from decafa_fast import ops, reference
 from decafa_fast.app import cli
 from decafa_fast.app.export import LastStage, check_onnx, soft_argmax_standard
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
-from decafa_fast.app.training.checkpoint import load_model, save_checkpoint
+from decafa_fast.app.model.checkpoint import load_model, save_checkpoint
 
 SIZE = 32
 

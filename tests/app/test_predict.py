@@ -15,8 +15,8 @@ from decafa_fast.app import cli
 from decafa_fast.app.data import SyntheticFaces
 from decafa_fast.app.data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, crop_from_box, crop_whole_image
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.model.checkpoint import save_checkpoint
 from decafa_fast.app.prediction.aligner import Face, FaceAligner, FaceDetector, LandmarkSmoother
-from decafa_fast.app.training.checkpoint import save_checkpoint
 
 SIZE = 32
 
@@ -218,5 +218,79 @@ def test_the_run_reports_faces_per_image(tmp_path, capsys):
     assert cli.main(["predict", str(image), str(tmp_path / "b.png"), "--checkpoint", str(ckpt), "--out",
                      str(tmp_path / "out"), "--detector", "none", "--boxes", str(boxes)]) == 0
     captured = capsys.readouterr()
-    assert f"{image}: warning: no face detected" in captured.err
+    # with --detector none no face is looked for: the whole image is the expected result, not a warning
+    assert f"{image}: aligned the whole image as one face (--detector none)" in captured.out
+    assert "warning" not in captured.err
     assert "b.png: 2 face(s) from --boxes" in captured.out
+    assert "face detector: none (every image is aligned as a whole); images listed in --boxes use the boxes" \
+        in captured.out
+
+
+def test_predict_names_its_detector_and_draws_a_legend(tmp_path, capsys):
+    """The run says which detector ran; each annotated image is the picture, untouched outside the drawn points,
+    above a legend strip with one line per markup in its colour and one for the face boxes."""
+    from decafa_fast.app.prediction.predict import COLOURS, draw, legend_lines
+
+    frame = synthetic_frames(1)[0]
+    cv2.imwrite(str(tmp_path / "face.png"), frame)
+    code = cli.main(["predict", str(tmp_path / "face.png"), "--checkpoint", str(tiny_checkpoint(tmp_path / "t.pt")),
+                     "--out", str(tmp_path / "out"), "--detector", "none"])
+    out = capsys.readouterr().out
+    assert code == 0 and "face detector: none (every image is aligned as a whole)" in out
+    annotated = cv2.imread(str(tmp_path / "out" / "face_landmarks.png"))
+    assert annotated.shape[0] > frame.shape[0] and annotated.shape[1] >= frame.shape[1]
+    strip = annotated[frame.shape[0]:]
+    for colour in COLOURS:  # each markup's colour appears in the legend strip
+        assert (np.abs(strip.astype(int) - colour).sum(axis=2) < 40).any(), colour
+
+    face = Face(box=np.array([2.0, 2.0, 40.0, 40.0]), source="detector",
+                landmarks={"wflw98": np.full((98, 2), 10.0), "celeba5": np.full((5, 2), 20.0)})
+    lines = legend_lines([face], ["wflw98", "celeba5"], "yuface")
+    assert lines == [("wflw98 (98 points)", COLOURS[0]), ("celeba5 (5 points)", COLOURS[1]),
+                     ("box: detected by yuface", (255, 255, 255))]
+    canvas = draw(frame, [face], ["wflw98", "celeba5"], "yuface")
+    assert canvas.shape[0] == frame.shape[0] + 18 * 3 + 6
+    untouched = np.ones(frame.shape[:2], bool)
+    untouched[:44, :44] = False  # the box and the points
+    assert np.array_equal(canvas[:frame.shape[0], :frame.shape[1]][untouched], frame[untouched])
+
+
+def test_detector_model_that_opencv_cannot_load_is_one_line(tmp_path, capfd):
+    """A text file given as --detector-model: one line naming it, no cv2.error traceback."""
+    (tmp_path / "model.onnx").write_text("not a model")
+    frame = synthetic_frames(1)[0]
+    cv2.imwrite(str(tmp_path / "face.png"), frame)
+    code = cli.main(["predict", str(tmp_path / "face.png"), "--checkpoint", str(tiny_checkpoint(tmp_path / "t.pt")),
+                     "--out", str(tmp_path / "out"), "--detector-model", str(tmp_path / "model.onnx")])
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err and "cv2.error" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"decafa-fast predict: error: --detector-model '{tmp_path / 'model.onnx'}' is not a "
+                                "YuNet ONNX model that OpenCV")
+
+
+def test_ctrl_c_during_predict_keeps_the_images_done(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first of two images: exit 130, predictions.json holds the first, and the one line says so."""
+    frames = synthetic_frames(2)
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(tmp_path / f"p{i}.png"), frame)
+    real = FaceAligner.align_many
+    calls = []
+
+    def align_many(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaceAligner, "align_many", align_many)
+    out = tmp_path / "out"
+    code = cli.main(["predict", str(tmp_path / "p0.png"), str(tmp_path / "p1.png"), "--checkpoint",
+                     str(tiny_checkpoint(tmp_path / "t.pt")), "--out", str(out), "--detector", "none",
+                     "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"decafa-fast predict: interrupted: kept the 1 image(s)/frame(s) done so "
+                                            f"far in {out / 'predictions.json'} and 1 annotated file(s) in {out}")
+    assert [e["source"] for e in json.loads((out / "predictions.json").read_text())] == [str(tmp_path / "p0.png")]

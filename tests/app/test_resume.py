@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from decafa_fast.app.cli import main
-from decafa_fast.app.training.checkpoint import load_checkpoint
+from decafa_fast.app.model.checkpoint import CHECKSUM, content_checksum, load_checkpoint
 from decafa_fast.app.training.config import TrainConfig
 from decafa_fast.app.training.trainer import Trainer
 
@@ -140,6 +140,7 @@ def test_resume_says_when_the_training_data_changed(tmp_path, capsys):
     assert "training data differ" not in capsys.readouterr().out
     state = load_checkpoint(out / "checkpoint.pt")
     state["training"]["data"] = "0" * 16
+    state[CHECKSUM] = content_checksum(state)  # an edited checkpoint with a matching checksum
     torch.save(state, out / "checkpoint.pt")
     Trainer(_config(out, steps=5, resume="auto")).run()
     printed = capsys.readouterr().out

@@ -15,8 +15,8 @@ import torch
 from decafa_fast.app.cli import main
 from decafa_fast.app.errors import UserError
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.model.checkpoint import load_checkpoint, load_model, save_checkpoint
 from decafa_fast.app.training import ablate
-from decafa_fast.app.training.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--preset", "tiny", "--no-progress", "--threads", "1"]

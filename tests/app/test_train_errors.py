@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from decafa_fast.app.errors import UserError
+from decafa_fast.app.files import WriteError, write_atomically
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
+from decafa_fast.app.model.checkpoint import save_checkpoint
 from decafa_fast.app.training import train as train_cmd
-from decafa_fast.app.training.checkpoint import CheckpointWriteError, save_checkpoint, write_atomically
 from decafa_fast.app.training.config import ConfigError, TrainConfig
 
 SMALL = ["--preset", "tiny", "--no-progress", "--threads", "1", "--device", "cpu", "--image-size", "16",
@@ -141,7 +142,7 @@ def test_full_disk_names_the_checkpoint_and_leaves_no_tmp(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
-    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint '{out / 'checkpoint.pt'}': No space "
+    with pytest.raises(WriteError, match=f"cannot write checkpoint '{out / 'checkpoint.pt'}': No space "
                                                    "left on device; free some space") as error:
         _train([*SMALL, "--steps", "1", "--out", str(out)])
     _one_line(error)
@@ -153,7 +154,7 @@ def test_atomic_write_keeps_the_previous_file_when_a_write_fails(tmp_path):
     target = tmp_path / "checkpoint.pt"
     write_atomically(target, b"previous")
     (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
-    with pytest.raises(CheckpointWriteError) as error:
+    with pytest.raises(WriteError) as error:
         write_atomically(target, torch.zeros(1000).numpy().tobytes())
     assert error.value.errno == 28  # ENOSPC
     assert target.read_bytes() == b"previous" and not os.path.lexists(tmp_path / "checkpoint.pt.tmp")
@@ -183,12 +184,16 @@ def test_cli_prints_one_line_and_exits_with_status_2(finished_run, tmp_path, cap
 def test_checkpoint_with_a_bad_config_value_names_file_and_setting(finished_run, tmp_path):
     """A checkpoint whose stored config says image_size "32" (a string) is refused with the file and setting,
     for resuming (training config) and for loading the model (model config) alike."""
-    from decafa_fast.app.training.checkpoint import load_checkpoint, load_model
+    from decafa_fast.app.model.checkpoint import CHECKSUM, content_checksum, load_checkpoint, load_model
 
     state = load_checkpoint(finished_run / "checkpoint.pt")
     state["training"]["config"]["image_size"] = "32"
     state["config"]["image_size"] = "32"
     edited = tmp_path / "edited.pt"
+    torch.save(state, edited)  # the stored checksum no longer matches: refused as corrupt
+    with pytest.raises(UserError, match="edited.pt' is corrupt: its content does not match the checksum"):
+        _train(["--resume", str(edited), "--steps", "5", "--out", str(tmp_path / "run")])
+    state[CHECKSUM] = content_checksum(state)  # an edit with a matching checksum: its settings are still checked
     torch.save(state, edited)
     with pytest.raises(UserError, match="edited.pt' holds an invalid training config: image_size must be an "
                                         "integer, got '32'"):
@@ -196,3 +201,118 @@ def test_checkpoint_with_a_bad_config_value_names_file_and_setting(finished_run,
     with pytest.raises(ValueError, match="edited.pt' holds an invalid model config: image_size must be an "
                                          "integer, got '32'"):
         load_model(edited)
+
+
+# ---- a run folder is never replaced unasked; Ctrl-C says what is kept -----------------------------------
+def test_a_run_folder_is_not_replaced_without_overwrite(finished_run, tmp_path, capsys):
+    """`train --out DIR` over a run is refused (naming --resume auto and --overwrite) and changes nothing;
+    with --overwrite it starts over."""
+    import shutil
+
+    from decafa_fast.app.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(["train", *SMALL, "--steps", "3", "--seed", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"decafa-fast train: error: --out '{run}' already holds a run ('{run / 'checkpoint.pt'}'); "
+                   "continue it with --resume auto, start it over with --overwrite (its checkpoint, metrics.csv and "
+                   "summary.json are replaced), or choose another --out")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # resuming another checkpoint into it would replace it as well
+    assert main(["train", "--resume", str(finished_run / "checkpoint.pt"), "--steps", "3", "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--steps", "3", "--seed", "1", "--out", str(run), "--overwrite"]) == 0
+    from decafa_fast.app.model.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 3
+    assert (run / "checkpoint.pt").read_bytes() != before["checkpoint.pt"]
+
+
+def test_out_naming_a_file_says_so(tmp_path, capsys):
+    from decafa_fast.app.cli import main
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    assert main(["train", *SMALL, "--steps", "1", "--out", str(blocker)]) == 2
+    assert capsys.readouterr().err.strip() == (f"decafa-fast train: error: --out '{blocker}' is a file, not a folder; "
+                                               "choose a folder (it is made if missing)")
+
+
+@pytest.mark.parametrize("save_every", [1, 0], ids=["with-checkpoint", "before-any-checkpoint"])
+def test_ctrl_c_ends_train_with_one_line_saying_what_is_kept(tmp_path, capsys, monkeypatch, save_every):
+    """Ctrl-C (a KeyboardInterrupt at the third step) ends `train` with exit status 130 and one line naming the
+    checkpoint kept and how to continue; no traceback."""
+    from decafa_fast.app.cli import main
+    from decafa_fast.app.training.trainer import Trainer
+
+    real_step = Trainer.step
+    calls = []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "run"
+    code = main(["train", *SMALL, "--steps", "5", "--save-every", str(save_every), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    if save_every:
+        assert err.strip() == (f"decafa-fast train: interrupted: stopped at step 2 of 5; kept {out / 'checkpoint.pt'} "
+                               f"(step 2) and {out / 'metrics.csv'}; continue with --resume auto --out {out}")
+        monkeypatch.setattr(Trainer, "step", real_step)
+        assert main(["train", "--resume", "auto", "--out", str(out)]) == 0  # the line's advice works
+    else:
+        assert err.strip() == ("decafa-fast train: interrupted: stopped at step 2 of 5; no checkpoint was written "
+                               "yet; --save-every N saves one every N steps")
+        assert not (out / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_sigint_ends_train_with_one_line_and_status_130(tmp_path):
+    """A real SIGINT (Ctrl-C in a terminal) during `decafa-fast train`, once a checkpoint exists."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "decafa_fast.app.cli", "train", *SMALL, "--steps", "100000",
+                             "--save-every", "1", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith("decafa-fast train: interrupted: stopped at step ")
+    assert f"kept {out / 'checkpoint.pt'} (step " in lines[0] and "continue with --resume auto" in lines[0]
+
+
+def test_ablate_does_not_replace_the_runs_of_its_rows_without_overwrite(tmp_path):
+    import argparse as _argparse
+
+    from decafa_fast.app.training import ablate
+
+    parser = _argparse.ArgumentParser()
+    ablate.add_arguments(parser)
+    (tmp_path / "row2").mkdir()
+    (tmp_path / "row2" / "checkpoint.pt").write_bytes(b"a run")
+    with pytest.raises(UserError, match=f"--out '{tmp_path}' already holds runs of these rows "
+                                        f"\\({tmp_path / 'row2'}\\); replace them with --overwrite") as error:
+        ablate.run(parser.parse_args(["--rows", "1,2", "--out", str(tmp_path)]))
+    _one_line(error)
+    assert not (tmp_path / "row1").exists() and (tmp_path / "row2" / "checkpoint.pt").read_bytes() == b"a run"
+    assert ablate.row_config(parser.parse_args(["--out", str(tmp_path), "--overwrite"]), 1).overwrite

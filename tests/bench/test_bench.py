@@ -159,12 +159,47 @@ def test_launcher_finds_the_suite_or_says_in_one_line_where_it_is(monkeypatch, t
     monkeypatch.setattr(launcher, "SUITE_DIRS", (tmp_path / "site" / "bench", wheel_copy))
     assert launcher.suite_dir() == wheel_copy
     monkeypatch.setattr(launcher, "SUITE_DIRS", (tmp_path / "nowhere",))
-    monkeypatch.delitem(sys.modules, "decafa_bench_run", raising=False)
     from decafa_fast.app import cli
 
     assert cli.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "python bench/run.py" in err
+
+
+def test_launcher_runs_the_suite_as_a_script_by_path_on_this_package():
+    """The runner is a program of its own, run by path: the package never imports bench/ (no import cycle, no
+    sys.path edits), and the child process imports this copy of decafa_fast first."""
+    command, env = launcher.runner_command(ROOT / "bench", ["--quick"])
+    assert command == [sys.executable, "-B", str(ROOT / "bench" / "run.py"), "--quick"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    probe = ("import sys, decafa_fast.app.benchmark, decafa_fast.app.cli; "
+             "bench = [m for m in sys.modules if m in ('run', 'measure', 'report', 'conftest', 'decafa_bench_run')]; "
+             "assert not bench, bench; print(decafa_fast.__file__)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(ROOT / "decafa_fast" / "__init__.py")
+    assert "sys.path" not in (ROOT / "decafa_fast" / "app" / "benchmark.py").read_text().split('"""')[2]
+
+
+@pytest.mark.slow
+def test_bench_report_through_the_cli_marks_busy_and_unranked_rows(tmp_path, capfd):
+    """`decafa-fast bench --report ROWS.jsonl`, through the launcher's child process: the table marks the rows
+    and the warnings are printed, one line each."""
+    base = dict(suite="ops", op="soft_argmax", dtype="float32", batch=8, gbps=1.0, floor_pct=5.0, peak_bytes=2**20,
+                **{"pass": "fwd"})
+    rows = [dict(base, backend="reference", time_s=1e-3, min_s=1e-3, median_s=1.1e-3, max_s=1.5e-3, loadavg_1m=0.5,
+                 cores=2),
+            dict(base, backend="cpp", time_s=0.9e-3, min_s=0.9e-3, median_s=1e-3, max_s=1.4e-3, speedup=1.11,
+                 loadavg_1m=9.0, cores=2)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from decafa_fast.app import cli
+
+    assert cli.main(["bench", "--report", str(path)]) == 0
+    out = capfd.readouterr().out
+    assert "| busy, spread > gap |" in out
+    assert sum(line.startswith("warning: ") for line in out.splitlines()) == 2
 
 
 @pytest.mark.slow
@@ -218,6 +253,38 @@ def test_decafa_fast_bench_end_to_end_tiny(tmp_path):
     assert (folder / "summary.md").read_text().startswith("# decafa-fast bench")
     for name in ("ops_time_vs_batch.png", "model_time_vs_batch.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_decafa_fast_bench_keeps_the_rows_and_says_so(tmp_path):
+    """SIGINT to the terminal's process group (Ctrl-C) once a row is measured: the launcher and the runner both
+    get it; the runner prints the rows so far and one line naming the file that keeps them; exit status 130."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "decafa_fast.app.cli", "bench", "--size", "tiny", "--quick",
+                             "--backends", "reference", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(p.stat().st_size for p in out.glob("*.jsonl")):
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    (rows,) = out.glob("*.jsonl")
+    assert stderr.strip().splitlines() == [
+        f"decafa-fast bench: interrupted: kept the {len(rows.read_text().splitlines())} row(s) measured so far in "
+        f"{rows} (python bench/run.py --report {rows} prints them)"]
+    assert "| soft_argmax" in stdout and "Traceback" not in stdout + stderr
 
 
 def _load_bench_script(name: str):
@@ -319,3 +386,91 @@ def test_gpu_check_script_without_a_gpu(tmp_path):
         assert f"| {step} | skipped: out of time |" in text
     assert "| decafa_head | fwd  | float32 | 8 | cpp       |" in text and "3.00x" in text
     assert (out / "steps.log").is_file()
+
+
+# ---- load, spread, marks and plots ----------------------------------------------------------------------
+def _op_row(backend, batch, time_s, max_s, pass_="fwd", load=0.5, cores=2, **extra):
+    return dict(suite="ops", op="decafa_head", dtype="float32", batch=batch, backend=backend, time_s=time_s,
+                min_s=time_s, median_s=(time_s + max_s) / 2, max_s=max_s, loadavg_1m=load, cores=cores,
+                **{"pass": pass_}, **extra)
+
+
+def test_rows_are_marked_when_busy_or_when_their_spread_exceeds_the_gap():
+    ref = _op_row("reference", 8, 10e-3, 11e-3)
+    clear = _op_row("cpp", 8, 2e-3, 2.5e-3, speedup=5.0)  # gap 8 ms, spreads 1 and 0.5 ms
+    close = _op_row("kornia", 8, 9.5e-3, 10.2e-3, speedup=1.05)  # gap 0.5 ms < the reference's 1 ms spread
+    busy = _op_row("cpp", 8, 3e-3, 3.1e-3, pass_="fwd", load=9.0)
+    rows = [ref, clear, close]
+    assert report.spread(ref) == pytest.approx(0.1) and report.spread(dict(ref, max_s=None)) is None
+    assert report.row_marks(ref, rows) == "" and report.row_marks(clear, rows) == ""
+    assert report.row_marks(close, rows) == "spread > gap"
+    assert report.row_marks(busy, [ref, busy]) == "busy"
+    assert report.row_marks(dict(close, loadavg_1m=3.0), rows) == "busy, spread > gap"
+    assert report.run_warnings(rows + [busy]) == [
+        "warning: the machine was busy during 1 of 4 rows (1-minute load average up to 9.0 on 2 cores; marked "
+        "'busy'): their times include waiting for the CPU; rerun on an idle machine before comparing them",
+        "warning: 1 row(s) have timed rounds spread wider than their gap to the reference (marked 'spread > gap'): "
+        "they cannot be ranked against it"]
+    assert report.run_warnings([ref, clear]) == []
+    table = report.format_op_table(rows)
+    assert [c.strip() for c in table.splitlines()[0].split("|")][6:8] == ["time (ms)", "spread"]
+    assert table.splitlines()[4].rstrip(" |").endswith("spread > gap") and "10%" in table.splitlines()[2]
+    assert run.report_line(busy, [ref, busy]) == "decafa_head fwd float32 B8 cpp: 3.000 ms (spread 3%) [busy]"
+    summary = report.summarize(rows + [busy], {}, None)
+    assert "1-minute load average as the rows ended: 0.5 to 9.0 on 2 cores" in summary
+    assert summary.count("warning: ") == 2
+
+
+def test_busy_warning_compares_the_load_with_the_cores():
+    assert report.busy_warning(None, 2) is None and report.busy_warning(2.0, 2) is None
+    line = report.busy_warning(9.04, 2)
+    assert line.startswith("warning: the machine is busy: 1-minute load average 9.0 on 2 cores") and "\n" not in line
+    load, cores = measure.load_and_cores()
+    assert cores >= 1 and (load is None or load >= 0)
+    assert {"loadavg_1m", "cores"} <= set(measure.device_snapshot(torch.device("cpu")))
+
+
+def test_pytest_benchmark_rows_carry_the_spread_of_their_rounds(tmp_path):
+    data = {"benchmarks": [{"name": "x", "extra_info": dict(suite="ops", time_s=1.0),
+                            "stats": {"min": 1.0, "median": 1.5, "max": 3.0, "rounds": 5}}], "machine_info": {}}
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    (row,), _ = report.load_rows(tmp_path / "b.json")
+    assert (row["min_s"], row["median_s"], row["max_s"], row["rounds"]) == (1.0, 1.5, 3.0, 5)
+    assert report.spread(row) == 2.0
+    bench_conftest = _load_bench_script("conftest")  # bench/conftest.py: the same numbers from the live fixture
+
+    stats = type("S", (), {"min": 1.0, "median": 1.5, "max": 3.0, "rounds": 5})()
+    fixture = type("B", (), {"stats": type("M", (), {"stats": stats})()})()
+    assert bench_conftest._spread_of(fixture) == {"min_s": 1.0, "median_s": 1.5, "max_s": 3.0, "rounds": 5}
+    assert bench_conftest._spread_of(None) == {}
+
+
+def test_plots_show_every_batch_size_and_tell_passes_and_backends_apart(tmp_path):
+    """A quick run's single batch size is one labelled column with a point per (backend, pass), side by side, each
+    with its colour and marker and a legend entry; several batch sizes are all on the axis."""
+    import matplotlib.pyplot as plt
+
+    quick = [_op_row(be, 8, t, t * 1.1, pass_=p) for be, t in (("reference", 4e-3), ("cpp", 1e-3))
+             for p in ("fwd", "fwd+bwd")]
+    fig = report.figure(quick)
+    (ax,) = [a for a in fig.axes if a.has_data()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(labels) == ["cpp fwd", "cpp fwd+bwd", "reference fwd", "reference fwd+bwd"]
+    handles, _ = ax.get_legend_handles_labels()
+    data_lines = [h.lines[0] for h in handles]  # each series' errorbar container: its points' line first
+    assert len({(line.get_color(), line.get_marker()) for line in data_lines}) == 4  # every series looks different
+    assert len({line.get_color() for line in data_lines}) == 2 and len({line.get_marker() for line in data_lines}) == 2
+    xs = sorted(float(line.get_xdata()[0]) for line in data_lines)
+    assert len(set(xs)) == 4 and -0.5 < xs[0] and xs[-1] < 0.5  # side by side within the column
+    plt.close(fig)
+
+    sweep = [_op_row(be, b, 1e-3 * b, 1.1e-3 * b) for be in ("reference", "cpp") for b in (1, 8, 64)]
+    sweep.append(_op_row("cpp", 256, 0.2, 0.21, load=9.0))  # a busy row: circled, and named in the legend
+    fig = report.figure(sweep)
+    (ax,) = [a for a in fig.axes if a.has_data()]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "8", "64", "256"]
+    assert "marked (busy / spread > gap)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+    png = report.plot_rows(sweep, tmp_path / "ops.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC

@@ -123,17 +123,16 @@ def test_targets_of_issue_16():
 
 
 def test_decafa_fast_bench_runs_it(tmp_path, monkeypatch):
-    """`decafa-fast bench --cpu-floor` passes --quick, --out and --backends on to bench/cpu_floor.py."""
-    import argparse
+    """`decafa-fast bench --cpu-floor` (bench/run.py, which the command runs as a script) passes --quick, --out and
+    --backends on to bench/cpu_floor.py."""
+    import importlib
 
-    from decafa_fast.app import benchmark as launcher
-
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as when run.py runs as a script: its folder first
+    runner = importlib.import_module("run")
+    assert Path(runner.__file__) == ROOT / "bench" / "run.py"
     calls = []
     monkeypatch.setattr(cpu_floor, "main", lambda argv: calls.append(argv) or 7)
-    parser = argparse.ArgumentParser()
-    launcher.add_arguments(parser)
-    args = parser.parse_args(["--cpu-floor", "--quick", "--backends", "reference,cpp", "--out", str(tmp_path)])
-    assert launcher.run(args) == 7
+    assert runner.main(["--cpu-floor", "--quick", "--backends", "reference,cpp", "--out", str(tmp_path)]) == 7
     assert calls == [["--json", str(tmp_path.resolve() / "cpu_floor.json"), "--quick", "--no-compile"]]
 
 

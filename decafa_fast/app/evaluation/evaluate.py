@@ -1,15 +1,16 @@
 """`decafa-fast evaluate`: a checkpoint's accuracy as the paper reports it, per test subset.
 
     decafa-fast evaluate --data 300w:/data/300W --checkpoint runs/decafa.pt --ced ced_300w.png
-    decafa-fast evaluate --data wflw:/data/WFLW --checkpoint runs/decafa.pt
+    decafa-fast evaluate --data wflw:/data/WFLW --checkpoint runs/decafa.pt --out results/wflw
     decafa-fast evaluate --data synthetic:500 --checkpoint runs/decafa.pt
 
 For each subset (300W: common, challenging, full; WFLW: test and its pose / expression / illumination /
 make-up / occlusion / blur subsets; CelebA: test; folder: all; synthetic:N: one row per markup) it prints
-the mean NME (in %), the failure rates at 0.08 and 0.10 (in %) and the AUC at 0.08 and 0.10, and saves the
-CED curves to a PNG. Each face is cropped around its ground-truth landmarks (the usual protocol for these
-benchmarks), the model's last stage predicts on the crop, and the points are mapped back to the original
-image, where the error is measured. An image that cannot be read is reported on stderr and left out of the
+the mean NME (in %), the failure rates at 0.08 and 0.10 (in %) and the AUC at 0.08 and 0.10; it writes files
+only where asked: --out DIR (results.json and ced.png), --json FILE, --ced FILE (the CED curves as a PNG).
+Each face is cropped around its ground-truth landmarks (the usual protocol for these benchmarks), the
+model's last stage predicts on the crop, and the points are mapped back to the original image, where the
+error is measured. An image that cannot be read is reported on stderr and left out of the
 table (exit status 1 after the others are evaluated); a malformed annotation stops the run (status 2).
 """
 from __future__ import annotations
@@ -32,7 +33,9 @@ from ..data.markups import MARKUPS, derive_from_wflw98
 from ..data.real import SYNTHETIC_EVAL_SEED, FaceDataset, FaceRecord, parse_data_spec, read_eval_subsets
 from ..data.synthetic import SyntheticFaces, collate_faces
 from ..device import pick_device
-from ..training.checkpoint import load_model
+from ..errors import Interrupted, UserError
+from ..files import write_text
+from ..model.checkpoint import load_model
 from . import metrics
 
 THRESHOLDS = (0.08, 0.10)
@@ -206,10 +209,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="model checkpoint (decafa-fast train)")
     parser.add_argument("--normalisation", choices=metrics.NORMALISATIONS, default="inter_ocular",
                         help="NME normaliser: outer eye corners (default) or pupils / eye centres")
-    parser.add_argument("--ced", default="ced.png", help="where to save the CED plot (default %(default)s)")
+    parser.add_argument("--out", help="folder for results.json (the table and one row per face) and ced.png (the CED "
+                                      "plot); nothing is written unless --out, --json or --ced is given")
+    parser.add_argument("--ced", help="where to save the CED plot (default: OUT/ced.png with --out, else beside "
+                                      "--json as NAME_ced.png, else no plot)")
     parser.add_argument("--ced-threshold", type=float, default=0.08, help="x-axis limit of the CED plot")
-    parser.add_argument("--json", help="also write the table and one row per face (its image file and NME) to this "
-                                       "JSON file")
+    parser.add_argument("--json", help="write the table and one row per face (its image file and NME) to this JSON "
+                                       "file (default: OUT/results.json with --out)")
     parser.add_argument("--stage", type=int, default=-1, help="which stage's output to evaluate (default last)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for reading images")
@@ -217,12 +223,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def output_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """(JSON path, CED plot path) of a run, each None when not asked for: --json and --ced name them; --out DIR
+    gives DIR/results.json and DIR/ced.png; a plot not placed otherwise goes beside the JSON. Checked before
+    any work; the folders are made when the files are written."""
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder; choose a folder (it is made if missing)")
+    json_path = Path(args.json) if args.json else (out / "results.json" if out is not None else None)
+    if args.ced:
+        ced = Path(args.ced)
+    elif out is not None:
+        ced = out / "ced.png"
+    elif json_path is not None:
+        ced = json_path.with_name(json_path.stem + "_ced.png")
+    else:
+        ced = None
+    for path, flag in ((json_path, "--json"), (ced, "--ced")):
+        if path is not None and path.is_dir():
+            raise UserError(f"{flag} {str(path)!r} is a folder; name a file (or give the folder as --out)")
+    return json_path, ced
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted("nothing was written (the results are written once every face is evaluated)") from interrupt
+
+
+def _run(args: argparse.Namespace) -> int:
     kind, rest = parse_data_spec(args.data)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.ced_threshold > 0:
         raise ValueError(f"--ced-threshold must be > 0, got {args.ced_threshold}")
+    json_path, ced_path = output_paths(args)
     device = pick_device(args.device)
     model, config = load_model(args.checkpoint, map_location=device)
     if not -config.stages <= args.stage < config.stages:
@@ -243,18 +279,21 @@ def run(args: argparse.Namespace) -> int:
     title = f"{DATA_NAMES[kind]} {rest}: NME normalised by {norm}; stage {stage} of {config.stages}; {args.checkpoint}"
     print(format_table(results, title))
     curves = {r.name: r.errors for r in results if r.n}
-    if curves:
-        path = metrics.plot_ced(curves, args.ced, threshold=args.ced_threshold,
-                                title=f"{DATA_NAMES[kind]}: cumulative error distribution")
+    if curves and ced_path is not None:
+        path = metrics.plot_ced(curves, ced_path, threshold=args.ced_threshold,
+                                title=f"{DATA_NAMES[kind]}: cumulative error distribution",
+                                flag="--ced" if args.ced else "--out" if args.out else "--json")
         print(f"CED plot: {path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
+    if json_path is not None:
+        write_text(json_path, json.dumps({
             "data": args.data, "checkpoint": str(args.checkpoint), "normalisation": args.normalisation,
             "stage": stage, "results": [r.summary() for r in results],
             "faces": {r.name: r.rows() for r in results},
             "skipped": [{"face": str(record.image), "reason": reason} for record, reason in skipped],
-        }, indent=1))
-        print(f"results: {args.json}")
+        }, indent=1), what="results", flag="--json" if args.json else "--out")
+        print(f"results: {json_path}")
+    if json_path is None and ced_path is None:
+        print("no files written (--out DIR saves the results and the CED plot; --json and --ced name them)")
     if skipped:
         print(f"{len(skipped)} face(s) skipped: their images could not be read (listed above)", file=sys.stderr)
         return 1

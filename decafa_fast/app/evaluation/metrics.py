@@ -6,12 +6,14 @@ WFLW 60/72; CelebA eye centres 0/1), "inter_pupil" = distance between the pupils
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.markups import eye_centres, get_markup
+from ..files import write_atomically
 
 __all__ = ["nme", "ced_curve", "auc", "failure_rate", "plot_ced", "NORMALISATIONS"]
 
@@ -106,8 +108,10 @@ def failure_rate(errors, threshold: float = 0.08) -> float:
     return float(np.mean(~(e <= threshold)))
 
 
-def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | None = None) -> Path:
-    """Save the CED curves of several methods / sets to a PNG; returns the path.
+def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | None = None,
+             flag: str = "--ced") -> Path:
+    """Save the CED curves of several methods / sets to a PNG; returns the path. A failed write raises
+    files.WriteError naming the path (and `flag`, the option that chose it).
 
     errors_by_name: name -> (N,) per-sample NMEs. The legend shows AUC and failure rate at `threshold`.
     """
@@ -120,7 +124,6 @@ def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | N
         raise ValueError("errors_by_name must name at least one set of errors")
     threshold = _check_threshold(threshold)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for name, errors in errors_by_name.items():
         x, y = ced_curve(errors, threshold, steps=500)
@@ -134,6 +137,7 @@ def plot_ced(errors_by_name: dict, path, threshold: float = 0.08, title: str | N
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return path
+    return write_atomically(path, png.getbuffer(), what="CED plot", flag=flag)

@@ -16,6 +16,7 @@ is what lets the procedural synthetic faces, which the cascade does not recognis
 """
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from ..data.crop import DETECTOR_SCALE, DETECTOR_SHIFT, FaceCrop, crop_from_box, crop_whole_image, read_image, to_gray
 from ..device import pick_device
 from ..errors import UserError
-from ..training.checkpoint import load_model
+from ..model.checkpoint import load_model
 from .ssd import SSD_PACKAGE, SSDFaceDetector, ssd_available
 from .yunet import YUNET_PACKAGE, YuNetFaceDetector, yunet_available
 
@@ -118,7 +119,20 @@ class FaceDetector:
         elif kind == "yunet":
             if model is None or not Path(model).is_file():
                 raise FileNotFoundError(f"detector 'yunet' needs its ONNX model file (--detector-model), got {model!r}")
-            self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
+            try:
+                self._impl = cv2.FaceDetectorYN.create(str(model), "", (320, 320), 0.8, 0.3, 5000)
+            except cv2.error as exc:
+                raise UserError(f"--detector-model {str(model)!r} is not a YuNet ONNX model that OpenCV "
+                                f"{cv2.__version__} can load ({_cv2_reason(exc)})") from exc
+        self.model = model
+
+    def describe(self) -> str:
+        """Which detector runs, in words (the `predict` command prints it)."""
+        return {"yuface": f"yuface (YuNet compiled into the {YUNET_PACKAGE} package)",
+                "ssd": f"ssd (OpenCV's ResNet-10 SSD, weights from the {SSD_PACKAGE} package)",
+                "haar": "haar (OpenCV's frontal-face Haar cascade)",
+                "yunet": f"yunet (YuNet from {self.model})",
+                "none": "none (every image is aligned as a whole)"}[self.kind]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if self.kind == "none":
@@ -140,10 +154,19 @@ class FaceDetector:
         return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
 
 
+def _cv2_reason(error: Exception) -> str:
+    """The reason in an OpenCV error ("... error: (-5:Bad argument) REASON in function 'f'"), on one line."""
+    text = " ".join(str(error).split())
+    if "error: " in text:
+        text = text.split("error: ", 1)[1]
+    text = re.sub(r"^\(-?\d+:[^)]*\)\s*", "", text)  # OpenCV's status code and its name
+    return text.split(" in function ")[0].strip() or type(error).__name__
+
+
 class FaceAligner:
     """Detect faces and predict their landmarks with a DeCaFA model.
 
-    checkpoint: path of a checkpoint written by `decafa_fast.app.training.checkpoint.save_checkpoint` (or pass `model`,
+    checkpoint: path of a checkpoint written by `decafa_fast.app.model.checkpoint.save_checkpoint` (or pass `model`,
     a DeCaFA, instead). device: "auto" (CUDA if available), "cpu", "cuda:0", ... batch_size: crops per
     forward pass. detector, detector_model, min_face: see `FaceDetector`. Boxes passed by the caller are
     face boxes like a detector's: they get the same margin (`DETECTOR_SCALE`, `DETECTOR_SHIFT`).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ from tqdm import tqdm
 from ..data.crop import ImageReadError, read_image
 from ..data.folder import list_images
 from ..data.records import IMAGE_EXTENSIONS
+from ..errors import Interrupted
+from ..files import WriteError, output_folder, write_atomically, write_text
 from .aligner import DETECTORS, Face, FaceAligner, open_video, read_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -56,16 +59,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1, ...")
 
 
-def draw(image: np.ndarray, faces: list[Face], markups: list[str]) -> np.ndarray:
-    """A BGR copy of `image` with each face's box and landmarks drawn."""
-    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
-    radius = max(1, round(max(canvas.shape[:2]) / 300))
+BOX_COLOUR = (255, 255, 255)
+BOX_SOURCES = {"detector": "detected", "given": "given by --boxes", "whole-image": "whole image, no face detected"}
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_LEGEND_TEXT = 0.45  # font scale of the legend (about 11 pixels high)
+_LEGEND_LINE = 18  # pixels per legend line
+
+
+def colour_of(index: int) -> tuple[int, int, int]:
+    """The BGR colour of the markup drawn `index`-th (the palette repeats past its end)."""
+    return COLOURS[index % len(COLOURS)]
+
+
+def legend_lines(faces: list[Face], markups: list[str], detector: str | None = None) -> list[tuple[str, tuple]]:
+    """(text, BGR colour) of each legend line: one per markup drawn, then the face boxes and where they came from."""
+    lines = [(f"{name} ({len(faces[0].landmarks[name]) if faces else '?'} points)", colour_of(i))
+             for i, name in enumerate(markups)]
+    sources = sorted({f.source for f in faces})
+    described = [BOX_SOURCES.get(src, src) + (f" by {detector}" if src == "detector" and detector else "")
+                 for src in sources]
+    lines.append(("box: " + ("; ".join(described) if described else "no face"), BOX_COLOUR))
+    return lines
+
+
+def draw(image: np.ndarray, faces: list[Face], markups: list[str], detector: str | None = None) -> np.ndarray:
+    """A BGR copy of `image` with each face's box and landmarks drawn, and below it a legend strip naming the
+    colour of each markup and where the boxes came from (`detector`: the detector's name). The image itself
+    is left uncovered; the strip widens the canvas when the image is narrower than the legend."""
+    picture = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+    radius = max(1, round(max(picture.shape[:2]) / 300))
     for face in faces:
         x0, y0, x1, y1 = (int(round(v)) for v in face.box)
-        cv2.rectangle(canvas, (x0, y0), (x1, y1), (255, 255, 255), 1)
-        for colour, name in zip(COLOURS, markups):
+        cv2.rectangle(picture, (x0, y0), (x1, y1), BOX_COLOUR, 1)
+        for i, name in enumerate(markups):
             for x, y in face.landmarks[name]:
-                cv2.circle(canvas, (int(round(x)), int(round(y))), radius, colour, -1, lineType=cv2.LINE_AA)
+                cv2.circle(picture, (int(round(x)), int(round(y))), radius, colour_of(i), -1, lineType=cv2.LINE_AA)
+    lines = legend_lines(faces, markups, detector)
+    width = max(cv2.getTextSize(text, _FONT, _LEGEND_TEXT, 1)[0][0] for text, _ in lines) + 30
+    h, w = picture.shape[:2]
+    canvas = np.zeros((h + _LEGEND_LINE * len(lines) + 6, max(w, width), 3), np.uint8)
+    canvas[:h, :w] = picture
+    for k, (text, colour) in enumerate(lines):
+        y = h + 4 + _LEGEND_LINE * k + _LEGEND_LINE // 2
+        if k < len(markups):
+            cv2.circle(canvas, (10, y), 4, colour, -1, lineType=cv2.LINE_AA)
+        else:
+            cv2.rectangle(canvas, (6, y - 4), (14, y + 4), colour, 1)
+        cv2.putText(canvas, text, (22, y + 4), _FONT, _LEGEND_TEXT, colour, 1, cv2.LINE_AA)
     return canvas
 
 
@@ -158,11 +198,62 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--markups {sorted(unknown)}: the model predicts {list(aligner.markups)}")
     boxes = _load_boxes(args.boxes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    annotate = not args.no_annotate
-    entries: list[dict] = []
+    out = output_folder(args.out)
+    detector = aligner.detector.describe()
+    print(f"face detector: {detector}" + ("; images listed in --boxes use the boxes given there" if boxes else ""))
+    written = Written(out, args.csv)
+    try:
+        failed = _predict(args, items, aligner, markups, boxes, written)
+    except KeyboardInterrupt as interrupt:
+        written.finish()
+        raise Interrupted(written.kept()) from interrupt
+    written.finish()
+    entries = written.entries
+    n_faces = sum(len(e["faces"]) for e in entries)
+    whole = sum(f["source"] == "whole-image" for e in entries for f in e["faces"])
+    several = sum(sum(f["source"] == "detector" for f in e["faces"]) > 1 for e in entries)
+    print(f"{len(entries)} images/frames, {n_faces} faces ({whole} without a detected face, aligned as the whole "
+          f"image; {several} with several faces) -> {out / 'predictions.json'}"
+          + (f", {out / 'predictions.csv'}" if args.csv else ""))
+    if failed:
+        print(f"{len(failed)} image(s) skipped because they could not be read (listed above)", file=sys.stderr)
+        return 1
+    return 0
 
+
+class Written:
+    """The run's entries and annotated files so far; `finish()` writes predictions.json (and .csv) for them,
+    also when the run is interrupted."""
+
+    def __init__(self, out: Path, csv_too: bool) -> None:
+        self.out, self.csv_too = out, csv_too
+        self.entries: list[dict] = []
+        self.annotated: list[Path] = []
+        self.files: list[Path] = []
+
+    def finish(self) -> None:
+        self.files = [write_text(self.out / "predictions.json", json.dumps(self.entries, indent=1), "predictions")]
+        if self.csv_too:
+            buffer = io.StringIO()
+            rows = csv.writer(buffer)
+            rows.writerow(["source", "frame", "face", "box_source", "markup", "point", "x", "y"])
+            for e in self.entries:
+                for i, face in enumerate(e["faces"]):
+                    for m, points in face["landmarks"].items():
+                        for j, (x, y) in enumerate(points):
+                            rows.writerow([e["source"], e.get("frame", ""), i, face["source"], m, j, x, y])
+            self.files.append(write_text(self.out / "predictions.csv", buffer.getvalue(), "predictions"))
+
+    def kept(self) -> str:
+        files = " and ".join(str(p) for p in self.files)
+        return (f"kept the {len(self.entries)} image(s)/frame(s) done so far in {files}"
+                f"{f' and {len(self.annotated)} annotated file(s) in {self.out}' if self.annotated else ''}")
+
+
+def _predict(args: argparse.Namespace, items: list[tuple[str, object]], aligner: FaceAligner, markups: list[str],
+             boxes: dict[str, np.ndarray] | None, written: Written) -> list[str]:
+    """Align every input, recording each image / frame in `written`; returns the images that could not be read."""
+    out, annotate, detector = written.out, not args.no_annotate, aligner.detector.kind
     images = [p for kind, p in items if kind == "image"]
     failed: list[str] = []
     if images:
@@ -180,10 +271,13 @@ def run(args: argparse.Namespace) -> int:
                         tqdm.write(f"skipped: {error}", file=sys.stderr)
                 results = aligner.align_many(frames, [_boxes_for(boxes, p) for p in paths]) if paths else []
                 for path, frame, faces in zip(paths, frames, results):
-                    entries.append(_entry(str(path), None, faces, markups))
-                    tqdm.write(_faces_line(path, faces), file=sys.stderr if _unusual(faces) else sys.stdout)
+                    written.entries.append(_entry(str(path), None, faces, markups))
+                    unusual = _unusual(faces) and detector != "none"
+                    tqdm.write(_faces_line(path, faces, detector), file=sys.stderr if unusual else sys.stdout)
                     if annotate:
-                        _write_image(out / f"{path.stem}_landmarks.png", draw(frame, faces, markups))
+                        target = out / f"{path.stem}_landmarks.png"
+                        _write_image(target, draw(frame, faces, markups, detector))
+                        written.annotated.append(target)
                 bar.update(len(images[start:start + chunk]))
 
     for kind, source in items:
@@ -194,44 +288,32 @@ def run(args: argparse.Namespace) -> int:
         total = (min(count, args.max_frames) if count > 0 and args.max_frames
                  else (count if count > 0 else args.max_frames))
         writer = None
+        target = out / f"{name}_landmarks.mp4"
         try:
             frames = read_frames(capture, args.max_frames)
             for index, (frame, faces) in enumerate(
                     tqdm(aligner.align_video(frames, smoothing=args.smooth), total=total, desc=name, unit="frame")):
-                entries.append(_entry(str(source), index, faces, markups))
+                written.entries.append(_entry(str(source), index, faces, markups))
                 if annotate:
+                    drawn = draw(frame, faces, markups, detector)
                     if writer is None:
-                        h, w = frame.shape[:2]
-                        writer = cv2.VideoWriter(str(out / f"{name}_landmarks.mp4"),
-                                                 cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-                    writer.write(draw(frame, faces, markups))
-        except KeyboardInterrupt:  # a webcam runs until Ctrl-C unless --max-frames is given
-            print(f"stopped {name} after {sum(e['source'] == str(source) for e in entries)} frames")
+                        h, w = drawn.shape[:2]
+                        writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        if not writer.isOpened():
+                            raise WriteError(f"cannot write video {str(target)!r}: OpenCV cannot open it for "
+                                             f"writing; check that the folder is writable, or choose another --out")
+                        written.annotated.append(target)
+                    writer.write(drawn)
+        except KeyboardInterrupt:
+            if kind != "webcam":
+                raise
+            # a webcam runs until Ctrl-C unless --max-frames is given: that is its normal end
+            print(f"stopped {name} after {sum(e['source'] == str(source) for e in written.entries)} frames")
         finally:
             capture.release()
             if writer is not None:
                 writer.release()
-
-    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
-    if args.csv:
-        with open(out / "predictions.csv", "w", newline="") as f:
-            rows = csv.writer(f)
-            rows.writerow(["source", "frame", "face", "box_source", "markup", "point", "x", "y"])
-            for e in entries:
-                for i, face in enumerate(e["faces"]):
-                    for m, points in face["landmarks"].items():
-                        for j, (x, y) in enumerate(points):
-                            rows.writerow([e["source"], e.get("frame", ""), i, face["source"], m, j, x, y])
-    n_faces = sum(len(e["faces"]) for e in entries)
-    whole = sum(f["source"] == "whole-image" for e in entries for f in e["faces"])
-    several = sum(sum(f["source"] == "detector" for f in e["faces"]) > 1 for e in entries)
-    print(f"{len(entries)} images/frames, {n_faces} faces ({whole} without a detected face, aligned as the whole "
-          f"image; {several} with several faces) -> {out / 'predictions.json'}"
-          + (f", {out / 'predictions.csv'}" if args.csv else ""))
-    if failed:
-        print(f"{len(failed)} image(s) skipped because they could not be read (listed above)", file=sys.stderr)
-        return 1
-    return 0
+    return failed
 
 
 def _unusual(faces: list[Face]) -> bool:
@@ -239,11 +321,14 @@ def _unusual(faces: list[Face]) -> bool:
     return sum(f.source == "detector" for f in faces) != 1 and not any(f.source == "given" for f in faces)
 
 
-def _faces_line(path: Path, faces: list[Face]) -> str:
-    """One line per image: how many faces were found, with a warning for none or several."""
+def _faces_line(path: Path, faces: list[Face], detector: str = "auto") -> str:
+    """One line per image: how many faces were found, with a warning for none or several (none is expected
+    with --detector none)."""
     detected = sum(f.source == "detector" for f in faces)
     if any(f.source == "given" for f in faces):
         return f"{path}: {len(faces)} face(s) from --boxes"
+    if detector == "none":
+        return f"{path}: aligned the whole image as one face (--detector none)"
     if detected == 0:
         return f"{path}: warning: no face detected; aligned the whole image as one face (pass --boxes to give it)"
     if detected > 1:
@@ -252,6 +337,8 @@ def _faces_line(path: Path, faces: list[Face]) -> str:
 
 
 def _write_image(path: Path, image: np.ndarray) -> None:
-    """cv2.imwrite that fails loudly (it only returns False) with the path."""
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"cannot write {path} (disk full, read-only or no such folder?)")
+    """The image encoded in memory (by its file name's extension), then written atomically naming the path."""
+    ok, data = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise WriteError(f"cannot encode the annotated image {str(path)!r}")
+    write_atomically(path, data.tobytes(), what="annotated image")

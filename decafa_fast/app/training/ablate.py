@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..files import write_atomically
 from . import train as train_mod
-from .checkpoint import write_atomically
 from .config import PRESETS, TrainConfig
 
 __all__ = ["TABLE1", "add_arguments", "row_config", "run"]
@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", default="runs/ablate", help="folder for each row's run and ablation.md / ablation.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the rows' runs already in --out")
 
 
 def _rows(spec: str) -> list[int]:
@@ -74,13 +75,17 @@ def row_config(args: argparse.Namespace, row: int) -> TrainConfig:
         embedding_channels=args.embedding_channels, steps=args.steps, batch_size=args.batch_size,
         train_size=args.train_size, val_size=args.val_size, seed=args.seed, fusion=fusion, transfer=transfer,
         lambdas=lambdas, device=args.device, threads=args.threads or PRESETS["cpu"]["threads"], progress=False,
-        out=str(Path(args.out) / f"row{row + 1}"))
+        out=str(Path(args.out) / f"row{row + 1}"), overwrite=bool(getattr(args, "overwrite", False)))
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     rows = _rows(args.rows)
     configs = [row_config(args, r) for r in rows]  # every row's settings checked before the first trains
+    taken = [c.out for c in configs if (Path(c.out) / "checkpoint.pt").exists()]
+    if taken and not args.overwrite:
+        raise UserError(f"--out {str(out)!r} already holds runs of these rows ({', '.join(taken)}); replace them with "
+                        f"--overwrite, or choose another --out")
     results = []
     for r, config in zip(rows, configs):
         fusion, transfer, lambdas = TABLE1[r]

@@ -82,6 +82,7 @@ class TrainConfig:
     save_every: int = 0
     out: str = "runs/train"
     resume: str | None = None  # a checkpoint path, or "auto": OUT/checkpoint.pt when it exists
+    overwrite: bool = False  # a new run may replace the run already in OUT (else it is refused)
     max_minutes: float | None = 9.5
     # runtime
     device: str = "auto"
@@ -271,7 +272,7 @@ _CHECKS = {
     "data": _sequence(_text(False), allow_empty=True), "data_weights": _sequence(_integer_text, optional=True),
     "val_data": _text(optional=True), "train_size": _integer(1), "val_size": _integer(1), "seed": _integer(0),
     "flip": _flag, "eval_every": _integer(0), "log_every": _integer(1), "save_every": _integer(0),
-    "out": _text(False), "resume": _text(optional=True), "max_minutes": _number(optional=True),
+    "out": _text(False), "resume": _text(optional=True), "overwrite": _flag, "max_minutes": _number(optional=True),
     "device": _choice("auto", "cpu", "cuda"), "amp": _choice("auto", "bf16", "off"),
     "channels_last": _choice("auto", "on", "off"), "compile": _flag, "threads": _integer(1, optional=True),
     "workers": _integer(0), "progress": _flag, "save_rank_weights": _flag,

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import write_atomically
+from ..files import write_atomically
 
 __all__ = ["MetricsLog"]
 

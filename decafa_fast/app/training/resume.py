@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .checkpoint import load_checkpoint
+from ..model.checkpoint import load_checkpoint
 from .config import ConfigError, TrainConfig
 
 __all__ = ["CHECKPOINT", "check_resumable", "read_checkpoint_for_resume", "resume_path"]

@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, help="checkpoint every N steps (default 0: only at the end)")
     t.add_argument("--out", help="output folder: checkpoint.pt, metrics.csv, summary.json (default runs/train)")
     t.add_argument("--resume", help="checkpoint to resume from ('auto': OUT/checkpoint.pt if present)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that already holds one, replacing its checkpoint, metrics.csv "
+                        "and summary.json (without it such a run is refused)")
     t.add_argument("--max-minutes", type=float,
                    help="stop early (and save) once this session has trained this long (cpu preset: 9.5)")
     r = p.add_argument_group("runtime")
@@ -88,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # flag destinations that are switches: set -> this config value
 _SWITCHES = {"no_flip": ("flip", False), "no_progress": ("progress", False), "compile": ("compile", True),
-             "save_rank_weights": ("save_rank_weights", True)}
+             "save_rank_weights": ("save_rank_weights", True), "overwrite": ("overwrite", True)}
 
 
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from ..data.transforms import hflip_batch
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..evaluation.metrics import nme
+from ..files import output_folder, write_atomically
 from ..model import DeCaFA, DeCaFAConfig, count_parameters, decafa_loss
+from ..model.checkpoint import save_checkpoint
 from . import distributed as D
 from .batches import BatchOrder, batches, build_train_sets, build_val_set, fingerprint, interleave
-from .checkpoint import save_checkpoint, write_atomically
 from .config import TrainConfig
 from .metrics_log import MetricsLog
 from .resume import CHECKPOINT, check_resumable, read_checkpoint_for_resume, resume_path
@@ -44,6 +45,7 @@ from .validation import evaluate_model, mean_shape_nme
 __all__ = ["StepResult", "Trainer"]
 
 METRICS = "metrics.csv"
+SUMMARY = "summary.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,6 +107,8 @@ class Trainer:
         self.val: dict[str, float] = {}
         self.last_set = 0  # the training set of the latest batch (named in the log row)
         self.stopped_early = False
+        self.saved_step: int | None = None  # the step of the last checkpoint this session wrote
+        self.resumed_step: int | None = None
         self.progress = None
         self._say = print if self.info.is_main else (lambda *a, **k: None)
 
@@ -115,6 +119,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         path = resume_path(cfg.resume, cfg.out)
+        self._check_out(path)
         state = None
         if path is not None:
             state, saved = read_checkpoint_for_resume(path)
@@ -127,6 +132,23 @@ class Trainer:
         self._prepare_steps()
         self._open_outputs(resumed=state is not None)
         self.session_start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def _replaces_a_run(self, resume_from: Path | None) -> bool:
+        """Whether OUT holds a run other than the one this run resumes."""
+        existing = self.out / CHECKPOINT
+        return existing.exists() and (resume_from is None or resume_from.resolve() != existing.resolve())
+
+    def _check_out(self, resume_from: Path | None) -> None:
+        """Refuse an --out that is a file, or that holds another run (unless --overwrite), before any work."""
+        if not self.info.is_main:
+            return
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {str(self.out)!r} is a file, not a folder; choose a folder (it is made if "
+                            f"missing)")
+        if self._replaces_a_run(resume_from) and not self.config.overwrite:
+            raise UserError(f"--out {str(self.out)!r} already holds a run ({str(self.out / CHECKPOINT)!r}); continue "
+                            f"it with --resume auto, start it over with --overwrite (its checkpoint, {METRICS} and "
+                            f"{SUMMARY} are replaced), or choose another --out")
 
     def _build_model(self) -> None:
         cfg = self.config
@@ -173,6 +195,10 @@ class Trainer:
         self.metrics = MetricsLog(self.out / METRICS, cfg.markups) if info.is_main else None
         if self.metrics is not None:
             self._make_out()
+            if cfg.overwrite and self._replaces_a_run(self.resumed_from):
+                # the old run goes now, so that the folder never mixes its checkpoint with this run's metrics
+                for name in (CHECKPOINT, SUMMARY):
+                    (self.out / name).unlink(missing_ok=True)
             self.metrics.start(self.step_count if resumed else None)
         self._announce()
         if info.is_main and cfg.progress:
@@ -182,11 +208,7 @@ class Trainer:
                                  mininterval=1.0)
 
     def _make_out(self) -> None:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the output folder {str(self.out)!r}: {exc.strerror or exc}; "
-                            f"choose another --out") from exc
+        output_folder(self.out)
 
     def _load_state(self, path: Path, state: dict) -> None:
         training = state["training"]
@@ -198,6 +220,7 @@ class Trainer:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{str(path)!r}: its weights or optimizer state do not fit its config ({first})") from exc
         self.step_count = int(state["step"])
+        self.resumed_step = self.step_count
         # --steps may have grown: the learning rate follows the new schedule from the resumed step (with the
         # same --steps this is exactly the stored rate)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
@@ -323,6 +346,7 @@ class Trainer:
         if self.info.is_main:
             save_checkpoint(self.out / CHECKPOINT, self.model, self.model_config, self.optimizer, self.scheduler,
                             self.step_count, {"val_nme": self.val, **(extra or {})}, training=training)
+            self.saved_step = self.step_count
 
     # ---- end --------------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -349,7 +373,7 @@ class Trainer:
                 "world_size": info.world_size, "config": self.model_config.to_dict(), "train": cfg.to_dict(),
             }
             self.save({"mean_shape_nme": baseline, "elapsed_s": summary["elapsed_s"]}, training)
-            write_atomically(self.out / "summary.json", json.dumps(summary, indent=2).encode(), what="summary")
+            write_atomically(self.out / SUMMARY, json.dumps(summary, indent=2).encode(), what="summary")
             self._report(summary, session_s, cpu_s)
         if cfg.save_rank_weights:
             weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -373,11 +397,30 @@ class Trainer:
             self.progress = None
 
     def run(self) -> dict:
-        """setup(), advance() until the run is over, finish(); returns the summary."""
+        """setup(), advance() until the run is over, finish(); returns the summary. Ctrl-C raises `Interrupted`
+        saying which checkpoint is kept."""
         try:
             self.setup()
             while self.advance():
                 pass
             return self.finish()
+        except KeyboardInterrupt as interrupt:
+            self.close_progress()
+            raise Interrupted(self.kept()) from interrupt
         finally:
             self.close_progress()
+
+    def kept(self) -> str:
+        """What an interrupted run leaves in OUT, in one line."""
+        path, steps = self.out / CHECKPOINT, self.config.steps
+        stopped = f"stopped at step {self.step_count} of {steps}"
+        if self.saved_step is not None:
+            return (f"{stopped}; kept {path} (step {self.saved_step}) and {self.out / METRICS}; continue with "
+                    f"--resume auto --out {self.out}")
+        resumed = getattr(self, "resumed_from", None)
+        if resumed is not None:
+            how = f"--resume auto --out {self.out}" if resumed == path else f"--resume {resumed}"
+            at = f" (step {self.resumed_step})" if self.resumed_step is not None else ""
+            return f"{stopped}; {resumed}{at} is unchanged; continue with {how}"
+        hint = "" if self.config.save_every else "; --save-every N saves one every N steps"
+        return f"{stopped}; no checkpoint was written yet{hint}"
