@@ -15,5 +15,5 @@ except ImportError:  # not built at install (build isolation hid torch): build o
 
     try:
         extension_path = str(_build.load_or_build())
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:  # BuildError says why in one line; an OSError names its file
         extension_error = str(exc)
