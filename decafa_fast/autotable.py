@@ -43,6 +43,8 @@ def read_table(path: Path) -> dict[str, Any]:
     in one line naming the file, for a file that is not a table of this format (or not text, or nested too
     deep to parse)."""
     if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path}: not a file")
         return {"format": FORMAT, "devices": {}}
     try:
         data = json.loads(path.read_bytes())  # bytes: JSON's own UTF-8/16/32 detection, not the locale's

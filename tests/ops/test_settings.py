@@ -99,7 +99,8 @@ def test_deep_and_undecodable_tables_are_refused_naming_the_file(tmp_path):
     nearly.write_text(json.dumps({"format": 1, "devices": {"G": {"entries": [entry]}}}))
     binary = tmp_path / "binary.json"
     binary.write_bytes(b'{"format": 1, "devices": {"\xff\xfe\x00": 1}}')
-    for path, reason in ((deep, "nested too deep"), (binary, "not UTF-8 text"), (nearly, "bad entry")):
+    for path, reason in ((deep, "nested too deep"), (binary, "not UTF-8 text"), (nearly, "bad entry"),
+                         (tmp_path, "not a file")):
         with pytest.raises(ValueError) as info:
             autotable.read_table(path)
         message = str(info.value)
