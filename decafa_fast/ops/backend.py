@@ -5,9 +5,9 @@ A `use_backend` block belongs to the context it runs in (contextvars): each thre
 sees its own blocks and none of another's. Blocks are kept as a stack of entries and a block that ends takes
 out its own entry, so blocks that end out of order (a generator suspended inside one, resumed and finished
 inside the caller's) leave every other block's choice as it was. What contextvars cannot give: a generator
-shares its caller's context, so while one is suspended inside its block the caller's own code, outside any
-block of its own, runs on the generator's choice (as with torch.no_grad); the innermost block entered last
-wins.
+shares its caller's context, so while one is suspended inside a `with` block of its own, the caller's code
+outside any block of its own runs on the generator's choice (as with torch.no_grad; the innermost block
+entered last wins). A generator function decorated with `use_backend` holds its block only while it runs.
 
 The choice is made when an op's forward runs; its backward runs the same backend's kernels whatever the
 context that runs it has chosen."""
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+import inspect
 
 import torch
 
@@ -65,29 +66,73 @@ def set_backend(name: str) -> None:
     _default = name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
+class use_backend(contextlib.ContextDecorator):  # lower case: called like the function it always was
     """`with use_backend("reference"): ...` runs the block's ops on `name` in this context only (this thread,
     this asyncio task); others keep theirs. Blocks nest; the previous choice comes back when the block exits,
-    also by an exception. Usable as a decorator too (of plain functions: a decorated generator or coroutine
-    function would leave the block before its body runs)."""
-    _check_name(name)
-    if torch.compiler.is_compiling():
-        _TRACED.append(name)
-        try:
-            yield name
-        finally:
+    also by an exception. As a decorator: a function's call runs inside the block; a coroutine function's
+    body too, in the task that awaits it; a generator function's body runs inside the block each time it is
+    resumed and leaves it at each yield, so the code it yields to keeps its own choice."""
+
+    def __init__(self, name: str) -> None:
+        _check_name(name)
+        self.name = name
+        self._entries: list[tuple[object, str]] = []
+
+    def __enter__(self) -> str:
+        if torch.compiler.is_compiling():
+            _TRACED.append(self.name)
+            return self.name
+        entry = (object(), self.name)
+        self._entries.append(entry)
+        _BLOCKS.set((*_BLOCKS.get(), entry))
+        _CHOICE.set(self.name)
+        return self.name
+
+    def __exit__(self, *exc_info) -> None:
+        if torch.compiler.is_compiling():
             _TRACED.pop()
-        return
-    entry = (object(), name)
-    _BLOCKS.set((*_BLOCKS.get(), entry))
-    _CHOICE.set(name)
-    try:
-        yield name
-    finally:
+            return
+        entry = self._entries.pop()
         blocks = tuple(b for b in _BLOCKS.get() if b is not entry)
         _BLOCKS.set(blocks)
         _CHOICE.set(blocks[-1][1] if blocks else None)
+
+    def _recreate_cm(self) -> use_backend:
+        return use_backend(self.name)
+
+    def __call__(self, func):
+        if inspect.isasyncgenfunction(func):
+            raise TypeError("use_backend cannot decorate an async generator function; put `with "
+                            "ops.use_backend(...)` inside it")
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def run_coroutine(*args, **kwargs):
+                with self._recreate_cm():
+                    return await func(*args, **kwargs)
+            return run_coroutine
+        if inspect.isgeneratorfunction(func):
+            @functools.wraps(func)
+            def run_generator(*args, **kwargs):
+                gen = func(*args, **kwargs)
+                step = functools.partial(gen.send, None)
+                while True:
+                    with self._recreate_cm():
+                        try:
+                            item = step()
+                        except StopIteration as stop:
+                            return stop.value
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        with self._recreate_cm():
+                            gen.close()
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the generator, inside the block
+                        step = functools.partial(gen.throw, exc)
+                    else:
+                        step = functools.partial(gen.send, sent)
+            return run_generator
+        return super().__call__(func)
 
 
 def get_backend() -> str:

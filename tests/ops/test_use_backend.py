@@ -429,3 +429,75 @@ def test_compiled_function_follows_each_tasks_choice():
     assert [kernel for _, kernel, _ in ref_out] == [False] * 3 and [kernel for _, kernel, _ in cpp_out] == [True] * 3
     assert len(graphs) == 2, graphs
     torch.testing.assert_close(cpp_out[0][2], ref_out[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_decorated_generator_holds_its_block_only_while_it_runs():
+    """The way to give a generator a choice of its own: its body runs on the decorator's backend each time it
+    is resumed, and the code it yields to keeps its own choice, also when that code is inside another block;
+    a value sent, an exception thrown and closing it reach the body inside its block."""
+    t = logits()
+
+    @ops.use_backend("reference")
+    def producer():
+        try:
+            sent = yield ops.get_backend(), ran_compiled_kernel(lambda: ops.soft_argmax(t))
+            yield sent, ops.get_backend()
+            yield ops.get_backend()
+        except KeyError:
+            yield "thrown", ops.get_backend()
+        finally:
+            closed.append(ops.get_backend())
+
+    closed: list[str] = []
+    gen = producer()
+    assert next(gen) == ("reference", False)
+    assert ops.get_backend() == "auto" and ran_compiled_kernel(lambda: ops.soft_argmax(t))  # the caller's own
+    with ops.use_backend("cpp"):
+        assert gen.send("hello") == ("hello", "reference")
+        assert ops.get_backend() == "cpp"
+        assert gen.throw(KeyError("x")) == ("thrown", "reference")
+        assert ops.get_backend() == "cpp"
+    gen.close()
+    assert closed == ["reference"] and ops.get_backend() == "auto"
+
+    gen = producer()
+    next(gen)
+    next(gen)
+    assert next(gen) == "reference"
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert closed == ["reference", "reference"]
+
+
+def test_a_decorated_coroutine_runs_inside_its_block_in_its_own_task():
+    import asyncio
+
+    @ops.use_backend("reference")
+    async def worker() -> list[str]:
+        seen = []
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(ops.get_backend())
+        return seen
+
+    async def other() -> list[str]:
+        seen = []
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(ops.get_backend())
+        return seen
+
+    async def main():
+        with ops.use_backend("cpp"):
+            return await asyncio.gather(worker(), other()), ops.get_backend()
+
+    assert asyncio.run(main()) == ([["reference"] * 3, ["cpp"] * 3], "cpp")
+    assert ops.get_backend() == "auto"
+
+
+def test_an_async_generator_cannot_be_decorated():
+    async def stream():
+        yield 1
+
+    with pytest.raises(TypeError, match="cannot decorate an async generator function"):
+        ops.use_backend("reference")(stream)
