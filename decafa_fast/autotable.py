@@ -16,37 +16,44 @@ on a log scale. Where nothing matches, ops.AUTO_CUDA_PREFERENCE decides.
 from __future__ import annotations
 
 import json
-import os
+import reprlib
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from . import settings
 
 FORMAT = 1
 GPU_BACKENDS = ("triton", "cuda")
 SHIPPED = Path(__file__).with_name("auto_table.json")
 # dtypes that were not measured borrow the choice made for one of the same width
 _SAME_WIDTH = {"float16": "bfloat16", "bfloat16": "float16"}
+_SHORT = reprlib.Repr()  # a bad entry in a message: short, never deep
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
 
 
 def user_table_path() -> Path:
     """Where `decafa-fast bench` saves the user's table (DECAFA_AUTO_TABLE overrides)."""
-    if os.environ.get("DECAFA_AUTO_TABLE"):
-        return Path(os.environ["DECAFA_AUTO_TABLE"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "decafa_fast" / "auto_table.json"
+    return settings.auto_table_path()
 
 
 def read_table(path: Path) -> dict[str, Any]:
-    """The table in `path` ({"format", "devices"}); an empty one if the file is missing. Raises ValueError
-    for a file that is not a table of this format."""
+    """The table in `path` ({"format", "devices"}); an empty one if the file is missing. Raises ValueError,
+    in one line naming the file, for a file that is not a table of this format (or not text, or nested too
+    deep to parse)."""
     if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{path}: not a file")
         return {"format": FORMAT, "devices": {}}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())  # bytes: JSON's own UTF-8/16/32 detection, not the locale's
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deep to be an auto table") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("devices"), dict):
         raise ValueError(f"{path}: not a decafa-fast auto table of format {FORMAT}")
     for name, section in data["devices"].items():
@@ -57,7 +64,7 @@ def read_table(path: Path) -> dict[str, Any]:
             if (not isinstance(entry, dict) or entry.get("backend") not in GPU_BACKENDS
                     or not isinstance(entry.get("batch"), int)
                     or not all(isinstance(entry.get(k), str) for k in ("op", "pass", "dtype"))):
-                raise ValueError(f"{path}: bad entry for {name!r}: {entry}")
+                raise ValueError(f"{path}: bad entry for {_SHORT.repr(name)}: {_SHORT.repr(entry)}")
     return data
 
 
@@ -74,13 +81,14 @@ def index_entries(entries: Iterable[Mapping[str, Any]]) -> Index:
 
 def load_index(paths: Iterable[Path]) -> dict[str, Index]:
     """GPU name -> index of its entries, later files replacing earlier ones per GPU. A broken file is
-    skipped with a warning: a stale cache must not stop `import decafa_fast`."""
+    skipped with a one-line SettingWarning naming it: a stale cache must not stop `import decafa_fast`."""
     by_device: dict[str, Index] = {}
     for path in paths:
         try:
             table = read_table(Path(path))
         except (ValueError, OSError) as exc:
-            warnings.warn(f"decafa_fast: ignoring the auto-backend table {exc}", RuntimeWarning, stacklevel=2)
+            reason = exc if isinstance(exc, ValueError) else f"{path}: cannot be read ({exc.strerror or exc})"
+            settings.warn(f"decafa_fast: ignoring the auto-backend table {reason}")
             continue
         for name, section in table["devices"].items():
             by_device[name] = index_entries(section.get("entries", []))

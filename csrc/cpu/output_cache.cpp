@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <unordered_map>
 
 #if defined(__linux__)
@@ -29,15 +28,9 @@ constexpr size_t kMiB = size_t(1) << 20;
 constexpr size_t kGranule = 2 * kMiB;
 constexpr size_t kSmallest = kMiB;  // below: at::empty
 
-size_t limit_from_environment() {
-  const char* value = std::getenv("DECAFA_CPU_CACHE_MB");
-  if (value == nullptr || *value == '\0') return 1024 * kMiB;
-  char* end = nullptr;
-  const unsigned long long mb = std::strtoull(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0', "DECAFA_CPU_CACHE_MB must be a whole number of MiB, got '", value,
-              "'");
-  return static_cast<size_t>(mb) * kMiB;
-}
+// The limit until decafa_fast.ops sets the one of DECAFA_CPU_CACHE_MB, which Python parses and range-checks
+// (decafa_fast/settings.py): nothing here reads the environment or can throw on a bad value.
+constexpr size_t kDefaultLimit = 1024 * kMiB;
 
 class OutputCache final : public c10::Allocator {
  public:
@@ -87,7 +80,7 @@ class OutputCache final : public c10::Allocator {
   void empty() { set_limit_and_restore(0); }
 
  private:
-  OutputCache() : limit_(limit_from_environment()) {
+  OutputCache() : limit_(kDefaultLimit) {
 #if defined(__unix__)
     // A fork (a DataLoader worker) while another thread holds the lock would leave the child's copy locked
     // forever: hold it across the fork, then release it on both sides.
@@ -186,10 +179,43 @@ at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t.sizes(
 }  // namespace cpu
 }  // namespace decafa
 
+// ctypes calls these: no exception may cross into C (a std::system_error from a mutex would terminate).
 extern "C" {
-size_t decafa_cpu_cache_cached_bytes() { return decafa::cpu::OutputCache::instance().cached_bytes(); }
-size_t decafa_cpu_cache_live_bytes() { return decafa::cpu::OutputCache::instance().live_bytes(); }
-size_t decafa_cpu_cache_limit() { return decafa::cpu::OutputCache::instance().limit(); }
-void decafa_cpu_cache_set_limit(size_t bytes) { decafa::cpu::OutputCache::instance().set_limit(bytes); }
-void decafa_cpu_cache_empty() { decafa::cpu::OutputCache::instance().empty(); }
+size_t decafa_cpu_cache_cached_bytes() {
+  try {
+    return decafa::cpu::OutputCache::instance().cached_bytes();
+  } catch (...) {
+    return 0;
+  }
+}
+size_t decafa_cpu_cache_live_bytes() {
+  try {
+    return decafa::cpu::OutputCache::instance().live_bytes();
+  } catch (...) {
+    return 0;
+  }
+}
+size_t decafa_cpu_cache_limit() {
+  try {
+    return decafa::cpu::OutputCache::instance().limit();
+  } catch (...) {
+    return 0;
+  }
+}
+int decafa_cpu_cache_set_limit(size_t bytes) {
+  try {
+    decafa::cpu::OutputCache::instance().set_limit(bytes);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+int decafa_cpu_cache_empty() {
+  try {
+    decafa::cpu::OutputCache::instance().empty();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
 }

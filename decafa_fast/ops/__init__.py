@@ -13,9 +13,10 @@ instead of storing Phi. Autograd (`autograd.py`: fused backward for plain revers
 formulation for higher orders) and fake kernels (`contract.fakes`) are registered for every namespace, so every
 backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under torch.func transforms
 (grad, vjp, jacrev, jacfwd, vmap, jvp) and forward-mode AD with dual inputs the ops run the reference
-formulation, which those transforms differentiate exactly. Backend selection is in `backend.py`, argument
-checks in `validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in
-`cpu_cache.py`.
+formulation, which those transforms differentiate exactly. Loading the C++ extension is in `extension.py`,
+importing Triton in `triton_import.py`, what is available in `status.py`, the measured table "auto" reads on
+a GPU in `auto.py`, the choice and resolution of a backend in `backend.py`, argument checks in
+`validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in `cpu_cache.py`.
 """
 from __future__ import annotations
 
@@ -26,20 +27,11 @@ from .. import reference
 from ..contract.fakes import FAKES, acc_dtype, register_fakes
 from ..contract.layout import FusionLayout, fusion_layout
 from ..contract.schemas import SCHEMAS, define_schemas
-from . import backend as _backend_mod
-from . import cpu_cache
+from . import cpu_cache, extension, triton_import
+from .auto import AUTO_CUDA_PREFERENCE, measured_gpus
 from .autograd import register_autograd
-from .backend import (
-    AUTO_CUDA_PREFERENCE,
-    BACKENDS,
-    backends,
-    get_backend,
-    measured_gpus,
-    namespace,
-    resolve,
-    set_backend,
-    use_backend,
-)
+from .backend import BACKENDS, get_backend, namespace, resolve, set_backend, use_backend
+from .status import backends
 from .validation import (
     FUSION_MODES,
     check_backend_dtype,
@@ -182,9 +174,9 @@ def decafa_head(
 
 
 # The C++ extension registers implementations only; the schemas are defined here, then fakes and autograd.
-if _backend_mod.extension_error is None:
+if extension.extension_error is None:
     define_schemas("decafa")
     register_fakes("decafa")
     register_autograd("decafa")
-if _backend_mod.triton_error is None:
+if triton_import.triton_error is None:
     register_autograd("decafa_triton")

@@ -1,169 +1,156 @@
-"""Backend selection: which backends this process has (`backends()`), the process default
-(`set_backend`, `DECAFA_BACKEND`), a scoped choice for the calling thread (`use_backend`) and the concrete
-backend for one call (`resolve`), including the measured Triton-vs-CUDA table that "auto" reads on a GPU.
+"""Backend choice and resolution: the process default (`set_backend`, DECAFA_BACKEND), a scoped choice
+(`use_backend`) and the concrete backend for one call (`resolve`).
+
+A `use_backend` block belongs to the context it runs in (contextvars): each thread, and each asyncio task,
+sees its own blocks and none of another's. Blocks are kept as a stack of entries and a block that ends takes
+out its own entry, so blocks that end out of order (a generator suspended inside one, resumed and finished
+inside the caller's) leave every other block's choice as it was. What contextvars cannot give: a generator
+shares its caller's context, so while one is suspended inside a `with` block of its own, the caller's code
+outside any block of its own runs on the generator's choice (as with torch.no_grad; the innermost block
+entered last wins). A generator function decorated with `use_backend` holds its block only while it runs.
 
 The choice is made when an op's forward runs; its backward runs the same backend's kernels whatever the
-thread that runs it has chosen."""
+context that runs it has chosen."""
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
-from collections.abc import Iterator
+import contextvars
+import functools
+import inspect
 
 import torch
 
-from .. import autotable
+from .. import settings
+from . import auto, status
 
-BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+BACKENDS = settings.BACKEND_NAMES
 
-extension_error: str | None = None
-extension_path: str | None = None  # the loaded decafa_fast._C library (cpu_cache reads its C entry points)
-try:
-    from .. import _C  # (loads the TORCH_LIBRARY(decafa) registrations)
+_default: str = settings.backend()  # the process default: DECAFA_BACKEND (a bad value warns and gives "auto")
 
-    extension_path = _C.__file__
-except ImportError:  # not built at install (build isolation hid torch): build on first use (decafa_fast/_build.py)
-    from .. import _build
-
-    try:
-        extension_path = str(_build.load_or_build())
-    except RuntimeError as exc:
-        extension_error = str(exc)
-
-# Triton runs on CUDA tensors, or on CPU tensors under its interpreter. Anywhere else importing it (seconds)
-# would only slow every CPU process down, so it is not imported at all.
-_TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET", "0") == "1"
-triton_error: str | None = None
-if torch.cuda.is_available() or _TRITON_ON_CPU:
-    try:
-        from ..triton import ops as _triton_ops  # noqa: F401  (registers decafa_triton::*)
-    except Exception as exc:  # noqa: BLE001 - ImportError, or triton present but unusable: reported, not raised
-        triton_error = f"Triton backend unavailable: {type(exc).__name__}: {exc}"
-else:
-    triton_error = "no CUDA device is visible (set TRITON_INTERPRET=1 to run the interpreter on CPU)"
+# The innermost block's backend in the running context (unset: no block), and the blocks themselves.
+_CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("decafa_backend_choice")
+_BLOCKS: contextvars.ContextVar[tuple[tuple[object, str], ...]] = contextvars.ContextVar("decafa_backend_blocks",
+                                                                                        default=())
 
 
-def _cuda_kernels_built() -> bool:
-    return extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "decafa::decafa_head", "CUDA"
-    )
+class _Scope:
+    """The running context's choice as an attribute. torch.compile cannot trace ContextVar.get, but it reads a
+    property whose getter is a C function while tracing and guards on the value, and the guard reads it again
+    in the caller's context at every call: a call from another block runs (or compiles) its own graph."""
+
+    __slots__ = ()
+    # ContextVar.get(self): the value, or this instance where the context has none
+    choice = property(_CHOICE.get)
 
 
-def backends() -> dict[str, str]:
-    """Each backend name mapped to "available" or the reason it is not."""
-    return dict(_STATUS)
-
-
-def _probe_backends() -> dict[str, str]:
-    status = {"reference": "available"}
-    status["cpp"] = "available" if extension_error is None else extension_error
-    if extension_error is not None:
-        status["cuda"] = extension_error
-    elif not _cuda_kernels_built():
-        status["cuda"] = "decafa_fast._C was built without CUDA (no CUDA toolkit or CPU-only torch at build time)"
-    elif not torch.cuda.is_available():
-        status["cuda"] = "no CUDA device is visible"
-    else:
-        status["cuda"] = "available"
-    if triton_error is not None:
-        status["triton"] = triton_error
-    else:
-        on_cpu = _TRITON_ON_CPU and not torch.cuda.is_available()
-        status["triton"] = "available" + (" (TRITON_INTERPRET=1: interpreter on CPU tensors)" if on_cpu else "")
-    status["auto"] = "available"
-    return status
-
-
-# Probed once: availability does not change within a process, and resolve must stay cheap and traceable.
-_STATUS = _probe_backends()
-_backend = os.environ.get("DECAFA_BACKEND", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"DECAFA_BACKEND must be one of {BACKENDS}, got {_backend!r}")
+_scope = _Scope()
+# use_backend blocks inside a function that torch.compile is tracing (ContextVar.set cannot be traced; a list
+# is, and it is back to empty when the traced block ends)
+_TRACED: list[str] = []
 
 
 def _check_name(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name != "auto":
-        reason = _STATUS[name]
+        reason = status.STATUS[name]
         if not reason.startswith("available"):
             raise RuntimeError(f"backend {name!r} is not available: {reason}")
 
 
-class _ThreadChoice(threading.local):
-    """The backend chosen by `use_backend` in this thread; None defers to the process default. A
-    threading.local (not a ContextVar) because torch.compile traces and guards its attributes."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-
-
-_thread_choice = _ThreadChoice()
-
-
 def set_backend(name: str) -> None:
-    """Set the process default backend: "auto", "triton", "cuda", "cpp" or "reference". A thread inside
-    `use_backend` keeps its own choice until the block ends."""
-    global _backend
+    """Set the process default backend: "auto", "triton", "cuda", "cpp" or "reference". Code inside a
+    `use_backend` block keeps the block's choice until the block ends."""
+    global _default
     _check_name(name)
-    _backend = name
+    _default = name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """`with use_backend("reference"): ...` runs the block's ops on `name` in this thread only; other
-    threads keep theirs. Blocks nest; the previous choice comes back when the block exits, also by an
-    exception. Usable as a decorator too."""
-    _check_name(name)
-    previous = _thread_choice.name
-    _thread_choice.name = name
-    try:
-        yield name
-    finally:
-        _thread_choice.name = previous
+class use_backend(contextlib.ContextDecorator):  # lower case: called like the function it always was
+    """`with use_backend("reference"): ...` runs the block's ops on `name` in this context only (this thread,
+    this asyncio task); others keep theirs. Blocks nest; the previous choice comes back when the block exits,
+    also by an exception. As a decorator: a function's call runs inside the block; a coroutine function's
+    body too, in the task that awaits it; a generator function's body runs inside the block each time it is
+    resumed and leaves it at each yield, so the code it yields to keeps its own choice."""
+
+    def __init__(self, name: str) -> None:
+        _check_name(name)
+        self.name = name
+        self._entries: list[tuple[object, str]] = []
+
+    def __enter__(self) -> str:
+        if torch.compiler.is_compiling():
+            _TRACED.append(self.name)
+            return self.name
+        entry = (object(), self.name)
+        self._entries.append(entry)
+        _BLOCKS.set((*_BLOCKS.get(), entry))
+        _CHOICE.set(self.name)
+        return self.name
+
+    def __exit__(self, *exc_info) -> None:
+        if torch.compiler.is_compiling():
+            _TRACED.pop()
+            return
+        entry = self._entries.pop()
+        blocks = tuple(b for b in _BLOCKS.get() if b is not entry)
+        _BLOCKS.set(blocks)
+        _CHOICE.set(blocks[-1][1] if blocks else None)
+
+    def _recreate_cm(self) -> use_backend:
+        return use_backend(self.name)
+
+    def __call__(self, func):
+        if inspect.isasyncgenfunction(func):
+            raise TypeError("use_backend cannot decorate an async generator function; put `with "
+                            "ops.use_backend(...)` inside it")
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def run_coroutine(*args, **kwargs):
+                with self._recreate_cm():
+                    return await func(*args, **kwargs)
+            return run_coroutine
+        if inspect.isgeneratorfunction(func):
+            @functools.wraps(func)
+            def run_generator(*args, **kwargs):
+                gen = func(*args, **kwargs)
+                step = functools.partial(gen.send, None)
+                while True:
+                    with self._recreate_cm():
+                        try:
+                            item = step()
+                        except StopIteration as stop:
+                            return stop.value
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        with self._recreate_cm():
+                            gen.close()
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown into the generator, inside the block
+                        step = functools.partial(gen.throw, exc)
+                    else:
+                        step = functools.partial(gen.send, sent)
+            return run_generator
+        return super().__call__(func)
 
 
 def get_backend() -> str:
-    """The backend this thread's ops use: its `use_backend` choice, else the process default."""
-    return _thread_choice.name or _backend
-
-
-# Which GPU backend "auto" uses on CUDA where the measured table (below) has no answer: CUDA C++ first, the
-# winner of every race measured so far (H200, bench/RESULTS.md).
-AUTO_CUDA_PREFERENCE: list[str] = ["cuda", "triton"]
-# GPU name -> the Triton-vs-CUDA races measured on it (decafa_fast/autotable.py): read once, no CUDA call.
-_AUTO_TABLES: dict[str, autotable.Index] = autotable.load_index([autotable.SHIPPED, autotable.user_table_path()])
-_GPU_NAMES: dict[int | None, str] = {}  # CUDA device index -> GPU model name
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
-                torch.float64: "float64"}
-
-
-def _auto_cuda(op: str, inputs: tuple[torch.Tensor, ...]) -> str:
-    """The GPU backend for `op` on these CUDA inputs: the measured winner for this GPU, op, dtype, pass and
-    nearest batch size when the table has one, else the first available in AUTO_CUDA_PREFERENCE."""
-    available = [b for b in AUTO_CUDA_PREFERENCE if _STATUS[b] == "available"]
-    if len(available) > 1 and _AUTO_TABLES and inputs:
-        first = inputs[0]
-        index = first.device.index
-        if index not in _GPU_NAMES:
-            _GPU_NAMES[index] = torch.cuda.get_device_properties(first.device).name
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        choice = autotable.choose(_AUTO_TABLES.get(_GPU_NAMES[index], {}), op, "fwd+bwd" if needs_grad else "fwd",
-                                  _DTYPE_NAMES[first.dtype], first.shape[0])
-        if choice in available:
-            return choice
-    return available[0] if available else "reference"
+    """The backend this context's ops use: its innermost `use_backend` choice, else the process default."""
+    if _TRACED:
+        return _TRACED[-1]
+    choice = _scope.choice
+    return _default if choice is None or choice is _scope else choice
 
 
 def resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...] = ()) -> str:
-    """The concrete backend for `op` on `inputs` (all on `device`), from this thread's choice."""
+    """The concrete backend for `op` on `inputs` (all on `device`), from this context's choice."""
     name = get_backend()
     if name == "auto":
         if device.type == "cuda":
-            name = _auto_cuda(op, inputs)
+            name = auto.auto_cuda(op, inputs)
         else:
-            name = "cpp" if _STATUS["cpp"] == "available" else "reference"
+            name = "cpp" if status.STATUS["cpp"] == "available" else "reference"
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
     if name == "cpp" and device.type != "cpu":
@@ -173,8 +160,3 @@ def resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...]
 
 def namespace(backend: str):
     return torch.ops.decafa_triton if backend == "triton" else torch.ops.decafa
-
-
-def measured_gpus() -> list[str]:
-    """The GPU models that the auto table (shipped or user cache) has measured races for."""
-    return sorted(_AUTO_TABLES)

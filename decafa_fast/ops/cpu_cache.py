@@ -1,24 +1,30 @@
 """The CPU kernels' output cache (csrc/cpu/output_cache.h): outputs of 1 MiB and more reuse blocks that
 earlier outputs freed, so that a repeated call does not pay a page fault per page of a fresh allocation
 (about 7x the cost of writing the bytes, measured on the CI machine). At most `limit()` bytes of freed blocks
-are held (environment variable DECAFA_CPU_CACHE_MB, default 1024; 0 turns the cache off); `empty()` gives
-them back to the system, like torch.cuda.empty_cache() for a GPU."""
+are held (environment variable DECAFA_CPU_CACHE_MB, default 1024, parsed by decafa_fast.settings and set
+here when decafa_fast.ops is imported; 0 turns the cache off); `empty()` gives them back to the system, like
+torch.cuda.empty_cache() for a GPU."""
 from __future__ import annotations
 
 import ctypes
 import functools
 
-from . import backend
+from .. import settings
+from . import extension
+
+MAX_BYTES = settings.SIZE_MAX  # the C side holds the limit in a size_t
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
-    if backend.extension_path is None:
-        raise RuntimeError(f"the C++ extension is not loaded: {backend.extension_error}")
-    lib = ctypes.CDLL(backend.extension_path)  # the already loaded library: dlopen returns the same handle
+    if extension.extension_path is None:
+        raise RuntimeError(f"the C++ extension is not loaded: {extension.extension_error}")
+    lib = ctypes.CDLL(extension.extension_path)  # the already loaded library: dlopen returns the same handle
     for name in ("cached_bytes", "live_bytes", "limit"):
         getattr(lib, f"decafa_cpu_cache_{name}").restype = ctypes.c_size_t
     lib.decafa_cpu_cache_set_limit.argtypes = [ctypes.c_size_t]
+    lib.decafa_cpu_cache_set_limit.restype = ctypes.c_int
+    lib.decafa_cpu_cache_empty.restype = ctypes.c_int
     return lib
 
 
@@ -40,11 +46,17 @@ def limit() -> int:
 def set_limit(nbytes: int) -> None:
     """Holds at most `nbytes` of freed blocks from now on (0: none, every large output is a fresh allocation);
     frees cached blocks beyond it."""
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise ValueError(f"cpu_cache.set_limit: nbytes must be a non-negative int, got {nbytes!r}")
-    _library().decafa_cpu_cache_set_limit(nbytes)
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or not 0 <= nbytes <= MAX_BYTES:
+        raise ValueError(f"cpu_cache.set_limit: nbytes must be an int from 0 to {MAX_BYTES}, got {nbytes!r}")
+    if _library().decafa_cpu_cache_set_limit(nbytes) != 0:
+        raise RuntimeError("cpu_cache.set_limit: the C++ output cache could not take the new limit")
 
 
 def empty() -> None:
     """Gives every cached (freed) block back to the system; blocks of live tensors are not affected."""
-    _library().decafa_cpu_cache_empty()
+    if _library().decafa_cpu_cache_empty() != 0:
+        raise RuntimeError("cpu_cache.empty: the C++ output cache could not free its blocks")
+
+
+if extension.extension_path is not None:
+    set_limit(settings.cpu_cache_mb() * settings.MIB)

@@ -13,6 +13,8 @@ __all__ = ["FUSION_MODES", "check_backend_dtype", "check_beta", "check_companion
            "check_tensor", "prepare_logits"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT64_MAX = torch.finfo(torch.float64).max
 
 def check_tensor(name: str, t, rank: int, what: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -37,10 +39,19 @@ def check_beta(beta, logits: torch.Tensor) -> tuple[float, torch.Tensor | None]:
     if isinstance(beta, bool) or not isinstance(beta, (int, float, torch.Tensor)):
         raise TypeError(f"beta must be a Python number or a tensor broadcastable to (B, L), got {type(beta).__name__}")
     if not isinstance(beta, torch.Tensor):
-        beta = float(beta)
-        if not math.isfinite(beta):
-            raise ValueError(f"beta must be finite, got {beta}")
-        return beta, None
+        # The kernels compute beta * T in float32 (float64 for float64 logits): a beta that type cannot hold
+        # would turn every map into NaN.
+        limit = FLOAT64_MAX if logits.dtype == torch.float64 else FLOAT32_MAX
+        try:
+            value = float(beta)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value) or abs(value) > limit:
+            shown = f"{value:g}" if isinstance(beta, float) or math.isfinite(value) else \
+                f"an integer of {beta.bit_length()} bits"
+            dtype = "float64" if logits.dtype == torch.float64 else "float32"
+            raise ValueError(f"beta must be finite and representable in {dtype} (|beta| <= {limit:.4g}), got {shown}")
+        return value, None
     if not beta.is_floating_point():
         raise TypeError(f"beta must be a floating-point tensor, got {beta.dtype}")
     if beta.device != logits.device:

@@ -1,4 +1,4 @@
-"""The measured table behind the "auto" backend on CUDA (decafa_fast/autotable.py and backend_mod._auto_cuda).
+"""The measured table behind the "auto" backend on CUDA (decafa_fast/autotable.py and ops/auto.py).
 
 No GPU is needed: the table is built from benchmark rows as bench/test_ops.py writes them, and ops is asked
 which backend it would run for CUDA devices (meta tensors stand in for CUDA tensors; nothing is launched).
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from decafa_fast import autotable
+from decafa_fast.ops import auto, status
 from decafa_fast.ops import backend as backend_mod
 
 
@@ -120,13 +121,13 @@ def test_user_table_path_follows_the_environment(monkeypatch, tmp_path):
 def fake_gpu(monkeypatch):
     """Both GPU backends 'available', a measured table for a GPU named "Fake GPU" (meta tensors have device
     index None, which stands for that GPU)."""
-    status = dict(backend_mod._STATUS, triton="available", cuda="available")
-    monkeypatch.setattr(backend_mod, "_STATUS", status)
-    monkeypatch.setattr(backend_mod, "_AUTO_TABLES", {"Fake GPU": _index()})
-    monkeypatch.setattr(backend_mod, "_GPU_NAMES", {None: "Fake GPU"})
-    monkeypatch.setattr(backend_mod, "AUTO_CUDA_PREFERENCE", ["triton", "cuda"])
-    monkeypatch.setattr(backend_mod, "_backend", "auto")
-    return status
+    fake = dict(status.STATUS, triton="available", cuda="available")
+    monkeypatch.setattr(status, "STATUS", fake)
+    monkeypatch.setattr(auto, "TABLES", {"Fake GPU": _index()})
+    monkeypatch.setattr(auto, "GPU_NAMES", {None: "Fake GPU"})
+    monkeypatch.setattr(auto, "AUTO_CUDA_PREFERENCE", ["triton", "cuda"])
+    monkeypatch.setattr(backend_mod, "_default", "auto")
+    return fake
 
 
 def _meta(*shape, dtype=torch.float32, requires_grad=False):
@@ -147,13 +148,13 @@ def test_auto_on_cuda_uses_the_measured_winner(fake_gpu):
 def test_auto_on_cuda_falls_back_to_the_preference(fake_gpu, monkeypatch):
     cuda = torch.device("cuda", 0)
     assert backend_mod.resolve(cuda, "soft_argmax", (_meta(1, 98, 16, 16),)) == "triton"  # op not in the table
-    monkeypatch.setattr(backend_mod, "AUTO_CUDA_PREFERENCE", ["cuda", "triton"])
+    monkeypatch.setattr(auto, "AUTO_CUDA_PREFERENCE", ["cuda", "triton"])
     assert backend_mod.resolve(cuda, "soft_argmax", (_meta(1, 98, 16, 16),)) == "cuda"
     fake_gpu["cuda"] = "not built"  # the measured winner is not available here: the other one runs
     assert backend_mod.resolve(cuda, "decafa_head", (_meta(64, 98, 16, 16),)) == "triton"
     fake_gpu["triton"] = "not installed"
     assert backend_mod.resolve(cuda, "decafa_head", (_meta(64, 98, 16, 16),)) == "reference"
-    monkeypatch.setattr(backend_mod, "_GPU_NAMES", {None: "Another GPU"})  # a GPU that was never measured
+    monkeypatch.setattr(auto, "GPU_NAMES", {None: "Another GPU"})  # a GPU that was never measured
     fake_gpu.update(triton="available", cuda="available")
     assert backend_mod.resolve(cuda, "decafa_head", (_meta(64, 98, 16, 16),)) == "cuda"
 
@@ -173,8 +174,8 @@ def test_choose_traces_under_torch_compile_fullgraph_with_dynamic_batch():
 
 def _import_ops_with(env_updates: dict[str, str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_updates)
-    code = ("import decafa_fast.ops.backend as o; "
-            "print(sorted(o._AUTO_TABLES), sorted(o._AUTO_TABLES.get('G', {})))")
+    code = ("import decafa_fast.ops.auto as o; "
+            "print(sorted(o.TABLES), sorted(o.TABLES.get('G', {})))")
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -222,10 +223,10 @@ def test_benchmark_rows_update_the_table_for_this_gpu(tmp_path, monkeypatch):
 
 
 def test_auto_choice_traces_under_torch_compile_fullgraph(fake_gpu):
-    """backend_mod._auto_cuda runs inside torch.compile'd models: the lookup must trace without a graph break and
+    """auto.auto_cuda runs inside torch.compile'd models: the lookup must trace without a graph break and
     follow the batch size (CPU tensors have device index None, named "Fake GPU" by the fixture)."""
     def pick(x):
-        return x * (1.0 if backend_mod._auto_cuda("decafa_head", (x,)) == "cuda" else 2.0)
+        return x * (1.0 if auto.auto_cuda("decafa_head", (x,)) == "cuda" else 2.0)
 
     compiled = torch.compile(pick, fullgraph=True, dynamic=True, backend="eager")
     for batch, factor in ((1, 1.0), (8, 2.0), (64, 1.0), (9, 2.0)):

@@ -1,6 +1,7 @@
-"""Backend choice per thread: `ops.use_backend` (scoped, thread-local, nestable, restored on exceptions) beside
-the process default (`set_backend`, DECAFA_BACKEND), traced by torch.compile, and the ONNX export's
-`standard_ops()` built on it (overlapping or concurrent exports leave nothing replaced)."""
+"""Backend choice per context: `ops.use_backend` (scoped to a thread or an asyncio task, nestable, restored on
+exceptions, left out of order without harm) beside the process default (`set_backend`, DECAFA_BACKEND),
+traced by torch.compile, and the ONNX export's `standard_ops()` built on it (overlapping or concurrent
+exports leave nothing replaced)."""
 from __future__ import annotations
 
 import contextlib
@@ -306,3 +307,197 @@ def test_overlapping_exports_in_threads_leave_nothing_replaced():
     assert seen == {"a": ["reference", "auto"], "b": ["reference", "auto"]}
     assert plain_seen == {("auto", True)}
     assert ops.get_backend() == "auto" and _public_ops() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Contexts: asyncio tasks each see their own blocks; blocks that end out of order leave the others intact
+# --------------------------------------------------------------------------------------------------
+def test_overlapping_asyncio_tasks_each_see_their_own_block():
+    """Two tasks in one thread hold different backends at once, switching at every await; the caller's block
+    is unaffected while they run and after they end."""
+    import asyncio
+
+    t = logits()
+
+    async def task(choice: str, steps: int) -> set[tuple[str, bool]]:
+        seen = set()
+        with ops.use_backend(choice):
+            for _ in range(steps):
+                await asyncio.sleep(0)  # the other task runs here, inside its own block
+                seen.add((ops.get_backend(), ran_compiled_kernel(lambda: ops.soft_argmax(t))))
+        return seen
+
+    async def main():
+        with ops.use_backend("cpp"):
+            results = await asyncio.gather(task("reference", 5), task("cpp", 7), task("reference", 3))
+            return results, ops.get_backend()
+
+    results, after_tasks = asyncio.run(main())
+    assert results == [{("reference", False)}, {("cpp", True)}, {("reference", False)}]
+    assert after_tasks == "cpp"
+    assert ops.get_backend() == "auto"
+
+
+def test_a_task_started_inside_a_block_inherits_it():
+    import asyncio
+
+    async def main():
+        with ops.use_backend("reference"):
+            task = asyncio.create_task(asyncio.sleep(0, result=None))
+            inner = asyncio.create_task(_backend_after_a_step())
+        await task
+        return await inner, ops.get_backend()
+
+    assert asyncio.run(main()) == ("reference", "auto")
+
+
+async def _backend_after_a_step() -> str:
+    import asyncio
+
+    await asyncio.sleep(0.01)  # the creator has left its block by now; this task keeps the choice it started with
+    return ops.get_backend()
+
+
+def test_a_generator_suspended_in_its_block_does_not_undo_the_callers_block():
+    """A generator enters a block, yields, and is resumed and finished inside the caller's own block: the
+    generator's exit takes out its own block only, so the caller keeps its choice, and after both nothing is
+    left chosen. (While the generator is suspended, the caller's code outside any block of its own runs on the
+    generator's choice: a generator shares its caller's context, as with torch.no_grad.)"""
+    t = logits()
+
+    def producer():
+        with ops.use_backend("reference"):
+            yield ops.get_backend()
+            yield ops.get_backend()
+
+    gen = producer()
+    assert next(gen) == "reference"
+    with ops.use_backend("cpp"):
+        assert ops.get_backend() == "cpp"  # the caller's innermost block wins
+        assert next(gen) == "cpp"  # resumed inside the caller's block: the innermost block entered last
+        with pytest.raises(StopIteration):
+            next(gen)  # leaves the generator's block while the caller's is open
+        assert ops.get_backend() == "cpp" and ran_compiled_kernel(lambda: ops.soft_argmax(t))
+    assert ops.get_backend() == "auto"
+
+
+def test_blocks_left_in_crossed_order_restore_nothing_stale():
+    outer, inner = ops.use_backend("reference"), ops.use_backend("cpp")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the outer block ends first
+    assert ops.get_backend() == "cpp"
+    inner.__exit__(None, None, None)
+    assert ops.get_backend() == "auto"
+
+
+def test_compiled_function_follows_each_tasks_choice():
+    """One compiled function called from two overlapping asyncio tasks inside different blocks: the guard on
+    the context's choice sends each call to the graph of its own backend."""
+    import asyncio
+
+    graphs: list[set[str]] = []
+    ran: list[int] = []  # the graph each call ran
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        index = len(graphs)
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+
+        def run(*args):
+            ran.append(index)
+            return gm.forward(*args)
+        return run
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ops.soft_argmax(x, 0.5, True), backend=record, fullgraph=True)
+    t = logits()
+
+    async def call_in(choice: str) -> list[tuple[str, bool, torch.Tensor]]:
+        out = []
+        with ops.use_backend(choice):
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other task calls in between, inside its own block
+                z = compiled(t)
+                out.append((choice, any("decafa.soft_argmax" in target for target in graphs[ran[-1]]), z))
+        return out
+
+    async def main():
+        return await asyncio.gather(call_in("reference"), call_in("cpp"))
+
+    ref_out, cpp_out = asyncio.run(main())
+    torch._dynamo.reset()
+    assert [kernel for _, kernel, _ in ref_out] == [False] * 3 and [kernel for _, kernel, _ in cpp_out] == [True] * 3
+    assert len(graphs) == 2, graphs
+    torch.testing.assert_close(cpp_out[0][2], ref_out[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_decorated_generator_holds_its_block_only_while_it_runs():
+    """The way to give a generator a choice of its own: its body runs on the decorator's backend each time it
+    is resumed, and the code it yields to keeps its own choice, also when that code is inside another block;
+    a value sent, an exception thrown and closing it reach the body inside its block."""
+    t = logits()
+
+    @ops.use_backend("reference")
+    def producer():
+        try:
+            sent = yield ops.get_backend(), ran_compiled_kernel(lambda: ops.soft_argmax(t))
+            yield sent, ops.get_backend()
+            yield ops.get_backend()
+        except KeyError:
+            yield "thrown", ops.get_backend()
+        finally:
+            closed.append(ops.get_backend())
+
+    closed: list[str] = []
+    gen = producer()
+    assert next(gen) == ("reference", False)
+    assert ops.get_backend() == "auto" and ran_compiled_kernel(lambda: ops.soft_argmax(t))  # the caller's own
+    with ops.use_backend("cpp"):
+        assert gen.send("hello") == ("hello", "reference")
+        assert ops.get_backend() == "cpp"
+        assert gen.throw(KeyError("x")) == ("thrown", "reference")
+        assert ops.get_backend() == "cpp"
+    gen.close()
+    assert closed == ["reference"] and ops.get_backend() == "auto"
+
+    gen = producer()
+    next(gen)
+    next(gen)
+    assert next(gen) == "reference"
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert closed == ["reference", "reference"]
+
+
+def test_a_decorated_coroutine_runs_inside_its_block_in_its_own_task():
+    import asyncio
+
+    @ops.use_backend("reference")
+    async def worker() -> list[str]:
+        seen = []
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(ops.get_backend())
+        return seen
+
+    async def other() -> list[str]:
+        seen = []
+        for _ in range(3):
+            await asyncio.sleep(0)
+            seen.append(ops.get_backend())
+        return seen
+
+    async def main():
+        with ops.use_backend("cpp"):
+            return await asyncio.gather(worker(), other()), ops.get_backend()
+
+    assert asyncio.run(main()) == ([["reference"] * 3, ["cpp"] * 3], "cpp")
+    assert ops.get_backend() == "auto"
+
+
+def test_an_async_generator_cannot_be_decorated():
+    async def stream():
+        yield 1
+
+    with pytest.raises(TypeError, match="cannot decorate an async generator function"):
+        ops.use_backend("reference")(stream)
