@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Times every decafa_fast op on the CPU against its memory floor, under both CPU allocator settings, in one run.
 
-The CPU counterpart of bench/head_floor.py (issue 16). For each case (op, pass, dtype, B) it prints:
+The CPU counterpart of bench/head_floor.py. For each case (op, pass, dtype, B) it prints:
     floor ms      the op's floor bytes (bench/measure.py's floor_bytes: inputs read once, outputs written
                   once; forward+backward adds the upstream gradients, the inputs again and the input
                   gradients) divided by the copy bandwidth measured in the same run: the higher of the two
@@ -14,7 +14,7 @@ The CPU counterpart of bench/head_floor.py (issue 16). For each case (op, pass, 
                   (compiled afresh for each case, static shapes; the first call's time, which compiles, is
                   reported apart as "compile s"), and kornia's spatial_softmax2d / spatial_soft_argmax2d where
                   kornia has the op
-    cpp / floor   and whether the case meets its target in issue 16 (TARGETS below)
+    cpp / floor   and whether the case meets its target (TARGETS below)
     in-cache ms   forward of the map ops (IN_CACHE_OPS): what cpp takes for the case's B x L maps at the rate it
                   runs on one thread when the logits sit in cache, divided by the thread count (scaling taken
                   as perfect): the best of --reps * 3 one-thread calls on one image of 48 maps minus that of
@@ -79,14 +79,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (rtol, atol as a fraction of the largest reference value) of the check before timing, as bench/test_ops.py
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
 THP = "THP_MEM_ALLOC_ENABLE"
-# The issue's shape; its targets are stated there only. --quick: measure.SIZES["tiny"] at B = 2 and 1.
-ISSUE_SHAPE = {"maps": 98, "size": 128, "channels": 64, "image_channels": 1, "mode": "F5"}
-ISSUE_BATCH = 8
-# Issue 16's targets for the cpp backend: (name, applies to a row?, limit kind, limit)
+# The paper's head shape, the only one the targets are stated at. --quick: measure.SIZES["tiny"] at B = 2 and 1.
+TARGET_SHAPE = {"maps": 98, "size": 128, "channels": 64, "image_channels": 1, "mode": "F5"}
+TARGET_BATCH = 8
+# The targets for the cpp backend: (name, applies to a row?, limit kind, limit)
 TARGETS = (
-    ("forward <= 3x its floor (B = 8)", lambda r: r["pass"] == "fwd" and r["batch"] == ISSUE_BATCH, "x_floor", 3.0),
+    ("forward <= 3x its floor (B = 8)", lambda r: r["pass"] == "fwd" and r["batch"] == TARGET_BATCH, "x_floor", 3.0),
     ("head forward+backward <= 25 ms (float32, B = 8)",
-     lambda r: (r["op"], r["pass"], r["dtype"], r["batch"]) == ("decafa_head", "fwd+bwd", "float32", ISSUE_BATCH),
+     lambda r: (r["op"], r["pass"], r["dtype"], r["batch"]) == ("decafa_head", "fwd+bwd", "float32", TARGET_BATCH),
      "ms", 25.0),
     ("head forward <= 1 ms (B = 1)", lambda r: (r["op"], r["pass"], r["batch"]) == ("decafa_head", "fwd", 1),
      "ms", 1.0),
@@ -96,11 +96,11 @@ TARGETS = (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="8,1", help="comma-separated batch sizes")
-    p.add_argument("--maps", type=int, default=ISSUE_SHAPE["maps"], help="L, landmark maps")
-    p.add_argument("--size", type=int, default=ISSUE_SHAPE["size"], help="H = W")
-    p.add_argument("--channels", type=int, default=ISSUE_SHAPE["channels"], help="C, embedding channels")
-    p.add_argument("--image-channels", type=int, default=ISSUE_SHAPE["image_channels"])
-    p.add_argument("--mode", default=ISSUE_SHAPE["mode"], choices=["F1", "F2", "F3", "F4", "F5"])
+    p.add_argument("--maps", type=int, default=TARGET_SHAPE["maps"], help="L, landmark maps")
+    p.add_argument("--size", type=int, default=TARGET_SHAPE["size"], help="H = W")
+    p.add_argument("--channels", type=int, default=TARGET_SHAPE["channels"], help="C, embedding channels")
+    p.add_argument("--image-channels", type=int, default=TARGET_SHAPE["image_channels"])
+    p.add_argument("--mode", default=TARGET_SHAPE["mode"], choices=["F1", "F2", "F3", "F4", "F5"])
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16")
     p.add_argument("--reps", type=int, default=7, help="timed calls per backend and case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
@@ -371,7 +371,7 @@ def new_row(case: Case, args: argparse.Namespace) -> dict:
             "floor_ms": None, "ms": {}, "times_ms": {}, "compile_s": None,
             "skipped": {}, "wrong": {}, "cpp_x_floor": None, "in_cache_ms": None, "cpp_x_in_cache": None,
             "targets": [],
-            "issue_shape": issue_shape(args)}
+            "target_shape": at_target_shape(args)}
 
 
 def set_floor(row: dict, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor, ...], backward: bool,
@@ -381,19 +381,19 @@ def set_floor(row: dict, inputs: list[torch.Tensor], outputs: tuple[torch.Tensor
     row["floor_ms"] = row["floor_bytes"] / bandwidth * 1e3
 
 
-def issue_shape(args: argparse.Namespace) -> bool:
-    return all(getattr(args, k) == v for k, v in ISSUE_SHAPE.items())
+def at_target_shape(args: argparse.Namespace) -> bool:
+    return all(getattr(args, k) == v for k, v in TARGET_SHAPE.items())
 
 
 def judge(row: dict) -> None:
-    """cpp / floor, and each of issue 16's targets that applies to the row: met True / False, or None when
-    cpp was not timed. Targets are stated at the issue's shape only: none at another shape."""
+    """cpp / floor, and each target that applies to the row: met True / False, or None when cpp was not
+    timed. Targets are stated at TARGET_SHAPE only: none at another shape."""
     cpp = row["ms"].get("cpp")
     row["cpp_x_floor"] = cpp / row["floor_ms"] if cpp is not None and row["floor_ms"] else None
     in_cache = row.get("in_cache_ms")
     row["cpp_x_in_cache"] = cpp / in_cache if cpp is not None and in_cache and in_cache > 0 else None
     row["targets"] = []
-    if not row["issue_shape"]:
+    if not row["target_shape"]:
         return
     for name, applies, kind, limit in TARGETS:
         if applies(row):
@@ -480,9 +480,9 @@ def markdown(results: dict) -> str:
                          f"{cells[0]} | {fmt(r['cpp_x_floor'], 3)} | {fmt(r.get('in_cache_ms'))} | "
                          f"{fmt(r.get('cpp_x_in_cache'), 3)} | {cells[1]} | {compiled} | "
                          f"{fmt(ms.get('kornia'))} | {targets} | {met} |")
-    lines += ["", "### Targets of issue 16 (cpp)", ""]
+    lines += ["", "### Targets (cpp)", ""]
     if not any(r["targets"] for s in settings.values() for r in s.get("rows", [])):
-        lines.append("No target applies: they are stated at the issue's shape (L 98, 128 x 128, C 64, Ci 1, F5; "
+        lines.append("No target applies: they are stated at the paper's head shape (L 98, 128 x 128, C 64, Ci 1, F5; "
                      "B 8, and B 1 for the head's latency).")
     else:
         lines += target_table(settings)
@@ -536,7 +536,7 @@ def write_json(path: str | None, results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
-    shape = {k: getattr(args, k) for k in ("batches", "dtypes", "reps", "warmup", *ISSUE_SHAPE)}
+    shape = {k: getattr(args, k) for k in ("batches", "dtypes", "reps", "warmup", *TARGET_SHAPE)}
     command = "python bench/cpu_floor.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, Any] = {"command": command, "shape": shape, "allocators": {},
                                "targets": [{"target": t[0], "kind": t[2], "limit": t[3]} for t in TARGETS]}

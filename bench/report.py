@@ -216,7 +216,7 @@ def model_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
     return notes
 
 
-# The project's targets (issues 3 and 8): (description, row filter, measured quantity, threshold).
+# The project's targets: (description, row filter, measured quantity, threshold).
 # (only rows of the paper's size count: L 98, 128 x 128, C 64; the S = 4 model at 128 x 128)
 _HEAD_B8 = dict(suite="ops", op="decafa_head", dtype="float32", batch=8, backend="cpp", L=98, H=128, W=128, C=64)
 _PAPER_MODEL = dict(suite="model", task="infer", mode="reduce-overhead", stages=4, image_size=128)

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-floor", action="store_true",
                         help="run bench/cpu_floor.py instead of the suites: every op on the CPU against its memory "
                              "floor, cpp beside the reference, torch.compile and kornia, under both allocator "
-                             "settings (issue 16); takes --quick, --out and --backends (without 'compiled': no "
+                             "settings; takes --quick, --out and --backends (without 'compiled': no "
                              "torch.compile); its other options: python bench/cpu_floor.py --help")
     parser.add_argument("--report", nargs="+", metavar="FILE", default=None,
                         help="run nothing: print the tables of saved results (pytest-benchmark .json or the "

@@ -121,7 +121,7 @@ def make_inputs(b: int, l: int, h: int, w: int, ci: int = 1, c: int = 3, dtype: 
 
 def opcheck_args(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                  per_map_beta: bool = False, channels_last: bool = False, seed: int = 9) -> dict[str, tuple]:
-    """Valid arguments of every raw op of op contract v2 (decafa_fast/ops/schemas.py) at a tiny shape (B 2,
+    """Valid arguments of every raw op of the op contract (decafa_fast/contract/schemas.py) at a tiny shape (B 2,
     L 3, 4 x 5, Ci 1, C 2), for torch.library.opcheck: fuse in F4, the head in F5, stats computed as the
     contract defines them. per_map_beta: every op that takes beta also gets a (B, L) beta_map.
     channels_last: the forward ops get a channels_last embedding (F must follow its memory format)."""

@@ -64,9 +64,10 @@ def soft_argmax_standard(logits: torch.Tensor, beta: float = 1.0, normalized: bo
 
 
 def standard_ops() -> contextlib.AbstractContextManager[str]:
-    """Inside the block, this thread's calls to decafa_fast.ops run the "reference" backend: plain-PyTorch
-    code that the ONNX exporter turns into standard operators. Scoped to the thread (`ops.use_backend`):
-    nothing is replaced, so overlapping or concurrent exports and other threads' ops are unaffected."""
+    """Inside the block, this context's calls to decafa_fast.ops run the "reference" backend: plain-PyTorch
+    code that the ONNX exporter turns into standard operators. Scoped to the context, a thread or an asyncio
+    task (`ops.use_backend`): nothing is replaced, so overlapping or concurrent exports and other threads'
+    and tasks' ops are unaffected."""
     return ops.use_backend("reference")
 
 

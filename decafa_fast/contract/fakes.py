@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of op contract v2: the output shapes, dtypes and memory formats of every compiled op,
+"""Fake (meta) kernels of the op contract: the output shapes, dtypes and memory formats of every compiled op,
 one per op, registered for every namespace (`decafa`, `decafa_triton`), so torch.compile and opcheck
 trace them without running a kernel."""
 from __future__ import annotations

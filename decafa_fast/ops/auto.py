@@ -8,8 +8,7 @@ import torch
 from .. import autotable, settings
 from . import status
 
-# Where the measured table has no answer: CUDA C++ first, the winner of every race measured so far (H200,
-# bench/RESULTS.md).
+# Where the measured table has no answer: CUDA C++ first, the winner of the races in bench/RESULTS.md.
 AUTO_CUDA_PREFERENCE: list[str] = ["cuda", "triton"]
 # GPU name -> the races measured on it (the shipped table, then the user's, which wins per GPU)
 TABLES: dict[str, autotable.Index] = autotable.load_index([autotable.SHIPPED, settings.auto_table_path()])

@@ -1,4 +1,4 @@
-"""Autograd of every compiled op (op contract v2), registered for each namespace (`decafa`, `decafa_triton`).
+"""Autograd of every compiled op (the op contract), registered for each namespace (`decafa`, `decafa_triton`).
 
 The forward saves the inputs, the per-map stats and, for the head, the mask M (all small beside the
 inputs; Phi is never stored). Plain reverse mode (`.backward()`, grad mode off inside the backward) calls

@@ -66,7 +66,7 @@ def set_backend(name: str) -> None:
     _default = name
 
 
-class use_backend(contextlib.ContextDecorator):  # lower case: called like the function it always was
+class use_backend(contextlib.ContextDecorator):  # lower case: used like a function, as `with use_backend(...)`
     """`with use_backend("reference"): ...` runs the block's ops on `name` in this context only (this thread,
     this asyncio task); others keep theirs. Blocks nest; the previous choice comes back when the block exits,
     also by an exception. As a decorator: a function's call runs inside the block; a coroutine function's

@@ -1,5 +1,5 @@
-"""bench/cpu_floor.py (issue 16's CPU table): one run at a tiny shape, both allocator settings, every op's row
-and floor; and the target verdicts on made-up rows at the issue's shape."""
+"""bench/cpu_floor.py (the CPU table): one run at a tiny shape, both allocator settings, every op's row and
+floor; and the target verdicts on made-up rows at the targets' shape."""
 from __future__ import annotations
 
 import importlib.util
@@ -95,11 +95,11 @@ def test_one_run_times_every_op_under_both_allocators(tmp_path, capsys):
                 assert r["ms"]["kornia"] > 0, what
             else:
                 assert "kornia has no" in r["skipped"]["kornia"], what
-            assert r["targets"] == []  # the issue's targets are stated at its shape only
+            assert r["targets"] == []  # the targets are stated at their shape only
 
 
 def _row(op: str, pass_: str, dtype: str, batch: int, cpp_ms: float | None, floor_ms: float) -> dict:
-    return {"op": op, "pass": pass_, "dtype": dtype, "batch": batch, "floor_ms": floor_ms, "issue_shape": True,
+    return {"op": op, "pass": pass_, "dtype": dtype, "batch": batch, "floor_ms": floor_ms, "target_shape": True,
             "ms": {} if cpp_ms is None else {"cpp": cpp_ms}}
 
 
@@ -108,7 +108,7 @@ def _verdicts(row: dict) -> dict[str, bool | None]:
     return {t["target"]: t["met"] for t in row["targets"]}
 
 
-def test_targets_of_issue_16():
+def test_cpu_targets():
     x3, fwd_bwd, b1 = (t[0] for t in cpu_floor.TARGETS)
     assert _verdicts(_row("decafa_head", "fwd", "float32", 8, 8.9, 3.0)) == {x3: True}
     assert _verdicts(_row("decafa_head", "fwd", "bfloat16", 8, 3.1, 1.0)) == {x3: False}
@@ -119,7 +119,7 @@ def test_targets_of_issue_16():
     assert _verdicts(_row("decafa_head", "fwd", "bfloat16", 1, 1.2, 0.1)) == {b1: False}
     assert _verdicts(_row("spatial_softmax", "fwd", "float32", 1, 9.0, 0.1)) == {}  # no target at B = 1
     assert _verdicts(_row("decafa_head", "fwd", "float32", 8, None, 3.0)) == {x3: None}  # cpp not timed
-    assert _verdicts(dict(_row("decafa_head", "fwd", "float32", 8, 99.0, 3.0), issue_shape=False)) == {}
+    assert _verdicts(dict(_row("decafa_head", "fwd", "float32", 8, 99.0, 3.0), target_shape=False)) == {}
 
 
 def test_decafa_fast_bench_runs_it(tmp_path, monkeypatch):

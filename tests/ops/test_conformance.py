@@ -44,7 +44,7 @@ B, L, H, W = 2, 3, 5, 7
 
 @pytest.fixture(params=BACKENDS)
 def decafa_backend(request):
-    """Each decafa_fast backend in turn, for this thread (ops.use_backend); skipped, with the reason, where it
+    """Each decafa_fast backend in turn, for this context (ops.use_backend); skipped, with the reason, where it
     is not available."""
     status = ops.backends()[request.param]
     if not status.startswith("available"):

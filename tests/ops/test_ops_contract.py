@@ -1,6 +1,6 @@
-"""Op contract v2 on the C++ backend: float32 exact at any magnitude of beta*T, the raw torch.ops.decafa.*
+"""The op contract on the C++ backend: float32 exact at any magnitude of beta*T, the raw torch.ops.decafa.*
 entry points reject mismatched arguments with a RuntimeError (a quick in-process check; the subprocess fuzz
-test is tests/ops/test_raw_op_fuzz.py), the head returns M and stats, F in E's memory format, and results that
+test is tests/ops/test_raw_ops_fuzz.py), the head returns M and stats, F in E's memory format, and results that
 do not depend on the thread count."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Raw-op fuzz: every compiled entry point (`torch.ops.decafa.*`, `torch.ops.decafa_triton.*`, forward and
-backward, the v2 schemas of decafa_fast/ops/schemas.py) is called with bad arguments and must raise a
-RuntimeError that names an argument involved (op contract v2): never crash, never return.
+backward, the schemas of decafa_fast/contract/schemas.py) is called with bad arguments and must raise a
+RuntimeError that names an argument involved (the op contract): never crash, never return.
 
 The cases are derived from the schemas and a symbolic shape per argument (logits (B, L, H, W), stats (B, L, 2),
 ...), starting from one valid call (B, L, H, W = 2, 3, 4, 5, one image channel, two embedding channels,

@@ -1,4 +1,4 @@
-"""Things written once (issue 14, item 2), checked across the backends that use them:
+"""Things written once, checked across the backends that use them:
 
 - each op's schema lives in decafa_fast/contract/schemas.py and every namespace is defined from it (no C++
   TORCH_LIBRARY block, no second set of schema strings);

@@ -12,8 +12,8 @@ drawing. Then: cluttered background
 (drawn first), lighting gradient, blur, noise and occluding patches.
 
 Every sample is a pure function of (seed, index): `SyntheticFaces(n, seed=s)[i]` is the same face in
-every process and every run. Generation takes about 1-3 ms per face on one CPU core (mostly fixed
-OpenCV call overhead, so nearly independent of size); samples are cached (as uint8) after first access.
+every process and every run. Generation costs mostly fixed OpenCV call overhead, so it is nearly
+independent of size (tests/app/test_synthetic.py bounds it); samples are cached (as uint8) after first access.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The face detectors compared on real photos that installed packages ship (the README's table):
+"""The face detectors compared on real photos that installed packages ship (the table in docs/datasets.md):
 
     python -m decafa_fast.app.prediction.detector_report
 

@@ -9,15 +9,14 @@ it returns a wrong box and stray small ones. So the image is looked at as a pyra
 longer side at most 640 pixels keeps every box (faces that fill the frame), then passes at twice the
 previous scale, up to full size (at most 4096 pixels), keep only the boxes under 64 pixels at their scale
 (faces too small for the coarser pass); an image under 640 pixels is also looked at twice as large. The
-same face found twice is merged by score. Measured on real photos (`detector_report`, in the README), it
+same face found twice is merged by score. On real photos (`detector_report`, table in docs/datasets.md), it
 finds a face turned to near profile, which OpenCV's frontal Haar cascade misses, and faces of 13 to 16
 pixels in 640 and 1280-pixel images, which both the cascade and the SSD miss.
 
 The library parallelises each layer with OpenMP, and where torch is loaded first (always, in decafa-fast)
 it runs on torch's OpenMP runtime, a thread per core. On cores busy with other work the threads wait on
-each other at every layer: a 600 x 400 photo took 250-450 ms, a 60 x 40 one up to 430 ms (2 cores, load
-average 5). So each pass runs with torch's thread count set to 1 and then restored (35-100 ms, and under
-5 ms), as the network is small.
+each other at every layer, so that even a tiny image takes as long as a large one. The network is small, so
+each pass runs with torch's thread count set to 1 and then restored (`detector_report` prints the times).
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ __all__ = ["YUNET_PACKAGE", "YuNetFaceDetector", "yunet_available"]
 
 YUNET_PACKAGE = "yuface"
 _COARSE = 640  # longer side of the coarse pass, which keeps every box
-_FINEST = 4096  # longer side of the finest pass at most (time grows with pixels: ~4 s at 4000 x 3000 on 2 cores)
+_FINEST = 4096  # longer side of the finest pass at most (time grows with the pixels)
 _FINE_KEEP = 64  # a finer pass keeps boxes under this size (its pixels): faces under ~32 px one pass coarser
 
 
@@ -65,8 +64,8 @@ def _one_openmp_thread() -> Iterator[None]:
 class YuNetFaceDetector:
     """Face boxes (N, 4) float64 (x0, y0, x1, y1) in a BGR or grayscale uint8 image, best score first.
 
-    threshold: minimum confidence in [0, 1]. The faces of the README's photos score 0.86 to 0.94 and the
-    strongest false box 0.75 (the library's own default, 0.5, lets more through); 0.8 is also what
+    threshold: minimum confidence in [0, 1]. The faces of `detector_report`'s photos score 0.86 to 0.94 and
+    its strongest false box 0.75 (the library's own default, 0.5, lets more through); 0.8 is also what
     `FaceDetector` gives OpenCV's FaceDetectorYN."""
 
     def __init__(self, threshold: float = 0.8) -> None:

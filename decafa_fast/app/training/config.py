@@ -25,12 +25,13 @@ class ConfigError(UserError, ValueError):
     """A training setting with a bad type or value."""
 
 
-# Model + schedule presets. "cpu" is sized for the default run on a 2-core CPU (see README for timings).
+# Model + schedule presets. "cpu" is sized for the default run on a 2-core CPU (docs/app.md, "The model").
 # The cpu preset's run is ~200x shorter than the paper's, so it uses a higher learning rate and a sharper
 # softmax (beta = 5): with beta = 1 the per-landmark logits need many small Adam steps to grow large enough
 # for a peaked spatial softmax, and the 98-point head (fed no amplifying transfer layer) lags far behind.
-# It runs one CPU thread: on a 2-core machine shared with anything else, two OpenMP threads were measured
-# 3-10x slower per step than one (oversubscription), and one thread alone needs ~0.22 s per step.
+# It runs one CPU thread: on a small machine shared with other work, several OpenMP threads oversubscribe
+# the cores and each step gets slower, not faster (compare the times that `decafa-fast train --threads 1`
+# and `--threads 2` report at the end).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(image_size=32, stages=2, widths=(16, 32, 64), embedding_channels=16, beta=5.0, lr=2e-3,
                 steps=1500, batch_size=16, train_size=3000, val_size=300, max_minutes=9.5, threads=1),
