@@ -1,10 +1,10 @@
 """The CPU kernels' output cache (csrc/cpu/output_cache.h): outputs of 1 MiB and more reuse blocks that
 earlier outputs freed, so that a repeated call does not pay a page fault per page of a fresh allocation
-(several times the cost of writing the bytes: time a repeated large call with DECAFA_CPU_CACHE_MB=0 against
-the default). At most `limit()` bytes of freed blocks are held (environment variable DECAFA_CPU_CACHE_MB,
-default 1024, parsed by decafa_fast.settings and set here when decafa_fast.ops is imported; 0 turns the cache
-off; a bad value warns and keeps the default); `empty()` gives them back to the system, like
-torch.cuda.empty_cache() for a GPU."""
+(several times the cost of writing the bytes; bench/RESULTS.md records the measurement with its command).
+At most `limit()` bytes of freed blocks are held (environment variable DECAFA_CPU_CACHE_MB, default 1024,
+parsed by decafa_fast.settings and set here when decafa_fast.ops is imported; 0 turns the cache off; a bad
+value warns and keeps the default); `empty()` gives them back to the system, like torch.cuda.empty_cache()
+for a GPU."""
 from __future__ import annotations
 
 import ctypes
