@@ -25,3 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app.cli import main as app_main
 
     return app_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
