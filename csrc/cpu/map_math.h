@@ -17,7 +17,17 @@
 #include <c10/util/BFloat16.h>
 
 #include "../../kernels/fusion_layout.h"
+#include "isa.h"
 #include "stream_store.h"
+
+// The kernels need IEEE float semantics: vexp rounds with an add and subtract of a magic number (folded
+// away under -fassociative-math), propagates NaN and returns exactly 0 at -inf (assumed away under
+// -ffinite-math-only), and `scaled` rounds beta * t with a "+ 0" (dropped under -fno-signed-zeros). A
+// build with any of these would compute wrong values without a sign, so it stops here.
+#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__) || \
+    defined(__ASSOCIATIVE_MATH__) || defined(__NO_SIGNED_ZEROS__)
+#error "decafa CPU kernels need IEEE float semantics: build without -ffast-math, -Ofast, -ffinite-math-only, -fassociative-math or -fno-signed-zeros"
+#endif
 
 namespace decafa {
 namespace cpu {
@@ -26,16 +36,6 @@ namespace cpu {
 #define DECAFA_INLINE inline __attribute__((always_inline))
 #else
 #define DECAFA_INLINE inline
-#endif
-
-// The per-map loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the
-// baseline ISA, and the loader picks one for the CPU at hand (GCC function multiversioning): 16- or 8-wide
-// exp where available, still portable. (A clone list "avx2,fma" would make two clones, AVX2 without FMA
-// and FMA without AVX2; the ISA levels keep each clone's features together.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DECAFA_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DECAFA_KERNEL inline
 #endif
 
 // How exactly vexp computes: to about 1 ulp of float32 for float32 (and float64, which takes std::exp)
@@ -101,11 +101,14 @@ DECAFA_INLINE float vexp(float x) {
     y = p * r * r + r + 1.0f;
   }
   // 2^n y. n is converted, not taken from the low bits of (x log2e + magic), which would save an operation:
-  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. A NaN n converts
-  // to INT_MIN on x86 (0 on ARM), which the shift by 23 turns into 0: NaN stays NaN.
+  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. Converting a NaN
+  // (or a float out of int32's range) is undefined behaviour, so n is first clamped to <= 0 with NaN going
+  // to 0 (one min instruction: x86's min returns its second operand when either is NaN); y is NaN then, and
+  // stays NaN. Unchanged for every x <= 0; an x > 0 (no caller passes one) gets a wrong but defined value.
+  const float n_int = n < 0.0f ? n : 0.0f;
   int32_t bits;
   std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
+  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n_int)) << 23);
   return x < lo ? 0.0f : bits_to_float(static_cast<uint32_t>(bits));
 }
 template <ExpPrecision kPrecision = ExpPrecision::kFloat>
@@ -210,7 +213,7 @@ DECAFA_INLINE bool max_of_16_bit(const scalar_t* t, int64_t n, float& out) {
 // max of s = beta * t over n values: the first sweep of a map, which only reads it. For 16-bit logits and
 // a positive finite beta, beta times the largest logit: rounding is monotonic, so that is the same value.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
+DECAFA_INLINE acc_t scaled_max_impl(const scalar_t* t, int64_t n, acc_t beta) {
   if constexpr (sizeof(scalar_t) == 2) {
     float largest;
     if (n > 0 && beta > acc_t(0) && beta < std::numeric_limits<acc_t>::infinity() && max_of_16_bit(t, n, largest)) {
@@ -219,6 +222,7 @@ DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
   }
   return beta == acc_t(1) ? scaled_max_of<true>(t, n, beta) : scaled_max_of<false>(t, n, beta);
 }
+DECAFA_ISA_DISPATCH(scaled_max)
 
 // e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits. The
 // bfloat16 pair sweep passes logits it has widened to float itself, with the bfloat16 precision.
@@ -229,16 +233,17 @@ DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
 
 // dst = scale * src, converted to the output dtype.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void store_scaled(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
+DECAFA_INLINE void store_scaled_impl(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<scalar_t>(scale * src[i]);
 }
+DECAFA_ISA_DISPATCH(store_scaled)
 
 // out[0, n) = sum over runs of partial[run * hw + p0 + i], added in run order (so M has the same bits
 // whichever pixels a task sums).
 template <typename acc_t>
-DECAFA_KERNEL void sum_partial_masks(const acc_t* partial, int64_t runs, int64_t hw, int64_t p0, int64_t n,
-                                     acc_t* out) {
+DECAFA_INLINE void sum_partial_masks_impl(const acc_t* partial, int64_t runs, int64_t hw, int64_t p0, int64_t n,
+                                          acc_t* out) {
   std::memcpy(out, partial + p0, n * sizeof(acc_t));
   for (int64_t run = 1; run < runs; ++run) {
     const acc_t* src = partial + run * hw + p0;
@@ -246,6 +251,7 @@ DECAFA_KERNEL void sum_partial_masks(const acc_t* partial, int64_t runs, int64_t
     for (int64_t i = 0; i < n; ++i) out[i] += src[i];
   }
 }
+DECAFA_ISA_DISPATCH(sum_partial_masks)
 
 // Maps whose Phi are added into a mask accumulator in one sweep (their e kept side by side in cache): the
 // accumulator is read and written once per group instead of once per map.
@@ -263,7 +269,7 @@ DECAFA_INLINE void accumulate_group_of(const acc_t* e, int64_t n, const acc_t* s
 
 // dst += sum over k < count of scale[k] * e[k * n : (k + 1) * n], k in order; count <= kMaskGroup.
 template <typename acc_t>
-DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const acc_t* scale, acc_t* dst) {
+DECAFA_INLINE void accumulate_group_impl(const acc_t* e, int64_t n, int count, const acc_t* scale, acc_t* dst) {
   switch (count) {
     case 1: return accumulate_group_of<1>(e, n, scale, dst);
     case 2: return accumulate_group_of<2>(e, n, scale, dst);
@@ -271,6 +277,7 @@ DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const 
     default: return accumulate_group_of<kMaskGroup>(e, n, scale, dst);
   }
 }
+DECAFA_ISA_DISPATCH(accumulate_group)
 
 // Brings the W values at `row` into cache. The exp sweep of a map is bound by arithmetic, the max sweep of
 // the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap (float32
@@ -457,11 +464,12 @@ DECAFA_INLINE MapStats<acc_t> exp_sums_of(const scalar_t* t, int64_t H, int64_t 
 // `moments`, the first moments (zx, zy) (else 0, 0). When `e` is given (H*W values) it receives e. t is read
 // again, from cache: the map was just read by scaled_max.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL MapStats<acc_t> exp_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
-                                       const acc_t* xs, const acc_t* ys, acc_t* e) {
+DECAFA_INLINE MapStats<acc_t> exp_sums_impl(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
+                                            const acc_t* xs, const acc_t* ys, acc_t* e) {
   return beta == acc_t(1) ? exp_sums_of<true>(t, H, W, beta, m, moments, xs, ys, e)
                           : exp_sums_of<false>(t, H, W, beta, m, moments, xs, ys, e);
 }
+DECAFA_ISA_DISPATCH(exp_sums)
 
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t inv, acc_t* phi) {
@@ -472,7 +480,7 @@ DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, a
 // Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, from the same
 // expression as the forward (shifted_exp), so the same values.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
+DECAFA_INLINE void recompute_phi_impl(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
   const acc_t inv = acc_t(1) / sum;
   if (beta == acc_t(1)) {
     recompute_phi_of<true>(t, hw, beta, max, inv, phi);
@@ -480,12 +488,13 @@ DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_
     recompute_phi_of<false>(t, hw, beta, max, inv, phi);
   }
 }
+DECAFA_ISA_DISPATCH(recompute_phi)
 
 // Softmax backward of one map: g_s = Phi * (g - sum_p g_p Phi_p) is the gradient of s = beta * T;
 // grad_t = beta * g_s, and the return value is the map's grad_beta = sum_p T_p g_s,p.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scalar_t* t, int64_t hw, acc_t beta,
-                                 scalar_t* grad_t) {
+DECAFA_INLINE acc_t softmax_grad_impl(const acc_t* phi, const scalar_t* g, const scalar_t* t, int64_t hw, acc_t beta,
+                                      scalar_t* grad_t) {
   acc_t s = 0, gb = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
@@ -497,6 +506,7 @@ DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scal
   }
   return gb;
 }
+DECAFA_ISA_DISPATCH(softmax_grad)
 
 // What the logits gradient of one map needs besides Phi: its first moments (zx, zy) and s = sum_p gM_p Phi_p.
 template <typename acc_t>
@@ -587,13 +597,14 @@ DECAFA_INLINE PhiSums<acc_t> phi_with_sums_beta(const scalar_t* t, int64_t H, in
 // Phi of one map recomputed as recompute_phi does (the same values), in one sweep with the moments (when
 // `moments`) and s (when grad_mask, the H*W gradient of M for the map's image, is given).
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL PhiSums<acc_t> phi_with_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max, acc_t sum,
-                                           const acc_t* xs, const acc_t* ys, bool moments, const acc_t* grad_mask,
-                                           acc_t* phi) {
+DECAFA_INLINE PhiSums<acc_t> phi_with_sums_impl(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max, acc_t sum,
+                                                const acc_t* xs, const acc_t* ys, bool moments, const acc_t* grad_mask,
+                                                acc_t* phi) {
   const acc_t inv = acc_t(1) / sum;
   return beta == acc_t(1) ? phi_with_sums_beta<true>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi)
                           : phi_with_sums_beta<false>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi);
 }
+DECAFA_ISA_DISPATCH(phi_with_sums)
 
 // One row of landmark_grad: g_s = Phi (gM + gx x + row_term), grad_t = beta g_s, and T g_s added into the
 // column accumulators (kByColumn) or into row_gb.
@@ -622,9 +633,9 @@ DECAFA_INLINE void logits_grad_row(const acc_t* p, const scalar_t* tr, const acc
 // w.r.t. M for this map's image; grad_z (2 values, may be null) the gradient w.r.t. (zx, zy). With `staging`
 // (W values) grad_t is written with streaming stores.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, const scalar_t* t, int64_t H,
-                                  int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
-                                  const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
+DECAFA_INLINE acc_t landmark_grad_impl(const acc_t* phi, const PhiSums<acc_t>& sums, const scalar_t* t, int64_t H,
+                                       int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
+                                       const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
   const acc_t gx = grad_z != nullptr ? grad_z[0] : acc_t(0), gy = grad_z != nullptr ? grad_z[1] : acc_t(0);
   // grad beta's terms added per column (as in exp_rows), or per row for maps over kColumnSumsMax wide
   const bool by_column = W <= kColumnSumsMax;
@@ -653,6 +664,7 @@ DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, 
   }
   return gb;
 }
+DECAFA_ISA_DISPATCH(landmark_grad)
 
 // The fusion layout (kernels/fusion_layout.h) as a list of blocks: which source (image or embedding) each
 // block of output channels copies, and whether it is multiplied by the mask.
@@ -683,9 +695,9 @@ struct Segments {
 // the image's first channel; every channel plane has hw pixels. With `staging` (n values) the output is
 // written with streaming stores (stream_store.h): masked channels are computed into staging first.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
-                             int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b,
-                             scalar_t* staging) {
+DECAFA_INLINE void fuse_tile_impl(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
+                                  int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b,
+                                  scalar_t* staging) {
   for (int s = 0; s < layout.count; ++s) {
     const Segment& seg = layout.segments[s];
     const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
@@ -706,6 +718,7 @@ DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, in
     }
   }
 }
+DECAFA_ISA_DISPATCH(fuse_tile)
 
 // One source channel of the fusion backward over n pixels: out = g_plain + mask * g_masked (the channel's
 // gradient; g_plain is null when the mode copies no plain block of this source) and grad_mask += g_masked *
@@ -741,10 +754,10 @@ DECAFA_INLINE void masked_channel_gradient(const scalar_t* g_plain, const scalar
 // channel order) of grad * source. With `staging` (n values) the source gradients are written with
 // streaming stores.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_backward(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
-                                      int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask,
-                                      int64_t hw, int64_t p0, int64_t n, scalar_t* grad_image_b,
-                                      scalar_t* grad_embedding_b, acc_t* grad_mask, scalar_t* staging) {
+DECAFA_INLINE void fuse_tile_backward_impl(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
+                                           int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask,
+                                           int64_t hw, int64_t p0, int64_t n, scalar_t* grad_image_b,
+                                           scalar_t* grad_embedding_b, acc_t* grad_mask, scalar_t* staging) {
   if (grad_mask != nullptr) {
     for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
   }
@@ -790,6 +803,7 @@ DECAFA_KERNEL void fuse_tile_backward(const Segments& layout, const scalar_t* gr
     }
   }
 }
+DECAFA_ISA_DISPATCH(fuse_tile_backward)
 
 }  // namespace cpu
 }  // namespace decafa
