@@ -9,11 +9,18 @@
 // levels keep each clone's features together (a list "avx2,fma" would make two clones, AVX2 without FMA and
 // FMA without AVX2).
 //
-// Torch-free: the standalone harness (tests/ops/cpu_harness.cpp) includes it and links isa.cpp.
+// Torch-free: the standalone harness (tests/ops/cpu_simd_harness.cpp) includes it and links isa.cpp.
 #pragma once
 
 #include <string>
 #include <utility>
+
+// Always inlined: how a kernel's helpers get the ISA of the clone that calls them.
+#if defined(__GNUC__)
+#define DECAFA_INLINE inline __attribute__((always_inline))
+#else
+#define DECAFA_INLINE inline
+#endif
 
 namespace decafa {
 namespace cpu {

@@ -179,7 +179,17 @@ DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
   }
   m0 = m1 > m0 ? m1 : m0;
   m2 = m3 > m2 ? m3 : m2;
-  return m2 > m0 ? m2 : m0;
+  const acc_t m = m2 > m0 ? m2 : m0;
+  // OpenMP leaves the starting value of the reduction's per-lane copies to the compiler: GCC's is -inf,
+  // clang's the lowest finite value, which a map of -inf (or NaN) would then return instead of -inf. Such a
+  // result is rare, and rescanned in order.
+  if (m != std::numeric_limits<acc_t>::lowest()) return m;
+  acc_t exact = lowest;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t s = scaled<kUnitBeta>(t[i], beta);
+    exact = s > exact ? s : exact;
+  }
+  return exact;
 }
 
 // Largest of n > 0 16-bit floats (bfloat16 or float16), read as int16 without widening: 32 values per
