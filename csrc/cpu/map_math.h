@@ -1,13 +1,14 @@
-// Building blocks of the CPU kernels: a vectorisable exp, pixel coordinates, per-map statistics, the summed
-// mask over a pixel tile, the fusion layout, and the per-map backward. Plain C++ on raw pointers; the
-// at::parallel_for loops that call them live in attention.cpp and fusion.cpp.
+// The per-map sweeps of the CPU kernels on raw pointers: the max of a map, its exp sums and moments, Phi,
+// the mask accumulation, and the per-map backward; the at::parallel_for loops that call them live in
+// attention.cpp and fusion.cpp, the exp in vexp.h, the ISA dispatch in isa.h, the fusion tiles in
+// fusion_tiles.h.
 //
 // Every function works on contiguous data. `acc_t` is float for float/half/bfloat16 inputs and double for
-// double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`).
+// double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`); each kernel
+// (DECAFA_ISA_DISPATCH) is compiled for AVX-512, AVX2 and the baseline ISA.
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -16,115 +17,25 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "../../kernels/fusion_layout.h"
 #include "isa.h"
 #include "stream_store.h"
-
-// The kernels need IEEE float semantics: vexp rounds with an add and subtract of a magic number (folded
-// away under -fassociative-math), propagates NaN and returns exactly 0 at -inf (assumed away under
-// -ffinite-math-only), and `scaled` rounds beta * t with a "+ 0" (dropped under -fno-signed-zeros). A
-// build with any of these would compute wrong values without a sign, so it stops here.
-#if defined(__FAST_MATH__) || (defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__) || \
-    defined(__ASSOCIATIVE_MATH__) || defined(__NO_SIGNED_ZEROS__)
-#error "decafa CPU kernels need IEEE float semantics: build without -ffast-math, -Ofast, -ffinite-math-only, -fassociative-math or -fno-signed-zeros"
-#endif
+#include "vexp.h"
 
 namespace decafa {
 namespace cpu {
-
-#if defined(__GNUC__)
-#define DECAFA_INLINE inline __attribute__((always_inline))
-#else
-#define DECAFA_INLINE inline
-#endif
-
-// How exactly vexp computes: to about 1 ulp of float32 for float32 (and float64, which takes std::exp)
-// logits; less for 16-bit logits, whose Phi, z and M are 16-bit too, in fewer multiply-adds (the exp is what
-// bounds the 16-bit statistics ops on the CPU, issue 16).
-enum class ExpPrecision {
-  kFloat,     // Cody-Waite reduction, degree-6 polynomial: 1.0 ulp of float32
-  kHalf,      // one-constant reduction, degree 4: 2.9e-6 relative (0.006 ulp of float16), 3 multiply-adds fewer
-  kBFloat16,  // one-constant reduction, degree 3: 1.0e-4 relative (0.026 ulp of bfloat16), 4 fewer
-};
-
-template <typename scalar_t>
-constexpr ExpPrecision exp_precision_for() {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return ExpPrecision::kBFloat16;
-  if constexpr (sizeof(scalar_t) == 2) return ExpPrecision::kHalf;
-  return ExpPrecision::kFloat;
-}
-
-// The float whose bits are u.
-DECAFA_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
-// ln 2 and a polynomial (ExpPrecision), for x <= 0 (all the kernels need). -inf gives exactly 0, NaN stays NaN.
-template <ExpPrecision kPrecision = ExpPrecision::kFloat>
-DECAFA_INLINE float vexp(float x) {
-  // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed. Below
-  // lo, 0: then n >= -125 and 2^n y is a normal float, so the scaling by 2^n is an integer add to y's
-  // exponent bits (off the floating-point units the rest keeps busy).
-  const float lo = -86.99f;
-  const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
-  const float magic = 12582912.0f;  // 1.5 * 2^23: float add rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float y;  // exp(r), in [0.7, 1.5]
-  if constexpr (kPrecision != ExpPrecision::kFloat) {
-    // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
-    // below either polynomial's error; both fitted for least maximum relative error on |r| <= ln2 / 2)
-    const float r = xc - n * 0.693147182464599609375f;
-    float p;
-    if constexpr (kPrecision == ExpPrecision::kHalf) {
-      p = 4.151337966322899e-2f;
-      p = p * r + 1.6787388920783997e-1f;
-      p = p * r + 5.000301599502563e-1f;
-      p = p * r + 9.999668598175049e-1f;
-    } else {
-      p = 1.651763916015625e-1f;
-      p = p * r + 5.0412517786026e-1f;
-      p = p * r + 1.0001956224441528f;
-    }
-    y = p * r + 1.0f;
-  } else {
-    // Cody-Waite: ln2 split in two so that n * hi is exact; exp(r) = 1 + r + r^2 P(r), P of degree 4
-    // (3.7e-9; 1.0 ulp in float32 measured against float64 over [-87, 0])
-    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.3879691250622272e-3f;
-    p = p * r + 8.36869329214096e-3f;
-    p = p * r + 4.166722670197487e-2f;
-    p = p * r + 1.666652113199234e-1f;
-    p = p * r + 4.999999701976776e-1f;
-    y = p * r * r + r + 1.0f;
-  }
-  // 2^n y. n is converted, not taken from the low bits of (x log2e + magic), which would save an operation:
-  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. Converting a NaN
-  // (or a float out of int32's range) is undefined behaviour, so n is first clamped to <= 0 with NaN going
-  // to 0 (one min instruction: x86's min returns its second operand when either is NaN); y is NaN then, and
-  // stays NaN. Unchanged for every x <= 0; an x > 0 (no caller passes one) gets a wrong but defined value.
-  const float n_int = n < 0.0f ? n : 0.0f;
-  int32_t bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n_int)) << 23);
-  return x < lo ? 0.0f : bits_to_float(static_cast<uint32_t>(bits));
-}
-template <ExpPrecision kPrecision = ExpPrecision::kFloat>
-DECAFA_INLINE double vexp(double x) {
-  return std::exp(x);
-}
 
 // acc_t -> storage dtype. c10's float-to-bfloat16 rounds with a NaN branch that keeps GCC from vectorising
 // the store loops; bfloat16 takes the same rounding (to nearest even, NaN -> quiet NaN) written as a select.
 template <typename scalar_t, typename acc_t>
 DECAFA_INLINE scalar_t to_storage(acc_t v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    constexpr uint32_t kAbsMask = 0x7FFFFFFFu, kInfinity = 0x7F800000u;  // float32 bits
+    constexpr uint32_t kHalfLowBits = 0x7FFFu;                             // one short of half the dropped bits
+    constexpr uint32_t kQuietNaN = 0x7FC0u;                                // bfloat16 bits
     uint32_t u;
     std::memcpy(&u, &v, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+    const uint32_t rounded = (u + kHalfLowBits + ((u >> 16) & 1u)) >> 16;  // ties to the even bfloat16
+    const uint32_t bits = (u & kAbsMask) > kInfinity ? kQuietNaN : rounded;
     return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
   } else {
     return static_cast<scalar_t>(v);
@@ -132,9 +43,8 @@ DECAFA_INLINE scalar_t to_storage(acc_t v) {
 }
 
 // Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised (a one-pixel
-// axis is its own centre, 0, as in kornia). Kept as a
-// table so that the moment loops read coordinates instead of converting int64 indices (which does not
-// vectorise before AVX-512).
+// axis is its own centre, 0, as in kornia). Kept as a table so that the moment loops read coordinates
+// instead of converting int64 indices (which does not vectorise before AVX-512).
 template <typename acc_t>
 std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
   std::vector<acc_t> c(n);
@@ -193,9 +103,9 @@ DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
 }
 
 // Largest of n > 0 16-bit floats (bfloat16 or float16), read as int16 without widening: 32 values per
-// 512-bit integer max and min instead of 16 per float max after two widening operations (bfloat16
-// soft_argmax at B = 8 on one thread of the development machine, in the max sweep alone: 1.5 -> 1.0 ms,
-// min of 10). A sign-magnitude float read as int16 orders like its value when positive and in reverse when
+// 512-bit integer max and min instead of 16 per float max after two widening operations (the max sweep of
+// 16-bit logits is bound by those, not by the loads: `python bench/cpu_floor.py` times the ops). A
+// sign-magnitude float read as int16 orders like its value when positive and in reverse when
 // negative, so the largest value is the largest int16 when that is >= 0, else the smallest int16. False
 // when the values hold a NaN that decides the answer: the float sweep, which skips NaN, then takes over,
 // so that the result is the same in every case.
@@ -290,13 +200,16 @@ DECAFA_INLINE void accumulate_group_impl(const acc_t* e, int64_t n, int count, c
 DECAFA_ISA_DISPATCH(accumulate_group)
 
 // Brings the W values at `row` into cache. The exp sweep of a map is bound by arithmetic, the max sweep of
-// the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap (float32
-// soft_argmax at B = 8 on one thread of the 2-core development machine: 6.9 -> 5.5 ms, median of 15). A
+// the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap. A
 // prefetch never faults, so the row after the tensor's last map may be asked for.
+constexpr int64_t kCacheLineBytes = 64;
+
 template <typename scalar_t>
 DECAFA_INLINE void prefetch_row(const scalar_t* row, int64_t W) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b, 0, 3);
+  for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(scalar_t)); b += kCacheLineBytes) {
+    __builtin_prefetch(bytes + b, /*read*/ 0, /*keep in all cache levels*/ 3);
+  }
 }
 
 template <typename acc_t>
@@ -675,145 +588,6 @@ DECAFA_INLINE acc_t landmark_grad_impl(const acc_t* phi, const PhiSums<acc_t>& s
   return gb;
 }
 DECAFA_ISA_DISPATCH(landmark_grad)
-
-// The fusion layout (kernels/fusion_layout.h) as a list of blocks: which source (image or embedding) each
-// block of output channels copies, and whether it is multiplied by the mask.
-struct Segment {
-  bool from_embedding;
-  bool masked;
-  int64_t first_channel;
-};
-
-struct Segments {
-  Segment segments[4];
-  int count = 0;
-  int64_t channels = 0;
-
-  Segments(int64_t mode, int64_t image_channels, int64_t embedding_channels) {
-    const FusionLayout l = fusion_layout(static_cast<int>(mode), static_cast<int>(image_channels),
-                                         static_cast<int>(embedding_channels));
-    channels = l.channels;
-    // in channel order (the table's offsets increase in this order for every mode)
-    if (l.image >= 0) segments[count++] = {false, false, l.image};
-    if (l.image_mask >= 0) segments[count++] = {false, true, l.image_mask};
-    if (l.embedding >= 0) segments[count++] = {true, false, l.embedding};
-    if (l.embedding_mask >= 0) segments[count++] = {true, true, l.embedding_mask};
-  }
-};
-
-// Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
-// the image's first channel; every channel plane has hw pixels. With `staging` (n values) the output is
-// written with streaming stores (stream_store.h): masked channels are computed into staging first.
-template <typename scalar_t, typename acc_t>
-DECAFA_INLINE void fuse_tile_impl(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
-                                  int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b,
-                                  scalar_t* staging) {
-  for (int s = 0; s < layout.count; ++s) {
-    const Segment& seg = layout.segments[s];
-    const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
-    const int64_t channels = seg.from_embedding ? ce : ci;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* in = src + c * hw + p0;
-      scalar_t* out = out_b + (seg.first_channel + c) * hw + p0;
-      if (seg.masked) {
-        scalar_t* product = staging != nullptr ? staging : out;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) product[i] = to_storage<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
-        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
-      } else if (staging != nullptr) {
-        stream_copy(out, in, n * sizeof(scalar_t));
-      } else {
-        std::memcpy(out, in, n * sizeof(scalar_t));
-      }
-    }
-  }
-}
-DECAFA_ISA_DISPATCH(fuse_tile)
-
-// One source channel of the fusion backward over n pixels: out = g_plain + mask * g_masked (the channel's
-// gradient; g_plain is null when the mode copies no plain block of this source) and grad_mask += g_masked *
-// src. Each gradient of F is read once.
-template <bool kPlain, bool kOut, bool kMaskGrad, typename scalar_t, typename acc_t>
-DECAFA_INLINE void masked_channel_backward(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
-                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = static_cast<acc_t>(g_masked[i]);
-    if constexpr (kMaskGrad) grad_mask[i] += g * static_cast<acc_t>(src[i]);
-    if constexpr (kOut) {
-      const acc_t plain = kPlain ? static_cast<acc_t>(g_plain[i]) : acc_t(0);
-      out[i] = to_storage<scalar_t>(plain + g * mask[i]);
-    }
-  }
-}
-
-// masked_channel_backward with the channel's gradient written, and grad_mask summed when given.
-template <bool kPlain, typename scalar_t, typename acc_t>
-DECAFA_INLINE void masked_channel_gradient(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
-                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
-  if (grad_mask != nullptr) {
-    masked_channel_backward<kPlain, true, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
-  } else {
-    masked_channel_backward<kPlain, true, false>(g_plain, g_masked, src, mask, n, out, grad_mask);
-  }
-}
-
-// Backward of fuse_tile over pixels [p0, p0 + n) of one image: the gradients of the image and embedding
-// channels (either output may be null when not wanted; they need `mask`) and, when grad_mask is given, the
-// gradient of the mask in acc_t: the sum over the masked channels (image first, then embedding, each in
-// channel order) of grad * source. With `staging` (n values) the source gradients are written with
-// streaming stores.
-template <typename scalar_t, typename acc_t>
-DECAFA_INLINE void fuse_tile_backward_impl(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
-                                           int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask,
-                                           int64_t hw, int64_t p0, int64_t n, scalar_t* grad_image_b,
-                                           scalar_t* grad_embedding_b, acc_t* grad_mask, scalar_t* staging) {
-  if (grad_mask != nullptr) {
-    for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
-  }
-  for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {
-    int64_t plain = -1, masked = -1;  // first channel in F of this source's plain and masked blocks
-    for (int k = 0; k < layout.count; ++k) {
-      const Segment& seg = layout.segments[k];
-      if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
-      (seg.masked ? masked : plain) = seg.first_channel;
-    }
-    const scalar_t* src_b = from_embedding ? embedding_b : image_b;
-    scalar_t* grad_src_b = from_embedding ? grad_embedding_b : grad_image_b;
-    const int64_t channels = from_embedding ? ce : ci;
-    if (masked < 0 && grad_src_b == nullptr) continue;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* g_plain = plain >= 0 ? grad_b + (plain + c) * hw + p0 : nullptr;
-      scalar_t* out = grad_src_b != nullptr ? grad_src_b + c * hw + p0 : nullptr;
-      if (masked >= 0) {
-        const scalar_t* g_masked = grad_b + (masked + c) * hw + p0;
-        const scalar_t* src = src_b + c * hw + p0;
-        if (out == nullptr) {
-          if (grad_mask != nullptr) {
-            masked_channel_backward<false, false, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
-          }
-          continue;
-        }
-        scalar_t* target = staging != nullptr ? staging : out;  // where the channel's gradient is computed
-        if (g_plain != nullptr) {
-          masked_channel_gradient<true>(g_plain, g_masked, src, mask, n, target, grad_mask);
-        } else {
-          masked_channel_gradient<false>(g_plain, g_masked, src, mask, n, target, grad_mask);
-        }
-        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
-      } else if (g_plain != nullptr) {
-        if (staging != nullptr) {
-          stream_copy(out, g_plain, n * sizeof(scalar_t));
-        } else {
-          std::memcpy(out, g_plain, n * sizeof(scalar_t));
-        }
-      } else {
-        std::memset(out, 0, n * sizeof(scalar_t));  // the mode has no block of this source
-      }
-    }
-  }
-}
-DECAFA_ISA_DISPATCH(fuse_tile_backward)
 
 }  // namespace cpu
 }  // namespace decafa

@@ -14,6 +14,8 @@
 //           for float64, float32, float16 and bfloat16 and betas that overflow; checks what the op contract
 //           says of them (a NaN or inf in a map makes its sum NaN, finite maps give finite sums) and prints
 //           one digest of every output's bits per clone, "same" when all clones agree bit for bit
+//   exp-error  the largest error of vexp in each precision and clone on [kExpLowest, 0], against the bounds
+//           vexp.h states (kExpBounds)
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -25,9 +27,10 @@
 
 #include <c10/util/Half.h>
 
+#include "../../csrc/cpu/fusion_tiles.h"
 #include "../../csrc/cpu/map_math.h"
 
-using decafa::cpu::Isa;
+using namespace decafa::cpu;  // NOLINT: the kernels by name, as CLONE calls them
 namespace dc = decafa::cpu;
 
 namespace {
@@ -56,11 +59,12 @@ struct Digest {
 };
 
 #if DECAFA_ISA_CLONES
-#define CLONE(isa, NAME, ...)                                                                   \
-  ((isa) == Isa::kAvx512 ? dc::NAME##_avx512(__VA_ARGS__)                                       \
-                         : (isa) == Isa::kAvx2 ? dc::NAME##_avx2(__VA_ARGS__) : dc::NAME##_baseline(__VA_ARGS__))
+// NAME's clone for `isa`, called directly (the kernels' own dispatch follows active_isa() alone)
+#define CLONE(isa, NAME, ...)                                                              \
+  ((isa) == Isa::kAvx512 ? NAME##_avx512(__VA_ARGS__)                                      \
+                         : (isa) == Isa::kAvx2 ? NAME##_avx2(__VA_ARGS__) : NAME##_baseline(__VA_ARGS__))
 #else
-#define CLONE(isa, NAME, ...) dc::NAME(__VA_ARGS__)
+#define CLONE(isa, NAME, ...) NAME(__VA_ARGS__)
 #endif
 
 template <typename T>
@@ -275,6 +279,61 @@ int sweeps() {
   return failures == 0 ? 0 : 1;
 }
 
+// vexp over many x, vectorised as the kernels' loops are, through each clone (DECAFA_ISA_DISPATCH).
+template <dc::ExpPrecision kPrecision>
+DECAFA_INLINE void exp_table_impl(std::integral_constant<dc::ExpPrecision, kPrecision>, const float* x, int64_t n,
+                                  float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = dc::vexp<kPrecision>(x[i]);
+}
+DECAFA_ISA_DISPATCH(exp_table)
+
+// The largest error of vexp in each precision and clone, on x in [kExpLowest, 0] (every 61st float, and
+// both ends) against exp in float64: in float32 ulps and relative.
+int exp_error() {
+  std::vector<float> x;
+  const float lowest = dc::kExpLowest;
+  uint32_t last;
+  std::memcpy(&last, &lowest, sizeof(last));
+  for (uint32_t bits = 0x80000000u; bits <= last; bits += 61) x.push_back(from_bits<float>(bits));
+  x.push_back(lowest);
+  std::vector<float> y(x.size());
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (!dc::cpu_supports(isa) || (!DECAFA_ISA_CLONES && isa != Isa::kBaseline)) continue;
+    for (const dc::ExpBound& bound : dc::kExpBounds) {
+      const int64_t n = static_cast<int64_t>(x.size());
+      switch (bound.precision) {
+        case dc::ExpPrecision::kFloat:
+          CLONE(isa, exp_table, std::integral_constant<dc::ExpPrecision, dc::ExpPrecision::kFloat>(), x.data(), n,
+                y.data());
+          break;
+        case dc::ExpPrecision::kHalf:
+          CLONE(isa, exp_table, std::integral_constant<dc::ExpPrecision, dc::ExpPrecision::kHalf>(), x.data(), n,
+                y.data());
+          break;
+        default:
+          CLONE(isa, exp_table, std::integral_constant<dc::ExpPrecision, dc::ExpPrecision::kBFloat16>(), x.data(),
+                n, y.data());
+      }
+      double max_ulp = 0, max_relative = 0;
+      for (size_t i = 0; i < x.size(); ++i) {
+        const double want = std::exp(static_cast<double>(x[i]));
+        const double ulp = std::ldexp(1.0, std::ilogb(want) - 23);  // of float32, at want
+        max_ulp = std::max(max_ulp, std::fabs(y[i] - want) / ulp);
+        max_relative = std::max(max_relative, std::fabs(y[i] - want) / want);
+      }
+      const bool ok = max_ulp <= bound.max_ulp_float32 && max_relative <= bound.max_relative;
+      expect(ok, std::string("vexp ") + dc::isa_name(isa) + " precision " +
+                     std::to_string(static_cast<int>(bound.precision)) + " outside its bound");
+      std::printf("exp %s precision=%d max_ulp=%.3g max_relative=%.3g bound_ulp=%.3g bound_relative=%.3g\n",
+                  dc::isa_name(isa), static_cast<int>(bound.precision), max_ulp, max_relative,
+                  bound.max_ulp_float32, bound.max_relative);
+    }
+  }
+  std::printf("%s\n", failures == 0 ? "ok" : "FAILED");
+  return failures == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -284,6 +343,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (mode == "sweeps") return sweeps();
-  std::fprintf(stderr, "usage: %s isa|sweeps\n", argv[0]);
+  if (mode == "exp-error") return exp_error();
+  std::fprintf(stderr, "usage: %s isa|sweeps|exp-error\n", argv[0]);
   return 2;
 }
