@@ -35,8 +35,9 @@ enum class ExpPrecision {
 
 // Bounds on the error of vexp<precision> on [kExpLowest, 0] against exp in float64, in units in the last
 // place of float32 and relative, for every clone and for GCC and clang builds alike (the harness's
-// `exp-error` mode measures them; without FMA, as in the baseline clone, n * ln2 is rounded, which is most of
-// kHalf's error). In the 16-bit types' own units: kHalf within 0.015 ulp of float16, kBFloat16 within 0.03
+// `exp-error` mode measures them: the AVX2 and AVX-512 clones contract the multiply-adds into FMAs, which
+// moves the float32 exp's largest error a little above 1 ulp; without FMA, as in the baseline clone,
+// n * ln2 is rounded, which doubles kHalf's error). In the 16-bit types' own units: kHalf within 0.015 ulp of float16, kBFloat16 within 0.03
 // ulp of bfloat16 (relative error times 2^11 and 2^8).
 struct ExpBound {
   ExpPrecision precision;
@@ -44,7 +45,7 @@ struct ExpBound {
   double max_relative;
 };
 constexpr ExpBound kExpBounds[] = {
-    {ExpPrecision::kFloat, 1.0, 1.0e-7},
+    {ExpPrecision::kFloat, 1.1, 1.0e-7},
     {ExpPrecision::kHalf, 110.0, 7.0e-6},
     {ExpPrecision::kBFloat16, 1500.0, 1.1e-4},
 };
