@@ -64,9 +64,8 @@ DECAFA_INLINE float bits_to_float(uint32_t u) {
   return f;
 }
 
-// Below kExpLowest vexp is 0 (exp(-87) is 1.6e-38, near float32's smallest normal); above it n >= -125 and
-// 2^n y is a normal float, so the scaling by 2^n is an integer add to y's exponent bits (off the
-// floating-point units the rest keeps busy).
+// Below kExpLowest vexp is 0 (exp(-87) is 1.6e-38, near float32's smallest normal); above it n >= -126, so
+// that 2^n and 2^n y are normal floats.
 constexpr float kExpLowest = -86.99f;
 constexpr float kRoundingMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds a float of |v| < 2^22 to an integer
 constexpr float kLog2E = 1.44269504088896341f;
@@ -89,7 +88,8 @@ template <ExpPrecision kPrecision = ExpPrecision::kFloat>
 DECAFA_INLINE float vexp(float x) {
   // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed.
   const float xc = kExpLowest > x ? kExpLowest : x;  // NaN fails the test and stays NaN
-  const float n = (xc * kLog2E + kRoundingMagic) - kRoundingMagic;
+  const float shifted = xc * kLog2E + kRoundingMagic;  // kRoundingMagic + n, n in its low mantissa bits
+  const float n = shifted - kRoundingMagic;
   float y;  // exp(r), in [0.7, 1.5]
   if constexpr (kPrecision != ExpPrecision::kFloat) {
     // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
@@ -116,16 +116,16 @@ DECAFA_INLINE float vexp(float x) {
     p = p * r + kExpFloatP[4];
     y = p * r * r + r + 1.0f;
   }
-  // 2^n y. n is converted, not taken from the low bits of (x log2e + magic), which would save an operation:
-  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. Converting a NaN
-  // (or a float out of int32's range) is undefined behaviour, so n is first clamped to <= 0 with NaN going
-  // to 0 (one min instruction: x86's min returns its second operand when either is NaN); y is NaN then, and
-  // stays NaN. Unchanged for every x <= 0; an x > 0 (no caller passes one) gets a wrong but defined value.
-  const float n_int = n < 0.0f ? n : 0.0f;
-  int32_t bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n_int)) << 23);
-  return x < kExpLowest ? 0.0f : bits_to_float(static_cast<uint32_t>(bits));
+  // 2^n y, with 2^n built from the bits of `shifted` (its mantissa holds 2^22 + n, so shifted left by 23 they
+  // leave n << 23) and multiplied, not added to y's exponent bits: exact, since 2^n y is a normal float, and
+  // NaN in, NaN out whatever the payload (n's bits added to a NaN's exponent could make it finite). No
+  // float-to-int conversion, which is undefined behaviour for NaN and out-of-range values, and as many
+  // operations as one would take (a shift, an integer add, a multiply).
+  uint32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  constexpr uint32_t kExponentBias = uint32_t(127) << 23;
+  const float scale = bits_to_float((shifted_bits << 23) + kExponentBias);
+  return x < kExpLowest ? 0.0f : y * scale;
 }
 template <ExpPrecision kPrecision = ExpPrecision::kFloat>
 DECAFA_INLINE double vexp(double x) {
