@@ -1,13 +1,13 @@
 // Which instruction set the CPU kernels run with, and the dispatch to it.
 //
-// Each kernel of map_math.h (a function `name_impl`, always inlined) is compiled three times by
+// Each kernel of map_math.h and fusion_tiles.h (a function `name_impl`, always inlined) is compiled three times by
 // DECAFA_ISA_DISPATCH(name): for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline ISA, and
 // `name(...)` calls the one active_isa() names. The dispatch is written out here instead of GCC's
 // target_clones, whose resolver picks a clone at load time with no way to force another: a forced choice
 // (DECAFA_CPU_ISA) is what lets a test run every clone on one machine, and the per-function target attribute
-// it rests on is one GCC and clang both honour, so a clang build gets the same clones. The ISA
-// levels keep each clone's features together (a list "avx2,fma" would make two clones, AVX2 without FMA and
-// FMA without AVX2).
+// it rests on is one GCC and clang both honour, so a clang build gets the same clones. The ISA levels keep
+// each clone's features together (a list "avx2,fma" would make two clones, AVX2 without FMA and FMA without
+// AVX2). tests/ops/test_cpu_simd.py checks each clone's vector width in the built library (objdump).
 //
 // Torch-free: the standalone harness (tests/ops/cpu_simd_harness.cpp) includes it and links isa.cpp.
 #pragma once
