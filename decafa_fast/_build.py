@@ -33,7 +33,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_TREES = ("csrc", "kernels")
 WHEEL_SOURCES = "_sources"
 
-CXX_FLAGS = ["-O3", "-std=c++20", "-fno-trapping-math"]  # -fno-trapping-math: GCC vectorises map_math.h's exp
+CXX_FLAGS = ["-O3", "-std=c++20", "-fno-trapping-math"]  # -fno-trapping-math: GCC vectorises vexp.h's exp
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]
 OPENMP = [] if sys.platform == "win32" else ["-fopenmp"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100 and H100 when TORCH_CUDA_ARCH_LIST is not set

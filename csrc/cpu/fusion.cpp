@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "fusion_tiles.h"
 #include "map_math.h"
 #include "output_cache.h"
 

@@ -1,13 +1,14 @@
-// Building blocks of the CPU kernels: a vectorisable exp, pixel coordinates, per-map statistics, the summed
-// mask over a pixel tile, the fusion layout, and the per-map backward. Plain C++ on raw pointers; the
-// at::parallel_for loops that call them live in attention.cpp and fusion.cpp.
+// The per-map sweeps of the CPU kernels on raw pointers: the max of a map, its exp sums and moments, Phi,
+// the mask accumulation, and the per-map backward; the at::parallel_for loops that call them live in
+// attention.cpp and fusion.cpp, the exp in vexp.h, the ISA dispatch in isa.h, the fusion tiles in
+// fusion_tiles.h.
 //
 // Every function works on contiguous data. `acc_t` is float for float/half/bfloat16 inputs and double for
-// double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`).
+// double. The inner loops are written so that the compiler vectorises them (`#pragma omp simd`); each kernel
+// (DECAFA_ISA_DISPATCH) is compiled for AVX-512, AVX2 and the baseline ISA.
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -16,112 +17,25 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "../../kernels/fusion_layout.h"
+#include "isa.h"
 #include "stream_store.h"
+#include "vexp.h"
 
 namespace decafa {
 namespace cpu {
-
-#if defined(__GNUC__)
-#define DECAFA_INLINE inline __attribute__((always_inline))
-#else
-#define DECAFA_INLINE inline
-#endif
-
-// The per-map loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the
-// baseline ISA, and the loader picks one for the CPU at hand (GCC function multiversioning): 16- or 8-wide
-// exp where available, still portable. (A clone list "avx2,fma" would make two clones, AVX2 without FMA
-// and FMA without AVX2; the ISA levels keep each clone's features together.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DECAFA_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DECAFA_KERNEL inline
-#endif
-
-// How exactly vexp computes: to about 1 ulp of float32 for float32 (and float64, which takes std::exp)
-// logits; less for 16-bit logits, whose Phi, z and M are 16-bit too, in fewer multiply-adds (the exp is what
-// bounds the 16-bit statistics ops on the CPU, issue 16).
-enum class ExpPrecision {
-  kFloat,     // Cody-Waite reduction, degree-6 polynomial: 1.0 ulp of float32
-  kHalf,      // one-constant reduction, degree 4: 2.9e-6 relative (0.006 ulp of float16), 3 multiply-adds fewer
-  kBFloat16,  // one-constant reduction, degree 3: 1.0e-4 relative (0.026 ulp of bfloat16), 4 fewer
-};
-
-template <typename scalar_t>
-constexpr ExpPrecision exp_precision_for() {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return ExpPrecision::kBFloat16;
-  if constexpr (sizeof(scalar_t) == 2) return ExpPrecision::kHalf;
-  return ExpPrecision::kFloat;
-}
-
-// The float whose bits are u.
-DECAFA_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// exp for float in a form gcc/clang vectorise (std::exp is a libm call and does not): range reduction by
-// ln 2 and a polynomial (ExpPrecision), for x <= 0 (all the kernels need). -inf gives exactly 0, NaN stays NaN.
-template <ExpPrecision kPrecision = ExpPrecision::kFloat>
-DECAFA_INLINE float vexp(float x) {
-  // Only ever called on s - max(s) <= 0 (or NaN, from NaN or infinite logits): no upper clamp needed. Below
-  // lo, 0: then n >= -125 and 2^n y is a normal float, so the scaling by 2^n is an integer add to y's
-  // exponent bits (off the floating-point units the rest keeps busy).
-  const float lo = -86.99f;
-  const float xc = lo > x ? lo : x;  // NaN fails the test and stays NaN
-  const float magic = 12582912.0f;  // 1.5 * 2^23: float add rounds to an integer
-  const float n = (xc * 1.44269504088896341f + magic) - magic;
-  float y;  // exp(r), in [0.7, 1.5]
-  if constexpr (kPrecision != ExpPrecision::kFloat) {
-    // r = x - n ln2 with ln2 rounded to float32: off by at most 126 * 1.9e-9 (2.4e-7 relative in exp(r),
-    // below either polynomial's error; both fitted for least maximum relative error on |r| <= ln2 / 2)
-    const float r = xc - n * 0.693147182464599609375f;
-    float p;
-    if constexpr (kPrecision == ExpPrecision::kHalf) {
-      p = 4.151337966322899e-2f;
-      p = p * r + 1.6787388920783997e-1f;
-      p = p * r + 5.000301599502563e-1f;
-      p = p * r + 9.999668598175049e-1f;
-    } else {
-      p = 1.651763916015625e-1f;
-      p = p * r + 5.0412517786026e-1f;
-      p = p * r + 1.0001956224441528f;
-    }
-    y = p * r + 1.0f;
-  } else {
-    // Cody-Waite: ln2 split in two so that n * hi is exact; exp(r) = 1 + r + r^2 P(r), P of degree 4
-    // (3.7e-9; 1.0 ulp in float32 measured against float64 over [-87, 0])
-    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.3879691250622272e-3f;
-    p = p * r + 8.36869329214096e-3f;
-    p = p * r + 4.166722670197487e-2f;
-    p = p * r + 1.666652113199234e-1f;
-    p = p * r + 4.999999701976776e-1f;
-    y = p * r * r + r + 1.0f;
-  }
-  // 2^n y. n is converted, not taken from the low bits of (x log2e + magic), which would save an operation:
-  // a NaN with a payload in those bits would then change y's exponent and stop being a NaN. A NaN n converts
-  // to INT_MIN on x86 (0 on ARM), which the shift by 23 turns into 0: NaN stays NaN.
-  int32_t bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  bits += static_cast<int32_t>(static_cast<uint32_t>(static_cast<int32_t>(n)) << 23);
-  return x < lo ? 0.0f : bits_to_float(static_cast<uint32_t>(bits));
-}
-template <ExpPrecision kPrecision = ExpPrecision::kFloat>
-DECAFA_INLINE double vexp(double x) {
-  return std::exp(x);
-}
 
 // acc_t -> storage dtype. c10's float-to-bfloat16 rounds with a NaN branch that keeps GCC from vectorising
 // the store loops; bfloat16 takes the same rounding (to nearest even, NaN -> quiet NaN) written as a select.
 template <typename scalar_t, typename acc_t>
 DECAFA_INLINE scalar_t to_storage(acc_t v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    constexpr uint32_t kAbsMask = 0x7FFFFFFFu, kInfinity = 0x7F800000u;  // float32 bits
+    constexpr uint32_t kHalfLowBits = 0x7FFFu;                             // one short of half the dropped bits
+    constexpr uint32_t kQuietNaN = 0x7FC0u;                                // bfloat16 bits
     uint32_t u;
     std::memcpy(&u, &v, sizeof(u));
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+    const uint32_t rounded = (u + kHalfLowBits + ((u >> 16) & 1u)) >> 16;  // ties to the even bfloat16
+    const uint32_t bits = (u & kAbsMask) > kInfinity ? kQuietNaN : rounded;
     return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
   } else {
     return static_cast<scalar_t>(v);
@@ -129,9 +43,8 @@ DECAFA_INLINE scalar_t to_storage(acc_t v) {
 }
 
 // Pixel coordinates along an axis of n pixels: 0..n-1, or linspace(-1, 1, n) when normalised (a one-pixel
-// axis is its own centre, 0, as in kornia). Kept as a
-// table so that the moment loops read coordinates instead of converting int64 indices (which does not
-// vectorise before AVX-512).
+// axis is its own centre, 0, as in kornia). Kept as a table so that the moment loops read coordinates
+// instead of converting int64 indices (which does not vectorise before AVX-512).
 template <typename acc_t>
 std::vector<acc_t> axis_coordinates(int64_t n, bool normalized) {
   std::vector<acc_t> c(n);
@@ -176,13 +89,23 @@ DECAFA_INLINE acc_t scaled_max_of(const scalar_t* t, int64_t n, acc_t beta) {
   }
   m0 = m1 > m0 ? m1 : m0;
   m2 = m3 > m2 ? m3 : m2;
-  return m2 > m0 ? m2 : m0;
+  const acc_t m = m2 > m0 ? m2 : m0;
+  // OpenMP leaves the starting value of the reduction's per-lane copies to the compiler: GCC's is -inf,
+  // clang's the lowest finite value, which a map of -inf (or NaN) would then return instead of -inf. Such a
+  // result is rare, and rescanned in order.
+  if (m != std::numeric_limits<acc_t>::lowest()) return m;
+  acc_t exact = lowest;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t s = scaled<kUnitBeta>(t[i], beta);
+    exact = s > exact ? s : exact;
+  }
+  return exact;
 }
 
 // Largest of n > 0 16-bit floats (bfloat16 or float16), read as int16 without widening: 32 values per
-// 512-bit integer max and min instead of 16 per float max after two widening operations (bfloat16
-// soft_argmax at B = 8 on one thread of the development machine, in the max sweep alone: 1.5 -> 1.0 ms,
-// min of 10). A sign-magnitude float read as int16 orders like its value when positive and in reverse when
+// 512-bit integer max and min instead of 16 per float max after two widening operations (the max sweep of
+// 16-bit logits is bound by those, not by the loads: `python bench/cpu_floor.py` times the ops). A
+// sign-magnitude float read as int16 orders like its value when positive and in reverse when
 // negative, so the largest value is the largest int16 when that is >= 0, else the smallest int16. False
 // when the values hold a NaN that decides the answer: the float sweep, which skips NaN, then takes over,
 // so that the result is the same in every case.
@@ -210,7 +133,7 @@ DECAFA_INLINE bool max_of_16_bit(const scalar_t* t, int64_t n, float& out) {
 // max of s = beta * t over n values: the first sweep of a map, which only reads it. For 16-bit logits and
 // a positive finite beta, beta times the largest logit: rounding is monotonic, so that is the same value.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
+DECAFA_INLINE acc_t scaled_max_impl(const scalar_t* t, int64_t n, acc_t beta) {
   if constexpr (sizeof(scalar_t) == 2) {
     float largest;
     if (n > 0 && beta > acc_t(0) && beta < std::numeric_limits<acc_t>::infinity() && max_of_16_bit(t, n, largest)) {
@@ -219,6 +142,7 @@ DECAFA_KERNEL acc_t scaled_max(const scalar_t* t, int64_t n, acc_t beta) {
   }
   return beta == acc_t(1) ? scaled_max_of<true>(t, n, beta) : scaled_max_of<false>(t, n, beta);
 }
+DECAFA_ISA_DISPATCH(scaled_max)
 
 // e = exp(s - m): the one expression the forward and the backward both evaluate, so the same bits. The
 // bfloat16 pair sweep passes logits it has widened to float itself, with the bfloat16 precision.
@@ -229,16 +153,17 @@ DECAFA_INLINE acc_t shifted_exp(scalar_t t, acc_t beta, acc_t m) {
 
 // dst = scale * src, converted to the output dtype.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void store_scaled(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
+DECAFA_INLINE void store_scaled_impl(const acc_t* src, int64_t n, acc_t scale, scalar_t* dst) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = to_storage<scalar_t>(scale * src[i]);
 }
+DECAFA_ISA_DISPATCH(store_scaled)
 
 // out[0, n) = sum over runs of partial[run * hw + p0 + i], added in run order (so M has the same bits
 // whichever pixels a task sums).
 template <typename acc_t>
-DECAFA_KERNEL void sum_partial_masks(const acc_t* partial, int64_t runs, int64_t hw, int64_t p0, int64_t n,
-                                     acc_t* out) {
+DECAFA_INLINE void sum_partial_masks_impl(const acc_t* partial, int64_t runs, int64_t hw, int64_t p0, int64_t n,
+                                          acc_t* out) {
   std::memcpy(out, partial + p0, n * sizeof(acc_t));
   for (int64_t run = 1; run < runs; ++run) {
     const acc_t* src = partial + run * hw + p0;
@@ -246,6 +171,7 @@ DECAFA_KERNEL void sum_partial_masks(const acc_t* partial, int64_t runs, int64_t
     for (int64_t i = 0; i < n; ++i) out[i] += src[i];
   }
 }
+DECAFA_ISA_DISPATCH(sum_partial_masks)
 
 // Maps whose Phi are added into a mask accumulator in one sweep (their e kept side by side in cache): the
 // accumulator is read and written once per group instead of once per map.
@@ -263,7 +189,7 @@ DECAFA_INLINE void accumulate_group_of(const acc_t* e, int64_t n, const acc_t* s
 
 // dst += sum over k < count of scale[k] * e[k * n : (k + 1) * n], k in order; count <= kMaskGroup.
 template <typename acc_t>
-DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const acc_t* scale, acc_t* dst) {
+DECAFA_INLINE void accumulate_group_impl(const acc_t* e, int64_t n, int count, const acc_t* scale, acc_t* dst) {
   switch (count) {
     case 1: return accumulate_group_of<1>(e, n, scale, dst);
     case 2: return accumulate_group_of<2>(e, n, scale, dst);
@@ -271,15 +197,19 @@ DECAFA_KERNEL void accumulate_group(const acc_t* e, int64_t n, int count, const 
     default: return accumulate_group_of<kMaskGroup>(e, n, scale, dst);
   }
 }
+DECAFA_ISA_DISPATCH(accumulate_group)
 
 // Brings the W values at `row` into cache. The exp sweep of a map is bound by arithmetic, the max sweep of
-// the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap (float32
-// soft_argmax at B = 8 on one thread of the 2-core development machine: 6.9 -> 5.5 ms, median of 15). A
+// the next one by memory: prefetching the next map's rows during the exp sweep lets the two overlap. A
 // prefetch never faults, so the row after the tensor's last map may be asked for.
+constexpr int64_t kCacheLineBytes = 64;
+
 template <typename scalar_t>
 DECAFA_INLINE void prefetch_row(const scalar_t* row, int64_t W) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(scalar_t)); b += 64) __builtin_prefetch(bytes + b, 0, 3);
+  for (int64_t b = 0; b < W * static_cast<int64_t>(sizeof(scalar_t)); b += kCacheLineBytes) {
+    __builtin_prefetch(bytes + b, /*read*/ 0, /*keep in all cache levels*/ 3);
+  }
 }
 
 template <typename acc_t>
@@ -457,11 +387,12 @@ DECAFA_INLINE MapStats<acc_t> exp_sums_of(const scalar_t* t, int64_t H, int64_t 
 // `moments`, the first moments (zx, zy) (else 0, 0). When `e` is given (H*W values) it receives e. t is read
 // again, from cache: the map was just read by scaled_max.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL MapStats<acc_t> exp_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
-                                       const acc_t* xs, const acc_t* ys, acc_t* e) {
+DECAFA_INLINE MapStats<acc_t> exp_sums_impl(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t m, bool moments,
+                                            const acc_t* xs, const acc_t* ys, acc_t* e) {
   return beta == acc_t(1) ? exp_sums_of<true>(t, H, W, beta, m, moments, xs, ys, e)
                           : exp_sums_of<false>(t, H, W, beta, m, moments, xs, ys, e);
 }
+DECAFA_ISA_DISPATCH(exp_sums)
 
 template <bool kUnitBeta, typename scalar_t, typename acc_t>
 DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t inv, acc_t* phi) {
@@ -472,7 +403,7 @@ DECAFA_INLINE void recompute_phi_of(const scalar_t* t, int64_t hw, acc_t beta, a
 // Phi of one map from the logits and its saved statistics: phi = exp(beta * t - max) / sum, from the same
 // expression as the forward (shifted_exp), so the same values.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
+DECAFA_INLINE void recompute_phi_impl(const scalar_t* t, int64_t hw, acc_t beta, acc_t max, acc_t sum, acc_t* phi) {
   const acc_t inv = acc_t(1) / sum;
   if (beta == acc_t(1)) {
     recompute_phi_of<true>(t, hw, beta, max, inv, phi);
@@ -480,12 +411,13 @@ DECAFA_KERNEL void recompute_phi(const scalar_t* t, int64_t hw, acc_t beta, acc_
     recompute_phi_of<false>(t, hw, beta, max, inv, phi);
   }
 }
+DECAFA_ISA_DISPATCH(recompute_phi)
 
 // Softmax backward of one map: g_s = Phi * (g - sum_p g_p Phi_p) is the gradient of s = beta * T;
 // grad_t = beta * g_s, and the return value is the map's grad_beta = sum_p T_p g_s,p.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scalar_t* t, int64_t hw, acc_t beta,
-                                 scalar_t* grad_t) {
+DECAFA_INLINE acc_t softmax_grad_impl(const acc_t* phi, const scalar_t* g, const scalar_t* t, int64_t hw, acc_t beta,
+                                      scalar_t* grad_t) {
   acc_t s = 0, gb = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < hw; ++i) s += static_cast<acc_t>(g[i]) * phi[i];
@@ -497,6 +429,7 @@ DECAFA_KERNEL acc_t softmax_grad(const acc_t* phi, const scalar_t* g, const scal
   }
   return gb;
 }
+DECAFA_ISA_DISPATCH(softmax_grad)
 
 // What the logits gradient of one map needs besides Phi: its first moments (zx, zy) and s = sum_p gM_p Phi_p.
 template <typename acc_t>
@@ -587,13 +520,14 @@ DECAFA_INLINE PhiSums<acc_t> phi_with_sums_beta(const scalar_t* t, int64_t H, in
 // Phi of one map recomputed as recompute_phi does (the same values), in one sweep with the moments (when
 // `moments`) and s (when grad_mask, the H*W gradient of M for the map's image, is given).
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL PhiSums<acc_t> phi_with_sums(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max, acc_t sum,
-                                           const acc_t* xs, const acc_t* ys, bool moments, const acc_t* grad_mask,
-                                           acc_t* phi) {
+DECAFA_INLINE PhiSums<acc_t> phi_with_sums_impl(const scalar_t* t, int64_t H, int64_t W, acc_t beta, acc_t max, acc_t sum,
+                                                const acc_t* xs, const acc_t* ys, bool moments, const acc_t* grad_mask,
+                                                acc_t* phi) {
   const acc_t inv = acc_t(1) / sum;
   return beta == acc_t(1) ? phi_with_sums_beta<true>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi)
                           : phi_with_sums_beta<false>(t, H, W, beta, max, inv, xs, ys, moments, grad_mask, phi);
 }
+DECAFA_ISA_DISPATCH(phi_with_sums)
 
 // One row of landmark_grad: g_s = Phi (gM + gx x + row_term), grad_t = beta g_s, and T g_s added into the
 // column accumulators (kByColumn) or into row_gb.
@@ -622,9 +556,9 @@ DECAFA_INLINE void logits_grad_row(const acc_t* p, const scalar_t* tr, const acc
 // w.r.t. M for this map's image; grad_z (2 values, may be null) the gradient w.r.t. (zx, zy). With `staging`
 // (W values) grad_t is written with streaming stores.
 template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, const scalar_t* t, int64_t H,
-                                  int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
-                                  const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
+DECAFA_INLINE acc_t landmark_grad_impl(const acc_t* phi, const PhiSums<acc_t>& sums, const scalar_t* t, int64_t H,
+                                       int64_t W, acc_t beta, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
+                                       const acc_t* grad_mask, scalar_t* grad_t, scalar_t* staging) {
   const acc_t gx = grad_z != nullptr ? grad_z[0] : acc_t(0), gy = grad_z != nullptr ? grad_z[1] : acc_t(0);
   // grad beta's terms added per column (as in exp_rows), or per row for maps over kColumnSumsMax wide
   const bool by_column = W <= kColumnSumsMax;
@@ -653,143 +587,7 @@ DECAFA_KERNEL acc_t landmark_grad(const acc_t* phi, const PhiSums<acc_t>& sums, 
   }
   return gb;
 }
-
-// The fusion layout (kernels/fusion_layout.h) as a list of blocks: which source (image or embedding) each
-// block of output channels copies, and whether it is multiplied by the mask.
-struct Segment {
-  bool from_embedding;
-  bool masked;
-  int64_t first_channel;
-};
-
-struct Segments {
-  Segment segments[4];
-  int count = 0;
-  int64_t channels = 0;
-
-  Segments(int64_t mode, int64_t image_channels, int64_t embedding_channels) {
-    const FusionLayout l = fusion_layout(static_cast<int>(mode), static_cast<int>(image_channels),
-                                         static_cast<int>(embedding_channels));
-    channels = l.channels;
-    // in channel order (the table's offsets increase in this order for every mode)
-    if (l.image >= 0) segments[count++] = {false, false, l.image};
-    if (l.image_mask >= 0) segments[count++] = {false, true, l.image_mask};
-    if (l.embedding >= 0) segments[count++] = {true, false, l.embedding};
-    if (l.embedding_mask >= 0) segments[count++] = {true, true, l.embedding_mask};
-  }
-};
-
-// Writes the fusion channels of pixels [p0, p0 + n) of one image. image_b / embedding_b / out_b point at
-// the image's first channel; every channel plane has hw pixels. With `staging` (n values) the output is
-// written with streaming stores (stream_store.h): masked channels are computed into staging first.
-template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile(const Segments& layout, const scalar_t* image_b, int64_t ci, const scalar_t* embedding_b,
-                             int64_t ce, const acc_t* mask, int64_t hw, int64_t p0, int64_t n, scalar_t* out_b,
-                             scalar_t* staging) {
-  for (int s = 0; s < layout.count; ++s) {
-    const Segment& seg = layout.segments[s];
-    const scalar_t* src = seg.from_embedding ? embedding_b : image_b;
-    const int64_t channels = seg.from_embedding ? ce : ci;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* in = src + c * hw + p0;
-      scalar_t* out = out_b + (seg.first_channel + c) * hw + p0;
-      if (seg.masked) {
-        scalar_t* product = staging != nullptr ? staging : out;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) product[i] = to_storage<scalar_t>(static_cast<acc_t>(in[i]) * mask[i]);
-        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
-      } else if (staging != nullptr) {
-        stream_copy(out, in, n * sizeof(scalar_t));
-      } else {
-        std::memcpy(out, in, n * sizeof(scalar_t));
-      }
-    }
-  }
-}
-
-// One source channel of the fusion backward over n pixels: out = g_plain + mask * g_masked (the channel's
-// gradient; g_plain is null when the mode copies no plain block of this source) and grad_mask += g_masked *
-// src. Each gradient of F is read once.
-template <bool kPlain, bool kOut, bool kMaskGrad, typename scalar_t, typename acc_t>
-DECAFA_INLINE void masked_channel_backward(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
-                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = static_cast<acc_t>(g_masked[i]);
-    if constexpr (kMaskGrad) grad_mask[i] += g * static_cast<acc_t>(src[i]);
-    if constexpr (kOut) {
-      const acc_t plain = kPlain ? static_cast<acc_t>(g_plain[i]) : acc_t(0);
-      out[i] = to_storage<scalar_t>(plain + g * mask[i]);
-    }
-  }
-}
-
-// masked_channel_backward with the channel's gradient written, and grad_mask summed when given.
-template <bool kPlain, typename scalar_t, typename acc_t>
-DECAFA_INLINE void masked_channel_gradient(const scalar_t* g_plain, const scalar_t* g_masked, const scalar_t* src,
-                                           const acc_t* mask, int64_t n, scalar_t* out, acc_t* grad_mask) {
-  if (grad_mask != nullptr) {
-    masked_channel_backward<kPlain, true, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
-  } else {
-    masked_channel_backward<kPlain, true, false>(g_plain, g_masked, src, mask, n, out, grad_mask);
-  }
-}
-
-// Backward of fuse_tile over pixels [p0, p0 + n) of one image: the gradients of the image and embedding
-// channels (either output may be null when not wanted; they need `mask`) and, when grad_mask is given, the
-// gradient of the mask in acc_t: the sum over the masked channels (image first, then embedding, each in
-// channel order) of grad * source. With `staging` (n values) the source gradients are written with
-// streaming stores.
-template <typename scalar_t, typename acc_t>
-DECAFA_KERNEL void fuse_tile_backward(const Segments& layout, const scalar_t* grad_b, const scalar_t* image_b,
-                                      int64_t ci, const scalar_t* embedding_b, int64_t ce, const acc_t* mask,
-                                      int64_t hw, int64_t p0, int64_t n, scalar_t* grad_image_b,
-                                      scalar_t* grad_embedding_b, acc_t* grad_mask, scalar_t* staging) {
-  if (grad_mask != nullptr) {
-    for (int64_t i = 0; i < n; ++i) grad_mask[i] = 0;
-  }
-  for (int from_embedding = 0; from_embedding < 2; ++from_embedding) {
-    int64_t plain = -1, masked = -1;  // first channel in F of this source's plain and masked blocks
-    for (int k = 0; k < layout.count; ++k) {
-      const Segment& seg = layout.segments[k];
-      if (seg.from_embedding != static_cast<bool>(from_embedding)) continue;
-      (seg.masked ? masked : plain) = seg.first_channel;
-    }
-    const scalar_t* src_b = from_embedding ? embedding_b : image_b;
-    scalar_t* grad_src_b = from_embedding ? grad_embedding_b : grad_image_b;
-    const int64_t channels = from_embedding ? ce : ci;
-    if (masked < 0 && grad_src_b == nullptr) continue;
-    for (int64_t c = 0; c < channels; ++c) {
-      const scalar_t* g_plain = plain >= 0 ? grad_b + (plain + c) * hw + p0 : nullptr;
-      scalar_t* out = grad_src_b != nullptr ? grad_src_b + c * hw + p0 : nullptr;
-      if (masked >= 0) {
-        const scalar_t* g_masked = grad_b + (masked + c) * hw + p0;
-        const scalar_t* src = src_b + c * hw + p0;
-        if (out == nullptr) {
-          if (grad_mask != nullptr) {
-            masked_channel_backward<false, false, true>(g_plain, g_masked, src, mask, n, out, grad_mask);
-          }
-          continue;
-        }
-        scalar_t* target = staging != nullptr ? staging : out;  // where the channel's gradient is computed
-        if (g_plain != nullptr) {
-          masked_channel_gradient<true>(g_plain, g_masked, src, mask, n, target, grad_mask);
-        } else {
-          masked_channel_gradient<false>(g_plain, g_masked, src, mask, n, target, grad_mask);
-        }
-        if (staging != nullptr) stream_copy(out, staging, n * sizeof(scalar_t));
-      } else if (g_plain != nullptr) {
-        if (staging != nullptr) {
-          stream_copy(out, g_plain, n * sizeof(scalar_t));
-        } else {
-          std::memcpy(out, g_plain, n * sizeof(scalar_t));
-        }
-      } else {
-        std::memset(out, 0, n * sizeof(scalar_t));  // the mode has no block of this source
-      }
-    }
-  }
-}
+DECAFA_ISA_DISPATCH(landmark_grad)
 
 }  // namespace cpu
 }  // namespace decafa
