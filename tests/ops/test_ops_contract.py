@@ -72,8 +72,8 @@ def test_stats_are_max_and_sum_of_shifted_exponentials():
 @pytest.mark.parametrize("dtype, rtol", [(torch.float16, 4e-6), (torch.bfloat16, 1.2e-4)])
 @pytest.mark.parametrize("spread", [3.0, 87.0])
 def test_16_bit_logits_exp_within_its_stated_error(dtype, rtol, spread):
-    """16-bit logits take a shorter exp in the CPU kernels (map_math.h ExpPrecision: 2.9e-6 relative for
-    float16, 1.0e-4 for bfloat16); the float32 sum of the shifted exponentials shows its error, against
+    """16-bit logits take a shorter exp in the CPU kernels (vexp.h kExpBounds: 7e-6 relative for
+    float16, 1.1e-4 for bfloat16); the float32 sum of the shifted exponentials shows its error, against
     float64 on the same 16-bit values."""
     g = torch.Generator().manual_seed(0)
     t = (-spread * torch.rand(4, 3, 32, 32, generator=g)).to(dtype)
