@@ -21,10 +21,17 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # a torch without the switch: always go through wrap_triton
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
 from ..ops.layout import fused_memory_format, fusion_layout
 from . import checks
 from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
+from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
 from .stats import map_bwd_kernel, map_fwd_kernel
 
 
@@ -53,6 +60,15 @@ class Tuning:
     fuse_block_c: int = 8  # channels per step of the fusion
     fuse_warps: int = 4
     int_div_above: int = 1 << 20  # larger maps take rows by integer division (see stats._row_col)
+    # per-map kernels: "persistent" (persistent.py: a fixed number of programs over balanced ranges of maps,
+    # the next map's loads in flight behind the current map's reductions) or "runs" (stats.py: one program
+    # per (b, run of maps)). channels_last T and maps swept in chunks always take "runs".
+    map_kernel: str = "persistent"
+    # programs of a persistent launch (at most B * L): 0 = map_programs_per_sm per SM on a GPU, and B *
+    # mask_runs elsewhere (the interpreter: per-batch-item pieces, so the bytes stay linear in B)
+    map_programs: int = 0
+    map_programs_per_sm: int = 1  # one 32-warp program of 64 registers a thread fills an SM's registers
+    map_stages: int = 2  # num_stages of the persistent map loop: >= 2 prefetches the next map (cp.async)
 
 
 TUNING = Tuning()
@@ -64,8 +80,10 @@ TUNING = Tuning()
 def _launch(kernel, grid: tuple, *args, **meta) -> None:
     """Launches `kernel` on `grid` (the caller holds the device guard). tests/triton/test_traffic.py wraps
     this to attribute the interpreter's loads and stores to kernels."""
-    fn = kernel if INTERPRET else wrap_triton(kernel)
-    fn[grid](*args, **meta)
+    if INTERPRET or not is_wrap_triton_enabled():  # eager: the kernel itself (no tracing wrapper per call)
+        kernel[grid](*args, **meta)
+    else:
+        wrap_triton(kernel)[grid](*args, **meta)
 
 
 def _device_guard(t: torch.Tensor):
@@ -221,9 +239,68 @@ def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_
             **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
 
 
-def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
+def _persistent(t: tuple, h: int, w: int) -> bool:
+    """Whether the per-map passes take the persistent kernels: TUNING.map_kernel, whole maps, T not
+    interleaved (channels_last keeps the per-run kernels and their sector-sharing map order)."""
+    return TUNING.map_kernel == "persistent" and not _interleaved(t) and _one_chunk(h, w, False)
+
+
+def _map_programs(b: int, l: int, device: torch.device) -> int:
+    """Programs of a persistent per-map launch over the B*L maps."""
+    n = TUNING.map_programs
+    if n <= 0:
+        if device.type == "cuda":
+            n = TUNING.map_programs_per_sm * _sm_count(device.index or 0)
+        else:
+            n = b * TUNING.mask_runs
+    return max(1, min(n, b * l))
+
+
+@functools.lru_cache(maxsize=256)
+def _persistent_cfg(h: int, w: int) -> dict:
+    bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    return dict(BLOCK_H=bh, BLOCK_W=bw, FULL=bh == h and bw == w, STAGES=TUNING.map_stages,
+                num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
+
+
+def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_progs: int,
+                            normalized: bool) -> None:
+    b, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    xs, xo = _coord_affine(w, normalized)
+    ys, yo = _coord_affine(h, normalized)
+    _launch(map_fwd_persistent_kernel, (n_progs,),
+            tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
+            phi if phi is not None else tt, part if part is not None else stats,
+            l, w, h * w, b * l, n_progs,
+            s_tb, s_tl, s_tp,
+            beta, xs, xo, ys, yo,
+            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None,
+            WRITE_PHI=phi is not None, WRITE_PART=part is not None, **_persistent_cfg(h, w))
+
+
+def _run_map_bwd_persistent(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt,
+                            gbeta, shape, n_progs: int, normalized: bool) -> None:
+    b, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
+    xs, _ = _coord_affine(w, normalized)
+    ys, _ = _coord_affine(h, normalized)
+    _launch(map_bwd_persistent_kernel, (n_progs,),
+            tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
+            l, w, h * w, b * l, n_progs,
+            s_tb, s_tl, s_tp,
+            s_gb, s_gl if g_per_map else 0, s_gp,
+            beta, xs, ys,
+            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None,
+            G_PER_MAP=g_per_map, HAS_GZ=gz is not None, **_persistent_cfg(h, w))
+
+
+def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
                    b: int, hw: int, mode: int, device: torch.device) -> None:
-    """mask_fuse_fwd_kernel: M from the partial masks (part given) or from m; writes m_out / fused if given."""
+    """mask_fuse_fwd_kernel: M from the partial masks (part given; parts = (n_runs, pieces, L), see
+    _forward_maps) or from m; writes m_out / fused if given."""
+    n_runs, pieces, l = parts
     dummy = part if part is not None else m[0]
     mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
     ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
@@ -236,13 +313,13 @@ def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple
     n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
     _launch(mask_fuse_fwd_kernel, (b * n_tiles,),
             part if part is not None else dummy, mm, ii, ee, ff, m_out if m_out is not None else dummy,
-            hw, ci, c, n_tiles, n_runs,
+            hw, ci, c, n_tiles, n_runs, b * l, l,
             s_mb, s_mp,
             s_ib, s_ic, s_ip,
             s_eb, s_ec, s_ep,
             s_fb, s_fc, s_fp,
             lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
-            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, **cfg)
+            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, PIECES=pieces, **cfg)
 
 
 def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, hw: int, mode: int) -> None:
@@ -296,12 +373,21 @@ def _check_logits_and_beta(logits: torch.Tensor, beta_map: torch.Tensor | None) 
 
 def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool,
                   want_z: bool, want_phi: bool, want_mask: bool):
-    """(z, phi, part, n_runs, stats): the per-map pass; part (B, n_runs, H*W) float32 holds the partial masks."""
+    """(z, phi, part, parts, stats): the per-map pass. part holds the partial masks in float32, (B, n_runs,
+    H*W) from the per-run kernel, parts = (n_runs, False, L), or (n_progs + B, H*W) from the persistent
+    one, parts = (n_progs, True, L) (persistent.py)."""
     b, l, h, w = logits.shape
     stats = _new_stats(logits)
     z = _new_z(logits) if want_z else None
     phi = logits.new_empty(logits.shape) if want_phi else None
     t = _flat(logits, logits)
+    if b and _persistent(t, h, w):
+        n_progs = _map_programs(b, l, logits.device)
+        part = logits.new_empty((n_progs + b, h * w), dtype=torch.float32) if want_mask else None
+        with _device_guard(logits):
+            _run_map_fwd_persistent(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_progs,
+                                    normalized)
+        return z, phi, part, (n_progs, True, l), stats
     if want_mask:
         n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
@@ -311,7 +397,7 @@ def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | No
         with _device_guard(logits):
             _run_map_fwd(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_runs, run_len,
                          normalized)
-    return z, phi, part, n_runs, stats
+    return z, phi, part, (n_runs, False, l), stats
 
 
 def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None,
@@ -323,6 +409,14 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
         return _zeros(logits), gbeta.zero_()
     gt = logits.new_empty(logits.shape)
     t = _flat(logits, logits)
+    if b and _persistent(t, h, w):
+        gp = None
+        if g is not None:
+            gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
+        with _device_guard(logits):
+            _run_map_bwd_persistent(t, beta, _contig(beta_map), stats.contiguous(), gp, g_per_map, _contig(grad_z),
+                                    gt, gbeta, logits.shape, _map_programs(b, l, logits.device), normalized)
+        return gt, gbeta
     if g is not None and not g_per_map:  # read the shared G once per run
         n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
@@ -373,12 +467,12 @@ def soft_argmax(
     return z, stats
 
 
-def _mask_from_parts(logits: torch.Tensor, part: torch.Tensor, n_runs: int) -> torch.Tensor:
+def _mask_from_parts(logits: torch.Tensor, part: torch.Tensor, parts: tuple) -> torch.Tensor:
     m = _new_mask(logits)
     b, _, h, w = logits.shape
     if b:
         with _device_guard(logits):
-            _run_mask_fuse(part, n_runs, None, None, None, None, m, b, h * w, 0, logits.device)
+            _run_mask_fuse(part, parts, None, None, None, None, m, b, h * w, 0, logits.device)
     return m
 
 
@@ -387,8 +481,8 @@ def attention_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, stats (B, L, 2))."""
     _check_logits_and_beta(logits, beta_map)
-    _, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
-    return _mask_from_parts(logits, part, n_runs), stats
+    _, _, part, parts, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
+    return _mask_from_parts(logits, part, parts), stats
 
 
 def landmark_attention(
@@ -396,8 +490,8 @@ def landmark_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), stats (B, L, 2))."""
     _check_logits_and_beta(logits, beta_map)
-    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
-    return z, _mask_from_parts(logits, part, n_runs), stats
+    z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    return z, _mask_from_parts(logits, part, parts), stats
 
 
 def landmark_attention_backward(
@@ -437,8 +531,8 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
                         device=image.device, memory_format=fused_memory_format(embedding))
     if b and h * w:  # no pixels: an empty fusion
         with _device_guard(image):
-            _run_mask_fuse(None, 0, _flat(mask, image), _flat(image, image), _flat(embedding, image), fused, None,
-                           b, h * w, mode, image.device)
+            _run_mask_fuse(None, (0, False, 1), _flat(mask, image), _flat(image, image), _flat(embedding, image),
+                           fused, None, b, h * w, mode, image.device)
     return fused
 
 
@@ -486,13 +580,13 @@ def decafa_head(
     _check_logits_and_beta(logits, beta_map)
     mode = _check_fusion_inputs(image, embedding, None, mode, logits, "logits")
     b, _, h, w = logits.shape
-    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
     m = _new_mask(logits)
     fused = torch.empty((b, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels, h, w),
                         dtype=logits.dtype, device=logits.device, memory_format=fused_memory_format(embedding))
     if b:
         with _device_guard(logits):
-            _run_mask_fuse(part, n_runs, None, _flat(image, logits), _flat(embedding, logits), fused, m, b, h * w,
+            _run_mask_fuse(part, parts, None, _flat(image, logits), _flat(embedding, logits), fused, m, b, h * w,
                            mode, logits.device)
     return z, fused, m, stats
 
