@@ -127,9 +127,9 @@ def map_fwd_persistent_kernel(
                      eviction_policy="evict_first")
         if WRITE_PART:  # the piece ends with its batch item's last map or the range: flush its partial mask
             acc += phi
-            last = (l64 == L - 1) | (k == n - 1)  # (as an integer tile below: the interpreter's masks)
-            tl.store((part_ptr + (pid + b64) * HW) + p, acc, mask=pv & (tl.zeros_like(p) + last.to(p.dtype) != 0))
-            acc = tl.where(last, 0.0, acc)
+            if (l64 == L - 1) | (k == n - 1):
+                tl.store((part_ptr + (pid + b64) * HW) + p, acc, mask=pv)
+                acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
 
 
 @triton.jit
