@@ -36,9 +36,11 @@ import triton.language as tl
 
 @triton.jit
 def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """A [BLOCK_H, BLOCK_W] tile as one vector in any order (no data movement), so that a whole-map sum is one
-    reduction instead of a row reduction then a column one."""
-    return tl.reshape(x, [BLOCK_H * BLOCK_W], can_reorder=True)
+    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
+    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
+    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
+    but fails under the interpreter (Triton 3.9)."""
+    return tl.reshape(x, [BLOCK_H * BLOCK_W])
 
 
 @triton.jit
