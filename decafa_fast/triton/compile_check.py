@@ -118,7 +118,7 @@ def _variants(dt: str):
     fwd_ptrs = dict(t_ptr=ptr, beta_ptr="*fp32", stats_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr, part_ptr="*fp32")
 
     def cfg(run, interleaved):
-        c = tops._map_cfg(H, W, run, L if interleaved else 1, interleaved)
+        c = dict(tops._map_cfg(H, W, run, L if interleaved else 1, interleaved))
         return c, c.pop("num_warps")
 
     flags = dict(HAS_BETA_MAP=False, INT_DIV=False, PIX64=False)
@@ -169,7 +169,7 @@ def _variants(dt: str):
                dict(pflags, HAS_G=g, G_PER_MAP=per_map, HAS_GZ=gz), pwarps)
 
     def fuse_cfg(nb, channels_last=False):
-        c = tops._fuse_cfg(hw, CI, C, nb, torch.device("cpu"), channels_last)
+        c = dict(tops._fuse_cfg(hw, CI, C, nb, torch.device("cpu"), channels_last))
         return c, c.pop("num_warps")
 
     cf = 2 * CI + 2 * C

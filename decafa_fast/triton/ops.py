@@ -18,7 +18,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch.library import wrap_triton
 
 try:
@@ -77,6 +76,23 @@ TUNING = Tuning()
 # --------------------------------------------------------------------------------------------------
 # Launch plumbing
 # --------------------------------------------------------------------------------------------------
+# triton.cdiv / next_power_of_2 are constexpr-function wrappers (microseconds a call on the host): the op
+# bodies use these instead, with the same results
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _tuning_key() -> tuple:
+    """The launch parameters' current values: part of every cached configuration's key, so that a change of
+    TUNING (a sweep, a test) is never served a stale configuration."""
+    return tuple(vars(TUNING).values())
+
+
 def _launch(kernel, grid: tuple, *args, **meta) -> None:
     """Launches `kernel` on `grid` (the caller holds the device guard). tests/triton/test_traffic.py wraps
     this to attribute the interpreter's loads and stores to kernels."""
@@ -86,9 +102,16 @@ def _launch(kernel, grid: tuple, *args, **meta) -> None:
         wrap_triton(kernel)[grid](*args, **meta)
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch (no switch,
+    and no context manager of torch's, when it already is: the common case, a few microseconds a call)."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -97,15 +120,14 @@ def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, in
     place, anything else is copied to contiguous. None gives (dummy, 0, 0, 0): never read."""
     if t is None:
         return dummy, 0, 0, 0
-    h, w = t.shape[2], t.shape[3]
+    _, _, h, w = t.shape
+    sb, sc, sh, sw = t.stride()
     if w == 1:
-        sp = t.stride(2)
-    elif h == 1 or t.stride(2) == w * t.stride(3):
-        sp = t.stride(3)
-    else:
-        t = t.contiguous()
-        sp = 1
-    return t, t.stride(0), t.stride(1), sp
+        return t, sb, sc, sh
+    if h == 1 or sh == w * sw:
+        return t, sb, sc, sw
+    t = t.contiguous()
+    return t, t.stride(0), t.stride(1), 1
 
 
 def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
@@ -120,8 +142,8 @@ def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
 
 def _runs(l: int, want: int) -> tuple[int, int]:
     """(n_runs, run_len): L maps split into at most `want` runs of consecutive maps."""
-    run_len = triton.cdiv(l, max(1, min(want, l)))
-    return triton.cdiv(l, run_len), run_len
+    run_len = _cdiv(l, max(1, min(want, l)))
+    return _cdiv(l, run_len), run_len
 
 
 def _mask_runs(b: int, l: int, device: torch.device) -> tuple[int, int]:
@@ -129,7 +151,7 @@ def _mask_runs(b: int, l: int, device: torch.device) -> tuple[int, int]:
     target = TUNING.map_min_programs
     if target < 0:
         target = _sm_count(device.index or 0) if device.type == "cuda" else 0
-    return _runs(l, max(TUNING.mask_runs, triton.cdiv(target, max(b, 1))))
+    return _runs(l, max(TUNING.mask_runs, _cdiv(target, max(b, 1))))
 
 
 def _interleaved(t: tuple) -> bool:
@@ -141,7 +163,7 @@ def _interleaved(t: tuple) -> bool:
 def _one_chunk(h: int, w: int, interleaved: bool) -> bool:
     """Whether the per-map kernels hold each map whole, one at a time (one read of T): its [H, W] tile (each
     rounded up to a power of 2) fits map_block_max, and, for interleaved maps, interleaved_whole_maps."""
-    fits = triton.next_power_of_2(h) * triton.next_power_of_2(w) <= TUNING.map_block_max
+    fits = _pow2(h) * _pow2(w) <= TUNING.map_block_max
     return fits and (TUNING.interleaved_whole_maps or not interleaved)
 
 
@@ -149,21 +171,26 @@ def _plain_runs(t: tuple, l: int, h: int, w: int) -> tuple[int, int]:
     """(n_runs, run_len) of a per-map pass with no partial mask or shared gradient: one map per program, or,
     for swept interleaved (channels_last) maps, rows of up to 32 consecutive maps."""
     interleaved = _interleaved(t)
-    return _runs(l, l if _one_chunk(h, w, interleaved) or not interleaved else triton.cdiv(l, 32))
+    return _runs(l, l if _one_chunk(h, w, interleaved) or not interleaved else _cdiv(l, 32))
 
 
 def _map_cfg(h: int, w: int, run_len: int, pixel_stride: int, interleaved: bool) -> dict:
+    return _map_cfg_cached(h, w, run_len, pixel_stride, interleaved, _tuning_key())
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_cfg_cached(h: int, w: int, run_len: int, pixel_stride: int, interleaved: bool, _key: tuple) -> dict:
     """Tile shape of the per-map kernels: a whole map (_one_chunk), else maps swept in pixel chunks, rows
     of up to 32 consecutive maps at a time for an interleaved (channels_last) layout. Whole interleaved maps
     take their pixel stride as a constant (T_PIX; one compilation per L)."""
-    bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    bh, bw = _pow2(h), _pow2(w)
     if _one_chunk(h, w, interleaved):
         cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, INTERLEAVED=interleaved,
                    T_PIX=pixel_stride if interleaved else 0)
         elements = bh * bw
     else:
-        block_l = min(triton.next_power_of_2(run_len), 32) if interleaved else 1
-        block_p = max(16, min(triton.next_power_of_2(h * w), TUNING.map_chunk // block_l))
+        block_l = min(_pow2(run_len), 32) if interleaved else 1
+        block_p = max(16, min(_pow2(h * w), TUNING.map_chunk // block_l))
         cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, INTERLEAVED=False,
                    T_PIX=0)
         elements = block_l * block_p
@@ -181,14 +208,20 @@ def _sm_count(device_index: int) -> int:
 
 
 def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device, channels_last: bool) -> dict:
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 0
+    return _fuse_cfg_cached(hw, ci, c, nb, sms, channels_last, _tuning_key())
+
+
+@functools.lru_cache(maxsize=1024)
+def _fuse_cfg_cached(hw: int, ci: int, c: int, nb: int, sms: int, channels_last: bool, _key: tuple) -> dict:
     """Block sizes of the per-(b, tile) kernels. Small launches get narrower pixel tiles so that every SM has
     work, and taller channel tiles by as much; channels_last tensors take all channels of a pixel at once
     (their contiguous axis) up to 64."""
-    block_p = min(triton.next_power_of_2(hw), TUNING.fuse_block_p)
+    block_p = min(_pow2(hw), TUNING.fuse_block_p)
     target = TUNING.fuse_min_programs
     if target < 0:
-        target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 0
-    while block_p > 32 and nb * triton.cdiv(hw, block_p) < target:
+        target = 4 * sms
+    while block_p > 32 and nb * _cdiv(hw, block_p) < target:
         block_p //= 2
     grow = max(1, TUNING.fuse_block_p // block_p)
     block_c = TUNING.fuse_block_c * grow
@@ -197,8 +230,8 @@ def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device, channels_
             block_c, block_p = 2 * block_c, block_p // 2
     return dict(
         BLOCK_P=block_p,
-        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), block_c),
-        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), block_c),
+        BLOCK_CI=min(_pow2(max(ci, 1)), block_c),
+        BLOCK_C=min(_pow2(max(c, 1)), block_c),
         num_warps=TUNING.fuse_warps,
     )
 
@@ -256,9 +289,13 @@ def _map_programs(b: int, l: int, device: torch.device) -> int:
     return max(1, min(n, b * l))
 
 
-@functools.lru_cache(maxsize=256)
 def _persistent_cfg(h: int, w: int) -> dict:
-    bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    return _persistent_cfg_cached(h, w, _tuning_key())
+
+
+@functools.lru_cache(maxsize=256)
+def _persistent_cfg_cached(h: int, w: int, _key: tuple) -> dict:
+    bh, bw = _pow2(h), _pow2(w)
     return dict(BLOCK_H=bh, BLOCK_W=bw, FULL=bh == h and bw == w, STAGES=TUNING.map_stages,
                 num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
 
@@ -310,7 +347,7 @@ def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tupl
     lay = fusion_layout(mode, ci, c)
     ff, s_fb, s_fc, s_fp = _flat(fused, dummy)
     cfg = _fuse_cfg(hw, ci, c, b, device, fused is not None and s_fc == 1 and s_fp != 1)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
     _launch(mask_fuse_fwd_kernel, (b * n_tiles,),
             part if part is not None else dummy, mm, ii, ee, ff, m_out if m_out is not None else dummy,
             hw, ci, c, n_tiles, n_runs, b * l, l,
@@ -330,7 +367,7 @@ def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, h
     ci, c = ii.shape[1], ee.shape[1]
     lay = fusion_layout(mode, ci, c)
     cfg = _fuse_cfg(hw, ci, c, b, gg.device, s_fc == 1 and s_fp != 1)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
     _launch(fuse_bwd_kernel, (b * n_tiles,),
             mm, ii, ee, gg, gi, ge, gm,
             hw, ci, c, n_tiles,
