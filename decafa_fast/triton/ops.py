@@ -27,7 +27,7 @@ except ImportError:  # a torch without the switch: always go through wrap_triton
         return True
 
 from ..ops.layout import fused_memory_format, fusion_layout
-from . import checks
+from . import checks, tuning
 from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
 from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
@@ -103,6 +103,14 @@ def _launch(kernel, grid: tuple, *args, **meta) -> None:
 
 
 _NO_GUARD = contextlib.nullcontext()
+_TABLE_APPLIED = False
+
+
+def _apply_tuning_table(device: torch.device) -> None:
+    """The tuning table's entry for this GPU model (tuning.py), once per process, on the first CUDA call."""
+    global _TABLE_APPLIED
+    _TABLE_APPLIED = True
+    tuning.apply_for_device(TUNING, torch.cuda.get_device_name(device))
 
 
 def _device_guard(t: torch.Tensor):
@@ -406,6 +414,8 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
 def _check_logits_and_beta(logits: torch.Tensor, beta_map: torch.Tensor | None) -> None:
     checks.logits(logits)
     checks.beta_map(beta_map, logits)
+    if not _TABLE_APPLIED and logits.device.type == "cuda":  # before any launch parameter is read
+        _apply_tuning_table(logits.device)
 
 
 def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool,
@@ -550,6 +560,8 @@ def landmark_attention_backward(
 
 
 def _check_fusion_inputs(image, embedding, mask, mode_, ref: torch.Tensor, ref_name: str) -> int:
+    if not _TABLE_APPLIED and ref.device.type == "cuda":
+        _apply_tuning_table(ref.device)
     mode_ = checks.mode(mode_)
     checks.companion("image", image, ref, ref_name)
     checks.device("image", image)

@@ -82,3 +82,32 @@ def test_configurations_follow_tuning(monkeypatch):
     assert tops._persistent_cfg(128, 128)["STAGES"] == 3
     assert tops._pow2(0) == 0 and tops._pow2(1) == 1 and tops._pow2(5) == 8 and tops._pow2(64) == 64
     assert tops._cdiv(7, 2) == 4 and tops._cdiv(8, 2) == 4 and tops._cdiv(0, 3) == 0
+
+
+def test_tuning_table(tmp_path, monkeypatch):
+    """The shipped table parses; an entry applies to the fields still at their defaults (a value set by the
+    user wins), a model without an entry gets 'default', and unknown fields or wrong types are refused."""
+    import dataclasses
+
+    from decafa_fast.triton import tuning
+
+    shipped = tuning.load_table()
+    for entry in [shipped["default"], *shipped["gpus"].values()]:
+        tuning.apply(tops.Tuning(), entry)  # raises on a bad entry
+    path = tmp_path / "table.json"
+    path.write_text('{"default": {"map_stages": 3}, "gpus": {"GPU X": {"map_kernel": "runs", "map_warps": 16}}}')
+    table = tuning.load_table(path)
+    t = tops.Tuning()
+    t.map_warps = 8  # set by the user: kept
+    assert tuning.apply(t, tuning.entry_for("GPU X", table)) == {"map_kernel": "runs"}
+    assert (t.map_kernel, t.map_warps, t.map_stages) == ("runs", 8, tops.Tuning().map_stages)
+    t = tops.Tuning()
+    monkeypatch.setenv("DECAFA_TRITON_TUNING", str(path))
+    assert tuning.apply_for_device(t, "GPU Y") == {"map_stages": 3}
+    monkeypatch.setenv("DECAFA_TRITON_TUNING", "off")
+    assert tuning.apply_for_device(tops.Tuning(), "GPU X") == {}
+    with pytest.raises(ValueError, match="unknown field 'map_warp'"):
+        tuning.apply(tops.Tuning(), {"map_warp": 4})
+    with pytest.raises(ValueError, match="map_warps must be int"):
+        tuning.apply(tops.Tuning(), {"map_warps": "4"})
+    assert dataclasses.asdict(tops.Tuning()) == {f.name: f.default for f in dataclasses.fields(tops.Tuning)}
