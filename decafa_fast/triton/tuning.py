@@ -21,7 +21,10 @@ TABLE_PATH = Path(__file__).with_name("tuning_table.json")
 
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
-    """The table as {"default": {...}, "gpus": {...}}; ValueError naming the file if it is not one."""
+    """The table as {"default": {...}, "gpus": {...}}; ValueError naming the file if it is not one. The shipped
+    table missing (an install without its package data) reads as empty."""
+    if path is None and not TABLE_PATH.exists():
+        return {"default": {}, "gpus": {}}
     path = Path(path) if path is not None else TABLE_PATH
     with open(path) as f:
         table = json.load(f)
