@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.library import wrap_triton
+from triton.runtime.errors import OutOfResources
 
 try:
     from torch._library.triton import is_wrap_triton_enabled
@@ -308,13 +309,24 @@ def _persistent_cfg_cached(h: int, w: int, _key: tuple) -> dict:
                 num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
 
 
+def _launch_persistent(kernel, grid: tuple, *args, **meta) -> None:
+    """A persistent launch; a GPU with too little shared memory for the prefetched map (e.g. 100 KiB on
+    sm_86 against 128 KiB for the float32 softmax backward) gets the kernel without prefetch instead."""
+    try:
+        _launch(kernel, grid, *args, **meta)
+    except OutOfResources:
+        if meta.get("STAGES", 1) <= 1:
+            raise
+        _launch(kernel, grid, *args, **dict(meta, STAGES=1))
+
+
 def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_progs: int,
                             normalized: bool) -> None:
     b, l, h, w = shape
     tt, s_tb, s_tl, s_tp = t
     xs, xo = _coord_affine(w, normalized)
     ys, yo = _coord_affine(h, normalized)
-    _launch(map_fwd_persistent_kernel, (n_progs,),
+    _launch_persistent(map_fwd_persistent_kernel, (n_progs,),
             tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
             phi if phi is not None else tt, part if part is not None else stats,
             l, w, h * w, b * l, n_progs,
@@ -331,7 +343,7 @@ def _run_map_bwd_persistent(t: tuple, beta: float, beta_map, stats, g: tuple | N
     gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
     xs, _ = _coord_affine(w, normalized)
     ys, _ = _coord_affine(h, normalized)
-    _launch(map_bwd_persistent_kernel, (n_progs,),
+    _launch_persistent(map_bwd_persistent_kernel, (n_progs,),
             tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
             l, w, h * w, b * l, n_progs,
             s_tb, s_tl, s_tp,

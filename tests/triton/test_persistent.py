@@ -151,3 +151,32 @@ def test_persistent_bf16_matches_runs(tuning):
             torch.testing.assert_close(x.double(), y.double(), rtol=1.6e-2,
                                        atol=1e-2 * max(1.0, y.double().abs().max().item()),
                                        msg=lambda m, k=k, key=key: f"{key}[{k}]: {m}")
+
+
+def test_falls_back_to_no_prefetch_without_shared_memory(tuning, monkeypatch):
+    """A GPU without the shared memory of the prefetched map (Triton raises OutOfResources at launch) gets the
+    persistent kernel with STAGES = 1; a kernel that fails at STAGES = 1 too raises."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = []
+    orig = tops._launch
+
+    def launch(kernel, grid, *args, **meta):
+        if "STAGES" in meta:
+            stages.append(meta["STAGES"])
+            if meta["STAGES"] > 1:
+                raise OutOfResources(135000, 101376, "shared memory")
+        return orig(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(tops, "_launch", launch)
+    t, _, _, _ = _inputs(1, 2, 4, 4)
+    tuning.map_kernel, tuning.map_stages = "runs", 2
+    expected = NS.soft_argmax(t, 1.0, None, False)
+    tuning.map_kernel = "persistent"
+    got = NS.soft_argmax(t, 1.0, None, False)
+    assert stages == [2, 1]
+    _assert_close(got, expected, "soft_argmax")
+    tuning.map_stages = 1
+    monkeypatch.setattr(tops, "_launch", lambda *a, **k: (_ for _ in ()).throw(OutOfResources(1, 0, "x")))
+    with pytest.raises(OutOfResources):
+        NS.soft_argmax(t, 1.0, None, False)
