@@ -354,6 +354,23 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert "all variants compiled" in proc.stdout
 
 
+@pytest.mark.slow
+def test_persistent_kernels_prefetch_with_few_barriers():
+    """The persistent per-map kernels, compiled for sm_90: every variant copies the next map to shared memory
+    (cp.async) and runs at most 8 block barriers per map (the per-run head kernels: 10-26), without a stack
+    beyond the measured allowances."""
+    import re
+
+    proc = _compile_check("--only", "pmap", "--dtypes", "fp32,bf16", "--fail-on-spill")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ok")]
+    assert len(lines) == 16, proc.stdout
+    for line in lines:
+        cp_async = int(re.search(r"cp\.async\s+(\d+)", line).group(1))
+        barriers = int(re.search(r"barriers/map\s+(\d+)", line).group(1))
+        assert cp_async > 0 and 1 <= barriers <= 8, line
+
+
 def test_spill_allowance_is_per_triton_version():
     """The allowances are the stacks measured with each Triton (compile_check's comment); a kernel not listed
     gets none, and a Triton not measured the largest allowance of any measured one."""
