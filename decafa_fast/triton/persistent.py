@@ -49,6 +49,11 @@ def _flat3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _add3(a0, a1, a2, b0, b1, b2):
     return a0 + b0, a1 + b1, a2 + b2
 
@@ -97,7 +102,7 @@ def map_fwd_persistent_kernel(
     start, n = _range_of(pid, n_maps, n_progs)
     rr, cc, pv, p = _whole_tile(W, HW, BLOCK_H, BLOCK_W, PIX64, FULL)
     col = cc.to(tl.float32)[None, :]
-    row = rr.to(tl.float32)[:, None]
+    row = rr.to(tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
     # one loop over the range (a loop per batch item would keep its invariants live across the inner loop)
     for k in tl.range(0, n, num_stages=STAGES):
@@ -114,7 +119,9 @@ def map_fwd_persistent_kernel(
         mx = tl.max(_flat(s, BLOCK_H, BLOCK_W), axis=0)
         e = tl.where(pv, tl.exp(s - mx), 0.0)
         if WRITE_Z:
-            total, sx, sy = tl.reduce(_flat3(e, e * col, e * row, BLOCK_H, BLOCK_W), 0, _add3)
+            # per row (within a warp) first, then across rows: fewer live tiles than three whole-tile sums
+            ey, ex = tl.reduce((e, e * col), 1, _add2)
+            total, sx, sy = tl.reduce((ey, ex, ey * row), 0, _add3)
         else:
             total = tl.sum(_flat(e, BLOCK_H, BLOCK_W), axis=0)
         tl.store(stats_ptr + 2 * row_id, mx)
