@@ -305,7 +305,7 @@ def _persistent_cfg(h: int, w: int) -> dict:
 @functools.lru_cache(maxsize=256)
 def _persistent_cfg_cached(h: int, w: int, _key: tuple) -> dict:
     bh, bw = _pow2(h), _pow2(w)
-    return dict(BLOCK_H=bh, BLOCK_W=bw, FULL=bh == h and bw == w, STAGES=TUNING.map_stages,
+    return dict(BLOCK_H=bh, BLOCK_W=bw, FULL=bh == h and bw == w, STAGES=TUNING.map_stages, PAIRWISE=INTERPRET,
                 num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
 
 

@@ -44,8 +44,29 @@ def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _flat3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    return _flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)
+def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
+    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
+    another (a float32 error growing with the map size, and a Python loop per element)."""
+    if PAIRWISE:
+        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
+            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
+                         _add3)
+
+
+@triton.jit
+def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """As _sums3, seven tiles."""
+    if PAIRWISE:
+        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
+        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
+        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
+                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
+                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
 
 
 @triton.jit
@@ -92,6 +113,7 @@ def map_fwd_persistent_kernel(
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, STAGES: tl.constexpr, PIX64: tl.constexpr,
+    PAIRWISE: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr,
 ):
     # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (n_progs + B, HW) are contiguous
@@ -120,8 +142,12 @@ def map_fwd_persistent_kernel(
         e = tl.where(pv, tl.exp(s - mx), 0.0)
         if WRITE_Z:
             # per row (within a warp) first, then across rows: fewer live tiles than three whole-tile sums
-            ey, ex = tl.reduce((e, e * col), 1, _add2)
-            total, sx, sy = tl.reduce((ey, ex, ey * row), 0, _add3)
+            if PAIRWISE:
+                ey, ex = tl.sum(e, axis=1), tl.sum(e * col, axis=1)
+                total, sx, sy = tl.sum(ey, axis=0), tl.sum(ex, axis=0), tl.sum(ey * row, axis=0)
+            else:
+                ey, ex = tl.reduce((e, e * col), 1, _add2)
+                total, sx, sy = tl.reduce((ey, ex, ey * row), 0, _add3)
         else:
             total = tl.sum(_flat(e, BLOCK_H, BLOCK_W), axis=0)
         tl.store(stats_ptr + 2 * row_id, mx)
@@ -149,6 +175,7 @@ def map_bwd_persistent_kernel(
     s_gb, s_gl, s_gp,
     beta, x_scale, y_scale,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, STAGES: tl.constexpr, PIX64: tl.constexpr,
+    PAIRWISE: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr, HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr,
 ):
     # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
@@ -187,15 +214,13 @@ def map_bwd_persistent_kernel(
         if HAS_GZ:  # g += gx col + gy row (no offsets: a per-map constant cancels), its sums from moments
             gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
             gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-            mean, gbeta, sum_up, pc, pr, uc, ur = tl.reduce(
-                (_flat(phi * g, BLOCK_H, BLOCK_W), _flat(up * g, BLOCK_H, BLOCK_W), _flat(up, BLOCK_H, BLOCK_W),
-                 _flat(phi * col, BLOCK_H, BLOCK_W), _flat(phi * row, BLOCK_H, BLOCK_W),
-                 _flat(up * col, BLOCK_H, BLOCK_W), _flat(up * row, BLOCK_H, BLOCK_W)), 0, _add7)
+            mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
+                                                         up * row, BLOCK_H, BLOCK_W, PAIRWISE)
             mean += gx * pc + gy * pr
             gbeta += gx * uc + gy * ur
             g = g + gx * col + gy * row
         else:
-            mean, gbeta, sum_up = tl.reduce(_flat3(phi * g, up * g, up, BLOCK_H, BLOCK_W), 0, _add3)
+            mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
         gs = phi * (g - mean)
         tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
         tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
