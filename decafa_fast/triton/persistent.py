@@ -2,19 +2,23 @@
 
 The B*L maps, flattened as row = b*L + l, are cut into `n_progs` contiguous ranges whose sizes differ by at
 most one map: program p takes rows [p*N // P, (p+1)*N // P) (N = B*L maps, P = n_progs programs, P <= N).
-A range may cross batch items: the program walks it as pieces, one per batch item, and each piece is one
-pipelined loop over its maps (`tl.range(..., num_stages=STAGES)`): with STAGES >= 2 the next map's tile is
-copied to shared memory (cp.async on sm_80+) while the current one is reduced, so the loads of a program
-overlap its reductions instead of alternating with them.
+A range may cross batch items (pieces, one per batch item). It is one pipelined loop over the range's
+maps (`tl.range(..., num_stages=STAGES)`; the batch item of each map is computed from its row, as a loop
+per batch item would keep its loop invariants live across the inner loop and spill): with STAGES >= 2 the
+next map's tile is copied to shared memory (cp.async on sm_80+) while the current one is reduced, so the
+loads of a program overlap its reductions instead of alternating with them.
 
 `map_fwd_persistent_kernel`  per map: the max of s = beta_l T (one reduction), then the sum of exp(s - max)
-                             and, for z, its first moments along x and y, as three quantities of one
-                             tl.reduce over the whole tile (one more reduction); Phi when asked; the
-                             piece's partial mask sum_l Phi_l (float32, written once per piece).
+                             (without z: one more reduction) or, for z, that sum and its first moments
+                             along x and y: per row within a warp (two quantities of one tl.reduce), then
+                             three of one tl.reduce across rows; Phi when asked; the piece's partial mask
+                             sum_l Phi_l (float32, written once per piece, under a scalar branch).
 `map_bwd_persistent_kernel`  per map: Phi = exp(beta_l T - max) / sum from the saved stats (one exp per
                              logit), g = G + grad_z . coordinates, and the three sums of the gradient,
-                             sum Phi g, sum u Phi g and sum u Phi (u = T - T at the max), in one tl.reduce;
+                             sum Phi g, sum u Phi g and sum u Phi (u = T - T at the max), plus with grad z
+                             the x / y moments of Phi and u Phi, in one tl.reduce (3 or 7 quantities);
                              grad T = beta_l Phi (g - sum Phi g), grad beta = sum u Phi g - sum Phi g sum u Phi.
+PAIRWISE (set under the interpreter) takes the same sums with one tl.sum each (_sums3).
 
 Partial masks: the piece of program p in batch item b is partial row p + b of a (P + B, H*W) float32 tensor
 (the pieces in flattened order have strictly increasing p + b, so rows are unique; a row whose program
@@ -25,7 +29,7 @@ The mask gradient of a batch item (shared by its maps) is loaded once per piece 
 
 Scope: whole maps up to TUNING.map_block_max pixels held in one [BLOCK_H, BLOCK_W] tile, T with one pixel
 stride per map (contiguous layouts). channels_last T and maps swept in chunks keep the per-run kernels of
-stats.py (ops._use_persistent decides). All arithmetic is float32 whatever the dtype; float arguments are
+stats.py (ops._persistent decides). All arithmetic is float32 whatever the dtype; float arguments are
 cast to float32 on entry (torch.compile passes them as fp64; stats.py's docstring).
 """
 from __future__ import annotations
