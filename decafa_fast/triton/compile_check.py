@@ -2,10 +2,16 @@
 
     python -m decafa_fast.triton.compile_check [--arch 90] [--float-args fp64] [--quick] [--fail-on-spill]
 
-Builds each kernel variant used at the tuned size (B*L maps of 128 x 128, L = 98, Ci = 1, C = 64) for
-float32, float16 and bfloat16 through `triton.compile` with a `GPUTarget` (so the real code generator
-runs, unlike TRITON_INTERPRET), then prints registers, spills, shared memory and whether the pixel loads
-are 16-byte vectors (`ld.global.v4` in the PTX), using the cuobjdump that ships with Triton.
+Builds each kernel variant used at the tuned size (B*L maps of 128 x 128, L = 98, Ci = 1, C = 64; the
+persistent per-map kernels at B = 64 over 132 programs) for float32, float16 and bfloat16 through
+`triton.compile` with a `GPUTarget` (so the real code generator runs, unlike TRITON_INTERPRET), then prints
+registers, spills (the stack frame), static / dynamic shared memory, whether the pixel loads are 16-byte
+vectors (`ld.global.v4` in the PTX) or asynchronous copies to shared memory (`cp.async`, the pipelined
+next map), and for the per-map kernels the block barriers per map: the `bar.sync` / `barrier.sync` inside
+the innermost PTX loop that computes the exps (the map loop), using the cuobjdump that ships with Triton.
+Run it once per Triton version, e.g. the GPU machine's 3.6 installed aside:
+    pip install --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36:. python -m decafa_fast.triton.compile_check --fail-on-spill
 Python float arguments (beta, coordinate scales) are typed fp32, as Triton's JIT launches them, or with
 --float-args fp64 as torch.compile's inductor does when it compiles the kernels of a triton_op (wrap_triton
 keeps a Python float's double precision). Either way every variant must keep its arithmetic in float32: a
@@ -29,6 +35,7 @@ from triton.compiler import ASTSource
 
 from . import ops as tops
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
+from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
 from .stats import map_bwd_kernel, map_fwd_kernel
 
 _PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -58,33 +65,36 @@ def _signature(kernel, values: dict, ptr_types: dict, constexprs: dict, float_ty
     return sig, consts, attrs
 
 
-QUICK = ("map_fwd head", "map_bwd head", "mask_fuse_fwd F5 (partials)", "fuse_bwd F5", "mask_fuse_fwd F5 B=1",
+QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask_fuse_fwd F5 (partials)",
+         "mask_fuse_fwd F5 (pieces)", "fuse_bwd F5", "mask_fuse_fwd F5 B=1",
          "fuse_bwd F5 B=1", "mask_fuse_fwd F5 channels_last")
 
 
-# Stack bytes a variant may use before --fail-on-spill counts it: DEFAULT_STACK (a stray spill or two) unless
-# SPILL_ALLOWANCE lists it for the running Triton (major, minor). The per-map head kernels hold a whole
-# 128 x 128 map at 32 warps (64 registers a thread, the most at 1024 threads; 16 pixels a thread): map_fwd
-# head the run's partial mask and the map, map_bwd head the run's grad M, T and Phi, plus the grad z terms.
-# The allowances are the measured stacks (sm_90, the most over fp32 / fp16 / bf16), so any growth fails:
-#   Triton 3.9: map_fwd head 0 / 0 / 0; map_bwd head 32 / 88 / 96; map_bwd head channels_last 56 / 88 / 88
-#   Triton 3.6: map_fwd head 32 / 24 / 24; map_bwd head 88 / 96 / 152; map_bwd softmax 56 / 0 / 0;
-#               map_fwd head channels_last 8 / 8 / 8; map_bwd head channels_last 288 / 448 / 704
-# channels_last T (whole maps, one scalar load per value) needs its pixel stride as a constant (T_PIX): with
-# a run-time stride the 16 strided 64-bit addresses of a thread's pixels spill (3.9: forward 80, backward
-# 96-152 bytes; 3.6: backward 416-784). Triton 3.6 still spills in that backward: a GPU decides between it
-# and TUNING.interleaved_whole_maps = False (T swept twice, no spill; bench/head_floor.py --channels-last).
-# Tried without success (2026-11-28, both Tritons): the seven sums of map_bwd head (incl. the grad z moments)
-# as one multi-output tl.reduce instead of row / column marginals (3.9: 48 / 64 / 72); grad z folded into one
-# g_phi tile (3.9: 48 / 88 / 88); 16 warps, 128 registers a thread (3.9: map_bwd head 56 / - / 8, 3.6: 120
-# / - / 96); the map loop as tl.range(num_stages=1) (no change); no pixel mask on a full tile (worse: 3.9
-# 80 / 152 / 144, 3.6 120 / 232 / 232: ptxas spends freed registers on scheduling). Without the grad z terms
-# map_bwd head stays at 8 / 0 / 0 (3.9): those cost the registers. Open:
-# whether a few L1-resident words a thread cost anything on a GPU (bench/triton_notes.md).
-DEFAULT_STACK = 16
+# Stack bytes a variant may use before --fail-on-spill counts it: none (DEFAULT_STACK) unless SPILL_ALLOWANCE
+# lists it for the running Triton (major, minor). The entries are the stacks measured (sm_90, the most over
+# fp32 / fp16 / bf16), so any growth fails; every variant not listed compiles without a stack frame.
+# The kernels that still spill hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at
+# 1024 threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps:
+#   pmap_fwd head (persistent forward with z and the partial mask): fp16 / bf16 only, 32 (3.9) / 16 (3.6);
+#     fp32 and the other persistent forwards have no stack.
+#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 32-56 (3.9) / 48-64 (3.6);
+#   pmap_bwd attention_mask: 8-16 (3.9) / 8 (3.6); pmap_bwd softmax and soft_argmax have no stack.
+#   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 32 / 88 / 96 (3.9), 88 / 96 / 152 (3.6);
+#   map_fwd head: 32 / 24 / 24 (3.6 only); map_bwd softmax 56 (3.6, fp32).
+#   channels_last T (per-run kernels only, whole maps with the pixel stride as the constant T_PIX): map_bwd
+#   head channels_last 56 / 88 / 88 (3.9), 288 / 448 / 704 (3.6); map_fwd head channels_last 8 (3.6).
+# Tried for the persistent head kernels (both Tritons): 16 and 8 warps (worse: 40-344 bytes), the grad z
+# terms folded into one g tile before a 3-sum reduce (3.9 bf16 104), row / column marginals for z (more
+# barriers, 32-56 bytes), num_stages 1 and 3 (no better). A loop per batch item inside the persistent loop
+# kept its invariants live across the map loop (96-168 bytes even without z): the map loop is one flat
+# loop over the program's range instead.
+DEFAULT_STACK = 0
 SPILL_ALLOWANCE = {
-    (3, 6): {"map_fwd head": 32, "map_bwd head": 152, "map_bwd softmax": 56, "map_bwd head channels_last": 704},
-    (3, 9): {"map_bwd head": 96, "map_bwd head channels_last": 88},
+    (3, 6): {"map_fwd head": 32, "map_bwd head": 152, "map_bwd softmax": 56, "map_bwd head channels_last": 704,
+             "map_fwd head channels_last": 8, "pmap_fwd head": 16, "pmap_bwd head": 64,
+             "pmap_bwd attention_mask": 8},
+    (3, 9): {"map_bwd head": 96, "map_bwd head channels_last": 88, "pmap_fwd head": 32, "pmap_bwd head": 56,
+             "pmap_bwd attention_mask": 16},
 }
 
 
@@ -108,7 +118,7 @@ def _variants(dt: str):
     fwd_ptrs = dict(t_ptr=ptr, beta_ptr="*fp32", stats_ptr="*fp32", z_ptr=ptr, phi_ptr=ptr, part_ptr="*fp32")
 
     def cfg(run, interleaved):
-        c = tops._map_cfg(H, W, run, L if interleaved else 1, interleaved)
+        c = dict(tops._map_cfg(H, W, run, L if interleaved else 1, interleaved))
         return c, c.pop("num_warps")
 
     flags = dict(HAS_BETA_MAP=False, INT_DIV=False, PIX64=False)
@@ -135,26 +145,49 @@ def _variants(dt: str):
         yield (f"map_bwd {label}", map_bwd_kernel, vals, ptrs,
                dict(c, **flags, HAS_G=g, G_PER_MAP=per_map, HAS_GZ=gz), warps)
 
+    # the persistent per-map kernels (persistent.py) at B = 64 on a 132-SM GPU: 132 programs of 47-48 maps
+    p_vals = dict(L=L, W=W, HW=hw, n_maps=64 * L, n_progs=132, s_tb=L * hw, s_tl=hw, s_tp=1,
+                  beta=1.0, x_scale=1.0, x_off=0.5, y_scale=1.0, y_off=0.5)
+    pc = tops._persistent_cfg(H, W)
+    pc, pwarps = dict(pc), pc["num_warps"]
+    pc.pop("num_warps")
+    pflags = dict(pc, PIX64=False, HAS_BETA_MAP=False)
+    for label, wz, wp, wpart in (("head", True, False, True), ("attention_mask", False, False, True),
+                                 ("softmax", False, True, False), ("soft_argmax", True, False, False)):
+        yield (f"pmap_fwd {label}", map_fwd_persistent_kernel, p_vals, fwd_ptrs,
+               dict(pflags, WRITE_Z=wz, WRITE_PHI=wp, WRITE_PART=wpart), pwarps)
+    pb_vals = dict(p_vals, s_gb=hw, s_gl=0, s_gp=1)
+    pb_vals.pop("x_off"), pb_vals.pop("y_off")
+    for label, vals, g, per_map, gz in (
+        ("head", pb_vals, True, False, True),
+        ("attention_mask", pb_vals, True, False, False),
+        ("softmax", dict(pb_vals, s_gb=L * hw, s_gl=hw), True, True, False),
+        ("soft_argmax", pb_vals, False, False, True),
+    ):
+        ptrs = dict(bwd_ptrs, g_ptr=ptr) if per_map else bwd_ptrs
+        yield (f"pmap_bwd {label}", map_bwd_persistent_kernel, vals, ptrs,
+               dict(pflags, HAS_G=g, G_PER_MAP=per_map, HAS_GZ=gz), pwarps)
+
     def fuse_cfg(nb, channels_last=False):
-        c = tops._fuse_cfg(hw, CI, C, nb, torch.device("cpu"), channels_last)
+        c = dict(tops._fuse_cfg(hw, CI, C, nb, torch.device("cpu"), channels_last))
         return c, c.pop("num_warps")
 
     cf = 2 * CI + 2 * C
-    f_vals = dict(HW=hw, CI=CI, C=C, n_tiles=0, n_runs=n_runs, s_mb=hw, s_mp=1, s_ib=CI * hw, s_ic=hw, s_ip=1,
-                  s_eb=C * hw, s_ec=hw, s_ep=1, s_fb=cf * hw, s_fc=hw, s_fp=1, ip_off=0, im_off=CI, ep_off=2 * CI,
-                  em_off=2 * CI + C)
+    f_vals = dict(HW=hw, CI=CI, C=C, n_tiles=0, n_runs=n_runs, n_maps=64 * L, L=L, s_mb=hw, s_mp=1, s_ib=CI * hw,
+                  s_ic=hw, s_ip=1, s_eb=C * hw, s_ec=hw, s_ep=1, s_fb=cf * hw, s_fc=hw, s_fp=1, ip_off=0, im_off=CI,
+                  ep_off=2 * CI, em_off=2 * CI + C)
     fptrs = dict(part_ptr="*fp32", m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, f_ptr=ptr, m_out_ptr=ptr)
     c64, w64 = fuse_cfg(64)
     f64 = dict(f_vals, n_tiles=hw // c64["BLOCK_P"])
     for mode in range(6):
         yield (f"mask_fuse_fwd F{mode} (partials)", mask_fuse_fwd_kernel, f64, fptrs,
-               dict(c64, MODE=mode, FROM_PARTS=True, WRITE_MASK=True), w64)
+               dict(c64, MODE=mode, FROM_PARTS=True, WRITE_MASK=True, PIECES=False), w64)
     yield ("mask_fuse_fwd F5 (mask)", mask_fuse_fwd_kernel, f64, fptrs,
-           dict(c64, MODE=5, FROM_PARTS=False, WRITE_MASK=False), w64)
+           dict(c64, MODE=5, FROM_PARTS=False, WRITE_MASK=False, PIECES=False), w64)
     ccl, wcl = fuse_cfg(64, True)
     fcl = dict(f_vals, n_tiles=hw // ccl["BLOCK_P"], s_ec=1, s_ep=C, s_fc=1, s_fp=cf)
     yield ("mask_fuse_fwd F5 channels_last", mask_fuse_fwd_kernel, fcl, fptrs,
-           dict(ccl, MODE=5, FROM_PARTS=True, WRITE_MASK=True), wcl)
+           dict(ccl, MODE=5, FROM_PARTS=True, WRITE_MASK=True, PIECES=False), wcl)
     # B = 1 on a 132-SM GPU: narrow pixel tiles, tall channel tiles
     saved = tops.TUNING.fuse_min_programs
     tops.TUNING.fuse_min_programs = 4 * 132
@@ -162,15 +195,17 @@ def _variants(dt: str):
     tops.TUNING.fuse_min_programs = saved
     f1 = dict(f_vals, n_tiles=hw // c1["BLOCK_P"])
     yield (f"mask_fuse_fwd F5 B=1 P{c1['BLOCK_P']}", mask_fuse_fwd_kernel, f1, fptrs,
-           dict(c1, MODE=5, FROM_PARTS=True, WRITE_MASK=True), w1)
-    b_f = {k: v for k, v in f64.items() if k != "n_runs"}
+           dict(c1, MODE=5, FROM_PARTS=True, WRITE_MASK=True, PIECES=False), w1)
+    yield ("mask_fuse_fwd F5 (pieces)", mask_fuse_fwd_kernel, dict(f64, n_runs=132), fptrs,
+           dict(c64, MODE=5, FROM_PARTS=True, WRITE_MASK=True, PIECES=True), w64)
+    b_f = {k: v for k, v in f64.items() if k not in ("n_runs", "n_maps", "L")}
     bptrs = dict(m_ptr=ptr, i_ptr=ptr, e_ptr=ptr, gf_ptr=ptr, gi_ptr=ptr, ge_ptr=ptr, gm_ptr="*fp32")
     for mode in range(1, 6):
         yield (f"fuse_bwd F{mode}", fuse_bwd_kernel, b_f, bptrs, dict(c64, MODE=mode), w64)
     yield (f"fuse_bwd F5 B=1 P{c1['BLOCK_P']}", fuse_bwd_kernel, dict(b_f, n_tiles=f1["n_tiles"]), bptrs,
            dict(c1, MODE=5), w1)
     yield ("fuse_bwd F5 channels_last", fuse_bwd_kernel,
-           {k: v for k, v in fcl.items() if k != "n_runs"}, bptrs, dict(ccl, MODE=5), wcl)
+           {k: v for k, v in fcl.items() if k not in ("n_runs", "n_maps", "L")}, bptrs, dict(ccl, MODE=5), wcl)
 
 
 def _f64_ops(ttir: str) -> list[str]:
@@ -187,6 +222,29 @@ def _f64_ops(ttir: str) -> list[str]:
         if not (m and m.group(1) in args):
             bad.append(line.strip())
     return bad
+
+
+_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_BARRIER = re.compile(r"\b(?:bar|barrier)(?:\.cta)?\.sync\b")
+
+
+def barriers_per_map(ptx: str) -> int | None:
+    """Block barriers executed once per map: those in the innermost loop of the PTX (a backward branch to a
+    label) that computes exps (ex2), i.e. the map loop of a per-map kernel. None when no loop has exps."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    with_exps = [(end - start, start, end) for start, end in loops
+                 if any("ex2.approx" in line for line in lines[start:end + 1])]
+    if not with_exps:
+        return None
+    _, start, end = min(with_exps)
+    return sum(1 for line in lines[start:end + 1] if _BARRIER.search(line))
 
 
 def _resources(cubin: bytes) -> tuple[str, int]:
@@ -210,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the variants the fused head uses")
     parser.add_argument("--only", default="", help="only variants whose name starts with this")
     parser.add_argument("--fail-on-spill", action="store_true",
-                        help="count a variant with a stack frame over its allowance as failed (16 bytes, a stray"
-                        " spill or two, unless SPILL_ALLOWANCE lists it for this Triton)")
+                        help="count a variant with a stack frame over its allowance as failed (none, unless"
+                        " SPILL_ALLOWANCE lists it for this Triton)")
     parser.add_argument("--allowance", action="append", default=[], metavar="VARIANT=BYTES",
                         help="override the stack allowance of a variant (repeatable)")
     parser.add_argument("--float-args", choices=("fp32", "fp64"), default="fp32",
@@ -245,12 +303,15 @@ def main(argv: list[str] | None = None) -> int:
             v4 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx))
             v2 = len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2", ptx))
             st4 = len(re.findall(r"st\.global(?:\.[\w:]+)*\.v4", ptx))
+            cp_async = len(re.findall(r"cp\.async\.c[ag]\.", ptx))
+            bars = barriers_per_map(ptx) if "map_" in name else None
             res, stack = _resources(k.asm["cubin"])
             allowed = overrides.get(name, spill_allowance(name))
             spill = args.fail_on_spill and stack > allowed
             failures += spill
             print(f"{'SPILL' if spill else 'ok  '} {dt:4} {name:32} warps {warps:2} {res} "
-                  f"ld.v4 {v4:3} ld.v2 {v2:3} st.v4 {st4:3}"
+                  f"dyn {k.metadata.shared:6} ld.v4 {v4:3} ld.v2 {v2:3} st.v4 {st4:3} cp.async {cp_async:3}"
+                  + (f" barriers/map {bars:2}" if bars is not None else "")
                   + (f"  stack {stack} bytes > allowed {allowed} (triton {triton.__version__})" if spill else ""))
     print(f"{failures} variant(s) failed" if failures else "all variants compiled")
     return 1 if failures else 0

@@ -1,14 +1,15 @@
 """Per-pixel-tile Triton kernels: the attention mask and the F1-F5 fusion, forward and backward.
 
 One program per (b, tile of BLOCK_P pixels).
-`mask_fuse_fwd_kernel`  M of the tile, either summed from the per-run partial masks that map_fwd_kernel
-                        wrote (FROM_PARTS; runs added in index order, so the sum is the same bits every
+`mask_fuse_fwd_kernel`  M of the tile, either summed from the partial masks of the per-map pass
+                        (FROM_PARTS: map_fwd_kernel's runs in index order, or with PIECES the pieces of
+                        map_fwd_persistent_kernel in program order; a fixed order, so the same bits every
                         run, no atomics) or read from a mask tensor (the plain `fuse` op); writes M when
                         asked (the head saves it for its backward) and the fusion channels of F<MODE>.
 `fuse_bwd_kernel`       from grad F, I, E and the saved M: grad I, grad E and grad M (the sum over the
                         masked segments of grad F * I or grad F * E).
 
-Fusion segments, by MODE (1..5 = F1..F5; 0 = mask only), first channels from ops.layout.fusion_layout:
+Fusion segments, by MODE (1..5 = F1..F5; 0 = mask only), first channels from contract.layout.fusion_layout:
     F1 = [E]   F2 = [I*M]   F3 = [I, I*M]   F4 = [I, I*M, E*M]   F5 = [I, I*M, E, E*M]
 Channels are processed as [BLOCK_C, BLOCK_P] tiles; every tensor is addressed through its own batch,
 channel and pixel strides (64-bit), so channels_last E and F are read and written in place, vectorised along
@@ -23,14 +24,14 @@ import triton.language as tl
 @triton.jit
 def mask_fuse_fwd_kernel(
     part_ptr, m_ptr, i_ptr, e_ptr, f_ptr, m_out_ptr,
-    HW, CI, C, n_tiles, n_runs,
+    HW, CI, C, n_tiles, n_runs, n_maps, L,
     s_mb, s_mp,
     s_ib, s_ic, s_ip,
     s_eb, s_ec, s_ep,
     s_fb, s_fc, s_fp,
     ip_off, im_off, ep_off, em_off,
     MODE: tl.constexpr, FROM_PARTS: tl.constexpr, WRITE_MASK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_C: tl.constexpr, PIECES: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     b64 = (pid // n_tiles).to(tl.int64)
@@ -38,7 +39,13 @@ def mask_fuse_fwd_kernel(
     valid = p < HW
     p64 = p.to(tl.int64)
 
-    if FROM_PARTS:  # part (B, n_runs, HW) float32, summed in run order
+    if FROM_PARTS and PIECES:  # part (n_runs programs + B, HW) float32 of the persistent kernel: the pieces
+        # of b are rows q + b for the programs q whose map ranges meet b's maps, added in program order
+        x0 = b64 * L
+        m = tl.zeros([BLOCK_P], tl.float32)
+        for q in range(((x0 + 1) * n_runs - 1) // n_maps, ((x0 + L) * n_runs - 1) // n_maps + 1):
+            m += tl.load(part_ptr + (q + b64) * HW + p64, mask=valid, other=0.0)
+    elif FROM_PARTS:  # part (B, n_runs, HW) float32, summed in run order
         m = tl.zeros([BLOCK_P], tl.float32)
         for r in range(0, n_runs):
             m += tl.load(part_ptr + (b64 * n_runs + r) * HW + p64, mask=valid, other=0.0)

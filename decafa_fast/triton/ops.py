@@ -1,4 +1,4 @@
-"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.ops.schemas.SCHEMAS (op
+"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.contract.schemas.SCHEMAS (op
 contract v2). The op bodies below check their arguments (checks.py), allocate the outputs and launch the
 kernels of stats.py and fusion.py; decafa_fast.ops registers autograd on top.
 
@@ -7,7 +7,7 @@ themselves. triton_op infers its schema from the type hints of the body; tests/t
 inferred schema is SCHEMAS[name] (argument names, types, defaults, returns). Under TRITON_INTERPRET=1
 (Triton's CPU interpreter, used by the tests here) the ops are plain `torch.library.custom_op`s defined from
 the SCHEMAS strings and the kernels are called directly: `wrap_triton` cannot trace the interpreter's
-function (torch 2.11 rejects its type outright). Both paths use the shared fakes of decafa_fast.ops.fakes.
+function (torch 2.11 rejects its type outright). Both paths use the shared fakes of decafa_fast.contract.fakes.
 
 Every launch runs under a device guard for the tensors' device (Triton launches on the *current* device).
 """
@@ -18,13 +18,20 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch.library import wrap_triton
+from triton.runtime.errors import OutOfResources
+
+try:
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # a torch without the switch: always go through wrap_triton
+    def is_wrap_triton_enabled() -> bool:
+        return True
 
 from ..contract.layout import fused_memory_format, fusion_layout
-from . import checks
+from . import checks, tuning
 from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
 from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
+from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
 from .stats import map_bwd_kernel, map_fwd_kernel
 
 
@@ -53,6 +60,15 @@ class Tuning:
     fuse_block_c: int = 8  # channels per step of the fusion
     fuse_warps: int = 4
     int_div_above: int = 1 << 20  # larger maps take rows by integer division (see stats._row_col)
+    # per-map kernels: "persistent" (persistent.py: a fixed number of programs over balanced ranges of maps,
+    # the next map's loads in flight behind the current map's reductions) or "runs" (stats.py: one program
+    # per (b, run of maps)). channels_last T and maps swept in chunks always take "runs".
+    map_kernel: str = "persistent"
+    # programs of a persistent launch (at most B * L): 0 = map_programs_per_sm per SM on a GPU, and B *
+    # mask_runs elsewhere (the interpreter: per-batch-item pieces, so the bytes stay linear in B)
+    map_programs: int = 0
+    map_programs_per_sm: int = 1  # one 32-warp program of 64 registers a thread fills an SM's registers
+    map_stages: int = 2  # num_stages of the persistent map loop: >= 2 prefetches the next map (cp.async)
 
 
 TUNING = Tuning()
@@ -61,16 +77,50 @@ TUNING = Tuning()
 # --------------------------------------------------------------------------------------------------
 # Launch plumbing
 # --------------------------------------------------------------------------------------------------
+# triton.cdiv / next_power_of_2 are constexpr-function wrappers (microseconds a call on the host): the op
+# bodies use these instead, with the same results
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0, as triton.next_power_of_2)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _tuning_key() -> tuple:
+    """The launch parameters' current values: part of every cached configuration's key, so that a change of
+    TUNING (a sweep, a test) is never served a stale configuration."""
+    return tuple(vars(TUNING).values())
+
+
 def _launch(kernel, grid: tuple, *args, **meta) -> None:
     """Launches `kernel` on `grid` (the caller holds the device guard). tests/triton/test_traffic.py wraps
     this to attribute the interpreter's loads and stores to kernels."""
-    fn = kernel if INTERPRET else wrap_triton(kernel)
-    fn[grid](*args, **meta)
+    if INTERPRET or not is_wrap_triton_enabled():  # eager: the kernel itself (no tracing wrapper per call)
+        kernel[grid](*args, **meta)
+    else:
+        wrap_triton(kernel)[grid](*args, **meta)
+
+
+_NO_GUARD = contextlib.nullcontext()
+_TABLE_APPLIED = False
+
+
+def _apply_tuning_table(device: torch.device) -> None:
+    """The tuning table's entry for this GPU model (tuning.py), once per process, on the first CUDA call."""
+    global _TABLE_APPLIED
+    _TABLE_APPLIED = True
+    tuning.apply_for_device(TUNING, torch.cuda.get_device_name(device))
 
 
 def _device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch (no switch,
+    and no context manager of torch's, when it already is: the common case, a few microseconds a call)."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -79,15 +129,14 @@ def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, in
     place, anything else is copied to contiguous. None gives (dummy, 0, 0, 0): never read."""
     if t is None:
         return dummy, 0, 0, 0
-    h, w = t.shape[2], t.shape[3]
+    _, _, h, w = t.shape
+    sb, sc, sh, sw = t.stride()
     if w == 1:
-        sp = t.stride(2)
-    elif h == 1 or t.stride(2) == w * t.stride(3):
-        sp = t.stride(3)
-    else:
-        t = t.contiguous()
-        sp = 1
-    return t, t.stride(0), t.stride(1), sp
+        return t, sb, sc, sh
+    if h == 1 or sh == w * sw:
+        return t, sb, sc, sw
+    t = t.contiguous()
+    return t, t.stride(0), t.stride(1), 1
 
 
 def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
@@ -102,8 +151,8 @@ def _coord_affine(n: int, normalized: bool) -> tuple[float, float]:
 
 def _runs(l: int, want: int) -> tuple[int, int]:
     """(n_runs, run_len): L maps split into at most `want` runs of consecutive maps."""
-    run_len = triton.cdiv(l, max(1, min(want, l)))
-    return triton.cdiv(l, run_len), run_len
+    run_len = _cdiv(l, max(1, min(want, l)))
+    return _cdiv(l, run_len), run_len
 
 
 def _mask_runs(b: int, l: int, device: torch.device) -> tuple[int, int]:
@@ -111,7 +160,7 @@ def _mask_runs(b: int, l: int, device: torch.device) -> tuple[int, int]:
     target = TUNING.map_min_programs
     if target < 0:
         target = _sm_count(device.index or 0) if device.type == "cuda" else 0
-    return _runs(l, max(TUNING.mask_runs, triton.cdiv(target, max(b, 1))))
+    return _runs(l, max(TUNING.mask_runs, _cdiv(target, max(b, 1))))
 
 
 def _interleaved(t: tuple) -> bool:
@@ -123,7 +172,7 @@ def _interleaved(t: tuple) -> bool:
 def _one_chunk(h: int, w: int, interleaved: bool) -> bool:
     """Whether the per-map kernels hold each map whole, one at a time (one read of T): its [H, W] tile (each
     rounded up to a power of 2) fits map_block_max, and, for interleaved maps, interleaved_whole_maps."""
-    fits = triton.next_power_of_2(h) * triton.next_power_of_2(w) <= TUNING.map_block_max
+    fits = _pow2(h) * _pow2(w) <= TUNING.map_block_max
     return fits and (TUNING.interleaved_whole_maps or not interleaved)
 
 
@@ -131,21 +180,26 @@ def _plain_runs(t: tuple, l: int, h: int, w: int) -> tuple[int, int]:
     """(n_runs, run_len) of a per-map pass with no partial mask or shared gradient: one map per program, or,
     for swept interleaved (channels_last) maps, rows of up to 32 consecutive maps."""
     interleaved = _interleaved(t)
-    return _runs(l, l if _one_chunk(h, w, interleaved) or not interleaved else triton.cdiv(l, 32))
+    return _runs(l, l if _one_chunk(h, w, interleaved) or not interleaved else _cdiv(l, 32))
 
 
 def _map_cfg(h: int, w: int, run_len: int, pixel_stride: int, interleaved: bool) -> dict:
+    return _map_cfg_cached(h, w, run_len, pixel_stride, interleaved, _tuning_key())
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_cfg_cached(h: int, w: int, run_len: int, pixel_stride: int, interleaved: bool, _key: tuple) -> dict:
     """Tile shape of the per-map kernels: a whole map (_one_chunk), else maps swept in pixel chunks, rows
     of up to 32 consecutive maps at a time for an interleaved (channels_last) layout. Whole interleaved maps
     take their pixel stride as a constant (T_PIX; one compilation per L)."""
-    bh, bw = triton.next_power_of_2(h), triton.next_power_of_2(w)
+    bh, bw = _pow2(h), _pow2(w)
     if _one_chunk(h, w, interleaved):
         cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, INTERLEAVED=interleaved,
                    T_PIX=pixel_stride if interleaved else 0)
         elements = bh * bw
     else:
-        block_l = min(triton.next_power_of_2(run_len), 32) if interleaved else 1
-        block_p = max(16, min(triton.next_power_of_2(h * w), TUNING.map_chunk // block_l))
+        block_l = min(_pow2(run_len), 32) if interleaved else 1
+        block_p = max(16, min(_pow2(h * w), TUNING.map_chunk // block_l))
         cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, INTERLEAVED=False,
                    T_PIX=0)
         elements = block_l * block_p
@@ -163,14 +217,20 @@ def _sm_count(device_index: int) -> int:
 
 
 def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device, channels_last: bool) -> dict:
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 0
+    return _fuse_cfg_cached(hw, ci, c, nb, sms, channels_last, _tuning_key())
+
+
+@functools.lru_cache(maxsize=1024)
+def _fuse_cfg_cached(hw: int, ci: int, c: int, nb: int, sms: int, channels_last: bool, _key: tuple) -> dict:
     """Block sizes of the per-(b, tile) kernels. Small launches get narrower pixel tiles so that every SM has
     work, and taller channel tiles by as much; channels_last tensors take all channels of a pixel at once
     (their contiguous axis) up to 64."""
-    block_p = min(triton.next_power_of_2(hw), TUNING.fuse_block_p)
+    block_p = min(_pow2(hw), TUNING.fuse_block_p)
     target = TUNING.fuse_min_programs
     if target < 0:
-        target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 0
-    while block_p > 32 and nb * triton.cdiv(hw, block_p) < target:
+        target = 4 * sms
+    while block_p > 32 and nb * _cdiv(hw, block_p) < target:
         block_p //= 2
     grow = max(1, TUNING.fuse_block_p // block_p)
     block_c = TUNING.fuse_block_c * grow
@@ -179,8 +239,8 @@ def _fuse_cfg(hw: int, ci: int, c: int, nb: int, device: torch.device, channels_
             block_c, block_p = 2 * block_c, block_p // 2
     return dict(
         BLOCK_P=block_p,
-        BLOCK_CI=min(triton.next_power_of_2(max(ci, 1)), block_c),
-        BLOCK_C=min(triton.next_power_of_2(max(c, 1)), block_c),
+        BLOCK_CI=min(_pow2(max(ci, 1)), block_c),
+        BLOCK_C=min(_pow2(max(c, 1)), block_c),
         num_warps=TUNING.fuse_warps,
     )
 
@@ -221,9 +281,83 @@ def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_
             **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
 
 
-def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
+def _persistent(t: tuple, h: int, w: int) -> bool:
+    """Whether the per-map passes take the persistent kernels: TUNING.map_kernel, whole maps, T not
+    interleaved (channels_last keeps the per-run kernels and their sector-sharing map order)."""
+    return TUNING.map_kernel == "persistent" and not _interleaved(t) and _one_chunk(h, w, False)
+
+
+def _map_programs(b: int, l: int, device: torch.device) -> int:
+    """Programs of a persistent per-map launch over the B*L maps."""
+    n = TUNING.map_programs
+    if n <= 0:
+        if device.type == "cuda":
+            n = TUNING.map_programs_per_sm * _sm_count(device.index or 0)
+        else:
+            n = b * TUNING.mask_runs
+    return max(1, min(n, b * l))
+
+
+def _persistent_cfg(h: int, w: int) -> dict:
+    return _persistent_cfg_cached(h, w, _tuning_key())
+
+
+@functools.lru_cache(maxsize=256)
+def _persistent_cfg_cached(h: int, w: int, _key: tuple) -> dict:
+    bh, bw = _pow2(h), _pow2(w)
+    return dict(BLOCK_H=bh, BLOCK_W=bw, FULL=bh == h and bw == w, STAGES=TUNING.map_stages, PAIRWISE=INTERPRET,
+                num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
+
+
+def _launch_persistent(kernel, grid: tuple, *args, **meta) -> None:
+    """A persistent launch; a GPU with too little shared memory for the prefetched map (e.g. 100 KiB on
+    sm_86 against 128 KiB for the float32 softmax backward) gets the kernel without prefetch instead."""
+    try:
+        _launch(kernel, grid, *args, **meta)
+    except OutOfResources:
+        if meta.get("STAGES", 1) <= 1:
+            raise
+        _launch(kernel, grid, *args, **dict(meta, STAGES=1))
+
+
+def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_progs: int,
+                            normalized: bool) -> None:
+    b, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    xs, xo = _coord_affine(w, normalized)
+    ys, yo = _coord_affine(h, normalized)
+    _launch_persistent(map_fwd_persistent_kernel, (n_progs,),
+            tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
+            phi if phi is not None else tt, part if part is not None else stats,
+            l, w, h * w, b * l, n_progs,
+            s_tb, s_tl, s_tp,
+            beta, xs, xo, ys, yo,
+            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None,
+            WRITE_PHI=phi is not None, WRITE_PART=part is not None, **_persistent_cfg(h, w))
+
+
+def _run_map_bwd_persistent(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt,
+                            gbeta, shape, n_progs: int, normalized: bool) -> None:
+    b, l, h, w = shape
+    tt, s_tb, s_tl, s_tp = t
+    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
+    xs, _ = _coord_affine(w, normalized)
+    ys, _ = _coord_affine(h, normalized)
+    _launch_persistent(map_bwd_persistent_kernel, (n_progs,),
+            tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
+            l, w, h * w, b * l, n_progs,
+            s_tb, s_tl, s_tp,
+            s_gb, s_gl if g_per_map else 0, s_gp,
+            beta, xs, ys,
+            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None,
+            G_PER_MAP=g_per_map, HAS_GZ=gz is not None, **_persistent_cfg(h, w))
+
+
+def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
                    b: int, hw: int, mode: int, device: torch.device) -> None:
-    """mask_fuse_fwd_kernel: M from the partial masks (part given) or from m; writes m_out / fused if given."""
+    """mask_fuse_fwd_kernel: M from the partial masks (part given; parts = (n_runs, pieces, L), see
+    _forward_maps) or from m; writes m_out / fused if given."""
+    n_runs, pieces, l = parts
     dummy = part if part is not None else m[0]
     mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
     ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
@@ -233,16 +367,16 @@ def _run_mask_fuse(part, n_runs: int, m: tuple | None, i: tuple | None, e: tuple
     lay = fusion_layout(mode, ci, c)
     ff, s_fb, s_fc, s_fp = _flat(fused, dummy)
     cfg = _fuse_cfg(hw, ci, c, b, device, fused is not None and s_fc == 1 and s_fp != 1)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
     _launch(mask_fuse_fwd_kernel, (b * n_tiles,),
             part if part is not None else dummy, mm, ii, ee, ff, m_out if m_out is not None else dummy,
-            hw, ci, c, n_tiles, n_runs,
+            hw, ci, c, n_tiles, n_runs, b * l, l,
             s_mb, s_mp,
             s_ib, s_ic, s_ip,
             s_eb, s_ec, s_ep,
             s_fb, s_fc, s_fp,
             lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
-            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, **cfg)
+            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, PIECES=pieces, **cfg)
 
 
 def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, hw: int, mode: int) -> None:
@@ -253,7 +387,7 @@ def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, h
     ci, c = ii.shape[1], ee.shape[1]
     lay = fusion_layout(mode, ci, c)
     cfg = _fuse_cfg(hw, ci, c, b, gg.device, s_fc == 1 and s_fp != 1)
-    n_tiles = triton.cdiv(hw, cfg["BLOCK_P"])
+    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
     _launch(fuse_bwd_kernel, (b * n_tiles,),
             mm, ii, ee, gg, gi, ge, gm,
             hw, ci, c, n_tiles,
@@ -292,16 +426,27 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
 def _check_logits_and_beta(logits: torch.Tensor, beta_map: torch.Tensor | None) -> None:
     checks.logits(logits)
     checks.beta_map(beta_map, logits)
+    if not _TABLE_APPLIED and logits.device.type == "cuda":  # before any launch parameter is read
+        _apply_tuning_table(logits.device)
 
 
 def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool,
                   want_z: bool, want_phi: bool, want_mask: bool):
-    """(z, phi, part, n_runs, stats): the per-map pass; part (B, n_runs, H*W) float32 holds the partial masks."""
+    """(z, phi, part, parts, stats): the per-map pass. part holds the partial masks in float32, (B, n_runs,
+    H*W) from the per-run kernel, parts = (n_runs, False, L), or (n_progs + B, H*W) from the persistent
+    one, parts = (n_progs, True, L) (persistent.py)."""
     b, l, h, w = logits.shape
     stats = _new_stats(logits)
     z = _new_z(logits) if want_z else None
     phi = logits.new_empty(logits.shape) if want_phi else None
     t = _flat(logits, logits)
+    if b and _persistent(t, h, w):
+        n_progs = _map_programs(b, l, logits.device)
+        part = logits.new_empty((n_progs + b, h * w), dtype=torch.float32) if want_mask else None
+        with _device_guard(logits):
+            _run_map_fwd_persistent(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_progs,
+                                    normalized)
+        return z, phi, part, (n_progs, True, l), stats
     if want_mask:
         n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
@@ -311,7 +456,7 @@ def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | No
         with _device_guard(logits):
             _run_map_fwd(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_runs, run_len,
                          normalized)
-    return z, phi, part, n_runs, stats
+    return z, phi, part, (n_runs, False, l), stats
 
 
 def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None,
@@ -323,6 +468,14 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
         return _zeros(logits), gbeta.zero_()
     gt = logits.new_empty(logits.shape)
     t = _flat(logits, logits)
+    if b and _persistent(t, h, w):
+        gp = None
+        if g is not None:
+            gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
+        with _device_guard(logits):
+            _run_map_bwd_persistent(t, beta, _contig(beta_map), stats.contiguous(), gp, g_per_map, _contig(grad_z),
+                                    gt, gbeta, logits.shape, _map_programs(b, l, logits.device), normalized)
+        return gt, gbeta
     if g is not None and not g_per_map:  # read the shared G once per run
         n_runs, run_len = _mask_runs(b, l, logits.device)
     else:
@@ -343,7 +496,7 @@ def _check_grad_z(grad_z, logits: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The ops (argument names, order and types exactly as decafa_fast.ops.schemas.SCHEMAS)
+# The ops (argument names, order and types exactly as decafa_fast.contract.schemas.SCHEMAS)
 # --------------------------------------------------------------------------------------------------
 def spatial_softmax(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
@@ -373,12 +526,12 @@ def soft_argmax(
     return z, stats
 
 
-def _mask_from_parts(logits: torch.Tensor, part: torch.Tensor, n_runs: int) -> torch.Tensor:
+def _mask_from_parts(logits: torch.Tensor, part: torch.Tensor, parts: tuple) -> torch.Tensor:
     m = _new_mask(logits)
     b, _, h, w = logits.shape
     if b:
         with _device_guard(logits):
-            _run_mask_fuse(part, n_runs, None, None, None, None, m, b, h * w, 0, logits.device)
+            _run_mask_fuse(part, parts, None, None, None, None, m, b, h * w, 0, logits.device)
     return m
 
 
@@ -387,8 +540,8 @@ def attention_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, stats (B, L, 2))."""
     _check_logits_and_beta(logits, beta_map)
-    _, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
-    return _mask_from_parts(logits, part, n_runs), stats
+    _, _, part, parts, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
+    return _mask_from_parts(logits, part, parts), stats
 
 
 def landmark_attention(
@@ -396,8 +549,8 @@ def landmark_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), stats (B, L, 2))."""
     _check_logits_and_beta(logits, beta_map)
-    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
-    return z, _mask_from_parts(logits, part, n_runs), stats
+    z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    return z, _mask_from_parts(logits, part, parts), stats
 
 
 def landmark_attention_backward(
@@ -419,6 +572,8 @@ def landmark_attention_backward(
 
 
 def _check_fusion_inputs(image, embedding, mask, mode_, ref: torch.Tensor, ref_name: str) -> int:
+    if not _TABLE_APPLIED and ref.device.type == "cuda":
+        _apply_tuning_table(ref.device)
     mode_ = checks.mode(mode_)
     checks.companion("image", image, ref, ref_name)
     checks.device("image", image)
@@ -437,8 +592,8 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
                         device=image.device, memory_format=fused_memory_format(embedding))
     if b and h * w:  # no pixels: an empty fusion
         with _device_guard(image):
-            _run_mask_fuse(None, 0, _flat(mask, image), _flat(image, image), _flat(embedding, image), fused, None,
-                           b, h * w, mode, image.device)
+            _run_mask_fuse(None, (0, False, 1), _flat(mask, image), _flat(image, image), _flat(embedding, image),
+                           fused, None, b, h * w, mode, image.device)
     return fused
 
 
@@ -486,13 +641,13 @@ def decafa_head(
     _check_logits_and_beta(logits, beta_map)
     mode = _check_fusion_inputs(image, embedding, None, mode, logits, "logits")
     b, _, h, w = logits.shape
-    z, _, part, n_runs, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
+    z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
     m = _new_mask(logits)
     fused = torch.empty((b, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels, h, w),
                         dtype=logits.dtype, device=logits.device, memory_format=fused_memory_format(embedding))
     if b:
         with _device_guard(logits):
-            _run_mask_fuse(part, n_runs, None, _flat(image, logits), _flat(embedding, logits), fused, m, b, h * w,
+            _run_mask_fuse(part, parts, None, _flat(image, logits), _flat(embedding, logits), fused, m, b, h * w,
                            mode, logits.device)
     return z, fused, m, stats
 

@@ -354,18 +354,52 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert "all variants compiled" in proc.stdout
 
 
+@pytest.mark.slow
+def test_persistent_kernels_prefetch_with_few_barriers():
+    """The persistent per-map kernels, compiled for sm_90: every variant copies the next map to shared memory
+    (cp.async) and runs at most 8 block barriers per map (the per-run head kernels: 10-26), without a stack
+    beyond the measured allowances."""
+    import re
+
+    proc = _compile_check("--only", "pmap", "--dtypes", "fp32,bf16", "--fail-on-spill")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("ok")]
+    assert len(lines) == 16, proc.stdout
+    for line in lines:
+        cp_async = int(re.search(r"cp\.async\s+(\d+)", line).group(1))
+        barriers = int(re.search(r"barriers/map\s+(\d+)", line).group(1))
+        assert cp_async > 0 and 1 <= barriers <= 8, line
+
+
 def test_spill_allowance_is_per_triton_version():
     """The allowances are the stacks measured with each Triton (compile_check's comment); a kernel not listed
-    gets 16 bytes, and a Triton not measured the largest allowance of any measured one."""
+    gets none, and a Triton not measured the largest allowance of any measured one."""
     from decafa_fast.triton import compile_check as cc
 
-    assert cc.spill_allowance("map_fwd head", "3.9.0") == cc.DEFAULT_STACK == 16
-    assert cc.spill_allowance("map_bwd head", "3.9.0") == 96
-    assert cc.spill_allowance("map_fwd head", "3.6.0") == 32
+    assert cc.spill_allowance("pmap_fwd soft_argmax", "3.9.0") == cc.DEFAULT_STACK == 0
+    assert cc.spill_allowance("pmap_fwd head", "3.9.0") == 32
+    assert cc.spill_allowance("pmap_bwd head", "3.6.0") == 64
     assert cc.spill_allowance("map_bwd head", "3.6.0") == 152
-    assert cc.spill_allowance("mask_fuse_fwd F5 (partials)", "3.6.0") == 16
+    assert cc.spill_allowance("mask_fuse_fwd F5 (partials)", "3.6.0") == 0
     assert cc.spill_allowance("map_bwd head", "3.7.0+git1234") == 152
     assert cc.spill_allowance("map_bwd softmax", "3.10.0") == 56
+
+
+def test_barriers_per_map_counts_the_exp_loop():
+    """compile_check.barriers_per_map counts the barriers of the innermost PTX loop that computes exps, not
+    those before or after it, nor those of a loop without exps."""
+    from decafa_fast.triton import compile_check as cc
+
+    ptx = "\n".join([
+        "bar.sync 0;",
+        "$L__BB0_1:", "bar.sync 0;", "@%p1 bra $L__BB0_1;",  # a loop without exps
+        "$L__BB0_2:", "ex2.approx.f32 %f1, %f2;", "bar.sync 0;", "barrier.sync 0;",
+        "$L__BB0_3:", "add.f32 %f3, %f3, %f1;", "@%p2 bra $L__BB0_3;",  # an inner loop, no exps
+        "bar.sync 0;", "@%p3 bra $L__BB0_2;",
+        "bar.sync 0;",
+    ])
+    assert cc.barriers_per_map(ptx) == 3
+    assert cc.barriers_per_map("bar.sync 0;\nex2.approx.f32 %f1, %f2;") is None
 
 
 @pytest.mark.slow

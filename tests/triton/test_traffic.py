@@ -142,20 +142,29 @@ def _report(dtype, fwd, bwd, floors):
     print("\n".join(lines))
 
 
+MAP_KERNELS = {"persistent": ("map_fwd_persistent_kernel", "map_bwd_persistent_kernel"),
+               "runs": ("map_fwd_kernel", "map_bwd_kernel")}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("map_kernel", list(MAP_KERNELS))
 @pytest.mark.parametrize("requested", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_head_traffic_at_the_paper_shape(requested):
+def test_head_traffic_at_the_paper_shape(monkeypatch, requested, map_kernel):
+    """Both per-map kernel families (TUNING.map_kernel) at the paper shape; the persistent one with its
+    interpreter default of B * mask_runs programs (4 pieces per batch item, as the 4 runs)."""
+    monkeypatch.setattr(tops.TUNING, "map_kernel", map_kernel)
+    fwd_name, bwd_name = MAP_KERNELS[map_kernel]
     dtype = _dtype_for(requested)
     fwd, bwd, floors = _head_traffic(1, 98, 128, 128, 1, 64, 5, dtype)
     _report(dtype, fwd, bwd, floors)
-    assert set(fwd.loads) == {"map_fwd_kernel", "mask_fuse_fwd_kernel"}, "forward: two kernels"
-    assert set(bwd.loads) == {"fuse_bwd_kernel", "map_bwd_kernel"}, "backward: two kernels"
+    assert set(fwd.loads) == {fwd_name, "mask_fuse_fwd_kernel"}, "forward: two kernels"
+    assert set(bwd.loads) == {"fuse_bwd_kernel", bwd_name}, "backward: two kernels"
     size = torch.empty(0, dtype=dtype).element_size()
     t_bytes = 98 * 128 * 128 * size
     # T is read exactly once in the forward (by the per-map kernel) and once in the backward
-    assert fwd.loads["map_fwd_kernel"] < t_bytes * 1.001
+    assert fwd.loads[fwd_name] < t_bytes * 1.001
     assert fwd.loads["mask_fuse_fwd_kernel"] < (4 * 98 * 2 + 65 * size) * 128 * 128  # partials, I and E
-    assert bwd.loads["map_bwd_kernel"] < t_bytes + 4 * 4 * 128 * 128 + 4096  # T once, grad M once per run
+    assert bwd.loads[bwd_name] < t_bytes + 4 * 4 * 128 * 128 + 4096  # T once, grad M once per run / piece
     assert fwd.total() <= FWD_LIMIT * floors["forward"]
     assert fwd.total() + bwd.total() <= TOTAL_LIMIT * floors["total"]
 
@@ -168,7 +177,11 @@ def test_channels_last_head_traffic_at_the_paper_shape(requested):
     dtype = _dtype_for(requested)
     fwd, bwd, floors = _head_traffic(1, 98, 128, 128, 1, 64, 5, dtype, channels_last=True)
     _report(dtype, fwd, bwd, floors)
-    nchw_fwd, nchw_bwd, nchw_floors = _head_traffic(1, 98, 128, 128, 1, 64, 5, dtype)
+    tops.TUNING.map_kernel = "runs"  # channels_last T takes the per-run kernels: compare with the same
+    try:
+        nchw_fwd, nchw_bwd, nchw_floors = _head_traffic(1, 98, 128, 128, 1, 64, 5, dtype)
+    finally:
+        tops.TUNING.map_kernel = "persistent"
     assert floors == nchw_floors
     for traffic, nchw in ((fwd, nchw_fwd), (bwd, nchw_bwd)):
         assert traffic.loads == nchw.loads and traffic.stores == nchw.stores
@@ -183,14 +196,18 @@ def test_offsets_are_64_bit(monkeypatch):
     assert not tops._wide(128 * 128, 1) and not tops._wide(2**31 // 98, 98)
     assert tops._wide(2**31 // 98 + 2, 98) and tops._wide(2**31 + 1, 1)
     monkeypatch.setattr(tops, "_wide", lambda hw, stride: True)
-    for channels_last in (False, True):
+    for map_kernel, channels_last in (("persistent", False), ("runs", False), ("persistent", True)):
+        monkeypatch.setattr(tops.TUNING, "map_kernel", map_kernel)
         fwd, bwd, _ = _head_traffic(2, 5, 8, 8, 1, 3, 5, torch.float32, channels_last=channels_last)
         assert not fwd.narrow_offsets and not bwd.narrow_offsets, (fwd.narrow_offsets, bwd.narrow_offsets)
 
 
-def test_traffic_is_linear_in_b():
+@pytest.mark.parametrize("map_kernel", list(MAP_KERNELS))
+def test_traffic_is_linear_in_b(monkeypatch, map_kernel):
     """Every kernel's bytes are a per-batch-item sum: B = 2 moves exactly twice the bytes of B = 1, so the
-    ratios above hold at any B."""
+    ratios above hold at any B (the persistent kernels with their interpreter default, B * mask_runs
+    programs)."""
+    monkeypatch.setattr(tops.TUNING, "map_kernel", map_kernel)
     one = _head_traffic(1, 7, 16, 16, 1, 8, 5, torch.float32)
     two = _head_traffic(2, 7, 16, 16, 1, 8, 5, torch.float32)
     for a, b in zip(one[:2], two[:2]):
@@ -204,6 +221,7 @@ def test_channels_last_traffic(monkeypatch, whole_maps):
     default) read T once per pass; with TUNING.interleaved_whole_maps off, rows of maps are swept twice."""
     monkeypatch.setattr(tops.TUNING, "interleaved_whole_maps", whole_maps)
     fwd, bwd, floors = _head_traffic(1, 16, 32, 32, 1, 8, 5, torch.float32, channels_last=True)
+    assert "map_fwd_kernel" in fwd.loads and "map_bwd_kernel" in bwd.loads  # the per-run kernels
     t_bytes = 16 * 32 * 32 * 4
     reads = 1 if whole_maps else 2
     assert reads * t_bytes <= fwd.loads["map_fwd_kernel"] <= reads * t_bytes * 1.001

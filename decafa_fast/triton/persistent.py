@@ -1,0 +1,230 @@
+"""Persistent per-map Triton kernels: a fixed number of programs, each over a balanced range of maps.
+
+The B*L maps, flattened as row = b*L + l, are cut into `n_progs` contiguous ranges whose sizes differ by at
+most one map: program p takes rows [p*N // P, (p+1)*N // P) (N = B*L maps, P = n_progs programs, P <= N).
+A range may cross batch items (pieces, one per batch item). It is one pipelined loop over the range's
+maps (`tl.range(..., num_stages=STAGES)`; the batch item of each map is computed from its row, as a loop
+per batch item would keep its loop invariants live across the inner loop and spill): with STAGES >= 2 the
+next map's tile is copied to shared memory (cp.async on sm_80+) while the current one is reduced, so the
+loads of a program overlap its reductions instead of alternating with them.
+
+`map_fwd_persistent_kernel`  per map: the max of s = beta_l T (one reduction), then the sum of exp(s - max)
+                             (without z: one more reduction) or, for z, that sum and its first moments
+                             along x and y: per row within a warp (two quantities of one tl.reduce), then
+                             three of one tl.reduce across rows; Phi when asked; the piece's partial mask
+                             sum_l Phi_l (float32, written once per piece, under a scalar branch).
+`map_bwd_persistent_kernel`  per map: Phi = exp(beta_l T - max) / sum from the saved stats (one exp per
+                             logit), g = G + grad_z . coordinates, and the three sums of the gradient,
+                             sum Phi g, sum u Phi g and sum u Phi (u = T - T at the max), plus with grad z
+                             the x / y moments of Phi and u Phi, in one tl.reduce (3 or 7 quantities);
+                             grad T = beta_l Phi (g - sum Phi g), grad beta = sum u Phi g - sum Phi g sum u Phi.
+PAIRWISE (set under the interpreter) takes the same sums with one tl.sum each (_sums3).
+
+Partial masks: the piece of program p in batch item b is partial row p + b of a (P + B, H*W) float32 tensor
+(the pieces in flattened order have strictly increasing p + b, so rows are unique; a row whose program
+and batch boundaries coincide is skipped and never written). `mask_fuse_fwd_kernel` (PIECES) adds the
+pieces of batch item b in program order, p from prog_of(b*L) to prog_of(b*L + L - 1), with
+prog_of(x) = ((x + 1) P - 1) // N the program whose range holds row x: a fixed order, no atomics.
+The mask gradient of a batch item (shared by its maps) is loaded once per piece and held on chip.
+
+Scope: whole maps up to TUNING.map_block_max pixels held in one [BLOCK_H, BLOCK_W] tile, T with one pixel
+stride per map (contiguous layouts). channels_last T and maps swept in chunks keep the per-run kernels of
+stats.py (ops._persistent decides). All arithmetic is float32 whatever the dtype; float arguments are
+cast to float32 on entry (torch.compile passes them as fp64; stats.py's docstring).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
+    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
+    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
+    but fails under the interpreter (Triton 3.9)."""
+    return tl.reshape(x, [BLOCK_H * BLOCK_W])
+
+
+@triton.jit
+def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
+    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
+    another (a float32 error growing with the map size, and a Python loop per element)."""
+    if PAIRWISE:
+        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
+            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
+                         _add3)
+
+
+@triton.jit
+def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """As _sums3, seven tiles."""
+    if PAIRWISE:
+        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
+        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
+        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
+                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
+                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
+
+
+@triton.jit
+def _range_of(pid, n_maps, n_progs):
+    """(first row, number of rows) of program pid's balanced range."""
+    start = (pid.to(tl.int64) * n_maps) // n_progs
+    stop = ((pid.to(tl.int64) + 1) * n_maps) // n_progs
+    return start, (stop - start).to(tl.int32)
+
+
+@triton.jit
+def _whole_tile(W, HW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PIX64: tl.constexpr, FULL: tl.constexpr):
+    rr = tl.arange(0, BLOCK_H)
+    cc = tl.arange(0, BLOCK_W)
+    if FULL:  # the map fills the tile: a constant mask, folded away
+        pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
+    else:
+        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
+    p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+    if PIX64:  # (HW - 1) * s_tp may pass 2**31
+        p = p.to(tl.int64)
+    return rr, cc, pv, p
+
+
+@triton.jit
+def map_fwd_persistent_kernel(
+    t_ptr, beta_ptr, stats_ptr, z_ptr, phi_ptr, part_ptr,
+    L, W, HW, n_maps, n_progs,
+    s_tb, s_tl, s_tp,
+    beta, x_scale, x_off, y_scale, y_off,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, STAGES: tl.constexpr, PIX64: tl.constexpr,
+    PAIRWISE: tl.constexpr,
+    HAS_BETA_MAP: tl.constexpr, WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr,
+):
+    # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (n_progs + B, HW) are contiguous
+    beta = tl.cast(beta, tl.float32)
+    x_scale, x_off = tl.cast(x_scale, tl.float32), tl.cast(x_off, tl.float32)
+    y_scale, y_off = tl.cast(y_scale, tl.float32), tl.cast(y_off, tl.float32)
+    pid = tl.program_id(0)
+    start, n = _range_of(pid, n_maps, n_progs)
+    rr, cc, pv, p = _whole_tile(W, HW, BLOCK_H, BLOCK_W, PIX64, FULL)
+    col = cc.to(tl.float32)[None, :]
+    row = rr.to(tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    # one loop over the range (a loop per batch item would keep its invariants live across the inner loop)
+    for k in tl.range(0, n, num_stages=STAGES):
+        row_id = start + k
+        b64 = row_id // L
+        l64 = row_id - b64 * L
+        if HAS_BETA_MAP:
+            beta_l = tl.load(beta_ptr + row_id)
+        else:
+            beta_l = beta
+        t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        s = tl.where(pv, t * beta_l, float("-inf"))
+        mx = tl.max(_flat(s, BLOCK_H, BLOCK_W), axis=0)
+        e = tl.where(pv, tl.exp(s - mx), 0.0)
+        if WRITE_Z:
+            # per row (within a warp) first, then across rows: fewer live tiles than three whole-tile sums
+            if PAIRWISE:
+                ey, ex = tl.sum(e, axis=1), tl.sum(e * col, axis=1)
+                total, sx, sy = tl.sum(ey, axis=0), tl.sum(ex, axis=0), tl.sum(ey * row, axis=0)
+            else:
+                ey, ex = tl.reduce((e, e * col), 1, _add2)
+                total, sx, sy = tl.reduce((ey, ex, ey * row), 0, _add3)
+        else:
+            total = tl.sum(_flat(e, BLOCK_H, BLOCK_W), axis=0)
+        tl.store(stats_ptr + 2 * row_id, mx)
+        tl.store(stats_ptr + 2 * row_id + 1, total)
+        inv = 1.0 / total
+        if WRITE_Z:
+            tl.store(z_ptr + 2 * row_id, (x_off + x_scale * (sx * inv)).to(z_ptr.dtype.element_ty))
+            tl.store(z_ptr + 2 * row_id + 1, (y_off + y_scale * (sy * inv)).to(z_ptr.dtype.element_ty))
+        phi = e * inv
+        if WRITE_PHI:
+            tl.store((phi_ptr + row_id * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
+                     eviction_policy="evict_first")
+        if WRITE_PART:  # the piece ends with its batch item's last map or the range: flush its partial mask
+            acc += phi
+            if (l64 == L - 1) | (k == n - 1):
+                tl.store((part_ptr + (pid + b64) * HW) + p, acc, mask=pv)
+                acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+
+
+@triton.jit
+def map_bwd_persistent_kernel(
+    t_ptr, beta_ptr, stats_ptr, g_ptr, gz_ptr, gt_ptr, gbeta_ptr,
+    L, W, HW, n_maps, n_progs,
+    s_tb, s_tl, s_tp,
+    s_gb, s_gl, s_gp,
+    beta, x_scale, y_scale,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, STAGES: tl.constexpr, PIX64: tl.constexpr,
+    PAIRWISE: tl.constexpr,
+    HAS_BETA_MAP: tl.constexpr, HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr,
+):
+    # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
+    beta = tl.cast(beta, tl.float32)
+    x_scale, y_scale = tl.cast(x_scale, tl.float32), tl.cast(y_scale, tl.float32)
+    pid = tl.program_id(0)
+    start, n = _range_of(pid, n_maps, n_progs)
+    rr, cc, pv, p = _whole_tile(W, HW, BLOCK_H, BLOCK_W, PIX64, FULL)
+    col = cc.to(tl.float32)[None, :]
+    row = rr.to(tl.float32)[:, None]
+    gt_ty = gt_ptr.dtype.element_ty
+    g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    for k in tl.range(0, n, num_stages=STAGES):
+        row_id = start + k
+        b64 = row_id // L
+        l64 = row_id - b64 * L
+        if HAS_G and not G_PER_MAP:  # the mask gradient: loaded when a piece starts, used by all its maps
+            if (l64 == 0) | (k == 0):
+                g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
+        if HAS_BETA_MAP:
+            beta_l = tl.load(beta_ptr + row_id)
+        else:
+            beta_l = beta
+        mx = tl.load(stats_ptr + 2 * row_id)
+        inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
+        t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)  # the one exp of each logit
+        g = g_shared
+        if HAS_G and G_PER_MAP:
+            g = tl.load((g_ptr + (b64 * s_gb + l64 * s_gl)) + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+        # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first
+        t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
+        up = tl.where(pv, t - t_max, 0.0) * phi
+        if HAS_GZ:  # g += gx col + gy row (no offsets: a per-map constant cancels), its sums from moments
+            gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
+            gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
+            mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
+                                                         up * row, BLOCK_H, BLOCK_W, PAIRWISE)
+            mean += gx * pc + gy * pr
+            gbeta += gx * uc + gy * ur
+            g = g + gx * col + gy * row
+        else:
+            mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
+        gs = phi * (g - mean)
+        tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+        tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)

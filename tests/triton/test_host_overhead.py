@@ -1,0 +1,115 @@
+"""Host time of the Triton op bodies per call, with the kernel launches stubbed out (CPU only).
+
+What a small-batch call costs besides the GPU work is this Python: argument checks, output allocation,
+strides, launch configuration (cached per shape and TUNING state) and the launch call itself. Here the
+launch is replaced by a counter, so the time measured is everything but Triton's own launcher. Budget:
+BUDGET_US per kernel launch of the op (its number of launches is counted, not assumed), as the best of
+several repeats of the process's CPU time (the machine may be shared). B = 1, L = 98 and an 8 x 8 map
+keep the CPU allocations small, like the GPU caching allocator's.
+
+`python -m pytest tests/triton/test_host_overhead.py -s` prints the times.
+"""
+import os
+import shutil
+import time
+import timeit
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+tops = pytest.importorskip("decafa_fast.triton.ops")
+if not tops.INTERPRET:
+    pytest.skip("host timing with stubbed launches runs on CPU tensors (TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+BUDGET_US = 25.0
+
+
+def _calls():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(1, 98, 8, 8, generator=g)
+    i = torch.randn(1, 1, 8, 8, generator=g)
+    e = torch.randn(1, 64, 8, 8, generator=g)
+    stats = torch.zeros(1, 98, 2)
+    z = torch.zeros(1, 98, 2)
+    m = torch.rand(1, 1, 8, 8, generator=g)
+    f = torch.zeros(1, 130, 8, 8)
+    return {
+        "spatial_softmax": lambda: tops.spatial_softmax(t, 1.0, None),
+        "spatial_softmax_backward": lambda: tops.spatial_softmax_backward(t, t, stats, 1.0, None),
+        "soft_argmax": lambda: tops.soft_argmax(t, 1.0, None, False),
+        "attention_mask": lambda: tops.attention_mask(t, 1.0, None),
+        "landmark_attention": lambda: tops.landmark_attention(t, 1.0, None, True),
+        "landmark_attention_backward": lambda: tops.landmark_attention_backward(z, m, t, stats, 1.0, None, True),
+        "fuse": lambda: tops.fuse(i, e, m, 5),
+        "fuse_backward": lambda: tops.fuse_backward(f, i, e, m, 5),
+        "decafa_head": lambda: tops.decafa_head(t, i, e, 5, 1.0, None, False),
+        "decafa_head_backward": lambda: tops.decafa_head_backward(z, f, t, i, e, m, stats, 5, 1.0, None, False),
+    }
+
+
+def test_every_op_is_timed():
+    assert set(_calls()) == set(tops.IMPLS)
+
+
+@pytest.mark.parametrize("name", list(tops.IMPLS))
+def test_host_time_per_call(monkeypatch, name):
+    launches = []
+    monkeypatch.setattr(tops, "_launch", lambda kernel, grid, *args, **meta: launches.append(grid))
+    fn = _calls()[name]
+    fn()
+    n_launches = len(launches)
+    assert n_launches >= 1, f"{name} launched no kernel"
+    for _ in range(50):  # warm the configuration caches
+        fn()
+    number = 100
+    # CPU time of this process: a call descheduled by other work on a shared machine does not count
+    best_us = min(timeit.repeat(fn, number=number, repeat=15, timer=time.process_time)) / number * 1e6
+    print(f"{name:30} {best_us:6.1f} us per call, {n_launches} launch(es)")
+    assert best_us <= BUDGET_US * n_launches, (
+        f"{name}: {best_us:.1f} us of host time per call with {n_launches} launch(es), budget "
+        f"{BUDGET_US * n_launches:.0f} us")
+
+
+def test_configurations_follow_tuning(monkeypatch):
+    """The cached launch configurations are keyed on TUNING's values: a change is seen at once."""
+    before = tops._fuse_cfg(4096, 1, 64, 1, torch.device("cpu"), False)
+    monkeypatch.setattr(tops.TUNING, "fuse_warps", tops.TUNING.fuse_warps * 2)
+    after = tops._fuse_cfg(4096, 1, 64, 1, torch.device("cpu"), False)
+    assert after["num_warps"] == 2 * before["num_warps"]
+    monkeypatch.setattr(tops.TUNING, "map_stages", 3)
+    assert tops._persistent_cfg(128, 128)["STAGES"] == 3
+    assert tops._pow2(0) == 0 and tops._pow2(1) == 1 and tops._pow2(5) == 8 and tops._pow2(64) == 64
+    assert tops._cdiv(7, 2) == 4 and tops._cdiv(8, 2) == 4 and tops._cdiv(0, 3) == 0
+
+
+def test_tuning_table(tmp_path, monkeypatch):
+    """The shipped table parses; an entry applies to the fields still at their defaults (a value set by the
+    user wins), a model without an entry gets 'default', and unknown fields or wrong types are refused."""
+    import dataclasses
+
+    from decafa_fast.triton import tuning
+
+    shipped = tuning.load_table()
+    for entry in [shipped["default"], *shipped["gpus"].values()]:
+        tuning.apply(tops.Tuning(), entry)  # raises on a bad entry
+    path = tmp_path / "table.json"
+    path.write_text('{"default": {"map_stages": 3}, "gpus": {"GPU X": {"map_kernel": "runs", "map_warps": 16}}}')
+    table = tuning.load_table(path)
+    t = tops.Tuning()
+    t.map_warps = 8  # set by the user: kept
+    assert tuning.apply(t, tuning.entry_for("GPU X", table)) == {"map_kernel": "runs"}
+    assert (t.map_kernel, t.map_warps, t.map_stages) == ("runs", 8, tops.Tuning().map_stages)
+    t = tops.Tuning()
+    monkeypatch.setenv("DECAFA_TRITON_TUNING", str(path))
+    assert tuning.apply_for_device(t, "GPU Y") == {"map_stages": 3}
+    monkeypatch.setenv("DECAFA_TRITON_TUNING", "off")
+    assert tuning.apply_for_device(tops.Tuning(), "GPU X") == {}
+    with pytest.raises(ValueError, match="unknown field 'map_warp'"):
+        tuning.apply(tops.Tuning(), {"map_warp": 4})
+    with pytest.raises(ValueError, match="map_warps must be int"):
+        tuning.apply(tops.Tuning(), {"map_warps": "4"})
+    assert dataclasses.asdict(tops.Tuning()) == {f.name: f.default for f in dataclasses.fields(tops.Tuning)}
