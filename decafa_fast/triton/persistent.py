@@ -152,8 +152,8 @@ def map_fwd_persistent_kernel(
             else:
                 ey, ex = tl.reduce((e, e * col), 1, _add2)
                 total, sx, sy = tl.reduce((ey, ex, ey * row), 0, _add3)
-        else:
-            total = tl.sum(_flat(e, BLOCK_H, BLOCK_W), axis=0)
+        else:  # the same order of additions as the z path, so that every op saves the same stats bits
+            total = tl.sum(tl.sum(e, axis=1), axis=0)
         tl.store(stats_ptr + 2 * row_id, mx)
         tl.store(stats_ptr + 2 * row_id + 1, total)
         inv = 1.0 / total
