@@ -223,10 +223,15 @@ def _first_use(copy: Path, cache: Path, patch: str = "") -> subprocess.Completed
 
 
 def _installed(copy: Path, cache: Path) -> Path:
-    """Where the first-use build of `copy` keeps its library in `cache` (what load_or_build computes)."""
+    """Where the first-use build of `copy` keeps its library in `cache` (what load_or_build computes: with the
+    CUDA kernels where a CUDA torch meets a toolkit, unless FORCE_CUDA says otherwise)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
     from decafa_fast import _build
 
-    return _build.library_path(cache / _build.build_key(copy, cuda=False))
+    cuda = _build.want_cuda(torch.version.cuda, CUDA_HOME)
+    return _build.library_path(cache / _build.build_key(copy, cuda=cuda))
 
 
 def _install_prebuilt(copy: Path, cache: Path) -> Path:
