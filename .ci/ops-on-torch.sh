@@ -30,8 +30,10 @@ python3 -m venv "$work/venv"
 py=$work/venv/bin/python
 # What tests/ops imports: pytest, numpy, kornia (the conformance and parity tests), ninja and setuptools (the
 # build tests, and this build without build isolation). torch brings its Triton with it on Linux x86-64.
-if ! "$py" -m pip install --quiet --retries 3 --timeout 60 "torch==$version" numpy ninja "setuptools>=70.1" \
-        pytest kornia; then
+# numpy<2.4: Triton 3.6's interpreter (torch 2.11's Triton) calls int() on one-element arrays, which numpy 2.4
+# refuses ("only 0-dimensional arrays can be converted to Python scalars" from the interpreted kernels).
+if ! "$py" -m pip install --quiet --retries 3 --timeout 60 "torch==$version" "numpy<2.4" ninja \
+        "setuptools>=70.1" pytest kornia; then
     echo "ops-on-torch $version: cannot install torch $version and the test tools from PyPI; failing, not" \
          "skipping" >&2
     exit 1
@@ -42,14 +44,14 @@ mkdir "$work/src"
 git ls-files -z --cached --others --exclude-standard |
     tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C "$work/src"
 
-# FORCE_CUDA=0: the CPU kernels only, even where nvcc is installed (this torch is a CUDA build); the CUDA
-# kernels are compiled and tested on the GPU machine.
-say "building decafa_fast._C against torch $version"
-(cd "$work/src" && FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    "$py" -m pip install --quiet --no-build-isolation --no-deps -e .)
-
-cd "$work/src"
+# FORCE_CUDA=0: the CPU kernels only, even where nvcc is installed (this torch is a CUDA build), here and in
+# the tests' own builds; the CUDA kernels are compiled and tested on the GPU machine.
+export FORCE_CUDA=0
 export XDG_CACHE_HOME="$work/cache" TRITON_CACHE_DIR="$work/cache/triton" DECAFA_EXTENSIONS_DIR="$work/extensions"
+cd "$work/src"
+say "building decafa_fast._C against torch $version"
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip install --quiet --no-build-isolation --no-deps -e .
+
 "$py" - "$version" "$work/src" <<'EOF'
 import sys
 from pathlib import Path
