@@ -7,8 +7,8 @@
 # _C (compiled against CI's main torch) must not be replaced by one for another torch. The main environment is
 # not touched; PYTHONPATH is dropped so the tests import the copy, which is checked before they start.
 #
-# PyPI is the only source (its Linux torch wheels are CUDA builds: they import and run on CPU). A failed
-# download fails this script, and CI with it: a torch that could not be installed is not a passed run.
+# torch comes from pip's index, PyPI (whose Linux torch wheels are CUDA builds: they import and run on CPU). A
+# failed download fails this script, and CI with it: a torch that could not be installed is not a passed run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,6 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 version=$1
-root=$PWD
 start=$SECONDS
 say() { echo "ops-on-torch $version: $* [$((SECONDS - start)) s]"; }
 
