@@ -72,10 +72,12 @@ def _settings():
 
 
 def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
-    """CUDA kernels too when a CUDA toolkit and a CUDA build of torch are present, or FORCE_CUDA=1. Never
-    decided by torch.cuda.is_available(), so a GPU-less build machine can still produce a CUDA build."""
-    if _settings().force_cuda():
-        return True
+    """CUDA kernels too when a CUDA toolkit and a CUDA build of torch are present; FORCE_CUDA=1 always,
+    FORCE_CUDA=0 never. Never decided by torch.cuda.is_available(), so a GPU-less build machine can still
+    produce a CUDA build."""
+    forced = _settings().force_cuda()
+    if forced is not None:
+        return forced
     return cuda_home is not None and torch_cuda_version is not None
 
 

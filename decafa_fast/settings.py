@@ -8,7 +8,7 @@
 | DECAFA_EXTENSIONS_DIR | a folder | $XDG_CACHE_HOME/decafa_fast/extensions | the first-use build |
 | DECAFA_FIRST_USE_BUILD | 1/0 (true/false, yes/no, on/off) | 1 | the first-use build |
 | DECAFA_BUILD_VERBOSE | as above | 0 | the first-use build |
-| FORCE_CUDA | as above | 0 | setup.py and the first-use build |
+| FORCE_CUDA | as above: 1 builds the CUDA kernels, 0 never does | detected | setup.py and the first-use build |
 | DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | `cuda_runs()`, for the CUDA glue |
 | TRITON_INTERPRET | 1 turns Triton's interpreter on | 0 | ops, at import (Triton reads it itself) |
 
@@ -140,9 +140,17 @@ def build_verbose() -> bool:
     return _flag("DECAFA_BUILD_VERBOSE", False)
 
 
-def force_cuda() -> bool:
-    """FORCE_CUDA: build the CUDA kernels even where no CUDA toolkit is detected."""
-    return _flag("FORCE_CUDA", False)
+def force_cuda() -> bool | None:
+    """FORCE_CUDA: True (1) builds the CUDA kernels even where no CUDA toolkit is detected, False (0) never
+    builds them (a CPU-only build beside a toolkit), None (unset, or a bad value) leaves it to detection."""
+    value = _raw("FORCE_CUDA")
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    _bad("FORCE_CUDA", value, "1 or 0 (true/false, yes/no, on/off)", "detection")
+    return None
 
 
 def triton_interpret() -> bool:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,24 @@ def _prebuilt() -> Path:
     return built[0]
 
 
+@pytest.mark.parametrize("force, expected", [(None, [False, False, False, True]), ("1", [True] * 4),
+                                             ("0", [False] * 4), ("maybe", [False, False, False, True])])
+def test_force_cuda_decides_over_detection(monkeypatch, force, expected):
+    """Unset: CUDA kernels only where both a toolkit and a CUDA torch are found; FORCE_CUDA=1 always; FORCE_CUDA=0
+    never (a CPU-only build beside a toolkit and a CUDA torch); a bad value warns and leaves it to detection."""
+    from decafa_fast import _build, settings
+
+    monkeypatch.setattr(settings, "_warned", set())
+    if force is None:
+        monkeypatch.delenv("FORCE_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FORCE_CUDA", force)
+    cases = [(None, None), ("13.0", None), (None, "/usr/local/cuda"), ("13.0", "/usr/local/cuda")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", settings.SettingWarning)
+        assert [_build.want_cuda(version, home) for version, home in cases] == expected
+
+
 @pytest.fixture(scope="module")
 def package_copy(tmp_path_factory) -> Path:
     return _copy_checkout(tmp_path_factory.mktemp("first_use") / "src")
@@ -204,10 +223,15 @@ def _first_use(copy: Path, cache: Path, patch: str = "") -> subprocess.Completed
 
 
 def _installed(copy: Path, cache: Path) -> Path:
-    """Where the first-use build of `copy` keeps its library in `cache` (what load_or_build computes)."""
+    """Where the first-use build of `copy` keeps its library in `cache` (what load_or_build computes: with the
+    CUDA kernels where a CUDA torch meets a toolkit, unless FORCE_CUDA says otherwise)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
     from decafa_fast import _build
 
-    return _build.library_path(cache / _build.build_key(copy, cuda=False))
+    cuda = _build.want_cuda(torch.version.cuda, CUDA_HOME)
+    return _build.library_path(cache / _build.build_key(copy, cuda=cuda))
 
 
 def _install_prebuilt(copy: Path, cache: Path) -> Path:

@@ -62,14 +62,22 @@ def test_backend_names(monkeypatch):
 
 
 @pytest.mark.parametrize("name, reader, default", [("DECAFA_FIRST_USE_BUILD", settings.first_use_build, True),
-                                                   ("DECAFA_BUILD_VERBOSE", settings.build_verbose, False),
-                                                   ("FORCE_CUDA", settings.force_cuda, False)])
+                                                   ("DECAFA_BUILD_VERBOSE", settings.build_verbose, False)])
 def test_flags(monkeypatch, name, reader, default):
     for value, expected in (("1", True), ("yes", True), ("ON", True), ("0", False), ("false", False),
                             ("off", False), (None, default), ("", default)):
         assert _read(monkeypatch, name, value, reader) == (expected, []), value
     result, messages = _read(monkeypatch, name, "maybe", reader)
     assert result is default and len(messages) == 1 and messages[0].startswith(f"{name}='maybe' is not allowed")
+
+
+def test_force_cuda_is_always_never_or_detection(monkeypatch):
+    for value, expected in (("1", True), ("yes", True), ("ON", True), ("0", False), ("false", False),
+                            (" off ", False), (None, None), ("", None)):
+        assert _read(monkeypatch, "FORCE_CUDA", value, settings.force_cuda) == (expected, []), value
+    result, messages = _read(monkeypatch, "FORCE_CUDA", "maybe", settings.force_cuda)
+    assert result is None
+    assert messages == ["FORCE_CUDA='maybe' is not allowed (1 or 0 (true/false, yes/no, on/off)); using detection"]
 
 
 def test_cuda_runs(monkeypatch):
