@@ -34,18 +34,6 @@ int map_runs(MapShape shape, const DeviceInfo& dev) {
 
 namespace {
 
-// Output coordinate = o + k * pixel index (column for x, row for y).
-struct Coords {
-  float ox, kx, oy, ky;
-};
-
-Coords coords_for(int height, int width, bool normalized) {
-  if (!normalized) return {0.f, 1.f, 0.f, 1.f};
-  // x_n = 2 col / (W - 1) - 1; a one-pixel axis gives 0, its centre (kornia's convention).
-  return {width > 1 ? -1.f : 0.f, width > 1 ? 2.f / (width - 1) : 0.f, height > 1 ? -1.f : 0.f,
-          height > 1 ? 2.f / (height - 1) : 0.f};
-}
-
 // The maps of a block: batch element b, maps [first, last).
 struct Run {
   int64_t b;

@@ -1,0 +1,44 @@
+// Asynchronous global -> shared copies (cp.async, sm_80+): the copies a thread issues are grouped by
+// cp_async_commit and waited for by cp_async_wait(n) (all but the newest n groups of this thread complete);
+// a __syncthreads after the wait makes every thread's copies visible to the block. The CPU emulation
+// (smoke/cpu_emulation.h) supplies its own versions of these four functions, which model a group as copies
+// performed when it is waited for (or at issue, EMU_ASYNC=eager) and count the bytes as loads.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace decafa_kernels {
+namespace detail {
+
+#ifndef DECAFA_EMULATION
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes, both addresses 16-byte aligned; .cg: cached in L2 only (the logits are touched once).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(smem)), "l"(gmem) : "memory");
+}
+
+// 4 bytes, both addresses 4-byte aligned (a per-map constant).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_address(smem)), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// All but the newest `pending` groups of this thread are complete (pending: 0..3, uniform over the block).
+__device__ __forceinline__ void cp_async_wait(int pending) {
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+  }
+}
+#endif
+
+}  // namespace detail
+}  // namespace decafa_kernels

@@ -1,0 +1,352 @@
+// The ring forward of the per-map pass (DECAFA_CUDA_MAPS=ring): a persistent grid of CTAs, each walking a
+// balanced contiguous range of the B * L maps (ring_start, launch.cuh), with the maps streamed through a ring of
+// shared-memory stages by 16-byte cp.async, so that the next maps load while the current one is reduced: up to
+// `stages - 1` maps in flight per CTA at every moment (3 in 16-bit types, 2 in float32 on an H100).
+//   per map: the thread's 16 values from the stage into registers; the max (of the raw logits when the scalar
+//   beta is positive and finite: beta * t is monotone in t, so max(beta * t) = beta * max t, bit for bit; else
+//   of s = beta * t); e = exp2(t * k - shift) (one FFMA and one EX2 per logit); the sums of e, e * col and
+//   e * row in one reduction (a reduce-scatter of four values per warp butterfly); stats and z from thread 0;
+//   Phi = e / sum stored when asked; the partial mask kept in registers across the range's maps and written
+//   once per batch element the range touches (at most two planes per CTA).
+// Pixel coordinates come from the loop structure: a thread's pixels are the same in every map, so their
+// columns and rows are found once per CTA (no division per vector); a 16-byte vector never crosses a row (the
+// launcher requires W to be a multiple of the vector), so its column moment is col0 * sum + sum_j j e_j.
+// Covered: NCHW maps (pixel stride 1) of at most 16384 pixels whose W and H * W are multiples of a 16-byte vector,
+// 16-byte aligned T with batch and map strides multiples of the vector, and two stages of shared memory; other
+// cases run the on-chip run kernels (stats.cu): channels_last T, odd shapes, larger maps.
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "async_copy.cuh"
+#include "common.cuh"
+#include "launch.cuh"
+
+namespace decafa_kernels {
+namespace detail {
+
+bool ring_selected() {
+  static const bool selected = [] {
+    const char* env = std::getenv("DECAFA_CUDA_MAPS");
+    return env != nullptr && std::strcmp(env, "ring") == 0;
+  }();
+  return selected;
+}
+
+namespace {
+
+constexpr int kRingThreads = 1024;
+constexpr int kRingValues = 16;  // values of a map per thread
+constexpr int kRingMaxStages = 4;
+constexpr int64_t kRingPixels = static_cast<int64_t>(kRingThreads) * kRingValues;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float fast_exp2(float x) {
+#ifdef DECAFA_EMULATION
+  return std::exp2(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+template <typename T>
+struct RingArgs {
+  const T* logits;
+  Strides ts;  // batch, map, pixel (pixel == 1)
+  float beta;
+  const float* beta_map;
+  int maps, hw, width;
+  int64_t total;  // B * L
+  int ctas, stages, stage_bytes;
+  Coords co;
+  float* stats;
+  T* z;
+  T* phi;
+  float* partial;  // 2 planes of hw floats per CTA, or null
+};
+
+// Sums four values over a warp as a reduce-scatter: after it, lane l holds the warp's total of value (l >> 3) & 3.
+// Six shuffles instead of twenty; the order of the additions is fixed (deterministic).
+__device__ __forceinline__ float warp_sum4(float a0, float a1, float a2, float a3) {
+  const int lane = threadIdx.x & 31;
+  const bool hi16 = (lane & 16) != 0;
+  float k0 = hi16 ? a2 : a0, k1 = hi16 ? a3 : a1;
+  const float s0 = hi16 ? a0 : a2, s1 = hi16 ? a1 : a3;
+  k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
+  k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
+  const bool hi8 = (lane & 8) != 0;
+  float k = hi8 ? k1 : k0;
+  k += __shfl_xor_sync(0xffffffffu, hi8 ? k0 : k1, 8);
+  k += __shfl_xor_sync(0xffffffffu, k, 4);
+  k += __shfl_xor_sync(0xffffffffu, k, 2);
+  k += __shfl_xor_sync(0xffffffffu, k, 1);
+  return k;
+}
+
+// The block's sums of four values, every thread gets all four; one barrier. `scratch` is __shared__
+// float[32][4], written before the barrier and read after it; the caller's next barrier (another reduction's)
+// separates these reads from the next call's writes.
+__device__ __forceinline__ void ring_block_sum4(float (&v)[4], float (*scratch)[4]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  float k = warp_sum4(v[0], v[1], v[2], v[3]);
+  if ((lane & 7) == 0) scratch[warp][lane >> 3] = k;
+  __syncthreads();
+  // every warp adds the warp totals itself (no second barrier)
+  const bool has = lane < num_warps;
+  k = warp_sum4(has ? scratch[lane][0] : 0.f, has ? scratch[lane][1] : 0.f, has ? scratch[lane][2] : 0.f,
+                has ? scratch[lane][3] : 0.f);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v[q] = __shfl_sync(0xffffffffu, k, q * 8);
+}
+
+// The block's maximum (fmaxf: NaN skipped), one barrier; `scratch` is __shared__ float[32], as above.
+__device__ __forceinline__ float ring_block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  v = warp_max(v);
+  if (lane == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
+}
+
+// Issues the copies of map (b, l) into `stage` (this thread's 16-byte chunks; with beta_map, thread 0 also
+// copies the map's beta into its slot) and commits them as one group.
+template <typename T, int K>
+__device__ __forceinline__ void issue_map(const RingArgs<T>& a, int64_t b, int l, unsigned char* stage, float* beta_slot,
+                                          int nvec) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const T* src = a.logits + b * a.ts.batch + static_cast<int64_t>(l) * a.ts.channel;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+    if (i < nvec) cp_async16(stage + 16 * i, src + static_cast<int64_t>(i) * V);
+  }
+  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_slot, a.beta_map + b * a.maps + l);
+}
+
+template <typename T, bool RawMax>
+__global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  constexpr int K = kRingValues / V;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float max_scratch[32];
+  __align__(16) __shared__ float sum_scratch[32][4];
+  __shared__ float beta_slots[kRingMaxStages];
+  const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
+  const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
+  const int nvec = a.hw / V;
+  const int stages = a.stages;
+
+  // This thread's vectors i = thread + k * blockDim.x: their first column and row, once for every map.
+  float col0[K], row0[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int p = (static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x)) * V;
+    const int row = p / a.width;
+    col0[k] = static_cast<float>(p - row * a.width);
+    row0[k] = static_cast<float>(row);
+  }
+
+  // Prologue: maps 0 .. stages - 2 of the range in flight. One group per map (empty past the range), so that
+  // waiting for all but the newest stages - 1 groups always means: the current map has landed.
+  int64_t ib = start / a.maps;  // the next map to issue, (b, l)
+  int il = static_cast<int>(start - ib * a.maps);
+  int istage = 0;
+  for (int j = 0; j < stages - 1; ++j) {
+    if (j < count) {
+      issue_map<T, K>(a, ib, il, smem_raw + istage * a.stage_bytes, &beta_slots[istage], nvec);
+      if (++il == a.maps) il = 0, ++ib;
+    }
+    cp_async_commit();
+    istage = istage + 1 == stages ? 0 : istage + 1;
+  }
+
+  float mask[K][V];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < V; ++j) mask[k][j] = 0.f;
+  int64_t b = start / a.maps;  // the current map, (b, l)
+  int l = static_cast<int>(start - b * a.maps);
+  int plane = 0;  // 0: the range's first batch element, 1: its second
+  int stage = 0;
+  for (int j = 0; j < count; ++j) {
+    // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
+    if (j + stages - 1 < count) {
+      issue_map<T, K>(a, ib, il, smem_raw + istage * a.stage_bytes, &beta_slots[istage], nvec);
+      if (++il == a.maps) il = 0, ++ib;
+    }
+    cp_async_commit();
+    istage = istage + 1 == stages ? 0 : istage + 1;
+    cp_async_wait(stages - 1);
+    __syncthreads();  // every thread's copies of map j have landed
+
+    const int64_t map = b * a.maps + l;
+    const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
+    const T* src = reinterpret_cast<const T*>(smem_raw + stage * a.stage_bytes);
+    float v[K][V];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+      if (i < nvec) {
+        const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(src + i * V);
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
+          mx = fmaxf(mx, v[k][q]);
+        }
+      }
+    }
+    mx = ring_block_max(mx, max_scratch);
+    // exp(s - max) = exp2(t * k2 - shift): k2 = beta log2 e on raw logits, log2 e on s.
+    const float smax = RawMax ? scaled_logit(beta, mx) : mx;
+    const float k2 = RawMax ? beta * kLog2e : kLog2e;
+    const float shift = mx * k2;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // sum, sum * col, sum * row, (unused)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+      if (i < nvec) {
+        float vs = 0.f, wx = 0.f;  // sum of the vector's e, sum of j * e_j
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
+          v[k][q] = e;
+          vs += e;
+          if (q > 0) wx = fmaf(static_cast<float>(q), e, wx);
+        }
+        acc[0] += vs;
+        acc[1] += fmaf(col0[k], vs, wx);
+        acc[2] = fmaf(row0[k], vs, acc[2]);
+      }
+    }
+    ring_block_sum4(acc, sum_scratch);
+    const float sum = acc[0];
+    if (threadIdx.x == 0) {
+      store1(a.stats + 2 * map, smax);
+      store1(a.stats + 2 * map + 1, sum);
+      if (a.z != nullptr) {
+        store1(a.z + 2 * map, a.co.ox + a.co.kx * (acc[1] / sum));
+        store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (acc[2] / sum));
+      }
+    }
+    const float inv = 1.f / sum;
+    if (a.phi != nullptr) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+        if (i < nvec) {
+          float p[V];
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            p[q] = v[k][q] * inv;
+            mask[k][q] += p[q];
+          }
+          store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k)
+        if (static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x) < nvec) {
+#pragma unroll
+          for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
+        }
+    }
+    stage = stage + 1 == stages ? 0 : stage + 1;
+    const bool last_of_batch = ++l == a.maps;
+    if (last_of_batch) l = 0, ++b;
+    // The mask goes out at the end of each batch element's part of the range, and at the end of the range.
+    if (a.partial != nullptr && (last_of_batch || j + 1 == count)) {
+      float* out = a.partial + (2 * static_cast<int64_t>(blockIdx.x) + plane) * a.hw;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+        if (i < nvec) store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, mask[k]);
+#pragma unroll
+        for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
+      }
+      plane = 1;
+    }
+  }
+  cp_async_wait(0);  // no copy may outlive the CTA's shared memory
+}
+
+// The ring's grid: the SMs (one CTA each: the stages take the shared memory), times enough to give every CTA at
+// most L maps (ctas >= B: at most two batch elements per range), never more CTAs than maps.
+int64_t ring_ctas(MapShape shape, const DeviceInfo& dev) {
+  const int64_t sms = dev.sm_count > 0 ? dev.sm_count : 1;
+  int64_t ctas = sms * ceil_div(shape.batch, sms);
+  const int64_t total = shape.batch * shape.maps;
+  return ctas < total ? ctas : total;
+}
+
+// Stages of `map_bytes` each that fit the device's shared memory per block (1 KiB left for the static part).
+int ring_stages(int64_t map_bytes, const DeviceInfo& dev) {
+  const int64_t fit = (static_cast<int64_t>(dev.smem_optin) - 1024) / map_bytes;
+  return static_cast<int>(fit < kRingMaxStages ? fit : kRingMaxStages);
+}
+
+template <typename T>
+cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalized, float* stats, T* z, T* phi,
+                                float* partial, int* ctas_out, cudaStream_t stream) {
+  *ctas_out = 0;
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
+  if (hw > kRingPixels || hw % V != 0 || shape.width % V != 0 || lg.strides.pixel != 1 ||
+      lg.strides.channel % V != 0 || lg.strides.batch % V != 0 || !aligned(lg.data, 16) || !aligned(phi, 16) ||
+      !aligned(partial, 16))
+    return cudaSuccess;  // not covered
+  DeviceInfo dev;
+  cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  const int64_t map_bytes = hw * static_cast<int64_t>(sizeof(T));
+  const int stages = ring_stages(map_bytes, dev);
+  const int64_t ctas = ring_ctas(shape, dev);
+  const int64_t total = shape.batch * shape.maps;
+  if (stages < 2 || ctas > INT_MAX || ctas > (INT64_MAX / 2) / (total + 1)) return cudaSuccess;
+  RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps, static_cast<int>(hw),
+                shape.width, total, static_cast<int>(ctas), stages, static_cast<int>(map_bytes),
+                coords_for(shape.height, shape.width, normalized), stats, z, phi, partial};
+  const int threads = threads_for(ceil_div(hw / V, kRingValues / V), kRingThreads);
+  const size_t smem = static_cast<size_t>(stages) * map_bytes;
+  const bool raw = lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta);
+  if (raw) {
+    if ((err = cudaFuncSetAttribute(maps_forward_ring<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem))) != cudaSuccess)
+      return err;
+    maps_forward_ring<T, true><<<static_cast<unsigned>(ctas), threads, smem, stream>>>(a);
+  } else {
+    if ((err = cudaFuncSetAttribute(maps_forward_ring<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(smem))) != cudaSuccess)
+      return err;
+    maps_forward_ring<T, false><<<static_cast<unsigned>(ctas), threads, smem, stream>>>(a);
+  }
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  *ctas_out = static_cast<int>(ctas);
+  return cudaSuccess;
+}
+
+}  // namespace
+
+size_t ring_forward_workspace_floats(MapShape shape, const DeviceInfo& dev) {
+  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
+  if (!ring_selected() || hw > kRingPixels || shape.batch <= 0 || shape.maps <= 0) return 0;
+  return static_cast<size_t>(2 * ring_ctas(shape, dev) * hw);
+}
+
+cudaError_t maps_forward_ring(DType dtype, MapShape shape, const Logits& logits, bool normalized, float* stats,
+                              void* z, void* phi, float* partial, int* ctas, cudaStream_t stream) {
+  DECAFA_DISPATCH(dtype, return maps_forward_ring_t<scalar_t>(shape, logits, normalized, stats,
+                                                              static_cast<scalar_t*>(z), static_cast<scalar_t*>(phi),
+                                                              partial, ctas, stream));
+  return cudaSuccess;
+}
+
+}  // namespace detail
+}  // namespace decafa_kernels
