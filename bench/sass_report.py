@@ -4,8 +4,8 @@ registers, shared memory (static, plus the dynamic shared memory its launcher as
 spills, threads, the theoretical CTAs per SM on an A100 (sm_80) and an H100 (sm_90), and the SASS
 instructions per logit of its per-map loop.
 
-The per-map loop is found by its back edge: the branch whose target lies before it that spans the most code
-(the outermost loop) among the function's main code (the out-of-line paths that warp shuffles branch to when
+The per-map loop is found by its back edge (a branch whose target lies before it): the innermost loop that
+computes exponentials (MUFU.EX2) among the function's main code (the out-of-line paths that warp shuffles branch to when
 a warp has diverged, placed after the body, are left out). Its instructions are counted statically (NOPs
 excluded; code that only warp 0 runs, such as thread 0's per-map stores, is counted as if every warp ran it)
 and divided by the logits a thread handles per iteration at the paper shape (L = 98, 128 x 128):
@@ -60,7 +60,7 @@ def _esize(dtype: str) -> int:
     return {"float": 4, "__half": 2, "__nv_bfloat16": 2}.get(dtype, 4)
 
 
-def launch_of(name: str, targs: list[str]) -> Launch | None:
+def launch_of(name: str, targs: list[str], arch: int = 90) -> Launch | None:
     """The launch of kernel `name` with template arguments `targs` at the paper shape (stats.cu, ring.cu and
     fusion.cu launchers), or None for a kernel this table does not know."""
     esize = _esize(targs[0]) if targs else 4
@@ -74,8 +74,10 @@ def launch_of(name: str, targs: list[str]) -> Launch | None:
     if name in ("maps_forward_streamed", "maps_backward_streamed"):
         return Launch(1024, 0, 0)
     if name == "maps_forward_ring":
-        # stages of one map each (kernels/ring.cu ring_stages): 3 in float32, 6 in 16-bit types at 128 x 128
-        stages = 3 if esize == 4 else 6
+        # stages of one map each (kernels/ring.cu ring_stages): as many as the shared memory per block holds
+        # (227 KiB on sm_90, 163 KiB on sm_80, 1 KiB kept for the static part), at most 4
+        optin = 227 * 1024 if arch >= 90 else 163 * 1024
+        stages = min(4, (optin - 1024) // (HW * esize))
         return Launch(1024, stages * HW * esize, HW // 1024)
     if name in ("pixels_forward", "pixels_backward"):
         return Launch(64 * 4, 0, 0)
@@ -184,9 +186,10 @@ def _opcode(insn: str) -> str:
 
 
 def per_map_loop(insns: list[tuple[int, str]]) -> tuple[int, int] | None:
-    """(first address, last address) of the outermost loop of the main code: the back edge (a branch to an
-    earlier address) that spans the most code, its source before the out-of-line divergence paths (the
-    targets of BRA.DIV and whatever follows). None when the function has no loop."""
+    """(first address, last address) of the per-map loop: the innermost loop of the main code that computes
+    exponentials (MUFU.EX2), else the outermost loop. A loop is a back edge (a branch to an earlier address)
+    whose source lies before the out-of-line divergence paths (the targets of BRA.DIV and whatever follows).
+    None when the function has no loop."""
     cut = None
     edges = []
     for addr, insn in insns:
@@ -201,6 +204,10 @@ def per_map_loop(insns: list[tuple[int, str]]) -> tuple[int, int] | None:
     edges = [(t, s) for t, s in edges if cut is None or s < cut]
     if not edges:
         return None
+    exps = [a for a, i in insns if _opcode(i) == "MUFU.EX2"]
+    with_exp = [e for e in edges if any(e[0] <= a <= e[1] for a in exps)]
+    if with_exp:
+        return min(with_exp, key=lambda e: e[1] - e[0])
     return max(edges, key=lambda e: e[1] - e[0])
 
 
@@ -285,7 +292,7 @@ def build(archs: list[int], sources: list[Path], tmp: Path, nvcc: str, cuobjdump
     names = demangle([k.mangled for k in kernels])
     for k in kernels:
         k.name, k.targs = split_name(names[k.mangled])
-        launch = launch_of(k.name, k.targs)
+        launch = launch_of(k.name, k.targs, k.arch)
         if launch is not None:
             k.threads, k.dynamic_smem = launch.threads, launch.dynamic_smem
             k.ctas_per_sm, k.limited_by = occupancy(k.arch, k.registers, k.static_smem + k.dynamic_smem, k.threads)

@@ -13,18 +13,20 @@ namespace decafa_kernels {
 namespace detail {
 
 #ifndef DECAFA_EMULATION
-__device__ __forceinline__ unsigned smem_address(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+// A shared-memory address as cp.async takes it (32 bits); found once, then advanced by byte offsets.
+using SmemAddr = unsigned;
+__device__ __forceinline__ SmemAddr smem_address(const void* p) {
+  return static_cast<SmemAddr>(__cvta_generic_to_shared(p));
 }
 
 // 16 bytes, both addresses 16-byte aligned; .cg: cached in L2 only (the logits are touched once).
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_address(smem)), "l"(gmem) : "memory");
+__device__ __forceinline__ void cp_async16(SmemAddr smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
 }
 
 // 4 bytes, both addresses 4-byte aligned (a per-map constant).
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_address(smem)), "l"(gmem) : "memory");
+__device__ __forceinline__ void cp_async4(SmemAddr smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem), "l"(gmem) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

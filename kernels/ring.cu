@@ -113,22 +113,21 @@ __device__ __forceinline__ float ring_block_max(float v, float* scratch) {
   return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
 }
 
-// Issues the copies of map (b, l) into `stage` (this thread's 16-byte chunks; with beta_map, thread 0 also
-// copies the map's beta into its slot) and commits them as one group.
+// Issues the copies of map (b, l) into the stage at `dst`: this thread's 16-byte chunks, at byte offsets
+// 16 * (thread + k * blockDim.x) in the map and in the stage (32-bit offsets: a map is at most 256 KiB); with
+// beta_map, thread 0 also copies the map's beta to `beta_dst`. The caller commits.
 template <typename T, int K>
-__device__ __forceinline__ void issue_map(const RingArgs<T>& a, int64_t b, int l, unsigned char* stage, float* beta_slot,
+__device__ __forceinline__ void issue_map(const RingArgs<T>& a, int64_t b, int l, SmemAddr dst, SmemAddr beta_dst,
                                           int nvec) {
-  constexpr int V = static_cast<int>(16 / sizeof(T));
-  const T* src = a.logits + b * a.ts.batch + static_cast<int64_t>(l) * a.ts.channel;
+  const unsigned mine = 16u * threadIdx.x, step = 16u * blockDim.x;
+  const char* src = reinterpret_cast<const char*>(a.logits + b * a.ts.batch + static_cast<int64_t>(l) * a.ts.channel);
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-    if (i < nvec) cp_async16(stage + 16 * i, src + static_cast<int64_t>(i) * V);
-  }
-  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_slot, a.beta_map + b * a.maps + l);
+  for (int k = 0; k < K; ++k)
+    if (static_cast<int>(threadIdx.x + k * blockDim.x) < nvec) cp_async16(dst + (mine + k * step), src + (mine + k * step));
+  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + b * a.maps + l);
 }
 
-template <typename T, bool RawMax>
+template <typename T, bool RawMax, bool Phi>
 __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   constexpr int K = kRingValues / V;
@@ -140,6 +139,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
   const int nvec = a.hw / V;
   const int stages = a.stages;
+  const SmemAddr ring_base = smem_address(smem_raw), beta_base = smem_address(beta_slots);
 
   // This thread's vectors i = thread + k * blockDim.x: their first column and row, once for every map.
   float col0[K], row0[K];
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   int istage = 0;
   for (int j = 0; j < stages - 1; ++j) {
     if (j < count) {
-      issue_map<T, K>(a, ib, il, smem_raw + istage * a.stage_bytes, &beta_slots[istage], nvec);
+      issue_map<T, K>(a, ib, il, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, nvec);
       if (++il == a.maps) il = 0, ++ib;
     }
     cp_async_commit();
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   for (int j = 0; j < count; ++j) {
     // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
     if (j + stages - 1 < count) {
-      issue_map<T, K>(a, ib, il, smem_raw + istage * a.stage_bytes, &beta_slots[istage], nvec);
+      issue_map<T, K>(a, ib, il, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, nvec);
       if (++il == a.maps) il = 0, ++ib;
     }
     cp_async_commit();
@@ -212,13 +212,17 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
     for (int k = 0; k < K; ++k) {
       const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
       if (i < nvec) {
-        float vs = 0.f, wx = 0.f;  // sum of the vector's e, sum of j * e_j
+        float vs, wx;  // sum of the vector's e, sum of q * e_q
 #pragma unroll
         for (int q = 0; q < V; ++q) {
           const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
           v[k][q] = e;
-          vs += e;
-          if (q > 0) wx = fmaf(static_cast<float>(q), e, wx);
+          if (q == 0) {
+            vs = e;
+          } else {
+            vs += e;
+            wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
+          }
         }
         acc[0] += vs;
         acc[1] += fmaf(col0[k], vs, wx);
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
       }
     }
     const float inv = 1.f / sum;
-    if (a.phi != nullptr) {
+    if constexpr (Phi) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
@@ -275,6 +279,11 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
     }
   }
   cp_async_wait(0);  // no copy may outlive the CTA's shared memory
+}
+
+template <typename Kernel>
+cudaError_t allow_ring_smem(Kernel kernel, size_t smem) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
 // The ring's grid: the SMs (one CTA each: the stages take the shared memory), times enough to give every CTA at
@@ -316,17 +325,22 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
   const int threads = threads_for(ceil_div(hw / V, kRingValues / V), kRingThreads);
   const size_t smem = static_cast<size_t>(stages) * map_bytes;
   const bool raw = lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta);
-  if (raw) {
-    if ((err = cudaFuncSetAttribute(maps_forward_ring<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem))) != cudaSuccess)
-      return err;
-    maps_forward_ring<T, true><<<static_cast<unsigned>(ctas), threads, smem, stream>>>(a);
+  const unsigned grid = static_cast<unsigned>(ctas);
+  if (raw && phi != nullptr) {
+    if ((err = allow_ring_smem(maps_forward_ring<T, true, true>, smem)) != cudaSuccess) return err;
+    maps_forward_ring<T, true, true><<<grid, threads, smem, stream>>>(a);
+  } else if (raw) {
+    if ((err = allow_ring_smem(maps_forward_ring<T, true, false>, smem)) != cudaSuccess) return err;
+    maps_forward_ring<T, true, false><<<grid, threads, smem, stream>>>(a);
+  } else if (phi != nullptr) {
+    if ((err = allow_ring_smem(maps_forward_ring<T, false, true>, smem)) != cudaSuccess) return err;
+    maps_forward_ring<T, false, true><<<grid, threads, smem, stream>>>(a);
   } else {
-    if ((err = cudaFuncSetAttribute(maps_forward_ring<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem))) != cudaSuccess)
-      return err;
-    maps_forward_ring<T, false><<<static_cast<unsigned>(ctas), threads, smem, stream>>>(a);
+    if ((err = allow_ring_smem(maps_forward_ring<T, false, false>, smem)) != cudaSuccess) return err;
+    maps_forward_ring<T, false, false><<<grid, threads, smem, stream>>>(a);
   }
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   *ctas_out = static_cast<int>(ctas);
   return cudaSuccess;

@@ -371,8 +371,10 @@ cudaError_t cudaFuncSetAttribute(F* entry, cudaFuncAttribute attr, int value) {
 // The kernels' cp.async helpers (async_copy.cuh), on the model above.
 namespace decafa_kernels {
 namespace detail {
-inline void cp_async16(void* smem, const void* gmem) { ::emu::cp_async(smem, gmem, 16); }
-inline void cp_async4(void* smem, const void* gmem) { ::emu::cp_async(smem, gmem, 4); }
+using SmemAddr = unsigned char*;
+inline SmemAddr smem_address(const void* p) { return static_cast<SmemAddr>(const_cast<void*>(p)); }
+inline void cp_async16(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 16); }
+inline void cp_async4(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 4); }
 inline void cp_async_commit() { ::emu::cp_async_commit(); }
 inline void cp_async_wait(int pending) { ::emu::cp_async_wait(pending); }
 }  // namespace detail

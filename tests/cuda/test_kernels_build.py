@@ -194,18 +194,38 @@ def test_cuda_glue_compiles(builds):
         assert obj.is_file() and obj.stat().st_size > 0, obj
 
 
+def _forward_launches(stdout: str) -> dict[str, int]:
+    """'forward launches maps_forward_ring N maps_forward_onchip M' -> {kernel: launches}."""
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["forward", "launches"]:
+            return {parts[i]: int(parts[i + 1]) for i in range(2, len(parts), 2)}
+    raise AssertionError("no 'forward launches' line:\n" + stdout[-2000:])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sm_count", ["1", "132"])
-def test_kernels_on_cpu_emulation(builds, sm_count):
+@pytest.mark.parametrize(("maps", "sm_count", "async_mode"), [
+    ("onchip", "1", ""), ("onchip", "132", ""),
+    # the ring: one batch element per CTA (1 SM), ranges across batch elements (5), one map per CTA (132);
+    # cp.async copies landing at the wait (default) or at issue (eager)
+    ("ring", "1", ""), ("ring", "5", ""), ("ring", "132", ""), ("ring", "5", "eager")])
+def test_kernels_on_cpu_emulation(builds, maps, sm_count, async_mode):
     """Every launcher against the CPU reference, run through the CUDA emulation (vector width of the pixel
-    kernels: the widest with EMU_SM_COUNT=1, scalar for small grids with 132)."""
+    kernels: the widest with EMU_SM_COUNT=1, scalar for small grids with 132), with the on-chip run kernels
+    and with the ring forward (DECAFA_CUDA_MAPS=ring), which must then run for the NCHW cases it covers."""
     code, output, binary = _result(builds, "emulation")
     assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
-    env = dict(os.environ, EMU_SM_COUNT=sm_count)
+    env = dict(os.environ, EMU_SM_COUNT=sm_count, DECAFA_CUDA_MAPS=maps, EMU_ASYNC=async_mode)
     env.pop("DECAFA_CUDA_BATCH_CHUNK", None)
     run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all cases passed" in run.stdout
+    launches = _forward_launches(run.stdout)
+    if maps == "ring":
+        assert launches["maps_forward_ring"] >= 10, launches  # NCHW cases, all dtypes
+        assert launches["maps_forward_onchip"] > 0, launches  # channels_last T and shapes the ring leaves
+    else:
+        assert launches["maps_forward_ring"] == 0, launches
 
 
 # The runs of maps per batch element an H100 (132 multiprocessors) picks at B = 64: the traffic test counts
@@ -239,6 +259,38 @@ def _traffic(binary, batch: int, runs: str, layout: str = "nchw") -> dict:
             out["kernels"].append(parts[1:6])
             out["load_widths"][(dtype, parts[2])] = _widths(parts[7])
     return out
+
+
+@pytest.mark.slow
+def test_ring_traffic_at_the_paper_shape(builds):
+    """The ring forward's counted bytes at the paper shape (NCHW), B = 2 over 5 SMs: ranges of 39-40 maps, three
+    partial planes per batch element, as an H100 gets at B = 64 (132 ranges of 47-48 maps: 3.06 planes per
+    element); T read once in 16-byte cp.async copies, within 1.10x / 1.15x of the floor."""
+    code, output, binary = _result(builds, "emulation")
+    assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
+    env = dict(os.environ, EMU_SM_COUNT="5", DECAFA_CUDA_MAPS="ring")
+    run = subprocess.run([str(binary), "--traffic", "2", "nchw"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    out = {"summary": {}, "kernels": {}}
+    dtype = None
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["traffic", "dtype"]:
+            dtype = parts[2]
+        elif parts[:2] == ["traffic", "summary"]:
+            out["summary"][parts[2]] = {"forward": float(parts[8]), "fwd+bwd": float(parts[14])}
+        elif parts[:2] == ["traffic", "forward"]:
+            out["kernels"][(dtype, parts[2])] = (int(parts[4]), int(parts[5]), _widths(parts[7]))
+    t_values = 2 * 98 * 128 * 128
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        for pass_, limit in TRAFFIC_LIMITS.items():
+            assert out["summary"][dtype][pass_] <= limit, (dtype, pass_, out["summary"])
+        loaded, stored, widths = out["kernels"][(dtype, "maps_forward_ring")]
+        assert widths == {16: t_values * size // 16}, widths  # T once, 16 bytes a copy, nothing else
+        # stats and z, and the partial masks: 3 planes per batch element
+        assert stored == 2 * 98 * (8 + 2 * size) + 2 * 3 * 128 * 128 * 4, stored
+        assert ("float32", "maps_forward_onchip") not in out["kernels"]
 
 
 @pytest.mark.slow
