@@ -99,8 +99,8 @@ DECAFA_HD inline PlaneRange plane_range(const PartialPlanes& p, int64_t b) {
 // the on-chip run kernels).
 bool ring_selected();
 
-// The ring forward (ring.cu) where it covers the case (NCHW maps of at most 16384 pixels, W and H*W
-// multiples of a 16-byte vector, 16-byte aligned T, batch and map strides, shared memory for two stages);
+// The ring forward (ring.cu) where it covers the case (NCHW maps of at most 16384 pixels, H*W a multiple of 512,
+// W of a 16-byte vector, H of 16 / the vector, 16-byte aligned T, batch and map strides, shared memory for two stages);
 // `*ctas` gets its grid (0: not covered, nothing launched, the caller runs maps_forward instead).
 // ring_forward_workspace_floats: the partial masks' floats, 0 where the ring does not cover the shape.
 size_t ring_forward_workspace_floats(MapShape shape, const DeviceInfo& dev);

@@ -8,12 +8,14 @@
 //   e * row in one reduction (a reduce-scatter of four values per warp butterfly); stats and z from thread 0;
 //   Phi = e / sum stored when asked; the partial mask kept in registers across the range's maps and written
 //   once per batch element the range touches (at most two planes per CTA).
-// Pixel coordinates come from the loop structure: a thread's pixels are the same in every map, so their
-// columns and rows are found once per CTA (no division per vector); a 16-byte vector never crosses a row (the
-// launcher requires W to be a multiple of the vector), so its column moment is col0 * sum + sum_j j e_j.
-// Covered: NCHW maps (pixel stride 1) of at most 16384 pixels whose W and H * W are multiples of a 16-byte vector,
-// 16-byte aligned T with batch and map strides multiples of the vector, and two stages of shared memory; other
-// cases run the on-chip run kernels (stats.cu): channels_last T, odd shapes, larger maps.
+// Pixel coordinates come from the loop structure: a thread's pixels are the same in every map (its vector k lies
+// H / K rows below its vector 0, same column), so its column and first row are found once per CTA (no division
+// per vector), and a vector never crosses a row (W is a multiple of the vector): per map, sum e col =
+// col0 sum e + sum q e_q and sum e row = row0 sum e + (H / K) sum k e_k (q: element of a vector, k: vector).
+// Covered: NCHW maps (pixel stride 1) of at most 16384 pixels in whole tiles (H * W a multiple of 512: 16 values a
+// thread, whole warps, no bounds test), W a multiple of the 16-byte vector V and H of 16 / V, 16-byte aligned T with
+// batch and map strides multiples of V, and two stages of shared memory; other cases run the on-chip run kernels
+// (stats.cu): channels_last T, other shapes, larger maps.
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -113,20 +115,34 @@ __device__ __forceinline__ float ring_block_max(float v, float* scratch) {
   return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
 }
 
-// Issues the copies of map (b, l) into the stage at `dst`: this thread's 16-byte chunks, at byte offsets
-// 16 * (thread + k * blockDim.x) in the map and in the stage (32-bit offsets: a map is at most 256 KiB); with
-// beta_map, thread 0 also copies the map's beta to `beta_dst`. The caller commits.
+// The next map to copy into the ring: its (b, l) and this thread's first 16-byte chunk of it in global memory.
+struct IssueCursor {
+  const char* src;
+  int64_t b;
+  int l;
+};
+
+// Issues this thread's copies of the cursor's map into the stage whose chunk for this thread is at `dst` (the
+// thread's chunks are 16 * (thread + k * blockDim.x) bytes into the map and into the stage, `step` =
+// 16 * blockDim.x apart); with beta_map, thread 0 also copies the map's beta to `beta_dst`. Advances the cursor
+// to the next map in (b, l) order. The caller commits.
 template <typename T, int K>
-__device__ __forceinline__ void issue_map(const RingArgs<T>& a, int64_t b, int l, SmemAddr dst, SmemAddr beta_dst,
-                                          int nvec) {
-  const unsigned mine = 16u * threadIdx.x, step = 16u * blockDim.x;
-  const char* src = reinterpret_cast<const char*>(a.logits + b * a.ts.batch + static_cast<int64_t>(l) * a.ts.channel);
+__device__ __forceinline__ void issue_map(const RingArgs<T>& a, IssueCursor& c, SmemAddr dst, SmemAddr beta_dst,
+                                          unsigned step) {
 #pragma unroll
-  for (int k = 0; k < K; ++k)
-    if (static_cast<int>(threadIdx.x + k * blockDim.x) < nvec) cp_async16(dst + (mine + k * step), src + (mine + k * step));
-  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + b * a.maps + l);
+  for (int k = 0; k < K; ++k) cp_async16(dst + k * step, c.src + k * step);
+  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + c.b * a.maps + c.l);
+  if (++c.l == a.maps) {
+    c.l = 0;
+    ++c.b;
+    c.src += static_cast<int64_t>(sizeof(T)) * (a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel);
+  } else {
+    c.src += static_cast<int64_t>(sizeof(T)) * a.ts.channel;
+  }
 }
 
+// Every thread holds K whole 16-byte vectors of each map (the launcher makes H * W = 16 * blockDim.x), so no
+// bounds test anywhere in the loop.
 template <typename T, bool RawMax, bool Phi>
 __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
@@ -137,30 +153,28 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   __shared__ float beta_slots[kRingMaxStages];
   const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
   const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
-  const int nvec = a.hw / V;
   const int stages = a.stages;
-  const SmemAddr ring_base = smem_address(smem_raw), beta_base = smem_address(beta_slots);
+  const unsigned mine = 16u * threadIdx.x, step = 16u * blockDim.x;
+  const SmemAddr ring_base = smem_address(smem_raw) + mine, beta_base = smem_address(beta_slots);
 
-  // This thread's vectors i = thread + k * blockDim.x: their first column and row, once for every map.
-  float col0[K], row0[K];
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int p = (static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x)) * V;
-    const int row = p / a.width;
-    col0[k] = static_cast<float>(p - row * a.width);
-    row0[k] = static_cast<float>(row);
-  }
+  // This thread's vectors i = thread + k * blockDim.x: vector k is H / K rows below vector 0 in the same column
+  // (blockDim.x * V = H * W / K pixels, whole rows: the launcher requires K to divide H), so the thread's column
+  // and first row are found once for every map, and a map's moments need only sums over k.
+  const int p0 = static_cast<int>(threadIdx.x) * V;
+  const float row0 = static_cast<float>(p0 / a.width);
+  const float col0 = static_cast<float>(p0 - (p0 / a.width) * a.width);
+  const float row_step = static_cast<float>(a.hw / a.width / K);
 
   // Prologue: maps 0 .. stages - 2 of the range in flight. One group per map (empty past the range), so that
   // waiting for all but the newest stages - 1 groups always means: the current map has landed.
-  int64_t ib = start / a.maps;  // the next map to issue, (b, l)
-  int il = static_cast<int>(start - ib * a.maps);
+  IssueCursor next;
+  next.b = start / a.maps;
+  next.l = static_cast<int>(start - next.b * a.maps);
+  next.src = reinterpret_cast<const char*>(a.logits + next.b * a.ts.batch + static_cast<int64_t>(next.l) * a.ts.channel) +
+             mine;
   int istage = 0;
   for (int j = 0; j < stages - 1; ++j) {
-    if (j < count) {
-      issue_map<T, K>(a, ib, il, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, nvec);
-      if (++il == a.maps) il = 0, ++ib;
-    }
+    if (j < count) issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
     cp_async_commit();
     istage = istage + 1 == stages ? 0 : istage + 1;
   }
@@ -169,17 +183,15 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
 #pragma unroll
   for (int k = 0; k < K; ++k)
 #pragma unroll
-    for (int j = 0; j < V; ++j) mask[k][j] = 0.f;
+    for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
   int64_t b = start / a.maps;  // the current map, (b, l)
   int l = static_cast<int>(start - b * a.maps);
   int plane = 0;  // 0: the range's first batch element, 1: its second
   int stage = 0;
   for (int j = 0; j < count; ++j) {
     // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
-    if (j + stages - 1 < count) {
-      issue_map<T, K>(a, ib, il, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, nvec);
-      if (++il == a.maps) il = 0, ++ib;
-    }
+    if (j + stages - 1 < count)
+      issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
     cp_async_commit();
     istage = istage + 1 == stages ? 0 : istage + 1;
     cp_async_wait(stages - 1);
@@ -187,19 +199,16 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
 
     const int64_t map = b * a.maps + l;
     const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
-    const T* src = reinterpret_cast<const T*>(smem_raw + stage * a.stage_bytes);
+    const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
     float v[K][V];
     float mx = -INFINITY;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-      if (i < nvec) {
-        const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(src + i * V);
+      const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
 #pragma unroll
-        for (int q = 0; q < V; ++q) {
-          v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
-          mx = fmaxf(mx, v[k][q]);
-        }
+      for (int q = 0; q < V; ++q) {
+        v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
+        mx = fmaxf(mx, v[k][q]);
       }
     }
     mx = ring_block_max(mx, max_scratch);
@@ -207,28 +216,28 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
     const float smax = RawMax ? scaled_logit(beta, mx) : mx;
     const float k2 = RawMax ? beta * kLog2e : kLog2e;
     const float shift = mx * k2;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // sum, sum * col, sum * row, (unused)
+    // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
+    // sum e col = col0 S + X and sum e row = row0 S + row_step R
+    float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-      if (i < nvec) {
-        float vs, wx;  // sum of the vector's e, sum of q * e_q
+      float vs, wx;  // sum of the vector's e, sum of q * e_q
 #pragma unroll
-        for (int q = 0; q < V; ++q) {
-          const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
-          v[k][q] = e;
-          if (q == 0) {
-            vs = e;
-          } else {
-            vs += e;
-            wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
-          }
+      for (int q = 0; q < V; ++q) {
+        const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
+        v[k][q] = e;
+        if (q == 0) {
+          vs = e;
+        } else {
+          vs += e;
+          wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
         }
-        acc[0] += vs;
-        acc[1] += fmaf(col0[k], vs, wx);
-        acc[2] = fmaf(row0[k], vs, acc[2]);
       }
+      sum_e = k == 0 ? vs : sum_e + vs;
+      sum_qe = k == 0 ? wx : sum_qe + wx;
+      if (k > 0) sum_ke = k == 1 ? vs : fmaf(static_cast<float>(k), vs, sum_ke);
     }
+    float acc[4] = {sum_e, fmaf(col0, sum_e, sum_qe), fmaf(row0, sum_e, row_step * sum_ke), 0.f};
     ring_block_sum4(acc, sum_scratch);
     const float sum = acc[0];
     if (threadIdx.x == 0) {
@@ -240,27 +249,21 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
       }
     }
     const float inv = 1.f / sum;
-    if constexpr (Phi) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < K; ++k) {
+      if constexpr (Phi) {
+        float p[V];
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          p[q] = v[k][q] * inv;
+          mask[k][q] += p[q];
+        }
         const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-        if (i < nvec) {
-          float p[V];
+        store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+      } else {
 #pragma unroll
-          for (int q = 0; q < V; ++q) {
-            p[q] = v[k][q] * inv;
-            mask[k][q] += p[q];
-          }
-          store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
-        }
+        for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
       }
-    } else {
-#pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x) < nvec) {
-#pragma unroll
-          for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
-        }
     }
     stage = stage + 1 == stages ? 0 : stage + 1;
     const bool last_of_batch = ++l == a.maps;
@@ -271,7 +274,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-        if (i < nvec) store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, mask[k]);
+        store_n<false, V>(out + static_cast<int64_t>(i) * V, 1, mask[k]);
 #pragma unroll
         for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
       }
@@ -307,7 +310,9 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
   *ctas_out = 0;
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
-  if (hw > kRingPixels || hw % V != 0 || shape.width % V != 0 || lg.strides.pixel != 1 ||
+  // whole tiles: 16 values a thread, threads a multiple of 32 (H * W a multiple of 512)
+  if (hw > kRingPixels || hw % (kRingValues * 32) != 0 || shape.width % V != 0 || shape.height % (kRingValues / V) ||
+      lg.strides.pixel != 1 ||
       lg.strides.channel % V != 0 || lg.strides.batch % V != 0 || !aligned(lg.data, 16) || !aligned(phi, 16) ||
       !aligned(partial, 16))
     return cudaSuccess;  // not covered
@@ -322,7 +327,7 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
   RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps, static_cast<int>(hw),
                 shape.width, total, static_cast<int>(ctas), stages, static_cast<int>(map_bytes),
                 coords_for(shape.height, shape.width, normalized), stats, z, phi, partial};
-  const int threads = threads_for(ceil_div(hw / V, kRingValues / V), kRingThreads);
+  const int threads = static_cast<int>(hw / kRingValues);
   const size_t smem = static_cast<size_t>(stages) * map_bytes;
   const bool raw = lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta);
   const unsigned grid = static_cast<unsigned>(ctas);
