@@ -120,6 +120,7 @@ struct IssueCursor {
   const char* src;
   int64_t b;
   int l;
+  int64_t next_map, next_batch;  // bytes from a map to the next: within a batch element, and across its end
 };
 
 // Issues this thread's copies of the cursor's map into the stage whose chunk for this thread is at `dst` (the
@@ -132,13 +133,9 @@ __device__ __forceinline__ void issue_map(const RingArgs<T>& a, IssueCursor& c, 
 #pragma unroll
   for (int k = 0; k < K; ++k) cp_async16(dst + k * step, c.src + k * step);
   if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + c.b * a.maps + c.l);
-  if (++c.l == a.maps) {
-    c.l = 0;
-    ++c.b;
-    c.src += static_cast<int64_t>(sizeof(T)) * (a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel);
-  } else {
-    c.src += static_cast<int64_t>(sizeof(T)) * a.ts.channel;
-  }
+  const bool wrap = ++c.l == a.maps;
+  c.src += wrap ? c.next_batch : c.next_map;
+  if (wrap) c.l = 0, ++c.b;
 }
 
 // Every thread holds K whole 16-byte vectors of each map (the launcher makes H * W = 16 * blockDim.x), so no
@@ -172,6 +169,8 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   next.l = static_cast<int>(start - next.b * a.maps);
   next.src = reinterpret_cast<const char*>(a.logits + next.b * a.ts.batch + static_cast<int64_t>(next.l) * a.ts.channel) +
              mine;
+  next.next_map = static_cast<int64_t>(sizeof(T)) * a.ts.channel;
+  next.next_batch = static_cast<int64_t>(sizeof(T)) * (a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel);
   int istage = 0;
   for (int j = 0; j < stages - 1; ++j) {
     if (j < count) issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
@@ -212,10 +211,11 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
       }
     }
     mx = ring_block_max(mx, max_scratch);
-    // exp(s - max) = exp2(t * k2 - shift): k2 = beta log2 e on raw logits, log2 e on s.
+    // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
+    // saved max alone, so that a backward recomputes the same bits from the stats.
     const float smax = RawMax ? scaled_logit(beta, mx) : mx;
     const float k2 = RawMax ? beta * kLog2e : kLog2e;
-    const float shift = mx * k2;
+    const float shift = smax * kLog2e;
     // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
     // sum e col = col0 S + X and sum e row = row0 S + row_step R
     float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
