@@ -73,7 +73,7 @@ def launch_of(name: str, targs: list[str], arch: int = 90) -> Launch | None:
         return Launch(1024, 2 * 16 * 1024 * esize if pairs else 0, 16)
     if name in ("maps_forward_streamed", "maps_backward_streamed"):
         return Launch(1024, 0, 0)
-    if name == "maps_forward_ring":
+    if name in ("maps_forward_ring", "maps_backward_ring"):
         # stages of one map each (kernels/ring.cu ring_stages): as many as the shared memory per block holds
         # (227 KiB on sm_90, 163 KiB on sm_80, 1 KiB kept for the static part), at most 4
         optin = 227 * 1024 if arch >= 90 else 163 * 1024

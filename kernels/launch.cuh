@@ -106,6 +106,11 @@ bool ring_selected();
 size_t ring_forward_workspace_floats(MapShape shape, const DeviceInfo& dev);
 cudaError_t maps_forward_ring(DType dtype, MapShape shape, const Logits& logits, bool normalized, float* stats,
                               void* z, void* phi, float* partial, int* ctas, cudaStream_t stream);
+// The ring backward (ring.cu) for a per-batch float32 mask gradient (or none) and grad z, where the ring covers
+// the shape (as above, and grad_mask, grad_logits 16-byte aligned): `*done` says whether it ran.
+cudaError_t maps_backward_ring(DType dtype, MapShape shape, const Logits& logits, const float* stats, bool normalized,
+                               const float* grad_mask, const void* grad_z, void* grad_logits, float* grad_beta,
+                               bool* done, cudaStream_t stream);
 
 // The two halves of every op (stats.cu, fusion.cu); the public launchers (head.cu) chain them.
 // maps_forward: stats, z, phi and the `runs` partial masks per batch element (partial may be null).

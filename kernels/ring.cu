@@ -115,27 +115,42 @@ __device__ __forceinline__ float ring_block_max(float v, float* scratch) {
   return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
 }
 
-// The next map to copy into the ring: its (b, l) and this thread's first 16-byte chunk of it in global memory.
+// The next map to copy into the ring: its index in (b, l) order, its l, and this thread's first 16-byte chunk of
+// it in global memory.
 struct IssueCursor {
   const char* src;
-  int64_t b;
+  int64_t map;
   int l;
-  int64_t next_map, next_batch;  // bytes from a map to the next: within a batch element, and across its end
 };
+
+// The cursor at map `start`.
+template <typename Args>
+__device__ __forceinline__ IssueCursor first_map(const Args& a, int64_t start, unsigned mine) {
+  const int64_t b = start / a.maps;
+  IssueCursor c;
+  c.map = start;
+  c.l = static_cast<int>(start - b * a.maps);
+  c.src = reinterpret_cast<const char*>(a.logits + b * a.ts.batch + static_cast<int64_t>(c.l) * a.ts.channel) + mine;
+  return c;
+}
 
 // Issues this thread's copies of the cursor's map into the stage whose chunk for this thread is at `dst` (the
 // thread's chunks are 16 * (thread + k * blockDim.x) bytes into the map and into the stage, `step` =
 // 16 * blockDim.x apart); with beta_map, thread 0 also copies the map's beta to `beta_dst`. Advances the cursor
 // to the next map in (b, l) order. The caller commits.
-template <typename T, int K>
-__device__ __forceinline__ void issue_map(const RingArgs<T>& a, IssueCursor& c, SmemAddr dst, SmemAddr beta_dst,
+template <typename T, int K, typename Args>
+__device__ __forceinline__ void issue_map(const Args& a, IssueCursor& c, SmemAddr dst, SmemAddr beta_dst,
                                           unsigned step) {
 #pragma unroll
   for (int k = 0; k < K; ++k) cp_async16(dst + k * step, c.src + k * step);
-  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + c.b * a.maps + c.l);
+  if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + c.map);
+  // bytes to the next map: within a batch element, or across its end (recomputed from the kernel's parameters
+  // rather than held in registers)
   const bool wrap = ++c.l == a.maps;
-  c.src += wrap ? c.next_batch : c.next_map;
-  if (wrap) c.l = 0, ++c.b;
+  c.src += static_cast<int64_t>(sizeof(T)) *
+           (wrap ? a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel : a.ts.channel);
+  if (wrap) c.l = 0;
+  ++c.map;
 }
 
 // Every thread holds K whole 16-byte vectors of each map (the launcher makes H * W = 16 * blockDim.x), so no
@@ -164,13 +179,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
 
   // Prologue: maps 0 .. stages - 2 of the range in flight. One group per map (empty past the range), so that
   // waiting for all but the newest stages - 1 groups always means: the current map has landed.
-  IssueCursor next;
-  next.b = start / a.maps;
-  next.l = static_cast<int>(start - next.b * a.maps);
-  next.src = reinterpret_cast<const char*>(a.logits + next.b * a.ts.batch + static_cast<int64_t>(next.l) * a.ts.channel) +
-             mine;
-  next.next_map = static_cast<int64_t>(sizeof(T)) * a.ts.channel;
-  next.next_batch = static_cast<int64_t>(sizeof(T)) * (a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel);
+  IssueCursor next = first_map(a, start, mine);
   int istage = 0;
   for (int j = 0; j < stages - 1; ++j) {
     if (j < count) issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
@@ -304,33 +313,56 @@ int ring_stages(int64_t map_bytes, const DeviceInfo& dev) {
   return static_cast<int>(fit < kRingMaxStages ? fit : kRingMaxStages);
 }
 
+// The ring's launch for T at this shape, or plan.ok = false where the ring does not cover the case (whole
+// tiles: 16 values a thread, threads a multiple of 32, so H * W a multiple of 512; W a multiple of the vector V
+// and H of 16 / V; NCHW maps with vector-aligned strides and base; two stages of shared memory).
+struct RingPlan {
+  bool ok = false;
+  int stages = 0, ctas = 0, threads = 0;
+  int64_t map_bytes = 0, total = 0;
+};
+
+template <typename T>
+cudaError_t ring_plan(MapShape shape, const Logits& lg, RingPlan* plan) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
+  *plan = RingPlan{};
+  if (hw > kRingPixels || hw % (kRingValues * 32) != 0 || shape.width % V != 0 ||
+      shape.height % (kRingValues / V) != 0 || lg.strides.pixel != 1 || lg.strides.channel % V != 0 ||
+      lg.strides.batch % V != 0 || !aligned(lg.data, 16))
+    return cudaSuccess;
+  DeviceInfo dev;
+  const cudaError_t err = device_info(&dev);
+  if (err != cudaSuccess) return err;
+  plan->map_bytes = hw * static_cast<int64_t>(sizeof(T));
+  plan->stages = ring_stages(plan->map_bytes, dev);
+  const int64_t ctas = ring_ctas(shape, dev);
+  plan->total = shape.batch * shape.maps;
+  if (plan->stages < 2 || ctas > INT_MAX || ctas > (INT64_MAX / 2) / (plan->total + 1)) return cudaSuccess;
+  plan->ctas = static_cast<int>(ctas);
+  plan->threads = static_cast<int>(hw / kRingValues);
+  plan->ok = true;
+  return cudaSuccess;
+}
+
+// Raw logits in the exponent (max(beta t) = beta max t): a positive finite scalar beta.
+inline bool raw_max(const Logits& lg) { return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta); }
+
 template <typename T>
 cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalized, float* stats, T* z, T* phi,
                                 float* partial, int* ctas_out, cudaStream_t stream) {
   *ctas_out = 0;
-  constexpr int V = static_cast<int>(16 / sizeof(T));
-  const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
-  // whole tiles: 16 values a thread, threads a multiple of 32 (H * W a multiple of 512)
-  if (hw > kRingPixels || hw % (kRingValues * 32) != 0 || shape.width % V != 0 || shape.height % (kRingValues / V) ||
-      lg.strides.pixel != 1 ||
-      lg.strides.channel % V != 0 || lg.strides.batch % V != 0 || !aligned(lg.data, 16) || !aligned(phi, 16) ||
-      !aligned(partial, 16))
-    return cudaSuccess;  // not covered
-  DeviceInfo dev;
-  cudaError_t err = device_info(&dev);
-  if (err != cudaSuccess) return err;
-  const int64_t map_bytes = hw * static_cast<int64_t>(sizeof(T));
-  const int stages = ring_stages(map_bytes, dev);
-  const int64_t ctas = ring_ctas(shape, dev);
-  const int64_t total = shape.batch * shape.maps;
-  if (stages < 2 || ctas > INT_MAX || ctas > (INT64_MAX / 2) / (total + 1)) return cudaSuccess;
-  RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps, static_cast<int>(hw),
-                shape.width, total, static_cast<int>(ctas), stages, static_cast<int>(map_bytes),
-                coords_for(shape.height, shape.width, normalized), stats, z, phi, partial};
-  const int threads = static_cast<int>(hw / kRingValues);
-  const size_t smem = static_cast<size_t>(stages) * map_bytes;
-  const bool raw = lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta);
-  const unsigned grid = static_cast<unsigned>(ctas);
+  RingPlan plan;
+  cudaError_t err = ring_plan<T>(shape, lg, &plan);
+  if (err != cudaSuccess || !plan.ok || !aligned(phi, 16) || !aligned(partial, 16)) return err;
+  RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps,
+                shape.height * shape.width, shape.width, plan.total, plan.ctas, plan.stages,
+                static_cast<int>(plan.map_bytes), coords_for(shape.height, shape.width, normalized), stats, z, phi,
+                partial};
+  const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
+  const bool raw = raw_max(lg);
+  const unsigned grid = static_cast<unsigned>(plan.ctas);
+  const int threads = plan.threads;
   if (raw && phi != nullptr) {
     if ((err = allow_ring_smem(maps_forward_ring<T, true, true>, smem)) != cudaSuccess) return err;
     maps_forward_ring<T, true, true><<<grid, threads, smem, stream>>>(a);
@@ -344,10 +376,198 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
     if ((err = allow_ring_smem(maps_forward_ring<T, false, false>, smem)) != cudaSuccess) return err;
     maps_forward_ring<T, false, false><<<grid, threads, smem, stream>>>(a);
   }
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  *ctas_out = static_cast<int>(ctas);
+  *ctas_out = plan.ctas;
+  return cudaSuccess;
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Backward over the ring, for a per-batch float32 gradient of Phi (the head's mask gradient, or none) and grad z:
+//   Phi = exp2(s k2 - max log2 e) / sum from the saved stats: the forward ring's expression, so the same bits;
+//   the exponential once per logit; g_phi = gM + grad_z . coord; S = sum Phi g_phi; g_s = Phi (g_phi - S);
+//   grad T = beta g_s (streamed out); grad beta = sum T g_s, reduced together with the next map's S (one
+//   reduction round per map). gM of the current batch element is held in registers (read once per element of
+//   the range); T is read from the stage twice (the stage is refilled only after the next map's first barrier).
+// ------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct RingBackArgs {
+  const T* logits;
+  Strides ts;
+  float beta;
+  const float* beta_map;
+  const float* stats;
+  const float* grad_mask;  // (B, hw) float32, or null
+  const T* grad_z;         // (B, L, 2), or null
+  T* grad_logits;          // NCHW contiguous
+  float* grad_beta;
+  int maps, hw, width;
+  int64_t total;
+  int ctas, stages, stage_bytes;
+  Coords co;
+};
+
+// Per-map constants of the backward, copied by thread 0 into the map's slot with the map's logits.
+struct alignas(16) RingMapConsts {
+  float mx, sum, beta, pad;
+  float gz[2];  // float32 grad z (T = float), or two 16-bit values in gz[0]
+  float pad2[2];
+};
+
+template <typename T, bool RawMax>
+__global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<T> a) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  constexpr int K = kRingValues / V;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __align__(16) __shared__ float sum_scratch[32][4];
+  __shared__ RingMapConsts consts[kRingMaxStages];
+  const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
+  const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
+  const int stages = a.stages;
+  const unsigned mine = 16u * threadIdx.x, step = 16u * blockDim.x;
+  const SmemAddr ring_base = smem_address(smem_raw) + mine, consts_base = smem_address(consts);
+  const int p0 = static_cast<int>(threadIdx.x) * V;
+  const float row0 = static_cast<float>(p0 / a.width);
+  const float col0 = static_cast<float>(p0 - (p0 / a.width) * a.width);
+  const float row_step = static_cast<float>(a.hw / a.width / K);
+
+  // thread 0 also copies the map's stats, beta and grad z into the stage's constants
+  auto issue = [&](IssueCursor& c, int st) {
+    const int64_t map = c.map;
+    if (threadIdx.x == 0) {
+      const SmemAddr slot = consts_base + st * static_cast<unsigned>(sizeof(RingMapConsts));
+      cp_async4(slot, a.stats + 2 * map);
+      cp_async4(slot + 4, a.stats + 2 * map + 1);
+      if (a.grad_z != nullptr) {
+        cp_async4(slot + 16, a.grad_z + 2 * map);
+        if (sizeof(T) == 4) cp_async4(slot + 20, a.grad_z + 2 * map + 1);
+      }
+    }
+    // the logits, and beta_map into slot + 8
+    issue_map<T, K>(a, c, ring_base + st * a.stage_bytes, consts_base + st * sizeof(RingMapConsts) + 8, step);
+  };
+
+  IssueCursor next = first_map(a, start, mine);
+  int istage = 0;
+  for (int j = 0; j < stages - 1; ++j) {
+    if (j < count) issue(next, istage);
+    cp_async_commit();
+    istage = istage + 1 == stages ? 0 : istage + 1;
+  }
+
+  float gm[K][V];  // the current batch element's mask gradient
+  int64_t b = start / a.maps;
+  int l = static_cast<int>(start - b * a.maps);
+  int stage = 0;
+  float gb_prev = 0.f;  // this thread's part of the previous map's grad beta (map - 1), reduced with this map's S
+  for (int j = 0; j < count; ++j) {
+    cp_async_wait(stages - 2);
+    __syncthreads();  // map j has landed; every thread is done with map j - 1 (its stage may be refilled)
+    if (j + stages - 1 < count) issue(next, istage);
+    cp_async_commit();
+    istage = istage + 1 == stages ? 0 : istage + 1;
+    if (j == 0 || l == 0) {  // a new batch element: its mask gradient
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+        if (a.grad_mask != nullptr) {
+          load_n<false, V>(a.grad_mask + b * a.hw + static_cast<int64_t>(i) * V, 1, gm[k]);
+        } else {
+#pragma unroll
+          for (int q = 0; q < V; ++q) gm[k][q] = 0.f;
+        }
+      }
+    }
+    const int64_t map = b * a.maps + l;
+    const RingMapConsts& c = consts[stage];
+    const float beta = a.beta_map != nullptr ? c.beta : a.beta;
+    const float k2 = RawMax ? beta * kLog2e : kLog2e;
+    const float shift = c.mx * kLog2e;
+    const float inv = 1.f / c.sum;
+    float gzx = 0.f, gzy = 0.f;
+    if (a.grad_z != nullptr) {
+      if constexpr (sizeof(T) == 4) {
+        gzx = c.gz[0];
+        gzy = c.gz[1];
+      } else {
+        const T* g = reinterpret_cast<const T*>(&c.gz[0]);
+        gzx = to_float(g[0]);
+        gzy = to_float(g[1]);
+      }
+    }
+    // g_phi = gM + gx0 + gxq q + gyk k at element q of vector k
+    const float gxq = gzx * a.co.kx;
+    const float gbase = gzx * (a.co.ox + a.co.kx * col0) + gzy * (a.co.oy + a.co.ky * row0);
+    const float gyk = gzy * a.co.ky * row_step;
+    const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
+    float ph[K][V];
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
+      const float gk = fmaf(static_cast<float>(k), gyk, gbase);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const float t = to_float(x.v[q]);
+        const float sv = RawMax ? t : scaled_logit(beta, t);
+        ph[k][q] = fast_exp2(fmaf(sv, k2, -shift)) * inv;
+        acc = fmaf(ph[k][q], gm[k][q] + fmaf(static_cast<float>(q), gxq, gk), acc);
+      }
+    }
+    float red[4] = {acc, gb_prev, 0.f, 0.f};
+    ring_block_sum4(red, sum_scratch);
+    const float S = red[0];
+    if (threadIdx.x == 0 && j > 0) store1(a.grad_beta + map - 1, red[1]);
+    float gb = 0.f;
+    T* dst = a.grad_logits + map * a.hw;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
+      const float gk = fmaf(static_cast<float>(k), gyk, gbase);
+      float out[V];
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const float gs = ph[k][q] * (gm[k][q] + fmaf(static_cast<float>(q), gxq, gk) - S);
+        gb = fmaf(to_float(x.v[q]), gs, gb);
+        out[q] = beta * gs;
+      }
+      const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+      store_n<true, V>(dst + static_cast<int64_t>(i) * V, 1, out);
+    }
+    gb_prev = gb;
+    stage = stage + 1 == stages ? 0 : stage + 1;
+    if (++l == a.maps) l = 0, ++b;
+  }
+  if (count > 0) {  // the last map's grad beta
+    float red[4] = {gb_prev, 0.f, 0.f, 0.f};
+    ring_block_sum4(red, sum_scratch);
+    if (threadIdx.x == 0) store1(a.grad_beta + start + count - 1, red[0]);
+  }
+  cp_async_wait(0);
+}
+
+template <typename T>
+cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* stats, bool normalized,
+                                 const float* grad_mask, const T* grad_z, T* grad_logits, float* grad_beta, bool* done,
+                                 cudaStream_t stream) {
+  *done = false;
+  RingPlan plan;
+  cudaError_t err = ring_plan<T>(shape, lg, &plan);
+  if (err != cudaSuccess || !plan.ok || !aligned(grad_mask, 16) || !aligned(grad_logits, 16)) return err;
+  RingBackArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, stats, grad_mask, grad_z,
+                    grad_logits, grad_beta, shape.maps, shape.height * shape.width, shape.width, plan.total,
+                    plan.ctas, plan.stages, static_cast<int>(plan.map_bytes),
+                    coords_for(shape.height, shape.width, normalized)};
+  const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
+  const unsigned grid = static_cast<unsigned>(plan.ctas);
+  if (raw_max(lg)) {
+    if ((err = allow_ring_smem(maps_backward_ring<T, true>, smem)) != cudaSuccess) return err;
+    maps_backward_ring<T, true><<<grid, plan.threads, smem, stream>>>(a);
+  } else {
+    if ((err = allow_ring_smem(maps_backward_ring<T, false>, smem)) != cudaSuccess) return err;
+    maps_backward_ring<T, false><<<grid, plan.threads, smem, stream>>>(a);
+  }
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  *done = true;
   return cudaSuccess;
 }
 
@@ -364,6 +584,16 @@ cudaError_t maps_forward_ring(DType dtype, MapShape shape, const Logits& logits,
   DECAFA_DISPATCH(dtype, return maps_forward_ring_t<scalar_t>(shape, logits, normalized, stats,
                                                               static_cast<scalar_t*>(z), static_cast<scalar_t*>(phi),
                                                               partial, ctas, stream));
+  return cudaSuccess;
+}
+
+cudaError_t maps_backward_ring(DType dtype, MapShape shape, const Logits& logits, const float* stats, bool normalized,
+                               const float* grad_mask, const void* grad_z, void* grad_logits, float* grad_beta,
+                               bool* done, cudaStream_t stream) {
+  DECAFA_DISPATCH(dtype, return maps_backward_ring_t<scalar_t>(shape, logits, stats, normalized, grad_mask,
+                                                               static_cast<const scalar_t*>(grad_z),
+                                                               static_cast<scalar_t*>(grad_logits), grad_beta, done,
+                                                               stream));
   return cudaSuccess;
 }
 

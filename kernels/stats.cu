@@ -694,6 +694,14 @@ cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const floa
                           PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,
                           cudaStream_t stream) {
   if (shape.batch == 0 || shape.maps == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;
+  // the ring backward where selected and covered: a per-batch float32 gradient of Phi (or none)
+  if (detail::ring_selected() && !grad_phi.per_map && (grad_phi.float32 || grad_phi.data == nullptr)) {
+    bool done = false;
+    const cudaError_t err =
+        detail::maps_backward_ring(dtype, shape, logits, stats, normalized, static_cast<const float*>(grad_phi.data),
+                                   grad_z, grad_logits, grad_beta, &done, stream);
+    if (err != cudaSuccess || done) return err;
+  }
   DECAFA_DISPATCH(
       dtype,
       if (grad_phi.float32) {

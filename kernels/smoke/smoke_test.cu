@@ -687,9 +687,11 @@ int main(int argc, char** argv) {
       if (dt == dk::DType::kFloat32 || k.all_dtypes) run_case(k, dt, rng);
   }
 #ifdef DECAFA_EMULATION
-  // which per-map forward kernels the cases ran (DECAFA_CUDA_MAPS=ring: the ring where it covers the shape)
+  // which per-map kernels the cases ran (DECAFA_CUDA_MAPS=ring: the ring where it covers the shape)
   std::printf("forward launches maps_forward_ring %llu maps_forward_onchip %llu\n",
               emu::traffic()["maps_forward_ring"].launches, emu::traffic()["maps_forward_onchip"].launches);
+  std::printf("backward launches maps_backward_ring %llu maps_backward_onchip %llu\n",
+              emu::traffic()["maps_backward_ring"].launches, emu::traffic()["maps_backward_onchip"].launches);
 #endif
   std::printf("decafa_kernels_smoke: %s\n", failures == 0 ? "all cases passed" : "FAILED");
   return failures == 0 ? 0 : 1;

@@ -194,13 +194,15 @@ def test_cuda_glue_compiles(builds):
         assert obj.is_file() and obj.stat().st_size > 0, obj
 
 
-def _forward_launches(stdout: str) -> dict[str, int]:
-    """'forward launches maps_forward_ring N maps_forward_onchip M' -> {kernel: launches}."""
+def _map_launches(stdout: str) -> dict[str, int]:
+    """The smoke test's 'forward launches K N K N' and 'backward launches K N K N' lines -> {kernel: launches}."""
+    out = {}
     for line in stdout.splitlines():
         parts = line.split()
-        if parts[:2] == ["forward", "launches"]:
-            return {parts[i]: int(parts[i + 1]) for i in range(2, len(parts), 2)}
-    raise AssertionError("no 'forward launches' line:\n" + stdout[-2000:])
+        if parts[1:2] == ["launches"] and parts[0] in ("forward", "backward"):
+            out.update({parts[i]: int(parts[i + 1]) for i in range(2, len(parts), 2)})
+    assert len(out) == 4, "no launch counts:\n" + stdout[-2000:]
+    return out
 
 
 @pytest.mark.slow
@@ -212,7 +214,7 @@ def _forward_launches(stdout: str) -> dict[str, int]:
 def test_kernels_on_cpu_emulation(builds, maps, sm_count, async_mode):
     """Every launcher against the CPU reference, run through the CUDA emulation (vector width of the pixel
     kernels: the widest with EMU_SM_COUNT=1, scalar for small grids with 132), with the on-chip run kernels
-    and with the ring forward (DECAFA_CUDA_MAPS=ring), which must then run for the NCHW cases it covers."""
+    and with the ring kernels (DECAFA_CUDA_MAPS=ring), which must then run for the NCHW cases they cover."""
     code, output, binary = _result(builds, "emulation")
     assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
     env = dict(os.environ, EMU_SM_COUNT=sm_count, DECAFA_CUDA_MAPS=maps, EMU_ASYNC=async_mode)
@@ -220,12 +222,14 @@ def test_kernels_on_cpu_emulation(builds, maps, sm_count, async_mode):
     run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all cases passed" in run.stdout
-    launches = _forward_launches(run.stdout)
+    launches = _map_launches(run.stdout)
     if maps == "ring":
-        assert launches["maps_forward_ring"] >= 10, launches  # NCHW cases, all dtypes
+        # the whole-tile NCHW cases: head, attention and softmax forwards; head and z-only backwards (the per-map
+        # and 16-bit mask gradients take the run kernels)
+        assert launches["maps_forward_ring"] == 21 and launches["maps_backward_ring"] == 14, launches
         assert launches["maps_forward_onchip"] > 0, launches  # channels_last T and shapes the ring leaves
     else:
-        assert launches["maps_forward_ring"] == 0, launches
+        assert launches["maps_forward_ring"] == 0 and launches["maps_backward_ring"] == 0, launches
 
 
 # The runs of maps per batch element an H100 (132 multiprocessors) picks at B = 64: the traffic test counts
@@ -263,9 +267,9 @@ def _traffic(binary, batch: int, runs: str, layout: str = "nchw") -> dict:
 
 @pytest.mark.slow
 def test_ring_traffic_at_the_paper_shape(builds):
-    """The ring forward's counted bytes at the paper shape (NCHW), B = 2 over 5 SMs: ranges of 39-40 maps, three
+    """The ring kernels' counted bytes at the paper shape (NCHW), B = 2 over 5 SMs: ranges of 39-40 maps, three
     partial planes per batch element, as an H100 gets at B = 64 (132 ranges of 47-48 maps: 3.06 planes per
-    element); T read once in 16-byte cp.async copies, within 1.10x / 1.15x of the floor."""
+    element); T read once per pass in 16-byte cp.async copies, within 1.10x / 1.15x of the floor."""
     code, output, binary = _result(builds, "emulation")
     assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
     env = dict(os.environ, EMU_SM_COUNT="5", DECAFA_CUDA_MAPS="ring")
@@ -280,7 +284,7 @@ def test_ring_traffic_at_the_paper_shape(builds):
             dtype = parts[2]
         elif parts[:2] == ["traffic", "summary"]:
             out["summary"][parts[2]] = {"forward": float(parts[8]), "fwd+bwd": float(parts[14])}
-        elif parts[:2] == ["traffic", "forward"]:
+        elif parts[:1] == ["traffic"] and parts[1] in ("forward", "backward"):
             out["kernels"][(dtype, parts[2])] = (int(parts[4]), int(parts[5]), _widths(parts[7]))
     t_values = 2 * 98 * 128 * 128
     for dtype, size in (("float32", 4), ("bfloat16", 2)):
@@ -290,7 +294,13 @@ def test_ring_traffic_at_the_paper_shape(builds):
         assert widths == {16: t_values * size // 16}, widths  # T once, 16 bytes a copy, nothing else
         # stats and z, and the partial masks: 3 planes per batch element
         assert stored == 2 * 98 * (8 + 2 * size) + 2 * 3 * 128 * 128 * 4, stored
-        assert ("float32", "maps_forward_onchip") not in out["kernels"]
+        # backward: T once (16-byte copies), the mask gradient once per batch element of a range (16-byte loads)
+        # and the per-map stats and grad z (4-byte copies); grad T out in 16-byte stores
+        loaded, stored, widths = out["kernels"][(dtype, "maps_backward_ring")]
+        assert widths[16] == t_values * size // 16 + 6 * 128 * 128 * 4 // 16, widths
+        assert set(widths) == {4, 16} and widths[4] == 2 * 98 * (2 + (2 if size == 4 else 1)), widths
+        assert stored == t_values * size + 2 * 98 * 4, stored
+    assert not any(k[1].endswith("_onchip") for k in out["kernels"]), out["kernels"]
 
 
 @pytest.mark.slow
