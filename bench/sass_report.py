@@ -10,7 +10,7 @@ a warp has diverged, placed after the body, are left out). Its instructions are 
 excluded; code that only warp 0 runs, such as thread 0's per-map stores, is counted as if every warp ran it)
 and divided by the logits a thread handles per iteration at the paper shape (L = 98, 128 x 128):
 
-    python bench/sass_report.py [--arch 80,90] [--kernels REGEX] [--json out.json]
+    python bench/sass_report.py [--arch 80,90] [--kernels REGEX] [--targs REGEX] [--json out.json]
 
 Needs nvcc (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin) and cuobjdump (the same places, or the copy that the
 triton wheel ships); exits with status 2 and a message when one is missing.
@@ -188,9 +188,11 @@ def _opcode(insn: str) -> str:
 def per_map_loop(insns: list[tuple[int, str]]) -> tuple[int, int] | None:
     """(first address, last address) of the per-map loop: the innermost loop of the main code that computes
     exponentials (MUFU.EX2), else the outermost loop. A loop is a back edge (a branch to an earlier address)
-    whose source lies before the out-of-line divergence paths (the targets of BRA.DIV and whatever follows).
-    None when the function has no loop."""
-    cut = None
+    whose source lies in the main code: before the last unconditional EXIT and before the targets of BRA.DIV
+    (the out-of-line paths of warp shuffles sit there and branch back into the loop). None when the function
+    has no loop."""
+    exits = [a for a, i in insns if i.split()[0] == "EXIT"]
+    cut = exits[-1] if exits else None
     edges = []
     for addr, insn in insns:
         m = _BRANCH.match(insn)
@@ -319,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="80,90", help="comma-separated SM versions (80, 90)")
     p.add_argument("--kernels", default="^maps_", help="regex on the kernel name (default: the per-map kernels)")
+    p.add_argument("--targs", default="", help="regex on the kernel's template arguments, joined by ', '")
     p.add_argument("--sources", default="", help="comma-separated kernels/*.cu files (default: all)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -335,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         kernels = build(archs, sources, Path(tmp), nvcc, cuobjdump)
     pattern = re.compile(args.kernels)
-    kernels = [k for k in kernels if pattern.search(k.name)]
+    targs = re.compile(args.targs)
+    kernels = [k for k in kernels if pattern.search(k.name) and targs.search(", ".join(k.targs))]
     print(table(kernels))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(k) for k in kernels], indent=1) + "\n")

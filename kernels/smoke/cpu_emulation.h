@@ -8,7 +8,9 @@
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run round-robin until it waits at a
 // barrier or returns; blocks run one after another. __syncthreads waits for every live thread of the block;
 // __shfl_xor_sync exchanges through a per-block array between two warp-wide barriers; a thread that
-// returns leaves both barriers (as on the GPU). __shared__ variables become function statics:
+// returns leaves both barriers (as on the GPU). cp.async (the kernels' async_copy.cuh helpers): a thread's
+// copies are queued per commit group and performed when it waits for the group (cp_async_wait), or at issue
+// with EMU_ASYNC=eager; either way the bytes count as loads. __shared__ variables become function statics:
 // shared by the threads of a block, and blocks never overlap. Device memory is host memory. Device facts
 // come from EMU_SM_COUNT (default 1, so small grids still take the vector paths) and EMU_L2_BYTES.
 // Dynamic shared memory is filled with NaN bytes before each block so that reading unwritten data shows.

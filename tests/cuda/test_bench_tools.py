@@ -117,6 +117,21 @@ SASS = """	code for sm_90
 """
 
 
+# sm_80 style: the shuffles' out-of-line path after the last EXIT branches back into the loop, without BRA.DIV
+SASS_OUT_OF_LINE = """		Function : _Z1gPf
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, RZ ;
+        /*0020*/                   FFMA R3, R2, R2, R2 ;
+        /*0030*/               @P1 CALL.REL.NOINC 0x80 ;
+        /*0040*/                   MUFU.EX2 R3, R3 ;
+        /*0050*/                   FADD R4, R3, R3 ;
+        /*0060*/               @P0 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   SHFL.IDX PT, R4, R3, RZ, 0x1f ;
+        /*0090*/                   BRA 0x40 ;
+"""
+
+
 def test_sass_report_parsers():
     res = sass_report.parse_ptxas(PTXAS)["_Z1kPf"]
     assert res == {"registers": 40, "static_smem": 656, "stack": 0, "spill_stores": 8, "spill_loads": 12}
@@ -125,6 +140,8 @@ def test_sass_report_parsers():
     # the back edge 0x70 -> 0x20 (the divergence path's branch at 0x90 is out of line), NOP not counted
     assert sass_report.per_map_loop(insns) == (0x20, 0x70)
     assert sass_report.count_instructions(insns, 0x20, 0x70) == 5
+    insns = sass_report.parse_sass(SASS_OUT_OF_LINE)["_Z1gPf"]
+    assert sass_report.per_map_loop(insns) == (0x10, 0x60)
     name, targs = sass_report.split_name(
         "void decafa_kernels::detail::(anonymous namespace)::maps_forward_ring<float, true, false>"
         "(decafa_kernels::detail::(anonymous namespace)::RingArgs<float>)")
