@@ -19,6 +19,7 @@ __device__ __forceinline__ SmemAddr smem_address(const void* p) {
   return static_cast<SmemAddr>(__cvta_generic_to_shared(p));
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 // 16 bytes, both addresses 16-byte aligned; .cg: cached in L2 only (the logits are touched once).
 __device__ __forceinline__ void cp_async16(SmemAddr smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
@@ -40,6 +41,21 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
     default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
   }
 }
+#else
+// Before sm_80 (a build for older GPUs): synchronous copies through registers, so the kernels still build and
+// run correctly there, without the overlap.
+__device__ __forceinline__ void cp_async16(SmemAddr smem, const void* gmem) {
+  const uint4 v = *static_cast<const uint4*>(gmem);
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async4(SmemAddr smem, const void* gmem) {
+  const unsigned v = *static_cast<const unsigned*>(gmem);
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem), "r"(v) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait(int) {}
+#endif
 #endif
 
 }  // namespace detail
