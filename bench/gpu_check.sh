@@ -5,10 +5,13 @@
 # 2. tests: the Triton and CUDA op tests natively on the GPU (bf16 included), failures listed (-rfEs);
 # 3. head_floor: the Triton and CUDA C++ heads against each other, the floor and (last) the references,
 #    every GPU case of every dtype before any torch.compile (bench/head_floor.py);
-# 3b. tests_ring, head_floor_ring: the CUDA op tests and the CUDA C++ head again with the ring forward of the
-#    per-map pass (DECAFA_CUDA_MAPS=ring), old and new kernels side by side;
+# 3b. tests_ring, head_floor_ring: the CUDA op tests and the CUDA C++ head again with the ring kernels of the
+#    per-map passes (DECAFA_CUDA_MAPS=ring), old and new kernels side by side;
 # 4. bench_model: the whole model, eager B = 1 and B = 64 bf16 for reference, triton and cuda, CUDA graphs
 #    at B = 1, and only then torch.compile (bench/model_check.py);
+# 4b. ncu (when ncu exists): one profiled call of each CUDA kernel of the head, forward and forward + backward,
+#    float32 and bfloat16 at B = 64, run kernels then ring kernels (bench/ncu_head.py): DRAM bytes and throughput,
+#    issue activity, stall reasons, achieved occupancy, waves (the raw CSV in steps.log);
 # 5. bench_ops: the pytest-benchmark ops suite, quick subset (its Triton-vs-CUDA races become the auto table);
 # 6. results: gpu-<date>-<gpu>.json (bench/gpu_results.py): commit, device, clocks, copy rate and one row per
 #    timed case of head_floor (both runs) and bench_model; commit it under bench/results/.
@@ -201,9 +204,9 @@ run_step tests 80 "$PY" -m pytest -q -p no:cacheprovider -rfEs $XDIST tests/trit
 run_step head_floor 90 bash -c '"$PY" bench/head_floor.py --sweep --budget-s $((STEP_LIMIT - 15)) \
     --json "$0/head_floor.json"' "$OUT"
 
-# 3b. the ring forward beside the default kernels: the CUDA op tests, then the CUDA head raced again (its json
+# 3b. the ring kernels beside the run kernels: the CUDA op tests, then the CUDA head raced again (its json
 #     stays with the logs: gpu_results.py folds its cuda rows into the record, marked maps=ring).
-run_step tests_ring 40 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+run_step tests_ring 30 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
     tests/cuda/test_ops_cuda.py
 run_step head_floor_ring 45 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_floor.py --backends cuda \
     --no-compile --budget-s $((STEP_LIMIT - 10)) --json "$0/head_floor_ring.json"' "$LOGS"
@@ -212,6 +215,18 @@ run_step head_floor_ring 45 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_
 #    compiled variants while the step's time lasts.
 run_step bench_model 90 bash -c '"$PY" bench/model_check.py --budget-s $((STEP_LIMIT - 25)) \
     --json "$0/model.json"' "$OUT"
+
+# 4b. ncu metrics per kernel, both kernel sets (skipped without ncu)
+NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats"
+if command -v ncu >/dev/null 2>&1; then
+    export NCU_SECTIONS
+    run_step ncu 60 bash -c 'for maps in onchip ring; do echo "=== DECAFA_CUDA_MAPS=$maps ==="; \
+        DECAFA_CUDA_MAPS=$maps ncu --profile-from-start off --csv --page details $NCU_SECTIONS \
+        "$PY" bench/ncu_head.py --batch 64 || exit 1; done'
+else
+    SUMMARY+=("| ncu | skipped: ncu not found | |")
+fi
 
 # 5. the pytest-benchmark ops suite, quick subset (GPU_CHECK_BENCH_ARGS="" runs everything). Rows stream
 #    into rows.jsonl as they are measured, so a step cut off by its timeout still reports them; the suite

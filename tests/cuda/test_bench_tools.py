@@ -1,5 +1,6 @@
 """The GPU-run tools that work without a GPU: bench/gpu_results.py (the machine-readable record of a GPU run, on
-fake step outputs) and bench/sass_report.py (its parsers on fixed text; the full nvcc + cuobjdump run is slow)."""
+fake step outputs), bench/sass_report.py (its parsers on fixed text; the full nvcc + cuobjdump run is slow),
+bench/ncu_head.py (the profiler's driver, on the CPU backend) and bench/gpu_check.sh's syntax."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,6 +23,7 @@ def _module(name: str):
 
 gpu_results = _module("gpu_results")
 sass_report = _module("sass_report")
+ncu_head = _module("ncu_head")
 
 HEAD_FLOOR = {
     "info": {"device": "NVIDIA H200", "copy_gbs": 4150.0},
@@ -173,3 +175,25 @@ def test_sass_report_on_the_kernels(tmp_path):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
         assert r["loop_instructions"] > 0 and r["per_logit"] > 0, r
         assert r["ctas_per_sm"] >= 1, r
+
+
+def test_ncu_driver_runs_on_cpu(capsys):
+    assert ncu_head.main(["--device", "cpu", "--backend", "cpp", "--batch", "1", "--size", "8", "--maps", "2",
+                          "--channels", "2", "--dtypes", "float32", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cpp float32 forward B=1" in out and "cpp float32 forward+backward B=1" in out
+    with pytest.raises(SystemExit):
+        ncu_head.parse_args(["--dtypes", "float64"])
+
+
+def test_gpu_check_script_syntax():
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash not found")
+    run = subprocess.run([bash, "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    assert "bench/gpu_results.py" in text and "DECAFA_CUDA_MAPS=ring" in text
