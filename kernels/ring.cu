@@ -552,7 +552,9 @@ cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* 
   *done = false;
   RingPlan plan;
   cudaError_t err = ring_plan<T>(shape, lg, &plan);
-  if (err != cudaSuccess || !plan.ok || !aligned(grad_mask, 16) || !aligned(grad_logits, 16)) return err;
+  // (grad z is copied a map's pair at a time in 4 bytes: a 16-bit pair needs a 4-byte aligned base)
+  if (err != cudaSuccess || !plan.ok || !aligned(grad_mask, 16) || !aligned(grad_logits, 16) || !aligned(grad_z, 4))
+    return err;
   RingBackArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, stats, grad_mask, grad_z,
                     grad_logits, grad_beta, shape.maps, shape.height * shape.width, shape.width, plan.total,
                     plan.ctas, plan.stages, static_cast<int>(plan.map_bytes),
