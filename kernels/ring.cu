@@ -54,6 +54,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+DECAFA_HD inline int64_t i64_min(int64_t x, int64_t y) { return x < y ? x : y; }
+
 template <typename T>
 struct RingArgs {
   const T* logits;
@@ -192,93 +194,94 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   for (int k = 0; k < K; ++k)
 #pragma unroll
     for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
-  int64_t b = start / a.maps;  // the current map, (b, l)
-  int l = static_cast<int>(start - b * a.maps);
-  int plane = 0;  // 0: the range's first batch element, 1: its second
   int stage = 0;
-  for (int j = 0; j < count; ++j) {
-    // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
-    if (j + stages - 1 < count)
-      issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
-    cp_async_commit();
-    istage = istage + 1 == stages ? 0 : istage + 1;
-    cp_async_wait(stages - 1);
-    __syncthreads();  // every thread's copies of map j have landed
+  int j = 0;
+  // the range's part of each batch element it touches (at most two: plane 0, then plane 1)
+  for (int plane = 0; j < count; ++plane) {
+    const int64_t first = start + j;
+    const int part_end = static_cast<int>(i64_min(count, j + (first / a.maps + 1) * a.maps - first));
+    for (; j < part_end; ++j) {
+      // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
+      if (j + stages - 1 < count)
+        issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
+      cp_async_commit();
+      istage = istage + 1 == stages ? 0 : istage + 1;
+      cp_async_wait(stages - 1);
+      __syncthreads();  // every thread's copies of map j have landed
 
-    const int64_t map = b * a.maps + l;
-    const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
-    const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
-    float v[K][V];
-    float mx = -INFINITY;
+      const int64_t map = start + j;
+      const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
+      const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
+      float v[K][V];
+      float mx = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
-        mx = fmaxf(mx, v[k][q]);
-      }
-    }
-    mx = ring_block_max(mx, max_scratch);
-    // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
-    // saved max alone, so that a backward recomputes the same bits from the stats.
-    const float smax = RawMax ? scaled_logit(beta, mx) : mx;
-    const float k2 = RawMax ? beta * kLog2e : kLog2e;
-    const float shift = smax * kLog2e;
-    // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
-    // sum e col = col0 S + X and sum e row = row0 S + row_step R
-    float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      float vs, wx;  // sum of the vector's e, sum of q * e_q
-#pragma unroll
-      for (int q = 0; q < V; ++q) {
-        const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
-        v[k][q] = e;
-        if (q == 0) {
-          vs = e;
-        } else {
-          vs += e;
-          wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
-        }
-      }
-      sum_e = k == 0 ? vs : sum_e + vs;
-      sum_qe = k == 0 ? wx : sum_qe + wx;
-      if (k > 0) sum_ke = k == 1 ? vs : fmaf(static_cast<float>(k), vs, sum_ke);
-    }
-    float acc[4] = {sum_e, fmaf(col0, sum_e, sum_qe), fmaf(row0, sum_e, row_step * sum_ke), 0.f};
-    ring_block_sum4(acc, sum_scratch);
-    const float sum = acc[0];
-    if (threadIdx.x == 0) {
-      store1(a.stats + 2 * map, smax);
-      store1(a.stats + 2 * map + 1, sum);
-      if (a.z != nullptr) {
-        store1(a.z + 2 * map, a.co.ox + a.co.kx * (acc[1] / sum));
-        store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (acc[2] / sum));
-      }
-    }
-    const float inv = 1.f / sum;
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if constexpr (Phi) {
-        float p[V];
+      for (int k = 0; k < K; ++k) {
+        const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
 #pragma unroll
         for (int q = 0; q < V; ++q) {
-          p[q] = v[k][q] * inv;
-          mask[k][q] += p[q];
+          v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
+          mx = fmaxf(mx, v[k][q]);
         }
-        const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-        store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
-      } else {
-#pragma unroll
-        for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
       }
+      mx = ring_block_max(mx, max_scratch);
+      // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
+      // saved max alone, so that a backward recomputes the same bits from the stats.
+      const float smax = RawMax ? scaled_logit(beta, mx) : mx;
+      const float k2 = RawMax ? beta * kLog2e : kLog2e;
+      const float shift = smax * kLog2e;
+      // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
+      // sum e col = col0 S + X and sum e row = row0 S + row_step R
+      float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        float vs, wx;  // sum of the vector's e, sum of q * e_q
+#pragma unroll
+        for (int q = 0; q < V; ++q) {
+          const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
+          v[k][q] = e;
+          if (q == 0) {
+            vs = e;
+          } else {
+            vs += e;
+            wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
+          }
+        }
+        sum_e = k == 0 ? vs : sum_e + vs;
+        sum_qe = k == 0 ? wx : sum_qe + wx;
+        if (k > 0) sum_ke = k == 1 ? vs : fmaf(static_cast<float>(k), vs, sum_ke);
+      }
+      float acc[4] = {sum_e, fmaf(col0, sum_e, sum_qe), fmaf(row0, sum_e, row_step * sum_ke), 0.f};
+      ring_block_sum4(acc, sum_scratch);
+      const float sum = acc[0];
+      if (threadIdx.x == 0) {
+        store1(a.stats + 2 * map, smax);
+        store1(a.stats + 2 * map + 1, sum);
+        if (a.z != nullptr) {
+          store1(a.z + 2 * map, a.co.ox + a.co.kx * (acc[1] / sum));
+          store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (acc[2] / sum));
+        }
+      }
+      const float inv = 1.f / sum;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if constexpr (Phi) {
+          float p[V];
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            p[q] = v[k][q] * inv;
+            mask[k][q] += p[q];
+          }
+          const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+          store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
+        } else {
+#pragma unroll
+          for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
+        }
+      }
+      stage = stage + 1 == stages ? 0 : stage + 1;
     }
-    stage = stage + 1 == stages ? 0 : stage + 1;
-    const bool last_of_batch = ++l == a.maps;
-    if (last_of_batch) l = 0, ++b;
-    // The mask goes out at the end of each batch element's part of the range, and at the end of the range.
-    if (a.partial != nullptr && (last_of_batch || j + 1 == count)) {
+    // the partial mask of this batch element's part
+    if (a.partial != nullptr) {
       float* out = a.partial + (2 * static_cast<int64_t>(blockIdx.x) + plane) * a.hw;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -287,7 +290,6 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
 #pragma unroll
         for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
       }
-      plane = 1;
     }
   }
   cp_async_wait(0);  // no copy may outlive the CTA's shared memory
