@@ -159,22 +159,33 @@ def test_sass_report_occupancy():
 
 @pytest.mark.slow
 def test_sass_report_on_the_kernels(tmp_path):
-    """nvcc + cuobjdump over the per-map kernels, sm_80 and sm_90: every kernel parsed, no spills, a per-map
-    loop with instructions in every on-chip and ring kernel."""
+    """nvcc + cuobjdump over the on-chip and ring per-map kernels, sm_80 and sm_90: every kernel parsed, no
+    spills, a per-map loop in each; the ring's loops take fewer instructions per logit than the run kernels'
+    (the head's variants: NCHW vectors, float32 mask gradient)."""
     if sass_report.find_tool("nvcc") is None or sass_report.find_tool("cuobjdump") is None:
         pytest.skip("nvcc or cuobjdump not found")
     out = tmp_path / "sass.json"
-    assert sass_report.main(["--sources", "stats.cu,ring.cu", "--kernels", "^maps_forward_(onchip|ring)$",
+    assert sass_report.main(["--sources", "stats.cu,ring.cu", "--kernels", "^maps_(forward|backward)_(onchip|ring)$",
                              "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     names = {r["name"] for r in rows}
-    assert names == {"maps_forward_onchip", "maps_forward_ring"}
+    assert names == {"maps_forward_onchip", "maps_forward_ring", "maps_backward_onchip", "maps_backward_ring"}
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:
         assert r["registers"] > 0 and r["instructions"] > 0, r
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
         assert r["loop_instructions"] > 0 and r["per_logit"] > 0, r
         assert r["ctas_per_sm"] >= 1, r
+
+    def per_logit(name, targs, arch):
+        return next(r["per_logit"] for r in rows if r["name"] == name and r["targs"] == targs and r["arch"] == arch)
+
+    for arch in (80, 90):
+        for t, v in (("float", "4"), ("__nv_bfloat16", "8")):
+            assert per_logit("maps_forward_ring", [t, "true", "false"], arch) < \
+                per_logit("maps_forward_onchip", [t, v, "false"], arch)
+            assert per_logit("maps_backward_ring", [t, "true"], arch) < \
+                per_logit("maps_backward_onchip", [t, "float", v, "false", "false"], arch)
 
 
 def test_ncu_driver_runs_on_cpu(capsys):
