@@ -64,6 +64,7 @@ struct RingArgs {
   const float* beta_map;
   int maps, hw, width;
   int64_t total;  // B * L
+  int64_t map_step, batch_step;  // bytes from a map to the next: within a batch element, across its end
   int ctas, stages, stage_bytes;
   Coords co;
   float* stats;
@@ -146,11 +147,9 @@ __device__ __forceinline__ void issue_map(const Args& a, IssueCursor& c, SmemAdd
 #pragma unroll
   for (int k = 0; k < K; ++k) cp_async16(dst + k * step, c.src + k * step);
   if (a.beta_map != nullptr && threadIdx.x == 0) cp_async4(beta_dst, a.beta_map + c.map);
-  // bytes to the next map: within a batch element, or across its end (recomputed from the kernel's parameters
-  // rather than held in registers)
+  // to the next map: within a batch element, or across its end (the steps are kernel parameters, not registers)
   const bool wrap = ++c.l == a.maps;
-  c.src += static_cast<int64_t>(sizeof(T)) *
-           (wrap ? a.ts.batch - static_cast<int64_t>(a.maps - 1) * a.ts.channel : a.ts.channel);
+  c.src += wrap ? a.batch_step : a.map_step;
   if (wrap) c.l = 0;
   ++c.map;
 }
@@ -347,6 +346,16 @@ cudaError_t ring_plan(MapShape shape, const Logits& lg, RingPlan* plan) {
   return cudaSuccess;
 }
 
+// Bytes from map (b, l) to (b, l + 1), and from (b, L - 1) to (b + 1, 0).
+template <typename T>
+int64_t map_step(const Logits& lg, MapShape) {
+  return static_cast<int64_t>(sizeof(T)) * lg.strides.channel;
+}
+template <typename T>
+int64_t batch_step(const Logits& lg, MapShape shape) {
+  return static_cast<int64_t>(sizeof(T)) * (lg.strides.batch - static_cast<int64_t>(shape.maps - 1) * lg.strides.channel);
+}
+
 // Raw logits in the exponent (max(beta t) = beta max t): a positive finite scalar beta.
 inline bool raw_max(const Logits& lg) { return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta); }
 
@@ -358,9 +367,9 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
   cudaError_t err = ring_plan<T>(shape, lg, &plan);
   if (err != cudaSuccess || !plan.ok || !aligned(phi, 16) || !aligned(partial, 16)) return err;
   RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps,
-                shape.height * shape.width, shape.width, plan.total, plan.ctas, plan.stages,
-                static_cast<int>(plan.map_bytes), coords_for(shape.height, shape.width, normalized), stats, z, phi,
-                partial};
+                shape.height * shape.width, shape.width, plan.total, map_step<T>(lg, shape), batch_step<T>(lg, shape),
+                plan.ctas, plan.stages, static_cast<int>(plan.map_bytes),
+                coords_for(shape.height, shape.width, normalized), stats, z, phi, partial};
   const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
   const bool raw = raw_max(lg);
   const unsigned grid = static_cast<unsigned>(plan.ctas);
@@ -404,6 +413,7 @@ struct RingBackArgs {
   float* grad_beta;
   int maps, hw, width;
   int64_t total;
+  int64_t map_step, batch_step;  // as in RingArgs
   int ctas, stages, stage_bytes;
   Coords co;
 };
@@ -559,7 +569,8 @@ cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* 
     return err;
   RingBackArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, stats, grad_mask, grad_z,
                     grad_logits, grad_beta, shape.maps, shape.height * shape.width, shape.width, plan.total,
-                    plan.ctas, plan.stages, static_cast<int>(plan.map_bytes),
+                    map_step<T>(lg, shape), batch_step<T>(lg, shape), plan.ctas, plan.stages,
+                    static_cast<int>(plan.map_bytes),
                     coords_for(shape.height, shape.width, normalized)};
   const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
   const unsigned grid = static_cast<unsigned>(plan.ctas);
