@@ -1,6 +1,7 @@
 // Torch-free check of every decafa launcher against a CPU double-precision computation, in float32,
 // float16 and bfloat16, over shapes that take the scalar path, the vector path, the batch-chunk loop and
-// the unstaged (map larger than the shared-memory limit) path, for every fusion mode.
+// the unstaged (map larger than the shared-memory limit) path, for every fusion mode; with
+// DECAFA_CUDA_MAPS=ring the whole-tile NCHW shapes take the ring kernels (ring.cu), the others the run kernels.
 //
 // Runs on a GPU (built by CMakeLists.txt), or on the CPU through kernels/smoke/cpu_emulation.h (built by
 // tests/cuda/test_kernels_build.py), which checks the kernels' logic on machines without a GPU.
