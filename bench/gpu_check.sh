@@ -14,7 +14,7 @@
 #    issue activity, stall reasons, achieved occupancy, waves (the raw CSV in steps.log);
 # 5. bench_ops: the pytest-benchmark ops suite, quick subset (its Triton-vs-CUDA races become the auto table);
 # 6. results: gpu-<date>-<gpu>.json (bench/gpu_results.py): commit, device, clocks, copy rate and one row per
-#    timed case of head_floor (both runs) and bench_model; commit it under bench/results/.
+#    timed case of head_floor (both runs), bench_model and bench_ops; commit it under bench/results/.
 # Writes into OUTDIR (8 files at most come back from the device machine): report.md (rewritten after every
 # step; the tables of rows.jsonl at the end), steps.log (each step's output, appended as the step ends), head_floor.json, model.json,
 # bench_ops.json, rows.jsonl, auto_table.json (commit it as decafa_fast/auto_table.json so that "auto" runs
@@ -241,7 +241,7 @@ run_step bench_ops 70 "$PY" -m pytest bench/test_ops.py --benchmark-only -q -p n
 CLOCKS=$(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null \
     | head -n 1)
 "$PY" bench/gpu_results.py --head-floor "$OUT/head_floor.json" --head-floor-ring "$LOGS/head_floor_ring.json" \
-    --model "$OUT/model.json" --clocks "$CLOCKS" --out-dir "$OUT" || FAILED=1
+    --model "$OUT/model.json" --ops-rows "$OUT/rows.jsonl" --clocks "$CLOCKS" --out-dir "$OUT" || FAILED=1
 write_report final
 rm -rf "$LOGS"
 echo "[gpu_check] report: $REPORT ($(( $(date +%s) - START ))s)"

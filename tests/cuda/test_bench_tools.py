@@ -85,6 +85,25 @@ def test_gpu_results_rows_from_fake_step_outputs(tmp_path):
     assert model[2]["backend"] == "compile" and model[2]["ops_backend"] == "cuda"
 
 
+def test_gpu_results_ops_rows(tmp_path):
+    lines = [
+        {"suite": "ops", "op": "soft_argmax", "backend": "cuda", "dtype": "bfloat16", "batch": 64, "pass": "fwd",
+         "time_s": 2e-4, "floor_bytes": 4.15e8, "copy_gbps": 4150.0},
+        {"suite": "ops", "op": "fuse", "backend": "compiled", "dtype": "float32", "batch": 64, "pass": "fwd+bwd",
+         "time_s": 1e-3, "floor_bytes": 1e6, "copy_gbps": 1000.0},
+        {"suite": "ops", "op": "fuse", "backend": "cuda", "dtype": "float32", "batch": 64, "pass": "fwd"},  # untimed
+    ]
+    rows_file = tmp_path / "rows.jsonl"
+    rows_file.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert gpu_results.main(["--ops-rows", str(rows_file), "--commit", "c", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())["rows"]
+    assert len(rows) == 2
+    assert rows[0]["op"] == "soft_argmax" and rows[0]["time_us"] == pytest.approx(200.0)
+    assert rows[0]["floor_us"] == pytest.approx(100.0) and rows[0]["cuda_graph"] is False
+    assert rows[1]["backend"] == "compile" and rows[1]["pass"] == "fwd+bwd"
+    assert rows[1]["floor_us"] == pytest.approx(1.0)
+
+
 def test_gpu_results_without_the_optional_steps(tmp_path):
     hf = tmp_path / "hf.json"
     hf.write_text(json.dumps(HEAD_FLOOR))
