@@ -7,7 +7,8 @@
 * The kernels' logic: kernels/*.cu and the smoke test compiled with g++ against
   kernels/smoke/cpu_emulation.h (CUDA threads as fibers, barriers and warp shuffles emulated), then run:
   every launcher against a CPU double-precision reference, float32/float16/bfloat16, on the vector and the
-  scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width).
+  scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width), with the run kernels and with the
+  ring kernels (DECAFA_CUDA_MAPS=ring; cp.async copies landing at their wait, or at issue with EMU_ASYNC=eager).
 * The bytes each kernel moves: the emulation counts every lane of every global load and store; at the paper
   shape (L = 98, 128 x 128, C = 64, Ci = 1, F5) the fused head's forward must stay within 1.10x its floor
   and forward + backward within 1.15x (issue 13), float32 and bfloat16, NCHW and channels_last, for the
