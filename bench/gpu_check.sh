@@ -5,13 +5,20 @@
 # 2. tests: the Triton and CUDA op tests natively on the GPU (bf16 included), failures listed (-rfEs);
 # 3. head_floor: the Triton and CUDA C++ heads against each other, the floor and (last) the references,
 #    every GPU case of every dtype before any torch.compile (bench/head_floor.py);
+# 3b. tests_ring, head_floor_ring: the CUDA op tests and the CUDA C++ head again with the ring kernels of the
+#    per-map passes (DECAFA_CUDA_MAPS=ring), old and new kernels side by side;
 # 4. bench_model: the whole model, eager B = 1 and B = 64 bf16 for reference, triton and cuda, CUDA graphs
 #    at B = 1, and only then torch.compile (bench/model_check.py);
-# 5. bench_ops: the pytest-benchmark ops suite, quick subset (its Triton-vs-CUDA races become the auto table).
+# 4b. ncu (when ncu exists): one profiled call of each CUDA kernel of the head, forward and forward + backward,
+#    float32 and bfloat16 at B = 64, run kernels then ring kernels (bench/ncu_head.py): DRAM bytes and throughput,
+#    issue activity, stall reasons, achieved occupancy, waves (the raw CSV in steps.log);
+# 5. bench_ops: the pytest-benchmark ops suite, quick subset (its Triton-vs-CUDA races become the auto table);
+# 6. results: gpu-<date>-<gpu>.json (bench/gpu_results.py): commit, device, clocks, copy rate and one row per
+#    timed case of head_floor (both runs), bench_model and bench_ops; commit it under bench/results/.
 # Writes into OUTDIR (8 files at most come back from the device machine): report.md (rewritten after every
 # step; the tables of rows.jsonl at the end), steps.log (each step's output, appended as the step ends), head_floor.json, model.json,
 # bench_ops.json, rows.jsonl, auto_table.json (commit it as decafa_fast/auto_table.json so that "auto" runs
-# the faster backend on this GPU). Every step writes its results as it goes; each step and each case inside
+# the faster backend on this GPU), gpu-<date>-<gpu>.json. Every step writes its results as it goes; each step and each case inside
 # the Python steps checks the deadline, so the whole check ends within 8 minutes; a failing step is reported
 # and the rest still run. Exit status: 0 if every step passed, 1 otherwise, 2 without a GPU.
 # GPU_CHECK_ALLOW_CPU=1 runs it without a GPU (to test the script itself: the GPU parts then fail or skip).
@@ -130,6 +137,12 @@ write_report() {
             grep -E ' us( |$)' "$LOGS/head_floor.log" 2>/dev/null | sed 's/^/    /'
         fi
         echo
+        echo "## decafa_head, CUDA C++ with the ring forward (DECAFA_CUDA_MAPS=ring)"
+        grep -E '^(device|FAIL|skipped)|relative error' "$LOGS/head_floor_ring.log" 2>/dev/null | sed 's/^/    /'
+        grep '^|' "$LOGS/head_floor_ring.log" 2>/dev/null
+        grep -E '^(FAILED|ERROR)' "$LOGS/tests_ring.log" 2>/dev/null | head -n 20
+        tail -n 1 "$LOGS/tests_ring.log" 2>/dev/null | sed 's/^/    tests with the ring: /'
+        echo
         echo "## The whole model (bench/model_check.py)"
         if grep -q '^|' "$LOGS/bench_model.log" 2>/dev/null; then
             grep '^|' "$LOGS/bench_model.log"
@@ -191,10 +204,29 @@ run_step tests 80 "$PY" -m pytest -q -p no:cacheprovider -rfEs $XDIST tests/trit
 run_step head_floor 90 bash -c '"$PY" bench/head_floor.py --sweep --budget-s $((STEP_LIMIT - 15)) \
     --json "$0/head_floor.json"' "$OUT"
 
+# 3b. the ring kernels beside the run kernels: the CUDA op tests, then the CUDA head raced again (its json
+#     stays with the logs: gpu_results.py folds its cuda rows into the record, marked maps=ring).
+run_step tests_ring 30 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+    tests/cuda/test_ops_cuda.py
+run_step head_floor_ring 45 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_floor.py --backends cuda \
+    --no-compile --budget-s $((STEP_LIMIT - 10)) --json "$0/head_floor_ring.json"' "$LOGS"
+
 # 4. the whole model: eager B = 1 and 64 (bf16) for reference, triton, cuda; CUDA graphs at B = 1; then the
 #    compiled variants while the step's time lasts.
 run_step bench_model 90 bash -c '"$PY" bench/model_check.py --budget-s $((STEP_LIMIT - 25)) \
     --json "$0/model.json"' "$OUT"
+
+# 4b. ncu metrics per kernel, both kernel sets (skipped without ncu)
+NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats"
+if command -v ncu >/dev/null 2>&1; then
+    export NCU_SECTIONS
+    run_step ncu 60 bash -c 'for maps in onchip ring; do echo "=== DECAFA_CUDA_MAPS=$maps ==="; \
+        DECAFA_CUDA_MAPS=$maps ncu --profile-from-start off --csv --page details $NCU_SECTIONS \
+        "$PY" bench/ncu_head.py --batch 64 || exit 1; done'
+else
+    SUMMARY+=("| ncu | skipped: ncu not found | |")
+fi
 
 # 5. the pytest-benchmark ops suite, quick subset (GPU_CHECK_BENCH_ARGS="" runs everything). Rows stream
 #    into rows.jsonl as they are measured, so a step cut off by its timeout still reports them; the suite
@@ -205,6 +237,11 @@ run_step bench_ops 70 "$PY" -m pytest bench/test_ops.py --benchmark-only -q -p n
     --decafa-backends "${GPU_CHECK_OPS_BACKENDS:-reference,kornia,triton,cuda}" \
     --benchmark-json "$OUT/bench_ops.json" --decafa-auto-table "$OUT/auto_table.json"
 
+# 6. the machine-readable record (clocks as read now, after the run)
+CLOCKS=$(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null \
+    | head -n 1)
+"$PY" bench/gpu_results.py --head-floor "$OUT/head_floor.json" --head-floor-ring "$LOGS/head_floor_ring.json" \
+    --model "$OUT/model.json" --ops-rows "$OUT/rows.jsonl" --clocks "$CLOCKS" --out-dir "$OUT" || FAILED=1
 write_report final
 rm -rf "$LOGS"
 echo "[gpu_check] report: $REPORT ($(( $(date +%s) - START ))s)"

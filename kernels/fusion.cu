@@ -39,9 +39,8 @@ struct Source {
 
 template <typename T>
 struct PixelForwardArgs {
-  const float* partial;  // (B, runs, hw) float32 partial masks, or null
-  int runs;
-  const T* mask_in;  // (B, hw) given mask, used when partial is null
+  PartialPlanes partial;  // float32 partial masks (hw floats a plane), or data null
+  const T* mask_in;       // (B, hw) given mask, used when partial.data is null
   T* mask_out;       // (B, hw) or null
   Source<T> image, embed;
   T* fused;
@@ -104,19 +103,20 @@ __device__ __forceinline__ Tile tile_of_block(int tiles, int hw) {
   return t;
 }
 
-// The mask at this thread's V pixels: group y sums partial planes y, y + kGroups, ... (or group 0 reads the
-// given mask), then the groups' sums are added in group order.
+// The mask at this thread's V pixels: group y sums the batch element's partial planes y, y + kGroups, ... (or
+// group 0 reads the given mask), then the groups' sums are added in group order.
 template <typename T, int V>
-__device__ __forceinline__ void load_mask(const float* partial, int runs, const T* mask_in, int hw, const Tile& t,
+__device__ __forceinline__ void load_mask(const PartialPlanes& partial, const T* mask_in, int hw, const Tile& t,
                                           GroupScratch<V>& scratch, float (&m)[V]) {
   float mine[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) mine[j] = 0.f;
   if (t.active) {
-    if (partial != nullptr) {
-      for (int r = threadIdx.y; r < runs; r += kGroups) {
+    if (partial.data != nullptr) {
+      const PlaneRange planes = plane_range(partial, t.b);
+      for (int r = threadIdx.y; r < planes.count; r += kGroups) {
         float v[V];
-        load_n<false, V>(partial + (t.b * runs + r) * hw + t.p, 1, v);
+        load_n<false, V>(partial.data + planes.plane(r) * hw + t.p, 1, v);
 #pragma unroll
         for (int j = 0; j < V; ++j) mine[j] += v[j];
       }
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kPixelThreads * kGroups) pixels_forward(PixelF
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = 0.f;
   if (a.need_mask) {  // uniform over the block, so the barriers inside are safe
-    load_mask<T, V>(a.partial, a.runs, a.mask_in, a.hw, t, scratch, m);
+    load_mask<T, V>(a.partial, a.mask_in, a.hw, t, scratch, m);
     if (a.mask_out != nullptr && threadIdx.y == 0 && t.active) store_n<false, V>(a.mask_out + t.b * a.hw + t.p, 1, m);
   }
   if (!t.active || a.fused == nullptr) return;  // no barrier below
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kPixelThreads * kGroups) pixels_backward(Pixel
   float m[V], gm[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = gm[j] = 0.f;
-  if (a.need_mask) load_mask<T, V>(nullptr, 0, a.mask, a.hw, t, scratch, m);
+  if (a.need_mask) load_mask<T, V>(PartialPlanes{}, a.mask, a.hw, t, scratch, m);
   if (t.active) {
     backward_source<T, V, 1>(a.image, t, a.grad_fused, a.gfs, a.grad_image, a.gis, m, gm);
     backward_source<T, V, VC>(a.embed, t, a.grad_fused, a.gfs, a.grad_embed, a.ges, m, gm);
@@ -298,7 +298,7 @@ bool channels_last_mapping(const FusionInputs& f) {
 }
 
 template <typename T>
-cudaError_t pixels_forward_t(MapShape shape, const float* partial, int runs, const T* mask_in, T* mask_out,
+cudaError_t pixels_forward_t(MapShape shape, const PartialPlanes& partial, const T* mask_in, T* mask_out,
                              const FusionInputs* f, T* fused, Strides fs, cudaStream_t stream) {
   const int64_t hw = static_cast<int64_t>(shape.height) * shape.width;
   if (hw > INT_MAX / 2) return cudaErrorInvalidValue;
@@ -310,7 +310,6 @@ cudaError_t pixels_forward_t(MapShape shape, const float* partial, int runs, con
   if (err != cudaSuccess) return err;
   PixelForwardArgs<T> a{};
   a.partial = partial;
-  a.runs = runs;
   a.mask_in = mask_in;
   a.mask_out = mask_out;
   if (f != nullptr) {
@@ -321,7 +320,7 @@ cudaError_t pixels_forward_t(MapShape shape, const float* partial, int runs, con
   a.fs = fs;
   a.hw = static_cast<int>(hw);
   a.need_mask = mask_out != nullptr || lay.image_mask >= 0 || lay.embedding_mask >= 0;
-  if (a.need_mask && partial == nullptr && mask_in == nullptr) return cudaErrorInvalidValue;
+  if (a.need_mask && partial.data == nullptr && mask_in == nullptr) return cudaErrorInvalidValue;
   const bool cl = f != nullptr && channels_last_mapping(*f);
   struct Ctx {
     const PixelForwardArgs<T>* a;
@@ -331,7 +330,7 @@ cudaError_t pixels_forward_t(MapShape shape, const float* partial, int runs, con
     const Ctx& x = *static_cast<const Ctx*>(c);
     const PixelForwardArgs<T>& a = *x.a;
     const size_t e = sizeof(T);
-    const bool dense_ok = x.cl || (aligned(a.partial, 16) && aligned(a.mask_in, 16) && aligned(a.mask_out, 16));
+    const bool dense_ok = x.cl || (aligned(a.partial.data, 16) && aligned(a.mask_in, 16) && aligned(a.mask_out, 16));
     const bool image_ok = x.cl || vec_fits(a.image.data, e, a.image.s, true, n);
     return dense_ok && image_ok && vec_fits(a.embed.data, e, a.embed.s, !x.cl, n) &&
            vec_fits(a.fused, e, a.fs, !x.cl, n);
@@ -392,12 +391,12 @@ cudaError_t pixels_backward_t(MapShape shape, const T* grad_fused, Strides gfs, 
 
 }  // namespace
 
-cudaError_t pixels_forward(DType dtype, MapShape shape, const float* partial, int runs, const void* mask_in,
+cudaError_t pixels_forward(DType dtype, MapShape shape, const PartialPlanes& partial, const void* mask_in,
                            void* mask_out, const FusionInputs* fusion, void* fused, Strides fused_strides,
                            cudaStream_t stream) {
   if (shape.batch == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;
   DECAFA_DISPATCH(dtype, return pixels_forward_t<scalar_t>(
-                             shape, partial, runs, static_cast<const scalar_t*>(mask_in),
+                             shape, partial, static_cast<const scalar_t*>(mask_in),
                              static_cast<scalar_t*>(mask_out), fusion, static_cast<scalar_t*>(fused), fused_strides,
                              stream));
   return cudaSuccess;
@@ -409,7 +408,8 @@ cudaError_t fuse_forward(DType dtype, MapShape shape, const void* mask, const Fu
                          Strides fused_strides, cudaStream_t stream) {
   if (shape.batch == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;  // (empty: no pointers)
   if (mask == nullptr) return cudaErrorInvalidValue;
-  return detail::pixels_forward(dtype, shape, nullptr, 0, mask, nullptr, &fusion, fused, fused_strides, stream);
+  return detail::pixels_forward(dtype, shape, detail::PartialPlanes{}, mask, nullptr, &fusion, fused, fused_strides,
+                                stream);
 }
 
 cudaError_t fuse_backward(DType dtype, MapShape shape, const void* grad_fused, Strides grad_fused_strides,

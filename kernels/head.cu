@@ -41,7 +41,9 @@ cudaError_t device_info(DeviceInfo* out) {
 size_t head_forward_workspace_floats(MapShape shape) {
   detail::DeviceInfo dev;
   if (detail::device_info(&dev) != cudaSuccess || shape.maps <= 0) return 0;
-  return static_cast<size_t>(shape.batch) * detail::map_runs(shape, dev) * shape.height * shape.width;
+  const size_t runs = static_cast<size_t>(shape.batch) * detail::map_runs(shape, dev) * shape.height * shape.width;
+  const size_t ring = detail::ring_forward_workspace_floats(shape, dev);
+  return ring > runs ? ring : runs;
 }
 
 cudaError_t head_forward(DType dtype, MapShape shape, Logits logits, bool normalized, float* stats, void* z,
@@ -53,11 +55,28 @@ cudaError_t head_forward(DType dtype, MapShape shape, Logits logits, bool normal
   detail::DeviceInfo dev;
   cudaError_t err = detail::device_info(&dev);
   if (err != cudaSuccess) return err;
+  if (detail::ring_selected()) {  // falls through to the run kernels where the ring does not cover the case
+    int ctas = 0;
+    err = detail::maps_forward_ring(dtype, shape, logits, normalized, stats, z, phi, pixels ? workspace : nullptr,
+                                    &ctas, stream);
+    if (err != cudaSuccess || (ctas > 0 && !pixels)) return err;
+    if (ctas > 0) {
+      detail::PartialPlanes planes;
+      planes.data = workspace;
+      planes.ctas = ctas;
+      planes.maps = shape.maps;
+      planes.total = shape.batch * shape.maps;
+      return detail::pixels_forward(dtype, shape, planes, nullptr, mask, fusion, fused, fused_strides, stream);
+    }
+  }
   const int runs = detail::map_runs(shape, dev);
   err = detail::maps_forward(dtype, shape, logits, normalized, stats, z, phi, pixels ? workspace : nullptr, runs,
                              stream);
   if (err != cudaSuccess || !pixels) return err;
-  return detail::pixels_forward(dtype, shape, workspace, runs, nullptr, mask, fusion, fused, fused_strides, stream);
+  detail::PartialPlanes planes;
+  planes.data = workspace;
+  planes.runs = runs;
+  return detail::pixels_forward(dtype, shape, planes, nullptr, mask, fusion, fused, fused_strides, stream);
 }
 
 size_t head_backward_workspace_floats(MapShape shape) {

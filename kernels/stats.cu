@@ -34,18 +34,6 @@ int map_runs(MapShape shape, const DeviceInfo& dev) {
 
 namespace {
 
-// Output coordinate = o + k * pixel index (column for x, row for y).
-struct Coords {
-  float ox, kx, oy, ky;
-};
-
-Coords coords_for(int height, int width, bool normalized) {
-  if (!normalized) return {0.f, 1.f, 0.f, 1.f};
-  // x_n = 2 col / (W - 1) - 1; a one-pixel axis gives 0, its centre (kornia's convention).
-  return {width > 1 ? -1.f : 0.f, width > 1 ? 2.f / (width - 1) : 0.f, height > 1 ? -1.f : 0.f,
-          height > 1 ? 2.f / (height - 1) : 0.f};
-}
-
 // The maps of a block: batch element b, maps [first, last).
 struct Run {
   int64_t b;
@@ -706,6 +694,14 @@ cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const floa
                           PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,
                           cudaStream_t stream) {
   if (shape.batch == 0 || shape.maps == 0 || shape.height == 0 || shape.width == 0) return cudaSuccess;
+  // the ring backward where selected and covered: a per-batch float32 gradient of Phi (or none)
+  if (detail::ring_selected() && !grad_phi.per_map && (grad_phi.float32 || grad_phi.data == nullptr)) {
+    bool done = false;
+    const cudaError_t err =
+        detail::maps_backward_ring(dtype, shape, logits, stats, normalized, static_cast<const float*>(grad_phi.data),
+                                   grad_z, grad_logits, grad_beta, &done, stream);
+    if (err != cudaSuccess || done) return err;
+  }
   DECAFA_DISPATCH(
       dtype,
       if (grad_phi.float32) {

@@ -8,7 +8,9 @@
 // Every CUDA thread of a block is a fiber (ucontext) on one OS thread, run round-robin until it waits at a
 // barrier or returns; blocks run one after another. __syncthreads waits for every live thread of the block;
 // __shfl_xor_sync exchanges through a per-block array between two warp-wide barriers; a thread that
-// returns leaves both barriers (as on the GPU). __shared__ variables become function statics:
+// returns leaves both barriers (as on the GPU). cp.async (the kernels' async_copy.cuh helpers): a thread's
+// copies are queued per commit group and performed when it waits for the group (cp_async_wait), or at issue
+// with EMU_ASYNC=eager; either way the bytes count as loads. __shared__ variables become function statics:
 // shared by the threads of a block, and blocks never overlap. Device memory is host memory. Device facts
 // come from EMU_SM_COUNT (default 1, so small grids still take the vector paths) and EMU_L2_BYTES.
 // Dynamic shared memory is filled with NaN bytes before each block so that reading unwritten data shows.
@@ -46,11 +48,21 @@ struct Barrier {
   }
 };
 
+// A cp.async copy not yet performed (the emulation's model: a group of copies lands when the thread waits
+// for it, or at issue with EMU_ASYNC=eager).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
 struct Fiber {
   ucontext_t context;
   char* stack;
   uint3 index;
   bool done = false;
+  std::vector<AsyncCopy> open;                 // issued since the last commit
+  std::vector<std::vector<AsyncCopy>> groups;  // committed, oldest first
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
@@ -110,6 +122,53 @@ inline float shfl_xor_sync(unsigned, float v, int offset) {
   return r;
 }
 
+// __shfl_sync: lane `src` of the warp (src < 32).
+inline float shfl_sync(unsigned, float v, int src) {
+  const int tid = linear_thread();
+  Barrier& warp = t_block->warps[tid / 32];
+  t_block->shuffle[tid] = v;
+  wait_at(warp);
+  const float r = t_block->shuffle[(tid & ~31) + (src & 31)];
+  wait_at(warp);
+  return r;
+}
+
+// cp.async: the bytes are counted as loads at issue; the copy itself is deferred to the wait that covers its
+// group (so a read of a stage before its wait sees the NaN fill, and fails the comparison), or done at issue
+// with EMU_ASYNC=eager (so a copy into a stage that another thread still reads overwrites it, and fails).
+inline void count_load(size_t bytes);
+inline bool async_eager() {
+  static const bool eager = [] {
+    const char* v = std::getenv("EMU_ASYNC");
+    return v != nullptr && std::string(v) == "eager";
+  }();
+  return eager;
+}
+
+inline void cp_async(void* dst, const void* src, size_t bytes) {
+  count_load(bytes);
+  if (async_eager()) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  t_block->fibers[t_block->current].open.push_back({dst, src, bytes});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = t_block->fibers[t_block->current];
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+// All but the newest `pending` committed groups of this thread land (an uncommitted copy stays pending).
+inline void cp_async_wait(int pending) {
+  Fiber& f = t_block->fibers[t_block->current];
+  while (static_cast<int>(f.groups.size()) > pending) {
+    for (const AsyncCopy& c : f.groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
 template <typename T>
 inline T ldg(const T* p) {
   return *p;
@@ -123,6 +182,8 @@ inline void leave(Barrier& bar) {
 inline void fiber_entry() {
   Block& b = *t_block;
   b.body();
+  cp_async_commit();
+  cp_async_wait(0);  // copies still in flight land before the thread is gone (as on the GPU)
   const int tid = linear_thread();
   leave(b.warps[tid / 32]);
   leave(b.sync);
@@ -186,6 +247,8 @@ cudaError_t launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_
               Fiber& f = blk.fibers[id];
               f.index = {tx, ty, tz};
               f.done = false;
+              f.open.clear();
+              f.groups.clear();
               getcontext(&f.context);
               f.context.uc_stack.ss_sp = f.stack;
               f.context.uc_stack.ss_size = kStackBytes;
@@ -236,6 +299,7 @@ inline int env_int(const char* name, int fallback) {
 #define gridDim (::emu::t_grid_dim)
 #define __syncthreads() ::emu::syncthreads()
 #define __shfl_xor_sync(mask, v, offset) ::emu::shfl_xor_sync(mask, v, offset)
+#define __shfl_sync(mask, v, src) ::emu::shfl_sync(mask, v, src)
 #define __ldg(p) ::emu::ldg(p)
 #define __expf(x) std::exp(x)
 #define __logf(x) std::log(x)
@@ -305,6 +369,18 @@ template <typename F>
 cudaError_t cudaFuncSetAttribute(F* entry, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
 }
+
+// The kernels' cp.async helpers (async_copy.cuh), on the model above.
+namespace decafa_kernels {
+namespace detail {
+using SmemAddr = unsigned char*;
+inline SmemAddr smem_address(const void* p) { return static_cast<SmemAddr>(const_cast<void*>(p)); }
+inline void cp_async16(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 16); }
+inline void cp_async4(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 4); }
+inline void cp_async_commit() { ::emu::cp_async_commit(); }
+inline void cp_async_wait(int pending) { ::emu::cp_async_wait(pending); }
+}  // namespace detail
+}  // namespace decafa_kernels
 
 // Cache-hinted loads and stores are plain ones here.
 template <typename T>

@@ -1,6 +1,7 @@
 // Torch-free check of every decafa launcher against a CPU double-precision computation, in float32,
 // float16 and bfloat16, over shapes that take the scalar path, the vector path, the batch-chunk loop and
-// the unstaged (map larger than the shared-memory limit) path, for every fusion mode.
+// the unstaged (map larger than the shared-memory limit) path, for every fusion mode; with
+// DECAFA_CUDA_MAPS=ring the whole-tile NCHW shapes take the ring kernels (ring.cu), the others the run kernels.
 //
 // Runs on a GPU (built by CMakeLists.txt), or on the CPU through kernels/smoke/cpu_emulation.h (built by
 // tests/cuda/test_kernels_build.py), which checks the kernels' logic on machines without a GPU.
@@ -448,6 +449,74 @@ void check_one_pixel_map_has_zero_gradients() {
   }
 }
 
+// -inf logits get zero probability and a NaN makes its map's outputs NaN (and its batch element's mask), on a
+// whole-tile shape (the ring kernels' with DECAFA_CUDA_MAPS=ring, the run kernels' otherwise): b = 0 has maps
+// with -inf pixels (one map all -inf but one pixel: Phi one-hot there), b = 1 a NaN in map 0.
+void check_special_values() {
+  const Case k{2, 3, 16, 32, 1, 2, 2, 0.8f, false, false, false, false, true};
+  const int hw = k.h * k.w;
+  const dk::MapShape shape{k.b, k.l, k.h, k.w};
+  const dk::DType f32 = dk::DType::kFloat32;
+  std::mt19937 rng(77);
+  for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16}) {
+    Device dev;
+    Vec t = random_vec(size_t(k.b) * k.l * hw, rng, 2.0), img = random_vec(size_t(k.b) * hw, rng, 1.0);
+    Vec emb = random_vec(size_t(k.b) * k.c * hw, rng, 1.0), gz = random_vec(size_t(k.b) * k.l * 2, rng, 1.0);
+    for (int p = 0; p < hw; p += 5) t[p] = -INFINITY;           // (0, 0): every fifth pixel
+    for (int p = 0; p < hw; ++p) t[hw + p] = p == 77 ? 1.0 : -INFINITY;  // (0, 1): one-hot at pixel 77
+    t[size_t(k.l) * hw + 123] = NAN;                              // (1, 0)
+    void *d_t = upload_as(dev, dt, t, k.b, k.l, hw, false), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
+    void* d_gz = dev.upload(dt, gz);
+    const dk::Logits logits{d_t, dk::nchw_strides(k.l, hw), k.beta, nullptr};
+    const dk::FusionInputs fusion{k.mode, d_i, dk::nchw_strides(1, hw), 1, d_e, dk::nchw_strides(k.c, hw), k.c};
+    const dk::Strides fs = dk::nchw_strides(1, hw);  // F2 = I * M
+    auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * k.b * k.l));
+    auto* ws = static_cast<float*>(dev.poisoned(f32, std::max<size_t>(1, dk::head_forward_workspace_floats(shape))));
+    void *d_z = dev.poisoned(dt, 2 * k.b * k.l), *d_f = dev.poisoned(dt, size_t(k.b) * hw);
+    void* d_m = dev.poisoned(dt, size_t(k.b) * hw);
+#ifdef DECAFA_EMULATION
+    const unsigned long long ring_before = emu::traffic()["maps_forward_ring"].launches;
+#endif
+    CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws, nullptr));
+#ifdef DECAFA_EMULATION
+    const char* maps_env = std::getenv("DECAFA_CUDA_MAPS");
+    if ((maps_env != nullptr && std::string(maps_env) == "ring") !=
+        (emu::traffic()["maps_forward_ring"].launches > ring_before)) {
+      ++failures;
+      std::printf("FAIL special values: the ring forward ran or not against DECAFA_CUDA_MAPS\n");
+    }
+#endif
+    void* d_gt = dev.poisoned(dt, t.size());
+    auto* gbeta = static_cast<float*>(dev.poisoned(f32, k.b * k.l));
+    auto* bws = static_cast<float*>(dev.poisoned(f32, dk::head_backward_workspace_floats(shape)));
+    CHECK_CUDA(dk::head_backward(dt, shape, logits, stats, false, d_gz, nullptr, fs, d_m, fusion, d_gt, gbeta, d_i,
+                                 dk::nchw_strides(1, hw), d_e, dk::nchw_strides(k.c, hw), bws, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    const Vec z = download(dt, d_z, 2 * k.b * k.l), m = download(dt, d_m, size_t(k.b) * hw);
+    const Vec gt = download(dt, d_gt, t.size());
+    // b = 0 against the reference (which gives -inf pixels exp(-inf) = 0)
+    Case k0 = k;
+    k0.b = 1;
+    Vec t0(t.begin(), t.begin() + size_t(k.l) * hw);
+    const Forward ref = reference_forward(k0, t0, {});
+    expect_close("special z (b=0)", k0, dt, Vec(z.begin(), z.begin() + 2 * k.l), ref.z);
+    expect_close("special mask (b=0)", k0, dt, Vec(m.begin(), m.begin() + hw), ref.mask);
+    const MapGrads g0 = reference_map_backward(k0, ref, t0, {}, false, Vec(gz.begin(), gz.begin() + 2 * k.l));
+    expect_close("special grad_logits (b=0)", k0, dt, Vec(gt.begin(), gt.begin() + size_t(k.l) * hw), g0.gt);
+    bool ok = z[2] == 77 % k.w && z[3] == 77 / k.w;  // the one-hot map's z exactly at its pixel
+    for (int p = 0; p < hw; p += 5) ok = ok && gt[p] == 0.0;  // zero probability: zero gradient
+    // b = 1: map 0's stats and z NaN, and the mask of b = 1 everywhere; maps 1, 2 finite
+    const Vec st = download(f32, stats, 2 * k.b * k.l);
+    ok = ok && std::isnan(st[2 * k.l + 1]) && std::isnan(z[2 * k.l]) && std::isnan(z[2 * k.l + 1]);
+    ok = ok && std::isfinite(z[2 * k.l + 2]) && std::isfinite(z[2 * k.l + 5]);
+    for (int p = 0; p < hw; ++p) ok = ok && std::isnan(m[hw + p]) && std::isfinite(m[p]);
+    if (!ok) {
+      ++failures;
+      std::printf("FAIL special values (-inf, NaN) %-8s\n", dtype_name(dt));
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // channels_last T: pairs of maps per access against one value per access
 // ------------------------------------------------------------------------------------------------
@@ -671,10 +740,15 @@ int main(int argc, char** argv) {
       {3, 4, 16, 16, 3, 2, 2, 1.0f, false, false, false, true, false},  // F2, channels_last E (C = 2)
       {2, 5, 12, 20, 1, 4, 3, 2.0f, false, false, false, false, false}, // F3
       {2, 9, 24, 24, 2, 7, 4, -1.5f, true, true, false, false, true},   // F4, negative beta
+      // whole tiles of 512 pixels (the ring forward with DECAFA_CUDA_MAPS=ring): raw max, general path, F3
+      {3, 5, 16, 32, 1, 8, 5, 0.7f, false, true, false, false, true},   // 512 pixels, 32 threads
+      {2, 9, 32, 32, 2, 7, 4, -1.5f, true, true, false, false, true},   // per-map beta, negative beta
+      {2, 6, 32, 48, 3, 4, 3, 2.0f, false, false, false, true, false},  // 1536 pixels, channels_last E
       {1, 2, 130, 130, 1, 2, 5, 1.0f, true, false, false, false, false},// map over the on-chip capacity
       {1, 2, 130, 130, 1, 2, 5, 1.0f, false, true, true, true, false},  // the same, channels_last
   };
   check_one_pixel_map_has_zero_gradients();
+  check_special_values();
   check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {
@@ -682,6 +756,13 @@ int main(int argc, char** argv) {
     for (dk::DType dt : dtypes)
       if (dt == dk::DType::kFloat32 || k.all_dtypes) run_case(k, dt, rng);
   }
+#ifdef DECAFA_EMULATION
+  // which per-map kernels the cases ran (DECAFA_CUDA_MAPS=ring: the ring where it covers the shape)
+  std::printf("forward launches maps_forward_ring %llu maps_forward_onchip %llu\n",
+              emu::traffic()["maps_forward_ring"].launches, emu::traffic()["maps_forward_onchip"].launches);
+  std::printf("backward launches maps_backward_ring %llu maps_backward_onchip %llu\n",
+              emu::traffic()["maps_backward_ring"].launches, emu::traffic()["maps_backward_onchip"].launches);
+#endif
   std::printf("decafa_kernels_smoke: %s\n", failures == 0 ? "all cases passed" : "FAILED");
   return failures == 0 ? 0 : 1;
 }

@@ -7,7 +7,8 @@
 * The kernels' logic: kernels/*.cu and the smoke test compiled with g++ against
   kernels/smoke/cpu_emulation.h (CUDA threads as fibers, barriers and warp shuffles emulated), then run:
   every launcher against a CPU double-precision reference, float32/float16/bfloat16, on the vector and the
-  scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width).
+  scalar paths (EMU_SM_COUNT=1 and 132 steer the pixel kernels' vector width), with the run kernels and with the
+  ring kernels (DECAFA_CUDA_MAPS=ring; cp.async copies landing at their wait, or at issue with EMU_ASYNC=eager).
 * The bytes each kernel moves: the emulation counts every lane of every global load and store; at the paper
   shape (L = 98, 128 x 128, C = 64, Ci = 1, F5) the fused head's forward must stay within 1.10x its floor
   and forward + backward within 1.15x (issue 13), float32 and bfloat16, NCHW and channels_last, for the
@@ -194,18 +195,42 @@ def test_cuda_glue_compiles(builds):
         assert obj.is_file() and obj.stat().st_size > 0, obj
 
 
+def _map_launches(stdout: str) -> dict[str, int]:
+    """The smoke test's 'forward launches K N K N' and 'backward launches K N K N' lines -> {kernel: launches}."""
+    out = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts[1:2] == ["launches"] and parts[0] in ("forward", "backward"):
+            out.update({parts[i]: int(parts[i + 1]) for i in range(2, len(parts), 2)})
+    assert len(out) == 4, "no launch counts:\n" + stdout[-2000:]
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sm_count", ["1", "132"])
-def test_kernels_on_cpu_emulation(builds, sm_count):
+@pytest.mark.parametrize(("maps", "sm_count", "async_mode"), [
+    ("onchip", "1", ""), ("onchip", "132", ""),
+    # the ring: one batch element per CTA (1 SM), ranges across batch elements (5), one map per CTA (132);
+    # cp.async copies landing at the wait (default) or at issue (eager)
+    ("ring", "1", ""), ("ring", "5", ""), ("ring", "132", ""), ("ring", "5", "eager")])
+def test_kernels_on_cpu_emulation(builds, maps, sm_count, async_mode):
     """Every launcher against the CPU reference, run through the CUDA emulation (vector width of the pixel
-    kernels: the widest with EMU_SM_COUNT=1, scalar for small grids with 132)."""
+    kernels: the widest with EMU_SM_COUNT=1, scalar for small grids with 132), with the on-chip run kernels
+    and with the ring kernels (DECAFA_CUDA_MAPS=ring), which must then run for the NCHW cases they cover."""
     code, output, binary = _result(builds, "emulation")
     assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
-    env = dict(os.environ, EMU_SM_COUNT=sm_count)
+    env = dict(os.environ, EMU_SM_COUNT=sm_count, DECAFA_CUDA_MAPS=maps, EMU_ASYNC=async_mode)
     env.pop("DECAFA_CUDA_BATCH_CHUNK", None)
     run = subprocess.run([str(binary), "--quick"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "all cases passed" in run.stdout
+    launches = _map_launches(run.stdout)
+    if maps == "ring":
+        # the whole-tile NCHW cases: head, attention and softmax forwards; head and z-only backwards (the per-map
+        # and 16-bit mask gradients take the run kernels)
+        assert launches["maps_forward_ring"] == 21 and launches["maps_backward_ring"] == 14, launches
+        assert launches["maps_forward_onchip"] > 0, launches  # channels_last T and shapes the ring leaves
+    else:
+        assert launches["maps_forward_ring"] == 0 and launches["maps_backward_ring"] == 0, launches
 
 
 # The runs of maps per batch element an H100 (132 multiprocessors) picks at B = 64: the traffic test counts
@@ -239,6 +264,44 @@ def _traffic(binary, batch: int, runs: str, layout: str = "nchw") -> dict:
             out["kernels"].append(parts[1:6])
             out["load_widths"][(dtype, parts[2])] = _widths(parts[7])
     return out
+
+
+@pytest.mark.slow
+def test_ring_traffic_at_the_paper_shape(builds):
+    """The ring kernels' counted bytes at the paper shape (NCHW), B = 2 over 5 SMs: ranges of 39-40 maps, three
+    partial planes per batch element, as an H100 gets at B = 64 (132 ranges of 47-48 maps: 3.06 planes per
+    element); T read once per pass in 16-byte cp.async copies, within 1.10x / 1.15x of the floor."""
+    code, output, binary = _result(builds, "emulation")
+    assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
+    env = dict(os.environ, EMU_SM_COUNT="5", DECAFA_CUDA_MAPS="ring")
+    run = subprocess.run([str(binary), "--traffic", "2", "nchw"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    out = {"summary": {}, "kernels": {}}
+    dtype = None
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["traffic", "dtype"]:
+            dtype = parts[2]
+        elif parts[:2] == ["traffic", "summary"]:
+            out["summary"][parts[2]] = {"forward": float(parts[8]), "fwd+bwd": float(parts[14])}
+        elif parts[:1] == ["traffic"] and parts[1] in ("forward", "backward"):
+            out["kernels"][(dtype, parts[2])] = (int(parts[4]), int(parts[5]), _widths(parts[7]))
+    t_values = 2 * 98 * 128 * 128
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        for pass_, limit in TRAFFIC_LIMITS.items():
+            assert out["summary"][dtype][pass_] <= limit, (dtype, pass_, out["summary"])
+        loaded, stored, widths = out["kernels"][(dtype, "maps_forward_ring")]
+        assert widths == {16: t_values * size // 16}, widths  # T once, 16 bytes a copy, nothing else
+        # stats and z, and the partial masks: 3 planes per batch element
+        assert stored == 2 * 98 * (8 + 2 * size) + 2 * 3 * 128 * 128 * 4, stored
+        # backward: T once (16-byte copies), the mask gradient once per batch element of a range (16-byte loads)
+        # and the per-map stats and grad z (4-byte copies); grad T out in 16-byte stores
+        loaded, stored, widths = out["kernels"][(dtype, "maps_backward_ring")]
+        assert widths[16] == t_values * size // 16 + 6 * 128 * 128 * 4 // 16, widths
+        assert set(widths) == {4, 16} and widths[4] == 2 * 98 * (2 + (2 if size == 4 else 1)), widths
+        assert stored == t_values * size + 2 * 98 * 4, stored
+    assert not any(k[1].endswith("_onchip") for k in out["kernels"]), out["kernels"]
 
 
 @pytest.mark.slow
