@@ -9,15 +9,17 @@
 #    per-map passes (DECAFA_CUDA_MAPS=ring), old and new kernels side by side;
 # 4. bench_model: the whole model, eager B = 1 and B = 64 bf16 for reference, triton and cuda, CUDA graphs
 #    at B = 1, and only then torch.compile (bench/model_check.py);
-# 4b. ncu (when ncu exists): one profiled call of each CUDA kernel of the head, forward and forward + backward,
-#    float32 and bfloat16 at B = 64, run kernels then ring kernels (bench/ncu_head.py): DRAM bytes and throughput,
-#    issue activity, stall reasons, achieved occupancy, waves (the raw CSV in steps.log);
+# 3c. triton_kernels: each Triton per-map kernel on its own, persistent vs per-run (bench/triton_kernels.py);
 # 5. bench_ops: the pytest-benchmark ops suite, quick subset (its Triton-vs-CUDA races become the auto table);
+# 5b. ncu (when ncu exists, with what the budget leaves): one profiled call of each CUDA kernel of the head,
+#    forward and forward + backward, float32 and bfloat16 at B = 64, run kernels then ring kernels
+#    (bench/ncu_head.py): DRAM bytes and throughput, issue activity, stall reasons, achieved occupancy, waves
+#    (the raw CSV in steps.log);
 # 6. results: gpu-<date>-<gpu>.json (bench/gpu_results.py): commit, device, clocks, copy rate and one row per
 #    timed case of head_floor (both runs), bench_model and bench_ops; commit it under bench/results/.
 # Writes into OUTDIR (8 files at most come back from the device machine): report.md (rewritten after every
 # step; the tables of rows.jsonl at the end), steps.log (each step's output, appended as the step ends), head_floor.json, model.json,
-# bench_ops.json, rows.jsonl, auto_table.json (commit it as decafa_fast/auto_table.json so that "auto" runs
+# rows.jsonl, triton_kernels_table.json (the Triton tuning-table entry for this GPU), auto_table.json (commit it as decafa_fast/auto_table.json so that "auto" runs
 # the faster backend on this GPU), gpu-<date>-<gpu>.json. Every step writes its results as it goes; each step and each case inside
 # the Python steps checks the deadline, so the whole check ends within 8 minutes; a failing step is reported
 # and the rest still run. Exit status: 0 if every step passed, 1 otherwise, 2 without a GPU.
@@ -196,52 +198,59 @@ run_step install "${GPU_CHECK_INSTALL_S:-120}" bash -c install
 # 2. the op tests natively on the GPU. Kernel compilation dominates on a fresh machine: spread it over
 #    4 workers when pytest-xdist is there.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
-run_step tests 80 "$PY" -m pytest -q -p no:cacheprovider -rfEs $XDIST tests/triton/test_ops_triton.py \
+run_step tests 60 "$PY" -m pytest -q -p no:cacheprovider -rfEs $XDIST tests/triton/test_ops_triton.py \
     tests/cuda/test_ops_cuda.py
 
 # 3. the Triton and CUDA C++ heads raced against each other and the floor (every GPU case first), then the
 #    references, then a short Triton tuning sweep; each case checks the step's deadline before it starts.
-run_step head_floor 90 bash -c '"$PY" bench/head_floor.py --sweep --budget-s $((STEP_LIMIT - 15)) \
+run_step head_floor 75 bash -c '"$PY" bench/head_floor.py --sweep --budget-s $((STEP_LIMIT - 15)) \
     --json "$0/head_floor.json"' "$OUT"
 
 # 3b. the ring kernels beside the run kernels: the CUDA op tests, then the CUDA head raced again (its json
 #     stays with the logs: gpu_results.py folds its cuda rows into the record, marked maps=ring).
-run_step tests_ring 30 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+run_step tests_ring 25 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
     tests/cuda/test_ops_cuda.py
-run_step head_floor_ring 45 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_floor.py --backends cuda \
+run_step head_floor_ring 35 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_floor.py --backends cuda \
     --no-compile --budget-s $((STEP_LIMIT - 10)) --json "$0/head_floor_ring.json"' "$LOGS"
+
+# 3c. each Triton per-map kernel on its own, persistent vs per-run kernels, B = 1 (eager and CUDA graph) and 64
+#     (its json stays with the logs: gpu_results.py folds its rows into the record; its tuning-table entry
+#     goes to the report's folder, to be copied into decafa_fast/triton/tuning_table.json)
+run_step triton_kernels 50 bash -c '"$PY" bench/triton_kernels.py --reps 10 --budget-s $((STEP_LIMIT - 15)) \
+    --json "$0/triton_kernels.json" --table-out "$0/triton_kernels_table.json"' "$LOGS"
 
 # 4. the whole model: eager B = 1 and 64 (bf16) for reference, triton, cuda; CUDA graphs at B = 1; then the
 #    compiled variants while the step's time lasts.
-run_step bench_model 90 bash -c '"$PY" bench/model_check.py --budget-s $((STEP_LIMIT - 25)) \
+run_step bench_model 60 bash -c '"$PY" bench/model_check.py --budget-s $((STEP_LIMIT - 25)) \
     --json "$0/model.json"' "$OUT"
 
-# 4b. ncu metrics per kernel, both kernel sets (skipped without ncu)
+# 5. the pytest-benchmark ops suite, quick subset (GPU_CHECK_BENCH_ARGS="" runs everything). Rows stream
+#    into rows.jsonl as they are measured, so a step cut off by its timeout still reports them; the suite
+#    saves its Triton-vs-CUDA races as the auto table. No torch.compile'd reference here (head_floor times it).
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---decafa-quick}
+run_step bench_ops 45 "$PY" -m pytest bench/test_ops.py --benchmark-only -q -p no:cacheprovider -rfEs \
+    --decafa-no-summary --decafa-rows "$OUT/rows.jsonl" $BENCH_ARGS \
+    --decafa-backends "${GPU_CHECK_OPS_BACKENDS:-reference,kornia,triton,cuda}" \
+    --benchmark-json "$LOGS/bench_ops.json" --decafa-auto-table "$OUT/auto_table.json"
+
+# 5b. ncu metrics per kernel, both kernel sets (skipped without ncu; last, since it gets what the budget leaves)
 NCU_SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats"
 if command -v ncu >/dev/null 2>&1; then
     export NCU_SECTIONS
-    run_step ncu 60 bash -c 'for maps in onchip ring; do echo "=== DECAFA_CUDA_MAPS=$maps ==="; \
+    run_step ncu 120 bash -c 'for maps in onchip ring; do echo "=== DECAFA_CUDA_MAPS=$maps ==="; \
         DECAFA_CUDA_MAPS=$maps ncu --profile-from-start off --csv --page details $NCU_SECTIONS \
         "$PY" bench/ncu_head.py --batch 64 || exit 1; done'
 else
     SUMMARY+=("| ncu | skipped: ncu not found | |")
 fi
 
-# 5. the pytest-benchmark ops suite, quick subset (GPU_CHECK_BENCH_ARGS="" runs everything). Rows stream
-#    into rows.jsonl as they are measured, so a step cut off by its timeout still reports them; the suite
-#    saves its Triton-vs-CUDA races as the auto table. No torch.compile'd reference here (head_floor times it).
-BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---decafa-quick}
-run_step bench_ops 70 "$PY" -m pytest bench/test_ops.py --benchmark-only -q -p no:cacheprovider -rfEs \
-    --decafa-no-summary --decafa-rows "$OUT/rows.jsonl" $BENCH_ARGS \
-    --decafa-backends "${GPU_CHECK_OPS_BACKENDS:-reference,kornia,triton,cuda}" \
-    --benchmark-json "$OUT/bench_ops.json" --decafa-auto-table "$OUT/auto_table.json"
-
 # 6. the machine-readable record (clocks as read now, after the run)
 CLOCKS=$(nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem --format=csv,noheader 2>/dev/null \
     | head -n 1)
 "$PY" bench/gpu_results.py --head-floor "$OUT/head_floor.json" --head-floor-ring "$LOGS/head_floor_ring.json" \
-    --model "$OUT/model.json" --ops-rows "$OUT/rows.jsonl" --clocks "$CLOCKS" --out-dir "$OUT" || FAILED=1
+    --model "$OUT/model.json" --ops-rows "$OUT/rows.jsonl" --triton-kernels "$LOGS/triton_kernels.json" --clocks "$CLOCKS" --out-dir "$OUT" || FAILED=1
+[ -f "$LOGS/triton_kernels_table.json" ] && cp "$LOGS/triton_kernels_table.json" "$OUT/"
 write_report final
 rm -rf "$LOGS"
 echo "[gpu_check] report: $REPORT ($(( $(date +%s) - START ))s)"

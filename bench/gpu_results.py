@@ -109,7 +109,7 @@ def git_commit() -> str:
 
 
 def build(head_floor: dict | None, head_floor_ring: dict | None, model: dict | None, clocks: str,
-          commit: str, ops: list[dict] | None = None) -> dict:
+          commit: str, ops: list[dict] | None = None, triton_kernels: dict | None = None) -> dict:
     info = (head_floor or {}).get("info", {})
     device = info.get("device") or (model or {}).get("device") or "unknown"
     rows = []
@@ -121,6 +121,8 @@ def build(head_floor: dict | None, head_floor_ring: dict | None, model: dict | N
         rows += model_rows(model)
     if ops:
         rows += ops_rows(ops)
+    if triton_kernels:  # bench/triton_kernels.py: rows already in this record's form (backend triton-<kernel>)
+        rows += triton_kernels.get("rows", [])
     return {"commit": commit, "device": device, "date": time.strftime("%Y-%m-%d", time.gmtime()),
             "clocks": parse_clocks(clocks), "copy_gb_s": info.get("copy_gbs"), "rows": rows}
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-floor-ring", help="the same with DECAFA_CUDA_MAPS=ring (its cuda rows are kept)")
     p.add_argument("--model", help="bench/model_check.py --json output")
     p.add_argument("--ops-rows", help="the ops suite's --decafa-rows JSON lines (bench/test_ops.py)")
+    p.add_argument("--triton-kernels", help="bench/triton_kernels.py --json output (Triton kernels old vs new)")
     p.add_argument("--clocks", default="", help="nvidia-smi --query-gpu=clocks.sm,clocks.mem,clocks.max.sm,"
                    "clocks.max.mem --format=csv,noheader")
     p.add_argument("--commit", help="default: git rev-parse HEAD")
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.ops_rows:
         print(f"gpu_results: {args.ops_rows} not found (that step did not run); its rows are left out", file=sys.stderr)
     record = build(_load(args.head_floor), _load(args.head_floor_ring), _load(args.model), args.clocks,
-                   args.commit or git_commit(), ops)
+                   args.commit or git_commit(), ops, _load(args.triton_kernels))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu-{record['date']}-{gpu_slug(record['device'])}.json"

@@ -104,6 +104,15 @@ def test_gpu_results_ops_rows(tmp_path):
     assert rows[1]["floor_us"] == pytest.approx(1.0)
 
 
+def test_gpu_results_folds_in_the_triton_kernel_rows(tmp_path):
+    row = {"backend": "triton-persistent", "op": "soft_argmax", "pass": "fwd", "dtype": "float32", "batch": 1,
+           "cuda_graph": True, "time_us": 9.0, "floor_us": 2.0}
+    tk = tmp_path / "triton_kernels.json"
+    tk.write_text(json.dumps({"gpu": "NVIDIA H200", "rows": [row], "best_map_kernel": "persistent"}))
+    assert gpu_results.main(["--triton-kernels", str(tk), "--commit", "c", "--out-dir", str(tmp_path)]) == 0
+    assert json.loads(next(tmp_path.glob("gpu-*.json")).read_text())["rows"] == [row]
+
+
 def test_gpu_results_without_the_optional_steps(tmp_path):
     hf = tmp_path / "hf.json"
     hf.write_text(json.dumps(HEAD_FLOOR))
