@@ -12,6 +12,12 @@
 | DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | `cuda_runs()`, for the CUDA glue |
 | TRITON_INTERPRET | 1 turns Triton's interpreter on | 0 | ops, at import (Triton reads it itself) |
 
+Three more are read by the compiled kernels themselves: DECAFA_CPU_ISA (avx512, avx2, baseline, auto; read
+once by csrc/cpu/isa.cpp, a bad value warns in one line on stderr), DECAFA_CUDA_MAPS (ring selects the ring
+kernels, anything else the default ones; read once by kernels/ring.cu) and DECAFA_CUDA_RUNS, which
+kernels/stats.cu still reads at each launch (the smoke test sweeps it within one process), unchecked there:
+`cuda_runs()` is the checked reading for when the glue passes it in.
+
 An empty variable counts as unset. A value that is not allowed gives one `SettingWarning` naming the
 variable, the value and what is allowed, and the default is used: none of these settings is worth stopping
 a process for. The warning is one line (no source line below it) and comes once per variable and value.
