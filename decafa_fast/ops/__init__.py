@@ -21,9 +21,8 @@ a GPU in `auto.py`, the choice and resolution of a backend in `backend.py`, argu
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
-from .. import reference
+from .. import _torch_private, reference
 from ..contract.fakes import FAKES, acc_dtype, register_fakes
 from ..contract.layout import FusionLayout, fusion_layout
 from ..contract.schemas import SCHEMAS, define_schemas
@@ -76,11 +75,7 @@ def _transformed(*tensors: torch.Tensor | None) -> bool:
     transform). Never true while torch.compile traces (the check would only break the graph)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if _forward_ad._current_level >= 0:
-        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    return False
+    return _torch_private.in_functorch_transform() or _torch_private.has_tangent(tensors)
 
 
 def spatial_softmax(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -137,10 +132,10 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
     image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> (B, channels(mode), H, W) in the
     memory format of the embedding.
     """
-    check_tensor("image", image, 4, "of shape (B, Ci, H, W)")
+    check_tensor("image", image)
     mode_id = check_mode(mode)
     check_companion("embedding", embedding, image, "image")
-    check_companion("mask", mask, image, "image", channels=1)
+    check_companion("mask", mask, image, "image")
     backend = resolve(image.device, "fuse", (image, embedding, mask))
     check_backend_dtype(backend, image)
     if backend == "reference" or _transformed(image, embedding, mask):
