@@ -2,9 +2,10 @@
 running torch.
 
 Checked on torch 2.13 (the versions are _torch_private.CHECKED_ON): on any other torch the version test fails
-until these tests have passed there and the version is added. Import-level checks (every name resolves, no
-module outside _torch_private names a private torch API) need no compiled extension; the behaviour checks
-define throwaway ops of their own.
+until these tests have passed there and the version is added. No test here calls decafa_fast's compiled ops:
+the behaviour checks define throwaway ops of their own, so on a torch the extension was not built for they run
+with `DECAFA_FIRST_USE_BUILD=0` (importing decafa_fast then records the extension as unavailable instead of
+compiling it).
 """
 from __future__ import annotations
 
