@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import _torch_private, ops
 
 Temperature = float | torch.Tensor
 
 
 def _reading_values_is_allowed() -> bool:
     """A tensor's values may be read (a data-dependent branch) outside graph capture and torch.func transforms."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
+    return not torch.compiler.is_compiling() and not _torch_private.in_functorch_transform()
 
 
 def beta_from_temperature(temperature: Temperature | None, heatmaps: torch.Tensor) -> float | torch.Tensor:

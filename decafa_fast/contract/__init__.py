@@ -1,5 +1,6 @@
-"""The op contract, shared by the reference and every backend: the fusion channel layout (`layout`), the schema
-of every compiled op (`schemas`) and its fake kernel, the output shapes (`fakes`).
+"""The op contract, shared by the reference and every backend: the fusion channel layout (`layout`), the op
+table (`table`: every compiled op described once) and what derives from it, the schemas (`schemas`) and the
+fake kernels (`fakes`).
 
 A leaf of the import graph: its modules import torch and each other, nothing else of decafa_fast, so that
 `decafa_fast.reference`, `decafa_fast.ops` and `decafa_fast.triton` can all depend on it without a cycle."""

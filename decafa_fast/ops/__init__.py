@@ -21,12 +21,12 @@ a GPU in `auto.py`, the choice and resolution of a backend in `backend.py`, argu
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
-from .. import reference
+from .. import _torch_private, reference
 from ..contract.fakes import FAKES, acc_dtype, register_fakes
 from ..contract.layout import FusionLayout, fusion_layout
 from ..contract.schemas import SCHEMAS, define_schemas
+from ..contract.table import OPS_BY_NAME
 from . import cpu_cache, extension, triton_import
 from .auto import AUTO_CUDA_PREFERENCE, measured_gpus
 from .autograd import register_autograd
@@ -76,11 +76,24 @@ def _transformed(*tensors: torch.Tensor | None) -> bool:
     transform). Never true while torch.compile traces (the check would only break the graph)."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    if _forward_ad._current_level >= 0:
-        return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    return False
+    return _torch_private.in_functorch_transform() or _torch_private.has_tangent(tensors)
+
+
+def _public_outputs(name: str, out) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """What the public function returns of op `name`'s outputs: the differentiable ones of the op table
+    (the stats, and the head's mask, are for the backward)."""
+    op = OPS_BY_NAME[name]
+    kept = tuple(o for o, n in zip(out if isinstance(out, tuple) else (out,), op.outputs) if n not in op.nondiff)
+    return kept[0] if len(kept) == 1 else kept
+
+
+def _maps_op(name: str, logits: torch.Tensor, beta, *flags: bool):
+    """The public op `name` of the logits alone: (logits, beta, beta_map, *flags) for the op, (logits, beta,
+    *flags) for the reference."""
+    backend, beta, beta_map = prepare_logits(name, logits, beta)
+    if backend == "reference" or _transformed(logits, beta_map):
+        return getattr(reference, name)(logits, reference_beta(beta, beta_map), *flags)
+    return _public_outputs(name, getattr(namespace(backend), name)(logits, beta, beta_map, *flags))
 
 
 def spatial_softmax(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -89,11 +102,7 @@ def spatial_softmax(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> t
     logits (B, L, H, W) -> Phi (B, L, H, W), same dtype. NaN in a map gives NaN over that map.
     beta: a number or a tensor broadcastable to (B, L) ((), (L,), (L, 1), (B, L), (B, L, 1)).
     """
-    backend, beta, beta_map = prepare_logits("spatial_softmax", logits, beta)
-    if backend == "reference" or _transformed(logits, beta_map):
-        return reference.spatial_softmax(logits, reference_beta(beta, beta_map))
-    phi, _ = namespace(backend).spatial_softmax(logits, beta, beta_map)
-    return phi
+    return _maps_op("spatial_softmax", logits, beta)
 
 
 def soft_argmax(
@@ -104,31 +113,19 @@ def soft_argmax(
     logits (B, L, H, W) -> z (B, L, 2), same dtype; pixels 0..W-1 / 0..H-1, or [-1, 1] when normalized
     (a one-pixel axis gives 0). beta as in spatial_softmax.
     """
-    backend, beta, beta_map = prepare_logits("soft_argmax", logits, beta)
-    if backend == "reference" or _transformed(logits, beta_map):
-        return reference.soft_argmax(logits, reference_beta(beta, beta_map), bool(normalized))
-    z, _ = namespace(backend).soft_argmax(logits, beta, beta_map, bool(normalized))
-    return z
+    return _maps_op("soft_argmax", logits, beta, bool(normalized))
 
 
 def attention_mask(logits: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The summed attention mask M = sum over l of Phi_l: logits (B, L, H, W) -> M (B, 1, H, W)."""
-    backend, beta, beta_map = prepare_logits("attention_mask", logits, beta)
-    if backend == "reference" or _transformed(logits, beta_map):
-        return reference.attention_mask(logits, reference_beta(beta, beta_map))
-    m, _ = namespace(backend).attention_mask(logits, beta, beta_map)
-    return m
+    return _maps_op("attention_mask", logits, beta)
 
 
 def landmark_attention(
     logits: torch.Tensor, beta: float | torch.Tensor = 1.0, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-argmax and summed mask in one pass: logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W))."""
-    backend, beta, beta_map = prepare_logits("landmark_attention", logits, beta)
-    if backend == "reference" or _transformed(logits, beta_map):
-        return reference.landmark_attention(logits, reference_beta(beta, beta_map), bool(normalized))
-    z, m, _ = namespace(backend).landmark_attention(logits, beta, beta_map, bool(normalized))
-    return z, m
+    return _maps_op("landmark_attention", logits, beta, bool(normalized))
 
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: str = "F5") -> torch.Tensor:
@@ -137,10 +134,10 @@ def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode:
     image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> (B, channels(mode), H, W) in the
     memory format of the embedding.
     """
-    check_tensor("image", image, 4, "of shape (B, Ci, H, W)")
+    check_tensor("image", image)
     mode_id = check_mode(mode)
     check_companion("embedding", embedding, image, "image")
-    check_companion("mask", mask, image, "image", channels=1)
+    check_companion("mask", mask, image, "image")
     backend = resolve(image.device, "fuse", (image, embedding, mask))
     check_backend_dtype(backend, image)
     if backend == "reference" or _transformed(image, embedding, mask):
@@ -167,10 +164,8 @@ def decafa_head(
     if backend == "reference" or _transformed(logits, image, embedding, beta_map):
         return reference.decafa_head(logits, image, embedding, mode, reference_beta(beta, beta_map),
                                      bool(normalized))
-    z, fused, _mask, _stats = namespace(backend).decafa_head(
-        logits, image, embedding, mode_id, beta, beta_map, bool(normalized)
-    )
-    return z, fused
+    return _public_outputs("decafa_head", namespace(backend).decafa_head(
+        logits, image, embedding, mode_id, beta, beta_map, bool(normalized)))
 
 
 # The C++ extension registers implementations only; the schemas are defined here, then fakes and autograd.

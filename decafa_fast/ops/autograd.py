@@ -6,6 +6,10 @@ the op's fused backward kernel of the same namespace, and skips what `ctx.needs_
 needs. A backward that builds a graph (create_graph=True: double backward, gradient penalties,
 gradgradcheck) instead differentiates the reference formulation on the saved inputs, so gradients of any
 order are exact on every backend. A tensor beta reaches the op as `beta_map` (B, L) and gets grad_beta.
+
+All of it is derived from the op table (decafa_fast.contract.table): which inputs take gradients, which outputs
+are saved and marked non-differentiable, which backward op runs and with which arguments (by name), and the
+reference function (decafa_fast.reference.<op>) the graph-building backward differentiates.
 """
 from __future__ import annotations
 
@@ -13,13 +17,10 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch._library.autograd
-import torch._library.custom_ops
-import torch._library.utils
-import torch.autograd.forward_ad as _forward_ad
 
-from .. import reference
+from .. import _torch_private, reference
 from ..contract.layout import FUSION_MODES
+from ..contract.table import OPS, OPS_BY_NAME, Op
 from .validation import reference_beta
 
 Tensor = torch.Tensor
@@ -46,14 +47,6 @@ def _graph_gradients(fn: Callable, inputs: Sequence[Tensor | None], needed: Sequ
     return [next(grads) if need else None for need in needed]
 
 
-
-
-def _has_tangent(args) -> bool:
-    return _forward_ad._current_level >= 0 and any(
-        isinstance(a, Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args
-    )
-
-
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
@@ -62,31 +55,23 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
     torch.func.jvp/jacfwd) on the raw op: torch would silently drop the tangent when no input requires grad.
     The public decafa_fast.ops functions run the reference formulation there instead.
     Ops made by torch.library.custom_op / triton_op (decafa_triton) get the same guard around their kernel."""
-    try:  # torch's own autograd kernel maker (private): the guard below wraps it
-        opdef = torch._library.custom_ops._maybe_get_opdef(qualname)
-        make_kernel, info = torch._library.autograd.make_autograd_impl, torch._library.autograd.Info
-    except AttributeError:  # another torch: the plain registration (forward AD then is torch's behaviour)
+    made = _torch_private.autograd_kernel(qualname, backward, setup_context)
+    if made is None:  # another torch: the plain registration (forward AD then is torch's behaviour)
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
         return
-    op = torch._library.utils.lookup_op(qualname)
-    if isinstance(opdef, torch._library.custom_ops.CustomOpDef):
-        # custom_op / triton_op (decafa_triton): its own registration, then its kernel replaced by the guarded one
-        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-        kernel, lib = make_kernel(op, opdef), opdef._lib
-    else:
-        kernel, lib = make_kernel(op, info(backward, setup_context)), None
+    kernel, lib, is_custom_op = made
     namespace, name = qualname.split("::")
-    public = f"decafa_fast.ops.{name}" if not name.endswith("_backward") else "decafa_fast.ops"
+    public = f"decafa_fast.ops.{name}" if OPS_BY_NAME[name].public else "decafa_fast.ops"
 
     def autograd_kernel(keyset, *args, **kwargs):
-        if _has_tangent(args):
+        if _torch_private.has_tangent(args):
             raise RuntimeError(
                 f"{qualname} has no forward-mode AD (jvp) rule: call {public}, which runs the reference "
                 f"formulation under forward-mode AD and torch.func transforms, or decafa_fast.reference"
             )
         return kernel(keyset, *args, **kwargs)
 
-    if lib is None:
+    if not is_custom_op:
         if namespace not in _LIBRARIES:
             _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
         lib = _LIBRARIES[namespace]
@@ -101,134 +86,107 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
             lib.impl(name, autograd_kernel, key, with_keyset=True)
 
 
+def reference_call(op: Op, args: dict) -> tuple[Tensor, ...]:
+    """The differentiable outputs of `op` by the reference formulation (decafa_fast.reference.<op>) on the op's
+    arguments by name: beta_map folded into beta, the fusion number as its name."""
+    kwargs = {}
+    for name, value in args.items():
+        if name == "beta_map":
+            continue
+        if name == "beta":
+            value = reference_beta(value, args.get("beta_map"))
+        elif name == "mode":
+            value = FUSION_MODES[value - 1]
+        kwargs[name] = value
+    out = getattr(reference, op.name)(**kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+class _Rule:
+    """The autograd rule of forward op `op`: saves the tensor inputs and the outputs its backward op takes,
+    marks op.nondiff outputs non-differentiable, and computes the gradients of op.grads."""
+
+    def __init__(self, namespace: str, op: Op, shortcut: Callable | None = None) -> None:
+        self.ns, self.op, self.shortcut = getattr(torch.ops, namespace), op, shortcut
+        self.back = OPS_BY_NAME[op.backward]
+        self.saved_inputs = op.tensor_inputs
+        self.saved_outputs = tuple(o for o in op.outputs if o in self.back.input_names)
+        self.grad_index = [op.input_names.index(g) for g in op.grads]
+        self.outputs_used = [i for i, o in enumerate(op.outputs) if o in op.differentiable_outputs]
+
+    def setup_context(self, ctx, inputs, output) -> None:
+        outputs = output if isinstance(output, tuple) else (output,)
+        named = dict(zip(self.op.outputs, outputs))
+        ctx.constants = {n: v for n, v in zip(self.op.input_names, inputs) if n not in self.saved_inputs}
+        nondiff = [named[o] for o in self.op.nondiff]
+        if nondiff:
+            ctx.mark_non_differentiable(*nondiff)
+        tensors = dict(zip(self.op.input_names, inputs))
+        ctx.save_for_backward(*(tensors[n] for n in self.saved_inputs), *(named[o] for o in self.saved_outputs))
+
+    def backward(self, ctx, *grad_outputs):
+        op = self.op
+        n_inputs = len(op.inputs)
+        args = dict(ctx.constants)
+        saved = dict(zip(self.saved_inputs + self.saved_outputs, ctx.saved_tensors))
+        args.update((n, saved[n]) for n in self.saved_inputs)
+        grads_out = dict(zip(op.outputs, grad_outputs))
+        needed = [bool(ctx.needs_input_grad[i]) for i in self.grad_index]
+        if all(grads_out[o] is None for o in op.differentiable_outputs) or not any(needed):
+            return (None,) * n_inputs
+        if torch.is_grad_enabled():
+            def fn(*xs):
+                return reference_call(op, {**args, **dict(zip(op.grads, xs))})
+
+            grads = _graph_gradients(fn, [args[g] for g in op.grads], needed,
+                                     [grads_out[o] for o in op.differentiable_outputs])
+        else:
+            grads = self.shortcut(self, args, saved, grads_out, needed) if self.shortcut else None
+            if grads is None:
+                values = {**op.backward_args, **args, **{o: saved[o] for o in self.saved_outputs},
+                          **{f"grad_{o}": g for o, g in grads_out.items()}}
+                out = getattr(self.ns, self.back.name)(*(values.get(n) for n in self.back.input_names))
+                grads = out if isinstance(out, tuple) else (out,)
+        result = [None] * n_inputs
+        for index, grad, need in zip(self.grad_index, grads, needed):
+            result[index] = grad if need else None
+        return tuple(result)
+
+
+def _head_without_logits(rule: _Rule, args: dict, saved: dict, grads_out: dict, needed: list[bool]):
+    """decafa_head when only image and embedding need gradients: the saved M is all they need, so the fusion
+    backward runs alone and the logits are not read."""
+    need = dict(zip(rule.op.grads, needed))
+    if need["logits"] or need["beta_map"]:
+        return None
+    if grads_out["fused"] is None:
+        return None, None, None, None
+    gi, ge, _ = rule.ns.fuse_backward(grads_out["fused"], args["image"], args["embedding"], saved["mask"],
+                                      args["mode"])
+    return None, gi, ge, None
+
+
+# Optional faster paths of the fused backward for some patterns of needed gradients (not needed to add an op).
+_SHORTCUTS: dict[str, Callable] = {"decafa_head": _head_without_logits}
+
+
+def _no_derivative(namespace: str, name: str) -> Callable:
+    """The backward ops have no derivative of their own (the forward ops' double backward differentiates the
+    reference formulation instead), so differentiating one, or feeding it dual tensors, raises."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{namespace}::{name} has no derivative of its own: differentiate the decafa_fast.ops function "
+            f"(its backward with create_graph=True runs a differentiable formulation) or decafa_fast.reference"
+        )
+    return backward
+
+
 def register_autograd(namespace: str) -> None:
-    ns = getattr(torch.ops, namespace)
-    lib = f"{namespace}::"
-
-    # spatial_softmax(logits, beta, beta_map) -> (phi, stats) ----------------------------------------------
-    def softmax_setup(ctx, inputs, output):
-        logits, beta, beta_map = inputs
-        ctx.beta = beta
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(logits, output[1], beta_map)
-
-    def softmax_backward(ctx, grad_phi, _grad_stats):
-        logits, stats, beta_map = ctx.saved_tensors
-        need_t, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        if grad_phi is None or not (need_t or need_b):
-            return None, None, None
-        if torch.is_grad_enabled():
-            gt, gb = _graph_gradients(
-                lambda t, bm: (reference.spatial_softmax(t, reference_beta(ctx.beta, bm)),),
-                (logits, beta_map), (need_t, need_b), (grad_phi,))
+    """Registers the autograd of every op of the table in `namespace` (whose ops already exist)."""
+    for op in OPS:
+        qualname = f"{namespace}::{op.name}"
+        if op.backward is None:
+            _register(qualname, _no_derivative(namespace, op.name), setup_context=lambda ctx, inputs, output: None)
         else:
-            gt, gb = ns.spatial_softmax_backward(grad_phi, logits, stats, ctx.beta, beta_map)
-        return (gt if need_t else None), None, (gb if need_b else None)
-
-    _register(lib + "spatial_softmax", softmax_backward, setup_context=softmax_setup)
-
-    # soft_argmax / attention_mask / landmark_attention share one backward -------------------------------
-    def stats_setup(ctx, inputs, output):
-        logits, beta, beta_map = inputs[:3]
-        ctx.beta = beta
-        ctx.normalized = inputs[3] if len(inputs) > 3 else False
-        ctx.n_inputs = len(inputs)
-        stats = output[-1]
-        ctx.mark_non_differentiable(stats)
-        ctx.save_for_backward(logits, stats, beta_map)
-
-    def stats_grad(ctx, grad_z, grad_mask):
-        logits, stats, beta_map = ctx.saved_tensors
-        need_t, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        nothing = (None,) * ctx.n_inputs
-        if (grad_z is None and grad_mask is None) or not (need_t or need_b):
-            return nothing
-        if torch.is_grad_enabled():
-            gt, gb = _graph_gradients(
-                lambda t, bm: reference.landmark_attention(t, reference_beta(ctx.beta, bm), ctx.normalized),
-                (logits, beta_map), (need_t, need_b), (grad_z, grad_mask))
-        else:
-            gt, gb = ns.landmark_attention_backward(grad_z, grad_mask, logits, stats, ctx.beta, beta_map,
-                                                    ctx.normalized)
-        return ((gt if need_t else None), None, (gb if need_b else None)) + nothing[3:]
-
-    def soft_argmax_backward(ctx, grad_z, _grad_stats):
-        return stats_grad(ctx, grad_z, None)
-
-    def attention_mask_backward(ctx, grad_mask, _grad_stats):
-        return stats_grad(ctx, None, grad_mask)
-
-    def landmark_attention_backward(ctx, grad_z, grad_mask, _grad_stats):
-        return stats_grad(ctx, grad_z, grad_mask)
-
-    _register(lib + "soft_argmax", soft_argmax_backward, setup_context=stats_setup)
-    _register(lib + "attention_mask", attention_mask_backward, setup_context=stats_setup)
-    _register(lib + "landmark_attention", landmark_attention_backward, setup_context=stats_setup)
-
-    # fuse(image, embedding, mask, mode) -> fused ------------------------------------------------------------
-    def fuse_setup(ctx, inputs, output):
-        image, embedding, mask, mode = inputs
-        ctx.mode = mode
-        ctx.save_for_backward(image, embedding, mask)
-
-    def fuse_backward(ctx, grad_fused):
-        image, embedding, mask = ctx.saved_tensors
-        needed = ctx.needs_input_grad[:3]
-        if grad_fused is None or not any(needed):
-            return None, None, None, None
-        if torch.is_grad_enabled():
-            grads = _graph_gradients(
-                lambda i, e, m: (reference.fuse(i, e, m, FUSION_MODES[ctx.mode - 1]),),
-                (image, embedding, mask), needed, (grad_fused,))
-        else:
-            grads = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
-        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,)
-
-    _register(lib + "fuse", fuse_backward, setup_context=fuse_setup)
-
-    # decafa_head(logits, image, embedding, mode, beta, beta_map, normalized) -> (z, fused, mask, stats) -----
-    def head_setup(ctx, inputs, output):
-        logits, image, embedding, mode, beta, beta_map, normalized = inputs
-        ctx.mode, ctx.beta, ctx.normalized = mode, beta, normalized
-        _z, _fused, mask, stats = output
-        ctx.mark_non_differentiable(mask, stats)
-        ctx.save_for_backward(logits, image, embedding, mask, stats, beta_map)
-
-    def head_backward(ctx, grad_z, grad_fused, _grad_mask, _grad_stats):
-        logits, image, embedding, mask, stats, beta_map = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        need_t, need_i, need_e, need_b = n[0], n[1], n[2], n[5]
-        if (grad_z is None and grad_fused is None) or not (need_t or need_i or need_e or need_b):
-            return (None,) * 7
-        if torch.is_grad_enabled():
-            gt, gi, ge, gb = _graph_gradients(
-                lambda t, i, e, bm: reference.decafa_head(t, i, e, FUSION_MODES[ctx.mode - 1],
-                                                          reference_beta(ctx.beta, bm), ctx.normalized),
-                (logits, image, embedding, beta_map), (need_t, need_i, need_e, need_b), (grad_z, grad_fused))
-        elif not (need_t or need_b):
-            # image / embedding only: the saved M is all they need, the logits are not read
-            if grad_fused is None:
-                return (None,) * 7
-            gt, gb = None, None
-            gi, ge, _ = ns.fuse_backward(grad_fused, image, embedding, mask, ctx.mode)
-        else:
-            gt, gi, ge, gb = ns.decafa_head_backward(grad_z, grad_fused, logits, image, embedding, mask, stats,
-                                                     ctx.mode, ctx.beta, beta_map, ctx.normalized)
-        return ((gt if need_t else None), (gi if need_i else None), (ge if need_e else None), None, None,
-                (gb if need_b else None), None)
-
-    _register(lib + "decafa_head", head_backward, setup_context=head_setup)
-
-    # The backward ops: no derivative of their own (the forward ops' double backward differentiates the
-    # reference formulation instead), so differentiating one, or feeding it dual tensors, raises.
-    def no_derivative(name):
-        def backward(ctx, *grads):
-            raise RuntimeError(
-                f"{namespace}::{name} has no derivative of its own: differentiate the decafa_fast.ops function "
-                f"(its backward with create_graph=True runs a differentiable formulation) or decafa_fast.reference"
-            )
-        return backward
-
-    for name in ("spatial_softmax_backward", "landmark_attention_backward", "fuse_backward",
-                 "decafa_head_backward"):
-        _register(lib + name, no_derivative(name), setup_context=lambda ctx, inputs, output: None)
+            rule = _Rule(namespace, op, _SHORTCUTS.get(op.name))
+            _register(qualname, rule.backward, setup_context=rule.setup_context)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .._torch_private import has_kernel
 from .extension import extension_error
 from .triton_import import TRITON_ON_CPU, triton_error
 
 
 def cuda_kernels_built() -> bool:
-    return extension_error is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "decafa::decafa_head", "CUDA"
-    )
+    return extension_error is None and has_kernel("decafa::decafa_head", "CUDA")
 
 
 def probe() -> dict[str, str]:

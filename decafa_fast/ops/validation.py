@@ -1,4 +1,5 @@
-"""Argument checks of the public ops: each error names the argument and what was expected."""
+"""Argument checks of the public ops: each error names the argument and what was expected. The rank and the
+dimensions of each tensor argument come from the op table (decafa_fast.contract.table.TENSOR_ARGS)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import torch
 
 from .. import reference
 from ..contract.layout import FUSION_MODES
+from ..contract.table import TENSOR_ARGS
 from .backend import resolve
 
 __all__ = ["FUSION_MODES", "check_backend_dtype", "check_beta", "check_companion", "check_logits", "check_mode",
@@ -16,7 +18,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 FLOAT64_MAX = torch.finfo(torch.float64).max
 
-def check_tensor(name: str, t, rank: int, what: str) -> None:
+
+def check_tensor(name: str, t) -> None:
+    """A floating-point tensor of the rank of `name` in the op table (its error words the table's shape)."""
+    rank, what = TENSOR_ARGS[name].rank, TENSOR_ARGS[name].what
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(t).__name__}")
     if t.dim() != rank:
@@ -26,7 +31,7 @@ def check_tensor(name: str, t, rank: int, what: str) -> None:
 
 
 def check_logits(logits) -> None:
-    check_tensor("logits", logits, 4, "of shape (B, L, H, W)")
+    check_tensor("logits", logits)
     if logits.shape[2] < 1 or logits.shape[3] < 1:
         raise ValueError(f"logits must have H >= 1 and W >= 1, got shape {tuple(logits.shape)}")
     if logits.shape[1] < 1:
@@ -70,16 +75,23 @@ def check_mode(mode) -> int:
     return FUSION_MODES.index(mode) + 1
 
 
-def check_companion(name: str, t, ref: torch.Tensor, ref_name: str, channels: int | None = None) -> None:
-    """`t` must match `ref` in B, H, W, dtype and device (and in channel count when given)."""
-    check_tensor(name, t, 4, "of shape (B, C, H, W)")
-    if t.shape[0] != ref.shape[0] or t.shape[2:] != ref.shape[2:]:
-        raise ValueError(
-            f"{name} must match {ref_name} in batch and spatial size (B={ref.shape[0]}, H={ref.shape[2]}, "
-            f"W={ref.shape[3]}), got shape {tuple(t.shape)}"
-        )
-    if channels is not None and t.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channel(s), got shape {tuple(t.shape)}")
+_DIM_WORDS = {"B": "batch", "L": "maps", "H": "spatial size", "W": "spatial size"}
+
+
+def check_companion(name: str, t, ref: torch.Tensor, ref_name: str) -> None:
+    """`t` must have the dimensions the op table gives `name`: those named as in `ref_name` equal to `ref`'s,
+    the fixed ones (the mask's one channel) as written; and `ref`'s dtype and device."""
+    check_tensor(name, t)
+    dims, ref_dims = TENSOR_ARGS[name].dims, TENSOR_ARGS[ref_name].dims
+    shared = [i for i, d in enumerate(dims) if not d.isdigit() and i < len(ref_dims) and ref_dims[i] == d]
+    if any(t.shape[i] != ref.shape[i] for i in shared):
+        words = " and ".join(dict.fromkeys(_DIM_WORDS.get(dims[i], dims[i]) for i in shared))
+        sizes = ", ".join(f"{dims[i]}={ref.shape[i]}" for i in shared)
+        raise ValueError(f"{name} must match {ref_name} in {words} ({sizes}), got shape {tuple(t.shape)}")
+    for i, d in enumerate(dims):
+        if d.isdigit() and t.shape[i] != int(d):
+            size = f"{d} channel(s)" if i == 1 else f"size {d} in dimension {i}"
+            raise ValueError(f"{name} must have {size} {TENSOR_ARGS[name].what}, got shape {tuple(t.shape)}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
     if t.device != ref.device:

@@ -1,4 +1,4 @@
-"""decafa_triton::<op>: the Triton implementation of every schema in decafa_fast.contract.schemas.SCHEMAS (op
+"""decafa_triton::<op>: the Triton implementation of every op of decafa_fast.contract.table (op
 contract v2). The op bodies below check their arguments (checks.py), allocate the outputs and launch the
 kernels of stats.py and fusion.py; decafa_fast.ops registers autograd on top.
 
@@ -21,12 +21,7 @@ import torch
 from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
-try:
-    from torch._library.triton import is_wrap_triton_enabled
-except ImportError:  # a torch without the switch: always go through wrap_triton
-    def is_wrap_triton_enabled() -> bool:
-        return True
-
+from .._torch_private import is_wrap_triton_enabled
 from ..contract.layout import fused_memory_format, fusion_layout
 from . import checks, tuning
 from .checks import INTERPRET, SUPPORTED_DTYPES  # noqa: F401  (re-exported for tests and callers)
@@ -687,26 +682,23 @@ def decafa_head_backward(
 # --------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------
-IMPLS = {
-    "spatial_softmax": spatial_softmax,
-    "spatial_softmax_backward": spatial_softmax_backward,
-    "soft_argmax": soft_argmax,
-    "attention_mask": attention_mask,
-    "landmark_attention": landmark_attention,
-    "landmark_attention_backward": landmark_attention_backward,
-    "fuse": fuse,
-    "fuse_backward": fuse_backward,
-    "decafa_head": decafa_head,
-    "decafa_head_backward": decafa_head_backward,
-}
+def _bodies() -> dict:
+    """The body of each op of the table: the function of this module named after it."""
+    from ..contract.table import OPS
+
+    missing = [op.name for op in OPS if not callable(globals().get(op.name))]
+    if missing:
+        raise RuntimeError(f"decafa_triton has no body for {missing}: define a function of that name here")
+    return {op.name: globals()[op.name] for op in OPS}
+
+
+IMPLS = _bodies()
 
 
 def _register() -> dict:
     from ..contract.fakes import FAKES
     from ..contract.schemas import SCHEMAS
 
-    if set(IMPLS) != set(SCHEMAS):
-        raise RuntimeError(f"decafa_triton implements {sorted(IMPLS)} but SCHEMAS defines {sorted(SCHEMAS)}")
     ops = {}
     for name, fn in IMPLS.items():
         qualname = f"decafa_triton::{name}"

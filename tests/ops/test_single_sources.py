@@ -1,14 +1,19 @@
 """Things written once, checked across the backends that use them:
 
-- each op's schema lives in decafa_fast/contract/schemas.py and every namespace is defined from it (no C++
+- each op is described once, in the op table (decafa_fast/contract/table.py); the schemas, the fakes, the
+  autograd registration, the Triton registration and the shapes the Python argument checks word derive from it,
+  and no other module of the package lists the ops;
+- each op's schema is derived in decafa_fast/contract/schemas.py and every namespace is defined from it (no C++
   TORCH_LIBRARY block, no second set of schema strings);
-- one fake per op (decafa_fast/contract/fakes.py), registered for every namespace from that table (no C++ Meta
+- one fake per op (decafa_fast/contract/fakes.py), registered for every namespace from the table (no C++ Meta
   kernels, no other register_fake);
 - the fusion channel layout once per language, decafa_fast/contract/layout.py and kernels/fusion_layout.h, and
   the two twins give the same layout for every mode.
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -18,9 +23,12 @@ import pytest
 import torch
 
 from decafa_fast import ops
+from decafa_fast.contract import table
 from decafa_fast.contract.fakes import FAKES
 from decafa_fast.contract.layout import fusion_layout
 from decafa_fast.contract.schemas import SCHEMAS
+from decafa_fast.contract.table import OPS, OPS_BY_NAME, TENSOR_ARGS, check_table
+from harness import opcheck_args
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "decafa_fast"
@@ -115,3 +123,128 @@ def test_fusion_layout_twins_agree(tmp_path):
             assert cpp[-1] == -1, (mode, ci, c)
             with pytest.raises(ValueError):
                 fusion_layout(mode, ci, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# The op table
+# --------------------------------------------------------------------------------------------------
+def test_schemas_and_fakes_are_the_tables():
+    assert list(SCHEMAS) == list(FAKES) == [op.name for op in OPS]
+    for op in OPS:
+        assert SCHEMAS[op.name] == op.schema
+        assert FAKES[op.name] is op.fake
+        parsed = torch._C.parse_schema(f"decafa::{op.name}{op.schema}")
+        assert [a.name for a in parsed.arguments] == list(op.input_names)
+        assert len(parsed.returns) == len(op.outputs)
+
+
+def test_triton_bodies_are_the_tables():
+    try:
+        import decafa_fast.triton.ops as tops
+    except Exception as exc:  # noqa: BLE001 - Triton missing or unusable
+        pytest.skip(f"decafa_triton not importable: {type(exc).__name__}: {exc}")
+    assert list(tops.IMPLS) == [op.name for op in OPS]
+    assert list(tops.OPS) == [op.name for op in OPS]
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.public], ids=lambda op: op.name)
+def test_derived_autograd_of_every_forward_op(op):
+    """The autograd the table derives (decafa_fast.ops.autograd) gives the gradients of every input in op.grads
+    through the fused backward op (float64 gradcheck on the raw decafa op, C++ CPU kernels), and none for the
+    others."""
+    if not ops.backends()["cpp"].startswith("available"):
+        pytest.skip("decafa_fast._C is not built")
+    raw = getattr(torch.ops.decafa, op.name)
+    args = list(opcheck_args("cpu", torch.float64, per_map_beta=True)[op.name])
+    grad_at = [op.input_names.index(g) for g in op.grads]
+    diff = [op.outputs.index(o) for o in op.differentiable_outputs]
+
+    def outputs(*xs):
+        call = list(args)
+        for i, x in zip(grad_at, xs):
+            call[i] = x
+        out = raw(*call)
+        return out if isinstance(out, tuple) else (out,)
+
+    inputs = tuple(args[i].detach().requires_grad_() for i in grad_at)
+    assert torch.autograd.gradcheck(lambda *xs: tuple(outputs(*xs)[i] for i in diff), inputs, eps=1e-6, atol=1e-5,
+                                    fast_mode=True)
+    out = dict(zip(op.outputs, outputs(*inputs)))
+    assert all(out[o].requires_grad for o in op.differentiable_outputs)
+    assert not any(out[o].requires_grad for o in op.nondiff)
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if not op.public], ids=lambda op: op.name)
+def test_derived_autograd_of_every_backward_op_refuses(op):
+    if not ops.backends()["cpp"].startswith("available"):
+        pytest.skip("decafa_fast._C is not built")
+    args = list(opcheck_args("cpu", torch.float32)[op.name])
+    first = op.tensor_inputs.index("logits") if "logits" in op.tensor_inputs else 1
+    index = op.input_names.index(op.tensor_inputs[first])
+    args[index] = args[index].detach().requires_grad_()
+    out = getattr(torch.ops.decafa, op.name)(*args)
+    with pytest.raises(RuntimeError, match="has no derivative of its own"):
+        out[0].sum().backward()
+
+
+def _broken(op: str, **changes) -> tuple:
+    return tuple(dataclasses.replace(o, **changes) if o.name == op else o for o in OPS)
+
+
+@pytest.mark.parametrize("ops_, message", [
+    (_broken("fuse", grads=("image", "mode")), "must be tensor inputs"),
+    (_broken("fuse", backward="decafa_head"), "is not a backward op"),
+    (_broken("fuse", backward="spatial_softmax_backward"), "must return"),
+    (_broken("soft_argmax", fake=table.attention_mask), "the fake takes"),
+    (_broken("attention_mask", backward_args={}), "takes normalized"),
+    (_broken("fuse", inputs=OPS_BY_NAME["fuse"].inputs[:3] + (table.Arg("mode", "str"),)), "has type"),
+    (_broken("fuse", inputs=(table.Arg("picture", "Tensor"),) + OPS_BY_NAME["fuse"].inputs[1:]), "TENSOR_ARGS"),
+    (_broken("landmark_attention_backward", inputs=(table.Arg("grad_z", "Tensor"),)
+             + OPS_BY_NAME["landmark_attention_backward"].inputs[1:]), "attention_mask: .* takes grad_z, not"),
+    (_broken("decafa_head_backward", inputs=(table.Arg("grad_z", "Tensor"),)
+             + OPS_BY_NAME["decafa_head_backward"].inputs[1:]), "grad_z must be optional"),
+])
+def test_the_table_check_rejects_a_broken_entry(ops_, message):
+    check_table(OPS)
+    with pytest.raises(ValueError, match=message):
+        check_table(ops_)
+
+
+def test_python_checks_take_the_tables_shapes():
+    """The public ops' rank and fixed-size checks follow TENSOR_ARGS (the mask's one channel)."""
+    t = torch.randn(2, 3, 4, 5)
+    i, e = torch.randn(2, 1, 4, 5), torch.randn(2, 2, 4, 5)
+    with pytest.raises(ValueError, match=re.escape("mask must have 1 channel(s) of shape (B, 1, H, W)")):
+        ops.fuse(i, e, torch.rand(2, 2, 4, 5))
+    with pytest.raises(ValueError, match=re.escape("logits must have rank 4 of shape (B, L, H, W)")):
+        ops.soft_argmax(t[0])
+    with pytest.raises(ValueError, match=re.escape("image must match logits in batch and spatial size (B=2, H=4")):
+        ops.decafa_head(t, i[:, :, :3], e)
+    assert TENSOR_ARGS["mask"].what == "of shape (B, 1, H, W)"
+
+
+def _op_name_strings(node: ast.AST) -> int:
+    return sum(isinstance(n, ast.Constant) and n.value in OPS_BY_NAME for n in ast.walk(node))
+
+
+def test_the_op_list_scan_counts_op_names():
+    assert _op_name_strings(ast.parse('{"fuse": 1, "soft_argmax": 2, "decafa_head_backward": 3}')) == 3
+    assert _op_name_strings(ast.parse('("fuse", "softmax")')) == 1
+
+
+def test_no_other_module_lists_the_ops():
+    """No literal collection of three or more op names (a second op table) outside contract/table.py; the
+    public API's __all__ names the public functions, not the ops."""
+    offenders = []
+    for path in PY_SOURCES:
+        if path == PACKAGE / "contract" / "table.py":
+            continue
+        tree = ast.parse(path.read_text())
+        public_api = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                      and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                      for n in ast.walk(node.value)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Dict | ast.List | ast.Tuple | ast.Set) and id(node) not in public_api
+                    and _op_name_strings(node) >= 3):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
