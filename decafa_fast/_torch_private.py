@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.autograd.forward_ad
 
-CHECKED_ON = ("2.13",)
+CHECKED_ON = ("2.11", "2.13")  # 2.11: CI runs tests/ops there too (.ci/ops-on-torch.sh)
 
 # The dotted names this module reaches, each with the wrapper that uses it (autograd_kernel also reads the
 # instance attribute CustomOpDef._lib, which test_autograd_kernel_of_a_custom_op exercises).

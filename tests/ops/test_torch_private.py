@@ -1,7 +1,7 @@
 """The private torch APIs decafa_fast uses, all reached through decafa_fast._torch_private, checked against the
 running torch.
 
-Checked on torch 2.13 (the versions are _torch_private.CHECKED_ON): on any other torch the version test fails
+Checked on torch 2.11 and 2.13 (the versions are _torch_private.CHECKED_ON): on any other torch the version test fails
 until these tests have passed there and the version is added. No test here calls decafa_fast's compiled ops:
 the behaviour checks define throwaway ops of their own, so on a torch the extension was not built for they run
 with `DECAFA_FIRST_USE_BUILD=0` (importing decafa_fast then records the extension as unavailable instead of
