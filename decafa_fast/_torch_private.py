@@ -1,8 +1,8 @@
 """Every call decafa_fast makes to a private torch API (torch._C, torch._library), in one place.
 
-torch does not promise these across releases, so each is wrapped here with a fallback where torch lacks it,
-and tests/ops/test_torch_private.py checks each against the running torch: PRIVATE_APIS lists them and
-CHECKED_ON the torch versions (major.minor) on which that test passed. A torch outside CHECKED_ON fails
+torch does not promise these across releases, so each is reached only from here (some with a fallback where
+torch lacks them), and tests/ops/test_torch_private.py checks each against the running torch: PRIVATE_APIS
+lists them and CHECKED_ON the torch versions (major.minor) on which that test passed. A torch outside CHECKED_ON fails
 the test until someone has run it there and added the version. Imports torch only.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every setting decafa-fast reads from the environment, parsed here and nowhere else.
+"""The settings the op library and its builds read from the environment, parsed here.
 
 | variable | allowed | default | read by |
 |---|---|---|---|
@@ -17,6 +17,8 @@ once by csrc/cpu/isa.cpp, a bad value warns in one line on stderr), DECAFA_CUDA_
 kernels, anything else the default ones; read once by kernels/ring.cu) and DECAFA_CUDA_RUNS, which
 kernels/stats.cu still reads at each launch (the smoke test sweeps it within one process), unchecked there:
 `cuda_runs()` is the checked reading for when the glue passes it in.
+Read elsewhere, by their own modules: DECAFA_TRITON_TUNING (decafa_fast/triton/tuning.py: another Triton
+tuning table, or off) and DECAFA_DEBUG (the CLI: full tracebacks).
 
 An empty variable counts as unset. A value that is not allowed gives one `SettingWarning` naming the
 variable, the value and what is allowed, and the default is used: none of these settings is worth stopping

@@ -26,6 +26,10 @@ from . import auto, status
 BACKENDS = settings.BACKEND_NAMES
 
 _default: str = settings.backend()  # the process default: DECAFA_BACKEND (a bad value warns and gives "auto")
+if _default != "auto" and not status.STATUS[_default].startswith("available"):
+    # a backend this machine cannot run: say why in one line and go on with "auto", as for a bad value
+    settings.warn(f"DECAFA_BACKEND={_default!r} is not available here ({status.STATUS[_default]}); using 'auto'")
+    _default = "auto"
 
 # The innermost block's backend in the running context (unset: no block), and the blocks themselves.
 _CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("decafa_backend_choice")

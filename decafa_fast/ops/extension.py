@@ -16,4 +16,4 @@ except ImportError:  # not built at install (build isolation hid torch): build o
     try:
         extension_path = str(_build.load_or_build())
     except (RuntimeError, OSError) as exc:  # BuildError says why in one line; an OSError names its file
-        extension_error = str(exc)
+        extension_error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line, whatever raised

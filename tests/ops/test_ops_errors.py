@@ -99,6 +99,14 @@ def test_environment_variable_selects_backend():
     warning = [line for line in bad.stderr.splitlines() if "DECAFA_BACKEND" in line]
     assert len(warning) == 1 and "'bogus'" in warning[0] and "reference" in warning[0]
     assert "Traceback" not in bad.stderr
+    # a backend this machine cannot run warns in one line with the reason and runs on "auto" too
+    missing = [name for name, why in ops.backends().items() if not why.startswith("available")]
+    if missing:
+        env["DECAFA_BACKEND"] = missing[0]
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "auto"
+        warning = [line for line in out.stderr.splitlines() if "DECAFA_BACKEND" in line]
+        assert len(warning) == 1 and "not available" in warning[0] and "Traceback" not in out.stderr
 
 
 def test_reference_and_cpp_agree_on_auto_for_cpu():
