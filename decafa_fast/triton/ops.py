@@ -21,6 +21,7 @@ import torch
 from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
+from .. import settings
 from .._torch_private import is_wrap_triton_enabled
 from ..contract.layout import fused_memory_format, fusion_layout
 from . import checks, tuning
@@ -105,8 +106,11 @@ _TABLE_APPLIED = False
 def _apply_tuning_table(device: torch.device) -> None:
     """The tuning table's entry for this GPU model (tuning.py), once per process, on the first CUDA call."""
     global _TABLE_APPLIED
-    _TABLE_APPLIED = True
-    tuning.apply_for_device(TUNING, torch.cuda.get_device_name(device))
+    _TABLE_APPLIED = True  # tried once: a bad table warns once, then the built-in parameters serve
+    try:
+        tuning.apply_for_device(TUNING, torch.cuda.get_device_name(device))
+    except (OSError, ValueError) as exc:  # a DECAFA_TRITON_TUNING file that is missing or not a table
+        settings.warn(f"Triton tuning table not applied: {exc}; using the built-in launch parameters")
 
 
 def _device_guard(t: torch.Tensor):

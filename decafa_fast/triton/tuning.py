@@ -27,7 +27,10 @@ def load_table(path: str | os.PathLike | None = None) -> dict:
         return {"default": {}, "gpus": {}}
     path = Path(path) if path is not None else TABLE_PATH
     with open(path) as f:
-        table = json.load(f)
+        try:
+            table = json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: say which file
+            raise ValueError(f"tuning table {path}: not JSON ({exc})") from None
     if not isinstance(table, dict) or not isinstance(table.get("default", {}), dict) \
             or not isinstance(table.get("gpus", {}), dict):
         raise ValueError(f"tuning table {path}: expected an object with 'default' and 'gpus' objects")

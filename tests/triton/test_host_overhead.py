@@ -113,3 +113,20 @@ def test_tuning_table(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="map_warps must be int"):
         tuning.apply(tops.Tuning(), {"map_warps": "4"})
     assert dataclasses.asdict(tops.Tuning()) == {f.name: f.default for f in dataclasses.fields(tops.Tuning)}
+
+
+def test_a_bad_tuning_table_warns_once_naming_it(tmp_path, monkeypatch):
+    """DECAFA_TRITON_TUNING naming a missing file or one that is not JSON: the first CUDA call warns in one
+    line naming the file and runs on the built-in parameters (no traceback out of the op)."""
+    from decafa_fast import settings
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        (tmp_path / "bad.json").write_text("{not json")
+        monkeypatch.setenv("DECAFA_TRITON_TUNING", str(bad))
+        monkeypatch.setattr(tops, "_TABLE_APPLIED", False)
+        monkeypatch.setattr(tops, "TUNING", tops.Tuning())
+        monkeypatch.setattr(settings, "_warned", set())
+        with pytest.warns(settings.SettingWarning, match=str(bad).replace(".", r"\.")):
+            tops._apply_tuning_table(torch.device("cuda", 0))
+        assert tops._TABLE_APPLIED and tops.TUNING == tops.Tuning()
