@@ -16,6 +16,7 @@ on a log scale. Where nothing matches, ops.AUTO_CUDA_PREFERENCE decides.
 from __future__ import annotations
 
 import json
+import os
 import reprlib
 import time
 from collections.abc import Iterable, Mapping
@@ -146,6 +147,8 @@ def save_entries(path: Path, device_name: str, entries: list[dict[str, Any]], so
     table["devices"][device_name] = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                      "source": source, "entries": [merged[k] for k in sorted(merged)]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # atomic: an interrupted run leaves the old table, never half a file; the temporary name is this
+    # process's own, so two runs saving at once do not write into one file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)  # atomic: an interrupted run leaves the old table, never half a file
+    tmp.replace(path)

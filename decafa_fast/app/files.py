@@ -1,8 +1,10 @@
 """Writing the application's output files so that a failure names the file and never leaves half of one.
 
 Every file a command writes (checkpoints, metrics, summaries, JSON and CSV results, plots, annotated
-images, ONNX models) is first made in memory and then written with `write_atomically`: the bytes go to
-`<name>.tmp`, which replaces the target only once complete. A failed write (full disk, read-only or missing
+images, ONNX models) is first made in memory and then written with `write_atomically`: the bytes go to a
+new hidden file beside the target (`.<name>.<pid>.<random>.tmp`, made with O_EXCL, so neither another writer's
+temporary file nor a user's own `<name>.tmp` is ever overwritten), which replaces the target only once
+complete. A failed write (full disk, read-only or missing
 folder) removes the temporary file and raises `WriteError`, a one-line UserError naming the target.
 `output_folder` makes a folder for --out and says in one line when the path is a file.
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["WriteError", "output_folder", "write_atomically", "write_text"]
+__all__ = ["WriteError", "output_folder", "temporary_name", "write_atomically", "write_text"]
 
 
 class WriteError(UserError):
@@ -34,28 +37,37 @@ def _hint(error: OSError, flag: str) -> str:
 
 def write_atomically(path: str | os.PathLike, data: bytes | memoryview, what: str = "file",
                      flag: str = "--out") -> Path:
-    """Write `data` to `path` through `<path>.tmp` and a rename; on failure remove the temporary file and
-    raise WriteError naming `path` (`what` says what it is, `flag` which option chose it)."""
+    """Write `data` to `path` through a temporary file of this writer's own and a rename; on failure remove
+    the temporary file and raise WriteError naming `path` (`what` says what it is, `flag` which option chose
+    it)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     if path.is_dir():
         raise WriteError(f"cannot write {what} {str(path)!r}: it is a folder; choose another {flag}",
                          errno.EISDIR)
+    made = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
+            made = True
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        if made:  # never remove a file this call did not make
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         reason = exc.strerror or str(exc)
         raise WriteError(f"cannot write {what} {str(path)!r}: {reason}; {_hint(exc, flag)}", exc.errno) from exc
     return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_text(path: str | os.PathLike, text: str, what: str = "file", flag: str = "--out") -> Path:

@@ -3,6 +3,9 @@ setting or the path (a UserError, which the CLI prints without a traceback), and
 from __future__ import annotations
 
 import argparse
+import builtins
+import errno
+import io
 import os
 from pathlib import Path
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 from decafa_fast.app.errors import UserError
-from decafa_fast.app.files import WriteError, write_atomically
+from decafa_fast.app.files import WriteError, temporary_name, write_atomically
 from decafa_fast.app.model import DeCaFA, DeCaFAConfig
 from decafa_fast.app.model.checkpoint import save_checkpoint
 from decafa_fast.app.training import train as train_cmd
@@ -135,29 +138,67 @@ def test_read_only_output_folder(tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_full_disk_names_the_checkpoint_and_leaves_no_tmp(tmp_path):
-    """`<checkpoint>.tmp` made a link to /dev/full: every write to it fails with ENOSPC, as on a full disk."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full on this system")
+def _full_disk_for(monkeypatch, target: Path) -> None:
+    """Every write to a file opened for writing beside `target` under a name that starts with `.<target's
+    name>` (its temporary files) fails with ENOSPC, as on a full disk."""
+    real_open = builtins.open
+
+    class FullFile(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if any(c in mode for c in "wax") and Path(file).parent == target.parent \
+                and Path(file).name.startswith(f".{target.name}."):
+            return FullFile(f)
+        return f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_full_disk_names_the_checkpoint_and_leaves_no_tmp(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    _full_disk_for(monkeypatch, out / "checkpoint.pt")
     with pytest.raises(WriteError, match=f"cannot write checkpoint '{out / 'checkpoint.pt'}': No space "
-                                                   "left on device; free some space") as error:
+                                         "left on device; free some space") as error:
         _train([*SMALL, "--steps", "1", "--out", str(out)])
     _one_line(error)
-    assert not (out / "checkpoint.pt.tmp").exists() and not (out / "checkpoint.pt.tmp").is_symlink()
-    assert not (out / "checkpoint.pt").exists()
+    assert not (out / "checkpoint.pt").exists() and not list(out.glob("*.tmp"))
 
 
-def test_atomic_write_keeps_the_previous_file_when_a_write_fails(tmp_path):
+def test_atomic_write_keeps_the_previous_file_when_a_write_fails(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint.pt"
     write_atomically(target, b"previous")
-    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    _full_disk_for(monkeypatch, target)
     with pytest.raises(WriteError) as error:
         write_atomically(target, torch.zeros(1000).numpy().tobytes())
-    assert error.value.errno == 28  # ENOSPC
-    assert target.read_bytes() == b"previous" and not os.path.lexists(tmp_path / "checkpoint.pt.tmp")
+    assert error.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"previous" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_leaves_a_users_tmp_file_and_other_writers_alone(tmp_path):
+    """The temporary file is this call's own: a user's `<name>.tmp` (or another writer's temporary file)
+    beside the target is neither overwritten nor removed, on success or on failure."""
+    target = tmp_path / "checkpoint.pt"
+    users = tmp_path / "checkpoint.pt.tmp"
+    users.write_bytes(b"the user's own file")
+    write_atomically(target, b"new")
+    assert target.read_bytes() == b"new" and users.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.tmp"]
+    names = {temporary_name(target) for _ in range(100)}
+    assert len(names) == 100 and all(n.parent == tmp_path and n.name.startswith(".checkpoint.pt.") for n in names)
 
 
 def test_cli_prints_one_line_and_exits_with_status_2(finished_run, tmp_path, capsys):
