@@ -62,8 +62,7 @@ def extension_modules() -> list:
     kwargs = build_config.extension_kwargs(here, cuda)
     kwargs["sources"] = [os.path.relpath(p, here) for p in kwargs["sources"]]  # setuptools wants relative paths
     if cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.DEFAULT_CUDA_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.cuda_archs()
         return [CUDAExtension("decafa_fast._C", **kwargs)]
     return [CppExtension("decafa_fast._C", **kwargs)]
 

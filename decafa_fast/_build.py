@@ -71,6 +71,12 @@ def _settings():
     return module
 
 
+def cuda_archs() -> str:
+    """The CUDA architectures to build for: TORCH_CUDA_ARCH_LIST, or DEFAULT_CUDA_ARCHS where it is unset or
+    empty (torch reads an empty list as unset too)."""
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+
+
 def want_cuda(torch_cuda_version: str | None, cuda_home: str | None) -> bool:
     """CUDA kernels too when a CUDA toolkit and a CUDA build of torch are present; FORCE_CUDA=1 always,
     FORCE_CUDA=0 never. Never decided by torch.cuda.is_available(), so a GPU-less build machine can still
@@ -117,7 +123,7 @@ def build_key(root: Path, cuda: bool) -> str:
 
     digest = hashlib.sha256()
     for part in (torch.__version__, str(torch.version.cuda), sys.version, str(cuda), " ".join(CXX_FLAGS + NVCC_FLAGS),
-                 os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS) if cuda else ""):
+                 cuda_archs() if cuda else ""):
         digest.update(part.encode() + b"\0")
     for tree in SOURCE_TREES:
         for path in sorted((root / tree).rglob("*")):
@@ -419,8 +425,8 @@ def _compile(root: Path, build_dir: Path, cuda: bool) -> Path:
     flags = kwargs["extra_compile_args"]
     macros = [f"-D{name}={value}" for name, value in kwargs.get("define_macros", [])]
     arch_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if cuda and not arch_before:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    if cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs()  # the architectures build_key named
     try:
         load(name=STAGED_NAME, sources=kwargs["sources"], extra_cflags=flags["cxx"] + macros,
              extra_cuda_cflags=flags.get("nvcc", []) + macros, extra_ldflags=kwargs["extra_link_args"],
@@ -432,6 +438,8 @@ def _compile(root: Path, build_dir: Path, cuda: bool) -> Path:
         raise BuildError(f"compiling decafa_fast._C failed: {first_error} (DECAFA_BUILD_VERBOSE=1 shows the "
                          f"compiler's output)") from None
     finally:
-        if cuda and not arch_before:
+        if cuda and arch_before is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        elif cuda:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_before
     return build_dir / f"{STAGED_NAME}{LIBRARY_SUFFIX}"

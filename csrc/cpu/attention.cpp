@@ -7,7 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -17,8 +16,6 @@
 
 namespace decafa {
 namespace cpu {
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 at::Tensor empty_stats(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(1), 2}, logits.options().dtype(acc_type(logits.scalar_type())));
@@ -33,59 +30,17 @@ at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_t
   return grad->to(acc_type(logits_type)).contiguous();
 }
 
-void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have rank ", dim, ", got shape ", t.sizes());
-  const at::ScalarType s = t.scalar_type();
-  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", s);
+void check_on_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
 
 void check_logits(const at::Tensor& logits, const char* op) {
-  check_input(logits, op, "logits", 4);
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1, op,
-              ": logits (B, L, H, W) must have L, H, W >= 1, got shape ", logits.sizes());
-}
-
-void check_sizes(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
-                 std::optional<at::ScalarType> dtype) {
-  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
-  if (dtype.has_value()) {
-    TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", name, " must have dtype ", *dtype, ", got ", t.scalar_type());
-  }
-}
-
-void check_stats(const at::Tensor& stats, const at::Tensor& logits, const char* op) {
-  check_input(stats, op, "stats", 3);
-  check_sizes(stats, op, "stats", {logits.size(0), logits.size(1), 2}, acc_type(logits.scalar_type()));
+  checks::logits(op, logits);
+  check_on_cpu(op, "logits", logits);
 }
 
 at::Tensor checked_beta_map(const std::optional<at::Tensor>& beta_map, const at::Tensor& logits, const char* op) {
-  if (!beta_map.has_value() || !beta_map->defined()) return at::Tensor();
-  check_input(*beta_map, op, "beta_map", 2);
-  check_sizes(*beta_map, op, "beta_map", {logits.size(0), logits.size(1)}, acc_type(logits.scalar_type()));
-  return beta_map->contiguous();
-}
-
-void check_grad(const std::optional<at::Tensor>& grad, const char* op, const char* name, at::IntArrayRef sizes) {
-  if (!grad.has_value() || !grad->defined()) return;
-  check_input(*grad, op, name, static_cast<int64_t>(sizes.size()));
-  check_sizes(*grad, op, name, sizes);
-}
-
-void check_companion(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
-                     const char* like_name) {
-  check_input(t, op, name, 4);
-  TORCH_CHECK(t.size(0) == like.size(0) && t.size(2) == like.size(2) && t.size(3) == like.size(3), op, ": ", name,
-              " must match ", like_name, " in batch and spatial size (B=", like.size(0), ", H=", like.size(2),
-              ", W=", like.size(3), "), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
-              like.scalar_type(), "), got ", t.scalar_type());
-}
-
-void check_mode(int64_t mode, const char* op) {
-  TORCH_CHECK(mode >= 1 && mode <= 5, op, ": mode must be 1..5 (F1..F5), got ", mode);
+  return checks::beta_map(op, beta_map, logits) ? beta_map->contiguous() : at::Tensor();
 }
 
 // Tasks a pass that sums a mask aims for: each image's maps are split into ceil(kMaskTasks / B) runs (at
@@ -220,8 +175,6 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
   return {grad, grad_beta};
 }
 
-namespace {
-
 std::tuple<at::Tensor, at::Tensor> spatial_softmax(const at::Tensor& logits_in, double beta,
                                                    const std::optional<at::Tensor>& beta_map_in) {
   const char* op = "spatial_softmax";
@@ -239,9 +192,8 @@ std::tuple<at::Tensor, at::Tensor> spatial_softmax_backward(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& beta_map_in) {
   const char* op = "spatial_softmax_backward";
   check_logits(logits_in, op);
-  check_input(grad_phi_in, op, "grad_phi", 4);
-  check_sizes(grad_phi_in, op, "grad_phi", logits_in.sizes());
-  check_stats(stats_in, logits_in, op);
+  checks::grad(op, "grad_phi", grad_phi_in, logits_in.sizes(), "logits", logits_in);
+  checks::stats(op, stats_in, logits_in);
   const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous(), stats = stats_in.contiguous();
   const at::Tensor grad_phi = grad_phi_in.to(logits.scalar_type()).contiguous();
@@ -319,24 +271,13 @@ std::tuple<at::Tensor, at::Tensor> landmark_attention_backward(const std::option
   const char* op = "landmark_attention_backward";
   check_logits(logits, op);
   const int64_t B = logits.size(0), L = logits.size(1), H = logits.size(2), W = logits.size(3);
-  check_grad(grad_z, op, "grad_z", {B, L, 2});
-  check_grad(grad_mask, op, "grad_mask", {B, 1, H, W});
-  check_stats(stats, logits, op);
+  checks::optional_grad(op, "grad_z", grad_z, {B, L, 2}, "logits", logits);
+  checks::optional_grad(op, "grad_mask", grad_mask, {B, 1, H, W}, "logits", logits);
+  checks::stats(op, stats, logits);
   const at::Tensor beta_map = checked_beta_map(beta_map_in, logits, op);
   const at::ScalarType t = logits.scalar_type();
   return logits_gradient(logits.contiguous(), stats.contiguous(), beta, beta_map, normalized, as_acc(grad_z, t),
                          as_acc(grad_mask, t));
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(decafa, CPU, m) {
-  m.impl("spatial_softmax", &spatial_softmax);
-  m.impl("spatial_softmax_backward", &spatial_softmax_backward);
-  m.impl("soft_argmax", &soft_argmax);
-  m.impl("attention_mask", &attention_mask);
-  m.impl("landmark_attention", &landmark_attention);
-  m.impl("landmark_attention_backward", &landmark_attention_backward);
 }
 
 }  // namespace cpu

@@ -1,18 +1,16 @@
-// The per-map passes shared by the CPU ops (attention.cpp) and the fused head (fusion.cpp), and the argument
-// checks every CPU entry point runs (a raw torch.ops.decafa.* call must raise, never crash or read out of
-// bounds).
+// The per-map passes shared by the CPU ops (attention.cpp) and the fused head (fusion.cpp), the CPU glue's
+// argument checks beside the shared ones of csrc/common/checks.h, and the CPU implementation of every op.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 
+#include "../common/checks.h"
+#include "../common/op_list.h"
+
 namespace decafa {
 namespace cpu {
-
-// The accumulation dtype of an input dtype: double for double, float otherwise (also the dtype of stats,
-// beta_map and grad_beta).
-at::ScalarType acc_type(at::ScalarType t);
 
 // An empty stats (B, L, 2) = (max, sum of exp(s - max)) per map, and an empty grad_beta (B, L).
 at::Tensor empty_stats(const at::Tensor& logits);
@@ -21,25 +19,20 @@ at::Tensor empty_grad_beta(const at::Tensor& logits);
 // An optional incoming gradient as a contiguous tensor of the accumulation dtype, or undefined.
 at::Tensor as_acc(const std::optional<at::Tensor>& grad, at::ScalarType logits_type);
 
-// Argument checks; each raises a RuntimeError (TORCH_CHECK) naming the op and the argument.
-// A floating (half, bfloat16, float, double) CPU tensor of rank `dim`.
-void check_input(const at::Tensor& t, const char* op, const char* name, int64_t dim);
-// logits (B, L, H, W) with L, H, W >= 1.
+// Argument checks: the shared ones are in csrc/common/checks.h (decafa::checks); these add what is the CPU
+// glue's own. Each raises a RuntimeError (TORCH_CHECK) naming the op and the argument.
+// `t` is a CPU tensor (the tensor that places the op; the others are checked against it).
+void check_on_cpu(const char* op, const char* name, const at::Tensor& t);
+// logits (B, L, H, W) with L, H, W >= 1, on the CPU.
 void check_logits(const at::Tensor& logits, const char* op);
-// t has exactly `sizes` and, when `dtype` is given, that dtype.
-void check_sizes(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef sizes,
-                 std::optional<at::ScalarType> dtype = std::nullopt);
-// stats (B, L, 2) in the accumulation dtype of the logits.
-void check_stats(const at::Tensor& stats, const at::Tensor& logits, const char* op);
 // beta_map, when given: (B, L) in the accumulation dtype of the logits. Returns it contiguous (or undefined).
 at::Tensor checked_beta_map(const std::optional<at::Tensor>& beta_map, const at::Tensor& logits, const char* op);
-// An optional incoming gradient: when given, a floating CPU tensor of exactly `sizes`.
-void check_grad(const std::optional<at::Tensor>& grad, const char* op, const char* name, at::IntArrayRef sizes);
-// image (B, Ci, H, W) and embedding (B, C, H, W) agreeing with `like` (logits or image) in B, H, W and dtype.
-void check_companion(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name,
-                     const char* like_name);
-// mode 1..5 (F1..F5).
-void check_mode(int64_t mode, const char* op);
+
+// The CPU implementation of every op of the table: decafa::cpu::<op> (attention.cpp, fusion.cpp), declared
+// from the table's list and registered from it (registration.cpp).
+#define DECAFA_DECLARE_OP(name, returns, params) returns name params;
+DECAFA_OPS(DECAFA_DECLARE_OP)
+#undef DECAFA_DECLARE_OP
 
 // Per-map statistics of contiguous logits (B, L, H, W) in one pass over each map: fills stats (B, L, 2),
 // and, when given, z (B, L, 2), phi (B, L, H, W) and mask, M = sum_l Phi_l as a contiguous (B, H*W) tensor

@@ -7,7 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -102,15 +101,26 @@ auto given_mask(const scalar_t* mask, int64_t hw) {
   };
 }
 
-// image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W), one dtype, CPU; mode 1..5.
+// image (B, Ci, H, W) on the CPU, embedding (B, C, H, W), mask (B, 1, H, W), one dtype; mode 1..5.
 void check_fusion_inputs(const at::Tensor& image, const at::Tensor& embedding, const at::Tensor& mask, int64_t mode,
                          const char* op) {
-  check_mode(mode, op);
-  check_input(image, op, "image", 4);
-  check_companion(embedding, image, op, "embedding", "image");
-  check_companion(mask, image, op, "mask", "image");
-  TORCH_CHECK(mask.size(1) == 1, op, ": mask must have shape (B, 1, H, W), got ", mask.sizes());
+  checks::mode(op, mode);
+  checks::tensor(op, "image", image, 4);
+  check_on_cpu(op, "image", image);
+  checks::companion(op, "embedding", embedding, "image", image);
+  checks::mask(op, mask, "image", image);
 }
+
+// logits on the CPU, image and embedding their companions; mode 1..5.
+void check_head(const at::Tensor& logits, const at::Tensor& image, const at::Tensor& embedding, int64_t mode,
+                const char* op) {
+  checks::mode(op, mode);
+  check_logits(logits, op);
+  checks::companion(op, "image", image, "logits", logits);
+  checks::companion(op, "embedding", embedding, "logits", logits);
+}
+
+}  // namespace
 
 at::Tensor fuse(const at::Tensor& image_in, const at::Tensor& embedding_in, const at::Tensor& mask_in, int64_t mode) {
   check_fusion_inputs(image_in, embedding_in, mask_in, mode, "fuse");
@@ -131,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
   const char* op = "fuse_backward";
   check_fusion_inputs(image_in, embedding_in, mask_in, mode, op);
   const Segments layout(mode, image_in.size(1), embedding_in.size(1));
-  check_input(grad_in, op, "grad_fused", 4);
-  check_sizes(grad_in, op, "grad_fused", {image_in.size(0), layout.channels, image_in.size(2), image_in.size(3)});
+  checks::grad(op, "grad_fused", grad_in, {image_in.size(0), layout.channels, image_in.size(2), image_in.size(3)},
+               "image", image_in);
   const at::Tensor grad = grad_in.to(image_in.scalar_type()).contiguous(), image = image_in.contiguous(),
                    embedding = embedding_in.contiguous(), mask = mask_in.contiguous();
   at::Tensor grad_image = empty_output_like(image), grad_embedding = empty_output_like(embedding);
@@ -142,14 +152,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fuse_backward(const at::Tensor& g
     fusion_gradients<scalar_t>(grad, image, embedding, layout, grad_image, grad_embedding, grad_mask, mask_acc);
   });
   return {grad_image, grad_embedding, grad_mask.to(mask.scalar_type())};
-}
-
-void check_head(const at::Tensor& logits, const at::Tensor& image, const at::Tensor& embedding, int64_t mode,
-                const char* op) {
-  check_mode(mode, op);
-  check_logits(logits, op);
-  check_companion(image, logits, op, "image", "logits");
-  check_companion(embedding, logits, op, "embedding", "logits");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head(const at::Tensor& logits_in,
@@ -198,11 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
   check_head(logits_in, image_in, embedding_in, mode, op);
   const int64_t B = logits_in.size(0), L = logits_in.size(1), H = logits_in.size(2), W = logits_in.size(3), hw = H * W;
   const Segments layout(mode, image_in.size(1), embedding_in.size(1));
-  check_grad(grad_z, op, "grad_z", {B, L, 2});
-  check_grad(grad_fused, op, "grad_fused", {B, layout.channels, H, W});
-  check_input(mask_in, op, "mask", 4);
-  check_sizes(mask_in, op, "mask", {B, 1, H, W}, logits_in.scalar_type());
-  check_stats(stats_in, logits_in, op);
+  checks::optional_grad(op, "grad_z", grad_z, {B, L, 2}, "logits", logits_in);
+  checks::optional_grad(op, "grad_fused", grad_fused, {B, layout.channels, H, W}, "logits", logits_in);
+  checks::mask(op, mask_in, "logits", logits_in);
+  checks::stats(op, stats_in, logits_in);
   const at::Tensor beta_map = checked_beta_map(beta_map_in, logits_in, op);
   const at::Tensor logits = logits_in.contiguous(), image = image_in.contiguous(),
                    embedding = embedding_in.contiguous(), stats = stats_in.contiguous();
@@ -225,15 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decafa_head_backward(
   });
   auto [grad_logits, grad_beta] = logits_gradient(logits, stats, beta, beta_map, normalized, gz, grad_mask);
   return {grad_logits, grad_image, grad_embedding, grad_beta};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(decafa, CPU, m) {
-  m.impl("fuse", &fuse);
-  m.impl("fuse_backward", &fuse_backward);
-  m.impl("decafa_head", &decafa_head);
-  m.impl("decafa_head_backward", &decafa_head_backward);
 }
 
 }  // namespace cpu

@@ -1,8 +1,9 @@
 // CUDA implementation of the decafa operator library (op contract v2; schemas in decafa_fast/ops/schemas.py):
-// checks every argument (rank, shapes, dtype, device, layout) with a RuntimeError that names it, reads NCHW
-// and channels_last logits / images / embeddings / incoming gradients in place (any other strides are
-// copied to contiguous first), sets the device guard and calls the torch-free launchers of kernels/ on the
-// current stream. Outputs: F in the memory format of E; phi, M, z, stats and every gradient contiguous.
+// checks every argument (rank, shapes, dtype, device, layout; csrc/common/checks.h, shared with the CPU glue)
+// with a RuntimeError that names the op and the argument, reads NCHW and channels_last logits / images /
+// embeddings / incoming gradients in place (any other strides are copied to contiguous first), sets the
+// device guard and calls the torch-free launchers of kernels/ on the current stream. Outputs: F in the
+// memory format of E; phi, M, z, stats and every gradient contiguous.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,11 +14,14 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/checks.h"
+#include "../common/op_list.h"
 #include "decafa_kernels.cuh"
 
 namespace {
 
 namespace dk = decafa_kernels;
+namespace checks = decafa::checks;
 using at::Tensor;
 using std::optional;
 
@@ -35,22 +39,14 @@ dk::DType dtype_of(const Tensor& t, const char* name) {
   return dk::DType::kFloat32;  // not reached
 }
 
-// A defined CUDA tensor of the given rank.
-void check_cuda(const Tensor& t, const char* name, int64_t rank) {
-  DECAFA_CHECK(t.defined(), name, " is undefined");
-  DECAFA_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-  DECAFA_CHECK(t.dim() == rank, name, " must have rank ", rank, ", got shape ", t.sizes());
-}
-
-// On the device of `ref`, with its dtype.
-void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  DECAFA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
-  DECAFA_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
-               ref.scalar_type(), "), got ", t.scalar_type());
-}
-
-void check_sizes(const Tensor& t, const char* name, at::IntArrayRef expected) {
-  DECAFA_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+// The tensor that places the op (the logits, or fuse's image): a CUDA tensor in a dtype the kernels take.
+// The other arguments are checked against it (csrc/common/checks.h).
+void check_on_cuda(const char* op, const char* name, const Tensor& t, int64_t rank) {
+  checks::tensor(op, name, t, rank);
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernels, got one on ", t.device());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", s, " (float64 runs on CPU or with the reference backend)");
 }
 
 int to_int(int64_t v, const char* what) {
@@ -80,28 +76,15 @@ Planes planes(const Tensor& t) {
 }
 
 // The logits: (B, L, H, W), float32 / float16 / bfloat16 CUDA, L, H, W >= 1.
-void check_logits(const Tensor& logits) {
-  check_cuda(logits, "logits", 4);
-  dtype_of(logits, "logits");
-  DECAFA_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1 && logits.size(3) >= 1,
-               "logits must have L, H, W >= 1, got shape ", logits.sizes());
+void check_logits(const char* op, const Tensor& logits) {
+  check_on_cuda(op, "logits", logits, 4);
+  checks::logits(op, logits);
   to_int(logits.size(1), "L");
   to_int(logits.size(2) * logits.size(3), "H*W");
 }
 
 dk::MapShape map_shape(const Tensor& t) {
   return {t.size(0), static_cast<int>(t.size(1)), static_cast<int>(t.size(2)), static_cast<int>(t.size(3))};
-}
-
-// A small float32 tensor of the logits' device and the given shape (stats, beta_map), made contiguous.
-Tensor float32_arg(const Tensor& t, const char* name, const Tensor& logits, at::IntArrayRef sizes) {
-  DECAFA_CHECK(t.defined(), name, " is undefined");
-  DECAFA_CHECK(t.device() == logits.device(), name, " must be on ", logits.device(), " (the logits' device), got ",
-               t.device());
-  DECAFA_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (the accumulation dtype), got ",
-               t.scalar_type());
-  check_sizes(t, name, sizes);
-  return t.contiguous();
 }
 
 // The logits, their temperature (beta_map (B, L) float32 or the float beta) and the kept tensors.
@@ -111,11 +94,11 @@ struct LogitsArg {
   dk::Logits view;
 };
 
-LogitsArg logits_arg(const Tensor& logits, double beta, const optional<Tensor>& beta_map_in) {
-  check_logits(logits);
+// beta_map is float32: the accumulation dtype of the dtypes check_on_cuda takes.
+LogitsArg logits_arg(const char* op, const Tensor& logits, double beta, const optional<Tensor>& beta_map_in) {
+  check_logits(op, logits);
   LogitsArg a{planes(logits), Tensor(), {}};
-  if (beta_map_in.has_value() && beta_map_in->defined())
-    a.beta_map = float32_arg(*beta_map_in, "beta_map", logits, {logits.size(0), logits.size(1)});
+  if (checks::beta_map(op, beta_map_in, logits)) a.beta_map = beta_map_in->contiguous();
   a.view = {a.planes.t.data_ptr(), a.planes.strides, static_cast<float>(beta),
             a.beta_map.defined() ? a.beta_map.data_ptr<float>() : nullptr};
   return a;
@@ -123,26 +106,17 @@ LogitsArg logits_arg(const Tensor& logits, double beta, const optional<Tensor>& 
 
 // An optional incoming gradient of the logits' dtype and device with the given shape, made contiguous;
 // undefined when the caller passed None.
-Tensor optional_grad(const optional<Tensor>& grad, const char* name, const Tensor& logits, at::IntArrayRef sizes) {
-  if (!grad.has_value() || !grad->defined()) return Tensor();
-  DECAFA_CHECK(grad->is_cuda(), name, " must be a CUDA tensor, got one on ", grad->device());
-  check_like(*grad, name, logits, "logits");
-  check_sizes(*grad, name, sizes);
+Tensor optional_grad(const char* op, const char* name, const optional<Tensor>& grad, const Tensor& logits,
+                     at::IntArrayRef sizes) {
+  if (!checks::optional_grad(op, name, grad, sizes, "logits", logits)) return Tensor();
+  checks::same_dtype(op, name, *grad, "logits", logits);
   return grad->contiguous();
 }
 
 // A (B, C, H, W) companion of `ref` (same B, H, W, device, dtype).
-void check_companion(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  check_cuda(t, name, 4);
-  check_like(t, name, ref, ref_name);
-  DECAFA_CHECK(t.size(0) == ref.size(0) && t.size(2) == ref.size(2) && t.size(3) == ref.size(3), name,
-               " must match ", ref_name, " in B, H, W (", ref.sizes(), "), got ", t.sizes());
+void check_companion(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  checks::companion(op, name, t, ref_name, ref);
   to_int(t.size(1), "channels");
-}
-
-int check_mode(int64_t mode) {
-  DECAFA_CHECK(mode >= 1 && mode <= 5, "mode must be 1..5 (F1..F5), got ", mode);
-  return static_cast<int>(mode);
 }
 
 // The fusion sources: image (B, Ci, H, W), embedding (B, C, H, W), both like `ref`; F's channel count.
@@ -152,9 +126,10 @@ struct FusionArg {
   int64_t channels;
 };
 
-FusionArg fusion_arg(const Tensor& image, const Tensor& embed, const Tensor& ref, const char* ref_name, int mode) {
-  check_companion(image, "image", ref, ref_name);
-  check_companion(embed, "embedding", ref, ref_name);
+FusionArg fusion_arg(const char* op, const Tensor& image, const Tensor& embed, const Tensor& ref, const char* ref_name,
+                     int mode) {
+  check_companion(op, "image", image, ref_name, ref);
+  check_companion(op, "embedding", embed, ref_name, ref);
   FusionArg f{planes(image), planes(embed), {}, 0};
   const int ci = static_cast<int>(image.size(1)), c = static_cast<int>(embed.size(1));
   f.view = {mode, f.image.t.data_ptr(), f.image.strides, ci, f.embed.t.data_ptr(), f.embed.strides, c};
@@ -177,17 +152,15 @@ Tensor empty_fused(const FusionArg& f, dk::Strides* strides) {
 }
 
 // A mask (B, 1, H, W) like `ref`, made contiguous.
-Tensor mask_arg(const Tensor& mask, const Tensor& ref, const char* ref_name) {
-  check_companion(mask, "mask", ref, ref_name);
-  DECAFA_CHECK(mask.size(1) == 1, "mask must have 1 channel, got shape ", mask.sizes());
+Tensor mask_arg(const char* op, const Tensor& mask, const Tensor& ref, const char* ref_name) {
+  checks::mask(op, mask, ref_name, ref);
   return mask.contiguous();
 }
 
 // grad_fused (B, channels, H, W) like `ref`, read in place when NCHW or channels_last.
-Planes grad_fused_arg(const Tensor& grad, const Tensor& ref, const char* ref_name, int64_t channels, int mode) {
-  check_companion(grad, "grad_fused", ref, ref_name);
-  DECAFA_CHECK(grad.size(1) == channels, "grad_fused must have ", channels, " channels for mode ", mode,
-               ", got shape ", grad.sizes());
+Planes grad_fused_arg(const char* op, const Tensor& grad, const Tensor& ref, const char* ref_name, int64_t channels) {
+  checks::grad(op, "grad_fused", grad, {ref.size(0), channels, ref.size(2), ref.size(3)}, ref_name, ref);
+  checks::same_dtype(op, "grad_fused", grad, ref_name, ref);
   return planes(grad);
 }
 
@@ -225,27 +198,27 @@ HeadOutputs head_forward(const LogitsArg& lg, const Tensor& logits, const Fusion
 }
 
 std::tuple<Tensor, Tensor> spatial_softmax_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const LogitsArg lg = logits_arg("spatial_softmax", logits, beta, beta_map);
   HeadOutputs o = head_forward(lg, logits, nullptr, false, false, true, false, "spatial_softmax");
   return {o.phi, o.stats};
 }
 
 std::tuple<Tensor, Tensor> soft_argmax_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map,
                                             bool normalized) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const LogitsArg lg = logits_arg("soft_argmax", logits, beta, beta_map);
   HeadOutputs o = head_forward(lg, logits, nullptr, normalized, true, false, false, "soft_argmax");
   return {o.z, o.stats};
 }
 
 std::tuple<Tensor, Tensor> attention_mask_cuda(const Tensor& logits, double beta, const optional<Tensor>& beta_map) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const LogitsArg lg = logits_arg("attention_mask", logits, beta, beta_map);
   HeadOutputs o = head_forward(lg, logits, nullptr, false, false, false, true, "attention_mask");
   return {o.mask, o.stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> landmark_attention_cuda(const Tensor& logits, double beta,
                                                            const optional<Tensor>& beta_map, bool normalized) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
+  const LogitsArg lg = logits_arg("landmark_attention", logits, beta, beta_map);
   HeadOutputs o = head_forward(lg, logits, nullptr, normalized, true, false, true, "landmark_attention");
   return {o.z, o.mask, o.stats};
 }
@@ -253,8 +226,9 @@ std::tuple<Tensor, Tensor, Tensor> landmark_attention_cuda(const Tensor& logits,
 std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_cuda(const Tensor& logits, const Tensor& image,
                                                             const Tensor& embed, int64_t mode, double beta,
                                                             const optional<Tensor>& beta_map, bool normalized) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
-  const FusionArg f = fusion_arg(image, embed, logits, "logits", check_mode(mode));
+  const char* op = "decafa_head";
+  const LogitsArg lg = logits_arg(op, logits, beta, beta_map);
+  const FusionArg f = fusion_arg(op, image, embed, logits, "logits", checks::mode(op, mode));
   HeadOutputs o = head_forward(lg, logits, &f, normalized, true, false, true, "decafa_head");
   return {o.z, o.fused, o.mask, o.stats};
 }
@@ -266,17 +240,16 @@ struct FuseArgs {
   dk::MapShape shape;
 };
 
-FuseArgs fuse_args(const Tensor& image, const Tensor& embed, const Tensor& mask, int64_t mode) {
-  check_cuda(image, "image", 4);
-  dtype_of(image, "image");
+FuseArgs fuse_args(const char* op, const Tensor& image, const Tensor& embed, const Tensor& mask, int64_t mode) {
+  check_on_cuda(op, "image", image, 4);
   to_int(image.size(2) * image.size(3), "H*W");
   // braced initialisation runs left to right: image and embedding are checked before the mask
-  return {fusion_arg(image, embed, image, "image", check_mode(mode)), mask_arg(mask, image, "image"),
+  return {fusion_arg(op, image, embed, image, "image", checks::mode(op, mode)), mask_arg(op, mask, image, "image"),
           {image.size(0), 0, static_cast<int>(image.size(2)), static_cast<int>(image.size(3))}};
 }
 
 Tensor fuse_cuda(const Tensor& image, const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
-  const FuseArgs a = fuse_args(image, embed, mask_in, mode_in);
+  const FuseArgs a = fuse_args("fuse", image, embed, mask_in, mode_in);
   const c10::cuda::CUDAGuard guard(image.device());
   dk::Strides fs{0, 0, 0};
   Tensor fused = empty_fused(a.f, &fs);
@@ -289,8 +262,9 @@ Tensor fuse_cuda(const Tensor& image, const Tensor& embed, const Tensor& mask_in
 // ------------------------------------------------------------------------------------------------
 // Backward ops
 // ------------------------------------------------------------------------------------------------
-Tensor stats_arg(const Tensor& stats, const Tensor& logits) {
-  return float32_arg(stats, "stats", logits, {logits.size(0), logits.size(1), 2});
+Tensor stats_arg(const char* op, const Tensor& stats, const Tensor& logits) {
+  checks::stats(op, stats, logits);
+  return stats.contiguous();
 }
 
 std::tuple<Tensor, Tensor> maps_backward(const LogitsArg& lg, const Tensor& logits, const Tensor& stats,
@@ -308,11 +282,11 @@ std::tuple<Tensor, Tensor> maps_backward(const LogitsArg& lg, const Tensor& logi
 std::tuple<Tensor, Tensor> spatial_softmax_backward_cuda(const Tensor& grad_phi, const Tensor& logits,
                                                          const Tensor& stats_in, double beta,
                                                          const optional<Tensor>& beta_map) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
-  const Tensor stats = stats_arg(stats_in, logits);
-  check_cuda(grad_phi, "grad_phi", 4);
-  check_like(grad_phi, "grad_phi", logits, "logits");
-  check_sizes(grad_phi, "grad_phi", logits.sizes());
+  const char* op = "spatial_softmax_backward";
+  const LogitsArg lg = logits_arg(op, logits, beta, beta_map);
+  const Tensor stats = stats_arg(op, stats_in, logits);
+  checks::grad(op, "grad_phi", grad_phi, logits.sizes(), "logits", logits);
+  checks::same_dtype(op, "grad_phi", grad_phi, "logits", logits);
   const Planes g = planes(grad_phi);
   return maps_backward(lg, logits, stats, false, dk::PhiGrad{g.t.data_ptr(), true, false, g.strides}, Tensor(),
                        "spatial_softmax_backward");
@@ -322,19 +296,21 @@ std::tuple<Tensor, Tensor> landmark_attention_backward_cuda(const optional<Tenso
                                                             const optional<Tensor>& grad_mask_in,
                                                             const Tensor& logits, const Tensor& stats_in, double beta,
                                                             const optional<Tensor>& beta_map, bool normalized) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
-  const Tensor stats = stats_arg(stats_in, logits);
+  const char* op = "landmark_attention_backward";
+  const LogitsArg lg = logits_arg(op, logits, beta, beta_map);
+  const Tensor stats = stats_arg(op, stats_in, logits);
   const int64_t b = logits.size(0), l = logits.size(1), h = logits.size(2), w = logits.size(3);
-  const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
-  const Tensor grad_mask = optional_grad(grad_mask_in, "grad_mask", logits, {b, 1, h, w});
+  const Tensor grad_z = optional_grad(op, "grad_z", grad_z_in, logits, {b, l, 2});
+  const Tensor grad_mask = optional_grad(op, "grad_mask", grad_mask_in, logits, {b, 1, h, w});
   const dk::PhiGrad g{grad_mask.defined() ? grad_mask.data_ptr() : nullptr, false, false, dk::Strides{0, 0, 0}};
   return maps_backward(lg, logits, stats, normalized, g, grad_z, "landmark_attention_backward");
 }
 
 std::tuple<Tensor, Tensor, Tensor> fuse_backward_cuda(const Tensor& grad_fused_in, const Tensor& image,
                                                       const Tensor& embed, const Tensor& mask_in, int64_t mode_in) {
-  const FuseArgs a = fuse_args(image, embed, mask_in, mode_in);
-  const Planes grad_fused = grad_fused_arg(grad_fused_in, image, "image", a.f.channels, a.f.view.mode);
+  const char* op = "fuse_backward";
+  const FuseArgs a = fuse_args(op, image, embed, mask_in, mode_in);
+  const Planes grad_fused = grad_fused_arg(op, grad_fused_in, image, "image", a.f.channels);
   const c10::cuda::CUDAGuard guard(image.device());
   Tensor grad_image = at::empty(image.sizes(), image.options());
   Tensor grad_embed = at::empty(embed.sizes(), embed.options());
@@ -352,16 +328,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_backward_cuda(
     const optional<Tensor>& grad_z_in, const optional<Tensor>& grad_fused_in, const Tensor& logits,
     const Tensor& image, const Tensor& embed, const Tensor& mask_in, const Tensor& stats_in, int64_t mode_in,
     double beta, const optional<Tensor>& beta_map, bool normalized) {
-  const LogitsArg lg = logits_arg(logits, beta, beta_map);
-  const int mode = check_mode(mode_in);
-  const FusionArg f = fusion_arg(image, embed, logits, "logits", mode);
-  const Tensor mask = mask_arg(mask_in, logits, "logits");
-  const Tensor stats = stats_arg(stats_in, logits);
+  const char* op = "decafa_head_backward";
+  const LogitsArg lg = logits_arg(op, logits, beta, beta_map);
+  const int mode = checks::mode(op, mode_in);
+  const FusionArg f = fusion_arg(op, image, embed, logits, "logits", mode);
+  const Tensor mask = mask_arg(op, mask_in, logits, "logits");
+  const Tensor stats = stats_arg(op, stats_in, logits);
   const int64_t b = logits.size(0), l = logits.size(1), hw = logits.size(2) * logits.size(3);
-  const Tensor grad_z = optional_grad(grad_z_in, "grad_z", logits, {b, l, 2});
+  const Tensor grad_z = optional_grad(op, "grad_z", grad_z_in, logits, {b, l, 2});
   Planes grad_fused{Tensor(), {0, 0, 0}, false};
   if (grad_fused_in.has_value() && grad_fused_in->defined())
-    grad_fused = grad_fused_arg(*grad_fused_in, logits, "logits", f.channels, mode);
+    grad_fused = grad_fused_arg(op, *grad_fused_in, logits, "logits", f.channels);
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor grad_logits = at::empty(logits.sizes(), logits.options());
   Tensor grad_image = at::empty(image.sizes(), image.options());
@@ -385,15 +362,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> decafa_head_backward_cuda(
 
 }  // namespace
 
+// Every op of the table (csrc/common/op_list.h) as <op>_cuda: declared from the list, so that a definition
+// whose signature differs from the table's fails to compile here, and registered from it.
+namespace {
+#define DECAFA_DECLARE_OP(name, returns, params) returns name##_cuda params;
+DECAFA_OPS(DECAFA_DECLARE_OP)
+#undef DECAFA_DECLARE_OP
+}  // namespace
+
 TORCH_LIBRARY_IMPL(decafa, CUDA, m) {
-  m.impl("spatial_softmax", &spatial_softmax_cuda);
-  m.impl("spatial_softmax_backward", &spatial_softmax_backward_cuda);
-  m.impl("soft_argmax", &soft_argmax_cuda);
-  m.impl("attention_mask", &attention_mask_cuda);
-  m.impl("landmark_attention", &landmark_attention_cuda);
-  m.impl("landmark_attention_backward", &landmark_attention_backward_cuda);
-  m.impl("fuse", &fuse_cuda);
-  m.impl("fuse_backward", &fuse_backward_cuda);
-  m.impl("decafa_head", &decafa_head_cuda);
-  m.impl("decafa_head_backward", &decafa_head_backward_cuda);
+#define DECAFA_REGISTER_OP(name, returns, params) m.impl(#name, &name##_cuda);
+  DECAFA_OPS(DECAFA_REGISTER_OP)
+#undef DECAFA_REGISTER_OP
 }

@@ -3,8 +3,10 @@ the op that computes them and its fake (shape) rule; with one table of tensor ar
 
 Derived from it: the schemas (`schemas.SCHEMAS`, defined for `decafa` by `schemas.define_schemas`), the fakes
 (`fakes.FAKES`, `fakes.register_fakes`), the autograd registration (decafa_fast.ops.autograd), the Triton
-registration (decafa_fast.triton.ops: the body of op `x` is its function `x`) and the rank and shape wording of
-the Python argument checks (decafa_fast.ops.validation). CONTRIBUTING.md says how to add an op.
+registration (decafa_fast.triton.ops: the body of op `x` is its function `x`), the rank and shape wording of
+the Python argument checks (decafa_fast.ops.validation) and the C++ op list from which the CPU and CUDA glue
+declare and register their kernels (csrc/common/op_list.h, written by `op_list`). CONTRIBUTING.md says how to
+add an op.
 
 Conventions (the autograd registration relies on them): a backward op takes `grad_<output>` for each
 differentiable output (optional when the forward op has several), then inputs and saved outputs by their names,

@@ -176,6 +176,24 @@ def test_force_cuda_decides_over_detection(monkeypatch, force, expected):
         assert [_build.want_cuda(version, home) for version, home in cases] == expected
 
 
+def test_an_empty_cuda_arch_list_means_the_default(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST empty builds for the default architectures, as unset does (torch reads it so), so
+    both name the same cached build; another list names another."""
+    from decafa_fast import _build
+
+    keys = {}
+    for value in (None, "", _build.DEFAULT_CUDA_ARCHS, "8.6"):
+        if value is None:
+            monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        keys[value] = (_build.cuda_archs(), _build.build_key(ROOT, cuda=True), _build.build_key(ROOT, cuda=False))
+    assert keys[None] == keys[""] == keys[_build.DEFAULT_CUDA_ARCHS]
+    assert keys[None][0] == _build.DEFAULT_CUDA_ARCHS
+    assert keys["8.6"][0] == "8.6" and keys["8.6"][1] != keys[None][1]
+    assert keys["8.6"][2] == keys[None][2]  # a CPU build does not depend on it
+
+
 @pytest.fixture(scope="module")
 def package_copy(tmp_path_factory) -> Path:
     return _copy_checkout(tmp_path_factory.mktemp("first_use") / "src")

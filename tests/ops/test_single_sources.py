@@ -8,7 +8,9 @@
 - one fake per op (decafa_fast/contract/fakes.py), registered for every namespace from the table (no C++ Meta
   kernels, no other register_fake);
 - the fusion channel layout once per language, decafa_fast/contract/layout.py and kernels/fusion_layout.h, and
-  the two twins give the same layout for every mode.
+  the two twins give the same layout for every mode;
+- the C++ glue registers every op from csrc/common/op_list.h, which is generated from the table (and must be
+  what the table gives now), and words its argument checks in one header, csrc/common/checks.h.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from decafa_fast import ops
-from decafa_fast.contract import table
+from decafa_fast.contract import op_list, table
 from decafa_fast.contract.fakes import FAKES
 from decafa_fast.contract.layout import fusion_layout
 from decafa_fast.contract.schemas import SCHEMAS
@@ -248,3 +250,67 @@ def test_no_other_module_lists_the_ops():
                     and _op_name_strings(node) >= 3):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ glue: registered from the table's op list, argument checks in one header
+# --------------------------------------------------------------------------------------------------
+def test_op_list_header_is_the_tables():
+    """csrc/common/op_list.h is what the table gives: an op added to (or changed in) the table without
+    regenerating the header fails here."""
+    committed = (ROOT / op_list.HEADER).read_text()
+    assert committed == op_list.header(), f"{op_list.HEADER} is stale: run python3 -m decafa_fast.contract.op_list"
+
+
+def test_op_list_follows_the_table():
+    text = op_list.header()
+    for op in OPS:
+        assert f"X({op.name}, {op_list.returns(op)}, \\\n    {op_list.params(op)})" in text, op.name
+    assert op_list.header(OPS[:-1]) != text
+    assert set(op_list.CPP_TYPES) == set(table.SCHEMA_TYPES)
+    assert op_list.params(OPS_BY_NAME["fuse"]) == ("(const at::Tensor& image, const at::Tensor& embedding, "
+                                                "const at::Tensor& mask, int64_t mode)")
+
+
+def test_the_op_list_check_reports_a_stale_header(tmp_path, monkeypatch):
+    stale = tmp_path / op_list.HEADER
+    stale.parent.mkdir(parents=True)
+    stale.write_text(op_list.header(OPS[:-1]))
+    monkeypatch.setattr(op_list, "HEADER", stale)  # an absolute path: ROOT / HEADER is the file itself
+    assert op_list.main(["op_list", "--check"]) == 1
+    stale.write_text(op_list.header())
+    assert op_list.main(["op_list", "--check"]) == 0
+
+
+def test_the_glue_registers_every_op_from_the_op_list():
+    """No op registered by hand: one TORCH_LIBRARY_IMPL block per dispatch key (CPU, CUDA), each expanding
+    DECAFA_OPS."""
+    blocks: dict[str, list[str]] = {}
+    for path in CPP_SOURCES:
+        text = path.read_text(errors="replace")
+        where = str(path.relative_to(ROOT))
+        assert not re.search(r"\bm\.impl\(\s*\"", text), f"{where} registers an op by hand"
+        for match in re.finditer(r"TORCH_LIBRARY_IMPL\s*\(\s*decafa\s*,\s*(\w+)\s*,\s*m\s*\)\s*\{", text):
+            body = text[match.end():text.index("\n}", match.end())]
+            assert "DECAFA_OPS(" in body, f"{where}: the {match[1]} block does not register from DECAFA_OPS"
+            blocks.setdefault(match[1], []).append(where)
+    assert blocks == {"CPU": ["csrc/cpu/registration.cpp"], "CUDA": ["csrc/cuda/decafa_cuda.cu"]}, blocks
+
+
+# Phrases of the shared checks' messages: written in csrc/common/checks.h and nowhere else in the C++.
+SHARED_CHECK_WORDS = (" must have rank ", " must match ", "mode must be 1..5", " must have the dtype of ",
+                      " must be a tensor, got None", " must have shape ",
+                      "must be float16, bfloat16, float32 or float64")
+
+
+def test_cpp_argument_checks_are_written_once():
+    checks = ROOT / "csrc" / "common" / "checks.h"
+    text = checks.read_text()
+    assert all(words in text for words in SHARED_CHECK_WORDS)
+    for path in CPP_SOURCES:
+        if path != checks:
+            text = path.read_text(errors="replace")
+            again = [words for words in SHARED_CHECK_WORDS if words in text]
+            assert not again, f"{path.relative_to(ROOT)} words a shared check again: {again}"
+    for glue in ("csrc/cpu/attention.h", "csrc/cuda/decafa_cuda.cu"):
+        assert '#include "../common/checks.h"' in (ROOT / glue).read_text(), glue

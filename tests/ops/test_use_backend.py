@@ -279,23 +279,17 @@ def test_overlapping_exports_in_threads_leave_nothing_replaced():
     seen: dict[str, list[str]] = {"a": [], "b": []}
     plain_seen: set[tuple[str, bool]] = set()
 
-    def export_a():
-        assert plain_running.wait(30)
+    def export_block(name: str, start: threading.Event, entered: threading.Event, hold: threading.Event,
+                     left: threading.Event):
+        """After `start`, an export block that sets `entered` and lasts until `hold`; sets `left` once out.
+        Records the backend seen inside and after."""
+        assert start.wait(30)
         with export.standard_ops():
-            entered_a.set()
-            assert entered_b.wait(30)
-            seen["a"].append(ops.get_backend())
-        left_a.set()
-        seen["a"].append(ops.get_backend())
-
-    def export_b():
-        assert entered_a.wait(30)
-        with export.standard_ops():
-            entered_b.set()
-            assert left_a.wait(30)
-            seen["b"].append(ops.get_backend())
-        seen["b"].append(ops.get_backend())
-        done.set()
+            entered.set()
+            assert hold.wait(30)
+            seen[name].append(ops.get_backend())
+        seen[name].append(ops.get_backend())
+        left.set()
 
     def plain():
         t = logits()
@@ -303,7 +297,8 @@ def test_overlapping_exports_in_threads_leave_nothing_replaced():
             plain_seen.add((ops.get_backend(), ran_compiled_kernel(lambda: ops.soft_argmax(t))))
             plain_running.set()
 
-    run_threads(export_a, export_b, plain)
+    run_threads(lambda: export_block("a", plain_running, entered_a, entered_b, left_a),
+                lambda: export_block("b", entered_a, entered_b, left_a, done), plain)
     assert seen == {"a": ["reference", "auto"], "b": ["reference", "auto"]}
     assert plain_seen == {("auto", True)}
     assert ops.get_backend() == "auto" and _public_ops() == before
@@ -522,24 +517,18 @@ def test_a_decorated_generator_holds_its_block_only_while_it_runs():
 def test_a_decorated_coroutine_runs_inside_its_block_in_its_own_task():
     import asyncio
 
-    @ops.use_backend("reference")
-    async def worker() -> list[str]:
+    async def backends_seen() -> list[str]:
         seen = []
         for _ in range(3):
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the other coroutine runs here
             seen.append(ops.get_backend())
         return seen
 
-    async def other() -> list[str]:
-        seen = []
-        for _ in range(3):
-            await asyncio.sleep(0)
-            seen.append(ops.get_backend())
-        return seen
+    worker = ops.use_backend("reference")(backends_seen)  # the same body, decorated
 
     async def main():
         with ops.use_backend("cpp"):
-            return await asyncio.gather(worker(), other()), ops.get_backend()
+            return await asyncio.gather(worker(), backends_seen()), ops.get_backend()
 
     assert asyncio.run(main()) == ([["reference"] * 3, ["cpp"] * 3], "cpp")
     assert ops.get_backend() == "auto"
