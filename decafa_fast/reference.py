@@ -59,17 +59,21 @@ def _scaled_logits(logits: torch.Tensor, beta: Beta) -> torch.Tensor:
     if isinstance(beta, torch.Tensor):
         beta = expand_beta(beta, b, l).to(acc).unsqueeze(-1)
     with torch.no_grad():
-        overflows = ~torch.isfinite((flat * beta).amax(dim=-1, keepdim=True))
-        positive = beta > 0 if isinstance(beta, torch.Tensor) else torch.tensor(beta > 0, device=flat.device)
-        c = torch.where(positive, flat.amax(dim=-1, keepdim=True), flat.amin(dim=-1, keepdim=True))
-        shift = torch.where(overflows, c, torch.zeros_like(c))
-    shifted = flat - shift.detach()  # no_grad does not stop forward-mode AD; detach does
-    # T - c itself can overflow (logits of both signs near the dtype's largest value): such a pixel's Phi is 0
-    # either way, and the dtype's largest value in its place keeps grad_beta's 0 * (T - c) from being NaN
-    largest = torch.finfo(acc).max
-    spilled = overflows & torch.isinf(shifted) & torch.isfinite(flat)
-    shifted = torch.where(spilled, shifted.sign() * largest, shifted)
-    return shifted * beta
+        # the largest beta * t is beta * c (rounding is monotone): no pass over beta * T to find the maps
+        if isinstance(beta, torch.Tensor):
+            c = torch.where(beta > 0, flat.amax(dim=-1, keepdim=True), flat.amin(dim=-1, keepdim=True))
+        else:
+            c = flat.amax(dim=-1, keepdim=True) if beta > 0 else flat.amin(dim=-1, keepdim=True)
+        overflows = ~torch.isfinite(c * beta)
+        shift = torch.where(overflows, c, 0.0)
+        # T - c itself can overflow (logits of both signs near the dtype's largest value): such a pixel's Phi
+        # is 0 either way, and the dtype's largest value in its place keeps grad_beta's 0 * (T - c) from being
+        # NaN; the bounds are infinite (no change) on the other maps
+        largest = torch.where(overflows, c.new_tensor(torch.finfo(acc).max), c.new_tensor(torch.inf))
+    shifted = (flat - shift.detach()).clamp_(-largest, largest)  # no_grad does not stop forward-mode AD
+    if isinstance(beta, torch.Tensor):
+        return shifted * beta
+    return shifted.mul_(beta)  # a number's product needs no saved input: in place, one allocation fewer
 
 
 def pixel_grid(h: int, w: int, normalized: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
