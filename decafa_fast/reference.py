@@ -66,14 +66,14 @@ def _scaled_logits(logits: torch.Tensor, beta: Beta) -> torch.Tensor:
             c = flat.amax(dim=-1, keepdim=True) if beta > 0 else flat.amin(dim=-1, keepdim=True)
         overflows = ~torch.isfinite(c * beta)
         shift = torch.where(overflows, c, 0.0)
-        # T - c itself can overflow (logits of both signs near the dtype's largest value): such a pixel's Phi
-        # is 0 either way, and the dtype's largest value in its place keeps grad_beta's 0 * (T - c) from being
-        # NaN; the bounds are infinite (no change) on the other maps
+    shifted = flat - shift.detach()  # no_grad does not stop forward-mode AD: detach does
+    if isinstance(beta, torch.Tensor) and beta.requires_grad:
+        # T - c itself can overflow (logits of both signs near the dtype's largest value): such a pixel's Phi is
+        # 0 either way, and the dtype's largest value in its place keeps grad_beta's 0 * (T - c) from being NaN;
+        # the bounds are infinite (no change) on the other maps
         largest = torch.where(overflows, c.new_tensor(torch.finfo(acc).max), c.new_tensor(torch.inf))
-    shifted = (flat - shift.detach()).clamp_(-largest, largest)  # no_grad does not stop forward-mode AD
-    if isinstance(beta, torch.Tensor):
-        return shifted * beta
-    return shifted.mul_(beta)  # a number's product needs no saved input: in place, one allocation fewer
+        return torch.clamp(shifted, -largest, largest) * beta
+    return shifted.mul_(beta)  # beta takes no gradient: in place, one allocation fewer
 
 
 def pixel_grid(h: int, w: int, normalized: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
