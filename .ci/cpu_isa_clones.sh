@@ -3,14 +3,14 @@
 # with DECAFA_CPU_ISA, so that the clones the CI machine would not pick by itself run too. Needs the built
 # extension (.ci/run's install). A clone the CPU cannot run is reported and skipped (DECAFA_REQUIRE_ALL_CLONES=1
 # makes that an error). The subset: the ops tests that call the C++ kernels (the cpp backend's cases of
-# test_ops, test_ops_autograd, test_ops_contract, test_cpu_large_outputs), -m "not slow", without the float64
-# gradchecks (float64 takes std::exp, not the clones' vector exp, and they are most of the time);
-# test_cpu_simd.py, which sets DECAFA_CPU_ISA in its own subprocesses, runs once in the main suite.
+# test_ops, test_ops_autograd, test_ops_contract, test_cpu_large_outputs, test_beta_overflow), -m "not slow",
+# without the float64 gradchecks (float64 takes std::exp, not the clones' vector exp, and they are most of the
+# time); test_cpu_simd.py, which sets DECAFA_CPU_ISA in its own subprocesses, runs once in the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TESTS=(tests/ops/test_ops.py tests/ops/test_ops_autograd.py tests/ops/test_ops_contract.py
-       tests/ops/test_cpu_large_outputs.py)
+       tests/ops/test_cpu_large_outputs.py tests/ops/test_beta_overflow.py)
 SELECT="not triton and not cuda and not gradcheck"
 
 missing=0

@@ -44,13 +44,36 @@ def expand_beta(beta: torch.Tensor, b: int, l: int) -> torch.Tensor:
 
 
 def _scaled_logits(logits: torch.Tensor, beta: Beta) -> torch.Tensor:
-    """s = beta * T in the accumulation dtype, as (B, L, H*W)."""
+    """s = beta * T in the accumulation dtype, as (B, L, H*W), shifted on the maps where beta * T overflows.
+
+    A map whose largest beta * t is +-inf (a finite beta too large for its logits) is computed as
+    beta * (T - c) instead, with c the map's largest logit for beta > 0, its smallest for beta < 0: the same
+    softmax, which then holds the exact limit, 1/k on the k pixels where t == c and 0 elsewhere. A map with a
+    NaN, or whose c is infinite, stays NaN (amax propagates NaN; inf - inf is NaN). The other maps are
+    beta * T exactly as before (they are shifted by 0). c carries no gradient: the softmax does not depend
+    on it.
+    """
     b, l, h, w = logits.shape
     acc = _accumulation_dtype(logits)
     flat = logits.to(acc).reshape(b, l, h * w)
     if isinstance(beta, torch.Tensor):
-        return flat * expand_beta(beta, b, l).to(acc).unsqueeze(-1)
-    return flat * beta
+        beta = expand_beta(beta, b, l).to(acc).unsqueeze(-1)
+    with torch.no_grad():
+        # the largest beta * t is beta * c (rounding is monotone): no pass over beta * T to find the maps
+        if isinstance(beta, torch.Tensor):
+            c = torch.where(beta > 0, flat.amax(dim=-1, keepdim=True), flat.amin(dim=-1, keepdim=True))
+        else:
+            c = flat.amax(dim=-1, keepdim=True) if beta > 0 else flat.amin(dim=-1, keepdim=True)
+        overflows = ~torch.isfinite(c * beta)
+        shift = torch.where(overflows, c, 0.0)
+    shifted = flat - shift.detach()  # no_grad does not stop forward-mode AD: detach does
+    if isinstance(beta, torch.Tensor) and beta.requires_grad:
+        # T - c itself can overflow (logits of both signs near the dtype's largest value): such a pixel's Phi is
+        # 0 either way, and the dtype's largest value in its place keeps grad_beta's 0 * (T - c) from being NaN;
+        # the bounds are infinite (no change) on the other maps
+        largest = torch.where(overflows, c.new_tensor(torch.finfo(acc).max), c.new_tensor(torch.inf))
+        return torch.clamp(shifted, -largest, largest) * beta
+    return shifted.mul_(beta)  # beta takes no gradient: in place, one allocation fewer
 
 
 def pixel_grid(h: int, w: int, normalized: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,7 +117,11 @@ void map_statistics(const at::Tensor& logits, double beta, const at::Tensor& bet
           const acc_t m = scaled_max(t + map * hw, hw, b);
           // e = exp(s - m) kept in the scratch only when Phi or M is wanted
           acc_t* e = phi_p != nullptr || mask_acc != nullptr ? e_group + k * hw : nullptr;
-          const MapStats<acc_t> st = exp_sums(t + map * hw, H, W, b, m, z_p != nullptr, xs.data(), ys.data(), e);
+          // m = +-inf: beta * t overflows this map, whose Phi is then the limit of the softmax (map_math.h)
+          const MapLimit<acc_t> limit = overflowed(m) ? map_limit(t + map * hw, hw, b) : MapLimit<acc_t>{};
+          const MapStats<acc_t> st =
+              limit.exact ? limit_sums(t + map * hw, H, W, limit, z_p != nullptr, xs.data(), ys.data(), e)
+                          : exp_sums(t + map * hw, H, W, b, m, z_p != nullptr, xs.data(), ys.data(), e);
           stats_p[2 * map] = m;
           stats_p[2 * map + 1] = st.sum;
           if (z_p != nullptr) {
@@ -164,6 +168,12 @@ std::tuple<at::Tensor, at::Tensor> logits_gradient(const at::Tensor& logits, con
         const int64_t b = map / L;
         const acc_t beta_eff = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
         const acc_t* gm_b = gm != nullptr ? gm + b * hw : nullptr;
+        if (saved_as_limit(stats_p[2 * map], stats_p[2 * map + 1])) {
+          gb[map] = limit_grad(t + map * hw, H, W, map_limit(t + map * hw, hw, beta_eff), beta_eff,
+                               static_cast<const scalar_t*>(nullptr), xs.data(), ys.data(),
+                               gz != nullptr ? gz + 2 * map : nullptr, gm_b, out + map * hw);
+          continue;
+        }
         const PhiSums<acc_t> sums = phi_with_sums(t + map * hw, H, W, beta_eff, stats_p[2 * map], stats_p[2 * map + 1],
                                                   xs.data(), ys.data(), gz != nullptr, gm_b, phi);
         gb[map] = landmark_grad(phi, sums, t + map * hw, H, W, beta_eff, xs.data(), ys.data(),
@@ -213,6 +223,13 @@ std::tuple<at::Tensor, at::Tensor> spatial_softmax_backward(const at::Tensor& gr
       std::vector<acc_t> phi(hw);
       for (int64_t map = begin; map < end; ++map) {
         const acc_t b = bm != nullptr ? bm[map] : static_cast<acc_t>(beta);
+        if (saved_as_limit(stats_p[2 * map], stats_p[2 * map + 1])) {
+          gb[map] = limit_grad(t + map * hw, logits.size(2), logits.size(3), map_limit(t + map * hw, hw, b), b,
+                               g + map * hw, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
+                               static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
+                               out + map * hw);
+          continue;
+        }
         recompute_phi(t + map * hw, hw, b, stats_p[2 * map], stats_p[2 * map + 1], phi.data());
         gb[map] = softmax_grad(phi.data(), g + map * hw, t + map * hw, hw, b, out + map * hw);
       }

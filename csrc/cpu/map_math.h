@@ -589,5 +589,121 @@ DECAFA_INLINE acc_t landmark_grad_impl(const acc_t* phi, const PhiSums<acc_t>& s
 }
 DECAFA_ISA_DISPATCH(landmark_grad)
 
+// ---- Maps where beta * t overflows the accumulation dtype --------------------------------------------
+// When scaled_max gives +-inf (a finite beta too large for the map's logits), softmax(beta * t) is taken at
+// its exact limit: with c the map's largest logit for beta > 0 (its smallest for beta < 0) and k the number
+// of pixels where t == c, Phi = 1/k on those pixels and 0 elsewhere. exp(beta * (t - c)) rounds to exactly
+// that: off the ties |beta * (t - c)| is beyond the dtype's largest value. A map holding a NaN, or whose c
+// is infinite, or a beta that is not finite, has no such limit and stays NaN (the normal sweep gives it).
+// The statistics saved for the backward are (max = +-inf, sum = k): a finite sum next to an infinite max
+// is what marks such a map (a NaN map's sum is NaN). These run once per overflowing map, off the normal
+// path: the sweeps above are unchanged, and the only cost to other maps is the test of the max.
+template <typename acc_t>
+struct MapLimit {
+  acc_t c = 0;   // the logit Phi concentrates on
+  acc_t k = 0;   // how many pixels hold it
+  bool exact = false;  // false: no finite limit (NaN, c infinite, beta not finite): the map is NaN
+};
+
+// Whether map_statistics' max m (scaled_max) calls for the limit instead of the exp sweep.
+template <typename acc_t>
+DECAFA_INLINE bool overflowed(acc_t m) {
+  return !(m > -std::numeric_limits<acc_t>::infinity() && m < std::numeric_limits<acc_t>::infinity());
+}
+
+// Whether a map's saved statistics are those of a limit (an infinite max with a finite sum).
+template <typename acc_t>
+DECAFA_INLINE bool saved_as_limit(acc_t max, acc_t sum) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  return (max == inf || max == -inf) && sum > acc_t(0) && sum < inf;
+}
+
+// c and k of n logits for this beta (one read for the extremes and NaN, one for the ties).
+template <typename scalar_t, typename acc_t>
+DECAFA_INLINE MapLimit<acc_t> map_limit_impl(const scalar_t* t, int64_t n, acc_t beta) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  MapLimit<acc_t> out;
+  if (!(beta != acc_t(0) && beta > -inf && beta < inf)) return out;  // NaN beta fails too
+  acc_t hi = -inf, lo = inf;
+  int nan = 0;
+#pragma omp simd reduction(max : hi) reduction(min : lo) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(t[i]);
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
+    nan |= v != v ? 1 : 0;
+  }
+  const acc_t c = beta > acc_t(0) ? hi : lo;
+  if (nan != 0 || !(c > -inf && c < inf)) return out;
+  int64_t k = 0;
+#pragma omp simd reduction(+ : k)
+  for (int64_t i = 0; i < n; ++i) k += static_cast<acc_t>(t[i]) == c ? 1 : 0;
+  out.c = c;
+  out.k = static_cast<acc_t>(k);
+  out.exact = true;
+  return out;
+}
+DECAFA_ISA_DISPATCH(map_limit)
+
+// exp_sums for a limit: e = [t == c] (stored when e is given), sum = k, and the moments when `moments`.
+template <typename scalar_t, typename acc_t>
+DECAFA_INLINE MapStats<acc_t> limit_sums_impl(const scalar_t* t, int64_t H, int64_t W, const MapLimit<acc_t>& limit,
+                                              bool moments, const acc_t* xs, const acc_t* ys, acc_t* e) {
+  acc_t sx = 0, sy = 0;
+  for (int64_t row = 0; row < H; ++row) {
+    const scalar_t* tr = t + row * W;
+    acc_t row_count = 0;
+#pragma omp simd reduction(+ : sx, row_count)
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t v = static_cast<acc_t>(tr[col]) == limit.c ? acc_t(1) : acc_t(0);
+      if (e != nullptr) e[row * W + col] = v;
+      row_count += v;
+      sx += v * xs[col];
+    }
+    sy += row_count * ys[row];
+  }
+  return {limit.k, moments ? sx / limit.k : acc_t(0), moments ? sy / limit.k : acc_t(0)};
+}
+DECAFA_ISA_DISPATCH(limit_sums)
+
+// The backward of a limit map: Phi_p = [t_p == c] / k and, with G_p the gradient w.r.t. Phi_p (g_phi when
+// given, the spatial_softmax backward; else gM_p + gx x_p + gy y_p from grad_mask and grad_z, either may be
+// null), g_s = Phi (G - sum_q Phi_q G_q) and grad_t = beta * g_s: exactly 0 off the ties, and 0 on a lone
+// maximum too (sum_q Phi_q G_q is then its G). Returns grad_beta = sum_p t_p g_s,p = sum_p (t_p - c) g_s,p
+// (sum_p g_s,p = 0): g_s is 0 off the ties and t_p - c is 0 on them, so every term is 0 * g_s, 0 or NaN
+// (with a non-finite incoming gradient, as the reference gives); t_p - c itself is not formed, it can
+// overflow.
+template <typename scalar_t, typename acc_t>
+DECAFA_INLINE acc_t limit_grad_impl(const scalar_t* t, int64_t H, int64_t W, const MapLimit<acc_t>& limit, acc_t beta,
+                                    const scalar_t* g_phi, const acc_t* xs, const acc_t* ys, const acc_t* grad_z,
+                                    const acc_t* grad_mask, scalar_t* grad_t) {
+  const acc_t inv = acc_t(1) / limit.k;
+  const acc_t gx = grad_z != nullptr ? grad_z[0] : acc_t(0), gy = grad_z != nullptr ? grad_z[1] : acc_t(0);
+  auto incoming = [&](int64_t row, int64_t col) {
+    const int64_t p = row * W + col;
+    if (g_phi != nullptr) return static_cast<acc_t>(g_phi[p]);
+    const acc_t gm = grad_mask != nullptr ? grad_mask[p] : acc_t(0);
+    return gm + gx * xs[col] + gy * ys[row];
+  };
+  acc_t mean = 0;  // sum_q Phi_q G_q
+  for (int64_t row = 0; row < H; ++row) {
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t phi = static_cast<acc_t>(t[row * W + col]) == limit.c ? inv : acc_t(0);
+      mean += phi * incoming(row, col);
+    }
+  }
+  acc_t gb = 0;
+  for (int64_t row = 0; row < H; ++row) {
+    for (int64_t col = 0; col < W; ++col) {
+      const acc_t phi = static_cast<acc_t>(t[row * W + col]) == limit.c ? inv : acc_t(0);
+      const acc_t gs = phi * (incoming(row, col) - mean);
+      grad_t[row * W + col] = to_storage<scalar_t>(beta * gs);
+      gb += acc_t(0) * gs;
+    }
+  }
+  return gb;
+}
+DECAFA_ISA_DISPATCH(limit_grad)
+
 }  // namespace cpu
 }  // namespace decafa

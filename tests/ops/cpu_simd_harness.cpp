@@ -12,7 +12,9 @@
 //   sweeps  runs every kernel of map_math.h through each clone this CPU supports, on maps holding NaN (several
 //           payloads, both signs), +-inf, all -inf, the dtype's largest values, subnormals and signed zeros,
 //           for float64, float32, float16 and bfloat16 and betas that overflow; checks what the op contract
-//           says of them (a NaN or inf in a map makes its sum NaN, finite maps give finite sums) and prints
+//           says of them (a NaN or inf in a map makes its sum NaN, finite maps give finite sums; a map whose
+//           max overflows has the limit, 1/k on the k pixels of its extreme logit, unless it holds a NaN or
+//           that logit is infinite, and gradients 0 off those pixels and 0 for grad_beta) and prints
 //           one digest of every output's bits per clone, "same" when all clones agree bit for bit
 //   exp-error  the largest error of vexp in each precision and clone on [kExpLowest, 0], against the bounds
 //           vexp.h states (kExpBounds)
@@ -195,6 +197,55 @@ void run_map(Isa isa, const std::vector<scalar_t>& t, int64_t H, int64_t W, doub
                          grad_mask.data(), grad_t.data(), staging.data()));
   digest.add(grad_t);
 
+  // a map whose max overflowed (beta * t beyond acc_t): the limit, c and k, its e and moments, and its
+  // gradients, for the spatial_softmax backward (g) and for landmark_grad's (grad_mask, grad_z)
+  if (dc::overflowed(m)) {
+    const dc::MapLimit<acc_t> limit = CLONE(isa, map_limit, tp, hw, beta);
+    digest.add_value(limit.c);
+    digest.add_value(limit.k);
+    digest.add_value(limit.exact);
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    bool any_nan = false;
+    acc_t hi = -inf, lo = inf;
+    for (scalar_t v : t) {
+      any_nan |= is_nan(v);
+      if (!is_nan(v)) {
+        hi = std::max(hi, static_cast<acc_t>(v));
+        lo = std::min(lo, static_cast<acc_t>(v));
+      }
+    }
+    const acc_t c = beta > acc_t(0) ? hi : lo;
+    const bool has_limit = !any_nan && std::isfinite(c) && beta != acc_t(0) && std::isfinite(beta);
+    expect(limit.exact == has_limit, what + ": overflowed map, limit found " + std::to_string(limit.exact));
+    if (limit.exact) {
+      int64_t k = 0;
+      for (scalar_t v : t) k += static_cast<acc_t>(v) == c;
+      std::vector<acc_t> e_limit(hw, acc_t(-1));
+      const dc::MapStats<acc_t> st_limit =
+          CLONE(isa, limit_sums, tp, H, W, limit, true, xs.data(), ys.data(), e_limit.data());
+      expect(limit.c == c && k >= 1 && st_limit.sum == acc_t(k), what + ": limit c or k");
+      for (int64_t i = 0; i < hw; ++i) {
+        expect(e_limit[i] == (static_cast<acc_t>(t[i]) == c ? acc_t(1) : acc_t(0)), what + ": limit e");
+      }
+      digest.add(e_limit);
+      digest.add_value(st_limit.zx);
+      digest.add_value(st_limit.zy);
+      const acc_t gb_softmax = CLONE(isa, limit_grad, tp, H, W, limit, beta, static_cast<const scalar_t*>(g.data()),
+                                     static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
+                                     static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
+                                     grad_t.data());
+      digest.add(grad_t);
+      for (int64_t i = 0; i < hw; ++i) {
+        if (e_limit[i] == acc_t(0)) expect(static_cast<acc_t>(grad_t[i]) == acc_t(0), what + ": limit grad off c");
+        if (k == 1) expect(static_cast<acc_t>(grad_t[i]) == acc_t(0), what + ": limit grad of a lone maximum");
+      }
+      const acc_t gb_landmark = CLONE(isa, limit_grad, tp, H, W, limit, beta, static_cast<const scalar_t*>(nullptr),
+                                      xs.data(), ys.data(), grad_z, grad_mask.data(), grad_t.data());
+      digest.add(grad_t);
+      expect(gb_softmax == acc_t(0) && gb_landmark == acc_t(0), what + ": limit grad_beta");
+    }
+  }
+
   // the mask side: a group of 1..4 maps' e added into an accumulator, partial masks summed in run order
   std::vector<acc_t> group(4 * hw);
   for (int k = 0; k < 4; ++k) std::copy(e.begin(), e.end(), group.begin() + k * hw);
@@ -225,7 +276,7 @@ template <typename scalar_t>
 uint64_t sweep_dtype(Isa isa, const char* dtype) {
   Digest digest;
   const int64_t sizes[][2] = {{1, 1}, {3, 7}, {8, 16}, {5, 33}, {2, 1030}};
-  const double betas[] = {1.0, 0.7, -1.3, 1e30, 0.0};
+  const double betas[] = {1.0, 0.7, -1.3, 1e30, -1e38, 0.0};
   for (const auto& size : sizes) {
     const int64_t H = size[0], W = size[1];
     for (int p = 0; p < kPatterns; ++p) {

@@ -35,7 +35,9 @@ def test_a_beta_float32_cannot_hold_is_refused_naming_it(backend, op):
             with pytest.raises(ValueError, match=r"^beta must be finite and representable in float32") as info:
                 _call(op, t, beta)
             assert "\n" not in str(info.value)
-        _call(op, t, FLOAT32_MAX)  # the largest float32 is taken (what it gives is the overflow case)
+        # the largest float32 is taken; beta * T then overflows, and each map is the softmax's exact limit
+        # (tests/ops/test_beta_overflow.py)
+        _call(op, t, FLOAT32_MAX)
         _call(op, t, -(2**100))
 
 
