@@ -105,11 +105,12 @@ def _range_of(pid, n_maps, n_progs):
 def _whole_tile(W, HW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PIX64: tl.constexpr, FULL: tl.constexpr):
     rr = tl.arange(0, BLOCK_H)
     cc = tl.arange(0, BLOCK_W)
-    if FULL:  # the map fills the tile: a constant mask, folded away
+    if FULL:  # the map fills the tile: a constant mask, folded away, and constant pixel offsets (W = BLOCK_W)
         pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
+        p = rr[:, None] * BLOCK_W + cc[None, :]
     else:
         pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-    p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
     if PIX64:  # (HW - 1) * s_tp may pass 2**31
         p = p.to(tl.int64)
     return rr, cc, pv, p
