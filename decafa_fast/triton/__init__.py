@@ -72,24 +72,24 @@ kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: 
     pip install --target /tmp/triton36 triton==3.6.0
     PYTHONPATH=/tmp/triton36:. python -m decafa_fast.triton.compile_check --fail-on-spill   # Triton 3.6
     regs / stack / barriers       3.6 fp32   3.6 bf16   3.9 fp32   3.9 bf16
-    pmap_fwd head                   64/0/6     64/0/6     64/0/6     64/0/6
-    pmap_fwd attention_mask         64/0/6     63/0/6     64/0/4     63/0/4
-    pmap_fwd softmax                64/0/6     52/0/6     58/0/4     40/0/4
-    pmap_fwd soft_argmax            52/0/6     47/0/6     47/0/6     63/0/6
-    pmap_bwd head                  64/56/3    64/64/3    64/24/8     64/8/8
-    pmap_bwd attention_mask         64/8/3     64/0/3     64/0/4     64/0/4
-    pmap_bwd softmax                54/0/3     58/0/3     56/0/4     59/0/4
-    pmap_bwd soft_argmax            64/0/3     64/0/3     63/0/8     64/0/8
-    map_fwd head                  64/40/12   64/56/12    58/0/10    64/0/14
-    map_bwd head                  64/80/21  64/160/21   64/32/18   64/48/26
-    map_fwd head channels_last     64/8/21    64/8/21    60/0/10    60/0/10
-    map_bwd head channels_last   64/352/43  32/728/41   64/40/18   64/64/26
+    pmap_fwd head                    64/0/6     64/0/6     64/0/6     63/0/6
+    pmap_fwd attention_mask          58/0/6     64/0/6     57/0/4     64/0/4
+    pmap_fwd softmax                 54/0/6     52/0/6     52/0/4     52/0/4
+    pmap_fwd soft_argmax             32/0/6     44/0/6     54/0/6     63/0/6
+    pmap_bwd head                   64/24/3    64/16/3     64/8/8    64/16/8
+    pmap_bwd attention_mask          64/0/3     64/0/3     62/0/4     64/0/4
+    pmap_bwd softmax                 55/0/3     63/0/3     60/0/4     61/0/4
+    pmap_bwd soft_argmax             61/0/3     64/0/3     60/0/8     61/0/8
+    map_fwd head                   63/32/12   64/48/12    58/0/10    63/0/14
+    map_bwd head                   64/80/21  64/160/21   64/32/18   64/48/26
+    map_fwd head channels_last      64/0/21    64/0/21    63/0/10    63/0/10
+    map_bwd head channels_last    64/352/43  32/728/41   64/40/18   64/64/26
 The persistent kernels keep the next map in shared memory (64 KiB fp32 / 32 KiB bf16 a stage; 128 KiB for
 the softmax backward, which prefetches T and grad Phi); their loads are cp.async (16 bytes). Stacks that
 remain (compile_check.SPILL_ALLOWANCE, exact per Triton version, any growth fails): the persistent head
-backward (8-24 bytes on 3.9, 56-64 on 3.6) and attention_mask backward (8, 3.6 fp32), holding grad M across
-maps beside the map at 64 registers a thread, and the per-run head kernels. Every other persistent variant,
-and every pixel-tile kernel, has none.
+backward (8-24 bytes), holding grad M across maps beside the map at 64 registers a thread, and the per-run
+head kernels. Every other persistent variant, and every pixel-tile kernel, has none (a map that fills its
+tile takes constant pixel offsets, no tile of offsets in registers).
 
 Overflow: a map whose beta T overflows float32 (a max of +-inf) gets the exact limit of softmax(beta T),
 P = [T == c] / k (c = max T for beta > 0, min T for beta < 0; NaN when c is not finite or the map holds a

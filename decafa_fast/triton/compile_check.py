@@ -75,16 +75,18 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 # fp32 / fp16 / bf16), so any growth fails; every variant not listed compiles without a stack frame.
 # The kernels that still spill hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at
 # 1024 threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps:
-#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 8-24 (3.9) / 56-64 (3.6);
-#   pmap_bwd attention_mask: 8 (3.6, fp32 only); every other persistent variant has no stack.
+#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 8 / 24 / 16 (3.9), 24 / 16 / 16
+#   (3.6); every other persistent variant has no stack.
 #   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 32 / 48 / 48 (3.9), 80 / 136 / 160 (3.6);
-#   map_fwd head: 40 / 56 / 56 (3.6 only).
+#   map_fwd head: 32 / 48 / 48 (3.6 only).
 #   channels_last T (per-run kernels only, whole maps with the pixel stride as the constant T_PIX): map_bwd
-#   head channels_last 40 / 64 / 64 (3.9), 352 / 736 / 728 (3.6); map_fwd head channels_last 8 (3.6).
+#   head channels_last 40 / 64 / 64 (3.9), 352 / 736 / 728 (3.6).
+# A map that fills its tile (FULL) takes constant pixel offsets (row * BLOCK_W + col): no tile of offsets
+# in registers. That emptied the stacks of the persistent forwards and attention_mask backward and the
+# 3.6 channels_last forward; the per-run backward keeps computed offsets (constant ones: 3.6 bf16 192).
 # The per-map kernels end with the fix-up of maps whose beta T overflows (a loop after the map loop, which
-# itself is unchanged by it); ptxas allocates the whole kernel, so its stacks moved with it: down for the
-# persistent kernels on 3.9 (the 16-bit head forward from 32 to 0) and the 3.6 head forward (16 to 0), up for
-# the 3.6 per-run head kernels (above) and the 3.6 pmap_bwd head in fp32 (48 to 56).
+# itself is unchanged by it); ptxas allocates the whole kernel, so the stacks of the 3.6 per-run head
+# kernels grew with it (from 32 / 24 / 24, 88 / 96 / 152 and channels_last 288 / 448 / 704).
 # Tried for the persistent head kernels (both Tritons): 16 and 8 warps (worse: 40-344 bytes), the grad z
 # terms folded into one g tile before a 3-sum reduce (3.9 bf16 104), row / column marginals for z (more
 # barriers, 32-56 bytes), num_stages 1 and 3 (no better). A loop per batch item inside the persistent loop
@@ -95,8 +97,7 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 # call frame: 3.9 pmap_bwd head 136).
 DEFAULT_STACK = 0
 SPILL_ALLOWANCE = {
-    (3, 6): {"map_fwd head": 56, "map_bwd head": 160, "map_bwd head channels_last": 736,
-             "map_fwd head channels_last": 8, "pmap_bwd head": 64, "pmap_bwd attention_mask": 8},
+    (3, 6): {"map_fwd head": 48, "map_bwd head": 160, "map_bwd head channels_last": 736, "pmap_bwd head": 24},
     (3, 9): {"map_bwd head": 48, "map_bwd head channels_last": 64, "pmap_bwd head": 24},
 }
 

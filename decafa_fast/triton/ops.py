@@ -195,13 +195,15 @@ def _map_cfg_cached(h: int, w: int, run_len: int, pixel_stride: int, interleaved
     take their pixel stride as a constant (T_PIX; one compilation per L)."""
     bh, bw = _pow2(h), _pow2(w)
     if _one_chunk(h, w, interleaved):
-        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, INTERLEAVED=interleaved,
+        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, FULL=bh == h and bw == w,
+                   INTERLEAVED=interleaved,
                    T_PIX=pixel_stride if interleaved else 0)
         elements = bh * bw
     else:
         block_l = min(_pow2(run_len), 32) if interleaved else 1
         block_p = max(16, min(_pow2(h * w), TUNING.map_chunk // block_l))
-        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, INTERLEAVED=False,
+        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, FULL=False,
+                   INTERLEAVED=False,
                    T_PIX=0)
         elements = block_l * block_p
     return dict(cfg, num_warps=max(4, min(TUNING.map_warps, elements // 512)))

@@ -378,11 +378,12 @@ def test_spill_allowance_is_per_triton_version():
 
     assert cc.spill_allowance("pmap_fwd soft_argmax", "3.9.0") == cc.DEFAULT_STACK == 0
     assert cc.spill_allowance("pmap_bwd head", "3.9.0") == 24
-    assert cc.spill_allowance("pmap_bwd head", "3.6.0") == 64
+    assert cc.spill_allowance("pmap_bwd head", "3.6.0") == 24
+    assert cc.spill_allowance("pmap_fwd head", "3.6.0") == cc.spill_allowance("pmap_fwd head", "3.9.0") == 0
     assert cc.spill_allowance("map_bwd head", "3.6.0") == 160
     assert cc.spill_allowance("mask_fuse_fwd F5 (partials)", "3.6.0") == 0
     assert cc.spill_allowance("map_bwd head", "3.7.0+git1234") == 160
-    assert cc.spill_allowance("pmap_bwd attention_mask", "3.10.0") == 8
+    assert cc.spill_allowance("map_fwd head", "3.10.0") == 48
 
 
 def test_barriers_per_map_counts_the_exp_loop():
