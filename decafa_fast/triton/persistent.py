@@ -216,12 +216,15 @@ def map_bwd_persistent_kernel(
     row = rr.to(tl.float32)[:, None]
     gt_ty = gt_ptr.dtype.element_ty
     g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    start32 = start.to(tl.int32)  # < B L: int32 row arithmetic, 64 bits only in the offsets
     for k in tl.range(0, n, num_stages=STAGES):
-        row_id = start + k
-        b64 = row_id // L
-        l64 = row_id - b64 * L
+        row_id = start32 + k
+        b32 = row_id // L
+        l32 = row_id - b32 * L
+        b64 = b32.to(tl.int64)
+        l64 = l32.to(tl.int64)
         if HAS_G and not G_PER_MAP:  # the mask gradient: loaded when a piece starts, used by all its maps
-            if (l64 == 0) | (k == 0):
+            if (l32 == 0) | (k == 0):
                 g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         if HAS_BETA_MAP:
             beta_l = tl.load(beta_ptr + row_id)
@@ -250,7 +253,7 @@ def map_bwd_persistent_kernel(
         else:
             mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
         gs = phi * (g - mean)
-        tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+        tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
         tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
     # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
     # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
