@@ -80,9 +80,9 @@ kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: 
     pmap_bwd attention_mask          63/0/3     63/0/3     61/0/4     64/0/4
     pmap_bwd softmax                 63/0/3     63/0/3     63/0/4     64/0/4
     pmap_bwd soft_argmax             64/0/3     64/0/3     62/0/8     62/0/8
-    map_fwd head                   63/32/12   64/48/12    58/0/10    63/0/14
-    map_bwd head                   64/80/21  64/160/21   64/32/18   64/48/26
-    map_fwd head channels_last      64/0/21    64/0/21    63/0/10    63/0/10
+    map_fwd head                   63/32/12   64/48/12    60/0/10    64/0/14
+    map_bwd head                   64/72/21  64/160/21   64/24/18   64/48/26
+    map_fwd head channels_last      64/0/21    64/0/21    59/0/10    63/0/10
     map_bwd head channels_last    64/352/43  32/728/41   64/40/18   64/64/26
 The persistent kernels keep the next map in shared memory (64 KiB fp32 / 32 KiB bf16 a stage; 128 KiB for
 the softmax backward, which prefetches T and grad Phi); their loads are cp.async (16 bytes). Stacks that

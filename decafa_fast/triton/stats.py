@@ -340,7 +340,7 @@ def map_fwd_kernel(
         acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
-            row_id = b64 * L + l
+            row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
@@ -363,7 +363,7 @@ def map_fwd_kernel(
                 tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty))
             phi = e * inv
             if WRITE_PHI:
-                tl.store((phi_ptr + row_id * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
+                tl.store((phi_ptr + row_id.to(tl.int64) * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
                          eviction_policy="evict_first")
             if WRITE_PART:
                 acc += phi
@@ -521,7 +521,7 @@ def map_bwd_kernel(
             g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
-            row_id = b64 * L + l
+            row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
@@ -558,7 +558,7 @@ def map_bwd_kernel(
                 gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
             else:
                 gs = phi * (g - mean)
-            tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+            tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
             tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
         # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
         # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
