@@ -76,7 +76,7 @@ kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: 
     pmap_fwd attention_mask          58/0/6     64/0/6     57/0/4     64/0/4
     pmap_fwd softmax                 54/0/6     52/0/6     52/0/4     52/0/4
     pmap_fwd soft_argmax             32/0/6     44/0/6     54/0/6     63/0/6
-    pmap_bwd head                   64/24/3    64/24/3     64/0/8     64/0/8
+    pmap_bwd head                   64/24/3    64/16/3     64/0/8     64/0/8
     pmap_bwd attention_mask          63/0/3     63/0/3     61/0/4     64/0/4
     pmap_bwd softmax                 63/0/3     63/0/3     63/0/4     64/0/4
     pmap_bwd soft_argmax             64/0/3     64/0/3     62/0/8     62/0/8
@@ -87,7 +87,7 @@ kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: 
 The persistent kernels keep the next map in shared memory (64 KiB fp32 / 32 KiB bf16 a stage; 128 KiB for
 the softmax backward, which prefetches T and grad Phi); their loads are cp.async (16 bytes). Stacks that
 remain (compile_check.SPILL_ALLOWANCE, exact per Triton version, any growth fails): the persistent head
-backward on Triton 3.6 (24 bytes), holding grad M across maps beside the map at 64 registers a thread, and
+backward on Triton 3.6 (16-24 bytes), holding grad M across maps beside the map at 64 registers a thread, and
 the per-run head kernels. Every other persistent variant, and every pixel-tile kernel, has none (a map that fills its
 tile takes constant pixel offsets, no tile of offsets in registers).
 

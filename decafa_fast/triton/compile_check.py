@@ -75,7 +75,7 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 # fp32 / fp16 / bf16), so any growth fails; every variant not listed compiles without a stack frame.
 # The kernels that still spill hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at
 # 1024 threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps:
-#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 24 (3.6 only); every other
+#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 24 / 16 / 16 (3.6 only); every other
 #   persistent variant, and this one on 3.9, has no stack.
 #   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 24 / 48 / 48 (3.9), 72 / 136 / 160 (3.6);
 #   map_fwd head: 32 / 48 / 48 (3.6 only).
@@ -86,7 +86,7 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 # 3.6 channels_last forward; the per-run backward keeps computed offsets (constant ones: 3.6 bf16 192).
 # The persistent backward and the per-run whole-map loops keep their row arithmetic (batch item, map) in
 # int32, 64 bits only in the offsets: the persistent head backward on 3.9 from 8-24 bytes to none (3.6:
-# 16-24 to 24), the per-run head backward in fp32 8 bytes less on both.
+# 16-24 to 16-24), the per-run head backward in fp32 8 bytes less on both.
 # The per-map kernels end with the fix-up of maps whose beta T overflows (a loop after the map loop, which
 # itself is unchanged by it); ptxas allocates the whole kernel, so the stacks of the 3.6 per-run head
 # kernels grew with it (from 32 / 24 / 24, 88 / 96 / 152 and channels_last 288 / 448 / 704).

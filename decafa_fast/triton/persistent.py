@@ -259,12 +259,12 @@ def map_bwd_persistent_kernel(
     # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
     tl.debug_barrier()
     for k in range(0, n):
-        row_id = start + k
+        row_id = start32 + k
         mx = tl.load(stats_ptr + 2 * row_id)
         total = tl.load(stats_ptr + 2 * row_id + 1)
         if _saved_overflow(mx, total):
-            b64 = row_id // L
-            l64 = row_id - b64 * L
+            b64 = (row_id // L).to(tl.int64)
+            l64 = (row_id % L).to(tl.int64)
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
@@ -278,5 +278,5 @@ def map_bwd_persistent_kernel(
             if G_PER_MAP:
                 g_map += l64 * s_gl
             _limit_bwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
-                           gt_ptr + row_id * HW, HAS_G, HAS_GZ, BLOCK_W)
+                           gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
             tl.store(gbeta_ptr + row_id, 0.0)
