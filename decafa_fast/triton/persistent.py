@@ -253,7 +253,8 @@ def map_bwd_persistent_kernel(
         else:
             mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
         gs = phi * (g - mean)
-        tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+        tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
+                 eviction_policy="evict_first")
         tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
     # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
     # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)

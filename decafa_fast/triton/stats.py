@@ -505,7 +505,6 @@ def map_bwd_kernel(
     l_first, l_end = _run_bounds(r, run_len, L)
     t_base = t_ptr + b64 * s_tb
     rows = tl.arange(0, BLOCK_L)
-    offs = tl.arange(0, BLOCK_P)
     gt_ty = gt_ptr.dtype.element_ty
 
     if ONE_CHUNK:  # the whole map as a [BLOCK_H, BLOCK_W] tile, as in map_fwd_kernel
@@ -558,7 +557,8 @@ def map_bwd_kernel(
                 gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
             else:
                 gs = phi * (g - mean)
-            tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+            tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
+                     eviction_policy="evict_first")
             tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
         # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
         # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
