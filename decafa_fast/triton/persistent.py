@@ -190,6 +190,7 @@ def map_fwd_persistent_kernel(
             _limit_fwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, beta_l, stats_ptr + 2 * row_id, z_ptr + 2 * row_id,
                            phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off, WRITE_Z, WRITE_PHI, BLOCK_W)
             if WRITE_PART:  # the piece of batch item b64: rows [max(start, b64 L), min(start + n, b64 L + L))
+                tl.debug_barrier()  # the count just stored is read back by every thread
                 _part_from_stats(t_ptr + b64 * s_tb, s_tl, s_tp, beta_ptr, beta, stats_ptr, b64 * L,
                                  tl.maximum(start - b64 * L, 0), tl.minimum(start + n - b64 * L, L), 1, HW,
                                  part_ptr + (pid + b64) * HW, HAS_BETA_MAP, BLOCK_W)

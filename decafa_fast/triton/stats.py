@@ -212,6 +212,9 @@ def _part_from_stats(t_b, s_tl, s_tp, beta_ptr, beta, stats_ptr, row0, l_lo, l_h
                 phi = tl.where(pv, tl.exp(t * beta_l - mx), 0.0) * inv
             acc = tl.where(l == l_lo, 0.0, tl.load(part_row + p, mask=pv, other=0.0))
             tl.store(part_row + p, acc + phi, mask=pv)
+        # a pixel's sum is stored by one thread but read back by every thread holding it (the chunk is
+        # replicated across warps): the next map's loads after this map's stores
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -386,6 +389,7 @@ def map_fwd_kernel(
                                z_ptr + 2 * row_id, phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off,
                                WRITE_Z, WRITE_PHI, BLOCK_W)
                 if WRITE_PART:
+                    tl.debug_barrier()  # the count just stored is read back by every thread
                     _part_from_stats(t_base, s_tl, pix, beta_ptr, beta, stats_ptr, b64 * L, l_start, l_stop, l_step,
                                      HW, part_ptr + (b64 * n_runs + r) * HW, HAS_BETA_MAP, BLOCK_W)
     else:
