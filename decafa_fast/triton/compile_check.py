@@ -75,26 +75,33 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 # fp32 / fp16 / bf16), so any growth fails; every variant not listed compiles without a stack frame.
 # The kernels that still spill hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at
 # 1024 threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps:
-#   pmap_fwd head (persistent forward with z and the partial mask): fp16 / bf16 only, 32 (3.9) / 16 (3.6);
-#     fp32 and the other persistent forwards have no stack.
-#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 32-56 (3.9) / 48-64 (3.6);
-#   pmap_bwd attention_mask: 8-16 (3.9) / 8 (3.6); pmap_bwd softmax and soft_argmax have no stack.
-#   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 32 / 88 / 96 (3.9), 88 / 96 / 152 (3.6);
-#   map_fwd head: 32 / 24 / 24 (3.6 only); map_bwd softmax 56 (3.6, fp32).
+#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 24 / 16 / 16 (3.6 only); every other
+#   persistent variant, and this one on 3.9, has no stack.
+#   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 24 / 48 / 48 (3.9), 72 / 136 / 160 (3.6);
+#   map_fwd head: 32 / 48 / 48 (3.6 only).
 #   channels_last T (per-run kernels only, whole maps with the pixel stride as the constant T_PIX): map_bwd
-#   head channels_last 56 / 88 / 88 (3.9), 288 / 448 / 704 (3.6); map_fwd head channels_last 8 (3.6).
+#   head channels_last 40 / 64 / 64 (3.9), 352 / 728 / 728 (3.6).
+# A map that fills its tile (FULL) takes constant pixel offsets (row * BLOCK_W + col): no tile of offsets
+# in registers. That emptied the stacks of the persistent forwards and attention_mask backward and the
+# 3.6 channels_last forward; the per-run backward keeps computed offsets (constant ones: 3.6 bf16 192).
+# The persistent backward and the per-run whole-map loops keep their row arithmetic (batch item, map) in
+# int32, 64 bits only in the offsets: the persistent head backward on 3.9 from 8-24 bytes to none (3.6:
+# 16-24 to 16-24), the per-run head backward in fp32 8 bytes less on both.
+# The per-map kernels end with the fix-up of maps whose beta T overflows (a loop after the map loop, which
+# itself is unchanged by it); ptxas allocates the whole kernel, so the stacks of the 3.6 per-run head
+# kernels grew with it (from 32 / 24 / 24, 88 / 96 / 152 and channels_last 288 / 448 / 704).
 # Tried for the persistent head kernels (both Tritons): 16 and 8 warps (worse: 40-344 bytes), the grad z
 # terms folded into one g tile before a 3-sum reduce (3.9 bf16 104), row / column marginals for z (more
 # barriers, 32-56 bytes), num_stages 1 and 3 (no better). A loop per batch item inside the persistent loop
 # kept its invariants live across the map loop (96-168 bytes even without z): the map loop is one flat
-# loop over the program's range instead.
+# loop over the program's range instead. For the overflow handling: a branch inside the map loop (T or the
+# limit tile live across the max: 16-bit forwards up to 136 bytes), scalar selects of the exp's scale and
+# shift (one more register in the loop: 16-bit head forward 64), the fix-up helpers as noinline calls (the
+# call frame: 3.9 pmap_bwd head 136).
 DEFAULT_STACK = 0
 SPILL_ALLOWANCE = {
-    (3, 6): {"map_fwd head": 32, "map_bwd head": 152, "map_bwd softmax": 56, "map_bwd head channels_last": 704,
-             "map_fwd head channels_last": 8, "pmap_fwd head": 16, "pmap_bwd head": 64,
-             "pmap_bwd attention_mask": 8},
-    (3, 9): {"map_bwd head": 96, "map_bwd head channels_last": 88, "pmap_fwd head": 32, "pmap_bwd head": 56,
-             "pmap_bwd attention_mask": 16},
+    (3, 6): {"map_fwd head": 48, "map_bwd head": 160, "map_bwd head channels_last": 728, "pmap_bwd head": 24},
+    (3, 9): {"map_bwd head": 48, "map_bwd head channels_last": 64},
 }
 
 
@@ -230,8 +237,9 @@ _BARRIER = re.compile(r"\b(?:bar|barrier)(?:\.cta)?\.sync\b")
 
 
 def barriers_per_map(ptx: str) -> int | None:
-    """Block barriers executed once per map: those in the innermost loop of the PTX (a backward branch to a
-    label) that computes exps (ex2), i.e. the map loop of a per-map kernel. None when no loop has exps."""
+    """Block barriers executed once per map: those in the loop of the PTX (a backward branch to a label) that
+    computes the most exps (ex2), the innermost of those, i.e. the map loop of a per-map kernel (not the
+    pixel-chunk loops of its overflow fix-up, one exp a thread). None when no loop has exps."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
     loops = []
@@ -239,11 +247,11 @@ def barriers_per_map(ptx: str) -> int | None:
         m = _BRANCH.search(line)
         if m and labels.get(m.group(1), i) < i:
             loops.append((labels[m.group(1)], i))
-    with_exps = [(end - start, start, end) for start, end in loops
-                 if any("ex2.approx" in line for line in lines[start:end + 1])]
+    with_exps = [(-exps, end - start, start, end) for start, end in loops
+                 if (exps := sum("ex2.approx" in line for line in lines[start:end + 1]))]
     if not with_exps:
         return None
-    _, start, end = min(with_exps)
+    _, _, start, end = min(with_exps)
     return sum(1 for line in lines[start:end + 1] if _BARRIER.search(line))
 
 

@@ -100,6 +100,8 @@ def _launch(kernel, grid: tuple, *args, **meta) -> None:
 
 
 _NO_GUARD = contextlib.nullcontext()
+_CONTIGUOUS = torch.contiguous_format
+_layout = functools.lru_cache(maxsize=256)(fusion_layout)  # a table built per call otherwise
 _TABLE_APPLIED = False
 
 
@@ -193,13 +195,15 @@ def _map_cfg_cached(h: int, w: int, run_len: int, pixel_stride: int, interleaved
     take their pixel stride as a constant (T_PIX; one compilation per L)."""
     bh, bw = _pow2(h), _pow2(w)
     if _one_chunk(h, w, interleaved):
-        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, INTERLEAVED=interleaved,
+        cfg = dict(BLOCK_L=1, BLOCK_P=1, BLOCK_H=bh, BLOCK_W=bw, ONE_CHUNK=True, FULL=bh == h and bw == w,
+                   INTERLEAVED=interleaved,
                    T_PIX=pixel_stride if interleaved else 0)
         elements = bh * bw
     else:
         block_l = min(_pow2(run_len), 32) if interleaved else 1
         block_p = max(16, min(_pow2(h * w), TUNING.map_chunk // block_l))
-        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, INTERLEAVED=False,
+        cfg = dict(BLOCK_L=block_l, BLOCK_P=block_p, BLOCK_H=1, BLOCK_W=1, ONE_CHUNK=False, FULL=False,
+                   INTERLEAVED=False,
                    T_PIX=0)
         elements = block_l * block_p
     return dict(cfg, num_warps=max(4, min(TUNING.map_warps, elements // 512)))
@@ -319,37 +323,53 @@ def _launch_persistent(kernel, grid: tuple, *args, **meta) -> None:
         _launch(kernel, grid, *args, **dict(meta, STAGES=1))
 
 
-def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_progs: int,
-                            normalized: bool) -> None:
+def _persistent_plan(shape, t: tuple, device: torch.device, normalized: bool):
+    """(n_progs, coordinate affines (xs, xo, ys, yo), constexprs) of a persistent per-map launch over logits
+    of this shape, strides and device, or None when the per-run kernels take it (_persistent): cached, so a
+    call computes none of it again."""
+    try:
+        return _persistent_plan_cached(*shape, *t[1:], device, normalized, _tuning_key())
+    except TypeError:  # symbolic sizes while tracing: not cacheable
+        return _persistent_plan_cached.__wrapped__(*shape, *t[1:], device, normalized, _tuning_key())
+
+
+@functools.lru_cache(maxsize=1024)
+def _persistent_plan_cached(b: int, l: int, h: int, w: int, s_tb: int, s_tl: int, s_tp: int, device: torch.device,
+                            normalized: bool, _key: tuple):
+    if not (b and _persistent((None, s_tb, s_tl, s_tp), h, w)):
+        return None
+    return (_map_programs(b, l, device), (*_coord_affine(w, normalized), *_coord_affine(h, normalized)),
+            dict(PIX64=_wide(h * w, s_tp), **_persistent_cfg(h, w)))
+
+
+def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, plan: tuple) -> None:
     b, l, h, w = shape
     tt, s_tb, s_tl, s_tp = t
-    xs, xo = _coord_affine(w, normalized)
-    ys, yo = _coord_affine(h, normalized)
+    n_progs, (xs, xo, ys, yo), cfg = plan
     _launch_persistent(map_fwd_persistent_kernel, (n_progs,),
             tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
             phi if phi is not None else tt, part if part is not None else stats,
             l, w, h * w, b * l, n_progs,
             s_tb, s_tl, s_tp,
             beta, xs, xo, ys, yo,
-            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None,
-            WRITE_PHI=phi is not None, WRITE_PART=part is not None, **_persistent_cfg(h, w))
+            HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None,
+            WRITE_PHI=phi is not None, WRITE_PART=part is not None, **cfg)
 
 
 def _run_map_bwd_persistent(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt,
-                            gbeta, shape, n_progs: int, normalized: bool) -> None:
+                            gbeta, shape, plan: tuple) -> None:
     b, l, h, w = shape
     tt, s_tb, s_tl, s_tp = t
     gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
-    xs, _ = _coord_affine(w, normalized)
-    ys, _ = _coord_affine(h, normalized)
+    n_progs, (xs, _, ys, _), cfg = plan
     _launch_persistent(map_bwd_persistent_kernel, (n_progs,),
             tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
             l, w, h * w, b * l, n_progs,
             s_tb, s_tl, s_tp,
             s_gb, s_gl if g_per_map else 0, s_gp,
             beta, xs, ys,
-            PIX64=_wide(h * w, s_tp), HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None,
-            G_PER_MAP=g_per_map, HAS_GZ=gz is not None, **_persistent_cfg(h, w))
+            HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None,
+            G_PER_MAP=g_per_map, HAS_GZ=gz is not None, **cfg)
 
 
 def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
@@ -363,7 +383,7 @@ def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tupl
     ee, s_eb, s_ec, s_ep = e or (dummy, 0, 0, 0)
     ci = ii.shape[1] if i is not None else 0
     c = ee.shape[1] if e is not None else 0
-    lay = fusion_layout(mode, ci, c)
+    lay = _layout(mode, ci, c)
     ff, s_fb, s_fc, s_fp = _flat(fused, dummy)
     cfg = _fuse_cfg(hw, ci, c, b, device, fused is not None and s_fc == 1 and s_fp != 1)
     n_tiles = _cdiv(hw, cfg["BLOCK_P"])
@@ -384,7 +404,7 @@ def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, h
     ee, s_eb, s_ec, s_ep = e
     gg, s_fb, s_fc, s_fp = gf
     ci, c = ii.shape[1], ee.shape[1]
-    lay = fusion_layout(mode, ci, c)
+    lay = _layout(mode, ci, c)
     cfg = _fuse_cfg(hw, ci, c, b, gg.device, s_fc == 1 and s_fp != 1)
     n_tiles = _cdiv(hw, cfg["BLOCK_P"])
     _launch(fuse_bwd_kernel, (b * n_tiles,),
@@ -414,8 +434,13 @@ def _new_mask(logits: torch.Tensor) -> torch.Tensor:
     return logits.new_empty((b, 1, h, w))
 
 
-def _zeros(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t, memory_format=_CONTIGUOUS)
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of t's shape, dtype and device (empty_like: half the host time of new_empty)."""
+    return torch.empty_like(t, memory_format=_CONTIGUOUS)
 
 
 def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -437,14 +462,15 @@ def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | No
     b, l, h, w = logits.shape
     stats = _new_stats(logits)
     z = _new_z(logits) if want_z else None
-    phi = logits.new_empty(logits.shape) if want_phi else None
+    phi = _empty(logits) if want_phi else None
     t = _flat(logits, logits)
-    if b and _persistent(t, h, w):
-        n_progs = _map_programs(b, l, logits.device)
+    plan = _persistent_plan(logits.shape, t, logits.device, normalized)
+    if plan is not None:
+        n_progs = plan[0]
         part = logits.new_empty((n_progs + b, h * w), dtype=torch.float32) if want_mask else None
         with _device_guard(logits):
-            _run_map_fwd_persistent(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_progs,
-                                    normalized)
+            _run_map_fwd_persistent(t, beta, None if beta_map is None else beta_map.contiguous(), stats, z, phi, part,
+                                    logits.shape, plan)
         return z, phi, part, (n_progs, True, l), stats
     if want_mask:
         n_runs, run_len = _mask_runs(b, l, logits.device)
@@ -465,15 +491,17 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
     gbeta = logits.new_empty((b, l), dtype=torch.float32)
     if g is None and grad_z is None:
         return _zeros(logits), gbeta.zero_()
-    gt = logits.new_empty(logits.shape)
+    gt = _empty(logits)
     t = _flat(logits, logits)
-    if b and _persistent(t, h, w):
+    plan = _persistent_plan(logits.shape, t, logits.device, normalized)
+    if plan is not None:
         gp = None
         if g is not None:
             gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
         with _device_guard(logits):
-            _run_map_bwd_persistent(t, beta, _contig(beta_map), stats.contiguous(), gp, g_per_map, _contig(grad_z),
-                                    gt, gbeta, logits.shape, _map_programs(b, l, logits.device), normalized)
+            _run_map_bwd_persistent(t, beta, None if beta_map is None else beta_map.contiguous(), stats.contiguous(),
+                                    gp, g_per_map, None if grad_z is None else grad_z.contiguous(), gt, gbeta,
+                                    logits.shape, plan)
         return gt, gbeta
     if g is not None and not g_per_map:  # read the shared G once per run
         n_runs, run_len = _mask_runs(b, l, logits.device)
@@ -494,6 +522,72 @@ def _check_grad_z(grad_z, logits: torch.Tensor) -> None:
         checks.per_map("grad_z", grad_z, logits, 2)
 
 
+_CHECKED: dict = {}
+
+
+def _checked(checker, *args):
+    """checker(*args) (the argument checks of an op, raising on a bad call), run once per combination of what
+    it reads: each tensor's shape, dtype and device, the other arguments with their types. A combination
+    seen before returns checker's result without running it again (a few microseconds an op call). A key
+    that cannot be hashed (symbolic sizes while tracing) runs the checks every time."""
+    key = (checker, *[(a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+    try:
+        return _CHECKED[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return checker(*args)
+    result = checker(*args)
+    if len(_CHECKED) >= 4096:  # many shapes: start again rather than grow without bound
+        _CHECKED.clear()
+    _CHECKED[key] = result
+    return result
+
+
+def _check_maps_fwd(logits, beta_map) -> None:
+    _check_logits_and_beta(logits, beta_map)
+
+
+def _check_softmax_bwd(grad_phi, logits, stats, beta_map) -> None:
+    _check_logits_and_beta(logits, beta_map)
+    checks.stats(stats, logits)
+    checks.companion("grad_phi", grad_phi, logits, "logits", channels=logits.shape[1], same_dtype=False)
+
+
+def _check_landmark_bwd(grad_z, grad_mask, logits, stats, beta_map) -> None:
+    _check_logits_and_beta(logits, beta_map)
+    checks.stats(stats, logits)
+    _check_grad_z(grad_z, logits)
+    if grad_mask is not None:
+        checks.companion("grad_mask", grad_mask, logits, "logits", channels=1, same_dtype=False)
+
+
+def _check_fuse(image, embedding, mask, mode) -> int:
+    checks.tensor("image", image, 4, "of shape (B, Ci, H, W)")
+    return _check_fusion_inputs(image, embedding, mask, mode, image, "image")
+
+
+def _check_fuse_bwd(grad_fused, image, embedding, mask, mode) -> int:
+    mode = _check_fuse(image, embedding, mask, mode)
+    checks.fused("grad_fused", grad_fused, image, _layout(mode, image.shape[1], embedding.shape[1]).channels)
+    return mode
+
+
+def _check_head(logits, image, embedding, mode, beta_map) -> int:
+    _check_logits_and_beta(logits, beta_map)
+    return _check_fusion_inputs(image, embedding, None, mode, logits, "logits")
+
+
+def _check_head_bwd(grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map) -> int:
+    _check_logits_and_beta(logits, beta_map)
+    mode = _check_fusion_inputs(image, embedding, mask, mode, logits, "logits")
+    checks.stats(stats, logits)
+    _check_grad_z(grad_z, logits)
+    if grad_fused is not None:
+        checks.fused("grad_fused", grad_fused, image, _layout(mode, image.shape[1], embedding.shape[1]).channels)
+    return mode
+
+
 # --------------------------------------------------------------------------------------------------
 # The ops (argument names, order and types exactly as decafa_fast.contract.schemas.SCHEMAS)
 # --------------------------------------------------------------------------------------------------
@@ -501,7 +595,7 @@ def spatial_softmax(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (Phi (B, L, H, W) contiguous, stats (B, L, 2) float32)."""
-    _check_logits_and_beta(logits, beta_map)
+    _checked(_check_maps_fwd, logits, beta_map)
     _, phi, _, _, stats = _forward_maps(logits, beta, beta_map, False, False, True, False)
     return phi, stats
 
@@ -510,9 +604,7 @@ def spatial_softmax_backward(
     grad_phi: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logits (B, L, H, W), grad_beta (B, L) float32)."""
-    _check_logits_and_beta(logits, beta_map)
-    checks.stats(stats, logits)
-    checks.companion("grad_phi", grad_phi, logits, "logits", channels=logits.shape[1], same_dtype=False)
+    _checked(_check_softmax_bwd, grad_phi, logits, stats, beta_map)
     return _backward_maps(logits, stats, beta, beta_map, grad_phi, True, None, False)
 
 
@@ -520,7 +612,7 @@ def soft_argmax(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2) as (x, y), stats (B, L, 2))."""
-    _check_logits_and_beta(logits, beta_map)
+    _checked(_check_maps_fwd, logits, beta_map)
     z, _, _, _, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, False)
     return z, stats
 
@@ -538,7 +630,7 @@ def attention_mask(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, stats (B, L, 2))."""
-    _check_logits_and_beta(logits, beta_map)
+    _checked(_check_maps_fwd, logits, beta_map)
     _, _, part, parts, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
     return _mask_from_parts(logits, part, parts), stats
 
@@ -547,7 +639,7 @@ def landmark_attention(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), stats (B, L, 2))."""
-    _check_logits_and_beta(logits, beta_map)
+    _checked(_check_maps_fwd, logits, beta_map)
     z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
     return z, _mask_from_parts(logits, part, parts), stats
 
@@ -562,11 +654,7 @@ def landmark_attention_backward(
     normalized: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logits, grad_beta) from grad_z (B, L, 2) and grad_mask (B, 1, H, W); None counts as zero."""
-    _check_logits_and_beta(logits, beta_map)
-    checks.stats(stats, logits)
-    _check_grad_z(grad_z, logits)
-    if grad_mask is not None:
-        checks.companion("grad_mask", grad_mask, logits, "logits", channels=1, same_dtype=False)
+    _checked(_check_landmark_bwd, grad_z, grad_mask, logits, stats, beta_map)
     return _backward_maps(logits, stats, beta, beta_map, grad_mask, False, grad_z, normalized)
 
 
@@ -584,10 +672,9 @@ def _check_fusion_inputs(image, embedding, mask, mode_, ref: torch.Tensor, ref_n
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int) -> torch.Tensor:
     """image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> F<mode> in E's memory format."""
-    checks.tensor("image", image, 4, "of shape (B, Ci, H, W)")
-    mode = _check_fusion_inputs(image, embedding, mask, mode, image, "image")
+    mode = _checked(_check_fuse, image, embedding, mask, mode)
     b, ci, h, w = image.shape
-    fused = torch.empty((b, fusion_layout(mode, ci, embedding.shape[1]).channels, h, w), dtype=image.dtype,
+    fused = torch.empty((b, _layout(mode, ci, embedding.shape[1]).channels, h, w), dtype=image.dtype,
                         device=image.device, memory_format=fused_memory_format(embedding))
     if b and h * w:  # no pixels: an empty fusion
         with _device_guard(image):
@@ -600,8 +687,8 @@ def _fuse_grads(grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.
                 mode: int, gm: torch.Tensor):
     """gI, gE (contiguous; zeros where F<mode> lacks the segment) and gM written into `gm` (zeros for F1)."""
     b, _, h, w = image.shape
-    gi = image.new_empty(image.shape) if mode >= 2 else _zeros(image)
-    ge = embedding.new_empty(embedding.shape) if mode == 1 or mode >= 4 else _zeros(embedding)
+    gi = _empty(image) if mode >= 2 else _zeros(image)
+    ge = _empty(embedding) if mode == 1 or mode >= 4 else _zeros(embedding)
     if mode == 1:
         gm.zero_()
     if b and h * w:
@@ -615,11 +702,8 @@ def fuse_backward(
     grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image, grad_embedding, grad_mask (B, 1, H, W) in the mask dtype), all contiguous."""
-    checks.tensor("image", image, 4, "of shape (B, Ci, H, W)")
-    mode = _check_fusion_inputs(image, embedding, mask, mode, image, "image")
-    cf = fusion_layout(mode, image.shape[1], embedding.shape[1]).channels
-    checks.fused("grad_fused", grad_fused, image, cf)
-    gm = mask.new_empty(mask.shape)
+    mode = _checked(_check_fuse_bwd, grad_fused, image, embedding, mask, mode)
+    gm = _empty(mask)
     gi, ge = _fuse_grads(grad_fused, image, embedding, mask, mode, gm)
     return gi, ge, gm
 
@@ -637,12 +721,11 @@ def decafa_head(
 
     Two launches: map_fwd_kernel reads T once (stats, z, partial masks per run of maps), then
     mask_fuse_fwd_kernel sums the partials in a fixed order, writes M and reads I, E once to write F."""
-    _check_logits_and_beta(logits, beta_map)
-    mode = _check_fusion_inputs(image, embedding, None, mode, logits, "logits")
+    mode = _checked(_check_head, logits, image, embedding, mode, beta_map)
     b, _, h, w = logits.shape
     z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
     m = _new_mask(logits)
-    fused = torch.empty((b, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels, h, w),
+    fused = torch.empty((b, _layout(mode, image.shape[1], embedding.shape[1]).channels, h, w),
                         dtype=logits.dtype, device=logits.device, memory_format=fused_memory_format(embedding))
     if b:
         with _device_guard(logits):
@@ -667,15 +750,11 @@ def decafa_head_backward(
     """(grad_logits, grad_image, grad_embedding, grad_beta). A pixel-tiled pass over grad F, I, E and the
     saved M gives grad I, grad E and a float32 grad M; a per-map pass over T (grad M read once per run of
     maps) gives grad T and grad beta. T is not read for M."""
-    _check_logits_and_beta(logits, beta_map)
-    mode = _check_fusion_inputs(image, embedding, mask, mode, logits, "logits")
-    checks.stats(stats, logits)
-    _check_grad_z(grad_z, logits)
+    mode = _checked(_check_head_bwd, grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map)
     b, _, h, w = logits.shape
     if grad_fused is None:
         gt, gbeta = _backward_maps(logits, stats, beta, beta_map, None, False, grad_z, normalized)
         return gt, _zeros(image), _zeros(embedding), gbeta
-    checks.fused("grad_fused", grad_fused, image, fusion_layout(mode, image.shape[1], embedding.shape[1]).channels)
     gm = logits.new_empty((b, h * w), dtype=torch.float32)
     gi, ge = _fuse_grads(grad_fused, image, embedding, mask, mode, gm)
     # F1 = E has no masked segment: nothing reaches the logits through M

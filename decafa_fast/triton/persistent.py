@@ -19,6 +19,9 @@ loads of a program overlap its reductions instead of alternating with them.
                              the x / y moments of Phi and u Phi, in one tl.reduce (3 or 7 quantities);
                              grad T = beta_l Phi (g - sum Phi g), grad beta = sum u Phi g - sum Phi g sum u Phi.
 PAIRWISE (set under the interpreter) takes the same sums with one tl.sum each (_sums3).
+Both kernels end with a loop over the program's maps that fixes those whose beta T overflowed (the stored
+max is +-inf): their limit Phi = [T == c] / k, z and the piece's partial mask (forward), grad T and grad beta
+= 0 (backward); the rule is in stats.py's docstring. The map loop itself is unchanged by it.
 
 Partial masks: the piece of program p in batch item b is partial row p + b of a (P + B, H*W) float32 tensor
 (the pieces in flattened order have strictly increasing p + b, so rows are unique; a row whose program
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .stats import _limit_bwd_map, _limit_fwd_map, _overflowed, _part_from_stats, _saved_overflow
 
 
 @triton.jit
@@ -100,11 +105,12 @@ def _range_of(pid, n_maps, n_progs):
 def _whole_tile(W, HW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PIX64: tl.constexpr, FULL: tl.constexpr):
     rr = tl.arange(0, BLOCK_H)
     cc = tl.arange(0, BLOCK_W)
-    if FULL:  # the map fills the tile: a constant mask, folded away
+    if FULL:  # the map fills the tile: a constant mask, folded away, and constant pixel offsets (W = BLOCK_W)
         pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
+        p = rr[:, None] * BLOCK_W + cc[None, :]
     else:
         pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-    p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
     if PIX64:  # (HW - 1) * s_tp may pass 2**31
         p = p.to(tl.int64)
     return rr, cc, pv, p
@@ -169,6 +175,25 @@ def map_fwd_persistent_kernel(
             if (l64 == L - 1) | (k == n - 1):
                 tl.store((part_ptr + (pid + b64) * HW) + p, acc, mask=pv)
                 acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    # maps whose beta T overflowed (a max of +-inf): the loop above stored NaN for them (and in their piece's
+    # partial mask); their limit is written here, after every store above (the loop itself is unchanged)
+    tl.debug_barrier()
+    for k in range(0, n):
+        row_id = start + k
+        if _overflowed(tl.load(stats_ptr + 2 * row_id)):
+            b64 = row_id // L
+            l64 = row_id - b64 * L
+            if HAS_BETA_MAP:
+                beta_l = tl.load(beta_ptr + row_id)
+            else:
+                beta_l = beta
+            _limit_fwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, beta_l, stats_ptr + 2 * row_id, z_ptr + 2 * row_id,
+                           phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off, WRITE_Z, WRITE_PHI, BLOCK_W)
+            if WRITE_PART:  # the piece of batch item b64: rows [max(start, b64 L), min(start + n, b64 L + L))
+                tl.debug_barrier()  # the count just stored is read back by every thread
+                _part_from_stats(t_ptr + b64 * s_tb, s_tl, s_tp, beta_ptr, beta, stats_ptr, b64 * L,
+                                 tl.maximum(start - b64 * L, 0), tl.minimum(start + n - b64 * L, L), 1, HW,
+                                 part_ptr + (pid + b64) * HW, HAS_BETA_MAP, BLOCK_W)
 
 
 @triton.jit
@@ -192,12 +217,15 @@ def map_bwd_persistent_kernel(
     row = rr.to(tl.float32)[:, None]
     gt_ty = gt_ptr.dtype.element_ty
     g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    start32 = start.to(tl.int32)  # < B L: int32 row arithmetic, 64 bits only in the offsets
     for k in tl.range(0, n, num_stages=STAGES):
-        row_id = start + k
-        b64 = row_id // L
-        l64 = row_id - b64 * L
+        row_id = start32 + k
+        b32 = row_id // L
+        l32 = row_id - b32 * L
+        b64 = b32.to(tl.int64)
+        l64 = l32.to(tl.int64)
         if HAS_G and not G_PER_MAP:  # the mask gradient: loaded when a piece starts, used by all its maps
-            if (l64 == 0) | (k == 0):
+            if (l32 == 0) | (k == 0):
                 g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         if HAS_BETA_MAP:
             beta_l = tl.load(beta_ptr + row_id)
@@ -226,5 +254,31 @@ def map_bwd_persistent_kernel(
         else:
             mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
         gs = phi * (g - mean)
-        tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+        tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
+                 eviction_policy="evict_first")
         tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+    # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
+    # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+    tl.debug_barrier()
+    for k in range(0, n):
+        row_id = start32 + k
+        mx = tl.load(stats_ptr + 2 * row_id)
+        total = tl.load(stats_ptr + 2 * row_id + 1)
+        if _saved_overflow(mx, total):
+            b64 = (row_id // L).to(tl.int64)
+            l64 = (row_id % L).to(tl.int64)
+            if HAS_BETA_MAP:
+                beta_l = tl.load(beta_ptr + row_id)
+            else:
+                beta_l = beta
+            gx = 0.0
+            gy = 0.0
+            if HAS_GZ:
+                gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
+                gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
+            g_map = g_ptr + b64 * s_gb
+            if G_PER_MAP:
+                g_map += l64 * s_gl
+            _limit_bwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
+                           gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
+            tl.store(gbeta_ptr + row_id, 0.0)

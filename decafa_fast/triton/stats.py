@@ -44,6 +44,14 @@ would promote every product with it, and the loop-carried accumulators, to float
 Triton 3.6, "Loop-carried variable acc ... re-assigned to fp64"). compile_check --float-args fp64 checks it.
 Phi is normalised by the sum of the shifted exponentials, never by exp(max - log-sum-exp), so float32
 stays exact for any magnitude of beta*T.
+
+A map whose beta*T overflows float32 (its max is +-inf) gets the limit of softmax(beta T): P = [T == c] / k,
+c = max T (beta > 0) or min T (beta < 0), k the pixels equal to c; NaN when c is not finite or the map
+holds a NaN. Its saved stats are (+-inf, k), and the backward, recognising them (a non-finite max beside a
+finite sum), uses that P: grad T = beta P (g - sum P g), grad beta = 0 (T = c wherever P > 0). The
+whole-map kernels leave their map loop as it was and fix such maps in a loop after it (one scalar test of
+the stored max per map; the overflow maps are read again there, in sweeps of BLOCK_W pixels, so no second
+whole-map tile is live); the chunked path tests each block of maps after its statistics (_any).
 """
 from __future__ import annotations
 
@@ -103,6 +111,200 @@ def _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L: tl.constexpr, HAS_BETA_MAP: 
         return tl.zeros([BLOCK_L], tl.float32) + beta
 
 
+# --- maps whose beta * T overflows float32 (a per-map max of +-inf) ---------------------------------------
+# Such a map is the limit of softmax(beta T) as the product grows: P = [T == c] / k, c = max T for beta > 0,
+# min T for beta < 0, k the number of pixels equal to c; NaN when c is not finite or the map holds a NaN.
+# The kernels branch on the per-map max (a scalar test), so the normal path does no extra per-logit work.
+# The saved stats of such a map are (+-inf, k); the backward recognises it by a non-finite max beside a
+# finite sum and recomputes c (one more reduction over that map).
+
+
+@triton.jit
+def _overflowed(mx):
+    """Whether the max of beta * T of a map is +-inf (only the limit gives that map)."""
+    return tl.abs(mx) == float("inf")
+
+
+@triton.jit
+def _saved_overflow(mx, total):
+    """Whether saved stats (max, sum) are those of an overflow map: a non-finite max, a finite count."""
+    return (tl.abs(mx) == float("inf")) & (tl.abs(total) < float("inf"))
+
+
+@triton.jit
+def _sign(beta_l):
+    """+1 / -1 by the sign of beta: c = max T for beta > 0 is sign * max(sign * T), exactly."""
+    return tl.where(beta_l > 0, 1.0, -1.0)
+
+
+@triton.jit
+def _chunk_max(t_map, s_tp, sgn, HW, BLOCK_F: tl.constexpr):
+    """(max of sign(beta) T over a map, number of NaN pixels), in sweeps of BLOCK_F pixels."""
+    offs = tl.arange(0, BLOCK_F)
+    m = tl.full([BLOCK_F], float("-inf"), tl.float32)
+    nans = tl.zeros([BLOCK_F], tl.int32)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=p < HW, other=0.0).to(tl.float32) * sgn
+        m = tl.maximum(m, tl.where(p < HW, x, float("-inf")))
+        nans += (x != x).to(tl.int32)
+    return tl.max(m, axis=0), tl.sum(nans, axis=0)
+
+
+@triton.jit
+def _limit_fwd_map(t_map, s_tp, beta_l, stats_row, z_row, phi_row, HW, W, x_scale, x_off, y_scale, y_off,
+                   WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The sum (k), z and Phi of a map whose max of beta T is +-inf (the max already stored), in sweeps of
+    BLOCK_F pixels: P = [T == c] / k, or NaN when c is not finite or the map holds a NaN."""
+    offs = tl.arange(0, BLOCK_F)
+    sgn = _sign(beta_l)
+    m, nans = _chunk_max(t_map, s_tp, sgn, HW, BLOCK_F)
+    k = tl.zeros([BLOCK_F], tl.float32)
+    sx = tl.zeros([BLOCK_F], tl.float32)
+    sy = tl.zeros([BLOCK_F], tl.float32)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=p < HW, other=0.0).to(tl.float32) * sgn
+        hit = ((p < HW) & (x == m)).to(tl.float32)
+        row = p // W
+        k += hit
+        sx += hit * (p - row * W).to(tl.float32)
+        sy += hit * row.to(tl.float32)
+    total = tl.where((tl.abs(m) < float("inf")) & (nans == 0), tl.sum(k, axis=0), float("nan"))
+    tl.store(stats_row + 1, total)
+    inv = 1.0 / total
+    if WRITE_Z:
+        tl.store(z_row, (x_off + x_scale * (tl.sum(sx, axis=0) * inv)).to(z_row.dtype.element_ty))
+        tl.store(z_row + 1, (y_off + y_scale * (tl.sum(sy, axis=0) * inv)).to(z_row.dtype.element_ty))
+    if WRITE_PHI:
+        for p0 in range(0, HW, BLOCK_F):
+            p = p0 + offs
+            x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=p < HW, other=0.0).to(tl.float32) * sgn
+            tl.store(phi_row + p, (tl.where(x == m, 1.0, 0.0) * inv).to(phi_row.dtype.element_ty), mask=p < HW)
+
+
+@triton.jit
+def _part_from_stats(t_b, s_tl, s_tp, beta_ptr, beta, stats_ptr, row0, l_lo, l_hi, l_step, HW, part_row,
+                     HAS_BETA_MAP: tl.constexpr, BLOCK_F: tl.constexpr):
+    """A partial mask written again: sum of Phi over maps l_lo, l_lo + l_step, ... < l_hi (rows row0 + l) from
+    their stored stats, in the order and with the arithmetic of the map loops (bit for bit their sum when no
+    map overflows), the partial row itself the accumulator, in sweeps of BLOCK_F pixels."""
+    offs = tl.arange(0, BLOCK_F)
+    for l in range(l_lo, l_hi, l_step):
+        row_id = row0 + l
+        if HAS_BETA_MAP:
+            beta_l = tl.load(beta_ptr + row_id)
+        else:
+            beta_l = beta
+        mx = tl.load(stats_ptr + 2 * row_id)
+        inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
+        t_map = t_b + tl.cast(l, tl.int64) * s_tl
+        m = 0.0
+        if _overflowed(mx):
+            m, _ = _chunk_max(t_map, s_tp, _sign(beta_l), HW, BLOCK_F)
+        for p0 in range(0, HW, BLOCK_F):
+            p = p0 + offs
+            pv = p < HW
+            t = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32)
+            if _overflowed(mx):
+                phi = tl.where(pv, tl.where(t * _sign(beta_l) == m, 1.0, 0.0) * inv, 0.0)  # NaN map: NaN
+            else:
+                phi = tl.where(pv, tl.exp(t * beta_l - mx), 0.0) * inv
+            acc = tl.where(l == l_lo, 0.0, tl.load(part_row + p, mask=pv, other=0.0))
+            tl.store(part_row + p, acc + phi, mask=pv)
+        # a pixel's sum is stored by one thread but read back by every thread holding it (the chunk is
+        # replicated across warps): the next map's loads after this map's stores
+        tl.debug_barrier()
+
+
+@triton.jit
+def _limit_bwd_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W, gt_map,
+                   HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK_F: tl.constexpr):
+    """grad T of a map with saved overflow stats (+-inf, k): beta g_s, g_s = P (g - sum P g), P = [T == c] / k,
+    g = G + gx col + gy row, in three sweeps of BLOCK_F pixels (c, the mean, the store), so that this rare
+    path holds no whole-map tile. g is recomputed alike in the last two sweeps: a single peak's g_s is
+    exactly 0."""
+    offs = tl.arange(0, BLOCK_F)
+    sgn = _sign(beta_l)
+    m, _ = _chunk_max(t_map, s_tp, sgn, HW, BLOCK_F)
+    inv = 1.0 / total
+    mean = tl.zeros([BLOCK_F], tl.float32)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        phi, g = _limit_phi_g(t_map, s_tp, g_map, s_gp, gx, gy, sgn, m, inv, p, HW, W, HAS_G, HAS_GZ)
+        mean += phi * g
+    mean = tl.sum(mean, axis=0)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        phi, g = _limit_phi_g(t_map, s_tp, g_map, s_gp, gx, gy, sgn, m, inv, p, HW, W, HAS_G, HAS_GZ)
+        tl.store(gt_map + p, (beta_l * (phi * (g - mean))).to(gt_map.dtype.element_ty), mask=p < HW)
+
+
+@triton.jit
+def _limit_phi_g(t_map, s_tp, g_map, s_gp, gx, gy, sgn, m, inv, p, HW, W, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr):
+    pv = p < HW
+    x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32) * sgn
+    phi = tl.where(pv & (x == m), inv, 0.0)
+    g = tl.zeros_like(phi)
+    if HAS_G:
+        g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
+    if HAS_GZ:
+        row = p // W
+        g = g + gx * (p - row * W).to(tl.float32) + gy * row.to(tl.float32)
+    return phi, g
+
+
+@triton.jit
+def _tile_max(x):
+    return tl.max(tl.max(x, axis=1), axis=0)
+
+
+@triton.jit
+def _chunked_c(t_base, ls, lv, s_tl, s_tp, HW, beta_l, BLOCK_P: tl.constexpr):
+    """sign * c of each map of a [BLOCK_L] block (maps not in lv: -inf), swept in chunks of BLOCK_P pixels."""
+    offs = tl.arange(0, BLOCK_P)
+    sgn = _sign(beta_l)
+    cs = tl.zeros_like(beta_l) + float("-inf")
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + offs).to(tl.int64)
+        both = lv[:, None] & (p < HW)[None, :]
+        t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp, mask=both, other=0.0)
+        cs = tl.maximum(cs, tl.max(tl.where(both, t.to(tl.float32) * sgn[:, None], float("-inf")), axis=1))
+    return cs
+
+
+@triton.jit
+def _chunked_limit_stats(t_base, ls, ovf, s_tl, s_tp, HW, W, inv_w, beta_l,
+                         BLOCK_P: tl.constexpr, WRITE_Z: tl.constexpr, INT_DIV: tl.constexpr):
+    """(k, sum of x, sum of y) of the limit weights of the maps in ovf, swept in chunks (k NaN for a NaN map
+    or a non-finite c)."""
+    offs = tl.arange(0, BLOCK_P)
+    cs = _chunked_c(t_base, ls, ovf, s_tl, s_tp, HW, beta_l, BLOCK_P)
+    sgn = _sign(beta_l)
+    k = tl.zeros_like(beta_l)
+    sx = tl.zeros_like(beta_l)
+    sy = tl.zeros_like(beta_l)
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + offs).to(tl.int64)
+        both = ovf[:, None] & (p < HW)[None, :]
+        ts = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp, mask=both,
+                     other=0.0).to(tl.float32) * sgn[:, None]
+        e = tl.where(both & (ts == cs[:, None]), 1.0, tl.where(both & (ts != ts), float("nan"), 0.0))
+        k += tl.sum(e, axis=1)
+        if WRITE_Z:
+            row, col = _row_col(p, W, inv_w, INT_DIV)
+            sx += tl.sum(e * col[None, :], axis=1)
+            sy += tl.sum(e * row[None, :], axis=1)
+    k = tl.where(tl.abs(cs) < float("inf"), k, float("nan"))
+    return k, sx, sy
+
+
+@triton.jit
+def _any(x):
+    """Whether any element of a boolean vector is set (a scalar, for a branch of the whole program)."""
+    return tl.max(x.to(tl.int32), axis=0) > 0
+
+
 @triton.jit
 def map_fwd_kernel(
     t_ptr, beta_ptr, stats_ptr, z_ptr, phi_ptr, part_ptr,
@@ -110,7 +312,7 @@ def map_fwd_kernel(
     s_tb, s_tl, s_tp,
     beta, x_scale, x_off, y_scale, y_off,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
 ):
@@ -130,14 +332,18 @@ def map_fwd_kernel(
         # registers), and the moments come from the row and column marginals
         rr = tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_W)
-        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        if FULL:  # the map fills the tile: a constant mask and constant pixel offsets (W = BLOCK_W)
+            pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
+            p = rr[:, None] * BLOCK_W + cc[None, :]
+        else:
+            pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
+            p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
         acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
-            row_id = b64 * L + l
+            row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
@@ -145,6 +351,7 @@ def map_fwd_kernel(
             t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
                         mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
+            # the max on sign(beta) T, so that a map whose beta T overflows needs no second reduction
             s = tl.where(pv, t * beta_l, float("-inf"))
             mx = tl.max(tl.max(s, axis=1), axis=0)
             e = tl.where(pv, tl.exp(s - mx), 0.0)
@@ -159,12 +366,32 @@ def map_fwd_kernel(
                 tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty))
             phi = e * inv
             if WRITE_PHI:
-                tl.store((phi_ptr + row_id * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
+                tl.store((phi_ptr + row_id.to(tl.int64) * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
                          eviction_policy="evict_first")
             if WRITE_PART:
                 acc += phi
         if WRITE_PART:
             tl.store((part_ptr + (b64 * n_runs + r) * HW) + p, acc, mask=pv)
+        # maps whose beta T overflowed (a max of +-inf): the loop above stored NaN for them (and in the run's
+        # partial mask); their limit is written here, after every store above (the loop itself is unchanged)
+        tl.debug_barrier()
+        pix = s_tp
+        if INTERLEAVED:
+            pix = T_PIX
+        for l in range(l_start, l_stop, l_step):
+            row_id = b64 * L + l
+            if _overflowed(tl.load(stats_ptr + 2 * row_id)):
+                if HAS_BETA_MAP:
+                    beta_l = tl.load(beta_ptr + row_id)
+                else:
+                    beta_l = beta
+                _limit_fwd_map(t_base + tl.cast(l, tl.int64) * s_tl, pix, beta_l, stats_ptr + 2 * row_id,
+                               z_ptr + 2 * row_id, phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off,
+                               WRITE_Z, WRITE_PHI, BLOCK_W)
+                if WRITE_PART:
+                    tl.debug_barrier()  # the count just stored is read back by every thread
+                    _part_from_stats(t_base, s_tl, pix, beta_ptr, beta, stats_ptr, b64 * L, l_start, l_stop, l_step,
+                                     HW, part_ptr + (b64 * n_runs + r) * HW, HAS_BETA_MAP, BLOCK_W)
     else:
         # sweep 1: online statistics, BLOCK_L maps at a time
         for l0 in range(l_first, l_end, BLOCK_L):
@@ -191,8 +418,13 @@ def map_fwd_kernel(
                     sx = sx * alpha + tl.sum(e * col[None, :], axis=1)
                     sy = sy * alpha + tl.sum(e * row[None, :], axis=1)
                 m = m_new
-            # a map that is -inf everywhere has no finite max: NaN, as torch.softmax gives
-            total = tl.where(m == float("-inf"), float("nan"), total)
+            ovf = lv & _overflowed(m)
+            if _any(ovf):  # beta * T overflows in some map: its limit weights instead
+                k, kx, ky = _chunked_limit_stats(t_base, ls, ovf, s_tl, s_tp, HW, W, inv_w, beta_l, BLOCK_P,
+                                                 WRITE_Z, INT_DIV)
+                total = tl.where(ovf, k, total)
+                sx = tl.where(ovf, kx, sx)
+                sy = tl.where(ovf, ky, sy)
             row_id = b64 * L + ls
             tl.store(stats_ptr + 2 * row_id, m, mask=lv)
             tl.store(stats_ptr + 2 * row_id + 1, total, mask=lv)
@@ -215,10 +447,16 @@ def map_fwd_kernel(
                     beta_l = _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L, HAS_BETA_MAP)
                     row_id = b64 * L + ls
                     mx = tl.load(stats_ptr + 2 * row_id, mask=lv, other=0.0)
-                    inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
+                    total = tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
+                    inv = 1.0 / total
                     t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
                                 mask=both, other=0.0).to(tl.float32)
-                    phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
+                    ovf = lv & _saved_overflow(mx, total)
+                    if _any(ovf):  # c of the block's maps again (the overflow maps alone pay the sweep)
+                        cs = _chunked_c(t_base, ls, ovf, s_tl, s_tp, HW, beta_l, BLOCK_P)
+                        phi = _phi_chunk(t, beta_l, mx, inv, both, cs, ovf, True)
+                    else:
+                        phi = _phi_chunk(t, beta_l, mx, inv, both, mx, ovf, False)
                     if WRITE_PHI:
                         tl.store(phi_ptr + row_id[:, None] * HW + p[None, :], phi.to(phi_ptr.dtype.element_ty),
                                  mask=both, eviction_policy="evict_first")
@@ -259,7 +497,7 @@ def map_bwd_kernel(
     s_gb, s_gl, s_gp,
     beta, x_scale, y_scale,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
 ):
@@ -271,12 +509,12 @@ def map_bwd_kernel(
     l_first, l_end = _run_bounds(r, run_len, L)
     t_base = t_ptr + b64 * s_tb
     rows = tl.arange(0, BLOCK_L)
-    offs = tl.arange(0, BLOCK_P)
     gt_ty = gt_ptr.dtype.element_ty
 
     if ONE_CHUNK:  # the whole map as a [BLOCK_H, BLOCK_W] tile, as in map_fwd_kernel
         rr = tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_W)
+        # FULL is not used here: constant offsets made this kernel's stack larger (compile_check: 3.6 bf16 192)
         pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
         p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
@@ -286,7 +524,7 @@ def map_bwd_kernel(
             g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
-            row_id = b64 * L + l
+            row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             if HAS_BETA_MAP:
                 beta_l = tl.load(beta_ptr + row_id)
             else:
@@ -323,48 +561,110 @@ def map_bwd_kernel(
                 gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
             else:
                 gs = phi * (g - mean)
-            tl.store((gt_ptr + row_id * HW) + p, (beta_l * gs).to(gt_ty), mask=pv, eviction_policy="evict_first")
+            tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
+                     eviction_policy="evict_first")
             tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+        # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
+        # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+        tl.debug_barrier()
+        for l in range(l_start, l_stop, l_step):
+            row_id = b64 * L + l
+            mx = tl.load(stats_ptr + 2 * row_id)
+            total = tl.load(stats_ptr + 2 * row_id + 1)
+            if _saved_overflow(mx, total):
+                if HAS_BETA_MAP:
+                    beta_l = tl.load(beta_ptr + row_id)
+                else:
+                    beta_l = beta
+                gx = 0.0
+                gy = 0.0
+                if HAS_GZ:
+                    gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
+                    gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
+                g_map = g_ptr + b64 * s_gb
+                if G_PER_MAP:
+                    g_map += tl.cast(l, tl.int64) * s_gl
+                pix = s_tp
+                if INTERLEAVED:
+                    pix = T_PIX
+                _limit_bwd_map(t_base + tl.cast(l, tl.int64) * s_tl, pix, g_map, s_gp,
+                               gx, gy, beta_l, total, HW, W, gt_ptr + row_id * HW, HAS_G, HAS_GZ, BLOCK_W)
+                tl.store(gbeta_ptr + row_id, 0.0)
     else:
-        g_shared = tl.zeros([BLOCK_P], tl.float32)
         for l0 in range(l_first, l_end, BLOCK_L):
             ls = l0 + rows
             lv = ls < l_end
             beta_l = _betas(beta_ptr, b64, ls, lv, L, beta, BLOCK_L, HAS_BETA_MAP)
             row_id = b64 * L + ls
             mx = tl.load(stats_ptr + 2 * row_id, mask=lv, other=0.0)
-            inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
-            # sweep 1: sum_p Phi g_phi
-            mean = tl.zeros([BLOCK_L], tl.float32)
-            for p0 in range(0, HW, BLOCK_P):
-                p = (p0 + offs).to(tl.int64)
-                pv = p < HW
-                both = lv[:, None] & pv[None, :]
-                if HAS_G and not G_PER_MAP:
-                    g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
-                    g_shared = g_shared.to(tl.float32)
-                t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
-                            mask=both, other=0.0).to(tl.float32)
-                phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
-                g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
-                                   x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
-                mean += tl.sum(phi * g, axis=1)
-            # sweep 2: grad T and grad beta
-            gbeta = tl.zeros([BLOCK_L], tl.float32)
-            for p0 in range(0, HW, BLOCK_P):
-                p = (p0 + offs).to(tl.int64)
-                pv = p < HW
-                both = lv[:, None] & pv[None, :]
-                if HAS_G and not G_PER_MAP:
-                    g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
-                    g_shared = g_shared.to(tl.float32)
-                t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
-                            mask=both, other=0.0).to(tl.float32)
-                phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
-                g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
-                                   x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
-                gs = phi * (g - mean[:, None])
-                tl.store(gt_ptr + row_id[:, None] * HW + p[None, :], (beta_l[:, None] * gs).to(gt_ty), mask=both,
-                         eviction_policy="evict_first")
-                gbeta += tl.sum(tl.where(both, t * gs, 0.0), axis=1)
-            tl.store(gbeta_ptr + row_id, gbeta, mask=lv)
+            total = tl.load(stats_ptr + 2 * row_id + 1, mask=lv, other=1.0)
+            ovf = lv & _saved_overflow(mx, total)
+            if _any(ovf):  # a map of the block overflows: its c first, then the sweeps with its limit Phi
+                cs = _chunked_c(t_base, ls, ovf, s_tl, s_tp, HW, beta_l, BLOCK_P)
+                _bwd_block(t_base, g_ptr, gz_ptr, gt_ptr, gbeta_ptr, b64, ls, lv, row_id, beta_l, mx, 1.0 / total,
+                           cs, ovf, L, W, HW, inv_w, s_tl, s_tp, s_gb, s_gl, s_gp, x_scale, y_scale,
+                           BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV, True)
+            else:
+                _bwd_block(t_base, g_ptr, gz_ptr, gt_ptr, gbeta_ptr, b64, ls, lv, row_id, beta_l, mx, 1.0 / total,
+                           mx, ovf, L, W, HW, inv_w, s_tl, s_tp, s_gb, s_gl, s_gp, x_scale, y_scale,
+                           BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV, False)
+
+
+@triton.jit
+def _phi_chunk(t, beta_l, mx, inv, both, cs, ovf, OVF: tl.constexpr):
+    """Phi of a [BLOCK_L, BLOCK_P] chunk from the saved stats; with OVF, the limit Phi for the maps in ovf
+    (cs = sign * c of each map, _chunked_c)."""
+    phi = tl.where(both, tl.exp(t * beta_l[:, None] - mx[:, None]) * inv[:, None], 0.0)
+    if OVF:
+        lim = tl.where(both & (t * _sign(beta_l)[:, None] == cs[:, None]), inv[:, None], 0.0)
+        phi = tl.where(ovf[:, None], lim, phi)
+    return phi
+
+
+@triton.jit
+def _bwd_block(t_base, g_ptr, gz_ptr, gt_ptr, gbeta_ptr, b64, ls, lv, row_id, beta_l, mx, inv, cs, ovf,
+               L, W, HW, inv_w, s_tl, s_tp, s_gb, s_gl, s_gp, x_scale, y_scale,
+               BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr,
+               HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr, OVF: tl.constexpr):
+    """grad T and grad beta of a block of BLOCK_L maps swept in chunks (map_bwd_kernel); OVF: some maps of
+    the block overflow (ovf), whose grad beta sum (T - c) g_s is exactly 0 (T = c wherever g_s != 0)."""
+    offs = tl.arange(0, BLOCK_P)
+    gt_ty = gt_ptr.dtype.element_ty
+    g_shared = tl.zeros([BLOCK_P], tl.float32)
+    # sweep 1: sum_p Phi g_phi
+    mean = tl.zeros([BLOCK_L], tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + offs).to(tl.int64)
+        pv = p < HW
+        both = lv[:, None] & pv[None, :]
+        if HAS_G and not G_PER_MAP:
+            g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
+            g_shared = g_shared.to(tl.float32)
+        t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                    mask=both, other=0.0).to(tl.float32)
+        phi = _phi_chunk(t, beta_l, mx, inv, both, cs, ovf, OVF)
+        g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
+                           x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
+        mean += tl.sum(phi * g, axis=1)
+    # sweep 2: grad T and grad beta
+    gbeta = tl.zeros([BLOCK_L], tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + offs).to(tl.int64)
+        pv = p < HW
+        both = lv[:, None] & pv[None, :]
+        if HAS_G and not G_PER_MAP:
+            g_shared = tl.load(g_ptr + b64 * s_gb + p * s_gp, mask=pv, other=0.0)
+            g_shared = g_shared.to(tl.float32)
+        t = tl.load(t_base + ls.to(tl.int64)[:, None] * s_tl + p[None, :] * s_tp,
+                    mask=both, other=0.0).to(tl.float32)
+        phi = _phi_chunk(t, beta_l, mx, inv, both, cs, ovf, OVF)
+        g = _grad_phi_tile(g_ptr, g_shared, gz_ptr, b64, ls, lv, p, both, L, W, inv_w, s_gb, s_gl, s_gp,
+                           x_scale, y_scale, BLOCK_L, BLOCK_P, HAS_G, G_PER_MAP, HAS_GZ, INT_DIV)
+        gs = phi * (g - mean[:, None])
+        tl.store(gt_ptr + row_id[:, None] * HW + p[None, :], (beta_l[:, None] * gs).to(gt_ty), mask=both,
+                 eviction_policy="evict_first")
+        if OVF:
+            gbeta += tl.sum(tl.where(ovf[:, None], 0.0, tl.where(both, t * gs, 0.0)), axis=1)
+        else:
+            gbeta += tl.sum(tl.where(both, t * gs, 0.0), axis=1)
+    tl.store(gbeta_ptr + row_id, gbeta, mask=lv)

@@ -25,7 +25,7 @@ if not tops.INTERPRET:
     pytest.skip("host timing with stubbed launches runs on CPU tensors (TRITON_INTERPRET=1)",
                 allow_module_level=True)
 
-BUDGET_US = 25.0
+BUDGET_US = 15.0
 
 
 def _calls():
@@ -130,3 +130,23 @@ def test_a_bad_tuning_table_warns_once_naming_it(tmp_path, monkeypatch):
         with pytest.warns(settings.SettingWarning, match=str(bad).replace(".", r"\.")):
             tops._apply_tuning_table(torch.device("cuda", 0))
         assert tops._TABLE_APPLIED and tops.TUNING == tops.Tuning()
+
+
+def test_checks_run_once_per_argument_kind_and_still_refuse_bad_calls():
+    """The op bodies remember the argument metadata they checked (shape, dtype, device; other arguments with
+    their types): a repeat skips the checks, a bad call raises every time, and a different shape or type is
+    checked again."""
+    t = torch.randn(1, 3, 4, 5)
+    stats = torch.zeros(1, 3, 2)
+    tops.spatial_softmax_backward(t, t, stats, 1.0, None)
+    n = len(tops._CHECKED)
+    tops.spatial_softmax_backward(t.clone(), t.clone(), stats.clone(), 2.0, None)  # same kinds: no new entry
+    assert len(tops._CHECKED) == n
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="stats must have shape"):
+            tops.spatial_softmax_backward(t, t, torch.zeros(1, 4, 2), 1.0, None)
+        with pytest.raises(RuntimeError, match="stats must be"):
+            tops.spatial_softmax_backward(t, t, stats.double(), 1.0, None)
+        with pytest.raises(RuntimeError, match="mode must be"):
+            tops.fuse(t[:, :1], t, t[:, :1], True)
+    assert len(tops._CHECKED) == n

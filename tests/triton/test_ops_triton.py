@@ -377,17 +377,19 @@ def test_spill_allowance_is_per_triton_version():
     from decafa_fast.triton import compile_check as cc
 
     assert cc.spill_allowance("pmap_fwd soft_argmax", "3.9.0") == cc.DEFAULT_STACK == 0
-    assert cc.spill_allowance("pmap_fwd head", "3.9.0") == 32
-    assert cc.spill_allowance("pmap_bwd head", "3.6.0") == 64
-    assert cc.spill_allowance("map_bwd head", "3.6.0") == 152
+    assert cc.spill_allowance("pmap_bwd head", "3.9.0") == 0
+    assert cc.spill_allowance("pmap_bwd head", "3.6.0") == cc.spill_allowance("pmap_bwd head", "3.8.0") == 24
+    assert cc.spill_allowance("pmap_fwd head", "3.6.0") == cc.spill_allowance("pmap_fwd head", "3.9.0") == 0
+    assert cc.spill_allowance("map_bwd head", "3.6.0") == 160
     assert cc.spill_allowance("mask_fuse_fwd F5 (partials)", "3.6.0") == 0
-    assert cc.spill_allowance("map_bwd head", "3.7.0+git1234") == 152
-    assert cc.spill_allowance("map_bwd softmax", "3.10.0") == 56
+    assert cc.spill_allowance("map_bwd head", "3.7.0+git1234") == 160
+    assert cc.spill_allowance("map_fwd head", "3.10.0") == 48
 
 
 def test_barriers_per_map_counts_the_exp_loop():
-    """compile_check.barriers_per_map counts the barriers of the innermost PTX loop that computes exps, not
-    those before or after it, nor those of a loop without exps."""
+    """compile_check.barriers_per_map counts the barriers of the PTX loop that computes the most exps (the map
+    loop), not those before or after it, nor those of a loop without exps or with fewer (an overflow
+    fix-up's pixel loop after the map loop)."""
     from decafa_fast.triton import compile_check as cc
 
     ptx = "\n".join([
@@ -399,6 +401,9 @@ def test_barriers_per_map_counts_the_exp_loop():
         "bar.sync 0;",
     ])
     assert cc.barriers_per_map(ptx) == 3
+    fix_up = ["$L__BB0_9:", "ex2.approx.f32 %f4, %f5;", "bar.sync 0;", "@%p4 bra $L__BB0_9;"]
+    assert cc.barriers_per_map(ptx.replace("ex2.approx.f32 %f1, %f2;", "ex2.approx.f32 %f1, %f2;\n" * 2)
+                               + "\n" + "\n".join(fix_up)) == 3
     assert cc.barriers_per_map("bar.sync 0;\nex2.approx.f32 %f1, %f2;") is None
 
 
