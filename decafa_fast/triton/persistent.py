@@ -40,7 +40,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .stats import _limit_bwd_map, _limit_fwd_map, _overflowed, _part_from_stats, _saved_overflow
+from .stats import (
+    _limit_bwd_map,
+    _limit_fwd_map,
+    _map_beta,
+    _overflowed,
+    _part_from_stats,
+    _saved_overflow,
+)
 
 
 @triton.jit
@@ -141,10 +148,7 @@ def map_fwd_persistent_kernel(
         row_id = start + k
         b64 = row_id // L
         l64 = row_id - b64 * L
-        if HAS_BETA_MAP:
-            beta_l = tl.load(beta_ptr + row_id)
-        else:
-            beta_l = beta
+        beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
         t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
         s = tl.where(pv, t * beta_l, float("-inf"))
@@ -183,10 +187,7 @@ def map_fwd_persistent_kernel(
         if _overflowed(tl.load(stats_ptr + 2 * row_id)):
             b64 = row_id // L
             l64 = row_id - b64 * L
-            if HAS_BETA_MAP:
-                beta_l = tl.load(beta_ptr + row_id)
-            else:
-                beta_l = beta
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             _limit_fwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, beta_l, stats_ptr + 2 * row_id, z_ptr + 2 * row_id,
                            phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off, WRITE_Z, WRITE_PHI, BLOCK_W)
             if WRITE_PART:  # the piece of batch item b64: rows [max(start, b64 L), min(start + n, b64 L + L))
@@ -227,10 +228,7 @@ def map_bwd_persistent_kernel(
         if HAS_G and not G_PER_MAP:  # the mask gradient: loaded when a piece starts, used by all its maps
             if (l32 == 0) | (k == 0):
                 g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
-        if HAS_BETA_MAP:
-            beta_l = tl.load(beta_ptr + row_id)
-        else:
-            beta_l = beta
+        beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
         mx = tl.load(stats_ptr + 2 * row_id)
         inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
         t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
@@ -267,10 +265,7 @@ def map_bwd_persistent_kernel(
         if _saved_overflow(mx, total):
             b64 = (row_id // L).to(tl.int64)
             l64 = (row_id % L).to(tl.int64)
-            if HAS_BETA_MAP:
-                beta_l = tl.load(beta_ptr + row_id)
-            else:
-                beta_l = beta
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             gx = 0.0
             gy = 0.0
             if HAS_GZ:

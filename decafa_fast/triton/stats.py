@@ -132,6 +132,15 @@ def _saved_overflow(mx, total):
 
 
 @triton.jit
+def _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP: tl.constexpr):
+    """The map's temperature: its entry of the per-map tensor, or the number."""
+    if HAS_BETA_MAP:
+        return tl.load(beta_ptr + row_id)
+    return beta
+
+
+
+@triton.jit
 def _sign(beta_l):
     """+1 / -1 by the sign of beta: c = max T for beta > 0 is sign * max(sign * T), exactly."""
     return tl.where(beta_l > 0, 1.0, -1.0)
@@ -192,10 +201,7 @@ def _part_from_stats(t_b, s_tl, s_tp, beta_ptr, beta, stats_ptr, row0, l_lo, l_h
     offs = tl.arange(0, BLOCK_F)
     for l in range(l_lo, l_hi, l_step):
         row_id = row0 + l
-        if HAS_BETA_MAP:
-            beta_l = tl.load(beta_ptr + row_id)
-        else:
-            beta_l = beta
+        beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
         mx = tl.load(stats_ptr + 2 * row_id)
         inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
         t_map = t_b + tl.cast(l, tl.int64) * s_tl
@@ -344,10 +350,7 @@ def map_fwd_kernel(
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
-            if HAS_BETA_MAP:
-                beta_l = tl.load(beta_ptr + row_id)
-            else:
-                beta_l = beta
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
                         mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
@@ -381,10 +384,7 @@ def map_fwd_kernel(
         for l in range(l_start, l_stop, l_step):
             row_id = b64 * L + l
             if _overflowed(tl.load(stats_ptr + 2 * row_id)):
-                if HAS_BETA_MAP:
-                    beta_l = tl.load(beta_ptr + row_id)
-                else:
-                    beta_l = beta
+                beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
                 _limit_fwd_map(t_base + tl.cast(l, tl.int64) * s_tl, pix, beta_l, stats_ptr + 2 * row_id,
                                z_ptr + 2 * row_id, phi_ptr + row_id * HW, HW, W, x_scale, x_off, y_scale, y_off,
                                WRITE_Z, WRITE_PHI, BLOCK_W)
@@ -525,10 +525,7 @@ def map_bwd_kernel(
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
-            if HAS_BETA_MAP:
-                beta_l = tl.load(beta_ptr + row_id)
-            else:
-                beta_l = beta
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             mx = tl.load(stats_ptr + 2 * row_id)
             inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
             t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
@@ -572,10 +569,7 @@ def map_bwd_kernel(
             mx = tl.load(stats_ptr + 2 * row_id)
             total = tl.load(stats_ptr + 2 * row_id + 1)
             if _saved_overflow(mx, total):
-                if HAS_BETA_MAP:
-                    beta_l = tl.load(beta_ptr + row_id)
-                else:
-                    beta_l = beta
+                beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
                 gx = 0.0
                 gy = 0.0
                 if HAS_GZ:
