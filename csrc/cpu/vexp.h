@@ -1,6 +1,10 @@
 // exp for the CPU kernels: vectorisable (std::exp is a libm call, which GCC and clang do not vectorise), in
 // three precisions, for the x <= 0 of exp(s - max s). Its error bounds are measured by
 // tests/ops/cpu_simd_harness.cpp (`exp-error`), which tests/ops/test_cpu_simd.py checks against kExpBounds.
+// Hand-written rather than ATen's at::vec::Vectorized<float>: `python bench/vexp_vs_aten.py` (AVX-512, in
+// cache) measured the float32 form as accurate as Vectorized::exp (Sleef, 8.5e-8 against 8.3e-8 relative) at
+// 2.5x its speed, exp_u20 no faster and flushing to 0 above -87, and the 16-bit forms as fast as fexp_u20
+// at its accuracy or better (bench/RESULTS.md, CPU exp).
 #pragma once
 
 #include <cmath>
