@@ -3,12 +3,11 @@
 
 A `use_backend` block belongs to the context it runs in (contextvars): each thread, and each asyncio task,
 sees its own blocks and none of another's. Blocks are kept as a stack of entries and a block that ends takes
-out its own entry, so blocks that end out of order leave every other block's choice as it was. A generator
-shares its caller's context, which contextvars alone cannot separate: a block entered in a generator's (or
-an async generator's) frame counts only while that frame runs. While the generator is suspended its caller
-runs on its own choice; when the generator runs, its block is the innermost one around its code, also when it
-is resumed inside a block of the caller's. (Under torch.compile a suspended generator's block still counts:
-the choice traced is the context's innermost block.)
+out its own entry, so blocks that end out of order (a generator suspended inside one, resumed and finished
+inside the caller's) leave every other block's choice as it was. What contextvars cannot give: a generator
+shares its caller's context, so while one is suspended inside a `with` block of its own, the caller's code
+outside any block of its own runs on the generator's choice (as with torch.no_grad; the innermost block
+entered last wins). A generator function decorated with `use_backend` holds its block only while it runs.
 
 The choice is made when an op's forward runs; its backward runs the same backend's kernels whatever the
 context that runs it has chosen."""
@@ -18,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import sys
 
 import torch
 
@@ -33,24 +31,10 @@ if _default != "auto" and not status.STATUS[_default].startswith("available"):
     settings.warn(f"DECAFA_BACKEND={_default!r} is not available here ({status.STATUS[_default]}); using 'auto'")
     _default = "auto"
 
-_GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
-
-
-class _Entry:
-    __slots__ = ("name", "frame", "suspendable")
-
-    def __init__(self, name: str, frame) -> None:
-        self.name = name
-        self.frame = frame
-        self.suspendable = bool(frame.f_code.co_flags & _GENERATOR_FLAGS)
-
-
-# The innermost block's backend in the running context (unset: no block), and the blocks themselves: each
-# entry is (its backend, the frame that entered it, whether that frame is a generator's, which can be suspended).
+# The innermost block's backend in the running context (unset: no block), and the blocks themselves.
 _CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("decafa_backend_choice")
-_BLOCKS: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("decafa_backend_blocks", default=())
-# Whether any entry of the running context comes from a generator's frame (then get_backend looks at frames)
-_IN_GENERATOR: contextvars.ContextVar[bool] = contextvars.ContextVar("decafa_backend_in_generator", default=False)
+_BLOCKS: contextvars.ContextVar[tuple[tuple[object, str], ...]] = contextvars.ContextVar("decafa_backend_blocks",
+                                                                                        default=())
 
 
 class _Scope:
@@ -102,9 +86,10 @@ class use_backend(contextlib.ContextDecorator):  # lower case: used like a funct
         if torch.compiler.is_compiling():
             _TRACED.append(self.name)
             return self.name
-        entry = _Entry(self.name, sys._getframe(1))
+        entry = (object(), self.name)
         self._entries.append(entry)
-        _set_blocks((*_BLOCKS.get(), entry))
+        _BLOCKS.set((*_BLOCKS.get(), entry))
+        _CHOICE.set(self.name)
         return self.name
 
     def __exit__(self, *exc_info) -> None:
@@ -112,7 +97,9 @@ class use_backend(contextlib.ContextDecorator):  # lower case: used like a funct
             _TRACED.pop()
             return
         entry = self._entries.pop()
-        _set_blocks(tuple(b for b in _BLOCKS.get() if b is not entry))
+        blocks = tuple(b for b in _BLOCKS.get() if b is not entry)
+        _BLOCKS.set(blocks)
+        _CHOICE.set(blocks[-1][1] if blocks else None)
 
     def _recreate_cm(self) -> use_backend:
         return use_backend(self.name)
@@ -156,36 +143,8 @@ def get_backend() -> str:
     """The backend this context's ops use: its innermost `use_backend` choice, else the process default."""
     if _TRACED:
         return _TRACED[-1]
-    if not torch.compiler.is_compiling() and _IN_GENERATOR.get():
-        return _choice_by_frames(_BLOCKS.get())
     choice = _scope.choice
     return _default if choice is None or choice is _scope else choice
-
-
-def _set_blocks(blocks: tuple[_Entry, ...]) -> None:
-    _BLOCKS.set(blocks)
-    _CHOICE.set(blocks[-1].name if blocks else None)
-    _IN_GENERATOR.set(any(entry.suspendable for entry in blocks))
-
-
-def _choice_by_frames(blocks: tuple[_Entry, ...]) -> str:
-    """The innermost block around the running code: a suspended generator's blocks do not count; of the
-    others, the one entered by the frame nearest the running code on the call stack wins (the last entered
-    within one frame), and blocks of frames not on the stack (inherited by a task or a copied context) rank
-    below every block on it."""
-    depth: dict[object, int] = {}
-    frame, d = sys._getframe(1), 0
-    while frame is not None:
-        depth[frame] = d
-        frame, d = frame.f_back, d + 1
-    best, best_depth = None, d + 1
-    for entry in blocks:  # oldest first: a later entry at the same depth replaces an earlier one
-        if entry.suspendable and entry.frame.f_back is None:
-            continue  # the generator is suspended (or finished)
-        entry_depth = depth.get(entry.frame, d)
-        if entry_depth <= best_depth:
-            best, best_depth = entry.name, entry_depth
-    return _default if best is None else best
 
 
 def resolve(device: torch.device, op: str = "", inputs: tuple[torch.Tensor, ...] = ()) -> str:
