@@ -7,7 +7,9 @@ out its own entry, so blocks that end out of order (a generator suspended inside
 inside the caller's) leave every other block's choice as it was. What contextvars cannot give: a generator
 shares its caller's context, so while one is suspended inside a `with` block of its own, the caller's code
 outside any block of its own runs on the generator's choice (as with torch.no_grad; the innermost block
-entered last wins). A generator function decorated with `use_backend` holds its block only while it runs.
+entered last wins). That is what contextlib.contextmanager and pytest's yield fixtures rely on: a generator
+that wraps a block and yields once is a context manager whose block must hold over the caller's `with` body.
+A generator function decorated with `use_backend` holds its block only while it runs.
 
 The choice is made when an op's forward runs; its backward runs the same backend's kernels whatever the
 context that runs it has chosen."""

@@ -376,6 +376,22 @@ def test_a_generator_suspended_in_its_block_does_not_undo_the_callers_block():
     assert ops.get_backend() == "auto"
 
 
+def test_a_context_manager_generator_holds_its_block_over_the_with_body():
+    """Why a generator's block is not taken out while it is suspended: a generator that wraps a block and
+    yields once is how contextlib.contextmanager (and a pytest yield fixture) build a context manager, and its
+    block must hold over the body of the caller's `with` (as torch.no_grad's does in the same place)."""
+    t = logits()
+
+    @contextlib.contextmanager
+    def on_reference():
+        with ops.use_backend("reference"):
+            yield
+
+    with on_reference():
+        assert ops.get_backend() == "reference" and not ran_compiled_kernel(lambda: ops.soft_argmax(t))
+    assert ops.get_backend() == "auto" and ran_compiled_kernel(lambda: ops.soft_argmax(t))
+
+
 def test_blocks_left_in_crossed_order_restore_nothing_stale():
     outer, inner = ops.use_backend("reference"), ops.use_backend("cpp")
     outer.__enter__()
