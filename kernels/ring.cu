@@ -118,6 +118,64 @@ __device__ __forceinline__ float ring_block_max(float v, float* scratch) {
   return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
 }
 
+// This thread's logits of the map at `offset` bytes into the ring's shared memory (its chunks `step` apart).
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V>* stage_chunk(unsigned offset, unsigned step, int k) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<Vec<T, V>*>(smem_raw + offset + k * step);
+}
+
+// The extreme logit of an overflow map in the direction of beta (common.cuh: the max of T, or of -T for
+// beta < 0; +inf with a NaN), from the stage: one more reduction, on this map only.
+template <typename T, int K, int V>
+__device__ __forceinline__ float ring_extreme(unsigned offset, unsigned step, bool negative, float* scratch) {
+  float cand = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const Vec<T, V> x = *stage_chunk<T, V>(offset, step, k);
+#pragma unroll
+    for (int q = 0; q < V; ++q) cand = extreme_candidate(cand, to_float(x.v[q]), negative);
+  }
+  __syncthreads();  // every thread has read the scratch's last values (the map's max)
+  const float cn = ring_block_max(cand, scratch);
+  __syncthreads();  // every thread has read this max before the scratch is written again
+  return cn;
+}
+
+// On s = beta T (the general path) the overflow is in the values already: an overflow map's exponents, 0 at c
+// and -inf elsewhere (or NaN), are written over this thread's logits in the stage (all exactly representable
+// in T; only this thread reads them), and the map's values are read again with beta = 1.
+template <typename T, int K, int V>
+__device__ __noinline__ void ring_overflow_exponents(unsigned offset, unsigned step, float beta, float* scratch) {
+  const bool negative = beta < 0.f;
+  const float cn = ring_extreme<T, K, V>(offset, step, negative, scratch);
+  const bool ok = overflow_limit_exists(cn, beta);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    Vec<T, V>* x = stage_chunk<T, V>(offset, step, k);
+#pragma unroll
+    for (int q = 0; q < V; ++q) x->v[q] = from_float<T>(overflow_exponent(to_float(x->v[q]), negative, cn, ok));
+  }
+}
+
+// The constants of an overflow map's backward exponent (common.cuh): with b = overflow_scale(beta, c),
+// exp2(sv * k2 - shift) = exp2(b T - b c), exactly 1 at c and 0 elsewhere: on raw logits (sv = T) k2 = b; on
+// s (sv = ebeta T) ebeta = b and k2 = 1; shift = b c. NaN where c is not finite. Out of line: the map loop
+// keeps only the call.
+struct RingExponent {
+  float ebeta, k2, shift;
+};
+
+template <typename T, int K, int V>
+__device__ __noinline__ RingExponent ring_overflow_backward(unsigned offset, unsigned step, float beta, bool raw,
+                                                            float* scratch) {
+  const bool negative = beta < 0.f;
+  const float cn = ring_extreme<T, K, V>(offset, step, negative, scratch);
+  const float c = negative ? -cn : cn;
+  const float b = overflow_limit_exists(cn, beta) ? overflow_scale(beta, c) : NAN;
+  return {raw ? beta : b, raw ? b : 1.f, b * c};
+}
+
 // The next map to copy into the ring: its index in (b, l) order, its l, and this thread's first 16-byte chunk of
 // it in global memory.
 struct IssueCursor {
@@ -209,25 +267,41 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
       __syncthreads();  // every thread's copies of map j have landed
 
       const int64_t map = start + j;
-      const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
-      const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
+      float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
+      const unsigned offset = stage * a.stage_bytes + mine;
+      const unsigned char* mine_in_stage = smem_raw + offset;
       float v[K][V];
-      float mx = -INFINITY;
+      float mx, smax, saved_max;
+      bool again = !RawMax;  // the general path: an overflow map goes round twice (ring_overflow_exponents)
+      do {
+        mx = -INFINITY;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
+        for (int k = 0; k < K; ++k) {
+          const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
 #pragma unroll
-        for (int q = 0; q < V; ++q) {
-          v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
-          mx = fmaxf(mx, v[k][q]);
+          for (int q = 0; q < V; ++q) {
+            v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
+            mx = fmaxf(mx, v[k][q]);
+          }
         }
-      }
-      mx = ring_block_max(mx, max_scratch);
+        mx = ring_block_max(mx, max_scratch);
+        smax = RawMax ? scaled_logit(beta, mx) : mx;
+        if (RawMax || again) saved_max = smax;
+        if (RawMax || !again || !overflowed(smax)) break;
+        ring_overflow_exponents<T, K, V>(offset, step, beta, max_scratch);
+        beta = 1.f;
+        again = false;
+      } while (true);
       // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
       // saved max alone, so that a backward recomputes the same bits from the stats.
-      const float smax = RawMax ? scaled_logit(beta, mx) : mx;
-      const float k2 = RawMax ? beta * kLog2e : kLog2e;
-      const float shift = smax * kLog2e;
+      float k2 = RawMax ? beta * kLog2e : kLog2e;
+      float shift = smax * kLog2e;
+      if (RawMax && overflowed(smax)) {
+        // the limit softmax (common.cuh): c is the max of the raw logits, mx; with b = overflow_scale(beta, c),
+        // exp2(t b - b c) is exactly 1 at c and 0 elsewhere (NaN with a NaN logit, or where c is not finite)
+        k2 = fabsf(mx) < INFINITY ? overflow_scale(beta, mx) : NAN;
+        shift = k2 * mx;
+      }
       // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
       // sum e col = col0 S + X and sum e row = row0 S + row_step R
       float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
@@ -253,7 +327,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
       ring_block_sum4(acc, sum_scratch);
       const float sum = acc[0];
       if (threadIdx.x == 0) {
-        store1(a.stats + 2 * map, smax);
+        store1(a.stats + 2 * map, saved_max);
         store1(a.stats + 2 * map + 1, sum);
         if (a.z != nullptr) {
           store1(a.z + 2 * map, a.co.ox + a.co.kx * (acc[1] / sum));
@@ -357,7 +431,10 @@ int64_t batch_step(const Logits& lg, MapShape shape) {
 }
 
 // Raw logits in the exponent (max(beta t) = beta max t): a positive finite scalar beta.
-inline bool raw_max(const Logits& lg) { return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta); }
+// (k2 = beta log2 e must be finite too: a beta within a factor 1.44 of FLT_MAX takes the general path)
+inline bool raw_max(const Logits& lg) {
+  return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta * kLog2e);
+}
 
 template <typename T>
 cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalized, float* stats, T* z, T* phi,
@@ -431,6 +508,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
   constexpr int K = kRingValues / V;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __align__(16) __shared__ float sum_scratch[32][4];
+  __shared__ float max_scratch[32];  // overflow maps only
   __shared__ RingMapConsts consts[kRingMaxStages];
   const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
   const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
@@ -492,8 +570,9 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
     const int64_t map = b * a.maps + l;
     const RingMapConsts& c = consts[stage];
     const float beta = a.beta_map != nullptr ? c.beta : a.beta;
-    const float k2 = RawMax ? beta * kLog2e : kLog2e;
-    const float shift = c.mx * kLog2e;
+    float ebeta = beta;  // beta in the exponent (the overflow scale there)
+    float k2 = RawMax ? beta * kLog2e : kLog2e;
+    float shift = c.mx * kLog2e;
     const float inv = 1.f / c.sum;
     float gzx = 0.f, gzy = 0.f;
     if (a.grad_z != nullptr) {
@@ -511,6 +590,13 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
     const float gbase = gzx * (a.co.ox + a.co.kx * col0) + gzy * (a.co.oy + a.co.ky * row0);
     const float gyk = gzy * a.co.ky * row_step;
     const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
+    if (overflowed(c.mx, c.sum)) {
+      const RingExponent o =
+          ring_overflow_backward<T, K, V>(stage * a.stage_bytes + mine, step, beta, RawMax, max_scratch);
+      ebeta = o.ebeta;
+      k2 = o.k2;
+      shift = o.shift;
+    }
     float ph[K][V];
     float acc = 0.f;
 #pragma unroll
@@ -520,7 +606,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         const float t = to_float(x.v[q]);
-        const float sv = RawMax ? t : scaled_logit(beta, t);
+        const float sv = RawMax ? t : scaled_logit(ebeta, t);
         ph[k][q] = fast_exp2(fmaf(sv, k2, -shift)) * inv;
         acc = fmaf(ph[k][q], gm[k][q] + fmaf(static_cast<float>(q), gxq, gk), acc);
       }

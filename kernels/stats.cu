@@ -194,6 +194,29 @@ __device__ __forceinline__ int mask_slot(int k, int i) {
   return V > 1 ? i * V : static_cast<int>(k * blockDim.x + threadIdx.x);
 }
 
+// The extreme logit of an on-chip map in the direction of beta (its sign folded in, NaN as +inf: common.cuh),
+// its values read again the way the map's loop reads them (from memory, or from the pair stash, whose slots
+// hold them until the map after next). Overflow maps only; out of line (registers: the map is held).
+template <bool Pairs, int V, int K, typename T>
+__device__ __noinline__ float onchip_extreme(const T* src, int64_t pixel_stride, T* stash, bool pair, bool stashed,
+                                                int nvec, bool negative, float* scratch) {
+  float cand = -INFINITY;
+  const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * pixel_stride;
+  const int64_t step = vec_step<V>() * pixel_stride;
+  T* slot = stash + threadIdx.x;
+#pragma unroll
+  for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
+    if (vec_index<V, K>(k) < nvec) {
+      float t[V];
+      load_map_values<Pairs, V>(q, pixel_stride, slot, pair, stashed, t);
+#pragma unroll
+      for (int j = 0; j < V; ++j) cand = extreme_candidate(cand, t[j], negative);
+    }
+  }
+  __syncthreads();  // every thread has read the scratch's last values
+  return block_max(cand, scratch);
+}
+
 // The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
 template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
@@ -213,28 +236,40 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   bool stashed = false;  // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const float beta = forward_beta(a, map, l, beta_slots);
+    float beta = forward_beta(a, map, l, beta_slots);
     const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float s[K][V];
-    float mx = -INFINITY;
-    // one running pointer instead of K 64-bit addresses (registers)
-    const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
-    const int64_t step = vec_step<V>() * a.ts.pixel;
-    T* slot = stash + threadIdx.x;
+    float mx, smax;
+    bool again = true;  // an overflow map is read twice: the second time with its overflow scale as beta
+    do {
+      mx = -INFINITY;
+      // one running pointer instead of K 64-bit addresses (registers)
+      const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
+      const int64_t step = vec_step<V>() * a.ts.pixel;
+      T* slot = stash + threadIdx.x;
 #pragma unroll
-    for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
-      const int i = vec_index<V, K>(k);
-      if (i < nvec) {
-        load_map_values<Pairs, V>(q, a.ts.pixel, slot, pair, stashed, s[k]);
+      for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
+        const int i = vec_index<V, K>(k);
+        if (i < nvec) {
+          load_map_values<Pairs, V>(q, a.ts.pixel, slot, pair, stashed, s[k]);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          s[k][j] = scaled_logit(beta, s[k][j]);
-          mx = fmaxf(mx, s[k][j]);
+          for (int j = 0; j < V; ++j) {
+            s[k][j] = scaled_logit(beta, s[k][j]);
+            mx = fmaxf(mx, s[k][j]);
+          }
         }
       }
-    }
-    mx = block_max(mx, max_scratch);
+      mx = block_max(mx, max_scratch);
+      if (again) smax = mx;  // saved
+      if (!again || !overflowed(mx)) break;
+      // the limit softmax (common.cuh): s = b T with b = overflow_scale(beta, c) makes exp(s - max) exactly 1
+      // at c and 0 elsewhere (NaN where the limit does not exist)
+      const bool negative = beta < 0.f;
+      const float cn = onchip_extreme<Pairs, V, K>(src, a.ts.pixel, stash, pair, stashed, nvec, negative, max_scratch);
+      beta = overflow_limit_exists(cn, beta) ? overflow_scale(beta, negative ? -cn : cn) : NAN;
+      again = false;
+    } while (true);
     float acc[3] = {0.f, 0.f, 0.f};  // sum, sum * col, sum * row
     int col, row;
     first_pixel<V, K>(a.width, col, row);
@@ -256,7 +291,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
     }
     block_sum<3>(acc, sum_scratch);
     const float sum = acc[0];
-    if (threadIdx.x == 0) write_map_outputs(a, map, mx, sum, acc[1], acc[2]);
+    if (threadIdx.x == 0) write_map_outputs(a, map, smax, sum, acc[1], acc[2]);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int i = vec_index<V, K>(k);
@@ -303,6 +338,51 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   }
 }
 
+// The extreme logit of a streamed map in the direction of beta (common.cuh), over the block. Overflow maps
+// only; out of line.
+template <int V, typename T>
+__device__ __noinline__ float streamed_extreme(const T* src, int64_t pixel_stride, int nvec, bool negative,
+                                               float* scratch) {
+  float cand = -INFINITY;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float t[V];
+    load_n<false, V>(src + static_cast<int64_t>(i) * V * pixel_stride, pixel_stride, t);
+#pragma unroll
+    for (int j = 0; j < V; ++j) cand = extreme_candidate(cand, t[j], negative);
+  }
+  __syncthreads();  // every thread has read the scratch's last values
+  return block_max(cand, scratch);
+}
+
+// This thread's online statistics of s = beta T over its pixels of a map too large to hold.
+template <int V, typename T>
+__device__ __forceinline__ SoftStats streamed_stats(const ForwardArgs<T>& a, const T* src, int nvec, float beta) {
+  SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float s[V];
+    load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, s);
+    float m = st.m;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      s[j] = scaled_logit(beta, s[j]);
+      m = fmaxf(m, s[j]);
+    }
+    const float f = rescale(st.m, m);
+    st = {m, st.s * f, st.sx * f, st.sy * f};
+    int col, row;
+    pixel_of(i * V, a.width, col, row);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float e = s[j] == -INFINITY ? 0.f : __expf(s[j] - m);
+      st.s += e;
+      st.sx += e * static_cast<float>(col);
+      st.sy += e * static_cast<float>(row);
+      next_pixel(a.width, col, row);
+    }
+  }
+  return st;
+}
+
 // Maps too large to hold: online statistics in one sweep, then Phi and the partial mask in a second.
 template <typename T, int V>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs<T> a) {
@@ -314,37 +394,26 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs
     const int64_t map = r.b * a.maps + l;
     const float beta = forward_beta(a, map, l, beta_slots);
     const T* src = map_logits(a, r, l);
-    SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      float s[V];
-      load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, s);
-      float m = st.m;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        s[j] = scaled_logit(beta, s[j]);
-        m = fmaxf(m, s[j]);
-      }
-      const float f = rescale(st.m, m);
-      st = {m, st.s * f, st.sx * f, st.sy * f};
-      int col, row;
-      pixel_of(i * V, a.width, col, row);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float e = s[j] == -INFINITY ? 0.f : __expf(s[j] - m);
-        st.s += e;
-        st.sx += e * static_cast<float>(col);
-        st.sy += e * static_cast<float>(row);
-        next_pixel(a.width, col, row);
-      }
+    SoftStats total = block_merge(streamed_stats<V>(a, src, nvec, beta), scratch);
+    const float smax = total.m;
+    float ebeta = beta;  // beta in the exponent
+    if (overflowed(smax)) {
+      // the limit softmax (common.cuh): the statistics again with the overflow scale b as beta, which makes every
+      // exponential exactly 1 at c and 0 elsewhere (so sum = k and the moments those of the pixels at c)
+      const bool negative = beta < 0.f;
+      const float cn = streamed_extreme<V>(src, a.ts.pixel, nvec, negative, reinterpret_cast<float*>(scratch));
+      const float c = negative ? -cn : cn;
+      ebeta = overflow_limit_exists(cn, beta) ? overflow_scale(beta, c) : NAN;
+      __syncthreads();  // every thread has read the max's scratch
+      total = block_merge(streamed_stats<V>(a, src, nvec, ebeta), scratch);
     }
-    const SoftStats total = block_merge(st, scratch);
-    if (threadIdx.x == 0) write_map_outputs(a, map, total.m, total.s, total.sx, total.sy);
+    if (threadIdx.x == 0) write_map_outputs(a, map, smax, total.s, total.sx, total.sy);
     float* part = a.partial == nullptr ? nullptr : a.partial + (r.b * a.runs + r.run) * a.hw;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       float p[V];
       load_n<true, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, p);
 #pragma unroll
-      for (int j = 0; j < V; ++j) p[j] = __expf(scaled_logit(beta, p[j]) - total.m) / total.s;
+      for (int j = 0; j < V; ++j) p[j] = __expf(scaled_logit(ebeta, p[j]) - total.m) / total.s;
       if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
       if (part != nullptr) {  // this thread's own pixels: no other thread touches them
         float acc[V];
@@ -381,6 +450,7 @@ struct BackwardArgs {
 // Per-map constants of the backward.
 struct MapBackward {
   float beta, mx, sum, gzx, gzy;
+  float ebeta;  // beta in the exponent: beta, or an overflow map's scale (with mx = that scale times c)
 };
 
 template <typename T, typename G>
@@ -391,12 +461,21 @@ __device__ __forceinline__ MapBackward map_backward_constants(const BackwardArgs
   c.sum = load1(a.stats + 2 * map + 1);
   c.gzx = a.grad_z != nullptr ? load1(a.grad_z + 2 * map) : 0.f;
   c.gzy = a.grad_z != nullptr ? load1(a.grad_z + 2 * map + 1) : 0.f;
+  c.ebeta = c.beta;
   return c;
 }
 
 // Phi = exp(s - max) / sum from the saved stats, s rounded as in the forward.
 __device__ __forceinline__ float phi_of(float t, const MapBackward& c) {
-  return __expf(scaled_logit(c.beta, t) - c.mx) / c.sum;
+  return __expf(scaled_logit(c.ebeta, t) - c.mx) / c.sum;
+}
+
+// An overflow map's backward (saved max +-inf, finite k: common.cuh) from its extreme `cn` (in the direction of
+// beta): exp(b T - b c) is exactly 1 at c and 0 elsewhere, so phi_of gives [T == c] / k; NaN without a limit.
+__device__ __forceinline__ void overflow_backward_constants(MapBackward& c, float cn) {
+  const float x = c.beta < 0.f ? -cn : cn;
+  c.ebeta = overflow_limit_exists(cn, c.beta) ? overflow_scale(c.beta, x) : NAN;
+  c.mx = c.ebeta * x;
 }
 
 // g_phi at (col, row): the incoming gradient of Phi plus grad_z . coordinate.
@@ -449,7 +528,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
   bool stashed = false;  // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
     const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float t[K][V];  // Phi is recomputed in the second loop: one more exp is cheaper than 32 registers
@@ -460,6 +539,11 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     const int64_t step = vec_step<V>() * a.ts.pixel;
     if constexpr (Pairs) {
       if (!stashed) stash_maps<K>(q, step, stash + threadIdx.x, plane, nvec, pair);
+    }
+    if (overflowed(c.mx, c.sum)) {  // the map's extreme, from where the loop below reads it
+      overflow_backward_constants(
+          c, onchip_extreme<Pairs, V, K>(src, a.ts.pixel, stash + (stashed ? plane : 0), false, Pairs, nvec,
+                                         c.beta < 0.f, &scratch[0][0]));
     }
     T* slot = stash + threadIdx.x + (stashed ? plane : 0);  // plane 1: the second map of a pair
 #pragma unroll
@@ -515,8 +599,10 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_streamed(BackwardAr
   const int nvec = a.hw / V;
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
     const T* src = map_logits(a, r, l);
+    if (overflowed(c.mx, c.sum))
+      overflow_backward_constants(c, streamed_extreme<V>(src, a.ts.pixel, nvec, c.beta < 0.f, &scratch[0][0]));
     const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
     float acc[1] = {0.f}, gb[1] = {0.f};
     for (int sweep = 0; sweep < 2; ++sweep) {

@@ -314,6 +314,8 @@ inline int env_int(const char* name, int fallback) {
 #define __device__
 #undef __forceinline__
 #define __forceinline__ inline
+#undef __noinline__
+#define __noinline__ __attribute__((noinline))
 #undef __align__
 #define __align__(n) alignas(n)
 
