@@ -46,7 +46,7 @@ constexpr int64_t kOnChipPixels = static_cast<int64_t>(kMapThreads) * kMapValues
 
 // Runs of maps per batch element for the per-map kernels: enough blocks for two per multiprocessor, never
 // more than the maps. Each run writes (forward) or reads (backward) one H*W float32 plane, so few runs
-// keep the extra traffic small at the large batches that matter. DECAFA_CUDA_RUNS=n forces n.
+// keep the extra traffic small at the large batches that matter. set_map_runs(n) forces n.
 int map_runs(MapShape shape, const DeviceInfo& dev);
 
 // Output coordinate = o + k * pixel index (column for x, row for y).

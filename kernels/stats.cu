@@ -10,8 +10,8 @@
 // channels_last T (maps adjacent in memory, L elements between pixels) is read on chip a pair of maps per
 // access where the pointer and strides allow (MapPairs): map l is used from registers, map l + 1 waits in
 // shared memory until its turn, so every map is still reduced alone, in the same order, with the same bits.
+#include <atomic>
 #include <climits>
-#include <cstdlib>
 
 #include "common.cuh"
 #include "launch.cuh"
@@ -19,12 +19,13 @@
 namespace decafa_kernels {
 namespace detail {
 
+namespace {
+std::atomic<int> forced_runs{0};  // set_map_runs
+}  // namespace
+
 int map_runs(MapShape shape, const DeviceInfo& dev) {
   int64_t runs = ceil_div(2 * static_cast<int64_t>(dev.sm_count), shape.batch > 0 ? shape.batch : 1);
-  if (const char* env = std::getenv("DECAFA_CUDA_RUNS")) {
-    const long long n = std::atoll(env);
-    if (n > 0) runs = n;
-  }
+  if (const int n = forced_runs.load(std::memory_order_relaxed); n > 0) runs = n;
   if (runs > shape.maps) runs = shape.maps;
   if (runs < 1) runs = 1;
   // Equal runs of ceil(L / runs) maps: the last may be shorter, none empty.
@@ -775,6 +776,12 @@ cudaError_t maps_forward(DType dtype, MapShape shape, const Logits& logits, bool
 }
 
 }  // namespace detail
+
+int set_map_runs(int runs) {
+  return runs < 0 ? detail::forced_runs.load() : detail::forced_runs.exchange(runs);
+}
+
+int map_runs_setting() { return detail::forced_runs.load(); }
 
 cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const float* stats, bool normalized,
                           PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,

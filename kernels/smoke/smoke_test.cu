@@ -828,21 +828,19 @@ std::vector<Vec> map_outputs(dk::DType dt, const dk::MapShape& shape, Vec& t, Ve
 
 // Both paths give the same bits (each map is reduced alone, in the same order, either way), and under the
 // emulation the aligned one is seen to load 2-element vectors and the shifted one scalars only. Shapes: runs
-// starting at odd maps and ending with a single map (DECAFA_CUDA_RUNS=3 over 8 maps), H*W not a multiple of the
+// starting at odd maps and ending with a single map (set_map_runs(3) over 8 maps), H*W not a multiple of the
 // per-thread pixels, one pixel, and an odd L (odd pixel stride: no pairs, scalar either way).
 void check_map_pairs_match_scalar() {
   struct Shape {
     dk::MapShape shape;
-    const char* runs;  // DECAFA_CUDA_RUNS: pairs need runs of two maps or more, whatever the device
+    int runs;  // set_map_runs: pairs need runs of two maps or more, whatever the device
   };
-  const Shape shapes[] = {{{2, 8, 12, 12}, "3"}, {{1, 6, 9, 13}, "1"}, {{2, 2, 1, 1}, "1"}, {{2, 7, 5, 5}, "1"}};
+  const Shape shapes[] = {{{2, 8, 12, 12}, 3}, {{1, 6, 9, 13}, 1}, {{2, 2, 1, 1}, 1}, {{2, 7, 5, 5}, 1}};
   const char* names[] = {"stats", "z", "mask", "phi", "grad_T (mask)", "grad_beta (mask)", "grad_T (per map)",
                          "grad_beta (per map)"};
   std::mt19937 rng(4321);
   for (const Shape& sh : shapes) {
-    const char* saved = std::getenv("DECAFA_CUDA_RUNS");
-    const std::string saved_runs = saved ? saved : "";
-    setenv("DECAFA_CUDA_RUNS", sh.runs, 1);
+    const int saved = dk::set_map_runs(sh.runs);
     const dk::MapShape& shape = sh.shape;
     const size_t maps = size_t(shape.batch) * shape.maps, hw = size_t(shape.height) * shape.width;
     for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16}) {
@@ -877,8 +875,7 @@ void check_map_pairs_match_scalar() {
                   widths(paired_widths.backward).c_str(), widths(scalar_widths.backward).c_str());
 #endif
     }
-    if (saved) setenv("DECAFA_CUDA_RUNS", saved_runs.c_str(), 1);
-    else unsetenv("DECAFA_CUDA_RUNS");
+    dk::set_map_runs(saved);
   }
 }
 
@@ -963,6 +960,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::string arg = argc > 1 ? argv[1] : "";
+  // The library reads no environment for its runs of maps; this executable takes DECAFA_CUDA_RUNS=n (n > 0).
+  if (const char* env = std::getenv("DECAFA_CUDA_RUNS")) {
+    const int n = std::atoi(env);
+    if (n <= 0) {
+      std::fprintf(stderr, "decafa_kernels_smoke: DECAFA_CUDA_RUNS=%s is not a whole number >= 1\n", env);
+      return 1;
+    }
+    dk::set_map_runs(n);
+  }
 #ifdef DECAFA_EMULATION
   if (arg == "--traffic")  // --traffic B [channels_last]
     return run_traffic(argc > 2 ? std::atoi(argv[2]) : 2, argc > 3 && std::string(argv[3]) == "channels_last");
