@@ -199,7 +199,7 @@ __device__ __forceinline__ int mask_slot(int k, int i) {
 // its values read again the way the map's loop reads them (from memory, or from the pair stash, whose slots
 // hold them until the map after next). Overflow maps only; out of line (registers: the map is held).
 template <bool Pairs, int V, int K, typename T>
-__device__ __noinline__ float onchip_extreme(const T* src, int64_t pixel_stride, T* stash, bool pair, bool stashed,
+__device__ __forceinline__ float onchip_extreme(const T* src, int64_t pixel_stride, T* stash, bool pair, bool stashed,
                                                 int nvec, bool negative, float* scratch) {
   float cand = -INFINITY;
   const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * pixel_stride;
@@ -218,6 +218,43 @@ __device__ __noinline__ float onchip_extreme(const T* src, int64_t pixel_stride,
   return block_max(cand, scratch);
 }
 
+// An overflow map of the on-chip forward (max of s +-inf: the limit softmax, common.cuh), after the run's map
+// loop, from memory (any layout, one value per access): c, the extreme logit in the direction of beta, by one
+// reduction; e = 1 at c, 0 elsewhere (NaN with a NaN logit, or where the limit does not exist); k = sum e and
+// the moments by a second; stats (smax, k), z, Phi = e / k and the partial mask (the slot of every pixel,
+// whichever thread holds it in the loop).
+template <int V, int K, typename T>
+__device__ __forceinline__ void onchip_overflow_map(const ForwardArgs<T>& a, const Run& r, int l, int64_t map,
+                                                    float smax, float* mask, float* max_scratch,
+                                                    float (*sum_scratch)[3]) {
+  const T* src = map_logits(a, r, l);
+  const int64_t ps = a.ts.pixel;
+  const float beta = a.beta_map != nullptr ? load1(a.beta_map + map) : a.beta;
+  const float sign = beta < 0.f ? -1.f : 1.f;
+  float cand = -INFINITY;
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) cand = fmaxf(cand, sign * load1(src + p * ps));
+  __syncthreads();  // the scratch's last readers are done
+  const float cn = block_max(cand, max_scratch);
+  const bool ok = overflow_limit_exists(cn, beta);
+  const float c = sign * cn;
+  auto e_of = [&](float t) { return !ok || t != t ? NAN : (t == c ? 1.f : 0.f); };
+  float acc[3] = {0.f, 0.f, 0.f};
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+    const float e = e_of(load1(src + p * ps));
+    const int row = p / a.width;
+    acc[0] += e;
+    acc[1] += e * static_cast<float>(p - row * a.width);
+    acc[2] += e * static_cast<float>(row);
+  }
+  block_sum<3>(acc, sum_scratch);
+  if (threadIdx.x == 0) write_map_outputs(a, map, smax, acc[0], acc[1], acc[2]);
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+    const float ph = e_of(load1(src + p * ps)) / acc[0];
+    if (a.phi != nullptr) store1(a.phi + map * a.hw + p, ph);
+    if (a.partial != nullptr) mask[V > 1 ? p : (p % K) * static_cast<int>(blockDim.x) + p / K] += ph;
+  }
+}
+
 // The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
 template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
@@ -234,43 +271,50 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   const Run r = run_of_block(a.runs, a.per_run, a.maps);
   const int nvec = a.hw / V;
 
-  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
+  if (a.partial != nullptr) {  // (zeros first: a run's first map may be an overflow map, added after the loop)
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (vec_index<V, K>(k) < nvec)
+#pragma unroll
+        for (int j = 0; j < V; ++j) mask[mask_slot<V, K>(k, vec_index<V, K>(k)) + j] = 0.f;
+  }
+  bool any_over = false;  // an overflow map was left for after the loop
+  bool stashed = false;   // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    float beta = forward_beta(a, map, l, beta_slots);
+    const float beta = forward_beta(a, map, l, beta_slots);
     const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float s[K][V];
-    float mx, smax;
-    bool again = true;  // an overflow map is read twice: the second time with its overflow scale as beta
-    do {
-      mx = -INFINITY;
-      // one running pointer instead of K 64-bit addresses (registers)
-      const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
-      const int64_t step = vec_step<V>() * a.ts.pixel;
-      T* slot = stash + threadIdx.x;
+    float mx = -INFINITY;
+    // one running pointer instead of K 64-bit addresses (registers)
+    const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * a.ts.pixel;
+    const int64_t step = vec_step<V>() * a.ts.pixel;
+    T* slot = stash + threadIdx.x;
 #pragma unroll
-      for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
-        const int i = vec_index<V, K>(k);
-        if (i < nvec) {
-          load_map_values<Pairs, V>(q, a.ts.pixel, slot, pair, stashed, s[k]);
+    for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
+      const int i = vec_index<V, K>(k);
+      if (i < nvec) {
+        load_map_values<Pairs, V>(q, a.ts.pixel, slot, pair, stashed, s[k]);
 #pragma unroll
-          for (int j = 0; j < V; ++j) {
-            s[k][j] = scaled_logit(beta, s[k][j]);
-            mx = fmaxf(mx, s[k][j]);
-          }
+        for (int j = 0; j < V; ++j) {
+          s[k][j] = scaled_logit(beta, s[k][j]);
+          mx = fmaxf(mx, s[k][j]);
         }
       }
-      mx = block_max(mx, max_scratch);
-      if (again) smax = mx;  // saved
-      if (!again || !overflowed(mx)) break;
-      // the limit softmax (common.cuh): s = b T with b = overflow_scale(beta, c) makes exp(s - max) exactly 1
-      // at c and 0 elsewhere (NaN where the limit does not exist)
-      const bool negative = beta < 0.f;
-      const float cn = onchip_extreme<Pairs, V, K>(src, a.ts.pixel, stash, pair, stashed, nvec, negative, max_scratch);
-      beta = overflow_limit_exists(cn, beta) ? overflow_scale(beta, negative ? -cn : cn) : NAN;
-      again = false;
-    } while (true);
+    }
+    mx = block_max(mx, max_scratch);
+    if (overflowed(mx)) {
+      // an overflow map: left for onchip_overflow_map after the loop, which finds it by this NaN sum
+      if (threadIdx.x == 0) {
+        store1(a.stats + 2 * map, mx);
+        store1(a.stats + 2 * map + 1, NAN);
+      }
+      any_over = true;
+      stashed = pair;
+      continue;
+    }
+    const float smax = mx;
     float acc[3] = {0.f, 0.f, 0.f};  // sum, sum * col, sum * row
     int col, row;
     first_pixel<V, K>(a.width, col, row);
@@ -303,7 +347,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
         if (a.partial != nullptr) {
           float* mine = mask + mask_slot<V, K>(k, i);
 #pragma unroll
-          for (int j = 0; j < V; ++j) mine[j] = l == r.first ? p[j] : mine[j] + p[j];
+          for (int j = 0; j < V; ++j) mine[j] += p[j];
         }
         if constexpr (V == 1) {
           s[k][0] = p[0];  // stored below as a run of the thread's adjacent pixels
@@ -317,6 +361,15 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
       if (a.phi != nullptr) store_run<true, K>(a.phi + map * a.hw + i0, i0, nvec, s);
     }
     stashed = pair;
+  }
+  if (any_over) {  // (the same in every thread)
+    __syncthreads();  // every thread is done with its own mask slots
+    for (int l = r.first; l < r.last; ++l) {
+      const int64_t map = r.b * a.maps + l;
+      const float mx = load1(a.stats + 2 * map), sum = load1(a.stats + 2 * map + 1);
+      if (overflowed(mx) && sum != sum) onchip_overflow_map<V, K>(a, r, l, map, mx, mask, max_scratch, sum_scratch);
+    }
+    __syncthreads();  // the mask slots written for other threads
   }
   if (a.partial == nullptr) return;
   float* out = a.partial + (r.b * a.runs + r.run) * a.hw;
@@ -342,14 +395,17 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
 // The extreme logit of a streamed map in the direction of beta (common.cuh), over the block. Overflow maps
 // only; out of line.
 template <int V, typename T>
-__device__ __noinline__ float streamed_extreme(const T* src, int64_t pixel_stride, int nvec, bool negative,
-                                               float* scratch) {
+__device__ __forceinline__ float streamed_extreme(const T* src, int64_t pixel_stride, int nvec, bool negative,
+                                                  float* scratch) {
+  // (a NaN logit is skipped here: its own exponential makes the map NaN)
+  const float sign = negative ? -1.f : 1.f;
   float cand = -INFINITY;
+#pragma unroll 1
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
     float t[V];
     load_n<false, V>(src + static_cast<int64_t>(i) * V * pixel_stride, pixel_stride, t);
 #pragma unroll
-    for (int j = 0; j < V; ++j) cand = extreme_candidate(cand, t[j], negative);
+    for (int j = 0; j < V; ++j) cand = fmaxf(cand, sign * t[j]);
   }
   __syncthreads();  // every thread has read the scratch's last values
   return block_max(cand, scratch);
@@ -606,6 +662,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_streamed(BackwardAr
       overflow_backward_constants(c, streamed_extreme<V>(src, a.ts.pixel, nvec, c.beta < 0.f, &scratch[0][0]));
     const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
     float acc[1] = {0.f}, gb[1] = {0.f};
+#pragma unroll 1
     for (int sweep = 0; sweep < 2; ++sweep) {
       const float S = acc[0];
       for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
