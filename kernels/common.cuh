@@ -236,25 +236,12 @@ __device__ __forceinline__ bool overflowed(float smax, float sum) {
   return fabsf(smax) == INFINITY && fabsf(sum) < INFINITY;
 }
 
-// The running candidate for c in the direction of beta (its sign folded in: the max of -T for beta < 0); a
-// NaN makes it +inf, so that the map's c is not finite and the map NaN.
-__device__ __forceinline__ float extreme_candidate(float cand, float t, bool negative) {
-  const float x = negative ? -t : t;
-  return x != x ? INFINITY : fmaxf(cand, x);
-}
-
-// The forward's value for a logit of an overflow map, to go through exp(v) (v = 0: 1, v = -inf: 0, NaN:
-// NaN), from the map's extreme `cn` (in the direction of beta) and whether the limit exists (`ok`).
-__device__ __forceinline__ float overflow_exponent(float t, bool negative, float cn, bool ok) {
-  return !ok ? NAN : ((negative ? -t : t) == cn ? 0.f : -INFINITY);
-}
-
 // Whether the limit exists for the map's extreme `cn` and beta.
 __device__ __forceinline__ bool overflow_limit_exists(float cn, float beta) {
   return fabsf(cn) < INFINITY && fabsf(beta) < INFINITY && beta != 0.f;
 }
 
-// The backward of an overflow map recomputes the same P with the usual exponential: a scale b = +-2^e (the
+// An overflow map's P from the usual exponential (the backward's, the streamed forward's): a scale b = +-2^e (the
 // sign of beta) with |b c| in [2^40, 2^41) makes b T - b c exact, 0 at c, and below -2^16 at every other
 // logit (finite logits differ from c (|c| >= 1 here, since beta is finite) by at least 2^(ilogb(c) - 24)), so
 // exp(b T - b c) is exactly 1 at c and 0 elsewhere, and Phi = that / k.

@@ -195,29 +195,6 @@ __device__ __forceinline__ int mask_slot(int k, int i) {
   return V > 1 ? i * V : static_cast<int>(k * blockDim.x + threadIdx.x);
 }
 
-// The extreme logit of an on-chip map in the direction of beta (its sign folded in, NaN as +inf: common.cuh),
-// its values read again the way the map's loop reads them (from memory, or from the pair stash, whose slots
-// hold them until the map after next). Overflow maps only; out of line (registers: the map is held).
-template <bool Pairs, int V, int K, typename T>
-__device__ __forceinline__ float onchip_extreme(const T* src, int64_t pixel_stride, T* stash, bool pair, bool stashed,
-                                                int nvec, bool negative, float* scratch) {
-  float cand = -INFINITY;
-  const T* q = src + static_cast<int64_t>(vec_index<V, K>(0)) * V * pixel_stride;
-  const int64_t step = vec_step<V>() * pixel_stride;
-  T* slot = stash + threadIdx.x;
-#pragma unroll
-  for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
-    if (vec_index<V, K>(k) < nvec) {
-      float t[V];
-      load_map_values<Pairs, V>(q, pixel_stride, slot, pair, stashed, t);
-#pragma unroll
-      for (int j = 0; j < V; ++j) cand = extreme_candidate(cand, t[j], negative);
-    }
-  }
-  __syncthreads();  // every thread has read the scratch's last values
-  return block_max(cand, scratch);
-}
-
 // An overflow map of the on-chip forward (max of s +-inf: the limit softmax, common.cuh), after the run's map
 // loop, from memory (any layout, one value per access): c, the extreme logit in the direction of beta, by one
 // reduction; e = 1 at c, 0 elsewhere (NaN with a NaN logit, or where the limit does not exist); k = sum e and
@@ -393,7 +370,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
 }
 
 // The extreme logit of a streamed map in the direction of beta (common.cuh), over the block. Overflow maps
-// only; out of line.
+// only.
 template <int V, typename T>
 __device__ __forceinline__ float streamed_extreme(const T* src, int64_t pixel_stride, int nvec, bool negative,
                                                   float* scratch) {
@@ -561,6 +538,42 @@ __device__ __forceinline__ void stash_maps(const T* q, int64_t step, T* slot, in
   }
 }
 
+// The backward of an overflow map of the on-chip kernel (saved max +-inf with a finite k), after the run's map
+// loop, from memory (any layout, one value per access): c again by one reduction, the overflow scale in the
+// exponent (overflow_backward_constants), then the usual two sums.
+template <bool PerMap, typename T, typename G>
+__device__ __forceinline__ void overflow_backward_map(const BackwardArgs<T, G>& a, const Run& r, int l, int64_t map,
+                                                      MapBackward c, float* scratch) {
+  const T* src = map_logits(a, r, l);
+  const int64_t ps = a.ts.pixel;
+  const float sign = c.beta < 0.f ? -1.f : 1.f;
+  float cand = -INFINITY;
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) cand = fmaxf(cand, sign * load1(src + p * ps));
+  __syncthreads();  // the scratch's last readers are done
+  overflow_backward_constants(c, block_max(cand, scratch));
+  const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
+  float acc[1] = {0.f}, gb[1] = {0.f};
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    const float S = acc[0];
+    for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+      const float t = load1(src + p * ps);
+      const float g = gsrc == nullptr ? 0.f : load1(gsrc + p * a.gs.pixel);
+      const int row = p / a.width;
+      const float ph = phi_of(t, c), gp = g_phi(g, c, a.co, p - row * a.width, row);
+      if (sweep == 0) {
+        acc[0] += ph * gp;
+      } else {
+        const float gs = ph * (gp - S);
+        gb[0] += t * gs;
+        store1(a.grad_logits + map * a.hw + p, c.beta * gs);
+      }
+    }
+    __syncthreads();  // the scratch's last readers are done
+    block_sum<1>(sweep == 0 ? acc : gb, reinterpret_cast<float (*)[1]>(scratch));
+  }
+  if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
+}
+
 template <typename T, typename G, int V, bool PerMap, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs<T, G> a) {
   constexpr int K = kMapValues / V;
@@ -582,7 +595,8 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if (!PerMap && a.grad != nullptr && i < nvec)
       load_n<false, V>(a.grad + r.b * a.gs.batch + static_cast<int64_t>(i) * V * a.gs.pixel, a.gs.pixel, g[k]);
   }
-  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
+  bool any_over = false;  // an overflow map was left for after the loop
+  bool stashed = false;   // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
@@ -597,11 +611,12 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if constexpr (Pairs) {
       if (!stashed) stash_maps<K>(q, step, stash + threadIdx.x, plane, nvec, pair);
     }
-    if (overflowed(c.mx, c.sum)) {  // the map's extreme, from where the loop below reads it
-      overflow_backward_constants(
-          c, onchip_extreme<Pairs, V, K>(src, a.ts.pixel, stash + (stashed ? plane : 0), false, Pairs, nvec,
-                                         c.beta < 0.f, &scratch[0][0]));
+    if (overflowed(c.mx, c.sum)) {  // an overflow map: overflow_backward_map after the loop
+      any_over = true;
+      stashed = pair;
+      continue;
     }
+    c.ebeta = c.beta;
     T* slot = stash + threadIdx.x + (stashed ? plane : 0);  // plane 1: the second map of a pair
 #pragma unroll
     for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
@@ -644,6 +659,13 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     block_sum<1>(gb, scratch);
     if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
     stashed = pair;
+  }
+  if (any_over) {  // (the same in every thread)
+    for (int l = r.first; l < r.last; ++l) {
+      const int64_t map = r.b * a.maps + l;
+      MapBackward c = map_backward_constants(a, map);
+      if (overflowed(c.mx, c.sum)) overflow_backward_map<PerMap>(a, r, l, map, c, &scratch[0][0]);
+    }
   }
 }
 
