@@ -539,8 +539,8 @@ __device__ __forceinline__ void stash_maps(const T* q, int64_t step, T* slot, in
 }
 
 // The backward of an overflow map of the on-chip kernel (saved max +-inf with a finite k), after the run's map
-// loop, from memory (any layout, one value per access): c again by one reduction, the overflow scale in the
-// exponent (overflow_backward_constants), then the usual two sums.
+// loop, from memory (any layout, one value per access): c again by one reduction, Phi = [T == c] / k, then the
+// usual two sums.
 template <bool PerMap, typename T, typename G>
 __device__ __forceinline__ void overflow_backward_map(const BackwardArgs<T, G>& a, const Run& r, int l, int64_t map,
                                                       MapBackward c, float* scratch) {
@@ -550,7 +550,9 @@ __device__ __forceinline__ void overflow_backward_map(const BackwardArgs<T, G>& 
   float cand = -INFINITY;
   for (int p = threadIdx.x; p < a.hw; p += blockDim.x) cand = fmaxf(cand, sign * load1(src + p * ps));
   __syncthreads();  // the scratch's last readers are done
-  overflow_backward_constants(c, block_max(cand, scratch));
+  const float cn = block_max(cand, scratch);
+  const bool ok = overflow_limit_exists(cn, c.beta);
+  const float cx = sign * cn;
   const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
   float acc[1] = {0.f}, gb[1] = {0.f};
   for (int sweep = 0; sweep < 2; ++sweep) {
@@ -559,7 +561,8 @@ __device__ __forceinline__ void overflow_backward_map(const BackwardArgs<T, G>& 
       const float t = load1(src + p * ps);
       const float g = gsrc == nullptr ? 0.f : load1(gsrc + p * a.gs.pixel);
       const int row = p / a.width;
-      const float ph = phi_of(t, c), gp = g_phi(g, c, a.co, p - row * a.width, row);
+      // Phi = [T == c] / k directly (the exponential of the other kernels gives exactly that)
+      const float ph = ok ? (t == cx ? 1.f : 0.f) / c.sum : NAN, gp = g_phi(g, c, a.co, p - row * a.width, row);
       if (sweep == 0) {
         acc[0] += ph * gp;
       } else {
