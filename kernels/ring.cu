@@ -283,6 +283,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
           break;
         }
         ++pass;
+        __syncthreads();  // every thread has read the max's scratch before the next pass writes it
       } while (true);
       if (RawMax && overflowed(smax)) {  // on raw logits c is their max, mx: k2 = b, shift = b c
         k2 = fabsf(mx) < INFINITY ? overflow_scale(beta, mx) : NAN;
