@@ -82,6 +82,12 @@ struct FusionInputs {
 int set_map_runs(int runs);
 int map_runs_setting();
 
+// Programmatic dependent launch of the forward's pixel kernel (sm_90 and later; off by default until a GPU run
+// measures it): the pixel kernel is launched with cudaLaunchAttributeProgrammaticStreamSerialization, so that
+// its launch overlaps the per-map kernel's tail, and waits (griddepcontrol.wait) before it reads the partial
+// masks. Process-wide; a no-op before sm_90 and in the CPU emulation. Returns the previous value.
+bool set_programmatic_launch(bool on);
+
 // Floats of workspace head_forward needs for the partial masks (B * runs * H * W on the current device).
 size_t head_forward_workspace_floats(MapShape shape);
 

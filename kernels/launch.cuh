@@ -17,7 +17,12 @@ struct DeviceInfo {
   int l2_bytes = 0;
   int smem_optin = 48 * 1024;   // max dynamic + static shared memory per block after opt-in
   int smem_per_sm = 48 * 1024;  // shared memory per multiprocessor
+  int cc_major = 8;             // compute capability
 };
+
+// Whether pixels_forward is launched as a programmatic dependent of the per-map kernel before it
+// (set_programmatic_launch; sm_90 and later only).
+bool programmatic_launch();
 
 // Facts about the current device, queried once per device.
 cudaError_t device_info(DeviceInfo* out);

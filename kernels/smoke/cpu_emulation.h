@@ -366,6 +366,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
     case cudaDevAttrL2CacheSize: *value = emu::env_int("EMU_L2_BYTES", 50 << 20); break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = emu::env_int("EMU_CC_MAJOR", 9); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;

@@ -518,6 +518,50 @@ void check_special_values() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch of the pixel kernel (set_programmatic_launch): the same bits as without it
+// (on a GPU of sm_90 or later the launch overlaps the per-map kernel's tail; before sm_90 and in the
+// emulation it is the ordinary launch, so there this checks the switch and its plumbing)
+// ------------------------------------------------------------------------------------------------
+void check_programmatic_launch() {
+  const dk::MapShape shape{2, 5, 16, 32};
+  const int hw = shape.height * shape.width, C = 3;
+  const dk::FusionLayout lay = dk::fusion_layout(5, 1, C);
+  const dk::DType f32 = dk::DType::kFloat32;
+  std::mt19937 rng(31);
+  for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kBFloat16}) {
+    Vec t = random_vec(size_t(shape.batch) * shape.maps * hw, rng, 2.0), img = random_vec(size_t(2) * hw, rng, 1.0);
+    Vec emb = random_vec(size_t(2) * C * hw, rng, 1.0);
+    std::vector<Vec> results[2];
+    for (int on = 0; on < 2; ++on) {
+      Device dev;
+      void *d_t = dev.upload(dt, t), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
+      const dk::Logits logits{d_t, dk::nchw_strides(shape.maps, hw), 0.9f, nullptr};
+      const dk::FusionInputs fusion{5, d_i, dk::nchw_strides(1, hw), 1, d_e, dk::nchw_strides(C, hw), C};
+      const dk::Strides fs = dk::nchw_strides(lay.channels, hw);
+      auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * shape.batch * shape.maps));
+      auto* ws = static_cast<float*>(dev.poisoned(f32, dk::head_forward_workspace_floats(shape)));
+      void *d_z = dev.poisoned(dt, 2 * shape.batch * shape.maps), *d_m = dev.poisoned(dt, size_t(shape.batch) * hw);
+      void* d_f = dev.poisoned(dt, size_t(shape.batch) * lay.channels * hw);
+      const bool before = dk::set_programmatic_launch(on == 1);
+      if (before != false) {
+        ++failures;
+        std::printf("FAIL programmatic launch: on by default or left on\n");
+      }
+      CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws, nullptr));
+      CHECK_CUDA(cudaDeviceSynchronize());
+      dk::set_programmatic_launch(false);
+      results[on] = {download(f32, stats, 2 * shape.batch * shape.maps), download(dt, d_z, 2 * shape.batch * shape.maps),
+                     download(dt, d_m, size_t(shape.batch) * hw),
+                     download(dt, d_f, size_t(shape.batch) * lay.channels * hw)};
+    }
+    if (results[0] != results[1]) {
+      ++failures;
+      std::printf("FAIL programmatic launch %-8s: outputs differ from the ordinary launch\n", dtype_name(dt));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // beta * T beyond float32: the exact limit of the softmax (overflow maps)
 // ------------------------------------------------------------------------------------------------
 // Every per-map output of one map: stats (max, sum), z, Phi, grad T and grad beta (per-batch and per-map
@@ -1002,6 +1046,7 @@ int main(int argc, char** argv) {
   check_one_pixel_map_has_zero_gradients();
   check_special_values();
   check_overflow();
+  check_programmatic_launch();
   check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {
