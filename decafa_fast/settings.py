@@ -9,14 +9,12 @@
 | DECAFA_FIRST_USE_BUILD | 1/0 (true/false, yes/no, on/off) | 1 | the first-use build |
 | DECAFA_BUILD_VERBOSE | as above | 0 | the first-use build |
 | FORCE_CUDA | as above: 1 builds the CUDA kernels, 0 never does | detected | setup.py and the first-use build |
-| DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | `cuda_runs()`, for the CUDA glue |
+| DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | ops, at import (`ops/cuda_runs.py` passes it to the CUDA kernels) |
 | TRITON_INTERPRET | 1 turns Triton's interpreter on | 0 | ops, at import (Triton reads it itself) |
 
-Three more are read by the compiled kernels themselves: DECAFA_CPU_ISA (avx512, avx2, baseline, auto; read
-once by csrc/cpu/isa.cpp, a bad value warns in one line on stderr), DECAFA_CUDA_MAPS (ring selects the ring
-kernels, anything else the default ones; read once by kernels/ring.cu) and DECAFA_CUDA_RUNS, which
-kernels/stats.cu still reads at each launch (the smoke test sweeps it within one process), unchecked there:
-`cuda_runs()` is the checked reading for when the glue passes it in.
+Two more are read by the compiled kernels themselves: DECAFA_CPU_ISA (avx512, avx2, baseline, auto; read
+once by csrc/cpu/isa.cpp, a bad value warns in one line on stderr) and DECAFA_CUDA_MAPS (ring selects the ring
+kernels, anything else the default ones; read once by kernels/ring.cu).
 Read elsewhere, by their own modules: DECAFA_TRITON_TUNING (decafa_fast/triton/tuning.py: another Triton
 tuning table, or off) and DECAFA_DEBUG (the CLI: full tracebacks).
 

@@ -226,6 +226,35 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // one-pixel map, Phi = 1, then got a gradient of ~1e-7 instead of 0).
 __device__ __forceinline__ float scaled_logit(float beta, float t) { return __fmul_rn(beta, t); }
 
+// Maps whose product with beta overflows float32 (the max of s = beta * T is +-inf) take the exact limit of
+// the softmax: Phi = [T == c] / k, c the map's largest logit for beta > 0 (smallest for beta < 0), k the
+// number of pixels at c; the map is NaN when c is not finite, the map holds a NaN, or beta is 0, NaN or
+// infinite. The test is one scalar per map after the max (the per-logit loops are untouched); an overflow
+// map saves the stats (s_max = +-inf, k), by which the backward recognises it (a finite k).
+__device__ __forceinline__ bool overflowed(float smax) { return fabsf(smax) == INFINITY; }
+__device__ __forceinline__ bool overflowed(float smax, float sum) {
+  return fabsf(smax) == INFINITY && fabsf(sum) < INFINITY;
+}
+
+// Whether the limit exists for the map's extreme `cn` and beta.
+__device__ __forceinline__ bool overflow_limit_exists(float cn, float beta) {
+  return fabsf(cn) < INFINITY && fabsf(beta) < INFINITY && beta != 0.f;
+}
+
+// An overflow map's P from the usual exponential (the backward's, the streamed forward's): a scale b = +-2^e (the
+// sign of beta) with |b c| in [2^40, 2^41) makes b T - b c exact, 0 at c, and below -2^16 at every other
+// logit (finite logits differ from c (|c| >= 1 here, since beta is finite) by at least 2^(ilogb(c) - 24)), so
+// exp(b T - b c) is exactly 1 at c and 0 elsewhere, and Phi = that / k.
+// (From the bits: |c| in [2^E, 2^(E+1)), E in [0, 127], so b's biased exponent 127 + 40 - E is in [40, 167].)
+__device__ __forceinline__ float overflow_scale(float beta, float c) {
+  union {
+    float f;
+    uint32_t u;
+  } cb{c}, bb{beta}, out;
+  out.u = ((294u - ((cb.u >> 23) & 0xffu)) << 23) | (bb.u & 0x80000000u);
+  return out.f;
+}
+
 // Running softmax statistics of a set of values a_p with pixel coordinates (col_p, row_p):
 // m = max a, s = sum exp(a - m), sx = sum exp(a - m) col, sy = sum exp(a - m) row.
 struct SoftStats {

@@ -73,6 +73,21 @@ struct FusionInputs {
 // (sums the partial masks in a fixed order, writes M, reads I and E once, writes F).
 // ------------------------------------------------------------------------------------------------
 
+// Runs of consecutive maps each batch element's L maps are split into by the per-map run kernels (one block
+// per run): 0, the default, lets the launchers choose (ceil(2 * SMs / B), at most L); n > 0 forces n (at
+// most L). Process-wide, read at each launch; the library reads no environment variable for it (the PyTorch
+// glue passes DECAFA_CUDA_RUNS in, as decafa_fast.settings parses it; the smoke executable reads it itself).
+// Changes results only by the order in which the partial masks are added. Returns the previous value; a
+// negative `runs` changes nothing.
+int set_map_runs(int runs);
+int map_runs_setting();
+
+// Programmatic dependent launch of the forward's pixel kernel (sm_90 and later; off by default until a GPU run
+// measures it): the pixel kernel is launched with cudaLaunchAttributeProgrammaticStreamSerialization, so that
+// its launch overlaps the per-map kernel's tail, and waits (griddepcontrol.wait) before it reads the partial
+// masks. Process-wide; a no-op before sm_90 and in the CPU emulation. Returns the previous value.
+bool set_programmatic_launch(bool on);
+
 // Floats of workspace head_forward needs for the partial masks (B * runs * H * W on the current device).
 size_t head_forward_workspace_floats(MapShape shape);
 

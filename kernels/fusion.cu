@@ -151,6 +151,11 @@ __device__ __forceinline__ void forward_source(const Source<T>& src, const Tile&
 
 template <typename T, int V, int VC>
 __global__ void __launch_bounds__(kPixelThreads * kGroups) pixels_forward(PixelForwardArgs<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // a programmatic dependent launch (set_programmatic_launch) may start before the per-map kernel is done: wait
+  // for it (and its memory) here; returns at once otherwise
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   __shared__ GroupScratch<V> scratch;
   const Tile t = tile_of_block<V>(a.tiles, a.hw);
   float m[V];
@@ -257,6 +262,25 @@ cudaError_t launch_forward(Args a, int64_t batch, cudaStream_t stream) {
   a.tiles = static_cast<int>(ceil_div(a.hw, static_cast<int64_t>(kPixelThreads) * V));
   const int64_t blocks = batch * a.tiles;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
+#ifndef DECAFA_EMULATION
+  if (programmatic_launch()) {
+    DeviceInfo dev;
+    if (device_info(&dev) == cudaSuccess && dev.cc_major >= 9) {
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(blocks));
+      config.blockDim = dim3(kPixelThreads, kGroups);
+      config.dynamicSmemBytes = 0;
+      config.stream = stream;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      return cudaLaunchKernelEx(&config, pixels_forward<T, V, VC>, a);
+    }
+  }
+#endif
+  // (the emulation runs every launch in order: the programmatic one is this one there)
   pixels_forward<T, V, VC><<<static_cast<unsigned>(blocks), dim3(kPixelThreads, kGroups), 0, stream>>>(a);
   return cudaGetLastError();
 }

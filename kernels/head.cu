@@ -2,6 +2,7 @@
 //   forward  = maps_forward (T read once: stats, z, Phi, partial masks) -> pixels_forward (M, F);
 //   backward = pixels_backward (grad I, grad E, float32 grad M) -> maps_backward (grad T, grad beta).
 // Device facts are cached per device.
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
@@ -29,14 +30,23 @@ cudaError_t device_info(DeviceInfo* out) {
       (err = cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) !=
           cudaSuccess ||
       (err = cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)) !=
-          cudaSuccess)
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess)
     return err;
   cache[device] = info;
   *out = info;
   return cudaSuccess;
 }
 
+namespace {
+std::atomic<bool> programmatic{false};  // set_programmatic_launch
+}  // namespace
+
+bool programmatic_launch() { return programmatic.load(std::memory_order_relaxed); }
+
 }  // namespace detail
+
+bool set_programmatic_launch(bool on) { return detail::programmatic.exchange(on); }
 
 size_t head_forward_workspace_floats(MapShape shape) {
   detail::DeviceInfo dev;

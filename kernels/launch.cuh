@@ -17,7 +17,12 @@ struct DeviceInfo {
   int l2_bytes = 0;
   int smem_optin = 48 * 1024;   // max dynamic + static shared memory per block after opt-in
   int smem_per_sm = 48 * 1024;  // shared memory per multiprocessor
+  int cc_major = 8;             // compute capability
 };
+
+// Whether pixels_forward is launched as a programmatic dependent of the per-map kernel before it
+// (set_programmatic_launch; sm_90 and later only).
+bool programmatic_launch();
 
 // Facts about the current device, queried once per device.
 cudaError_t device_info(DeviceInfo* out);
@@ -46,7 +51,7 @@ constexpr int64_t kOnChipPixels = static_cast<int64_t>(kMapThreads) * kMapValues
 
 // Runs of maps per batch element for the per-map kernels: enough blocks for two per multiprocessor, never
 // more than the maps. Each run writes (forward) or reads (backward) one H*W float32 plane, so few runs
-// keep the extra traffic small at the large batches that matter. DECAFA_CUDA_RUNS=n forces n.
+// keep the extra traffic small at the large batches that matter. set_map_runs(n) forces n.
 int map_runs(MapShape shape, const DeviceInfo& dev);
 
 // Output coordinate = o + k * pixel index (column for x, row for y).

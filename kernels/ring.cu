@@ -44,6 +44,14 @@ constexpr int kRingMaxStages = 4;
 constexpr int64_t kRingPixels = static_cast<int64_t>(kRingThreads) * kRingValues;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The ring's waits take a constant (cp.async.wait_group has an immediate): each map's copies are committed as
+// one group padded with kRingMaxStages - stages empty groups, so that "the maps ahead of the current one" is
+// always the same number of groups whatever the stages (an empty group completes at once).
+__device__ __forceinline__ void commit_padding(int stages) {
+  if (stages < kRingMaxStages) cp_async_commit();
+  if (stages < kRingMaxStages - 1) cp_async_commit();
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
 #ifdef DECAFA_EMULATION
   return std::exp2(x);
@@ -94,28 +102,53 @@ __device__ __forceinline__ float warp_sum4(float a0, float a1, float a2, float a
 // The block's sums of four values, every thread gets all four; one barrier. `scratch` is __shared__
 // float[32][4], written before the barrier and read after it; the caller's next barrier (another reduction's)
 // separates these reads from the next call's writes.
-__device__ __forceinline__ void ring_block_sum4(float (&v)[4], float (*scratch)[4]) {
+// ring_block_sum4_scattered leaves lane l of every warp with the block's total of value (l >> 3) & 3 only.
+__device__ __forceinline__ float ring_block_sum4_scattered(const float (&v)[4], float (*scratch)[4]) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int num_warps = blockDim.x >> 5;
-  float k = warp_sum4(v[0], v[1], v[2], v[3]);
+  const float k = warp_sum4(v[0], v[1], v[2], v[3]);
   if ((lane & 7) == 0) scratch[warp][lane >> 3] = k;
   __syncthreads();
   // every warp adds the warp totals itself (no second barrier)
   const bool has = lane < num_warps;
-  k = warp_sum4(has ? scratch[lane][0] : 0.f, has ? scratch[lane][1] : 0.f, has ? scratch[lane][2] : 0.f,
-                has ? scratch[lane][3] : 0.f);
+  return warp_sum4(has ? scratch[lane][0] : 0.f, has ? scratch[lane][1] : 0.f, has ? scratch[lane][2] : 0.f,
+                   has ? scratch[lane][3] : 0.f);
+}
+
+__device__ __forceinline__ void ring_block_sum4(float (&v)[4], float (*scratch)[4]) {
+  const float k = ring_block_sum4_scattered(v, scratch);
 #pragma unroll
   for (int q = 0; q < 4; ++q) v[q] = __shfl_sync(0xffffffffu, k, q * 8);
 }
 
-// The block's maximum (fmaxf: NaN skipped), one barrier; `scratch` is __shared__ float[32], as above.
+// A float as an int with the same order (non-NaN values; -0 below +0), for the integer warp reductions.
+__device__ __forceinline__ int ordered_bits(float f) {
+  union {
+    float f;
+    int i;
+  } u{f};
+  return u.i >= 0 ? u.i : u.i ^ 0x7fffffff;
+}
+__device__ __forceinline__ float from_ordered_bits(int i) {
+  union {
+    int i;
+    float f;
+  } u{i >= 0 ? i : i ^ 0x7fffffff};
+  return u.f;
+}
+
+// The block's maximum of a value no thread holds as NaN, one barrier: each warp's maximum in one integer
+// reduction (REDUX, sm_80+) on the float's ordered bits, exact as a max is; `scratch` is __shared__ float[32] (the
+// warp maxima's bits), as above.
 __device__ __forceinline__ float ring_block_max(float v, float* scratch) {
   const int lane = threadIdx.x & 31;
-  v = warp_max(v);
-  if (lane == 0) scratch[threadIdx.x >> 5] = v;
+  int* warp_max_bits = reinterpret_cast<int*>(scratch);
+  const int m = __reduce_max_sync(0xffffffffu, ordered_bits(v));
+  if (lane == 0) warp_max_bits[threadIdx.x >> 5] = m;
   __syncthreads();
-  return warp_max(lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : -INFINITY);
+  const int all = lane < static_cast<int>(blockDim.x >> 5) ? warp_max_bits[lane] : INT_MIN;
+  return from_ordered_bits(__reduce_max_sync(0xffffffffu, all));
 }
 
 // The next map to copy into the ring: its index in (b, l) order, its l, and this thread's first 16-byte chunk of
@@ -183,6 +216,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   IssueCursor next = first_map(a, start, mine);
   int istage = 0;
   for (int j = 0; j < stages - 1; ++j) {
+    commit_padding(stages);
     if (j < count) issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
     cp_async_commit();
     istage = istage + 1 == stages ? 0 : istage + 1;
@@ -201,33 +235,60 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
     const int part_end = static_cast<int>(i64_min(count, j + (first / a.maps + 1) * a.maps - first));
     for (; j < part_end; ++j) {
       // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
+      // (Padding first: the newest kRingMaxStages - 1 groups are then the stages - 1 maps after map j.)
+      commit_padding(stages);
       if (j + stages - 1 < count)
         issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
       cp_async_commit();
       istage = istage + 1 == stages ? 0 : istage + 1;
-      cp_async_wait(stages - 1);
+      cp_async_wait(kRingMaxStages - 1);
       __syncthreads();  // every thread's copies of map j have landed
 
       const int64_t map = start + j;
       const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
       const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
-      float v[K][V];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(beta, to_float(x.v[q]));
-          mx = fmaxf(mx, v[k][q]);
-        }
-      }
-      mx = ring_block_max(mx, max_scratch);
       // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
       // saved max alone, so that a backward recomputes the same bits from the stats.
-      const float smax = RawMax ? scaled_logit(beta, mx) : mx;
-      const float k2 = RawMax ? beta * kLog2e : kLog2e;
-      const float shift = smax * kLog2e;
+      float v[K][V];
+      float mx, smax, k2, shift;
+      // The general path reads an overflow map (max of s +-inf) again, twice, with other factors in place of
+      // beta (the limit softmax, common.cuh): +-1, which makes the max the extreme logit c in the direction of
+      // beta, then b = overflow_scale(beta, c), which makes s - max = b (t - c) exact: exp2 of it with k2 = 1
+      // and shift = b c is exactly 1 at c and 0 elsewhere (NaN with a NaN logit, or where c is not finite).
+      int pass = 0;
+      float factor = beta;
+      do {
+        mx = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
+#pragma unroll
+          for (int q = 0; q < V; ++q) {
+            v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(factor, to_float(x.v[q]));
+            mx = fmaxf(mx, v[k][q]);
+          }
+        }
+        mx = ring_block_max(mx, max_scratch);
+        if (pass == 0) {
+          smax = RawMax ? scaled_logit(beta, mx) : mx;
+          k2 = RawMax ? beta * kLog2e : kLog2e;
+          shift = smax * kLog2e;
+          if (RawMax || !overflowed(smax)) break;
+          factor = beta < 0.f ? -1.f : 1.f;
+        } else if (pass == 1) {
+          factor = overflow_limit_exists(mx, beta) ? overflow_scale(beta, factor * mx) : NAN;
+        } else {
+          k2 = 1.f;
+          shift = mx;
+          break;
+        }
+        ++pass;
+        __syncthreads();  // every thread has read the max's scratch before the next pass writes it
+      } while (true);
+      if (RawMax && overflowed(smax)) {  // on raw logits c is their max, mx: k2 = b, shift = b c
+        k2 = fabsf(mx) < INFINITY ? overflow_scale(beta, mx) : NAN;
+        shift = k2 * mx;
+      }
       // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
       // sum e col = col0 S + X and sum e row = row0 S + row_step R
       float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
@@ -357,7 +418,10 @@ int64_t batch_step(const Logits& lg, MapShape shape) {
 }
 
 // Raw logits in the exponent (max(beta t) = beta max t): a positive finite scalar beta.
-inline bool raw_max(const Logits& lg) { return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta); }
+// (k2 = beta log2 e must be finite too: a beta within a factor 1.44 of FLT_MAX takes the general path)
+inline bool raw_max(const Logits& lg) {
+  return lg.beta_map == nullptr && lg.beta > 0.f && std::isfinite(lg.beta * kLog2e);
+}
 
 template <typename T>
 cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalized, float* stats, T* z, T* phi,
@@ -425,6 +489,82 @@ struct alignas(16) RingMapConsts {
   float pad2[2];
 };
 
+// The backward of the range's overflow maps (saved max +-inf with a finite k: the limit softmax, common.cuh),
+// after the map loop, from memory: per map, c (the extreme logit in the direction of beta) by one reduction,
+// Phi = [T == c] / k, then the usual g_s = Phi (g_phi - S), grad T = beta g_s, grad beta = sum T g_s.
+template <typename T, int K, int V>
+__device__ __forceinline__ void ring_overflow_backward(const RingBackArgs<T>& a, int64_t start, int count, float col0,
+                                                       float row0, float row_step, float* scratch) {
+  __shared__ float sum_scratch[33][1];
+  for (int j = 0; j < count; ++j) {
+    const int64_t map = start + j;
+    const float mx = load1(a.stats + 2 * map), k = load1(a.stats + 2 * map + 1);
+    if (!overflowed(mx, k)) continue;  // (the same for every thread: the same loads)
+    const int64_t b = map / a.maps;
+    const int l = static_cast<int>(map - b * a.maps);
+    const float beta = a.beta_map != nullptr ? load1(a.beta_map + map) : a.beta;
+    const float sign = beta < 0.f ? -1.f : 1.f;
+    const T* src = a.logits + b * a.ts.batch + static_cast<int64_t>(l) * a.ts.channel;
+    // (T and the mask gradient are read from memory in each sweep: nothing is held beside the loop's registers)
+    float cand = -INFINITY;
+#pragma unroll 1
+    for (int kk = 0; kk < K; ++kk) {
+      float t[V];
+      load_n<false, V>(src + (static_cast<int64_t>(threadIdx.x) + kk * blockDim.x) * V, 1, t);
+#pragma unroll
+      for (int q = 0; q < V; ++q) cand = fmaxf(cand, sign * t[q]);
+    }
+    __syncthreads();  // the scratch's last readers are done
+    const float c = sign * ring_block_max(cand, scratch);
+    const float gzx = a.grad_z != nullptr ? load1(a.grad_z + 2 * map) : 0.f;
+    const float gzy = a.grad_z != nullptr ? load1(a.grad_z + 2 * map + 1) : 0.f;
+    const float gx0 = gzx * (a.co.ox + a.co.kx * col0), gxq = gzx * a.co.kx;
+    const float gzy0 = gzy * (a.co.oy + a.co.ky * row0), gyk = gzy * a.co.ky * row_step;
+    // Phi (exactly 1 / k at c, 0 elsewhere; NaN where c is not finite) and g_phi at element q of vector kk
+    auto phi_and_g = [&](int kk, float (&t)[V], float (&p)[V], float (&g)[V]) {
+      const int64_t i = static_cast<int64_t>(threadIdx.x) + kk * blockDim.x;
+      load_n<false, V>(src + i * V, 1, t);
+      if (a.grad_mask != nullptr) {
+        load_n<false, V>(a.grad_mask + b * a.hw + i * V, 1, g);
+      } else {
+#pragma unroll
+        for (int q = 0; q < V; ++q) g[q] = 0.f;
+      }
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        p[q] = fabsf(c) < INFINITY ? (t[q] == c ? 1.f : 0.f) / k : NAN;
+        g[q] += gx0 + gzy0 + gxq * static_cast<float>(q) + gyk * static_cast<float>(kk);
+      }
+    };
+    float acc[1] = {0.f};
+#pragma unroll 1
+    for (int kk = 0; kk < K; ++kk) {
+      float t[V], p[V], g[V];
+      phi_and_g(kk, t, p, g);
+#pragma unroll
+      for (int q = 0; q < V; ++q) acc[0] = fmaf(p[q], g[q], acc[0]);
+    }
+    block_sum<1>(acc, sum_scratch);
+    const float S = acc[0];
+    float gb[1] = {0.f};
+    T* dst = a.grad_logits + map * a.hw;
+#pragma unroll 1
+    for (int kk = 0; kk < K; ++kk) {
+      float t[V], p[V], g[V], out[V];
+      phi_and_g(kk, t, p, g);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const float gs = p[q] * (g[q] - S);
+        gb[0] = fmaf(t[q], gs, gb[0]);
+        out[q] = beta * gs;
+      }
+      store_n<true, V>(dst + (static_cast<int64_t>(threadIdx.x) + kk * blockDim.x) * V, 1, out);
+    }
+    block_sum<1>(gb, sum_scratch);
+    if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
+  }
+}
+
 template <typename T, bool RawMax>
 __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
@@ -463,6 +603,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
   for (int j = 0; j < stages - 1; ++j) {
     if (j < count) issue(next, istage);
     cp_async_commit();
+    commit_padding(stages);
     istage = istage + 1 == stages ? 0 : istage + 1;
   }
 
@@ -472,10 +613,12 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
   int stage = 0;
   float gb_prev = 0.f;  // this thread's part of the previous map's grad beta (map - 1), reduced with this map's S
   for (int j = 0; j < count; ++j) {
-    cp_async_wait(stages - 2);
+    // (padding after each map: the newest kRingMaxStages - 2 groups are then the stages - 2 maps after map j)
+    cp_async_wait(kRingMaxStages - 2);
     __syncthreads();  // map j has landed; every thread is done with map j - 1 (its stage may be refilled)
     if (j + stages - 1 < count) issue(next, istage);
     cp_async_commit();
+    commit_padding(stages);
     istage = istage + 1 == stages ? 0 : istage + 1;
     if (j == 0 || l == 0) {  // a new batch element: its mask gradient
 #pragma unroll
@@ -557,6 +700,28 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
   cp_async_wait(0);
 }
 
+// Overflow maps (saved max +-inf with a finite k) in the ring backward: maps_backward_ring gives them NaN (its
+// exponent has no case for them, so that its map loop keeps neither code nor registers for them), and this
+// launch, queued after it over the same ranges, writes their grad T and grad beta: a CTA whose range holds none
+// (one parallel look at its stats) returns at once.
+template <typename T>
+__global__ void __launch_bounds__(kRingThreads) maps_backward_ring_overflow(RingBackArgs<T> a) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  constexpr int K = kRingValues / V;
+  __shared__ float max_scratch[32];
+  const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
+  const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
+  bool any = false;
+  for (int j = threadIdx.x; j < count; j += blockDim.x)
+    any = any || overflowed(load1(a.stats + 2 * (start + j)), load1(a.stats + 2 * (start + j) + 1));
+  if (!__syncthreads_or(any)) return;
+  const int p0 = static_cast<int>(threadIdx.x) * V;
+  const float row0 = static_cast<float>(p0 / a.width);
+  const float col0 = static_cast<float>(p0 - (p0 / a.width) * a.width);
+  const float row_step = static_cast<float>(a.hw / a.width / K);
+  ring_overflow_backward<T, K, V>(a, start, count, col0, row0, row_step, max_scratch);
+}
+
 template <typename T>
 cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* stats, bool normalized,
                                  const float* grad_mask, const T* grad_z, T* grad_logits, float* grad_beta, bool* done,
@@ -581,6 +746,8 @@ cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* 
     if ((err = allow_ring_smem(maps_backward_ring<T, false>, smem)) != cudaSuccess) return err;
     maps_backward_ring<T, false><<<grid, plan.threads, smem, stream>>>(a);
   }
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  maps_backward_ring_overflow<T><<<grid, plan.threads, 0, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   *done = true;
   return cudaSuccess;

@@ -10,8 +10,8 @@
 // channels_last T (maps adjacent in memory, L elements between pixels) is read on chip a pair of maps per
 // access where the pointer and strides allow (MapPairs): map l is used from registers, map l + 1 waits in
 // shared memory until its turn, so every map is still reduced alone, in the same order, with the same bits.
+#include <atomic>
 #include <climits>
-#include <cstdlib>
 
 #include "common.cuh"
 #include "launch.cuh"
@@ -19,12 +19,13 @@
 namespace decafa_kernels {
 namespace detail {
 
+namespace {
+std::atomic<int> forced_runs{0};  // set_map_runs
+}  // namespace
+
 int map_runs(MapShape shape, const DeviceInfo& dev) {
   int64_t runs = ceil_div(2 * static_cast<int64_t>(dev.sm_count), shape.batch > 0 ? shape.batch : 1);
-  if (const char* env = std::getenv("DECAFA_CUDA_RUNS")) {
-    const long long n = std::atoll(env);
-    if (n > 0) runs = n;
-  }
+  if (const int n = forced_runs.load(std::memory_order_relaxed); n > 0) runs = n;
   if (runs > shape.maps) runs = shape.maps;
   if (runs < 1) runs = 1;
   // Equal runs of ceil(L / runs) maps: the last may be shorter, none empty.
@@ -194,6 +195,43 @@ __device__ __forceinline__ int mask_slot(int k, int i) {
   return V > 1 ? i * V : static_cast<int>(k * blockDim.x + threadIdx.x);
 }
 
+// An overflow map of the on-chip forward (max of s +-inf: the limit softmax, common.cuh), after the run's map
+// loop, from memory (any layout, one value per access): c, the extreme logit in the direction of beta, by one
+// reduction; e = 1 at c, 0 elsewhere (NaN with a NaN logit, or where the limit does not exist); k = sum e and
+// the moments by a second; stats (smax, k), z, Phi = e / k and the partial mask (the slot of every pixel,
+// whichever thread holds it in the loop).
+template <int V, int K, typename T>
+__device__ __forceinline__ void onchip_overflow_map(const ForwardArgs<T>& a, const Run& r, int l, int64_t map,
+                                                    float smax, float* mask, float* max_scratch,
+                                                    float (*sum_scratch)[3]) {
+  const T* src = map_logits(a, r, l);
+  const int64_t ps = a.ts.pixel;
+  const float beta = a.beta_map != nullptr ? load1(a.beta_map + map) : a.beta;
+  const float sign = beta < 0.f ? -1.f : 1.f;
+  float cand = -INFINITY;
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) cand = fmaxf(cand, sign * load1(src + p * ps));
+  __syncthreads();  // the scratch's last readers are done
+  const float cn = block_max(cand, max_scratch);
+  const bool ok = overflow_limit_exists(cn, beta);
+  const float c = sign * cn;
+  auto e_of = [&](float t) { return !ok || t != t ? NAN : (t == c ? 1.f : 0.f); };
+  float acc[3] = {0.f, 0.f, 0.f};
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+    const float e = e_of(load1(src + p * ps));
+    const int row = p / a.width;
+    acc[0] += e;
+    acc[1] += e * static_cast<float>(p - row * a.width);
+    acc[2] += e * static_cast<float>(row);
+  }
+  block_sum<3>(acc, sum_scratch);
+  if (threadIdx.x == 0) write_map_outputs(a, map, smax, acc[0], acc[1], acc[2]);
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+    const float ph = e_of(load1(src + p * ps)) / acc[0];
+    if (a.phi != nullptr) store1(a.phi + map * a.hw + p, ph);
+    if (a.partial != nullptr) mask[V > 1 ? p : (p % K) * static_cast<int>(blockDim.x) + p / K] += ph;
+  }
+}
+
 // The map on chip: thread x holds vectors x, x + blockDim.x, ... (K of them, V pixels each).
 template <typename T, int V, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T> a) {
@@ -210,7 +248,15 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   const Run r = run_of_block(a.runs, a.per_run, a.maps);
   const int nvec = a.hw / V;
 
-  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
+  if (a.partial != nullptr) {  // (zeros first: a run's first map may be an overflow map, added after the loop)
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+      if (vec_index<V, K>(k) < nvec)
+#pragma unroll
+        for (int j = 0; j < V; ++j) mask[mask_slot<V, K>(k, vec_index<V, K>(k)) + j] = 0.f;
+  }
+  bool any_over = false;  // an overflow map was left for after the loop
+  bool stashed = false;   // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
     const float beta = forward_beta(a, map, l, beta_slots);
@@ -235,6 +281,17 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
       }
     }
     mx = block_max(mx, max_scratch);
+    if (overflowed(mx)) {
+      // an overflow map: left for onchip_overflow_map after the loop, which finds it by this NaN sum
+      if (threadIdx.x == 0) {
+        store1(a.stats + 2 * map, mx);
+        store1(a.stats + 2 * map + 1, NAN);
+      }
+      any_over = true;
+      stashed = pair;
+      continue;
+    }
+    const float smax = mx;
     float acc[3] = {0.f, 0.f, 0.f};  // sum, sum * col, sum * row
     int col, row;
     first_pixel<V, K>(a.width, col, row);
@@ -256,7 +313,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
     }
     block_sum<3>(acc, sum_scratch);
     const float sum = acc[0];
-    if (threadIdx.x == 0) write_map_outputs(a, map, mx, sum, acc[1], acc[2]);
+    if (threadIdx.x == 0) write_map_outputs(a, map, smax, sum, acc[1], acc[2]);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int i = vec_index<V, K>(k);
@@ -267,7 +324,7 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
         if (a.partial != nullptr) {
           float* mine = mask + mask_slot<V, K>(k, i);
 #pragma unroll
-          for (int j = 0; j < V; ++j) mine[j] = l == r.first ? p[j] : mine[j] + p[j];
+          for (int j = 0; j < V; ++j) mine[j] += p[j];
         }
         if constexpr (V == 1) {
           s[k][0] = p[0];  // stored below as a run of the thread's adjacent pixels
@@ -281,6 +338,15 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
       if (a.phi != nullptr) store_run<true, K>(a.phi + map * a.hw + i0, i0, nvec, s);
     }
     stashed = pair;
+  }
+  if (any_over) {  // (the same in every thread)
+    __syncthreads();  // every thread is done with its own mask slots
+    for (int l = r.first; l < r.last; ++l) {
+      const int64_t map = r.b * a.maps + l;
+      const float mx = load1(a.stats + 2 * map), sum = load1(a.stats + 2 * map + 1);
+      if (overflowed(mx) && sum != sum) onchip_overflow_map<V, K>(a, r, l, map, mx, mask, max_scratch, sum_scratch);
+    }
+    __syncthreads();  // the mask slots written for other threads
   }
   if (a.partial == nullptr) return;
   float* out = a.partial + (r.b * a.runs + r.run) * a.hw;
@@ -303,6 +369,54 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_onchip(ForwardArgs<T
   }
 }
 
+// The extreme logit of a streamed map in the direction of beta (common.cuh), over the block. Overflow maps
+// only.
+template <int V, typename T>
+__device__ __forceinline__ float streamed_extreme(const T* src, int64_t pixel_stride, int nvec, bool negative,
+                                                  float* scratch) {
+  // (a NaN logit is skipped here: its own exponential makes the map NaN)
+  const float sign = negative ? -1.f : 1.f;
+  float cand = -INFINITY;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float t[V];
+    load_n<false, V>(src + static_cast<int64_t>(i) * V * pixel_stride, pixel_stride, t);
+#pragma unroll
+    for (int j = 0; j < V; ++j) cand = fmaxf(cand, sign * t[j]);
+  }
+  __syncthreads();  // every thread has read the scratch's last values
+  return block_max(cand, scratch);
+}
+
+// This thread's online statistics of s = beta T over its pixels of a map too large to hold.
+template <int V, typename T>
+__device__ __forceinline__ SoftStats streamed_stats(const ForwardArgs<T>& a, const T* src, int nvec, float beta) {
+  SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float s[V];
+    load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, s);
+    float m = st.m;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      s[j] = scaled_logit(beta, s[j]);
+      m = fmaxf(m, s[j]);
+    }
+    const float f = rescale(st.m, m);
+    st = {m, st.s * f, st.sx * f, st.sy * f};
+    int col, row;
+    pixel_of(i * V, a.width, col, row);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float e = s[j] == -INFINITY ? 0.f : __expf(s[j] - m);
+      st.s += e;
+      st.sx += e * static_cast<float>(col);
+      st.sy += e * static_cast<float>(row);
+      next_pixel(a.width, col, row);
+    }
+  }
+  return st;
+}
+
 // Maps too large to hold: online statistics in one sweep, then Phi and the partial mask in a second.
 template <typename T, int V>
 __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs<T> a) {
@@ -314,37 +428,26 @@ __global__ void __launch_bounds__(kMapThreads) maps_forward_streamed(ForwardArgs
     const int64_t map = r.b * a.maps + l;
     const float beta = forward_beta(a, map, l, beta_slots);
     const T* src = map_logits(a, r, l);
-    SoftStats st{-INFINITY, 0.f, 0.f, 0.f};
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      float s[V];
-      load_n<false, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, s);
-      float m = st.m;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        s[j] = scaled_logit(beta, s[j]);
-        m = fmaxf(m, s[j]);
-      }
-      const float f = rescale(st.m, m);
-      st = {m, st.s * f, st.sx * f, st.sy * f};
-      int col, row;
-      pixel_of(i * V, a.width, col, row);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float e = s[j] == -INFINITY ? 0.f : __expf(s[j] - m);
-        st.s += e;
-        st.sx += e * static_cast<float>(col);
-        st.sy += e * static_cast<float>(row);
-        next_pixel(a.width, col, row);
-      }
+    SoftStats total = block_merge(streamed_stats<V>(a, src, nvec, beta), scratch);
+    const float smax = total.m;
+    float ebeta = beta;  // beta in the exponent
+    if (overflowed(smax)) {
+      // the limit softmax (common.cuh): the statistics again with the overflow scale b as beta, which makes every
+      // exponential exactly 1 at c and 0 elsewhere (so sum = k and the moments those of the pixels at c)
+      const bool negative = beta < 0.f;
+      const float cn = streamed_extreme<V>(src, a.ts.pixel, nvec, negative, reinterpret_cast<float*>(scratch));
+      const float c = negative ? -cn : cn;
+      ebeta = overflow_limit_exists(cn, beta) ? overflow_scale(beta, c) : NAN;
+      __syncthreads();  // every thread has read the max's scratch
+      total = block_merge(streamed_stats<V>(a, src, nvec, ebeta), scratch);
     }
-    const SoftStats total = block_merge(st, scratch);
-    if (threadIdx.x == 0) write_map_outputs(a, map, total.m, total.s, total.sx, total.sy);
+    if (threadIdx.x == 0) write_map_outputs(a, map, smax, total.s, total.sx, total.sy);
     float* part = a.partial == nullptr ? nullptr : a.partial + (r.b * a.runs + r.run) * a.hw;
     for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
       float p[V];
       load_n<true, V>(src + static_cast<int64_t>(i) * V * a.ts.pixel, a.ts.pixel, p);
 #pragma unroll
-      for (int j = 0; j < V; ++j) p[j] = __expf(scaled_logit(beta, p[j]) - total.m) / total.s;
+      for (int j = 0; j < V; ++j) p[j] = __expf(scaled_logit(ebeta, p[j]) - total.m) / total.s;
       if (a.phi != nullptr) store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
       if (part != nullptr) {  // this thread's own pixels: no other thread touches them
         float acc[V];
@@ -381,6 +484,7 @@ struct BackwardArgs {
 // Per-map constants of the backward.
 struct MapBackward {
   float beta, mx, sum, gzx, gzy;
+  float ebeta;  // beta in the exponent: beta, or an overflow map's scale (with mx = that scale times c)
 };
 
 template <typename T, typename G>
@@ -391,12 +495,21 @@ __device__ __forceinline__ MapBackward map_backward_constants(const BackwardArgs
   c.sum = load1(a.stats + 2 * map + 1);
   c.gzx = a.grad_z != nullptr ? load1(a.grad_z + 2 * map) : 0.f;
   c.gzy = a.grad_z != nullptr ? load1(a.grad_z + 2 * map + 1) : 0.f;
+  c.ebeta = c.beta;
   return c;
 }
 
 // Phi = exp(s - max) / sum from the saved stats, s rounded as in the forward.
 __device__ __forceinline__ float phi_of(float t, const MapBackward& c) {
-  return __expf(scaled_logit(c.beta, t) - c.mx) / c.sum;
+  return __expf(scaled_logit(c.ebeta, t) - c.mx) / c.sum;
+}
+
+// An overflow map's backward (saved max +-inf, finite k: common.cuh) from its extreme `cn` (in the direction of
+// beta): exp(b T - b c) is exactly 1 at c and 0 elsewhere, so phi_of gives [T == c] / k; NaN without a limit.
+__device__ __forceinline__ void overflow_backward_constants(MapBackward& c, float cn) {
+  const float x = c.beta < 0.f ? -cn : cn;
+  c.ebeta = overflow_limit_exists(cn, c.beta) ? overflow_scale(c.beta, x) : NAN;
+  c.mx = c.ebeta * x;
 }
 
 // g_phi at (col, row): the incoming gradient of Phi plus grad_z . coordinate.
@@ -425,6 +538,45 @@ __device__ __forceinline__ void stash_maps(const T* q, int64_t step, T* slot, in
   }
 }
 
+// The backward of an overflow map of the on-chip kernel (saved max +-inf with a finite k), after the run's map
+// loop, from memory (any layout, one value per access): c again by one reduction, Phi = [T == c] / k, then the
+// usual two sums.
+template <bool PerMap, typename T, typename G>
+__device__ __forceinline__ void overflow_backward_map(const BackwardArgs<T, G>& a, const Run& r, int l, int64_t map,
+                                                      MapBackward c, float* scratch) {
+  const T* src = map_logits(a, r, l);
+  const int64_t ps = a.ts.pixel;
+  const float sign = c.beta < 0.f ? -1.f : 1.f;
+  float cand = -INFINITY;
+  for (int p = threadIdx.x; p < a.hw; p += blockDim.x) cand = fmaxf(cand, sign * load1(src + p * ps));
+  __syncthreads();  // the scratch's last readers are done
+  const float cn = block_max(cand, scratch);
+  const bool ok = overflow_limit_exists(cn, c.beta);
+  const float cx = sign * cn;
+  const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
+  float acc[1] = {0.f}, gb[1] = {0.f};
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    const float S = acc[0];
+    for (int p = threadIdx.x; p < a.hw; p += blockDim.x) {
+      const float t = load1(src + p * ps);
+      const float g = gsrc == nullptr ? 0.f : load1(gsrc + p * a.gs.pixel);
+      const int row = p / a.width;
+      // Phi = [T == c] / k directly (the exponential of the other kernels gives exactly that)
+      const float ph = ok ? (t == cx ? 1.f : 0.f) / c.sum : NAN, gp = g_phi(g, c, a.co, p - row * a.width, row);
+      if (sweep == 0) {
+        acc[0] += ph * gp;
+      } else {
+        const float gs = ph * (gp - S);
+        gb[0] += t * gs;
+        store1(a.grad_logits + map * a.hw + p, c.beta * gs);
+      }
+    }
+    __syncthreads();  // the scratch's last readers are done
+    block_sum<1>(sweep == 0 ? acc : gb, reinterpret_cast<float (*)[1]>(scratch));
+  }
+  if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
+}
+
 template <typename T, typename G, int V, bool PerMap, bool Pairs>
 __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs<T, G> a) {
   constexpr int K = kMapValues / V;
@@ -446,10 +598,11 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if (!PerMap && a.grad != nullptr && i < nvec)
       load_n<false, V>(a.grad + r.b * a.gs.batch + static_cast<int64_t>(i) * V * a.gs.pixel, a.gs.pixel, g[k]);
   }
-  bool stashed = false;  // map l's values came with map l - 1 (Pairs)
+  bool any_over = false;  // an overflow map was left for after the loop
+  bool stashed = false;   // map l's values came with map l - 1 (Pairs)
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
     const T* src = map_logits(a, r, l);
     const bool pair = starts_pair<Pairs>(l, r.last);
     float t[K][V];  // Phi is recomputed in the second loop: one more exp is cheaper than 32 registers
@@ -461,6 +614,12 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if constexpr (Pairs) {
       if (!stashed) stash_maps<K>(q, step, stash + threadIdx.x, plane, nvec, pair);
     }
+    if (overflowed(c.mx, c.sum)) {  // an overflow map: overflow_backward_map after the loop
+      any_over = true;
+      stashed = pair;
+      continue;
+    }
+    c.ebeta = c.beta;
     T* slot = stash + threadIdx.x + (stashed ? plane : 0);  // plane 1: the second map of a pair
 #pragma unroll
     for (int k = 0; k < K; ++k, q += step, slot += blockDim.x) {
@@ -504,6 +663,13 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_onchip(BackwardArgs
     if (threadIdx.x == 0) store1(a.grad_beta + map, gb[0]);
     stashed = pair;
   }
+  if (any_over) {  // (the same in every thread)
+    for (int l = r.first; l < r.last; ++l) {
+      const int64_t map = r.b * a.maps + l;
+      MapBackward c = map_backward_constants(a, map);
+      if (overflowed(c.mx, c.sum)) overflow_backward_map<PerMap>(a, r, l, map, c, &scratch[0][0]);
+    }
+  }
 }
 
 // Maps too large to hold: two sweeps per map (S, then the gradient), T and g read in each.
@@ -515,10 +681,13 @@ __global__ void __launch_bounds__(kMapThreads) maps_backward_streamed(BackwardAr
   const int nvec = a.hw / V;
   for (int l = r.first; l < r.last; ++l) {
     const int64_t map = r.b * a.maps + l;
-    const MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
+    MapBackward c = broadcast(slots, l, [&] { return map_backward_constants(a, map); });
     const T* src = map_logits(a, r, l);
+    if (overflowed(c.mx, c.sum))
+      overflow_backward_constants(c, streamed_extreme<V>(src, a.ts.pixel, nvec, c.beta < 0.f, &scratch[0][0]));
     const G* gsrc = a.grad == nullptr ? nullptr : a.grad + r.b * a.gs.batch + (PerMap ? l * a.gs.channel : 0);
     float acc[1] = {0.f}, gb[1] = {0.f};
+#pragma unroll 1
     for (int sweep = 0; sweep < 2; ++sweep) {
       const float S = acc[0];
       for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -689,6 +858,12 @@ cudaError_t maps_forward(DType dtype, MapShape shape, const Logits& logits, bool
 }
 
 }  // namespace detail
+
+int set_map_runs(int runs) {
+  return runs < 0 ? detail::forced_runs.load() : detail::forced_runs.exchange(runs);
+}
+
+int map_runs_setting() { return detail::forced_runs.load(); }
 
 cudaError_t maps_backward(DType dtype, MapShape shape, Logits logits, const float* stats, bool normalized,
                           PhiGrad grad_phi, const void* grad_z, void* grad_logits, float* grad_beta,

@@ -370,6 +370,15 @@ DECAFA_OPS(DECAFA_DECLARE_OP)
 #undef DECAFA_DECLARE_OP
 }  // namespace
 
+// The runs of maps of the per-map run kernels (decafa_kernels::set_map_runs): plain C symbols, so that Python
+// sets them with ctypes from the loaded library (decafa_fast/ops/cuda_runs.py passes DECAFA_CUDA_RUNS, as
+// decafa_fast.settings parses it, once at import) without a schema of their own. 0: the kernels' own choice.
+// decafa_cuda_set_runs returns the previous value, or -1 (nothing changed) for a negative `runs`.
+extern "C" __attribute__((visibility("default"))) int decafa_cuda_set_runs(int runs) {
+  return runs < 0 ? -1 : dk::set_map_runs(runs);
+}
+extern "C" __attribute__((visibility("default"))) int decafa_cuda_runs() { return dk::map_runs_setting(); }
+
 TORCH_LIBRARY_IMPL(decafa, CUDA, m) {
 #define DECAFA_REGISTER_OP(name, returns, params) m.impl(#name, &name##_cuda);
   DECAFA_OPS(DECAFA_REGISTER_OP)

@@ -16,7 +16,8 @@ backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under t
 formulation, which those transforms differentiate exactly. Loading the C++ extension is in `extension.py`,
 importing Triton in `triton_import.py`, what is available in `status.py`, the measured table "auto" reads on
 a GPU in `auto.py`, the choice and resolution of a backend in `backend.py`, argument checks in
-`validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in `cpu_cache.py`.
+`validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in `cpu_cache.py`, the CUDA kernels' runs of maps in
+`cuda_runs.py`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..contract.fakes import FAKES, acc_dtype, register_fakes
 from ..contract.layout import FusionLayout, fusion_layout
 from ..contract.schemas import SCHEMAS, define_schemas
 from ..contract.table import OPS_BY_NAME
-from . import cpu_cache, extension, triton_import
+from . import cpu_cache, cuda_runs, extension, triton_import
 from .auto import AUTO_CUDA_PREFERENCE, measured_gpus
 from .autograd import register_autograd
 from .backend import BACKENDS, get_backend, namespace, resolve, set_backend, use_backend

@@ -112,12 +112,41 @@ inline void wait_at(Barrier& bar) {
 
 inline void syncthreads() { wait_at(t_block->sync); }
 
+// __syncthreads_or: a barrier that also tells every thread whether any thread's predicate was non-zero.
+inline int syncthreads_or(int predicate) {
+  const int tid = linear_thread();
+  t_block->shuffle[tid] = predicate != 0 ? 1.f : 0.f;
+  wait_at(t_block->sync);
+  int any = 0;
+  for (size_t i = 0; i < t_block->fibers.size(); ++i) any |= t_block->shuffle[i] != 0.f;
+  wait_at(t_block->sync);
+  return any;
+}
+
 inline float shfl_xor_sync(unsigned, float v, int offset) {
   const int tid = linear_thread();
   Barrier& warp = t_block->warps[tid / 32];
   t_block->shuffle[tid] = v;
   wait_at(warp);
   const float r = t_block->shuffle[tid ^ offset];
+  wait_at(warp);
+  return r;
+}
+
+// __reduce_max_sync: the warp's maximum of an int (every lane of a whole warp takes part).
+inline int reduce_max_sync(unsigned, int v) {
+  const int tid = linear_thread();
+  Barrier& warp = t_block->warps[tid / 32];
+  float bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  t_block->shuffle[tid] = bits;
+  wait_at(warp);
+  int r = v;
+  for (int i = 0; i < 32; ++i) {
+    int x;
+    std::memcpy(&x, &t_block->shuffle[(tid & ~31) + i], sizeof x);
+    r = x > r ? x : r;
+  }
   wait_at(warp);
   return r;
 }
@@ -298,8 +327,10 @@ inline int env_int(const char* name, int fallback) {
 #define blockDim (::emu::t_block_dim)
 #define gridDim (::emu::t_grid_dim)
 #define __syncthreads() ::emu::syncthreads()
+#define __syncthreads_or(p) ::emu::syncthreads_or(p)
 #define __shfl_xor_sync(mask, v, offset) ::emu::shfl_xor_sync(mask, v, offset)
 #define __shfl_sync(mask, v, src) ::emu::shfl_sync(mask, v, src)
+#define __reduce_max_sync(mask, v) ::emu::reduce_max_sync(mask, v)
 #define __ldg(p) ::emu::ldg(p)
 #define __expf(x) std::exp(x)
 #define __logf(x) std::log(x)
@@ -314,6 +345,8 @@ inline int env_int(const char* name, int fallback) {
 #define __device__
 #undef __forceinline__
 #define __forceinline__ inline
+#undef __noinline__
+#define __noinline__ __attribute__((noinline))
 #undef __align__
 #define __align__(n) alignas(n)
 
@@ -333,6 +366,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
     case cudaDevAttrL2CacheSize: *value = emu::env_int("EMU_L2_BYTES", 50 << 20); break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 * 1024; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 228 * 1024; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = emu::env_int("EMU_CC_MAJOR", 9); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;

@@ -518,6 +518,296 @@ void check_special_values() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch of the pixel kernel (set_programmatic_launch): the same bits as without it
+// (on a GPU of sm_90 or later the launch overlaps the per-map kernel's tail; before sm_90 and in the
+// emulation it is the ordinary launch, so there this checks the switch and its plumbing)
+// ------------------------------------------------------------------------------------------------
+void check_programmatic_launch() {
+  const dk::MapShape shape{2, 5, 16, 32};
+  const int hw = shape.height * shape.width, C = 3;
+  const dk::FusionLayout lay = dk::fusion_layout(5, 1, C);
+  const dk::DType f32 = dk::DType::kFloat32;
+  std::mt19937 rng(31);
+  for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kBFloat16}) {
+    Vec t = random_vec(size_t(shape.batch) * shape.maps * hw, rng, 2.0), img = random_vec(size_t(2) * hw, rng, 1.0);
+    Vec emb = random_vec(size_t(2) * C * hw, rng, 1.0);
+    std::vector<Vec> results[2];
+    for (int on = 0; on < 2; ++on) {
+      Device dev;
+      void *d_t = dev.upload(dt, t), *d_i = dev.upload(dt, img), *d_e = dev.upload(dt, emb);
+      const dk::Logits logits{d_t, dk::nchw_strides(shape.maps, hw), 0.9f, nullptr};
+      const dk::FusionInputs fusion{5, d_i, dk::nchw_strides(1, hw), 1, d_e, dk::nchw_strides(C, hw), C};
+      const dk::Strides fs = dk::nchw_strides(lay.channels, hw);
+      auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * shape.batch * shape.maps));
+      auto* ws = static_cast<float*>(dev.poisoned(f32, dk::head_forward_workspace_floats(shape)));
+      void *d_z = dev.poisoned(dt, 2 * shape.batch * shape.maps), *d_m = dev.poisoned(dt, size_t(shape.batch) * hw);
+      void* d_f = dev.poisoned(dt, size_t(shape.batch) * lay.channels * hw);
+      const bool before = dk::set_programmatic_launch(on == 1);
+      if (before != false) {
+        ++failures;
+        std::printf("FAIL programmatic launch: on by default or left on\n");
+      }
+      CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws, nullptr));
+      CHECK_CUDA(cudaDeviceSynchronize());
+      dk::set_programmatic_launch(false);
+      results[on] = {download(f32, stats, 2 * shape.batch * shape.maps), download(dt, d_z, 2 * shape.batch * shape.maps),
+                     download(dt, d_m, size_t(shape.batch) * hw),
+                     download(dt, d_f, size_t(shape.batch) * lay.channels * hw)};
+    }
+    if (results[0] != results[1]) {
+      ++failures;
+      std::printf("FAIL programmatic launch %-8s: outputs differ from the ordinary launch\n", dtype_name(dt));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// beta * T beyond float32: the exact limit of the softmax (overflow maps)
+// ------------------------------------------------------------------------------------------------
+// Every per-map output of one map: stats (max, sum), z, Phi, grad T and grad beta (per-batch and per-map
+// gradient of Phi).
+struct MapResults {
+  Vec stats, z, phi, mask, gt, gbeta, gt2, gbeta2;
+};
+
+// Runs attention (stats, z, M), softmax (Phi), the per-batch backward (float32 mask gradient and grad z: the
+// ring's) and the per-map backward on T in the given layout; coordinates normalised (with pixel coordinates,
+// grad z moves g_s to tens, and c g_s of a tie map beyond float32 when c ~ 1e37).
+MapResults overflow_run(dk::DType dt, const dk::MapShape& shape, bool cl, Vec& t, float beta, Vec& beta_map,
+                        Vec& gz, Vec& gmask, Vec& gphi) {
+  const int hw = shape.height * shape.width;
+  const size_t maps = size_t(shape.batch) * shape.maps, n_t = maps * hw, n_m = size_t(shape.batch) * hw;
+  const dk::DType f32 = dk::DType::kFloat32;
+  Device dev;
+  void* d_t = upload_as(dev, dt, t, shape.batch, shape.maps, hw, cl);
+  void *d_gz = dev.upload(dt, gz), *d_gmask = dev.upload_f32(gmask);
+  void* d_gphi = upload_as(dev, dt, gphi, shape.batch, shape.maps, hw, cl);
+  auto* d_beta = static_cast<float*>(dev.upload_f32(beta_map));
+  const dk::Logits logits{d_t, strides(shape.maps, hw, cl), beta, beta_map.empty() ? nullptr : d_beta};
+  auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * maps));
+  auto* ws = static_cast<float*>(dev.poisoned(f32, std::max<size_t>(1, dk::head_forward_workspace_floats(shape))));
+  void *d_z = dev.poisoned(dt, 2 * maps), *d_m = dev.poisoned(dt, n_m), *d_phi = dev.poisoned(dt, n_t);
+  void *d_gt = dev.poisoned(dt, n_t), *d_gt2 = dev.poisoned(dt, n_t);
+  auto *gbeta = static_cast<float*>(dev.poisoned(f32, maps)), *gbeta2 = static_cast<float*>(dev.poisoned(f32, maps));
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, true, stats, nullptr, d_phi, nullptr, nullptr, nullptr,
+                              dk::Strides{}, nullptr, nullptr));
+  CHECK_CUDA(dk::head_forward(dt, shape, logits, true, stats, d_z, nullptr, d_m, nullptr, nullptr, dk::Strides{},
+                              ws, nullptr));
+  const dk::PhiGrad per_batch{d_gmask, false, true, dk::Strides{0, 0, 0}};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, true, per_batch, d_gz, d_gt, gbeta, nullptr));
+  const dk::PhiGrad per_map{d_gphi, true, false, strides(shape.maps, hw, cl)};
+  CHECK_CUDA(dk::maps_backward(dt, shape, logits, stats, true, per_map, nullptr, d_gt2, gbeta2, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  return {download(f32, stats, 2 * maps), download(dt, d_z, 2 * maps),  download(dt, d_phi, n_t),
+          download(dt, d_m, n_m),         download(dt, d_gt, n_t),     download(f32, gbeta, maps),
+          download(dt, d_gt2, n_t),       download(f32, gbeta2, maps)};
+}
+
+// Elements [m * n, (m + 1) * n) of v.
+Vec slice(const Vec& v, size_t m, size_t n) { return Vec(v.begin() + m * n, v.begin() + (m + 1) * n); }
+
+void overflow_fail(const char* what, dk::DType dt, const dk::MapShape& sh, bool cl, const char* beta, size_t map) {
+  ++failures;
+  std::printf("FAIL overflow %-28s %-8s B=%d L=%d H=%d W=%d cl=%d beta=%s map %zu\n", what, dtype_name(dt), sh.batch,
+              sh.maps, sh.height, sh.width, cl, beta, map);
+}
+
+// Maps of batch element 0: (0) large logits, beta * T overflows, one maximum; (1) ordinary logits (nothing
+// overflows: the same bits as when its neighbour is ordinary too); (2) large logits with two equal extremes
+// (Phi 1/2 each); (3) large logits, an overflow map for the other sign of beta (T = -T of map 0). Batch element
+// 1: (0) large logits and a NaN, (1) large logits and a +inf one, (2) all -inf but one large pixel (the limit
+// for beta > 0, NaN for beta < 0), (3) ordinary. Against the double-precision reference (beta * T does not overflow in
+// double: it is the limit up to rounding), and exactly: stats (+-inf, k), Phi 1 / k, no-tie gradients 0.
+void check_overflow() {
+  const float fmax = 3.4028234663852886e38f;
+  struct Shape {
+    dk::MapShape shape;
+    bool cl;
+  };
+  // whole tiles (the ring with DECAFA_CUDA_MAPS=ring, the on-chip vector path else), channels_last (map pairs),
+  // a map over the on-chip capacity (the streamed kernels)
+  const Shape shapes[] = {{{2, 4, 16, 32}, false}, {{2, 4, 6, 10}, true}, {{2, 4, 130, 130}, false}};
+  std::mt19937 rng(2026);
+#ifdef DECAFA_EMULATION
+  const unsigned long long ring_fwd = emu::traffic()["maps_forward_ring"].launches;
+  const unsigned long long ring_bwd = emu::traffic()["maps_backward_ring"].launches;
+#endif
+  for (const Shape& sh : shapes) {
+    const dk::MapShape& shape = sh.shape;
+    const int hw = shape.height * shape.width, L = shape.maps;
+    const size_t maps = size_t(shape.batch) * L, n_t = maps * hw;
+    for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16}) {
+      if (hw > 16384 && dt != dk::DType::kFloat32) continue;  // the streamed kernels: float32 only (time)
+      const bool half = dt == dk::DType::kFloat16;
+      const double big = half ? 1e4 : 1e37;    // large logits in the type (float16 ends at 65504)
+      const float b_big = half ? 1e36f : 100.f;  // a beta that overflows with them, not with ordinary logits
+      struct BetaCase {
+        const char* name;
+        float beta;
+        bool per_map;
+      };
+      const BetaCase betas[] = {{"+big", b_big, false}, {"-big", -b_big, false}, {"FLT_MAX", fmax, false},
+                                {"per-map", 0.f, true}};
+      for (const BetaCase& bc : betas) {
+        Vec t(n_t), ordinary_t;
+        auto big_map = [&](size_t m) {
+          Vec r = random_vec(hw, rng, big);
+          for (int p = 0; p < hw; ++p) t[m * hw + p] = r[p];
+        };
+        // ordinary maps: |beta T| of a few units (float16, whose smallest normal value times these betas is
+        // already large: zeros, a uniform Phi); large |beta T| is another matter (the ring's exp2(T k2 - shift)
+        // loses ~|beta T| 2^-23 in the exponent)
+        auto small_map = [&](size_t m, double scale) {
+          Vec r = random_vec(hw, rng, scale);
+          for (int p = 0; p < hw; ++p) t[m * hw + p] = half ? 0.0 : std::max(-3 * scale, std::min(3 * scale, r[p]));
+        };
+        const double small = bc.beta == fmax ? 1e-38 * 3 : 0.02;
+        big_map(0);
+        if (!half) t[hw / 4] = 3.3e38;  // near the end of float32 and bfloat16
+        small_map(1, small);
+        big_map(2);
+        for (int p = 0; p < hw; ++p) t[3 * hw + p] = -t[p];
+        // map 2: two equal extremes (the largest and the smallest value, both twice: whatever beta's sign)
+        {
+          double* m2 = &t[2 * hw];
+          const int hi = int(std::max_element(m2, m2 + hw) - m2), lo = int(std::min_element(m2, m2 + hw) - m2);
+          const int hi2 = (hi + hw / 2 + 1) % hw == lo ? (hi + 1) % hw : (hi + hw / 2 + 1) % hw;
+          int lo2 = (lo + hw / 3 + 2) % hw;
+          while (lo2 == hi || lo2 == hi2 || lo2 == lo) lo2 = (lo2 + 1) % hw;
+          m2[hi2] = m2[hi];
+          m2[lo2] = m2[lo];
+        }
+        big_map(size_t(L));
+        t[size_t(L) * hw + hw / 3] = NAN;
+        big_map(size_t(L) + 1);
+        t[size_t(L + 1) * hw + hw / 2] = INFINITY;
+        for (int p = 0; p < hw; ++p) t[size_t(L + 2) * hw + p] = -INFINITY;
+        t[size_t(L + 2) * hw + 5] = -big;  // the only finite logit; its beta * T overflows to -inf for beta > 0
+        small_map(size_t(L) + 3, small);
+        Vec beta_map;
+        if (bc.per_map)
+          for (size_t m = 0; m < maps; ++m) beta_map.push_back((m % 2 ? -1.0 : 1.0) * b_big);
+        Vec gz = random_vec(2 * maps, rng, 1.0), gmask = random_vec(size_t(shape.batch) * hw, rng, 1.0);
+        Vec gphi = random_vec(n_t, rng, 1.0);
+        const MapResults got = overflow_run(dt, shape, sh.cl, t, bc.beta, beta_map, gz, gmask, gphi);
+        // the same with the overflow maps of batch element 0 made ordinary: map 1's outputs must not change
+        Vec t_ord = t;
+        for (size_t m : {0, 2, 3})
+          for (int p = 0; p < hw; ++p) t_ord[m * hw + p] = half ? 0.0 : t[m * hw + p] / big * small;
+        const MapResults ord = overflow_run(dt, shape, sh.cl, t_ord, bc.beta, beta_map, gz, gmask, gphi);
+        const Vec* got_maps[] = {&got.stats, &got.z, &got.phi, &got.gt, &got.gbeta, &got.gt2, &got.gbeta2};
+        const Vec* ord_maps[] = {&ord.stats, &ord.z, &ord.phi, &ord.gt, &ord.gbeta, &ord.gt2, &ord.gbeta2};
+        const size_t per_map_n[] = {2, 2, size_t(hw), size_t(hw), 1, size_t(hw), 1};
+        for (int o = 0; o < 7; ++o)
+          if (slice(*got_maps[o], 1, per_map_n[o]) != slice(*ord_maps[o], 1, per_map_n[o]))
+            overflow_fail("ordinary map changed", dt, shape, sh.cl, bc.name, 1);
+
+        // the reference (t as rounded to dt by the upload)
+        Case k{shape.batch, L, shape.height, shape.width, 1, 1, 1, bc.beta, bc.per_map, true, false, false, true};
+        const Forward ref = reference_forward(k, t, beta_map);
+        Vec gmask_f32 = gmask;
+        for (auto& x : gmask_f32) x = static_cast<float>(x);
+        const MapGrads rb = reference_map_backward(k, ref, t, gmask_f32, false, gz);
+        const MapGrads rs = reference_map_backward(k, ref, t, gphi, true, {});
+        const double tol = dt == dk::DType::kFloat32 ? 2e-4 : dt == dk::DType::kFloat16 ? 4e-3 : 2e-2;
+        for (size_t m = 0; m < maps; ++m) {
+          // c not finite in the direction of beta (a +inf logit with beta < 0 just gets zero probability)
+          const bool beta_neg = (bc.per_map ? beta_map[m] : bc.beta) < 0;
+          const bool nan_map = m == size_t(L) || (m == size_t(L) + 1 && !beta_neg) || (m == size_t(L) + 2 && beta_neg);
+          const bool over = m != 1 && m != size_t(L) + 3;
+          auto all = [&](const Vec& v, size_t n, auto pred) {
+            for (size_t i = m * n; i < (m + 1) * n; ++i)
+              if (!pred(v[i])) return false;
+            return true;
+          };
+          auto isnan_ = [](double x) { return std::isnan(x); };
+          if (nan_map) {
+            if (!all(got.phi, hw, isnan_) || !all(got.z, 2, isnan_) || !all(got.gt2, hw, isnan_))
+              overflow_fail("NaN map not all NaN", dt, shape, sh.cl, bc.name, m);
+            continue;
+          }
+          // Phi and z against the reference; Phi exactly 1 / k on an overflow map
+          // (grad T = beta g_s may be beyond the type: float16 with beta = 1e36, float32 with FLT_MAX and ties;
+          // there the value must be the infinity of its sign)
+          auto close = [&](const Vec& g, const Vec& w, size_t n, double scale) {
+            for (size_t i = m * n; i < (m + 1) * n; ++i) {
+              const double wr = round_to(dt, static_cast<float>(w[i]));
+              if (std::isinf(wr) ? g[i] != wr : !(std::fabs(g[i] - w[i]) <= tol * scale)) return false;
+            }
+            return true;
+          };
+          auto maxabs = [&](const Vec& w, size_t n) {
+            double r = 1e-30;
+            for (size_t i = m * n; i < (m + 1) * n; ++i)
+              if (!std::isinf(round_to(dt, static_cast<float>(w[i])))) r = std::max(r, std::fabs(w[i]));
+            return r;
+          };
+          if (!close(got.phi, ref.phi, hw, 1.0)) overflow_fail("phi", dt, shape, sh.cl, bc.name, m);
+          if (!close(got.z, ref.z, 2, 1.0)) overflow_fail("z", dt, shape, sh.cl, bc.name, m);
+          if (!close(got.gt, rb.gt, hw, maxabs(rb.gt, hw))) overflow_fail("grad T (mask)", dt, shape, sh.cl, bc.name, m);
+          if (!close(got.gt2, rs.gt, hw, maxabs(rs.gt, hw)))
+            overflow_fail("grad T (per map)", dt, shape, sh.cl, bc.name, m);
+          // grad beta = sum T g_s against the scale of its terms (with ties it is c (S - S): rounding only)
+          auto gb_scale = [&](const MapGrads& r) {
+            double sc = 1e-30;
+            for (int p = 0; p < hw; ++p) sc += std::fabs(t[m * hw + p] * r.gt[m * hw + p] / ref.beta[m]);
+            return sc;
+          };
+          const bool inf_logits = m == size_t(L) + 1 || m == size_t(L) + 2;  // grad beta: inf * 0 = NaN, as today
+          if (!inf_logits && !(std::fabs(got.gbeta[m] - rb.gbeta[m]) <= tol * gb_scale(rb))) {
+            overflow_fail("grad beta (mask)", dt, shape, sh.cl, bc.name, m);
+            std::printf("  got %.9g want %.9g scale %.9g\n", got.gbeta[m], rb.gbeta[m], gb_scale(rb));
+          }
+          if (!inf_logits && !(std::fabs(got.gbeta2[m] - rs.gbeta[m]) <= tol * gb_scale(rs)))
+            overflow_fail("grad beta (per map)", dt, shape, sh.cl, bc.name, m);
+          if (!over) continue;
+          const double smax = got.stats[2 * m], k = got.stats[2 * m + 1];
+          // the pixels at c (map 2 has two by construction; rounding to 16 bits may tie others)
+          double c = beta_neg ? INFINITY : -INFINITY;
+          for (int p = 0; p < hw; ++p) c = beta_neg ? std::min(c, t[m * hw + p]) : std::max(c, t[m * hw + p]);
+          const int ties = int(std::count(t.begin() + m * hw, t.begin() + (m + 1) * hw, c));
+          if (m == 2 && ties < 2) overflow_fail("test: no tie", dt, shape, sh.cl, bc.name, m);
+          if (!(std::isinf(smax) && k == ties)) overflow_fail("stats (+-inf, k)", dt, shape, sh.cl, bc.name, m);
+          int hits = 0;
+          for (int p = 0; p < hw; ++p) {
+            const double ph = got.phi[m * hw + p];
+            if (ph != 0.0 && ph != 1.0 / ties) hits = -1000;
+            if (ph != 0.0) ++hits;
+          }
+          if (hits != ties) overflow_fail("phi not exactly 1/k", dt, shape, sh.cl, bc.name, m);
+          if (ties == 1 && (!all(got.gt, hw, [](double x) { return x == 0.0; }) ||
+                            !all(got.gt2, hw, [](double x) { return x == 0.0; }) ||
+                            (!inf_logits && (got.gbeta[m] != 0.0 || got.gbeta2[m] != 0.0))))
+            overflow_fail("gradient not exactly 0", dt, shape, sh.cl, bc.name, m);
+        }
+        // the mask: batch element 0 against the reference, 1 (NaN maps) all NaN
+        Vec m0(got.mask.begin(), got.mask.begin() + hw), r0(ref.mask.begin(), ref.mask.begin() + hw);
+        for (size_t i = 0; i < size_t(hw); ++i)
+          if (!(std::fabs(m0[i] - r0[i]) <= tol * 4)) {
+            overflow_fail("mask", dt, shape, sh.cl, bc.name, 0);
+            break;
+          }
+        for (int p = 0; p < hw; ++p)
+          if (!std::isnan(got.mask[hw + p])) {
+            overflow_fail("mask of a NaN batch element", dt, shape, sh.cl, bc.name, size_t(L));
+            break;
+          }
+      }
+    }
+  }
+#ifdef DECAFA_EMULATION
+  // with DECAFA_CUDA_MAPS=ring the whole-tile shape ran the ring forward and backward
+  const char* maps_env = std::getenv("DECAFA_CUDA_MAPS");
+  const bool ring = maps_env != nullptr && std::string(maps_env) == "ring";
+  if (ring != (emu::traffic()["maps_forward_ring"].launches > ring_fwd) ||
+      ring != (emu::traffic()["maps_backward_ring"].launches > ring_bwd)) {
+    ++failures;
+    std::printf("FAIL overflow: the ring kernels ran or not against DECAFA_CUDA_MAPS\n");
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
 // channels_last T: pairs of maps per access against one value per access
 // ------------------------------------------------------------------------------------------------
 using WidthCount = std::map<size_t, unsigned long long>;  // bytes per access -> accesses (emulation)
@@ -582,21 +872,19 @@ std::vector<Vec> map_outputs(dk::DType dt, const dk::MapShape& shape, Vec& t, Ve
 
 // Both paths give the same bits (each map is reduced alone, in the same order, either way), and under the
 // emulation the aligned one is seen to load 2-element vectors and the shifted one scalars only. Shapes: runs
-// starting at odd maps and ending with a single map (DECAFA_CUDA_RUNS=3 over 8 maps), H*W not a multiple of the
+// starting at odd maps and ending with a single map (set_map_runs(3) over 8 maps), H*W not a multiple of the
 // per-thread pixels, one pixel, and an odd L (odd pixel stride: no pairs, scalar either way).
 void check_map_pairs_match_scalar() {
   struct Shape {
     dk::MapShape shape;
-    const char* runs;  // DECAFA_CUDA_RUNS: pairs need runs of two maps or more, whatever the device
+    int runs;  // set_map_runs: pairs need runs of two maps or more, whatever the device
   };
-  const Shape shapes[] = {{{2, 8, 12, 12}, "3"}, {{1, 6, 9, 13}, "1"}, {{2, 2, 1, 1}, "1"}, {{2, 7, 5, 5}, "1"}};
+  const Shape shapes[] = {{{2, 8, 12, 12}, 3}, {{1, 6, 9, 13}, 1}, {{2, 2, 1, 1}, 1}, {{2, 7, 5, 5}, 1}};
   const char* names[] = {"stats", "z", "mask", "phi", "grad_T (mask)", "grad_beta (mask)", "grad_T (per map)",
                          "grad_beta (per map)"};
   std::mt19937 rng(4321);
   for (const Shape& sh : shapes) {
-    const char* saved = std::getenv("DECAFA_CUDA_RUNS");
-    const std::string saved_runs = saved ? saved : "";
-    setenv("DECAFA_CUDA_RUNS", sh.runs, 1);
+    const int saved = dk::set_map_runs(sh.runs);
     const dk::MapShape& shape = sh.shape;
     const size_t maps = size_t(shape.batch) * shape.maps, hw = size_t(shape.height) * shape.width;
     for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16}) {
@@ -631,8 +919,7 @@ void check_map_pairs_match_scalar() {
                   widths(paired_widths.backward).c_str(), widths(scalar_widths.backward).c_str());
 #endif
     }
-    if (saved) setenv("DECAFA_CUDA_RUNS", saved_runs.c_str(), 1);
-    else unsetenv("DECAFA_CUDA_RUNS");
+    dk::set_map_runs(saved);
   }
 }
 
@@ -717,6 +1004,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::string arg = argc > 1 ? argv[1] : "";
+  // The library reads no environment for its runs of maps; this executable takes DECAFA_CUDA_RUNS=n (n > 0).
+  if (const char* env = std::getenv("DECAFA_CUDA_RUNS")) {
+    const int n = std::atoi(env);
+    if (n <= 0) {
+      std::fprintf(stderr, "decafa_kernels_smoke: DECAFA_CUDA_RUNS=%s is not a whole number >= 1\n", env);
+      return 1;
+    }
+    dk::set_map_runs(n);
+  }
 #ifdef DECAFA_EMULATION
   if (arg == "--traffic")  // --traffic B [channels_last]
     return run_traffic(argc > 2 ? std::atoi(argv[2]) : 2, argc > 3 && std::string(argv[3]) == "channels_last");
@@ -749,6 +1045,8 @@ int main(int argc, char** argv) {
   };
   check_one_pixel_map_has_zero_gradients();
   check_special_values();
+  check_overflow();
+  check_programmatic_launch();
   check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {

@@ -214,6 +214,11 @@ def test_sass_report_on_the_kernels(tmp_path):
                 per_logit("maps_forward_onchip", [t, v, "false"], arch)
             assert per_logit("maps_backward_ring", [t, "true"], arch) < \
                 per_logit("maps_backward_onchip", [t, "float", v, "false", "false"], arch)
+    # the overflow maps (beta T beyond float32) must not have made the ring's map loops longer than before them
+    # (sm_90, static counts of kernels/README.md before that work)
+    for t, fwd, bwd in (("float", 20.1, 30.0), ("__nv_bfloat16", 20.9, 31.6)):
+        assert per_logit("maps_forward_ring", [t, "true", "false"], 90) <= fwd
+        assert per_logit("maps_backward_ring", [t, "true"], 90) <= bwd
 
 
 def test_ncu_driver_runs_on_cpu(capsys):

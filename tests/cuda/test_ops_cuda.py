@@ -143,10 +143,11 @@ def test_channels_last_and_strided_inputs():
                                 what="strided logits")
 
 
-@pytest.mark.parametrize("runs", ["1", "3", "98"])
-def test_runs_of_maps_do_not_change_results(monkeypatch, runs):
-    """DECAFA_CUDA_RUNS only changes how the maps of a batch element are grouped into blocks (and so the order
-    in which the partial masks are summed): equal up to rounding."""
+@pytest.mark.parametrize("runs", [1, 3, 98])
+def test_runs_of_maps_do_not_change_results(runs):
+    """The runs of maps (DECAFA_CUDA_RUNS at import, ops.cuda_runs.set_runs in process) only change how the maps
+    of a batch element are grouped into blocks (and so the order in which the partial masks are summed): equal
+    up to rounding."""
     leaves = [t.requires_grad_() for t in make_inputs(5, 6, 16, 16, device="cuda", seed=4)]
 
     def run():
@@ -157,10 +158,17 @@ def test_runs_of_maps_do_not_change_results(monkeypatch, runs):
             fused.shape).remainder(7)).sum()).backward()
         return [z, fused] + [t.grad.clone() for t in leaves]
 
-    monkeypatch.delenv("DECAFA_CUDA_RUNS", raising=False)
-    default = run()
-    monkeypatch.setenv("DECAFA_CUDA_RUNS", runs)
-    other = run()
+    from decafa_fast.ops import cuda_runs
+
+    saved = cuda_runs.runs()
+    try:
+        cuda_runs.set_runs(None)
+        default = run()
+        cuda_runs.set_runs(runs)
+        assert cuda_runs.runs() == runs
+        other = run()
+    finally:
+        cuda_runs.set_runs(saved)
     for a, b in zip(default, other):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
