@@ -5,8 +5,9 @@
 # 2. tests: the Triton and CUDA op tests natively on the GPU (bf16 included), failures listed (-rfEs);
 # 3. head_floor: the Triton and CUDA C++ heads against each other, the floor and (last) the references,
 #    every GPU case of every dtype before any torch.compile (bench/head_floor.py);
-# 3b. tests_ring, head_floor_ring: the CUDA op tests and the CUDA C++ head again with the ring kernels of the
-#    per-map passes (DECAFA_CUDA_MAPS=ring), old and new kernels side by side;
+# 3b. tests_ring, head_floor_ring: the CUDA op tests and the CUDA C++ head again with the new kernel set: the
+#    ring kernels of the per-map passes and the pixel kernel's programmatic dependent launch
+#    (DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1), old and new kernels side by side;
 # 4. bench_model: the whole model, eager B = 1 and B = 64 bf16 for reference, triton and cuda, CUDA graphs
 #    at B = 1, and only then torch.compile (bench/model_check.py);
 # 3c. triton_kernels: each Triton per-map kernel on its own, persistent vs per-run (bench/triton_kernels.py);
@@ -139,7 +140,7 @@ write_report() {
             grep -E ' us( |$)' "$LOGS/head_floor.log" 2>/dev/null | sed 's/^/    /'
         fi
         echo
-        echo "## decafa_head, CUDA C++ with the ring forward (DECAFA_CUDA_MAPS=ring)"
+        echo "## decafa_head, CUDA C++ with the ring kernels and the programmatic launch (DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1)"
         grep -E '^(device|FAIL|skipped)|relative error' "$LOGS/head_floor_ring.log" 2>/dev/null | sed 's/^/    /'
         grep '^|' "$LOGS/head_floor_ring.log" 2>/dev/null
         grep -E '^(FAILED|ERROR)' "$LOGS/tests_ring.log" 2>/dev/null | head -n 20
@@ -208,9 +209,9 @@ run_step head_floor 75 bash -c '"$PY" bench/head_floor.py --sweep --budget-s $((
 
 # 3b. the ring kernels beside the run kernels: the CUDA op tests, then the CUDA head raced again (its json
 #     stays with the logs: gpu_results.py folds its cuda rows into the record, marked maps=ring).
-run_step tests_ring 25 env DECAFA_CUDA_MAPS=ring "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+run_step tests_ring 25 env DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
     tests/cuda/test_ops_cuda.py
-run_step head_floor_ring 35 env DECAFA_CUDA_MAPS=ring bash -c '"$PY" bench/head_floor.py --backends cuda \
+run_step head_floor_ring 35 env DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1 bash -c '"$PY" bench/head_floor.py --backends cuda \
     --no-compile --budget-s $((STEP_LIMIT - 10)) --json "$0/head_floor_ring.json"' "$LOGS"
 
 # 3c. each Triton per-map kernel on its own, persistent vs per-run kernels, B = 1 (eager and CUDA graph) and 64

@@ -10,8 +10,8 @@ Top level: commit, device, clocks, copy_gb_s, rows. A row: backend (cuda, triton
 the ops suite), op (decafa_head, the ops suite's ops such as soft_argmax, or model for the whole model), pass
 (fwd or fwd+bwd), dtype, batch, cuda_graph, time_us, and floor_us (the floor's time for that row's bytes at the
 measured copy rate) or, for model rows, images_per_s. CUDA rows of the head also say which per-map kernels ran
-(`maps`: onchip, or ring from the DECAFA_CUDA_MAPS=ring run). Prints the path written. Imports nothing beyond
-the standard library.
+(`maps`: onchip, or ring from the DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1 run, the new kernel set). Prints the
+path written. Imports nothing beyond the standard library.
 """
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ def _load(path: str | None) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--head-floor", help="bench/head_floor.py --json output")
-    p.add_argument("--head-floor-ring", help="the same with DECAFA_CUDA_MAPS=ring (its cuda rows are kept)")
+    p.add_argument("--head-floor-ring",
+                   help="the same with DECAFA_CUDA_MAPS=ring DECAFA_CUDA_PDL=1 (its cuda rows are kept)")
     p.add_argument("--model", help="bench/model_check.py --json output")
     p.add_argument("--ops-rows", help="the ops suite's --decafa-rows JSON lines (bench/test_ops.py)")
     p.add_argument("--triton-kernels", help="bench/triton_kernels.py --json output (Triton kernels old vs new)")

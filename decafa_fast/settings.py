@@ -9,12 +9,13 @@
 | DECAFA_FIRST_USE_BUILD | 1/0 (true/false, yes/no, on/off) | 1 | the first-use build |
 | DECAFA_BUILD_VERBOSE | as above | 0 | the first-use build |
 | FORCE_CUDA | as above: 1 builds the CUDA kernels, 0 never does | detected | setup.py and the first-use build |
-| DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | ops, at import (`ops/cuda_runs.py` passes it to the CUDA kernels) |
+| DECAFA_CUDA_RUNS | a whole number, 1 to 2**31 - 1 | the kernels' own choice | ops, at import (`ops/cuda_runs.py`) |
 | TRITON_INTERPRET | 1 turns Triton's interpreter on | 0 | ops, at import (Triton reads it itself) |
 
 Two more are read by the compiled kernels themselves: DECAFA_CPU_ISA (avx512, avx2, baseline, auto; read
 once by csrc/cpu/isa.cpp, a bad value warns in one line on stderr) and DECAFA_CUDA_MAPS (ring selects the ring
-kernels, anything else the default ones; read once by kernels/ring.cu).
+kernels, anything else the default ones; read once by kernels/ring.cu) and DECAFA_CUDA_PDL (1 launches the
+forward's pixel kernel as a programmatic dependent launch on sm_90 and later; read once by kernels/head.cu).
 Read elsewhere, by their own modules: DECAFA_TRITON_TUNING (decafa_fast/triton/tuning.py: another Triton
 tuning table, or off) and DECAFA_DEBUG (the CLI: full tracebacks).
 

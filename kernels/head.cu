@@ -39,7 +39,11 @@ cudaError_t device_info(DeviceInfo* out) {
 }
 
 namespace {
-std::atomic<bool> programmatic{false};  // set_programmatic_launch
+// set_programmatic_launch; DECAFA_CUDA_PDL=1 turns it on from the start (how bench/gpu_check.sh times it)
+std::atomic<bool> programmatic{[] {
+  const char* env = std::getenv("DECAFA_CUDA_PDL");
+  return env != nullptr && env[0] == '1' && env[1] == '\0';
+}()};
 }  // namespace
 
 bool programmatic_launch() { return programmatic.load(std::memory_order_relaxed); }

@@ -16,8 +16,8 @@ backend works under autograd, torch.compile(fullgraph=True) and opcheck. Under t
 formulation, which those transforms differentiate exactly. Loading the C++ extension is in `extension.py`,
 importing Triton in `triton_import.py`, what is available in `status.py`, the measured table "auto" reads on
 a GPU in `auto.py`, the choice and resolution of a backend in `backend.py`, argument checks in
-`validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in `cpu_cache.py`, the CUDA kernels' runs of maps in
-`cuda_runs.py`.
+`validation.py`, the fusion layout in `contract.layout`, the CPU kernels' output cache in `cpu_cache.py`, the
+CUDA kernels' runs of maps in `cuda_runs.py`.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ __all__ = [
     "attention_mask",
     "backends",
     "cpu_cache",
+    "cuda_runs",
     "decafa_head",
     "fuse",
     "fusion_layout",
