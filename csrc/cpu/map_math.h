@@ -638,6 +638,10 @@ DECAFA_INLINE MapLimit<acc_t> map_limit_impl(const scalar_t* t, int64_t n, acc_t
   int64_t k = 0;
 #pragma omp simd reduction(+ : k)
   for (int64_t i = 0; i < n; ++i) k += static_cast<acc_t>(t[i]) == c ? 1 : 0;
+  // OpenMP may start a min / max reduction's private copies at the largest finite value rather than at
+  // infinity (clang does): a map of +inf logits only (beta < 0) then gives c = the largest finite value, held
+  // by no pixel. No pixel at c means no finite extreme: the map is NaN.
+  if (k == 0) return out;
   out.c = c;
   out.k = static_cast<acc_t>(k);
   out.exact = true;
