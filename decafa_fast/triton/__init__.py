@@ -68,7 +68,7 @@ arguments: ops._checked) and computes everything per call; tests/triton/test_hos
 both paths launch the same and return the same bits. Triton's constexpr-function wrappers (triton.cdiv)
 are avoided and, in eager mode, the kernel is called without the wrap_triton tracing wrapper. The test
 times each op body with the launches stubbed (budget 15 us per op call on the 2-core CPU machine, where
-the slowest, decafa_head_backward, takes about 13.5 us; it prints the times with -s).
+the slowest, decafa_head_backward, takes about 12 us; it prints the times with -s).
 
 Compile check (sm_90, no GPU): registers / stack bytes (spills) / block barriers per map of the per-map
 kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: per run), from

@@ -996,11 +996,12 @@ def decafa_head_backward(
     """(grad_logits, grad_image, grad_embedding, grad_beta). A pixel-tiled pass over grad F, I, E and the
     saved M gives grad I, grad E and a float32 grad M; a per-map pass over T (grad M read once per run of
     maps) gives grad T and grad beta. T is not read for M."""
+    shape, device = logits.shape, logits.device
     plan = _planned(("decafa_head_backward",
                      None if grad_z is None else (grad_z.shape, grad_z.dtype, grad_z.device),
                      None if grad_fused is None else (grad_fused.shape, grad_fused.stride(), grad_fused.dtype,
                                                       grad_fused.device),
-                     logits.shape, logits.stride(), logits.dtype, logits.device, image.shape, image.stride(),
+                     shape, logits.stride(), logits.dtype, device, image.shape, image.stride(),
                      image.dtype, image.device, embedding.shape, embedding.stride(), embedding.dtype, embedding.device,
                      mask.shape, mask.stride(), mask.dtype, mask.device, stats.shape, stats.dtype, stats.device,
                      None if beta_map is None else (beta_map.shape, beta_map.dtype, beta_map.device), type(mode),
@@ -1009,11 +1010,9 @@ def decafa_head_backward(
                     normalized)
     if plan is not None:
         mode, (grid, ints, meta), spec = plan
-        shape = logits.shape
-        device = logits.device
         gm = torch.empty(shape[0], shape[2] * shape[3], dtype=_F32, device=device)
-        gi = _empty(image) if mode >= 2 else _zeros(image)
-        ge = _empty(embedding) if mode == 1 or mode >= 4 else _zeros(embedding)
+        gi = torch.empty_like(image, memory_format=_CONTIGUOUS) if mode >= 2 else _zeros(image)
+        ge = torch.empty_like(embedding, memory_format=_CONTIGUOUS) if mode == 1 or mode >= 4 else _zeros(embedding)
         if mode == 1:
             gm.zero_()
         gt = torch.empty_like(logits, memory_format=_CONTIGUOUS)
