@@ -229,3 +229,27 @@ def test_planned_bodies_launch_what_the_general_path_launches(monkeypatch):
             for x, y in zip(other[1], planned[1]):
                 assert (x.shape, x.stride(), x.dtype) == (y.shape, y.stride(), y.dtype), name
                 assert torch.equal(x, y), name
+
+
+def test_plans_follow_tuning(monkeypatch):
+    """A plan is made per TUNING state: an assignment is seen by the next call, and restoring the saved state
+    (as the tests' fixtures do, vars(TUNING).update(saved)) serves that state's plans again."""
+    grids = []
+    monkeypatch.setattr(tops, "_launch", lambda kernel, grid, *args, **meta: grids.append(grid))
+    t = torch.randn(2, 5, 4, 4)
+    saved = dict(vars(tops.TUNING))
+    try:
+        tops.TUNING.map_kernel, tops.TUNING.map_programs = "persistent", 3
+        tops.soft_argmax(t, 1.0, None, False)
+        tops.TUNING.map_programs = 7
+        tops.soft_argmax(t, 1.0, None, False)
+        state = dict(vars(tops.TUNING))
+        tops.TUNING.map_programs = 3
+        vars(tops.TUNING).update(state)
+        tops.soft_argmax(t, 1.0, None, False)
+    finally:
+        vars(tops.TUNING).update(saved)
+    tops.soft_argmax(t, 1.0, None, False)
+    assert grids[:3] == [(3,), (7,), (7,)]
+    assert grids[3] == tops._map_fwd_spec(t.shape, t.stride()[0:2] + (1,), t.device, False, True, False, False,
+                                          False)[2]
