@@ -58,13 +58,17 @@ Determinism: no atomics anywhere. Every reduction runs inside one program in a f
 by pass 2 in run / program order; partition sizes depend on the shape, ops.TUNING and the GPU's SM count
 only. Results are bitwise reproducible on one GPU model (the program count follows the SM count).
 
-Host side (small batches): the op bodies cache their launch configurations per shape and TUNING state
-(the persistent per-map launches as one plan: program count, coordinate affines, constexprs), run their
-argument checks once per kind of arguments (shapes, dtypes, devices: ops._checked), allocate same-shape
-outputs with empty_like (half the host time of new_empty), avoid Triton's constexpr-function wrappers
-(triton.cdiv) and, in eager mode, call the kernel without the wrap_triton tracing wrapper.
-tests/triton/test_host_overhead.py times each op body with the launches stubbed (budget 15 us per launch
-on the 2-core CPU machine, about 1.4x the slowest measured; it prints the times with -s).
+Host side (small batches): an op call looks up one plan keyed by its arguments' metadata (shapes, strides,
+dtypes, devices, flags) and the TUNING state (ops._planned): the argument checks ran when the plan was made,
+and it holds the launch specs (kernels, grids, integer arguments, constexprs), output shapes and memory
+formats, so a call only allocates its outputs (torch.empty with unpacked sizes, the cheapest form) and
+launches. Combinations no plan covers (B = 0, tensors that must be copied, absent gradients) and keys that
+cannot be hashed (symbolic sizes while tracing) take the general path, which checks (once per kind of
+arguments: ops._checked) and computes everything per call; tests/triton/test_host_overhead.py checks that
+both paths launch the same and return the same bits. Triton's constexpr-function wrappers (triton.cdiv)
+are avoided and, in eager mode, the kernel is called without the wrap_triton tracing wrapper. The test
+times each op body with the launches stubbed (budget 15 us per op call on the 2-core CPU machine, where
+the slowest, decafa_head_backward, takes about 12 us; it prints the times with -s).
 
 Compile check (sm_90, no GPU): registers / stack bytes (spills) / block barriers per map of the per-map
 kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: per run), from

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -30,10 +31,14 @@ from .fusion import fuse_bwd_kernel, mask_fuse_fwd_kernel
 from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
 from .stats import map_bwd_kernel, map_fwd_kernel
 
+_TUNING_STAMPS = itertools.count(1)
+
 
 @dataclass
 class Tuning:
-    """Launch parameters (128 x 128, L = 98 is the tuned case); bench/head_floor.py sweeps them on a GPU."""
+    """Launch parameters (128 x 128, L = 98 is the tuned case); bench/head_floor.py sweeps them on a GPU.
+    Change them by assigning attributes: each assignment stamps the instance anew, and the op plans are
+    cached per stamp (ops._planned)."""
 
     map_block_max: int = 16384  # largest map (pixels, rounded up to a power of 2) held whole on chip
     map_chunk: int = 4096  # elements of a tile when a map is swept in chunks (large or channels_last maps)
@@ -65,6 +70,12 @@ class Tuning:
     map_programs: int = 0
     map_programs_per_sm: int = 1  # one 32-warp program of 64 registers a thread fills an SM's registers
     map_stages: int = 2  # num_stages of the persistent map loop: >= 2 prefetches the next map (cp.async)
+
+    def __setattr__(self, name, value):
+        # a stamp unique across instances: a plan made under one state of one instance is never served to
+        # another state or instance (vars(t).update(saved) restores the saved state's stamp with it)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_stamp", next(_TUNING_STAMPS))
 
 
 TUNING = Tuning()
@@ -130,12 +141,9 @@ def _flat(t: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, in
     place, anything else is copied to contiguous. None gives (dummy, 0, 0, 0): never read."""
     if t is None:
         return dummy, 0, 0, 0
-    _, _, h, w = t.shape
-    sb, sc, sh, sw = t.stride()
-    if w == 1:
-        return t, sb, sc, sh
-    if h == 1 or sh == w * sw:
-        return t, sb, sc, sw
+    strides = _flat_strides(t.shape, t.stride())
+    if strides is not None:
+        return (t, *strides)
     t = t.contiguous()
     return t, t.stride(0), t.stride(1), 1
 
@@ -248,42 +256,6 @@ def _fuse_cfg_cached(hw: int, ci: int, c: int, nb: int, sms: int, channels_last:
     )
 
 
-def _run_map_fwd(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, n_runs: int, run_len: int,
-                 normalized: bool) -> None:
-    b, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t
-    xs, xo = _coord_affine(w, normalized)
-    ys, yo = _coord_affine(h, normalized)
-    # absent outputs get the (read-only) logits as a never-used pointer
-    _launch(map_fwd_kernel, (b * n_runs,),
-            tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
-            phi if phi is not None else tt, part if part is not None else stats,
-            l, w, h * w, 1.0 / w, n_runs, run_len,
-            s_tb, s_tl, s_tp,
-            beta, xs, xo, ys, yo,
-            HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None, WRITE_PHI=phi is not None,
-            WRITE_PART=part is not None, INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
-            **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
-
-
-def _run_map_bwd(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt, gbeta,
-                 shape, n_runs: int, run_len: int, normalized: bool) -> None:
-    b, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t
-    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
-    xs, _ = _coord_affine(w, normalized)
-    ys, _ = _coord_affine(h, normalized)
-    _launch(map_bwd_kernel, (b * n_runs,),
-            tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
-            l, w, h * w, 1.0 / w, n_runs, run_len,
-            s_tb, s_tl, s_tp,
-            s_gb, s_gl if g_per_map else 0, s_gp,
-            beta, xs, ys,
-            HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None, G_PER_MAP=g_per_map, HAS_GZ=gz is not None,
-            INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
-            **_map_cfg(h, w, run_len, s_tp, _interleaved(t)))
-
-
 def _persistent(t: tuple, h: int, w: int) -> bool:
     """Whether the per-map passes take the persistent kernels: TUNING.map_kernel, whole maps, T not
     interleaved (channels_last keeps the per-run kernels and their sector-sharing map order)."""
@@ -312,17 +284,6 @@ def _persistent_cfg_cached(h: int, w: int, _key: tuple) -> dict:
                 num_warps=max(4, min(TUNING.map_warps, bh * bw // 512)))
 
 
-def _launch_persistent(kernel, grid: tuple, *args, **meta) -> None:
-    """A persistent launch; a GPU with too little shared memory for the prefetched map (e.g. 100 KiB on
-    sm_86 against 128 KiB for the float32 softmax backward) gets the kernel without prefetch instead."""
-    try:
-        _launch(kernel, grid, *args, **meta)
-    except OutOfResources:
-        if meta.get("STAGES", 1) <= 1:
-            raise
-        _launch(kernel, grid, *args, **dict(meta, STAGES=1))
-
-
 def _persistent_plan(shape, t: tuple, device: torch.device, normalized: bool):
     """(n_progs, coordinate affines (xs, xo, ys, yo), constexprs) of a persistent per-map launch over logits
     of this shape, strides and device, or None when the per-run kernels take it (_persistent): cached, so a
@@ -342,80 +303,147 @@ def _persistent_plan_cached(b: int, l: int, h: int, w: int, s_tb: int, s_tl: int
             dict(PIX64=_wide(h * w, s_tp), **_persistent_cfg(h, w)))
 
 
-def _run_map_fwd_persistent(t: tuple, beta: float, beta_map, stats, z, phi, part, shape, plan: tuple) -> None:
-    b, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t
-    n_progs, (xs, xo, ys, yo), cfg = plan
-    _launch_persistent(map_fwd_persistent_kernel, (n_progs,),
-            tt, beta_map if beta_map is not None else stats, stats, z if z is not None else tt,
-            phi if phi is not None else tt, part if part is not None else stats,
-            l, w, h * w, b * l, n_progs,
-            s_tb, s_tl, s_tp,
-            beta, xs, xo, ys, yo,
-            HAS_BETA_MAP=beta_map is not None, WRITE_Z=z is not None,
-            WRITE_PHI=phi is not None, WRITE_PART=part is not None, **cfg)
+def _flat_strides(shape, stride) -> tuple[int, int, int] | None:
+    """(batch, channel, pixel) strides of a (B, C, H, W) tensor of this shape and strides whose pixel
+    p = row*W + col sits at p * (pixel stride), or None when it is not pixel-flat (_flat copies it)."""
+    _, _, h, w = shape
+    sb, sc, sh, sw = stride
+    if w == 1:
+        return sb, sc, sh
+    if h == 1 or sh == w * sw:
+        return sb, sc, sw
+    return None
 
 
-def _run_map_bwd_persistent(t: tuple, beta: float, beta_map, stats, g: tuple | None, g_per_map: bool, gz, gt,
-                            gbeta, shape, plan: tuple) -> None:
+# A launch spec: (persistent, kernel, grid, ints before beta, floats after beta, constexprs, part shape, parts).
+# The op bodies pass the tensors and beta; everything else depends only on shapes, strides, device, flags and
+# TUNING, so the planned op bodies cache it.
+def _map_fwd_spec(shape, t_strides: tuple, device: torch.device, normalized: bool, want_z: bool, want_phi: bool,
+                  want_mask: bool, has_beta_map: bool) -> tuple:
+    """The per-map forward launch; its part (partial masks, float32) is (n_progs + B, H*W) from the persistent
+    kernel, parts = (n_progs, True, L), or (B, n_runs, H*W) from the per-run one, parts = (n_runs, False, L)."""
     b, l, h, w = shape
-    tt, s_tb, s_tl, s_tp = t
-    gg, s_gb, s_gl, s_gp = g if g is not None else (tt, 0, 0, 0)
-    n_progs, (xs, _, ys, _), cfg = plan
-    _launch_persistent(map_bwd_persistent_kernel, (n_progs,),
-            tt, beta_map if beta_map is not None else stats, stats, gg, gz if gz is not None else stats, gt, gbeta,
-            l, w, h * w, b * l, n_progs,
-            s_tb, s_tl, s_tp,
-            s_gb, s_gl if g_per_map else 0, s_gp,
-            beta, xs, ys,
-            HAS_BETA_MAP=beta_map is not None, HAS_G=g is not None,
-            G_PER_MAP=g_per_map, HAS_GZ=gz is not None, **cfg)
+    s_tb, s_tl, s_tp = t_strides
+    t = (None, s_tb, s_tl, s_tp)
+    flags = dict(HAS_BETA_MAP=has_beta_map, WRITE_Z=want_z, WRITE_PHI=want_phi, WRITE_PART=want_mask)
+    plan = _persistent_plan(shape, t, device, normalized)
+    if plan is not None:
+        n_progs, affines, cfg = plan
+        return (True, map_fwd_persistent_kernel, (n_progs,), (l, w, h * w, b * l, n_progs, s_tb, s_tl, s_tp),
+                affines, dict(flags, **cfg), (n_progs + b, h * w) if want_mask else None, (n_progs, True, l))
+    if want_mask:
+        n_runs, run_len = _mask_runs(b, l, device)
+    else:
+        n_runs, run_len = _plain_runs(t, l, h, w)
+    return (False, map_fwd_kernel, (b * n_runs,), (l, w, h * w, 1.0 / w, n_runs, run_len, s_tb, s_tl, s_tp),
+            (*_coord_affine(w, normalized), *_coord_affine(h, normalized)),
+            dict(flags, INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
+                 **_map_cfg(h, w, run_len, s_tp, _interleaved(t))),
+            (b, n_runs, h * w) if want_mask else None, (n_runs, False, l))
+
+
+def _map_bwd_spec(shape, t_strides: tuple, device: torch.device, normalized: bool, g_strides: tuple | None,
+                  g_per_map: bool, has_gz: bool, has_beta_map: bool) -> tuple:
+    """The per-map backward launch; g_strides: (batch, map, pixel) strides of G, None without G."""
+    b, l, h, w = shape
+    s_tb, s_tl, s_tp = t_strides
+    t = (None, s_tb, s_tl, s_tp)
+    s_gb, s_gl, s_gp = g_strides if g_strides is not None else (0, 0, 0)
+    g_ints = (s_gb, s_gl if g_per_map else 0, s_gp)
+    flags = dict(HAS_BETA_MAP=has_beta_map, HAS_G=g_strides is not None, G_PER_MAP=g_per_map, HAS_GZ=has_gz)
+    plan = _persistent_plan(shape, t, device, normalized)
+    if plan is not None:
+        n_progs, (xs, _, ys, _), cfg = plan
+        return (True, map_bwd_persistent_kernel, (n_progs,),
+                (l, w, h * w, b * l, n_progs, s_tb, s_tl, s_tp, *g_ints), (xs, ys), dict(flags, **cfg), None, None)
+    if g_strides is not None and not g_per_map:  # read the shared G once per run
+        n_runs, run_len = _mask_runs(b, l, device)
+    else:
+        n_runs, run_len = _plain_runs(t, l, h, w)
+    return (False, map_bwd_kernel, (b * n_runs,),
+            (l, w, h * w, 1.0 / w, n_runs, run_len, s_tb, s_tl, s_tp, *g_ints),
+            (_coord_affine(w, normalized)[0], _coord_affine(h, normalized)[0]),
+            dict(flags, INT_DIV=h * w > TUNING.int_div_above, PIX64=_wide(h * w, s_tp),
+                 **_map_cfg(h, w, run_len, s_tp, _interleaved(t))),
+            None, None)
+
+
+def _launch_map(spec: tuple, tensors: tuple, beta: float) -> None:
+    """A per-map launch of `spec` on `tensors` (the kernel's pointer arguments, in order). A persistent launch
+    on a GPU with too little shared memory for the prefetched map (e.g. 100 KiB on sm_86 against 128 KiB for
+    the float32 softmax backward) gets the kernel without prefetch instead."""
+    persistent, kernel, grid, ints, floats, meta, _, _ = spec
+    try:
+        _launch(kernel, grid, *tensors, *ints, beta, *floats, **meta)
+    except OutOfResources:
+        if not persistent or meta.get("STAGES", 1) <= 1:
+            raise
+        _launch(kernel, grid, *tensors, *ints, beta, *floats, **dict(meta, STAGES=1))
+
+
+def _mask_fuse_spec(parts: tuple, from_parts: bool, m_strides: tuple | None, i_shape_strides: tuple | None,
+                    e_shape_strides: tuple | None, f_strides: tuple | None, write_mask: bool, b: int, hw: int,
+                    mode: int, device: torch.device) -> tuple:
+    """(grid, ints, constexprs) of mask_fuse_fwd_kernel: M from the partial masks (from_parts; parts =
+    (n_runs, pieces, L), see _map_fwd_spec) or from a mask of strides m_strides (batch, -, pixel); I and E
+    as (channels, flat strides) or None; F's flat strides or None."""
+    n_runs, pieces, l = parts
+    _, s_mb, _, s_mp = (None, *m_strides) if m_strides is not None else (None, 0, 0, 0)
+    ci, (s_ib, s_ic, s_ip) = i_shape_strides or (0, (0, 0, 0))
+    c, (s_eb, s_ec, s_ep) = e_shape_strides or (0, (0, 0, 0))
+    s_fb, s_fc, s_fp = f_strides or (0, 0, 0)
+    lay = _layout(mode, ci, c)
+    cfg = _fuse_cfg(hw, ci, c, b, device, f_strides is not None and s_fc == 1 and s_fp != 1)
+    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
+    return ((b * n_tiles,),
+            (hw, ci, c, n_tiles, n_runs, b * l, l,
+             s_mb, s_mp,
+             s_ib, s_ic, s_ip,
+             s_eb, s_ec, s_ep,
+             s_fb, s_fc, s_fp,
+             lay.image, lay.image_mask, lay.embedding, lay.embedding_mask),
+            dict(MODE=mode, FROM_PARTS=from_parts, WRITE_MASK=write_mask, PIECES=pieces, **cfg))
 
 
 def _run_mask_fuse(part, parts: tuple, m: tuple | None, i: tuple | None, e: tuple | None, fused, m_out,
                    b: int, hw: int, mode: int, device: torch.device) -> None:
     """mask_fuse_fwd_kernel: M from the partial masks (part given; parts = (n_runs, pieces, L), see
-    _forward_maps) or from m; writes m_out / fused if given."""
-    n_runs, pieces, l = parts
+    _map_fwd_spec) or from m; writes m_out / fused if given."""
     dummy = part if part is not None else m[0]
-    mm, s_mb, _, s_mp = m or (dummy, 0, 0, 0)
-    ii, s_ib, s_ic, s_ip = i or (dummy, 0, 0, 0)
-    ee, s_eb, s_ec, s_ep = e or (dummy, 0, 0, 0)
-    ci = ii.shape[1] if i is not None else 0
-    c = ee.shape[1] if e is not None else 0
+    ff = _flat(fused, dummy)
+    grid, ints, meta = _mask_fuse_spec(
+        parts, part is not None, None if m is None else m[1:], None if i is None else (i[0].shape[1], i[1:]),
+        None if e is None else (e[0].shape[1], e[1:]), None if fused is None else ff[1:], m_out is not None,
+        b, hw, mode, device)
+    _launch(mask_fuse_fwd_kernel, grid,
+            part if part is not None else dummy, (m or (dummy,))[0], (i or (dummy,))[0], (e or (dummy,))[0], ff[0],
+            m_out if m_out is not None else dummy, *ints, **meta)
+
+
+def _fuse_bwd_spec(gf_strides: tuple, m_strides: tuple, i_strides: tuple, e_strides: tuple, ci: int, c: int,
+                   b: int, hw: int, mode: int, device: torch.device) -> tuple:
+    """(grid, ints, constexprs) of fuse_bwd_kernel, from the flat (batch, channel, pixel) strides."""
+    s_mb, _, s_mp = m_strides
+    s_ib, s_ic, s_ip = i_strides
+    s_eb, s_ec, s_ep = e_strides
+    s_fb, s_fc, s_fp = gf_strides
     lay = _layout(mode, ci, c)
-    ff, s_fb, s_fc, s_fp = _flat(fused, dummy)
-    cfg = _fuse_cfg(hw, ci, c, b, device, fused is not None and s_fc == 1 and s_fp != 1)
+    cfg = _fuse_cfg(hw, ci, c, b, device, s_fc == 1 and s_fp != 1)
     n_tiles = _cdiv(hw, cfg["BLOCK_P"])
-    _launch(mask_fuse_fwd_kernel, (b * n_tiles,),
-            part if part is not None else dummy, mm, ii, ee, ff, m_out if m_out is not None else dummy,
-            hw, ci, c, n_tiles, n_runs, b * l, l,
-            s_mb, s_mp,
-            s_ib, s_ic, s_ip,
-            s_eb, s_ec, s_ep,
-            s_fb, s_fc, s_fp,
-            lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
-            MODE=mode, FROM_PARTS=part is not None, WRITE_MASK=m_out is not None, PIECES=pieces, **cfg)
+    return ((b * n_tiles,),
+            (hw, ci, c, n_tiles,
+             s_mb, s_mp,
+             s_ib, s_ic, s_ip,
+             s_eb, s_ec, s_ep,
+             s_fb, s_fc, s_fp,
+             lay.image, lay.image_mask, lay.embedding, lay.embedding_mask),
+            dict(MODE=mode, **cfg))
 
 
 def _run_fuse_bwd(gf: tuple, m: tuple, i: tuple, e: tuple, gi, ge, gm, b: int, hw: int, mode: int) -> None:
-    mm, s_mb, _, s_mp = m
-    ii, s_ib, s_ic, s_ip = i
-    ee, s_eb, s_ec, s_ep = e
-    gg, s_fb, s_fc, s_fp = gf
-    ci, c = ii.shape[1], ee.shape[1]
-    lay = _layout(mode, ci, c)
-    cfg = _fuse_cfg(hw, ci, c, b, gg.device, s_fc == 1 and s_fp != 1)
-    n_tiles = _cdiv(hw, cfg["BLOCK_P"])
-    _launch(fuse_bwd_kernel, (b * n_tiles,),
-            mm, ii, ee, gg, gi, ge, gm,
-            hw, ci, c, n_tiles,
-            s_mb, s_mp,
-            s_ib, s_ic, s_ip,
-            s_eb, s_ec, s_ep,
-            s_fb, s_fc, s_fp,
-            lay.image, lay.image_mask, lay.embedding, lay.embedding_mask,
-            MODE=mode, **cfg)
+    grid, ints, meta = _fuse_bwd_spec(gf[1:], m[1:], i[1:], e[1:], i[0].shape[1], e[0].shape[1], b, hw, mode,
+                                      gf[0].device)
+    _launch(fuse_bwd_kernel, grid, m[0], i[0], e[0], gf[0], gi, ge, gm, *ints, **meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,32 +484,23 @@ def _check_logits_and_beta(logits: torch.Tensor, beta_map: torch.Tensor | None) 
 
 def _forward_maps(logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool,
                   want_z: bool, want_phi: bool, want_mask: bool):
-    """(z, phi, part, parts, stats): the per-map pass. part holds the partial masks in float32, (B, n_runs,
-    H*W) from the per-run kernel, parts = (n_runs, False, L), or (n_progs + B, H*W) from the persistent
-    one, parts = (n_progs, True, L) (persistent.py)."""
-    b, l, h, w = logits.shape
+    """(z, phi, part, parts, stats): the per-map pass (part and parts as _map_fwd_spec)."""
+    b = logits.shape[0]
+    t = _flat(logits, logits)
+    spec = _map_fwd_spec(logits.shape, t[1:], logits.device, normalized, want_z, want_phi, want_mask,
+                         beta_map is not None)
     stats = _new_stats(logits)
     z = _new_z(logits) if want_z else None
     phi = _empty(logits) if want_phi else None
-    t = _flat(logits, logits)
-    plan = _persistent_plan(logits.shape, t, logits.device, normalized)
-    if plan is not None:
-        n_progs = plan[0]
-        part = logits.new_empty((n_progs + b, h * w), dtype=torch.float32) if want_mask else None
-        with _device_guard(logits):
-            _run_map_fwd_persistent(t, beta, None if beta_map is None else beta_map.contiguous(), stats, z, phi, part,
-                                    logits.shape, plan)
-        return z, phi, part, (n_progs, True, l), stats
-    if want_mask:
-        n_runs, run_len = _mask_runs(b, l, logits.device)
-    else:
-        n_runs, run_len = _plain_runs(t, l, h, w)
-    part = logits.new_empty((b, n_runs, h * w), dtype=torch.float32) if want_mask else None
+    part = logits.new_empty(spec[6], dtype=torch.float32) if want_mask else None
     if b:
+        tt = t[0]
+        # absent outputs get the (read-only) logits or stats as a never-used pointer
         with _device_guard(logits):
-            _run_map_fwd(t, beta, _contig(beta_map), stats, z, phi, part, logits.shape, n_runs, run_len,
-                         normalized)
-    return z, phi, part, (n_runs, False, l), stats
+            _launch_map(spec, (tt, stats if beta_map is None else beta_map.contiguous(), stats,
+                               tt if z is None else z, tt if phi is None else phi, stats if part is None else part),
+                        beta)
+    return z, phi, part, spec[7], stats
 
 
 def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None,
@@ -492,28 +511,19 @@ def _backward_maps(logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_
     if g is None and grad_z is None:
         return _zeros(logits), gbeta.zero_()
     gt = _empty(logits)
-    t = _flat(logits, logits)
-    plan = _persistent_plan(logits.shape, t, logits.device, normalized)
-    if plan is not None:
-        gp = None
-        if g is not None:
-            gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
-        with _device_guard(logits):
-            _run_map_bwd_persistent(t, beta, None if beta_map is None else beta_map.contiguous(), stats.contiguous(),
-                                    gp, g_per_map, None if grad_z is None else grad_z.contiguous(), gt, gbeta,
-                                    logits.shape, plan)
+    if not b:
         return gt, gbeta
-    if g is not None and not g_per_map:  # read the shared G once per run
-        n_runs, run_len = _mask_runs(b, l, logits.device)
-    else:
-        n_runs, run_len = _plain_runs(t, l, h, w)
-    if b:
-        gp = None
-        if g is not None:
-            gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
-        with _device_guard(logits):
-            _run_map_bwd(t, beta, _contig(beta_map), stats.contiguous(), gp, g_per_map, _contig(grad_z), gt, gbeta,
-                         logits.shape, n_runs, run_len, normalized)
+    t = _flat(logits, logits)
+    gp = None
+    if g is not None:
+        gp = _flat(g, logits) if g.dim() == 4 else (g, g.stride(0), 0, g.stride(1))
+    spec = _map_bwd_spec(logits.shape, t[1:], logits.device, normalized, None if gp is None else gp[1:], g_per_map,
+                         grad_z is not None, beta_map is not None)
+    stats = stats.contiguous()
+    with _device_guard(logits):
+        _launch_map(spec, (t[0], stats if beta_map is None else beta_map.contiguous(), stats,
+                           t[0] if gp is None else gp[0], stats if grad_z is None else grad_z.contiguous(), gt, gbeta),
+                    beta)
     return gt, gbeta
 
 
@@ -589,12 +599,180 @@ def _check_head_bwd(grad_z, grad_fused, logits, image, embedding, mask, stats, m
 
 
 # --------------------------------------------------------------------------------------------------
+# Planned op bodies: what a call computes besides its outputs' storage and the launches (argument checks,
+# launch specs, output shapes, memory formats) depends only on the arguments' metadata and TUNING, so it is
+# computed once per combination (a plan) and looked up by one key: a few microseconds an op call at small
+# batch sizes. A combination the plans do not cover (B = 0, tensors to copy, absent gradients) or a key
+# that cannot be hashed (symbolic sizes while tracing) takes the general path, which checks and computes
+# everything per call.
+# --------------------------------------------------------------------------------------------------
+_PLANS: dict = {}
+_F32 = torch.float32
+
+
+def _planned(key: tuple, builder, *args):
+    """builder(*args) (the plan of an op call, or None for the general path; raises on a bad call), once per
+    key."""
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return None
+    plan = builder(*args)
+    if len(_PLANS) >= 4096:  # many shapes: start again rather than grow without bound
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _plan_maps_fwd(logits, beta_map, normalized, want_z, want_phi, want_mask):
+    """(map spec, (B, L, 2), part shape, mask_fuse spec, mask shape) of spatial_softmax, soft_argmax,
+    attention_mask, landmark_attention."""
+    _checked(_check_maps_fwd, logits, beta_map)
+    b, l, h, w = logits.shape
+    strides = _flat_strides(logits.shape, logits.stride())
+    if not b or strides is None:
+        return None
+    spec = _map_fwd_spec(logits.shape, strides, logits.device, normalized, want_z, want_phi, want_mask,
+                         beta_map is not None)
+    fuse = None
+    if want_mask:
+        fuse = _mask_fuse_spec(spec[7], True, None, None, None, None, True, b, h * w, 0, logits.device)
+    return spec, (b, l, 2), spec[6], fuse, (b, 1, h, w)
+
+
+def _maps_fwd(name: str, logits, beta, beta_map, normalized, want_z, want_phi, want_mask):
+    """(z, phi, M, stats) of a planned forward op (None where not wanted), or None: take the general path."""
+    dtype, device = logits.dtype, logits.device
+    plan = _planned((name, logits.shape, logits.stride(), dtype, device,
+                     None if beta_map is None else (beta_map.shape, beta_map.dtype, beta_map.device), normalized,
+                     TUNING._stamp),
+                    _plan_maps_fwd, logits, beta_map, normalized, want_z, want_phi, want_mask)
+    if plan is None:
+        return None
+    spec, n_shape, part_shape, fuse, m_shape = plan
+    stats = torch.empty(*n_shape, dtype=_F32, device=device)
+    z = torch.empty(*n_shape, dtype=dtype, device=device) if want_z else None
+    phi = torch.empty_like(logits, memory_format=_CONTIGUOUS) if want_phi else None
+    part = m = None
+    if want_mask:
+        part = torch.empty(*part_shape, dtype=_F32, device=device)
+        m = torch.empty(*m_shape, dtype=dtype, device=device)
+    with _device_guard(logits):
+        _launch_map(spec, (logits, stats if beta_map is None else beta_map.contiguous(), stats,
+                           logits if z is None else z, logits if phi is None else phi,
+                           stats if part is None else part), beta)
+        if want_mask:
+            grid, ints, meta = fuse
+            _launch(mask_fuse_fwd_kernel, grid, part, part, part, part, part, m, *ints, **meta)
+    return z, phi, m, stats
+
+
+def _plan_maps_bwd(g, g_per_map, grad_z, logits, stats, beta_map, normalized, checker, check_args):
+    """(map spec) of spatial_softmax_backward, landmark_attention_backward."""
+    checker(*check_args)
+    strides = _flat_strides(logits.shape, logits.stride())
+    g_strides = None if g is None else _flat_strides(g.shape, g.stride())
+    if not logits.shape[0] or strides is None or (g is not None and g_strides is None) \
+            or (g is None and grad_z is None):
+        return None
+    return _map_bwd_spec(logits.shape, strides, logits.device, normalized, g_strides, g_per_map, grad_z is not None,
+                         beta_map is not None)
+
+
+def _maps_bwd(spec, g, grad_z, logits, stats, beta, beta_map):
+    gt = torch.empty_like(logits, memory_format=_CONTIGUOUS)
+    shape = logits.shape
+    gbeta = torch.empty(shape[0], shape[1], dtype=_F32, device=logits.device)
+    stats = stats.contiguous()
+    with _device_guard(logits):
+        _launch_map(spec, (logits, stats if beta_map is None else beta_map.contiguous(), stats,
+                           logits if g is None else g, stats if grad_z is None else grad_z.contiguous(), gt, gbeta),
+                    beta)
+    return gt, gbeta
+
+
+def _meta(t):
+    """The key of an optional tensor whose strides do not matter (made contiguous where read)."""
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _plan_fuse(image, embedding, mask, mode):
+    """(fused shape, memory format, mask_fuse spec) of fuse."""
+    mode = _checked(_check_fuse, image, embedding, mask, mode)
+    b, ci, h, w = image.shape
+    c = embedding.shape[1]
+    i_s, e_s, m_s = (_flat_strides(t.shape, t.stride()) for t in (image, embedding, mask))
+    if not (b and h * w) or i_s is None or e_s is None or m_s is None:
+        return None
+    f_shape, fmt, f_s = _fused_out(b, mode, ci, c, h, w, embedding)
+    return f_shape, fmt, _mask_fuse_spec((0, False, 1), False, m_s, (ci, i_s), (c, e_s), f_s, False, b, h * w, mode,
+                                         image.device)
+
+
+def _fused_out(b, mode, ci, c, h, w, embedding):
+    """(shape, memory format, flat strides) of F<mode>."""
+    ch = _layout(mode, ci, c).channels
+    fmt = fused_memory_format(embedding)
+    if fmt == torch.channels_last:
+        return (b, ch, h, w), fmt, (h * w * ch, 1, ch)
+    return (b, ch, h, w), fmt, (ch * h * w, h * w, 1)
+
+
+def _plan_fuse_bwd(grad_fused, image, embedding, mask, mode):
+    """(mode, fuse_bwd spec) of fuse_backward."""
+    mode = _checked(_check_fuse_bwd, grad_fused, image, embedding, mask, mode)
+    b, ci, h, w = image.shape
+    s = [_flat_strides(t.shape, t.stride()) for t in (grad_fused, mask, image, embedding)]
+    if not (b and h * w) or None in s:
+        return None
+    return mode, _fuse_bwd_spec(*s, ci, embedding.shape[1], b, h * w, mode, image.device)
+
+
+def _plan_head(logits, image, embedding, mode, beta_map, normalized):
+    """(map spec, (B, L, 2), part shape, mask shape, fused shape, memory format, mask_fuse spec) of
+    decafa_head."""
+    mode = _checked(_check_head, logits, image, embedding, mode, beta_map)
+    b, l, h, w = logits.shape
+    ci, c = image.shape[1], embedding.shape[1]
+    t_s, i_s, e_s = (_flat_strides(t.shape, t.stride()) for t in (logits, image, embedding))
+    if not b or t_s is None or i_s is None or e_s is None:
+        return None
+    spec = _map_fwd_spec(logits.shape, t_s, logits.device, normalized, True, False, True, beta_map is not None)
+    f_shape, fmt, f_s = _fused_out(b, mode, ci, c, h, w, embedding)
+    fuse = _mask_fuse_spec(spec[7], True, None, (ci, i_s), (c, e_s), f_s, True, b, h * w, mode, logits.device)
+    return spec, (b, l, 2), spec[6], (b, 1, h, w), f_shape, fmt, fuse
+
+
+def _plan_head_bwd(grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map, normalized):
+    """(mode, fuse_bwd spec, map bwd spec) of decafa_head_backward."""
+    mode = _checked(_check_head_bwd, grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map)
+    b, _, h, w = logits.shape
+    ci, c = image.shape[1], embedding.shape[1]
+    if grad_fused is None or not b or (mode == 1 and grad_z is None):
+        return None
+    s = [_flat_strides(t.shape, t.stride()) for t in (grad_fused, mask, image, embedding, logits)]
+    if None in s:
+        return None
+    hw = h * w
+    fuse = _fuse_bwd_spec(*s[:4], ci, c, b, hw, mode, logits.device)
+    # grad M (B, H*W) float32, shared by the maps; F1 = E has no masked segment: nothing reaches T through M
+    maps = _map_bwd_spec(logits.shape, s[4], logits.device, normalized, (hw, 0, 1) if mode >= 2 else None, False,
+                         grad_z is not None, beta_map is not None)
+    return mode, fuse, maps
+
+
+# --------------------------------------------------------------------------------------------------
 # The ops (argument names, order and types exactly as decafa_fast.contract.schemas.SCHEMAS)
 # --------------------------------------------------------------------------------------------------
 def spatial_softmax(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (Phi (B, L, H, W) contiguous, stats (B, L, 2) float32)."""
+    out = _maps_fwd("spatial_softmax", logits, beta, beta_map, False, False, True, False)
+    if out is not None:
+        return out[1], out[3]
     _checked(_check_maps_fwd, logits, beta_map)
     _, phi, _, _, stats = _forward_maps(logits, beta, beta_map, False, False, True, False)
     return phi, stats
@@ -604,6 +782,13 @@ def spatial_softmax_backward(
     grad_phi: torch.Tensor, logits: torch.Tensor, stats: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logits (B, L, H, W), grad_beta (B, L) float32)."""
+    spec = _planned(("spatial_softmax_backward", grad_phi.shape, grad_phi.stride(), grad_phi.dtype, grad_phi.device,
+                     logits.shape, logits.stride(), logits.dtype, logits.device, _meta(stats), _meta(beta_map),
+                     TUNING._stamp),
+                    _plan_maps_bwd, grad_phi, True, None, logits, stats, beta_map, False, _checked,
+                    (_check_softmax_bwd, grad_phi, logits, stats, beta_map))
+    if spec is not None:
+        return _maps_bwd(spec, grad_phi, None, logits, stats, beta, beta_map)
     _checked(_check_softmax_bwd, grad_phi, logits, stats, beta_map)
     return _backward_maps(logits, stats, beta, beta_map, grad_phi, True, None, False)
 
@@ -612,6 +797,9 @@ def soft_argmax(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2) as (x, y), stats (B, L, 2))."""
+    out = _maps_fwd("soft_argmax", logits, beta, beta_map, normalized, True, False, False)
+    if out is not None:
+        return out[0], out[3]
     _checked(_check_maps_fwd, logits, beta_map)
     z, _, _, _, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, False)
     return z, stats
@@ -630,6 +818,9 @@ def attention_mask(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (M (B, 1, H, W) = sum_l Phi_l, stats (B, L, 2))."""
+    out = _maps_fwd("attention_mask", logits, beta, beta_map, False, False, False, True)
+    if out is not None:
+        return out[2], out[3]
     _checked(_check_maps_fwd, logits, beta_map)
     _, _, part, parts, stats = _forward_maps(logits, beta, beta_map, False, False, False, True)
     return _mask_from_parts(logits, part, parts), stats
@@ -639,6 +830,9 @@ def landmark_attention(
     logits: torch.Tensor, beta: float, beta_map: torch.Tensor | None, normalized: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (B, L, H, W) -> (z (B, L, 2), M (B, 1, H, W), stats (B, L, 2))."""
+    out = _maps_fwd("landmark_attention", logits, beta, beta_map, normalized, True, False, True)
+    if out is not None:
+        return out[0], out[2], out[3]
     _checked(_check_maps_fwd, logits, beta_map)
     z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
     return z, _mask_from_parts(logits, part, parts), stats
@@ -654,6 +848,15 @@ def landmark_attention_backward(
     normalized: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_logits, grad_beta) from grad_z (B, L, 2) and grad_mask (B, 1, H, W); None counts as zero."""
+    spec = _planned(("landmark_attention_backward", _meta(grad_z),
+                     None if grad_mask is None else (grad_mask.shape, grad_mask.stride(), grad_mask.dtype,
+                                                     grad_mask.device),
+                     logits.shape, logits.stride(), logits.dtype, logits.device, _meta(stats), _meta(beta_map),
+                     normalized, TUNING._stamp),
+                    _plan_maps_bwd, grad_mask, False, grad_z, logits, stats, beta_map, normalized, _checked,
+                    (_check_landmark_bwd, grad_z, grad_mask, logits, stats, beta_map))
+    if spec is not None:
+        return _maps_bwd(spec, grad_mask, grad_z, logits, stats, beta, beta_map)
     _checked(_check_landmark_bwd, grad_z, grad_mask, logits, stats, beta_map)
     return _backward_maps(logits, stats, beta, beta_map, grad_mask, False, grad_z, normalized)
 
@@ -672,6 +875,17 @@ def _check_fusion_inputs(image, embedding, mask, mode_, ref: torch.Tensor, ref_n
 
 def fuse(image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int) -> torch.Tensor:
     """image (B, Ci, H, W), embedding (B, C, H, W), mask (B, 1, H, W) -> F<mode> in E's memory format."""
+    device = image.device
+    plan = _planned(("fuse", image.shape, image.stride(), image.dtype, device, embedding.shape, embedding.stride(),
+                     embedding.dtype, embedding.device, mask.shape, mask.stride(), mask.dtype, mask.device,
+                     type(mode), mode, TUNING._stamp),
+                    _plan_fuse, image, embedding, mask, mode)
+    if plan is not None:
+        f_shape, fmt, (grid, ints, meta) = plan
+        fused = torch.empty(*f_shape, dtype=image.dtype, device=device, memory_format=fmt)
+        with _device_guard(image):
+            _launch(mask_fuse_fwd_kernel, grid, mask, mask, image, embedding, fused, mask, *ints, **meta)
+        return fused
     mode = _checked(_check_fuse, image, embedding, mask, mode)
     b, ci, h, w = image.shape
     fused = torch.empty((b, _layout(mode, ci, embedding.shape[1]).channels, h, w), dtype=image.dtype,
@@ -702,6 +916,21 @@ def fuse_backward(
     grad_fused: torch.Tensor, image: torch.Tensor, embedding: torch.Tensor, mask: torch.Tensor, mode: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_image, grad_embedding, grad_mask (B, 1, H, W) in the mask dtype), all contiguous."""
+    plan = _planned(("fuse_backward", grad_fused.shape, grad_fused.stride(), grad_fused.dtype, grad_fused.device,
+                     image.shape, image.stride(), image.dtype, image.device, embedding.shape, embedding.stride(),
+                     embedding.dtype, embedding.device, mask.shape, mask.stride(), mask.dtype, mask.device,
+                     type(mode), mode, TUNING._stamp),
+                    _plan_fuse_bwd, grad_fused, image, embedding, mask, mode)
+    if plan is not None:
+        mode, (grid, ints, meta) = plan
+        gm = _empty(mask)
+        gi = _empty(image) if mode >= 2 else _zeros(image)
+        ge = _empty(embedding) if mode == 1 or mode >= 4 else _zeros(embedding)
+        if mode == 1:
+            gm.zero_()
+        with _device_guard(image):
+            _launch(fuse_bwd_kernel, grid, mask, image, embedding, grad_fused, gi, ge, gm, *ints, **meta)
+        return gi, ge, gm
     mode = _checked(_check_fuse_bwd, grad_fused, image, embedding, mask, mode)
     gm = _empty(mask)
     gi, ge = _fuse_grads(grad_fused, image, embedding, mask, mode, gm)
@@ -721,6 +950,23 @@ def decafa_head(
 
     Two launches: map_fwd_kernel reads T once (stats, z, partial masks per run of maps), then
     mask_fuse_fwd_kernel sums the partials in a fixed order, writes M and reads I, E once to write F."""
+    dtype, device = logits.dtype, logits.device
+    plan = _planned(("decafa_head", logits.shape, logits.stride(), dtype, device, image.shape, image.stride(),
+                     image.dtype, image.device, embedding.shape, embedding.stride(), embedding.dtype, embedding.device,
+                     _meta(beta_map), type(mode), mode, normalized, TUNING._stamp),
+                    _plan_head, logits, image, embedding, mode, beta_map, normalized)
+    if plan is not None:
+        spec, n_shape, part_shape, m_shape, f_shape, fmt, (grid, ints, meta) = plan
+        stats = torch.empty(*n_shape, dtype=_F32, device=device)
+        z = torch.empty(*n_shape, dtype=dtype, device=device)
+        part = torch.empty(*part_shape, dtype=_F32, device=device)
+        m = torch.empty(*m_shape, dtype=dtype, device=device)
+        fused = torch.empty(*f_shape, dtype=dtype, device=device, memory_format=fmt)
+        with _device_guard(logits):
+            _launch_map(spec, (logits, stats if beta_map is None else beta_map.contiguous(), stats, z, logits, part),
+                        beta)
+            _launch(mask_fuse_fwd_kernel, grid, part, part, image, embedding, fused, m, *ints, **meta)
+        return z, fused, m, stats
     mode = _checked(_check_head, logits, image, embedding, mode, beta_map)
     b, _, h, w = logits.shape
     z, _, part, parts, stats = _forward_maps(logits, beta, beta_map, normalized, True, False, True)
@@ -750,6 +996,34 @@ def decafa_head_backward(
     """(grad_logits, grad_image, grad_embedding, grad_beta). A pixel-tiled pass over grad F, I, E and the
     saved M gives grad I, grad E and a float32 grad M; a per-map pass over T (grad M read once per run of
     maps) gives grad T and grad beta. T is not read for M."""
+    shape, device = logits.shape, logits.device
+    plan = _planned(("decafa_head_backward",
+                     None if grad_z is None else (grad_z.shape, grad_z.dtype, grad_z.device),
+                     None if grad_fused is None else (grad_fused.shape, grad_fused.stride(), grad_fused.dtype,
+                                                      grad_fused.device),
+                     shape, logits.stride(), logits.dtype, device, image.shape, image.stride(),
+                     image.dtype, image.device, embedding.shape, embedding.stride(), embedding.dtype, embedding.device,
+                     mask.shape, mask.stride(), mask.dtype, mask.device, stats.shape, stats.dtype, stats.device,
+                     None if beta_map is None else (beta_map.shape, beta_map.dtype, beta_map.device), type(mode),
+                     mode, normalized, TUNING._stamp),
+                    _plan_head_bwd, grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map,
+                    normalized)
+    if plan is not None:
+        mode, (grid, ints, meta), spec = plan
+        gm = torch.empty(shape[0], shape[2] * shape[3], dtype=_F32, device=device)
+        gi = torch.empty_like(image, memory_format=_CONTIGUOUS) if mode >= 2 else _zeros(image)
+        ge = torch.empty_like(embedding, memory_format=_CONTIGUOUS) if mode == 1 or mode >= 4 else _zeros(embedding)
+        if mode == 1:
+            gm.zero_()
+        gt = torch.empty_like(logits, memory_format=_CONTIGUOUS)
+        gbeta = torch.empty(shape[0], shape[1], dtype=_F32, device=device)
+        stats = stats.contiguous()
+        with _device_guard(logits):
+            _launch(fuse_bwd_kernel, grid, mask, image, embedding, grad_fused, gi, ge, gm, *ints, **meta)
+            _launch_map(spec, (logits, stats if beta_map is None else beta_map.contiguous(), stats,
+                               gm if mode >= 2 else logits, stats if grad_z is None else grad_z.contiguous(), gt,
+                               gbeta), beta)
+        return gt, gi, ge, gbeta
     mode = _checked(_check_head_bwd, grad_z, grad_fused, logits, image, embedding, mask, stats, mode, beta_map)
     b, _, h, w = logits.shape
     if grad_fused is None:

@@ -332,8 +332,7 @@ def test_every_launch_is_under_a_device_guard():
         if more <= launchers:
             break
         launchers |= more
-    assert launchers == {"_run_map_fwd", "_run_map_bwd", "_run_mask_fuse", "_run_fuse_bwd", "_launch_persistent",
-                         "_run_map_fwd_persistent", "_run_map_bwd_persistent"}
+    assert launchers == {"_launch_map", "_run_mask_fuse", "_run_fuse_bwd"}
     for fn in (n for n in functions if n.name not in launchers):
         guarded = set()
         for w in (n for n in ast.walk(fn) if isinstance(n, ast.With)):
