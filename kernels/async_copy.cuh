@@ -32,6 +32,12 @@ __device__ __forceinline__ void cp_async4(SmemAddr smem, const void* gmem) {
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
+// A commit under a predicate (one predicated instruction, no branch).
+__device__ __forceinline__ void cp_async_commit_if(bool p) {
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n @p cp.async.commit_group;\n}\n" ::"r"(static_cast<int>(p))
+               : "memory");
+}
+
 // All but the newest `pending` groups of this thread are complete (pending: 0..3, uniform over the block).
 __device__ __forceinline__ void cp_async_wait(int pending) {
   switch (pending) {
@@ -54,6 +60,7 @@ __device__ __forceinline__ void cp_async4(SmemAddr smem, const void* gmem) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(smem), "r"(v) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit_if(bool) {}
 __device__ __forceinline__ void cp_async_wait(int) {}
 #endif
 #endif

@@ -48,8 +48,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // one group padded with kRingMaxStages - stages empty groups, so that "the maps ahead of the current one" is
 // always the same number of groups whatever the stages (an empty group completes at once).
 __device__ __forceinline__ void commit_padding(int stages) {
-  if (stages < kRingMaxStages) cp_async_commit();
-  if (stages < kRingMaxStages - 1) cp_async_commit();
+  cp_async_commit_if(stages < kRingMaxStages);
+  cp_async_commit_if(stages < kRingMaxStages - 1);
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -74,6 +74,7 @@ struct RingArgs {
   int64_t total;  // B * L
   int64_t map_step, batch_step;  // bytes from a map to the next: within a batch element, across its end
   int ctas, stages, stage_bytes;
+  unsigned ring_bytes;  // stages * stage_bytes
   Coords co;
   float* stats;
   T* z;
@@ -84,13 +85,12 @@ struct RingArgs {
 // Sums four values over a warp as a reduce-scatter: after it, lane l holds the warp's total of value (l >> 3) & 3.
 // Six shuffles instead of twenty; the order of the additions is fixed (deterministic).
 __device__ __forceinline__ float warp_sum4(float a0, float a1, float a2, float a3) {
-  const int lane = threadIdx.x & 31;
-  const bool hi16 = (lane & 16) != 0;
+  const bool hi16 = (threadIdx.x & 16u) != 0;
   float k0 = hi16 ? a2 : a0, k1 = hi16 ? a3 : a1;
   const float s0 = hi16 ? a0 : a2, s1 = hi16 ? a1 : a3;
   k0 += __shfl_xor_sync(0xffffffffu, s0, 16);
   k1 += __shfl_xor_sync(0xffffffffu, s1, 16);
-  const bool hi8 = (lane & 8) != 0;
+  const bool hi8 = (threadIdx.x & 8u) != 0;
   float k = hi8 ? k1 : k0;
   k += __shfl_xor_sync(0xffffffffu, hi8 ? k0 : k1, 8);
   k += __shfl_xor_sync(0xffffffffu, k, 4);
@@ -187,21 +187,89 @@ __device__ __forceinline__ void issue_map(const Args& a, IssueCursor& c, SmemAdd
   ++c.map;
 }
 
+// The V values of a 16-byte vector as floats; bfloat16 straight from the 32-bit words (a shift or a mask each).
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const Vec<T, V>& x, float (&f)[V]) {
+#pragma unroll
+  for (int q = 0; q < V; ++q) f[q] = to_float(x.v[q]);
+}
+#ifndef DECAFA_EMULATION
+template <>
+__device__ __forceinline__ void unpack(const Vec<__nv_bfloat16, 8>& x, float (&f)[8]) {
+  const uint4 w = *reinterpret_cast<const uint4*>(&x);
+  const unsigned u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+#endif
+
+// The forward's block reductions take their scratch with the slots of absent warps (blockDim.x < 1024) filled
+// once at the kernel's start: 0 for the sums, INT_MIN for the max, so that no lane tests its warp index per map.
+// The block's maximum of a value no thread holds as NaN, one barrier (as ring_block_max); `bits` is __shared__
+// int[32].
+__device__ __forceinline__ float ring_block_max_filled(float v, int* bits) {
+  const int lane = threadIdx.x & 31;
+  const int m = __reduce_max_sync(0xffffffffu, ordered_bits(v));
+  if (lane == 0) bits[threadIdx.x >> 5] = m;
+  __syncthreads();
+  return from_ordered_bits(__reduce_max_sync(0xffffffffu, bits[lane]));
+}
+
+// The block's sums of four values, one barrier: lane l of every warp ends with the block's total of value l >> 3.
+// `scratch` is __shared__ float[4 * 32], value q of warp w at 32 q + w, so that lane l finds the four warp totals
+// it adds at 4 l (one 16-byte read), and three butterfly steps finish (instead of a second four-value
+// reduce-scatter and three broadcasts). The order of the additions is fixed (deterministic).
+__device__ __forceinline__ float ring_block_sum4_lanes(float a0, float a1, float a2, float a3, float* scratch,
+                                                       int slot) {
+  const float k = warp_sum4(a0, a1, a2, a3);
+  scratch[slot] = k;  // slot = 32 (lane >> 3) + warp (the 8 lanes of a value write the same bits: no test)
+  __syncthreads();
+  const float4 w = *reinterpret_cast<const float4*>(scratch + 4 * (threadIdx.x & 31));
+  float s = (w.x + w.y) + (w.z + w.w);
+  s += __shfl_xor_sync(0xffffffffu, s, 4);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  return s;
+}
+
+constexpr int kRingGroup = 8;  // maps whose stats and z wait in shared memory, written together
+
 // Every thread holds K whole 16-byte vectors of each map (the launcher makes H * W = 16 * blockDim.x), so no
 // bounds test anywhere in the loop.
+// The copies and the reads split a map differently: a thread reads vectors thread + k * blockDim.x (its pixels
+// lie in one column, which gives the moments cheaply), but copies the vectors 32 K warp + 32 k + lane, so that
+// its K copies of a map sit 512 bytes apart in global and in shared memory (immediate offsets: one pointer and one
+// shared address per map; a warp's copy still covers 512 contiguous bytes). The barrier after each wait makes
+// the other threads' copies visible.
+// Per map, only the arithmetic on the logits, the two block reductions and the copy issue stay in the loop:
+// the stats and z go to a shared-memory buffer (four lanes of warp 0 write the map's max, sum and moment sums)
+// and are written out once per group of kRingGroup maps by as many threads; a tensor beta is read per group.
 template <typename T, bool RawMax, bool Phi>
 __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   constexpr int K = kRingValues / V;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ float max_scratch[32];
-  __align__(16) __shared__ float sum_scratch[32][4];
-  __shared__ float beta_slots[kRingMaxStages];
+  // (one object: one shared address to form, the rest immediate offsets)
+  __shared__ struct alignas(16) {
+    float sum_scratch[4 * 32];
+    // per map of the group: sum, max, sum e col, -, sum e row, -, 0, - (lane l writes its value at 2 (l >> 3))
+    float out_buf[kRingGroup][8];
+    int max_bits[32];
+    float beta_buf[kRingGroup];
+  } sh;
   const int64_t start = ring_start(blockIdx.x, a.total, a.ctas);
   const int count = static_cast<int>(ring_start(blockIdx.x + 1, a.total, a.ctas) - start);
   const int stages = a.stages;
-  const unsigned mine = 16u * threadIdx.x, step = 16u * blockDim.x;
-  const SmemAddr ring_base = smem_address(smem_raw) + mine, beta_base = smem_address(beta_slots);
+  const unsigned step = 16u * blockDim.x;
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int num_warps = static_cast<int>(blockDim.x >> 5);
+  for (int i = threadIdx.x; i < 4 * 32; i += blockDim.x)
+    if ((i & 31) >= num_warps) sh.sum_scratch[i] = 0.f;
+  if (threadIdx.x < 32 && lane >= num_warps) sh.max_bits[lane] = INT_MIN;
+  // (visible after the first map's barrier)
 
   // This thread's vectors i = thread + k * blockDim.x: vector k is H / K rows below vector 0 in the same column
   // (blockDim.x * V = H * W / K pixels, whole rows: the launcher requires K to divide H), so the thread's column
@@ -211,15 +279,37 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   const float col0 = static_cast<float>(p0 - (p0 / a.width) * a.width);
   const float row_step = static_cast<float>(a.hw / a.width / K);
 
-  // Prologue: maps 0 .. stages - 2 of the range in flight. One group per map (empty past the range), so that
-  // waiting for all but the newest stages - 1 groups always means: the current map has landed.
-  IssueCursor next = first_map(a, start, mine);
-  int istage = 0;
-  for (int j = 0; j < stages - 1; ++j) {
+  // The copy cursor: this thread's first copy of the next map to issue; the range's maps from `wrap` on belong to
+  // its second batch element (batch_step instead of map_step to get there: map_step, then the difference).
+  const unsigned copy_off = 16u * static_cast<unsigned>(warp * 32 * K + lane);
+  const int64_t b0 = start / a.maps;
+  const int wrap = static_cast<int>(i64_min(count, (b0 + 1) * a.maps - start));
+  const char* src = reinterpret_cast<const char*>(a.logits + b0 * a.ts.batch +
+                                                  (start - b0 * a.maps) * a.ts.channel) + copy_off;
+  const SmemAddr copy_base = smem_address(smem_raw) + copy_off;
+  const unsigned mine = 16u * threadIdx.x;
+  // copies map n (of the range) into the stage at byte `stage_off`; the cursor moves to map n + 1
+  auto issue = [&](bool last_of_first, unsigned stage_off, bool in_range) {
+    const SmemAddr dst = copy_base + stage_off;
+    if (in_range) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) cp_async16(dst + 512 * k, src + 512 * k);
+    }
+    src += a.map_step;  // (past the range's end too: never read)
+    if (last_of_first) src += a.batch_step - a.map_step;
+  };
+
+  // Prologue: maps 0 .. stages - 1 of the range in flight (every stage). One group per map (empty past the range),
+  // each after kRingMaxStages - stages empty ones, so that waiting for all but the newest kRingMaxStages - 1 groups
+  // always means: the current map has landed (the stages - 1 maps after it may not have).
+  const unsigned ring_bytes = a.ring_bytes;
+  // the loop's issue at map j is map j + stages: in the range below issue_end, the last of the first batch
+  // element at wrap_issue
+  const int issue_end = count - stages, wrap_issue = wrap - 1 - stages;
+  for (int j = 0; j < stages; ++j) {
     commit_padding(stages);
-    if (j < count) issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
+    issue(j + 1 == wrap, static_cast<unsigned>(j) * a.stage_bytes, j < count);
     cp_async_commit();
-    istage = istage + 1 == stages ? 0 : istage + 1;
   }
 
   float mask[K][V];
@@ -227,118 +317,131 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   for (int k = 0; k < K; ++k)
 #pragma unroll
     for (int q = 0; q < V; ++q) mask[k][q] = 0.f;
-  int stage = 0;
+  unsigned stage_off = 0;  // the current map's stage
+  const int sum_slot = 32 * (lane >> 3) + warp;
+  const int out_col = 2 * (lane >> 3);
   int j = 0;
   // the range's part of each batch element it touches (at most two: plane 0, then plane 1)
   for (int plane = 0; j < count; ++plane) {
-    const int64_t first = start + j;
-    const int part_end = static_cast<int>(i64_min(count, j + (first / a.maps + 1) * a.maps - first));
-    for (; j < part_end; ++j) {
-      // Refill the stage that map j - 1 used: every thread read it before the reductions' barriers of map j - 1.
-      // (Padding first: the newest kRingMaxStages - 1 groups are then the stages - 1 maps after map j.)
-      commit_padding(stages);
-      if (j + stages - 1 < count)
-        issue_map<T, K>(a, next, ring_base + istage * a.stage_bytes, beta_base + 4 * istage, step);
-      cp_async_commit();
-      istage = istage + 1 == stages ? 0 : istage + 1;
-      cp_async_wait(kRingMaxStages - 1);
-      __syncthreads();  // every thread's copies of map j have landed
+    const int part_end = plane == 0 ? wrap : count;
+    while (j < part_end) {
+      const int g0 = j;
+      const int group_end = j + kRingGroup < part_end ? j + kRingGroup : part_end;
+      if constexpr (!RawMax) {  // the group's betas (the previous group's reads are behind its last barrier)
+        if (static_cast<int>(threadIdx.x) < group_end - g0)
+          sh.beta_buf[threadIdx.x] = a.beta_map != nullptr ? load1(a.beta_map + start + j + threadIdx.x) : a.beta;
+        __syncthreads();
+      }
+      for (; j < group_end; ++j) {
+        cp_async_wait(kRingMaxStages - 1);
+        __syncthreads();  // every thread's copies of map j have landed
 
-      const int64_t map = start + j;
-      const float beta = a.beta_map != nullptr ? beta_slots[stage] : a.beta;
-      const unsigned char* mine_in_stage = smem_raw + stage * a.stage_bytes + mine;
-      // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from the
-      // saved max alone, so that a backward recomputes the same bits from the stats.
-      float v[K][V];
-      float mx, smax, k2, shift;
-      // The general path reads an overflow map (max of s +-inf) again, twice, with other factors in place of
-      // beta (the limit softmax, common.cuh): +-1, which makes the max the extreme logit c in the direction of
-      // beta, then b = overflow_scale(beta, c), which makes s - max = b (t - c) exact: exp2 of it with k2 = 1
-      // and shift = b c is exactly 1 at c and 0 elsewhere (NaN with a NaN logit, or where c is not finite).
-      int pass = 0;
-      float factor = beta;
-      do {
-        mx = -INFINITY;
+        const int slot = j - g0;
+        const float beta = RawMax ? a.beta : sh.beta_buf[slot];
+        // (the block-uniform part of the address first, this thread's offset last)
+        const unsigned char* stage_ptr = smem_raw + stage_off;
+        // exp(s - max) = exp2(t * k2 - max log2 e): k2 = beta log2 e on raw logits, log2 e on s; the shift from
+        // the saved max alone, so that a backward recomputes the same bits from the stats.
+        float v[K][V];
+        float mx, smax, k2, shift;
+        // The general path reads an overflow map (max of s +-inf) again, with the sign of beta in place of beta
+        // (the limit softmax, common.cuh): v = +-t, whose max is +-c, c the extreme logit in the direction of
+        // beta; then |b| = overflow_scale(1, c) (b = overflow_scale(beta, c)) makes v |b| - |b| max = b (t - c)
+        // exact, as on raw logits: exp2 of it is exactly 1 at c and 0 elsewhere (NaN with a NaN logit, or where
+        // the limit does not exist).
+        for (int pass = 0;; ++pass) {
+          const float factor = pass == 0 ? beta : (beta < 0.f ? -1.f : 1.f);
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
+          for (int k = 0; k < K; ++k) {
+            const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(stage_ptr + k * step + mine);
+            float t[V];
+            unpack(x, t);
 #pragma unroll
-          for (int q = 0; q < V; ++q) {
-            v[k][q] = RawMax ? to_float(x.v[q]) : scaled_logit(factor, to_float(x.v[q]));
-            mx = fmaxf(mx, v[k][q]);
+            for (int q = 0; q < V; ++q) {
+              v[k][q] = RawMax ? t[q] : scaled_logit(factor, t[q]);
+              mx = k == 0 && q == 0 ? v[k][q] : fmaxf(mx, v[k][q]);
+            }
           }
+          mx = ring_block_max_filled(mx, sh.max_bits);
+          if (pass == 0) smax = RawMax ? scaled_logit(beta, mx) : mx;
+          if (RawMax || pass == 1 || !overflowed(smax)) break;
+          __syncthreads();  // every thread has read the max's scratch before the second pass writes it
         }
-        mx = ring_block_max(mx, max_scratch);
-        if (pass == 0) {
-          smax = RawMax ? scaled_logit(beta, mx) : mx;
+        if (!overflowed(smax)) {
           k2 = RawMax ? beta * kLog2e : kLog2e;
           shift = smax * kLog2e;
-          if (RawMax || !overflowed(smax)) break;
-          factor = beta < 0.f ? -1.f : 1.f;
-        } else if (pass == 1) {
-          factor = overflow_limit_exists(mx, beta) ? overflow_scale(beta, factor * mx) : NAN;
-        } else {
-          k2 = 1.f;
-          shift = mx;
-          break;
+        } else {  // mx: c on raw logits (beta > 0), +-c on the general path's second pass
+          // (the limit exists where c and beta are finite; beta = 0 never gets here: s is then 0 or NaN)
+          const bool exists = RawMax ? fabsf(mx) < INFINITY : fmaxf(fabsf(mx), fabsf(beta)) < INFINITY;
+          k2 = exists ? overflow_scale(1.f, mx) : NAN;
+          shift = k2 * mx;
         }
-        ++pass;
-        __syncthreads();  // every thread has read the max's scratch before the next pass writes it
-      } while (true);
-      if (RawMax && overflowed(smax)) {  // on raw logits c is their max, mx: k2 = b, shift = b c
-        k2 = fabsf(mx) < INFINITY ? overflow_scale(beta, mx) : NAN;
-        shift = k2 * mx;
-      }
-      // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
-      // sum e col = col0 S + X and sum e row = row0 S + row_step R
-      float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
+        // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
+        // sum e col = col0 S + X and sum e row = row0 S + row_step R
+        float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        float vs, wx;  // sum of the vector's e, sum of q * e_q
-#pragma unroll
-        for (int q = 0; q < V; ++q) {
-          const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
-          v[k][q] = e;
-          if (q == 0) {
-            vs = e;
-          } else {
-            vs += e;
-            wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
-          }
-        }
-        sum_e = k == 0 ? vs : sum_e + vs;
-        sum_qe = k == 0 ? wx : sum_qe + wx;
-        if (k > 0) sum_ke = k == 1 ? vs : fmaf(static_cast<float>(k), vs, sum_ke);
-      }
-      float acc[4] = {sum_e, fmaf(col0, sum_e, sum_qe), fmaf(row0, sum_e, row_step * sum_ke), 0.f};
-      ring_block_sum4(acc, sum_scratch);
-      const float sum = acc[0];
-      if (threadIdx.x == 0) {
-        store1(a.stats + 2 * map, smax);
-        store1(a.stats + 2 * map + 1, sum);
-        if (a.z != nullptr) {
-          store1(a.z + 2 * map, a.co.ox + a.co.kx * (acc[1] / sum));
-          store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (acc[2] / sum));
-        }
-      }
-      const float inv = 1.f / sum;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if constexpr (Phi) {
-          float p[V];
+        for (int k = 0; k < K; ++k) {
+          float vs, wx;  // sum of the vector's e, sum of q * e_q
 #pragma unroll
           for (int q = 0; q < V; ++q) {
-            p[q] = v[k][q] * inv;
-            mask[k][q] += p[q];
+            const float e = fast_exp2(fmaf(v[k][q], k2, -shift));
+            v[k][q] = e;
+            if (q == 0) {
+              vs = e;
+            } else {
+              vs += e;
+              wx = q == 1 ? e : fmaf(static_cast<float>(q), e, wx);
+            }
           }
-          const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-          store_n<true, V>(a.phi + map * a.hw + static_cast<int64_t>(i) * V, 1, p);
-        } else {
+          sum_e = k == 0 ? vs : sum_e + vs;
+          sum_qe = k == 0 ? wx : sum_qe + wx;
+          if (k > 0) sum_ke = k == 1 ? vs : fmaf(static_cast<float>(k), vs, sum_ke);
+        }
+        // lane l: the block's total of value l >> 3 (sum e, sum e col, sum e row, 0)
+        const float tot = ring_block_sum4_lanes(sum_e, fmaf(col0, sum_e, sum_qe),
+                                                fmaf(row0, sum_e, row_step * sum_ke), 0.f, sh.sum_scratch, sum_slot);
+        const float sum = __shfl_sync(0xffffffffu, tot, 0);
+        // every thread writes its lane's value (the same in every warp, bit for bit: the same additions)
+        sh.out_buf[slot][out_col] = tot;
+        sh.out_buf[slot][1] = smax;
+        const float inv = 1.f / sum;
 #pragma unroll
-          for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
+        for (int k = 0; k < K; ++k) {
+          if constexpr (Phi) {
+            float p[V];
+#pragma unroll
+            for (int q = 0; q < V; ++q) {
+              p[q] = v[k][q] * inv;
+              mask[k][q] += p[q];
+            }
+            const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
+            store_n<true, V>(a.phi + (start + j) * a.hw + static_cast<int64_t>(i) * V, 1, p);
+          } else {
+#pragma unroll
+            for (int q = 0; q < V; ++q) mask[k][q] = fmaf(v[k][q], inv, mask[k][q]);
+          }
+        }
+        // Refill this map's stage with the map `stages` ahead: every thread read it before the barrier of the sums.
+        // (Padding first, as in the prologue.)
+        commit_padding(stages);
+        issue(j == wrap_issue, stage_off, j < issue_end);
+        cp_async_commit();
+        stage_off += a.stage_bytes;
+        if (stage_off == ring_bytes) stage_off = 0;
+      }
+      // the group's stats and z, one map a thread
+      __syncthreads();  // the group's buffer is written (and read no more by the maps, for the betas)
+      if (static_cast<int>(threadIdx.x) < group_end - g0) {
+        const int64_t map = start + g0 + threadIdx.x;
+        const float* o = sh.out_buf[threadIdx.x];
+        const float sum = o[0];
+        store1(a.stats + 2 * map, o[1]);
+        store1(a.stats + 2 * map + 1, sum);
+        if (a.z != nullptr) {
+          store1(a.z + 2 * map, a.co.ox + a.co.kx * (o[2] / sum));
+          store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (o[4] / sum));
         }
       }
-      stage = stage + 1 == stages ? 0 : stage + 1;
     }
     // the partial mask of this batch element's part
     if (a.partial != nullptr) {
@@ -433,7 +536,8 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
   RingArgs<T> a{static_cast<const T*>(lg.data), lg.strides, lg.beta, lg.beta_map, shape.maps,
                 shape.height * shape.width, shape.width, plan.total, map_step<T>(lg, shape), batch_step<T>(lg, shape),
                 plan.ctas, plan.stages, static_cast<int>(plan.map_bytes),
-                coords_for(shape.height, shape.width, normalized), stats, z, phi, partial};
+                static_cast<unsigned>(plan.stages * plan.map_bytes), coords_for(shape.height, shape.width, normalized),
+                stats, z, phi, partial};
   const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
   const bool raw = raw_max(lg);
   const unsigned grid = static_cast<unsigned>(plan.ctas);

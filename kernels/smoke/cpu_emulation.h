@@ -412,6 +412,9 @@ inline SmemAddr smem_address(const void* p) { return static_cast<SmemAddr>(const
 inline void cp_async16(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 16); }
 inline void cp_async4(SmemAddr smem, const void* gmem) { ::emu::cp_async(smem, gmem, 4); }
 inline void cp_async_commit() { ::emu::cp_async_commit(); }
+inline void cp_async_commit_if(bool p) {
+  if (p) ::emu::cp_async_commit();
+}
 inline void cp_async_wait(int pending) { ::emu::cp_async_wait(pending); }
 }  // namespace detail
 }  // namespace decafa_kernels
