@@ -1039,7 +1039,7 @@ int main(int argc, char** argv) {
       // whole tiles of 512 pixels (the ring forward with DECAFA_CUDA_MAPS=ring): raw max, general path, F3
       {3, 5, 16, 32, 1, 8, 5, 0.7f, false, true, false, false, true},   // 512 pixels, 32 threads
       {2, 9, 32, 32, 2, 7, 4, -1.5f, true, true, false, false, true},   // per-map beta, negative beta
-      {2, 6, 32, 48, 3, 4, 3, 2.0f, false, false, false, true, false},  // 1536 pixels, channels_last E
+      {2, 19, 32, 48, 3, 4, 3, 2.0f, false, false, false, true, false}, // 1536 pixels, 19 maps, channels_last E
       {1, 2, 130, 130, 1, 2, 5, 1.0f, true, false, false, false, false},// map over the on-chip capacity
       {1, 2, 130, 130, 1, 2, 5, 1.0f, false, true, true, true, false},  // the same, channels_last
   };
