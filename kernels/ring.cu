@@ -5,9 +5,10 @@
 //   per map: the thread's 16 values from the stage into registers; the max (of the raw logits when the scalar
 //   beta is positive and finite: beta * t is monotone in t, so max(beta * t) = beta * max t, bit for bit; else
 //   of s = beta * t); e = exp2(t * k - shift) (one FFMA and one EX2 per logit); the sums of e, e * col and
-//   e * row in one reduction (a reduce-scatter of four values per warp butterfly); stats and z from thread 0;
-//   Phi = e / sum stored when asked; the partial mask kept in registers across the range's maps and written
-//   once per batch element the range touches (at most two planes per CTA).
+//   e * row in one reduction (a reduce-scatter of four values per warp butterfly); the max and sums into a
+//   shared-memory buffer, whose stats and z are written once per group of kRingGroup maps; Phi = e / sum stored
+//   when asked; the map's stage refilled with the map `stages` ahead; the partial mask kept in registers across
+//   the range's maps and written once per batch element the range touches (at most two planes per CTA).
 // Pixel coordinates come from the loop structure: a thread's pixels are the same in every map (its vector k lies
 // H / K rows below its vector 0, same column), so its column and first row are found once per CTA (no division
 // per vector), and a vector never crosses a row (W is a multiple of the vector): per map, sum e col =
@@ -245,8 +246,8 @@ constexpr int kRingGroup = 8;  // maps whose stats and z wait in shared memory, 
 // shared address per map; a warp's copy still covers 512 contiguous bytes). The barrier after each wait makes
 // the other threads' copies visible.
 // Per map, only the arithmetic on the logits, the two block reductions and the copy issue stay in the loop:
-// the stats and z go to a shared-memory buffer (four lanes of warp 0 write the map's max, sum and moment sums)
-// and are written out once per group of kRingGroup maps by as many threads; a tensor beta is read per group.
+// the stats and z go to a shared-memory buffer (every thread writes its lane's reduced value, and the max) and
+// are written out once per group of kRingGroup maps by as many threads; a tensor beta is read per group.
 template <typename T, bool RawMax, bool Phi>
 __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
