@@ -63,6 +63,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// The stats' sum as the contract has it, sum of exp(s - max), is the ring's sum of e times this. The exp2 form's
+// exponent at the map's max is d0 = fma(mx, k2, -shift), not 0: k2 = beta log2 e and the shift max log2 e are
+// rounded apart, so every e, and their sum, is 2^d0 times exp(s - max) (|d0| up to ~|s| 2^-23: 1e-4 relative at
+// |s| = 1000). Phi = e / sum and z are ratios and do not see it; the stats do, and every backward divides by
+// them. (d0 is 0 for the overflow maps' exact constants; NaN stays NaN.)
+__device__ __forceinline__ float contract_sum_scale(float d0) { return exp2f(-d0); }
+
 DECAFA_HD inline int64_t i64_min(int64_t x, int64_t y) { return x < y ? x : y; }
 
 template <typename T>
@@ -256,7 +263,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   // (one object: one shared address to form, the rest immediate offsets)
   __shared__ struct alignas(16) {
     float sum_scratch[4 * 32];
-    // per map of the group: sum, max, sum e col, -, sum e row, -, 0, - (lane l writes its value at 2 (l >> 3))
+    // per map of the group: sum, max, sum e col, d0, sum e row, -, 0, - (lane l writes its value at 2 (l >> 3))
     float out_buf[kRingGroup][8];
     int max_bits[32];
     float beta_buf[kRingGroup];
@@ -377,6 +384,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
           k2 = exists ? overflow_scale(1.f, mx) : NAN;
           shift = k2 * mx;
         }
+        sh.out_buf[slot][3] = fmaf(mx, k2, -shift);  // d0, for the stats' sum (contract_sum_scale)
         // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
         // sum e col = col0 S + X and sum e row = row0 S + row_step R
         float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
@@ -437,7 +445,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
         const float* o = sh.out_buf[threadIdx.x];
         const float sum = o[0];
         store1(a.stats + 2 * map, o[1]);
-        store1(a.stats + 2 * map + 1, sum);
+        store1(a.stats + 2 * map + 1, sum * contract_sum_scale(o[3]));
         if (a.z != nullptr) {
           store1(a.z + 2 * map, a.co.ox + a.co.kx * (o[2] / sum));
           store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (o[4] / sum));
@@ -563,8 +571,10 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
 
 // ------------------------------------------------------------------------------------------------------------
 // Backward over the ring, for a per-batch float32 gradient of Phi (the head's mask gradient, or none) and grad z:
-//   Phi = exp2(s k2 - max log2 e) / sum from the saved stats: the forward ring's expression, so the same bits;
-//   the exponential once per logit; g_phi = gM + grad_z . coord; S = sum Phi g_phi; g_s = Phi (g_phi - S);
+//   Phi = exp2(s log2 e - shift) / (sum 2^d0) from the saved stats (max, sum), s = beta T in float32 and
+//   shift = max log2 e, whose exponent at the max, d0 = fma(max, log2 e, -shift), the stats alone give (not so the
+//   forward's exp2(T beta log2 e - shift) on raw logits, which would need the raw max: contract_sum_scale); the
+//   exponential once per logit; g_phi = gM + grad_z . coord; S = sum Phi g_phi; g_s = Phi (g_phi - S);
 //   grad T = beta g_s (streamed out); grad beta = sum T g_s, reduced together with the next map's S (one
 //   reduction round per map). gM of the current batch element is held in registers (read once per element of
 //   the range); T is read from the stage twice (the stage is refilled only after the next map's first barrier).
@@ -670,7 +680,7 @@ __device__ __forceinline__ void ring_overflow_backward(const RingBackArgs<T>& a,
   }
 }
 
-template <typename T, bool RawMax>
+template <typename T>
 __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<T> a) {
   constexpr int V = static_cast<int>(16 / sizeof(T));
   constexpr int K = kRingValues / V;
@@ -740,9 +750,8 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
     const int64_t map = b * a.maps + l;
     const RingMapConsts& c = consts[stage];
     const float beta = a.beta_map != nullptr ? c.beta : a.beta;
-    const float k2 = RawMax ? beta * kLog2e : kLog2e;
     const float shift = c.mx * kLog2e;
-    const float inv = 1.f / c.sum;
+    const float inv = 1.f / (c.sum * fast_exp2(fmaf(c.mx, kLog2e, -shift)));
     float gzx = 0.f, gzy = 0.f;
     if (a.grad_z != nullptr) {
       if constexpr (sizeof(T) == 4) {
@@ -768,8 +777,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         const float t = to_float(x.v[q]);
-        const float sv = RawMax ? t : scaled_logit(beta, t);
-        ph[k][q] = fast_exp2(fmaf(sv, k2, -shift)) * inv;
+        ph[k][q] = fast_exp2(fmaf(scaled_logit(beta, t), kLog2e, -shift)) * inv;
         acc = fmaf(ph[k][q], gm[k][q] + fmaf(static_cast<float>(q), gxq, gk), acc);
       }
     }
@@ -844,13 +852,8 @@ cudaError_t maps_backward_ring_t(MapShape shape, const Logits& lg, const float* 
                     coords_for(shape.height, shape.width, normalized)};
   const size_t smem = static_cast<size_t>(plan.stages) * plan.map_bytes;
   const unsigned grid = static_cast<unsigned>(plan.ctas);
-  if (raw_max(lg)) {
-    if ((err = allow_ring_smem(maps_backward_ring<T, true>, smem)) != cudaSuccess) return err;
-    maps_backward_ring<T, true><<<grid, plan.threads, smem, stream>>>(a);
-  } else {
-    if ((err = allow_ring_smem(maps_backward_ring<T, false>, smem)) != cudaSuccess) return err;
-    maps_backward_ring<T, false><<<grid, plan.threads, smem, stream>>>(a);
-  }
+  if ((err = allow_ring_smem(maps_backward_ring<T>, smem)) != cudaSuccess) return err;
+  maps_backward_ring<T><<<grid, plan.threads, smem, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   maps_backward_ring_overflow<T><<<grid, plan.threads, 0, stream>>>(a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -655,8 +655,7 @@ void check_overflow() {
           for (int p = 0; p < hw; ++p) t[m * hw + p] = r[p];
         };
         // ordinary maps: |beta T| of a few units (float16, whose smallest normal value times these betas is
-        // already large: zeros, a uniform Phi); large |beta T| is another matter (the ring's exp2(T k2 - shift)
-        // loses ~|beta T| 2^-23 in the exponent)
+        // already large: zeros, a uniform Phi); large finite |beta T| has its own check (check_large_logits)
         auto small_map = [&](size_t m, double scale) {
           Vec r = random_vec(hw, rng, scale);
           for (int p = 0; p < hw; ++p) t[m * hw + p] = half ? 0.0 : std::max(-3 * scale, std::min(3 * scale, r[p]));
@@ -870,6 +869,69 @@ std::vector<Vec> map_outputs(dk::DType dt, const dk::MapShape& shape, Vec& t, Ve
           download(dt, d_gt2, n_t),       download(f32, gbeta2, maps)};
 }
 
+// Large |beta T| (2e4 and more, nothing overflowing): every backend's stats, Phi, z and gradients against the
+// double reference to 1e-5 (1e-4 for the gradients), which any rounding of beta T, of beta log2 e or of the shift
+// that reached them as a map-wide scale would miss: the ring's exp2(T k2 - shift) sums to 2^d0 times the
+// contract's sum (d0 = fma(max, k2, -shift), ~1e-3 at these logits), so the ring stores the sum divided by
+// 2^d0, and its backward normalises by the sum of its own exponentials; the per-map backward (a run kernel)
+// reads the stored sum. beta = +-2 and T on a 1/64 grid make beta T exact in float32 and in double, so the
+// reference is the contract itself. (grad beta = sum T g_s cancels ~1e4-sized terms in float32: not compared.)
+void check_large_logits() {
+  const dk::MapShape shape{2, 3, 16, 32};  // whole tiles: the ring with DECAFA_CUDA_MAPS=ring
+  const int hw = shape.height * shape.width;
+  const size_t maps = size_t(shape.batch) * shape.maps, n_t = maps * hw;
+  std::mt19937 rng(77);
+  std::uniform_int_distribution<int> grid(0, 64 * 8);  // T within 8 of its map's base: s spans 16
+  struct BetaCase {
+    const char* name;
+    float beta;
+    bool per_map;
+  };
+  const BetaCase betas[] = {{"+2 (raw max)", 2.f, false}, {"-2", -2.f, false}, {"per-map +-2", 0.f, true}};
+  for (const double base : {1e4, 1.3e5}) {
+    for (const BetaCase& bc : betas) {
+      Vec t(n_t);
+      for (size_t m = 0; m < maps; ++m)
+        for (int p = 0; p < hw; ++p) t[m * hw + p] = base + 997.0 * m + grid(rng) / 64.0;
+      Vec beta_map;
+      if (bc.per_map)
+        for (size_t m = 0; m < maps; ++m) beta_map.push_back(m % 2 ? -2.0 : 2.0);
+      Vec gz = random_vec(2 * maps, rng, 1.0), gmask = random_vec(size_t(shape.batch) * hw, rng, 1.0);
+      Vec gphi = random_vec(n_t, rng, 1.0);
+      const dk::DType f32 = dk::DType::kFloat32;
+      const MapResults got = overflow_run(f32, shape, false, t, bc.beta, beta_map, gz, gmask, gphi);
+      const Case k{shape.batch, shape.maps, shape.height, shape.width, 1, 1, 5, bc.beta, bc.per_map, true,
+                   false, false, false};
+      const Forward ref = reference_forward(k, t, beta_map);
+      const MapGrads ag = reference_map_backward(k, ref, t, gmask, false, gz);
+      const MapGrads sg = reference_map_backward(k, ref, t, gphi, true, {});
+      // per map, relative to the map's largest |value| (at least `floor`: z's coordinates lie in [-1, 1])
+      auto expect = [&](const char* what, const Vec& g, const Vec& w, double tol, size_t per, double floor = 0) {
+        for (size_t m = 0; m < g.size() / per; ++m) {
+          double err = 0, mag = floor;
+          for (size_t i = m * per; i < (m + 1) * per; ++i) {
+            const double d = std::fabs(g[i] - w[i]);
+            err = d == d ? std::max(err, d) : INFINITY;
+            mag = std::max(mag, std::fabs(w[i]));
+          }
+          if (!(err <= tol * mag)) {
+            ++failures;
+            std::printf("FAIL large logits %-20s beta %-12s |T| ~ %.3g map %zu: error %.3g of %.3g\n", what,
+                        bc.name, base, m, err, mag);
+            return;
+          }
+        }
+      };
+      expect("stats (max, sum)", got.stats, ref.stats, 1e-5, 1);
+      expect("Phi", got.phi, ref.phi, 1e-5, size_t(hw));
+      expect("z", got.z, ref.z, 1e-5, 2, 1.0);
+      expect("mask", got.mask, ref.mask, 1e-5, size_t(hw));
+      expect("grad T (mask, z)", got.gt, ag.gt, 1e-4, size_t(hw));
+      expect("grad T (per-map Phi)", got.gt2, sg.gt, 1e-4, size_t(hw));
+    }
+  }
+}
+
 // Both paths give the same bits (each map is reduced alone, in the same order, either way), and under the
 // emulation the aligned one is seen to load 2-element vectors and the shifted one scalars only. Shapes: runs
 // starting at odd maps and ending with a single map (set_map_runs(3) over 8 maps), H*W not a multiple of the
@@ -1046,6 +1108,7 @@ int main(int argc, char** argv) {
   check_one_pixel_map_has_zero_gradients();
   check_special_values();
   check_overflow();
+  check_large_logits();
   check_programmatic_launch();
   check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
