@@ -212,13 +212,14 @@ def test_sass_report_on_the_kernels(tmp_path):
         for t, v in (("float", "4"), ("__nv_bfloat16", "8")):
             assert per_logit("maps_forward_ring", [t, "true", "false"], arch) < \
                 per_logit("maps_forward_onchip", [t, v, "false"], arch)
-            assert per_logit("maps_backward_ring", [t, "true"], arch) < \
+            assert per_logit("maps_backward_ring", [t], arch) < \
                 per_logit("maps_backward_onchip", [t, "float", v, "false", "false"], arch)
-    # the overflow maps (beta T beyond float32) must not have made the ring's map loops longer than before them
-    # (sm_90, static counts of kernels/README.md before that work)
-    for t, fwd, bwd in (("float", 20.1, 30.0), ("__nv_bfloat16", 20.9, 31.6)):
+    # no longer than they were (sm_90, static counts of kernels/README.md): the forward before the overflow maps
+    # (beta T beyond float32) plus the stats' sum made the contract's at large |beta T| (thread 0, per map);
+    # the backward since it takes e from s = beta T (one FMUL a logit) for that
+    for t, fwd, bwd in (("float", 20.1, 30.6), ("__nv_bfloat16", 20.9, 32.3)):
         assert per_logit("maps_forward_ring", [t, "true", "false"], 90) <= fwd
-        assert per_logit("maps_backward_ring", [t, "true"], 90) <= bwd
+        assert per_logit("maps_backward_ring", [t], 90) <= bwd
 
 
 def test_ncu_driver_runs_on_cpu(capsys):
