@@ -63,12 +63,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
-// The stats' sum as the contract has it, sum of exp(s - max), is the ring's sum of e times this. The exp2 form's
-// exponent at the map's max is d0 = fma(mx, k2, -shift), not 0: k2 = beta log2 e and the shift max log2 e are
-// rounded apart, so every e, and their sum, is 2^d0 times exp(s - max) (|d0| up to ~|s| 2^-23: 1e-4 relative at
-// |s| = 1000). Phi = e / sum and z are ratios and do not see it; the stats do, and every backward divides by
-// them. (d0 is 0 for the overflow maps' exact constants; NaN stays NaN.)
-__device__ __forceinline__ float contract_sum_scale(float d0) { return exp2f(-d0); }
+// The stats' sum as the contract has it, sum of exp(s - max), from the ring's sum of e. The exp2 form's exponent
+// at the map's max is d0 = fma(max, k2, -shift), not 0 (max: of the raw logits with k2 = beta log2 e, or of s with
+// k2 = log2 e; shift = smax log2 e): k2 and the shift are rounded apart, so every e, and their sum, is 2^d0 times
+// exp(s - max) (|d0| up to ~|s| 2^-23: 1e-4 relative at |s| = 1000). Phi = e / sum and z are ratios and do not
+// see it; the stats do, and every backward divides by them. (The overflow maps' exact constants have d0 = 0.)
+// The forward's k2 and shift again, from the map's smax and (raw path) raw max, so that the loop holds nothing
+// for it.
+template <bool RawMax>
+__device__ __forceinline__ float stats_sum(float sum, float smax, float raw_max, float beta) {
+  if (overflowed(smax)) return sum;
+  const float shift = smax * kLog2e;
+  return sum * exp2f(-(RawMax ? fmaf(raw_max, beta * kLog2e, -shift) : fmaf(smax, kLog2e, -shift)));
+}
 
 DECAFA_HD inline int64_t i64_min(int64_t x, int64_t y) { return x < y ? x : y; }
 
@@ -263,7 +270,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
   // (one object: one shared address to form, the rest immediate offsets)
   __shared__ struct alignas(16) {
     float sum_scratch[4 * 32];
-    // per map of the group: sum, max, sum e col, d0, sum e row, -, 0, - (lane l writes its value at 2 (l >> 3))
+    // per map of the group: sum, max, sum e col, raw max, sum e row, -, 0, - (lane l writes its value at 2 (l >> 3))
     float out_buf[kRingGroup][8];
     int max_bits[32];
     float beta_buf[kRingGroup];
@@ -384,7 +391,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
           k2 = exists ? overflow_scale(1.f, mx) : NAN;
           shift = k2 * mx;
         }
-        sh.out_buf[slot][3] = fmaf(mx, k2, -shift);  // d0, for the stats' sum (contract_sum_scale)
+        if constexpr (RawMax) sh.out_buf[slot][3] = mx;  // the raw max, for the stats' sum (stats_sum)
         // per thread: S = sum e, X = sum q e (q: the element in its vector), R = sum k e (k: the vector); then
         // sum e col = col0 S + X and sum e row = row0 S + row_step R
         float sum_e = 0.f, sum_qe = 0.f, sum_ke = 0.f;
@@ -445,7 +452,7 @@ __global__ void __launch_bounds__(kRingThreads) maps_forward_ring(RingArgs<T> a)
         const float* o = sh.out_buf[threadIdx.x];
         const float sum = o[0];
         store1(a.stats + 2 * map, o[1]);
-        store1(a.stats + 2 * map + 1, sum * contract_sum_scale(o[3]));
+        store1(a.stats + 2 * map + 1, stats_sum<RawMax>(sum, o[1], o[3], a.beta));
         if (a.z != nullptr) {
           store1(a.z + 2 * map, a.co.ox + a.co.kx * (o[2] / sum));
           store1(a.z + 2 * map + 1, a.co.oy + a.co.ky * (o[4] / sum));
@@ -573,7 +580,7 @@ cudaError_t maps_forward_ring_t(MapShape shape, const Logits& lg, bool normalize
 // Backward over the ring, for a per-batch float32 gradient of Phi (the head's mask gradient, or none) and grad z:
 //   Phi = exp2(s log2 e - shift) / (sum 2^d0) from the saved stats (max, sum), s = beta T in float32 and
 //   shift = max log2 e, whose exponent at the max, d0 = fma(max, log2 e, -shift), the stats alone give (not so the
-//   forward's exp2(T beta log2 e - shift) on raw logits, which would need the raw max: contract_sum_scale); the
+//   forward's exp2(T beta log2 e - shift) on raw logits, which would need the raw max: stats_sum); the
 //   exponential once per logit; g_phi = gM + grad_z . coord; S = sum Phi g_phi; g_s = Phi (g_phi - S);
 //   grad T = beta g_s (streamed out); grad beta = sum T g_s, reduced together with the next map's S (one
 //   reduction round per map). gM of the current batch element is held in registers (read once per element of
@@ -774,10 +781,11 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
     for (int k = 0; k < K; ++k) {
       const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
       const float gk = fmaf(static_cast<float>(k), gyk, gbase);
+      float t[V];
+      unpack(x, t);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
-        const float t = to_float(x.v[q]);
-        ph[k][q] = fast_exp2(fmaf(scaled_logit(beta, t), kLog2e, -shift)) * inv;
+        ph[k][q] = fast_exp2(fmaf(scaled_logit(beta, t[q]), kLog2e, -shift)) * inv;
         acc = fmaf(ph[k][q], gm[k][q] + fmaf(static_cast<float>(q), gxq, gk), acc);
       }
     }
@@ -791,11 +799,12 @@ __global__ void __launch_bounds__(kRingThreads) maps_backward_ring(RingBackArgs<
     for (int k = 0; k < K; ++k) {
       const Vec<T, V> x = *reinterpret_cast<const Vec<T, V>*>(mine_in_stage + k * step);
       const float gk = fmaf(static_cast<float>(k), gyk, gbase);
-      float out[V];
+      float out[V], t[V];
+      unpack(x, t);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         const float gs = ph[k][q] * (gm[k][q] + fmaf(static_cast<float>(q), gxq, gk) - S);
-        gb = fmaf(to_float(x.v[q]), gs, gb);
+        gb = fmaf(t[q], gs, gb);
         out[q] = beta * gs;
       }
       const int i = static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
