@@ -41,12 +41,14 @@ import triton
 import triton.language as tl
 
 from .stats import (
+    _gbeta_map,
     _limit_bwd_map,
     _limit_fwd_map,
     _map_beta,
     _overflowed,
     _part_from_stats,
     _saved_overflow,
+    _small_beta,
 )
 
 
@@ -233,14 +235,15 @@ def map_bwd_persistent_kernel(
         inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
         t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
-        phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)  # the one exp of each logit
+        a = t * beta_l - mx  # t is dead from here: its centred value is a / beta_l (grad beta)
+        phi = tl.where(pv, tl.exp(a) * inv, 0.0)  # the one exp of each logit
         g = g_shared
         if HAS_G and G_PER_MAP:
             g = tl.load((g_ptr + (b64 * s_gb + l64 * s_gl)) + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-        # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first
-        t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
-        up = tl.where(pv, t - t_max, 0.0) * phi
+        # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first, as
+        # a = beta (T - T_max) (the sums below are beta times theirs; divided by beta once, at the store)
+        up = tl.where(pv, a, 0.0) * phi
         if HAS_GZ:  # g += gx col + gy row (no offsets: a per-map constant cancels), its sums from moments
             gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
             gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
@@ -254,18 +257,20 @@ def map_bwd_persistent_kernel(
         gs = phi * (g - mean)
         tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                  eviction_policy="evict_first")
-        tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+        tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / beta_l)
     # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
-    # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+    # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged). Maps
+    # of a small |beta| (_small_beta, 0 included) get their grad beta here, without the loop's division.
     tl.debug_barrier()
     for k in range(0, n):
         row_id = start32 + k
         mx = tl.load(stats_ptr + 2 * row_id)
         total = tl.load(stats_ptr + 2 * row_id + 1)
-        if _saved_overflow(mx, total):
+        beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+        ovf = _saved_overflow(mx, total)
+        if ovf | _small_beta(beta_l):
             b64 = (row_id // L).to(tl.int64)
             l64 = (row_id % L).to(tl.int64)
-            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             gx = 0.0
             gy = 0.0
             if HAS_GZ:
@@ -274,6 +279,11 @@ def map_bwd_persistent_kernel(
             g_map = g_ptr + b64 * s_gb
             if G_PER_MAP:
                 g_map += l64 * s_gl
-            _limit_bwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
-                           gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
-            tl.store(gbeta_ptr + row_id, 0.0)
+            t_map = t_ptr + (b64 * s_tb + l64 * s_tl)
+            if ovf:
+                _limit_bwd_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
+                               gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
+                tl.store(gbeta_ptr + row_id, 0.0)
+            else:
+                tl.store(gbeta_ptr + row_id, _gbeta_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+                                                        HAS_G, HAS_GZ, BLOCK_W))

@@ -251,13 +251,53 @@ def _limit_phi_g(t_map, s_tp, g_map, s_gp, gx, gy, sgn, m, inv, p, HW, W, HAS_G:
     pv = p < HW
     x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32) * sgn
     phi = tl.where(pv & (x == m), inv, 0.0)
-    g = tl.zeros_like(phi)
+    return phi, _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G, HAS_GZ)
+
+
+@triton.jit
+def _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr):
+    """g_phi = G + gx col + gy row at the pixels p of a chunk (0 outside pv)."""
+    g = tl.zeros(p.shape, tl.float32)
     if HAS_G:
         g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
     if HAS_GZ:
         row = p // W
         g = g + gx * (p - row * W).to(tl.float32) + gy * row.to(tl.float32)
-    return phi, g
+    return tl.where(pv, g, 0.0)
+
+
+@triton.jit
+def _small_beta(beta_l):
+    """Whether a map's |beta| is below 2**-40 (0 included): the whole-map backward loops take T - T_max as
+    (beta T - max) / beta, T being dead once the exp's argument is formed (no second tile of the map live
+    beside Phi: no spill), which is float32-exact while that argument is a normal float. Smaller betas would
+    lose T in it (all of it at 0, where the division gives NaN): those maps get grad beta from _gbeta_map."""
+    return tl.abs(beta_l) < 9.094947017729282e-13
+
+
+@triton.jit
+def _gbeta_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+               HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK_F: tl.constexpr):
+    """grad beta = sum (T - T_max) Phi (g - sum Phi g) of a map from its saved (finite) stats, with
+    T_max = max / beta (0 for beta = 0), in one sweep of BLOCK_F pixels (three sums): the small-beta maps of
+    the whole-map backward loops (_small_beta), fixed after the loop like the overflow maps."""
+    offs = tl.arange(0, BLOCK_F)
+    inv = 1.0 / total
+    t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
+    s_pg = tl.zeros([BLOCK_F], tl.float32)
+    s_ug = tl.zeros([BLOCK_F], tl.float32)
+    s_u = tl.zeros([BLOCK_F], tl.float32)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        pv = p < HW
+        t = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32)
+        phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
+        g = _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G, HAS_GZ)
+        up = tl.where(pv, t - t_max, 0.0) * phi
+        s_pg += phi * g
+        s_ug += up * g
+        s_u += up
+    return tl.sum(s_ug, axis=0) - tl.sum(s_pg, axis=0) * tl.sum(s_u, axis=0)
 
 
 @triton.jit
