@@ -41,6 +41,9 @@ import triton
 import triton.language as tl
 
 from .stats import (
+    _add2,
+    _add3,
+    _flat,
     _gbeta_map,
     _limit_bwd_map,
     _limit_fwd_map,
@@ -49,57 +52,9 @@ from .stats import (
     _part_from_stats,
     _saved_overflow,
     _small_beta,
+    _sums3,
+    _sums7,
 )
-
-
-@triton.jit
-def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
-    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
-    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
-    but fails under the interpreter (Triton 3.9)."""
-    return tl.reshape(x, [BLOCK_H * BLOCK_W])
-
-
-@triton.jit
-def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
-    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
-    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
-    another (a float32 error growing with the map size, and a Python loop per element)."""
-    if PAIRWISE:
-        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
-            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
-    else:
-        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
-                         _add3)
-
-
-@triton.jit
-def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
-    """As _sums3, seven tiles."""
-    if PAIRWISE:
-        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
-        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
-        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
-    else:
-        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
-                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
-                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
 
 
 @triton.jit

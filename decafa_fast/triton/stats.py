@@ -60,6 +60,56 @@ import triton.language as tl
 
 
 @triton.jit
+def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
+    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
+    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
+    but fails under the interpreter (Triton 3.9)."""
+    return tl.reshape(x, [BLOCK_H * BLOCK_W])
+
+
+@triton.jit
+def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
+    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
+    another (a float32 error growing with the map size, and a Python loop per element)."""
+    if PAIRWISE:
+        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
+            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
+                         _add3)
+
+
+@triton.jit
+def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """As _sums3, seven tiles."""
+    if PAIRWISE:
+        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
+        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
+        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
+                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
+                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
+
+
+@triton.jit
 def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
     """Row and column (float32) of flat pixel indices p. A float reciprocal replaces the integer division
     (many instructions per element on the GPU); it is exact while H*W <= 2**20, else INT_DIV is set."""
@@ -89,17 +139,45 @@ def _whole_map_order(r, run_len, n_runs, L, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _map_ptrs(base, rr, cc, p, W, s_tp, PIX64: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr):
-    """Pointers to a whole map's pixels. Interleaved: the pixel stride is the constexpr T_PIX (L for
-    channels_last), so a thread's pixels of one row sit at constant offsets from one register, and the row
-    and the column offsets are added to the pointer at each use: a [H, W] tensor of strided 64-bit addresses
-    kept live across the map loop would cost 32 registers a thread (spills)."""
-    if INTERLEAVED:
-        if PIX64:
-            rr, cc = rr.to(tl.int64), cc.to(tl.int64)
-        return (base + (rr * (W * T_PIX))[:, None]) + (cc * T_PIX)[None, :]
+def _map_tile(W, HW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """(row, col, mask, pixel index) of a whole-map tile: row and col broadcastable index tiles, the tile
+    [BLOCK_H, BLOCK_W], or with TRANSPOSED [BLOCK_W, BLOCK_H]. A map that fills it (FULL) takes a constant
+    mask and constant pixel offsets (W = BLOCK_W)."""
+    rr = tl.arange(0, BLOCK_H)
+    cc = tl.arange(0, BLOCK_W)
+    if TRANSPOSED:
+        r2 = rr[None, :]
+        c2 = cc[:, None]
     else:
-        return base + p * s_tp
+        r2 = rr[:, None]
+        c2 = cc[None, :]
+    if FULL:
+        p = r2 * BLOCK_W + c2
+        pv = tl.full(p.shape, 1, tl.int1)
+    else:
+        p = r2 * W + c2  # < HW <= map_block_max: int32 is exact
+        pv = (r2 < HW // W) & (c2 < W)
+    return r2, c2, pv, p
+
+
+@triton.jit
+def _map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64: tl.constexpr, INTERLEAVED: tl.constexpr,
+              T_PIX: tl.constexpr, FULL: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Pointers to the pixels of map l of a batch item (t_base); r2, c2: broadcastable row and column index
+    tiles. Interleaved: the pixel stride is the constexpr T_PIX (L for channels_last), so a thread's pixels
+    of one row sit at constant offsets from one register; without PIX64 the map's offset l s_tl (s_tl = 1)
+    is added to the int32 row offsets inside the loop, so that no tile of per-pixel offsets is
+    loop-invariant: hoisted out of the map loop, 16 such 64-bit offsets a thread would cost 32 registers."""
+    if INTERLEAVED:
+        w = W
+        if FULL:  # W = BLOCK_W: constant row offsets
+            w = BLOCK_W
+        if PIX64:
+            r2, c2 = r2.to(tl.int64), c2.to(tl.int64)
+            return ((t_base + tl.cast(l, tl.int64) * s_tl) + r2 * (w * T_PIX)) + c2 * T_PIX
+        return t_base + ((l * s_tl + r2 * (w * T_PIX)) + c2 * T_PIX)
+    else:
+        return (t_base + tl.cast(l, tl.int64) * s_tl) + p * s_tp
 
 
 @triton.jit
@@ -361,6 +439,7 @@ def map_fwd_kernel(
     ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
+    PAIRWISE: tl.constexpr, COLS_FIRST: tl.constexpr,
 ):
     # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (B, n_runs, HW) are contiguous
     beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
@@ -391,22 +470,28 @@ def map_fwd_kernel(
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
-            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
+            t = tl.load(_map_ptrs(t_base, l, s_tl, rr[:, None], cc[None, :], p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
                         mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             # the max on sign(beta) T, so that a map whose beta T overflows needs no second reduction
             s = tl.where(pv, t * beta_l, float("-inf"))
-            mx = tl.max(tl.max(s, axis=1), axis=0)
+            mx = tl.max(_flat(s, BLOCK_H, BLOCK_W), axis=0)
             e = tl.where(pv, tl.exp(s - mx), 0.0)
-            total = tl.sum(tl.sum(e, axis=1), axis=0)
+            if WRITE_Z:  # as the persistent kernel: per row (within a warp), then the three across rows
+                if PAIRWISE:
+                    ey, ex = tl.sum(e, axis=1), tl.sum(e * cc.to(tl.float32)[None, :], axis=1)
+                    total, sx, sy = tl.sum(ey, axis=0), tl.sum(ex, axis=0), tl.sum(ey * rr.to(tl.float32), axis=0)
+                else:
+                    ey, ex = tl.reduce((e, e * cc.to(tl.float32)[None, :]), 1, _add2)
+                    total, sx, sy = tl.reduce((ey, ex, ey * rr.to(tl.float32)), 0, _add3)
+            else:
+                total = tl.sum(tl.sum(e, axis=1), axis=0)
             tl.store(stats_ptr + 2 * row_id, mx)
             tl.store(stats_ptr + 2 * row_id + 1, total)
             inv = 1.0 / total
             if WRITE_Z:
-                zx = x_off + x_scale * (tl.sum(tl.sum(e, axis=0) * cc.to(tl.float32), axis=0) * inv)
-                zy = y_off + y_scale * (tl.sum(tl.sum(e, axis=1) * rr.to(tl.float32), axis=0) * inv)
-                tl.store(z_ptr + 2 * row_id, zx.to(z_ptr.dtype.element_ty))
-                tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + 2 * row_id, (x_off + x_scale * (sx * inv)).to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + 2 * row_id + 1, (y_off + y_scale * (sy * inv)).to(z_ptr.dtype.element_ty))
             phi = e * inv
             if WRITE_PHI:
                 tl.store((phi_ptr + row_id.to(tl.int64) * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
@@ -540,6 +625,7 @@ def map_bwd_kernel(
     ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
+    PAIRWISE: tl.constexpr, COLS_FIRST: tl.constexpr,
 ):
     # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
     beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
@@ -551,15 +637,15 @@ def map_bwd_kernel(
     rows = tl.arange(0, BLOCK_L)
     gt_ty = gt_ptr.dtype.element_ty
 
-    if ONE_CHUNK:  # the whole map as a [BLOCK_H, BLOCK_W] tile, as in map_fwd_kernel
-        rr = tl.arange(0, BLOCK_H)
-        cc = tl.arange(0, BLOCK_W)
-        # FULL is not used here: constant offsets made this kernel's stack larger (compile_check: 3.6 bf16 192)
-        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+    if ONE_CHUNK:  # the whole map as one tile, as in map_fwd_kernel
+        # COLS_FIRST (interleaved T where Triton orders the layout of a load without contiguity dimension 0
+        # first: 3.6, not 3.9): the tile [BLOCK_W, BLOCK_H], so that the strided loads of T get the layout
+        # of the contiguous grad T store: no layout conversion per map (shared memory, barriers and
+        # loop-invariant shared addresses: 3.6 184-200 bytes of stack)
+        r2, c2, pv, p = _map_tile(W, HW, BLOCK_H, BLOCK_W, FULL, COLS_FIRST)
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        g_shared = tl.zeros(p.shape, tl.float32)
         if HAS_G and not G_PER_MAP:  # the mask gradient: read once per run, used by every map of it
             g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
@@ -568,10 +654,11 @@ def map_bwd_kernel(
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             mx = tl.load(stats_ptr + 2 * row_id)
             inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
-            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
+            t = tl.load(_map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
                         mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
+            a = t * beta_l - mx  # t is dead from here: its centred value is a / beta_l (grad beta)
+            phi = tl.where(pv, tl.exp(a) * inv, 0.0)
             g = g_shared
             if HAS_G and G_PER_MAP:
                 g_map = g_ptr + b64 * s_gb + tl.cast(l, tl.int64) * s_gl
@@ -580,36 +667,34 @@ def map_bwd_kernel(
             # grad beta = sum_p T_p g_s,p with g_s = Phi (g_phi - mean): as sum_p g_s,p = 0, T may be centred
             # on its value at the max, and the sum split into one pass of reductions (T is then dead, and
             # only Phi and G stay live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max
-            t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
-            up = tl.where(pv, t - t_max, 0.0) * phi
-            mean = tl.sum(tl.sum(phi * g, axis=1), axis=0)
-            gbeta = tl.sum(tl.sum(up * g, axis=1), axis=0)
-            sum_up = tl.sum(tl.sum(up, axis=1), axis=0)
-            if HAS_GZ:  # g_phi += gx col + gy row (up to a per-map constant, which cancels); its sums come
-                # from the row / column marginals, so no further [H, W] tensor stays live
+            up = tl.where(pv, a, 0.0) * phi  # beta (T - T_max) Phi: the sums below are beta times theirs
+            if HAS_GZ:  # g_phi = g + gx col + gy row (a per-map constant cancels), its sums from moments
                 gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
                 gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-                col = cc.to(tl.float32)
-                row = rr.to(tl.float32)
-                mean += gx * tl.sum(tl.sum(phi, axis=0) * col, axis=0)
-                mean += gy * tl.sum(tl.sum(phi, axis=1) * row, axis=0)
-                gbeta += gx * tl.sum(tl.sum(up, axis=0) * col, axis=0)
-                gbeta += gy * tl.sum(tl.sum(up, axis=1) * row, axis=0)
-                gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
+                col = c2.to(tl.float32)
+                row = r2.to(tl.float32)
+                mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
+                                                             up * row, BLOCK_H, BLOCK_W, PAIRWISE)
+                mean += gx * pc + gy * pr
+                gbeta += gx * uc + gy * ur
+                gs = phi * (g - mean + gx * col + gy * row)
             else:
+                mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
                 gs = phi * (g - mean)
             tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                      eviction_policy="evict_first")
-            tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+            tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / beta_l)
         # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
-        # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+        # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged).
+        # Maps of a small |beta| (_small_beta, 0 included) get their grad beta here, without the division.
         tl.debug_barrier()
         for l in range(l_start, l_stop, l_step):
             row_id = b64 * L + l
             mx = tl.load(stats_ptr + 2 * row_id)
             total = tl.load(stats_ptr + 2 * row_id + 1)
-            if _saved_overflow(mx, total):
-                beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+            ovf = _saved_overflow(mx, total)
+            if ovf | _small_beta(beta_l):
                 gx = 0.0
                 gy = 0.0
                 if HAS_GZ:
@@ -621,9 +706,14 @@ def map_bwd_kernel(
                 pix = s_tp
                 if INTERLEAVED:
                     pix = T_PIX
-                _limit_bwd_map(t_base + tl.cast(l, tl.int64) * s_tl, pix, g_map, s_gp,
-                               gx, gy, beta_l, total, HW, W, gt_ptr + row_id * HW, HAS_G, HAS_GZ, BLOCK_W)
-                tl.store(gbeta_ptr + row_id, 0.0)
+                t_map = t_base + tl.cast(l, tl.int64) * s_tl
+                if ovf:
+                    _limit_bwd_map(t_map, pix, g_map, s_gp, gx, gy, beta_l, total, HW, W, gt_ptr + row_id * HW,
+                                   HAS_G, HAS_GZ, BLOCK_W)
+                    tl.store(gbeta_ptr + row_id, 0.0)
+                else:
+                    tl.store(gbeta_ptr + row_id, _gbeta_map(t_map, pix, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+                                                            HAS_G, HAS_GZ, BLOCK_W))
     else:
         for l0 in range(l_first, l_end, BLOCK_L):
             ls = l0 + rows

@@ -196,13 +196,22 @@ def _landmark_f64(t, beta_map, gz, gm):
     return torch.autograd.grad(loss, (t64, beta))
 
 
-@pytest.mark.parametrize("kernel", ["persistent", "runs"])
-def test_small_and_zero_beta_maps(tuning, kernel):
+@pytest.mark.parametrize("kernel", ["persistent", "runs", "channels_last", "channels_last_cols_first"])
+def test_small_and_zero_beta_maps(tuning, monkeypatch, request, kernel):
     """The whole-map backward loops take T - T_max as (beta T - max) / beta and fix the maps with
     |beta| < 2**-40 (stats._small_beta; 0, where the division gives NaN, included) after the loop: grad T and
-    grad beta of every map against float64 autograd, betas of both signs on both sides of the bound."""
+    grad beta of every map against float64 autograd, betas of both signs on both sides of the bound. Both
+    kernel families, and channels_last T (per-run kernels) in both tile orientations (COLS_FIRST, chosen by
+    the Triton version)."""
     b, l, h, w = 2, 6, 7, 9
     t, _, _, _ = _inputs(b, l, h, w, seed=3)
+    if kernel.startswith("channels_last"):
+        t = t.contiguous(memory_format=torch.channels_last)
+        monkeypatch.setattr(tops, "_TRITON", (3, 6) if kernel.endswith("cols_first") else (3, 9))
+        tops._map_cfg_cached.cache_clear()
+        request.addfinalizer(tops._map_cfg_cached.cache_clear)
+        assert tops._map_cfg(h, w, l, l, True)["COLS_FIRST"] == kernel.endswith("cols_first")
+        kernel = "runs"
     betas = torch.tensor([0.0, 1e-30, -2.0**-41, 2.0**-39, -1e-9, 0.9] * b).reshape(b, l).to(DEVICE)
     tuning.map_kernel, tuning.map_programs = kernel, 3
     z, m, stats = NS.landmark_attention(t, 0.7, betas, True)
