@@ -53,7 +53,6 @@ from .stats import (
     _saved_overflow,
     _small_beta,
     _sums3,
-    _sums7,
 )
 
 
@@ -199,17 +198,18 @@ def map_bwd_persistent_kernel(
         # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first, as
         # a = beta (T - T_max) (the sums below are beta times theirs; divided by beta once, at the store)
         up = tl.where(pv, a, 0.0) * phi
-        if HAS_GZ:  # g += gx col + gy row (no offsets: a per-map constant cancels), its sums from moments
+        if HAS_GZ:  # g_phi = g + gx col + gy row (no offsets: a per-map constant cancels), formed per element
+            # in the sums and again, written differently, in the store, so that no g_phi tile stays live
             gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
             gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-            mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
-                                                         up * row, BLOCK_H, BLOCK_W, PAIRWISE)
-            mean += gx * pc + gy * pr
-            gbeta += gx * uc + gy * ur
-            g = g + gx * col + gy * row
+            cx = gx * col
+            ry = gy * row
+            g_phi = (g + cx) + ry
+            mean, gbeta, sum_up = _sums3(phi * g_phi, up * g_phi, up, BLOCK_H, BLOCK_W, PAIRWISE)
+            gs = phi * ((g - mean) + cx + ry)
         else:
             mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
-        gs = phi * (g - mean)
+            gs = phi * (g - mean)
         tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                  eviction_policy="evict_first")
         tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / beta_l)

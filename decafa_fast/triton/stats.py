@@ -82,19 +82,6 @@ def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.c
 
 
 @triton.jit
-def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
-    """As _sums3, seven tiles."""
-    if PAIRWISE:
-        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
-        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
-        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
-    else:
-        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
-                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
-                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
-
-
-@triton.jit
 def _add2(a0, a1, b0, b1):
     return a0 + b0, a1 + b1
 
@@ -102,11 +89,6 @@ def _add2(a0, a1, b0, b1):
 @triton.jit
 def _add3(a0, a1, a2, b0, b1, b2):
     return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
 
 
 @triton.jit
@@ -671,13 +653,11 @@ def map_bwd_kernel(
             if HAS_GZ:  # g_phi = g + gx col + gy row (a per-map constant cancels), its sums from moments
                 gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
                 gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-                col = c2.to(tl.float32)
-                row = r2.to(tl.float32)
-                mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
-                                                             up * row, BLOCK_H, BLOCK_W, PAIRWISE)
-                mean += gx * pc + gy * pr
-                gbeta += gx * uc + gy * ur
-                gs = phi * (g - mean + gx * col + gy * row)
+                cx = gx * c2.to(tl.float32)
+                ry = gy * r2.to(tl.float32)
+                g_phi = (g + cx) + ry
+                mean, gbeta, sum_up = _sums3(phi * g_phi, up * g_phi, up, BLOCK_H, BLOCK_W, PAIRWISE)
+                gs = phi * ((g - mean) + cx + ry)
             else:
                 mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
                 gs = phi * (g - mean)
