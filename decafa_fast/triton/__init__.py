@@ -25,7 +25,7 @@ Passes of the fused head (B, L maps of H x W, Ci image and C embedding channels,
                 when the program's range leaves a batch item.
                 Moves: reads T (B L HW e); writes stats and z (B L 16 bytes) and (P + B) partial masks of HW
                 float32 at most (one per piece: a program's range within one batch item).
-                (map_fwd_kernel, per (b, run of L/4 maps), the same with row / column marginals.)
+                (map_fwd_kernel, per (b, run of L/4 maps), the same reductions.)
              2. mask_fuse_fwd_kernel, one program per (b, pixel tile): M = b's partials added in program order,
                 written once (the backward's saved M); reads I and E once, writes F once, in E's layout.
                 Moves: reads partials, I, E (B 4 HW 4 + B (Ci + C) HW e); writes M, F (B (1 + CF) HW e).
@@ -33,9 +33,11 @@ Passes of the fused head (B, L maps of H x W, Ci image and C embedding channels,
                 grad E and a float32 grad M (B HW 4): grad M = sum over the masked blocks of grad F * (I or E).
              4. map_bwd_persistent_kernel, the ranges of pass 1: grad M read once per piece and held on chip;
                 each map of T read once (whole tile, the next one prefetched) with its stats: Phi (one exp a
-                logit), g = grad M + grad z . coordinates, g_s = Phi (g - sum Phi g), grad T = beta g_s,
-                grad beta = sum T g_s; the sums (with the grad z moments) in one tl.reduce, one reduction a
-                map. T is never read for M. (map_bwd_kernel: per (b, run of maps), as before.)
+                logit), g = grad M + grad z . coordinates (per element), g_s = Phi (g - sum Phi g), grad T =
+                beta g_s, grad beta = sum T g_s, with T centred as (beta T - max) / beta (T dead once the
+                exp's argument is formed; maps with |beta| < 2**-40 fixed after the loop); the three sums
+                in one tl.reduce, one reduction a map. T is never read for M. (map_bwd_kernel: per (b, run
+                of maps), the same arithmetic.)
     Counted under the interpreter (tests/triton/test_traffic.py; per batch item at L = 98, 128 x 128, Ci = 1,
     C = 64, F5; 4 runs, or 4 pieces: the interpreter's default of B * mask_runs persistent programs):
     persistent and per-run kernels alike (the same bytes per kernel): forward 1.031x its floor (read T, I, E;

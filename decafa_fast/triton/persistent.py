@@ -13,11 +13,13 @@ loads of a program overlap its reductions instead of alternating with them.
                              along x and y: per row within a warp (two quantities of one tl.reduce), then
                              three of one tl.reduce across rows; Phi when asked; the piece's partial mask
                              sum_l Phi_l (float32, written once per piece, under a scalar branch).
-`map_bwd_persistent_kernel`  per map: Phi = exp(beta_l T - max) / sum from the saved stats (one exp per
-                             logit), g = G + grad_z . coordinates, and the three sums of the gradient,
-                             sum Phi g, sum u Phi g and sum u Phi (u = T - T at the max), plus with grad z
-                             the x / y moments of Phi and u Phi, in one tl.reduce (3 or 7 quantities);
-                             grad T = beta_l Phi (g - sum Phi g), grad beta = sum u Phi g - sum Phi g sum u Phi.
+`map_bwd_persistent_kernel`  per map: Phi = exp(a) / sum, a = beta_l T - max, from the saved stats (one
+                             exp per logit), g = G + grad_z . coordinates (formed per element), and the
+                             three sums of the gradient, sum Phi g, sum a Phi g and sum a Phi, in one
+                             tl.reduce; grad T = beta_l Phi (g - sum Phi g), grad beta = (sum a Phi g -
+                             sum Phi g sum a Phi) / beta_l (a / beta_l = T - T at the max; T is dead once a
+                             is formed). Maps with |beta_l| < 2**-40 (0 included) take grad beta from a
+                             sweep after the map loop (stats._small_beta, _gbeta_map).
 PAIRWISE (set under the interpreter) takes the same sums with one tl.sum each (_sums3).
 Both kernels end with a loop over the program's maps that fixes those whose beta T overflowed (the stored
 max is +-inf): their limit Phi = [T == c] / k, z and the piece's partial mask (forward), grad T and grad beta
@@ -212,7 +214,8 @@ def map_bwd_persistent_kernel(
             gs = phi * (g - mean)
         tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                  eviction_policy="evict_first")
-        tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / beta_l)
+        # beta 0 divides by 1 (no inf / NaN made): its grad beta is written by the fix-up loop below
+        tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / tl.where(beta_l != 0.0, beta_l, 1.0))
     # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
     # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged). Maps
     # of a small |beta| (_small_beta, 0 included) get their grad beta here, without the loop's division.

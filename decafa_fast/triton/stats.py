@@ -10,8 +10,12 @@
 
 Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
 - ONE_CHUNK: a whole map fits one [BLOCK_H, BLOCK_W] tile (128 x 128 and below), loaded once per map; the
-  stats, z (from the row and column marginals, so coordinates are broadcast vectors, not per-pixel
-  registers), Phi and the gradients all come from registers: T is read exactly once.
+  stats, z, Phi and the gradients all come from registers: T is read exactly once. The reductions are
+  those of the persistent kernels (persistent.py): forward, the max, then the sum and the x / y moments
+  per row and across rows; backward, the three sums of the gradient in one tl.reduce, T centred as
+  (beta T - max) / beta (small betas fixed after the map loop, _small_beta). Coordinates are broadcast
+  row / column vectors, not per-pixel registers. Interleaved maps take a [BLOCK_W, BLOCK_H] tile in the
+  backward on Triton < 3.9 (COLS_FIRST: the layout that Triton version gives the strided loads of T).
 - otherwise (larger maps, or channels_last logits with TUNING.interleaved_whole_maps off): sweep 1 walks
   the pixels in chunks of a [BLOCK_L maps, BLOCK_P pixels] tile with an online max (rescaling the running
   sums when a chunk raises it); sweep 2 walks them again for Phi, the partial mask and the gradients. Rows
@@ -436,7 +440,7 @@ def map_fwd_kernel(
 
     if ONE_CHUNK:
         # the whole map as a [BLOCK_H, BLOCK_W] tile: coordinates are broadcast row / column vectors (few
-        # registers), and the moments come from the row and column marginals
+        # registers)
         rr = tl.arange(0, BLOCK_H)
         cc = tl.arange(0, BLOCK_W)
         if FULL:  # the map fills the tile: a constant mask and constant pixel offsets (W = BLOCK_W)
@@ -452,8 +456,8 @@ def map_fwd_kernel(
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
-            t = tl.load(_map_ptrs(t_base, l, s_tl, rr[:, None], cc[None, :], p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
-                        mask=pv, other=0.0,
+            t = tl.load(_map_ptrs(t_base, l, s_tl, rr[:, None], cc[None, :], p, W, s_tp, PIX64, INTERLEAVED, T_PIX,
+                                  FULL, BLOCK_W), mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             # the max on sign(beta) T, so that a map whose beta T overflows needs no second reduction
             s = tl.where(pv, t * beta_l, float("-inf"))
@@ -647,10 +651,11 @@ def map_bwd_kernel(
                 g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
             # grad beta = sum_p T_p g_s,p with g_s = Phi (g_phi - mean): as sum_p g_s,p = 0, T may be centred
-            # on its value at the max, and the sum split into one pass of reductions (T is then dead, and
-            # only Phi and G stay live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max
+            # on its value at the max, and the sum split into one pass of reductions (only Phi and G stay
+            # live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max = a / beta_l
             up = tl.where(pv, a, 0.0) * phi  # beta (T - T_max) Phi: the sums below are beta times theirs
-            if HAS_GZ:  # g_phi = g + gx col + gy row (a per-map constant cancels), its sums from moments
+            if HAS_GZ:  # g_phi = g + gx col + gy row (a per-map constant cancels), formed per element in the
+                # sums and again, written differently, in the store: no g_phi tile live across the reduction
                 gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
                 gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
                 cx = gx * c2.to(tl.float32)
@@ -663,7 +668,8 @@ def map_bwd_kernel(
                 gs = phi * (g - mean)
             tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                      eviction_policy="evict_first")
-            tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / beta_l)
+            # beta 0 divides by 1 (no inf / NaN made): its grad beta is written by the fix-up loop below
+            tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / tl.where(beta_l != 0.0, beta_l, 1.0))
         # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
         # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged).
         # Maps of a small |beta| (_small_beta, 0 included) get their grad beta here, without the division.
