@@ -96,6 +96,15 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def _row_sums(e, col, AXIS: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Per map row, the sums of e and e * col over the columns (tile axis AXIS)."""
+    if PAIRWISE:
+        return tl.sum(e, axis=AXIS), tl.sum(e * col, axis=AXIS)
+    else:
+        return tl.reduce((e, e * col), AXIS, _add2)
+
+
+@triton.jit
 def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
     """Row and column (float32) of flat pixel indices p. A float reciprocal replaces the integer division
     (many instructions per element on the GPU); it is exact while H*W <= 2**20, else INT_DIV is set."""
@@ -439,39 +448,37 @@ def map_fwd_kernel(
     offs = tl.arange(0, BLOCK_P)
 
     if ONE_CHUNK:
-        # the whole map as a [BLOCK_H, BLOCK_W] tile: coordinates are broadcast row / column vectors (few
-        # registers)
+        # the whole map as a [BLOCK_H, BLOCK_W] tile ([BLOCK_W, BLOCK_H] with COLS_FIRST, as map_bwd_kernel):
+        # coordinates are broadcast row / column vectors (few registers)
         rr = tl.arange(0, BLOCK_H)
-        cc = tl.arange(0, BLOCK_W)
-        if FULL:  # the map fills the tile: a constant mask and constant pixel offsets (W = BLOCK_W)
-            pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
-            p = rr[:, None] * BLOCK_W + cc[None, :]
-        else:
-            pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-            p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        r2, c2, pv, p = _map_tile(W, HW, BLOCK_H, BLOCK_W, FULL, COLS_FIRST)
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        acc = tl.zeros(p.shape, tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
-            t = tl.load(_map_ptrs(t_base, l, s_tl, rr[:, None], cc[None, :], p, W, s_tp, PIX64, INTERLEAVED, T_PIX,
-                                  FULL, BLOCK_W), mask=pv, other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
+            t = tl.load(_map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
+                        mask=pv, other=0.0, eviction_policy="evict_first").to(tl.float32)
             # the max on sign(beta) T, so that a map whose beta T overflows needs no second reduction
             s = tl.where(pv, t * beta_l, float("-inf"))
             mx = tl.max(_flat(s, BLOCK_H, BLOCK_W), axis=0)
             e = tl.where(pv, tl.exp(s - mx), 0.0)
-            if WRITE_Z:  # as the persistent kernel: per row (within a warp), then the three across rows
+            if WRITE_Z:  # as the persistent kernel: per row (the column axis first), then the three across rows
+                if COLS_FIRST:
+                    ey, ex = _row_sums(e, c2.to(tl.float32), 0, PAIRWISE)
+                else:
+                    ey, ex = _row_sums(e, c2.to(tl.float32), 1, PAIRWISE)
                 if PAIRWISE:
-                    ey, ex = tl.sum(e, axis=1), tl.sum(e * cc.to(tl.float32)[None, :], axis=1)
                     total, sx, sy = tl.sum(ey, axis=0), tl.sum(ex, axis=0), tl.sum(ey * rr.to(tl.float32), axis=0)
                 else:
-                    ey, ex = tl.reduce((e, e * cc.to(tl.float32)[None, :]), 1, _add2)
                     total, sx, sy = tl.reduce((ey, ex, ey * rr.to(tl.float32)), 0, _add3)
-            else:
-                total = tl.sum(tl.sum(e, axis=1), axis=0)
+            else:  # the same order of additions as the z path
+                if COLS_FIRST:
+                    total = tl.sum(tl.sum(e, axis=0), axis=0)
+                else:
+                    total = tl.sum(tl.sum(e, axis=1), axis=0)
             tl.store(stats_ptr + 2 * row_id, mx)
             tl.store(stats_ptr + 2 * row_id + 1, total)
             inv = 1.0 / total

@@ -183,7 +183,8 @@ def test_falls_back_to_no_prefetch_without_shared_memory(tuning, monkeypatch):
 
 
 def _landmark_f64(t, beta_map, gz, gm):
-    """grad T and grad beta of landmark attention (normalised coordinates) by autograd in float64."""
+    """grad T and grad beta of landmark attention (normalised coordinates) by autograd in float64, and its
+    outputs z and M."""
     b, l, h, w = t.shape
     t64 = t.double().cpu().requires_grad_(True)
     beta = beta_map.double().cpu().requires_grad_(True)
@@ -193,7 +194,7 @@ def _landmark_f64(t, beta_map, gz, gm):
     z = torch.stack(((phi * x).sum(-1), (phi * y).sum(-1)), -1)
     m = phi.sum(1).reshape(gm.shape)
     loss = (z * gz.double().cpu()).sum() + (m * gm.double().cpu()).sum()
-    return torch.autograd.grad(loss, (t64, beta))
+    return (*torch.autograd.grad(loss, (t64, beta)), z.detach(), m.detach())
 
 
 @pytest.mark.parametrize("kernel", ["persistent", "runs", "channels_last", "channels_last_cols_first"])
@@ -219,7 +220,9 @@ def test_small_and_zero_beta_maps(tuning, monkeypatch, request, kernel):
     gz = torch.randn(z.shape, generator=g).to(DEVICE)
     gm = torch.randn(m.shape, generator=g).to(DEVICE)
     gt, gbeta = NS.landmark_attention_backward(gz, gm, t, stats, 0.7, betas, True)
-    ref_t, ref_beta = _landmark_f64(t, betas, gz, gm)
+    ref_t, ref_beta, ref_z, ref_m = _landmark_f64(t, betas, gz, gm)
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-5, atol=1e-5)  # the forward, same kernels
+    torch.testing.assert_close(m.double().cpu(), ref_m, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(gbeta).all(), gbeta
     torch.testing.assert_close(gt.double().cpu(), ref_t, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gbeta.double().cpu(), ref_beta, rtol=1e-5, atol=1e-5 * ref_beta.abs().max().item())
@@ -232,6 +235,6 @@ def test_small_and_zero_beta_maps(tuning, monkeypatch, request, kernel):
     image, emb = t[:, :1].double().cpu(), t[:, :3].double().cpu()
     gf = gf.double().cpu()  # F5 = I | I*M | E | E*M: grad M from the two masked blocks
     gm = (gf[:, 1:2] * image).sum(1, keepdim=True) + (gf[:, 5:8] * emb).sum(1, keepdim=True)
-    _, ref_beta = _landmark_f64(t, torch.zeros(b, l), gz, gm)
+    _, ref_beta, _, _ = _landmark_f64(t, torch.zeros(b, l), gz, gm)
     assert ref_beta.abs().min() > 0
     torch.testing.assert_close(gbeta.double().cpu(), ref_beta, rtol=1e-5, atol=1e-5 * ref_beta.abs().max().item())
