@@ -86,13 +86,15 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 #   (3.9 barriers per map of the head backward 8 to 4; fewer registers).
 # - the per-run kernels (TUNING.map_kernel = "runs", channels_last T) with the persistent ones' reductions:
 #   the sums of a map in one tl.reduce (backward), the max as one reduction and z per row then across rows
-#   (forward), in place of one 2-D tl.sum each (3.6 map_fwd head 32 / 48 / 48 and map_bwd head 72 / 136 /
-#   160 to 0; barriers per map 12 to 6 and 21 to 3), and constant pixel offsets for full maps.
-# - channels_last backward on 3.6: Triton 3.6 orders the layout of a load without contiguity (T at the
-#   pixel stride L) dimension 0 first, 3.9 dimension 1 first; the tile is [W, H] on Triton < 3.9
-#   (COLS_FIRST, ops._map_cfg) so that the loads of T and the contiguous store of grad T share a layout (3.6
-#   map_bwd head channels_last 352 / 728 / 728 to 0: no layout conversion through shared memory per map,
-#   whose loop-invariant shared addresses spilled); [H, W] on 3.9 (transposed there: 136-168 bytes).
+#   (forward), in place of one 2-D tl.sum each, and constant pixel offsets for full maps (map_fwd head
+#   32 / 48 / 48 on 3.6 and map_bwd head 72 / 136 / 160 on 3.6, 24 / 48 / 48 on 3.9, to 0; barriers per map
+#   12 to 6 and 21 to 3 on 3.6, 10-14 to 6 and 18-26 to 4 on 3.9).
+# - channels_last on 3.6: Triton 3.6 orders the layout of a load without contiguity (T at the pixel stride
+#   L) dimension 0 first, 3.9 dimension 1 first; the per-run kernels take a [W, H] tile on Triton < 3.9
+#   (COLS_FIRST, ops._map_cfg) so that the loads of T and the contiguous stores share a layout: no layout
+#   conversion through shared memory per map, whose loop-invariant shared addresses spilled (map_bwd head
+#   channels_last 352 / 728 / 728 on 3.6 to 0, 40 / 64 / 64 on 3.9 to 0 with the two items above; barriers
+#   43 to 3; the forward 21 to 6 barriers, no 64 KiB conversion buffer). [W, H] on 3.9: 136-168 bytes.
 # Tried before (persistent head kernels, both Tritons): 16 and 8 warps (40-344 bytes), row / column
 # marginals for z (more barriers, 32-56 bytes), num_stages 1 and 3 (no better); a loop per batch item inside
 # the persistent loop (its invariants live across the map loop: 96-168 bytes), so the map loop is one flat
