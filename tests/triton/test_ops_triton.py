@@ -425,8 +425,8 @@ def test_kernels_keep_float32_with_fp64_float_arguments():
     the arithmetic to float64: on the GPU (Triton 3.6) map_fwd_kernel failed to compile ("loop-carried
     variable acc ... fp32 ... re-assigned to fp64"), and other variants compiled silently in float64. Every
     kernel variant must compile for sm_90 with fp64 float arguments and hold no f64 operation in its Triton
-    IR beyond converting those arguments to float32."""
-    proc = _compile_check("--float-args", "fp64", "--dtypes", "fp32,bf16")
+    IR beyond converting those arguments to float32, and, as with fp32 arguments, without a stack."""
+    proc = _compile_check("--float-args", "fp64", "--dtypes", "fp32,bf16", "--fail-on-spill")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL", "FP64", "SPILL"))]
     assert lines and all(line.startswith("ok") for line in lines), proc.stdout
