@@ -25,7 +25,7 @@ Passes of the fused head (B, L maps of H x W, Ci image and C embedding channels,
                 when the program's range leaves a batch item.
                 Moves: reads T (B L HW e); writes stats and z (B L 16 bytes) and (P + B) partial masks of HW
                 float32 at most (one per piece: a program's range within one batch item).
-                (map_fwd_kernel, per (b, run of L/4 maps), the same with row / column marginals.)
+                (map_fwd_kernel, per (b, run of L/4 maps), the same reductions.)
              2. mask_fuse_fwd_kernel, one program per (b, pixel tile): M = b's partials added in program order,
                 written once (the backward's saved M); reads I and E once, writes F once, in E's layout.
                 Moves: reads partials, I, E (B 4 HW 4 + B (Ci + C) HW e); writes M, F (B (1 + CF) HW e).
@@ -33,9 +33,11 @@ Passes of the fused head (B, L maps of H x W, Ci image and C embedding channels,
                 grad E and a float32 grad M (B HW 4): grad M = sum over the masked blocks of grad F * (I or E).
              4. map_bwd_persistent_kernel, the ranges of pass 1: grad M read once per piece and held on chip;
                 each map of T read once (whole tile, the next one prefetched) with its stats: Phi (one exp a
-                logit), g = grad M + grad z . coordinates, g_s = Phi (g - sum Phi g), grad T = beta g_s,
-                grad beta = sum T g_s; the sums (with the grad z moments) in one tl.reduce, one reduction a
-                map. T is never read for M. (map_bwd_kernel: per (b, run of maps), as before.)
+                logit), g = grad M + grad z . coordinates (per element), g_s = Phi (g - sum Phi g), grad T =
+                beta g_s, grad beta = sum T g_s, with T centred as (beta T - max) / beta (T dead once the
+                exp's argument is formed; maps with |beta| < 2**-40 fixed after the loop); the three sums
+                in one tl.reduce, one reduction a map. T is never read for M. (map_bwd_kernel: per (b, run
+                of maps), the same arithmetic.)
     Counted under the interpreter (tests/triton/test_traffic.py; per batch item at L = 98, 128 x 128, Ci = 1,
     C = 64, F5; 4 runs, or 4 pieces: the interpreter's default of B * mask_runs persistent programs):
     persistent and per-run kernels alike (the same bytes per kernel): forward 1.031x its floor (read T, I, E;
@@ -80,20 +82,27 @@ kernels at the tuned size (pmap_*: persistent, B = 64 over 132 programs; map_*: 
     pmap_fwd attention_mask          58/0/6     64/0/6     57/0/4     64/0/4
     pmap_fwd softmax                 54/0/6     52/0/6     52/0/4     52/0/4
     pmap_fwd soft_argmax             32/0/6     44/0/6     54/0/6     63/0/6
-    pmap_bwd head                   64/24/3    64/16/3     64/0/8     64/0/8
-    pmap_bwd attention_mask          63/0/3     63/0/3     61/0/4     64/0/4
-    pmap_bwd softmax                 63/0/3     63/0/3     63/0/4     64/0/4
-    pmap_bwd soft_argmax             64/0/3     64/0/3     62/0/8     62/0/8
-    map_fwd head                   63/32/12   64/48/12    60/0/10    64/0/14
-    map_bwd head                   64/72/21  64/160/21   64/24/18   64/48/26
-    map_fwd head channels_last      64/0/21    64/0/21    59/0/10    63/0/10
-    map_bwd head channels_last    64/352/43  32/728/41   64/40/18   64/64/26
+    pmap_bwd head                    62/0/3     63/0/3     59/0/4     64/0/4
+    pmap_bwd attention_mask          53/0/3     53/0/3     52/0/4     53/0/4
+    pmap_bwd softmax                 52/0/3     53/0/3     61/0/4     57/0/4
+    pmap_bwd soft_argmax             48/0/3     50/0/3     44/0/4     46/0/4
+    map_fwd head                     64/0/6     58/0/6     58/0/6     60/0/6
+    map_fwd softmax                  51/0/6     50/0/6     51/0/4     50/0/4
+    map_fwd soft_argmax              58/0/6     63/0/6     42/0/6     48/0/6
+    map_bwd head                     61/0/3     62/0/3     62/0/4     62/0/4
+    map_bwd softmax                  52/0/3     51/0/3     62/0/4     58/0/4
+    map_fwd head channels_last       59/0/6     63/0/6     59/0/6     58/0/6
+    map_bwd head channels_last       63/0/3     64/0/3     61/0/4     64/0/4
 The persistent kernels keep the next map in shared memory (64 KiB fp32 / 32 KiB bf16 a stage; 128 KiB for
-the softmax backward, which prefetches T and grad Phi); their loads are cp.async (16 bytes). Stacks that
-remain (compile_check.SPILL_ALLOWANCE, exact per Triton version, any growth fails): the persistent head
-backward on Triton 3.6 (16-24 bytes), holding grad M across maps beside the map at 64 registers a thread, and
-the per-run head kernels. Every other persistent variant, and every pixel-tile kernel, has none (a map that fills its
-tile takes constant pixel offsets, no tile of offsets in registers).
+the softmax backward, which prefetches T and grad Phi); their loads are cp.async (16 bytes). No variant has
+a stack (spills), float16 included, and no pixel-tile kernel either: compile_check.SPILL_ALLOWANCE is empty,
+so --fail-on-spill fails on any. What keeps them there (compile_check's comment has the measurements): the
+backward centres T for grad beta as (beta T - max) / beta, so T is dead once the exp's argument is formed
+(maps with |beta| < 2**-40 get grad beta from a sweep after the map loop), and forms g = G + grad z .
+coordinates per element in its three sums, not as a live tile or seven sums; the per-run kernels take the
+persistent ones' reductions; a map that fills its tile takes constant pixel offsets, no tile of offsets in
+registers; interleaved (channels_last) T takes a [W, H] tile on Triton < 3.9 (stats.py, COLS_FIRST), whose
+strided loads then share the layout of the contiguous stores (no layout conversion per map).
 
 Overflow: a map whose beta T overflows float32 (a max of +-inf) gets the exact limit of softmax(beta T),
 P = [T == c] / k (c = max T for beta > 0, min T for beta < 0; NaN when c is not finite or the map holds a

@@ -71,38 +71,39 @@ QUICK = ("map_fwd head", "map_bwd head", "pmap_fwd head", "pmap_bwd head", "mask
 
 
 # Stack bytes a variant may use before --fail-on-spill counts it: none (DEFAULT_STACK) unless SPILL_ALLOWANCE
-# lists it for the running Triton (major, minor). The entries are the stacks measured (sm_90, the most over
-# fp32 / fp16 / bf16), so any growth fails; every variant not listed compiles without a stack frame.
-# The kernels that still spill hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at
-# 1024 threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps:
-#   pmap_bwd head (the mask gradient held per piece, plus the grad z moments): 24 / 16 / 16 (3.6 only); every other
-#   persistent variant, and this one on 3.9, has no stack.
-#   map_bwd head (per-run kernel, TUNING.map_kernel = "runs"): 24 / 48 / 48 (3.9), 72 / 136 / 160 (3.6);
-#   map_fwd head: 32 / 48 / 48 (3.6 only).
-#   channels_last T (per-run kernels only, whole maps with the pixel stride as the constant T_PIX): map_bwd
-#   head channels_last 40 / 64 / 64 (3.9), 352 / 728 / 728 (3.6).
-# A map that fills its tile (FULL) takes constant pixel offsets (row * BLOCK_W + col): no tile of offsets
-# in registers. That emptied the stacks of the persistent forwards and attention_mask backward and the
-# 3.6 channels_last forward; the per-run backward keeps computed offsets (constant ones: 3.6 bf16 192).
-# The persistent backward and the per-run whole-map loops keep their row arithmetic (batch item, map) in
-# int32, 64 bits only in the offsets: the persistent head backward on 3.9 from 8-24 bytes to none (3.6:
-# 16-24 to 16-24), the per-run head backward in fp32 8 bytes less on both.
-# The per-map kernels end with the fix-up of maps whose beta T overflows (a loop after the map loop, which
-# itself is unchanged by it); ptxas allocates the whole kernel, so the stacks of the 3.6 per-run head
-# kernels grew with it (from 32 / 24 / 24, 88 / 96 / 152 and channels_last 288 / 448 / 704).
-# Tried for the persistent head kernels (both Tritons): 16 and 8 warps (worse: 40-344 bytes), the grad z
-# terms folded into one g tile before a 3-sum reduce (3.9 bf16 104), row / column marginals for z (more
-# barriers, 32-56 bytes), num_stages 1 and 3 (no better). A loop per batch item inside the persistent loop
-# kept its invariants live across the map loop (96-168 bytes even without z): the map loop is one flat
-# loop over the program's range instead. For the overflow handling: a branch inside the map loop (T or the
-# limit tile live across the max: 16-bit forwards up to 136 bytes), scalar selects of the exp's scale and
-# shift (one more register in the loop: 16-bit head forward 64), the fix-up helpers as noinline calls (the
-# call frame: 3.9 pmap_bwd head 136).
+# lists it for the running Triton (major, minor), as the stack measured (sm_90, the most over fp32 / fp16 /
+# bf16) so that any growth fails. Every variant compiles without a stack frame on Triton 3.6 and 3.9 (the
+# docs table of decafa_fast/triton/__init__.py), so the table is empty.
+# The per-map kernels hold a whole 128 x 128 map at 32 warps (64 registers a thread, the most at 1024
+# threads; 16 pixels a thread) beside a second per-pixel tile that lives across maps (the partial mask,
+# or the mask gradient in the backward). What took the last stacks away:
+# - backward (persistent and per-run): T centred for grad beta as a = beta T - max, the exp's argument,
+#   divided by beta once per map (T - T_max = a / beta): T is dead once a is formed, where T and a (or the
+#   exp's input) were live together beside Phi and G (3.6 pmap_bwd head 24 / 16 / 16 to 0). Maps with
+#   |beta| < 2**-40 (0 included) get grad beta from a sweep after the map loop (stats._gbeta_map).
+# - grad z folded into g_phi = g + gx col + gy row, formed per element in the sums (3 sums, not 7 with the
+#   x / y moments) and written differently in the store, so that no g_phi tile is live across the reduction
+#   (3.9 barriers per map of the head backward 8 to 4; fewer registers).
+# - the per-run kernels (TUNING.map_kernel = "runs", channels_last T) with the persistent ones' reductions:
+#   the sums of a map in one tl.reduce (backward), the max as one reduction and z per row then across rows
+#   (forward), in place of one 2-D tl.sum each, and constant pixel offsets for full maps (map_fwd head
+#   32 / 48 / 48 on 3.6 and map_bwd head 72 / 136 / 160 on 3.6, 24 / 48 / 48 on 3.9, to 0; barriers per map
+#   12 to 6 and 21 to 3 on 3.6, 10-14 to 6 and 18-26 to 4 on 3.9).
+# - channels_last on 3.6: Triton 3.6 orders the layout of a load without contiguity (T at the pixel stride
+#   L) dimension 0 first, 3.9 dimension 1 first; the per-run kernels take a [W, H] tile on Triton < 3.9
+#   (COLS_FIRST, ops._map_cfg) so that the loads of T and the contiguous stores share a layout: no layout
+#   conversion through shared memory per map, whose loop-invariant shared addresses spilled (map_bwd head
+#   channels_last 352 / 728 / 728 on 3.6 to 0, 40 / 64 / 64 on 3.9 to 0 with the two items above; barriers
+#   43 to 3; the forward 21 to 6 barriers, no 64 KiB conversion buffer). [W, H] on 3.9: 136-168 bytes.
+# Tried before (persistent head kernels, both Tritons): 16 and 8 warps (40-344 bytes), row / column
+# marginals for z (more barriers, 32-56 bytes), num_stages 1 and 3 (no better); a loop per batch item inside
+# the persistent loop (its invariants live across the map loop: 96-168 bytes), so the map loop is one flat
+# loop over the program's range; for the overflow handling, a branch inside the map loop (up to 136 bytes),
+# scalar selects of the exp's scale and shift (one more register in the loop), the fix-up helpers as
+# noinline calls (the call frame: 3.9 pmap_bwd head 136). The per-map kernels end with the fix-up of maps
+# whose beta T overflows (or, backward, whose beta is small), a loop after the map loop.
 DEFAULT_STACK = 0
-SPILL_ALLOWANCE = {
-    (3, 6): {"map_fwd head": 48, "map_bwd head": 160, "map_bwd head channels_last": 728, "pmap_bwd head": 24},
-    (3, 9): {"map_bwd head": 48, "map_bwd head channels_last": 64},
-}
+SPILL_ALLOWANCE: dict[tuple[int, int], dict[str, int]] = {}
 
 
 def spill_allowance(name: str, version: str | None = None) -> int:
@@ -111,7 +112,7 @@ def spill_allowance(name: str, version: str | None = None) -> int:
     key = tuple(int(x) for x in re.findall(r"\d+", version or triton.__version__)[:2])
     if key in SPILL_ALLOWANCE:
         return SPILL_ALLOWANCE[key].get(name, DEFAULT_STACK)
-    return max([table.get(name, DEFAULT_STACK) for table in SPILL_ALLOWANCE.values()])
+    return max([table.get(name, DEFAULT_STACK) for table in SPILL_ALLOWANCE.values()], default=DEFAULT_STACK)
 
 
 def _variants(dt: str):

@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 
 import torch
+import triton
 from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
@@ -32,6 +34,9 @@ from .persistent import map_bwd_persistent_kernel, map_fwd_persistent_kernel
 from .stats import map_bwd_kernel, map_fwd_kernel
 
 _TUNING_STAMPS = itertools.count(1)
+# (major, minor) of the installed Triton: the per-run backward's tile orientation for interleaved T follows
+# the layout this version gives strided loads (stats.map_bwd_kernel, COLS_FIRST)
+_TRITON = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
 
 
 @dataclass
@@ -214,7 +219,8 @@ def _map_cfg_cached(h: int, w: int, run_len: int, pixel_stride: int, interleaved
                    INTERLEAVED=False,
                    T_PIX=0)
         elements = block_l * block_p
-    return dict(cfg, num_warps=max(4, min(TUNING.map_warps, elements // 512)))
+    return dict(cfg, PAIRWISE=INTERPRET, COLS_FIRST=cfg["INTERLEAVED"] and _TRITON < (3, 9),
+                num_warps=max(4, min(TUNING.map_warps, elements // 512)))
 
 
 def _wide(hw: int, pixel_stride: int) -> bool:

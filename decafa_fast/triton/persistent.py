@@ -13,11 +13,13 @@ loads of a program overlap its reductions instead of alternating with them.
                              along x and y: per row within a warp (two quantities of one tl.reduce), then
                              three of one tl.reduce across rows; Phi when asked; the piece's partial mask
                              sum_l Phi_l (float32, written once per piece, under a scalar branch).
-`map_bwd_persistent_kernel`  per map: Phi = exp(beta_l T - max) / sum from the saved stats (one exp per
-                             logit), g = G + grad_z . coordinates, and the three sums of the gradient,
-                             sum Phi g, sum u Phi g and sum u Phi (u = T - T at the max), plus with grad z
-                             the x / y moments of Phi and u Phi, in one tl.reduce (3 or 7 quantities);
-                             grad T = beta_l Phi (g - sum Phi g), grad beta = sum u Phi g - sum Phi g sum u Phi.
+`map_bwd_persistent_kernel`  per map: Phi = exp(a) / sum, a = beta_l T - max, from the saved stats (one
+                             exp per logit), g = G + grad_z . coordinates (formed per element), and the
+                             three sums of the gradient, sum Phi g, sum a Phi g and sum a Phi, in one
+                             tl.reduce; grad T = beta_l Phi (g - sum Phi g), grad beta = (sum a Phi g -
+                             sum Phi g sum a Phi) / beta_l (a / beta_l = T - T at the max; T is dead once a
+                             is formed). Maps with |beta_l| < 2**-40 (0 included) take grad beta from a
+                             sweep after the map loop (stats._small_beta, _gbeta_map).
 PAIRWISE (set under the interpreter) takes the same sums with one tl.sum each (_sums3).
 Both kernels end with a loop over the program's maps that fixes those whose beta T overflowed (the stored
 max is +-inf): their limit Phi = [T == c] / k, z and the piece's partial mask (forward), grad T and grad beta
@@ -41,63 +43,19 @@ import triton
 import triton.language as tl
 
 from .stats import (
+    _add2,
+    _add3,
+    _flat,
+    _gbeta_map,
     _limit_bwd_map,
     _limit_fwd_map,
     _map_beta,
     _overflowed,
     _part_from_stats,
     _saved_overflow,
+    _small_beta,
+    _sums3,
 )
-
-
-@triton.jit
-def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
-    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
-    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
-    but fails under the interpreter (Triton 3.9)."""
-    return tl.reshape(x, [BLOCK_H * BLOCK_W])
-
-
-@triton.jit
-def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
-    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
-    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
-    another (a float32 error growing with the map size, and a Python loop per element)."""
-    if PAIRWISE:
-        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
-            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
-    else:
-        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
-                         _add3)
-
-
-@triton.jit
-def _sums7(a, b, c, d, e, f, g, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
-    """As _sums3, seven tiles."""
-    if PAIRWISE:
-        a, b, c = _sums3(a, b, c, BLOCK_H, BLOCK_W, PAIRWISE)
-        d, e, f = _sums3(d, e, f, BLOCK_H, BLOCK_W, PAIRWISE)
-        return a, b, c, d, e, f, tl.sum(_flat(g, BLOCK_H, BLOCK_W), 0)
-    else:
-        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W),
-                          _flat(d, BLOCK_H, BLOCK_W), _flat(e, BLOCK_H, BLOCK_W), _flat(f, BLOCK_H, BLOCK_W),
-                          _flat(g, BLOCK_H, BLOCK_W)), 0, _add7)
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
-def _add3(a0, a1, a2, b0, b1, b2):
-    return a0 + b0, a1 + b1, a2 + b2
-
-
-@triton.jit
-def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
 
 
 @triton.jit
@@ -233,39 +191,44 @@ def map_bwd_persistent_kernel(
         inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
         t = tl.load((t_ptr + (b64 * s_tb + l64 * s_tl)) + p * s_tp, mask=pv, other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
-        phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)  # the one exp of each logit
+        a = t * beta_l - mx  # t is dead from here: its centred value is a / beta_l (grad beta)
+        phi = tl.where(pv, tl.exp(a) * inv, 0.0)  # the one exp of each logit
         g = g_shared
         if HAS_G and G_PER_MAP:
             g = tl.load((g_ptr + (b64 * s_gb + l64 * s_gl)) + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-        # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first
-        t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
-        up = tl.where(pv, t - t_max, 0.0) * phi
-        if HAS_GZ:  # g += gx col + gy row (no offsets: a per-map constant cancels), its sums from moments
+        # grad beta = sum_p T_p g_s,p: as sum_p g_s,p = 0, T is centred on its value at the max first, as
+        # a = beta (T - T_max) (the sums below are beta times theirs; divided by beta once, at the store)
+        up = tl.where(pv, a, 0.0) * phi
+        if HAS_GZ:  # g_phi = g + gx col + gy row (no offsets: a per-map constant cancels), formed per element
+            # in the sums and again, written differently, in the store, so that no g_phi tile stays live
             gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
             gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-            mean, gbeta, sum_up, pc, pr, uc, ur = _sums7(phi * g, up * g, up, phi * col, phi * row, up * col,
-                                                         up * row, BLOCK_H, BLOCK_W, PAIRWISE)
-            mean += gx * pc + gy * pr
-            gbeta += gx * uc + gy * ur
-            g = g + gx * col + gy * row
+            cx = gx * col
+            ry = gy * row
+            g_phi = (g + cx) + ry
+            mean, gbeta, sum_up = _sums3(phi * g_phi, up * g_phi, up, BLOCK_H, BLOCK_W, PAIRWISE)
+            gs = phi * ((g - mean) + cx + ry)
         else:
             mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
-        gs = phi * (g - mean)
+            gs = phi * (g - mean)
         tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                  eviction_policy="evict_first")
-        tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+        # beta 0 divides by 1 (no inf / NaN made): its grad beta is written by the fix-up loop below
+        tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / tl.where(beta_l != 0.0, beta_l, 1.0))
     # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
-    # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+    # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged). Maps
+    # of a small |beta| (_small_beta, 0 included) get their grad beta here, without the loop's division.
     tl.debug_barrier()
     for k in range(0, n):
         row_id = start32 + k
         mx = tl.load(stats_ptr + 2 * row_id)
         total = tl.load(stats_ptr + 2 * row_id + 1)
-        if _saved_overflow(mx, total):
+        beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+        ovf = _saved_overflow(mx, total)
+        if ovf | _small_beta(beta_l):
             b64 = (row_id // L).to(tl.int64)
             l64 = (row_id % L).to(tl.int64)
-            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             gx = 0.0
             gy = 0.0
             if HAS_GZ:
@@ -274,6 +237,11 @@ def map_bwd_persistent_kernel(
             g_map = g_ptr + b64 * s_gb
             if G_PER_MAP:
                 g_map += l64 * s_gl
-            _limit_bwd_map(t_ptr + (b64 * s_tb + l64 * s_tl), s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
-                           gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
-            tl.store(gbeta_ptr + row_id, 0.0)
+            t_map = t_ptr + (b64 * s_tb + l64 * s_tl)
+            if ovf:
+                _limit_bwd_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, total, HW, W,
+                               gt_ptr + row_id.to(tl.int64) * HW, HAS_G, HAS_GZ, BLOCK_W)
+                tl.store(gbeta_ptr + row_id, 0.0)
+            else:
+                tl.store(gbeta_ptr + row_id, _gbeta_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+                                                        HAS_G, HAS_GZ, BLOCK_W))

@@ -10,8 +10,12 @@
 
 Two shapes of program, picked by the wrapper (constexpr ONE_CHUNK):
 - ONE_CHUNK: a whole map fits one [BLOCK_H, BLOCK_W] tile (128 x 128 and below), loaded once per map; the
-  stats, z (from the row and column marginals, so coordinates are broadcast vectors, not per-pixel
-  registers), Phi and the gradients all come from registers: T is read exactly once.
+  stats, z, Phi and the gradients all come from registers: T is read exactly once. The reductions are
+  those of the persistent kernels (persistent.py): forward, the max, then the sum and the x / y moments
+  per row and across rows; backward, the three sums of the gradient in one tl.reduce, T centred as
+  (beta T - max) / beta (small betas fixed after the map loop, _small_beta). Coordinates are broadcast
+  row / column vectors, not per-pixel registers. Interleaved maps take a [BLOCK_W, BLOCK_H] tile in the
+  backward on Triton < 3.9 (COLS_FIRST: the layout that Triton version gives the strided loads of T).
 - otherwise (larger maps, or channels_last logits with TUNING.interleaved_whole_maps off): sweep 1 walks
   the pixels in chunks of a [BLOCK_L maps, BLOCK_P pixels] tile with an online max (rescaling the running
   sums when a chunk raises it); sweep 2 walks them again for Phi, the partial mask and the gradients. Rows
@@ -60,6 +64,47 @@ import triton.language as tl
 
 
 @triton.jit
+def _flat(x, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A [BLOCK_H, BLOCK_W] tile as one vector, so that a whole-map sum is one reduction instead of a row
+    reduction then a column one. The reshape relabels the registers (compile_check shows the same shared
+    memory and barriers as an order-free reshape); tl.reduce over a tuple with axis=None would do the same
+    but fails under the interpreter (Triton 3.9)."""
+    return tl.reshape(x, [BLOCK_H * BLOCK_W])
+
+
+@triton.jit
+def _sums3(a, b, c, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Whole-tile sums of three tiles: one tl.reduce (one reduction round on the GPU), or with PAIRWISE three
+    tl.sum, for the interpreter, whose tl.reduce with a combine function adds the elements one after
+    another (a float32 error growing with the map size, and a Python loop per element)."""
+    if PAIRWISE:
+        return tl.sum(_flat(a, BLOCK_H, BLOCK_W), 0), tl.sum(_flat(b, BLOCK_H, BLOCK_W), 0), \
+            tl.sum(_flat(c, BLOCK_H, BLOCK_W), 0)
+    else:
+        return tl.reduce((_flat(a, BLOCK_H, BLOCK_W), _flat(b, BLOCK_H, BLOCK_W), _flat(c, BLOCK_H, BLOCK_W)), 0,
+                         _add3)
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _row_sums(e, col, AXIS: tl.constexpr, PAIRWISE: tl.constexpr):
+    """Per map row, the sums of e and e * col over the columns (tile axis AXIS)."""
+    if PAIRWISE:
+        return tl.sum(e, axis=AXIS), tl.sum(e * col, axis=AXIS)
+    else:
+        return tl.reduce((e, e * col), AXIS, _add2)
+
+
+@triton.jit
 def _row_col(p, W, inv_w, INT_DIV: tl.constexpr):
     """Row and column (float32) of flat pixel indices p. A float reciprocal replaces the integer division
     (many instructions per element on the GPU); it is exact while H*W <= 2**20, else INT_DIV is set."""
@@ -89,17 +134,45 @@ def _whole_map_order(r, run_len, n_runs, L, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _map_ptrs(base, rr, cc, p, W, s_tp, PIX64: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr):
-    """Pointers to a whole map's pixels. Interleaved: the pixel stride is the constexpr T_PIX (L for
-    channels_last), so a thread's pixels of one row sit at constant offsets from one register, and the row
-    and the column offsets are added to the pointer at each use: a [H, W] tensor of strided 64-bit addresses
-    kept live across the map loop would cost 32 registers a thread (spills)."""
-    if INTERLEAVED:
-        if PIX64:
-            rr, cc = rr.to(tl.int64), cc.to(tl.int64)
-        return (base + (rr * (W * T_PIX))[:, None]) + (cc * T_PIX)[None, :]
+def _map_tile(W, HW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, FULL: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """(row, col, mask, pixel index) of a whole-map tile: row and col broadcastable index tiles, the tile
+    [BLOCK_H, BLOCK_W], or with TRANSPOSED [BLOCK_W, BLOCK_H]. A map that fills it (FULL) takes a constant
+    mask and constant pixel offsets (W = BLOCK_W)."""
+    rr = tl.arange(0, BLOCK_H)
+    cc = tl.arange(0, BLOCK_W)
+    if TRANSPOSED:
+        r2 = rr[None, :]
+        c2 = cc[:, None]
     else:
-        return base + p * s_tp
+        r2 = rr[:, None]
+        c2 = cc[None, :]
+    if FULL:
+        p = r2 * BLOCK_W + c2
+        pv = tl.full(p.shape, 1, tl.int1)
+    else:
+        p = r2 * W + c2  # < HW <= map_block_max: int32 is exact
+        pv = (r2 < HW // W) & (c2 < W)
+    return r2, c2, pv, p
+
+
+@triton.jit
+def _map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64: tl.constexpr, INTERLEAVED: tl.constexpr,
+              T_PIX: tl.constexpr, FULL: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Pointers to the pixels of map l of a batch item (t_base); r2, c2: broadcastable row and column index
+    tiles. Interleaved: the pixel stride is the constexpr T_PIX (L for channels_last), so a thread's pixels
+    of one row sit at constant offsets from one register; without PIX64 the map's offset l s_tl (s_tl = 1)
+    is added to the int32 row offsets inside the loop, so that no tile of per-pixel offsets is
+    loop-invariant: hoisted out of the map loop, 16 such 64-bit offsets a thread would cost 32 registers."""
+    if INTERLEAVED:
+        w = W
+        if FULL:  # W = BLOCK_W: constant row offsets
+            w = BLOCK_W
+        if PIX64:
+            r2, c2 = r2.to(tl.int64), c2.to(tl.int64)
+            return ((t_base + tl.cast(l, tl.int64) * s_tl) + r2 * (w * T_PIX)) + c2 * T_PIX
+        return t_base + ((l * s_tl + r2 * (w * T_PIX)) + c2 * T_PIX)
+    else:
+        return (t_base + tl.cast(l, tl.int64) * s_tl) + p * s_tp
 
 
 @triton.jit
@@ -251,13 +324,53 @@ def _limit_phi_g(t_map, s_tp, g_map, s_gp, gx, gy, sgn, m, inv, p, HW, W, HAS_G:
     pv = p < HW
     x = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32) * sgn
     phi = tl.where(pv & (x == m), inv, 0.0)
-    g = tl.zeros_like(phi)
+    return phi, _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G, HAS_GZ)
+
+
+@triton.jit
+def _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G: tl.constexpr, HAS_GZ: tl.constexpr):
+    """g_phi = G + gx col + gy row at the pixels p of a chunk (0 outside pv)."""
+    g = tl.zeros(p.shape, tl.float32)
     if HAS_G:
         g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
     if HAS_GZ:
         row = p // W
         g = g + gx * (p - row * W).to(tl.float32) + gy * row.to(tl.float32)
-    return phi, g
+    return tl.where(pv, g, 0.0)
+
+
+@triton.jit
+def _small_beta(beta_l):
+    """Whether a map's |beta| is below 2**-40 (0 included): the whole-map backward loops take T - T_max as
+    (beta T - max) / beta, T being dead once the exp's argument is formed (no second tile of the map live
+    beside Phi: no spill), which is float32-exact while that argument is a normal float. Smaller betas would
+    lose T in it (all of it at 0, where the division gives NaN): those maps get grad beta from _gbeta_map."""
+    return tl.abs(beta_l) < 9.094947017729282e-13
+
+
+@triton.jit
+def _gbeta_map(t_map, s_tp, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+               HAS_G: tl.constexpr, HAS_GZ: tl.constexpr, BLOCK_F: tl.constexpr):
+    """grad beta = sum (T - T_max) Phi (g - sum Phi g) of a map from its saved (finite) stats, with
+    T_max = max / beta (0 for beta = 0), in one sweep of BLOCK_F pixels (three sums): the small-beta maps of
+    the whole-map backward loops (_small_beta), fixed after the loop like the overflow maps."""
+    offs = tl.arange(0, BLOCK_F)
+    inv = 1.0 / total
+    t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
+    s_pg = tl.zeros([BLOCK_F], tl.float32)
+    s_ug = tl.zeros([BLOCK_F], tl.float32)
+    s_u = tl.zeros([BLOCK_F], tl.float32)
+    for p0 in range(0, HW, BLOCK_F):
+        p = p0 + offs
+        pv = p < HW
+        t = tl.load(t_map + p.to(tl.int64) * s_tp, mask=pv, other=0.0).to(tl.float32)
+        phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
+        g = _g_chunk(g_map, s_gp, gx, gy, p, pv, W, HAS_G, HAS_GZ)
+        up = tl.where(pv, t - t_max, 0.0) * phi
+        s_pg += phi * g
+        s_ug += up * g
+        s_u += up
+    return tl.sum(s_ug, axis=0) - tl.sum(s_pg, axis=0) * tl.sum(s_u, axis=0)
 
 
 @triton.jit
@@ -321,6 +434,7 @@ def map_fwd_kernel(
     ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     WRITE_Z: tl.constexpr, WRITE_PHI: tl.constexpr, WRITE_PART: tl.constexpr, INT_DIV: tl.constexpr,
+    PAIRWISE: tl.constexpr, COLS_FIRST: tl.constexpr,
 ):
     # stats (B, L, 2), z (B, L, 2), phi (B, L, HW) and part (B, n_runs, HW) are contiguous
     beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
@@ -334,39 +448,43 @@ def map_fwd_kernel(
     offs = tl.arange(0, BLOCK_P)
 
     if ONE_CHUNK:
-        # the whole map as a [BLOCK_H, BLOCK_W] tile: coordinates are broadcast row / column vectors (few
-        # registers), and the moments come from the row and column marginals
+        # the whole map as a [BLOCK_H, BLOCK_W] tile ([BLOCK_W, BLOCK_H] with COLS_FIRST, as map_bwd_kernel):
+        # coordinates are broadcast row / column vectors (few registers)
         rr = tl.arange(0, BLOCK_H)
-        cc = tl.arange(0, BLOCK_W)
-        if FULL:  # the map fills the tile: a constant mask and constant pixel offsets (W = BLOCK_W)
-            pv = tl.full([BLOCK_H, BLOCK_W], 1, tl.int1)
-            p = rr[:, None] * BLOCK_W + cc[None, :]
-        else:
-            pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-            p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+        r2, c2, pv, p = _map_tile(W, HW, BLOCK_H, BLOCK_W, FULL, COLS_FIRST)
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        acc = tl.zeros(p.shape, tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
         for l in range(l_start, l_stop, l_step):
             row_id = (tl.program_id(0) // n_runs) * L + l  # int32 (< B L): 64 bits only in the offsets
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
-            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
-                        mask=pv, other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
+            t = tl.load(_map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
+                        mask=pv, other=0.0, eviction_policy="evict_first").to(tl.float32)
             # the max on sign(beta) T, so that a map whose beta T overflows needs no second reduction
             s = tl.where(pv, t * beta_l, float("-inf"))
-            mx = tl.max(tl.max(s, axis=1), axis=0)
+            mx = tl.max(_flat(s, BLOCK_H, BLOCK_W), axis=0)
             e = tl.where(pv, tl.exp(s - mx), 0.0)
-            total = tl.sum(tl.sum(e, axis=1), axis=0)
+            if WRITE_Z:  # as the persistent kernel: per row (the column axis first), then the three across rows
+                if COLS_FIRST:
+                    ey, ex = _row_sums(e, c2.to(tl.float32), 0, PAIRWISE)
+                else:
+                    ey, ex = _row_sums(e, c2.to(tl.float32), 1, PAIRWISE)
+                if PAIRWISE:
+                    total, sx, sy = tl.sum(ey, axis=0), tl.sum(ex, axis=0), tl.sum(ey * rr.to(tl.float32), axis=0)
+                else:
+                    total, sx, sy = tl.reduce((ey, ex, ey * rr.to(tl.float32)), 0, _add3)
+            else:  # the same order of additions as the z path
+                if COLS_FIRST:
+                    total = tl.sum(tl.sum(e, axis=0), axis=0)
+                else:
+                    total = tl.sum(tl.sum(e, axis=1), axis=0)
             tl.store(stats_ptr + 2 * row_id, mx)
             tl.store(stats_ptr + 2 * row_id + 1, total)
             inv = 1.0 / total
             if WRITE_Z:
-                zx = x_off + x_scale * (tl.sum(tl.sum(e, axis=0) * cc.to(tl.float32), axis=0) * inv)
-                zy = y_off + y_scale * (tl.sum(tl.sum(e, axis=1) * rr.to(tl.float32), axis=0) * inv)
-                tl.store(z_ptr + 2 * row_id, zx.to(z_ptr.dtype.element_ty))
-                tl.store(z_ptr + 2 * row_id + 1, zy.to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + 2 * row_id, (x_off + x_scale * (sx * inv)).to(z_ptr.dtype.element_ty))
+                tl.store(z_ptr + 2 * row_id + 1, (y_off + y_scale * (sy * inv)).to(z_ptr.dtype.element_ty))
             phi = e * inv
             if WRITE_PHI:
                 tl.store((phi_ptr + row_id.to(tl.int64) * HW) + p, phi.to(phi_ptr.dtype.element_ty), mask=pv,
@@ -500,6 +618,7 @@ def map_bwd_kernel(
     ONE_CHUNK: tl.constexpr, FULL: tl.constexpr, INTERLEAVED: tl.constexpr, T_PIX: tl.constexpr, PIX64: tl.constexpr,
     HAS_BETA_MAP: tl.constexpr,
     HAS_G: tl.constexpr, G_PER_MAP: tl.constexpr, HAS_GZ: tl.constexpr, INT_DIV: tl.constexpr,
+    PAIRWISE: tl.constexpr, COLS_FIRST: tl.constexpr,
 ):
     # gz (B, L, 2), stats (B, L, 2), gt (B, L, HW) and gbeta (B, L) are contiguous; G is read with its strides
     beta, inv_w = tl.cast(beta, tl.float32), tl.cast(inv_w, tl.float32)  # fp64 under torch.compile (docstring)
@@ -511,15 +630,15 @@ def map_bwd_kernel(
     rows = tl.arange(0, BLOCK_L)
     gt_ty = gt_ptr.dtype.element_ty
 
-    if ONE_CHUNK:  # the whole map as a [BLOCK_H, BLOCK_W] tile, as in map_fwd_kernel
-        rr = tl.arange(0, BLOCK_H)
-        cc = tl.arange(0, BLOCK_W)
-        # FULL is not used here: constant offsets made this kernel's stack larger (compile_check: 3.6 bf16 192)
-        pv = (rr < HW // W)[:, None] & (cc < W)[None, :]
-        p = rr[:, None] * W + cc[None, :]  # < HW <= map_block_max: int32 is exact
+    if ONE_CHUNK:  # the whole map as one tile, as in map_fwd_kernel
+        # COLS_FIRST (interleaved T where Triton orders the layout of a load without contiguity dimension 0
+        # first: 3.6, not 3.9): the tile [BLOCK_W, BLOCK_H], so that the strided loads of T get the layout
+        # of the contiguous grad T store: no layout conversion per map (shared memory, barriers and
+        # loop-invariant shared addresses: 3.6 184-200 bytes of stack)
+        r2, c2, pv, p = _map_tile(W, HW, BLOCK_H, BLOCK_W, FULL, COLS_FIRST)
         if PIX64:  # (HW - 1) * s_tp may pass 2**31
             p = p.to(tl.int64)
-        g_shared = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        g_shared = tl.zeros(p.shape, tl.float32)
         if HAS_G and not G_PER_MAP:  # the mask gradient: read once per run, used by every map of it
             g_shared = tl.load((g_ptr + b64 * s_gb) + p.to(tl.int64) * s_gp, mask=pv, other=0.0).to(tl.float32)
         l_start, l_stop, l_step = _whole_map_order(r, run_len, n_runs, L, INTERLEAVED)
@@ -528,48 +647,47 @@ def map_bwd_kernel(
             beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
             mx = tl.load(stats_ptr + 2 * row_id)
             inv = 1.0 / tl.load(stats_ptr + 2 * row_id + 1)
-            t = tl.load(_map_ptrs(t_base + tl.cast(l, tl.int64) * s_tl, rr, cc, p, W, s_tp, PIX64, INTERLEAVED, T_PIX),
+            t = tl.load(_map_ptrs(t_base, l, s_tl, r2, c2, p, W, s_tp, PIX64, INTERLEAVED, T_PIX, FULL, BLOCK_W),
                         mask=pv, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            phi = tl.where(pv, tl.exp(t * beta_l - mx) * inv, 0.0)
+            a = t * beta_l - mx  # t is dead from here: its centred value is a / beta_l (grad beta)
+            phi = tl.where(pv, tl.exp(a) * inv, 0.0)
             g = g_shared
             if HAS_G and G_PER_MAP:
                 g_map = g_ptr + b64 * s_gb + tl.cast(l, tl.int64) * s_gl
                 g = tl.load(g_map + p.to(tl.int64) * s_gp, mask=pv, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
             # grad beta = sum_p T_p g_s,p with g_s = Phi (g_phi - mean): as sum_p g_s,p = 0, T may be centred
-            # on its value at the max, and the sum split into one pass of reductions (T is then dead, and
-            # only Phi and G stay live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max
-            t_max = tl.where(beta_l != 0.0, mx / beta_l, 0.0)
-            up = tl.where(pv, t - t_max, 0.0) * phi
-            mean = tl.sum(tl.sum(phi * g, axis=1), axis=0)
-            gbeta = tl.sum(tl.sum(up * g, axis=1), axis=0)
-            sum_up = tl.sum(tl.sum(up, axis=1), axis=0)
-            if HAS_GZ:  # g_phi += gx col + gy row (up to a per-map constant, which cancels); its sums come
-                # from the row / column marginals, so no further [H, W] tensor stays live
+            # on its value at the max, and the sum split into one pass of reductions (only Phi and G stay
+            # live for the store): sum u Phi g_phi - mean sum u Phi, u = T - T_max = a / beta_l
+            up = tl.where(pv, a, 0.0) * phi  # beta (T - T_max) Phi: the sums below are beta times theirs
+            if HAS_GZ:  # g_phi = g + gx col + gy row (a per-map constant cancels), formed per element in the
+                # sums and again, written differently, in the store: no g_phi tile live across the reduction
                 gx = tl.load(gz_ptr + 2 * row_id).to(tl.float32) * x_scale
                 gy = tl.load(gz_ptr + 2 * row_id + 1).to(tl.float32) * y_scale
-                col = cc.to(tl.float32)
-                row = rr.to(tl.float32)
-                mean += gx * tl.sum(tl.sum(phi, axis=0) * col, axis=0)
-                mean += gy * tl.sum(tl.sum(phi, axis=1) * row, axis=0)
-                gbeta += gx * tl.sum(tl.sum(up, axis=0) * col, axis=0)
-                gbeta += gy * tl.sum(tl.sum(up, axis=1) * row, axis=0)
-                gs = phi * (g - mean + gx * col[None, :] + gy * row[:, None])
+                cx = gx * c2.to(tl.float32)
+                ry = gy * r2.to(tl.float32)
+                g_phi = (g + cx) + ry
+                mean, gbeta, sum_up = _sums3(phi * g_phi, up * g_phi, up, BLOCK_H, BLOCK_W, PAIRWISE)
+                gs = phi * ((g - mean) + cx + ry)
             else:
+                mean, gbeta, sum_up = _sums3(phi * g, up * g, up, BLOCK_H, BLOCK_W, PAIRWISE)
                 gs = phi * (g - mean)
             tl.store((gt_ptr + row_id.to(tl.int64) * HW) + p, (beta_l * gs).to(gt_ty), mask=pv,
                      eviction_policy="evict_first")
-            tl.store(gbeta_ptr + row_id, gbeta - mean * sum_up)
+            # beta 0 divides by 1 (no inf / NaN made): its grad beta is written by the fix-up loop below
+            tl.store(gbeta_ptr + row_id, (gbeta - mean * sum_up) / tl.where(beta_l != 0.0, beta_l, 1.0))
         # maps whose beta T overflowed (saved stats (+-inf, k)): the loop above stored NaN for them; their
-        # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged)
+        # gradient is the limit's, recomputed here after every store above (the loop itself is unchanged).
+        # Maps of a small |beta| (_small_beta, 0 included) get their grad beta here, without the division.
         tl.debug_barrier()
         for l in range(l_start, l_stop, l_step):
             row_id = b64 * L + l
             mx = tl.load(stats_ptr + 2 * row_id)
             total = tl.load(stats_ptr + 2 * row_id + 1)
-            if _saved_overflow(mx, total):
-                beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+            beta_l = _map_beta(beta_ptr, beta, row_id, HAS_BETA_MAP)
+            ovf = _saved_overflow(mx, total)
+            if ovf | _small_beta(beta_l):
                 gx = 0.0
                 gy = 0.0
                 if HAS_GZ:
@@ -581,9 +699,14 @@ def map_bwd_kernel(
                 pix = s_tp
                 if INTERLEAVED:
                     pix = T_PIX
-                _limit_bwd_map(t_base + tl.cast(l, tl.int64) * s_tl, pix, g_map, s_gp,
-                               gx, gy, beta_l, total, HW, W, gt_ptr + row_id * HW, HAS_G, HAS_GZ, BLOCK_W)
-                tl.store(gbeta_ptr + row_id, 0.0)
+                t_map = t_base + tl.cast(l, tl.int64) * s_tl
+                if ovf:
+                    _limit_bwd_map(t_map, pix, g_map, s_gp, gx, gy, beta_l, total, HW, W, gt_ptr + row_id * HW,
+                                   HAS_G, HAS_GZ, BLOCK_W)
+                    tl.store(gbeta_ptr + row_id, 0.0)
+                else:
+                    tl.store(gbeta_ptr + row_id, _gbeta_map(t_map, pix, g_map, s_gp, gx, gy, beta_l, mx, total, HW, W,
+                                                            HAS_G, HAS_GZ, BLOCK_W))
     else:
         for l0 in range(l_first, l_end, BLOCK_L):
             ls = l0 + rows

@@ -180,3 +180,61 @@ def test_falls_back_to_no_prefetch_without_shared_memory(tuning, monkeypatch):
     monkeypatch.setattr(tops, "_launch", lambda *a, **k: (_ for _ in ()).throw(OutOfResources(1, 0, "x")))
     with pytest.raises(OutOfResources):
         NS.soft_argmax(t, 1.0, None, False)
+
+
+def _landmark_f64(t, beta_map, gz, gm):
+    """grad T and grad beta of landmark attention (normalised coordinates) by autograd in float64, and its
+    outputs z and M."""
+    b, l, h, w = t.shape
+    t64 = t.double().cpu().requires_grad_(True)
+    beta = beta_map.double().cpu().requires_grad_(True)
+    phi = torch.softmax(beta[:, :, None] * t64.reshape(b, l, h * w), dim=-1)
+    x = (torch.arange(w, dtype=torch.float64) * (2.0 / (w - 1)) - 1.0).repeat(h)
+    y = (torch.arange(h, dtype=torch.float64) * (2.0 / (h - 1)) - 1.0).repeat_interleave(w)
+    z = torch.stack(((phi * x).sum(-1), (phi * y).sum(-1)), -1)
+    m = phi.sum(1).reshape(gm.shape)
+    loss = (z * gz.double().cpu()).sum() + (m * gm.double().cpu()).sum()
+    return (*torch.autograd.grad(loss, (t64, beta)), z.detach(), m.detach())
+
+
+@pytest.mark.parametrize("kernel", ["persistent", "runs", "channels_last", "channels_last_cols_first"])
+def test_small_and_zero_beta_maps(tuning, monkeypatch, request, kernel):
+    """The whole-map backward loops take T - T_max as (beta T - max) / beta and fix the maps with
+    |beta| < 2**-40 (stats._small_beta; 0, where the division gives NaN, included) after the loop: grad T and
+    grad beta of every map against float64 autograd, betas of both signs on both sides of the bound. Both
+    kernel families, and channels_last T (per-run kernels) in both tile orientations (COLS_FIRST, chosen by
+    the Triton version)."""
+    b, l, h, w = 2, 6, 7, 9
+    t, _, _, _ = _inputs(b, l, h, w, seed=3)
+    if kernel.startswith("channels_last"):
+        t = t.contiguous(memory_format=torch.channels_last)
+        monkeypatch.setattr(tops, "_TRITON", (3, 6) if kernel.endswith("cols_first") else (3, 9))
+        tops._map_cfg_cached.cache_clear()
+        request.addfinalizer(tops._map_cfg_cached.cache_clear)
+        assert tops._map_cfg(h, w, l, l, True)["COLS_FIRST"] == kernel.endswith("cols_first")
+        kernel = "runs"
+    betas = torch.tensor([0.0, 1e-30, -2.0**-41, 2.0**-39, -1e-9, 0.9] * b).reshape(b, l).to(DEVICE)
+    tuning.map_kernel, tuning.map_programs = kernel, 3
+    z, m, stats = NS.landmark_attention(t, 0.7, betas, True)
+    g = torch.Generator().manual_seed(5)
+    gz = torch.randn(z.shape, generator=g).to(DEVICE)
+    gm = torch.randn(m.shape, generator=g).to(DEVICE)
+    gt, gbeta = NS.landmark_attention_backward(gz, gm, t, stats, 0.7, betas, True)
+    ref_t, ref_beta, ref_z, ref_m = _landmark_f64(t, betas, gz, gm)
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-5, atol=1e-5)  # the forward, same kernels
+    torch.testing.assert_close(m.double().cpu(), ref_m, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(gbeta).all(), gbeta
+    torch.testing.assert_close(gt.double().cpu(), ref_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gbeta.double().cpu(), ref_beta, rtol=1e-5, atol=1e-5 * ref_beta.abs().max().item())
+    # a scalar beta of 0 (every map fixed after the loop) in the head's backward
+    z, f, m, stats = NS.decafa_head(t, t[:, :1], t[:, :3], 5, 0.0, None, True)
+    gz = torch.randn(z.shape, generator=g).to(DEVICE)
+    gf = torch.randn(f.shape, generator=g).to(DEVICE)
+    gt, _, _, gbeta = NS.decafa_head_backward(gz, gf, t, t[:, :1], t[:, :3], m, stats, 5, 0.0, None, True)
+    assert torch.isfinite(gbeta).all() and (gt == 0).all()
+    image, emb = t[:, :1].double().cpu(), t[:, :3].double().cpu()
+    gf = gf.double().cpu()  # F5 = I | I*M | E | E*M: grad M from the two masked blocks
+    gm = (gf[:, 1:2] * image).sum(1, keepdim=True) + (gf[:, 5:8] * emb).sum(1, keepdim=True)
+    _, ref_beta, _, _ = _landmark_f64(t, torch.zeros(b, l), gz, gm)
+    assert ref_beta.abs().min() > 0
+    torch.testing.assert_close(gbeta.double().cpu(), ref_beta, rtol=1e-5, atol=1e-5 * ref_beta.abs().max().item())
