@@ -242,24 +242,20 @@ def _lambdas(name: str, value: Any) -> str | tuple[float, ...]:
                           f"weights, got {value!r}") from None
 
 
-def _integer_text(name: str, value: Any) -> int:
-    """An integer item of a list given as text ("2,1,1") or as numbers."""
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise ConfigError(f"{name.replace(' item', '')} must hold integers, got {value!r}") from None
-    return _integer(1)(name, value)
+def _parsed_item(parse, kind: str, check):
+    """An item of a list given as text ("2,1,1") or as numbers: text parsed by `parse`, then `check`ed."""
+    def item(name: str, value: Any):
+        if isinstance(value, str):
+            try:
+                value = parse(value)
+            except ValueError:
+                raise ConfigError(f"{name.replace(' item', '')} must hold {kind}, got {value!r}") from None
+        return check(name, value)
+    return item
 
 
-def _number_text(name: str, value: Any) -> float:
-    """A non-negative number item of a list given as text ("0.5,1") or as numbers."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{name.replace(' item', '')} must hold numbers, got {value!r}") from None
-    return _number(positive=False, minimum=0.0)(name, value)
+_integer_text = _parsed_item(int, "integers", _integer(1))
+_number_text = _parsed_item(float, "numbers", _number(positive=False, minimum=0.0))
 
 
 _CHECKS = {
