@@ -580,6 +580,9 @@ void check_pixel_split() {
       {{1, 4, 32, 32, 3, 16, 5, 0.8f, false, false, false, false, true}, "whole tiles, Ci = 3"},
       {{1, 4, 8, 16, 1, 16, 5, 0.8f, false, false, false, true, true}, "channels_last E"},
       {{2, 3, 5, 7, 2, 3, 5, 1.0f, false, false, false, false, true}, "odd H*W (scalar)"},
+      // the ring covers 16 x 32 (DECAFA_CUDA_MAPS=ring): over 5 SMs a CTA's range spans both batch elements, so
+      // batch element 1's first plane is that CTA's second one
+      {{2, 5, 16, 32, 1, 8, 5, 0.9f, false, false, false, false, true}, "ring ranges across batch elements"},
   };
   const int groups[] = {1, 2, 3, 8};
   const int runs[] = {1, 2, 5};
