@@ -171,35 +171,33 @@ __device__ __forceinline__ void forward_source(const Source<T>& src, const Tile&
   const int64_t in_step = V > 1 ? src.s.pixel : src.s.channel;
   const int64_t out_step = V > 1 ? fs.pixel : fs.channel;
   const int step = slots * NC;  // channels from one of the thread's chunks to the next
-  int c = ((slot - rotate) % slots + slots) % slots * NC;
-  for (; c + (U - 1) * step < src.channels; c += U * step) {
+  // U chunks from channel c: all loads, then the stores; `some`: only those below src.channels (the last, partial
+  // step: its loads still go out together, so a thread with fewer than U chunks keeps them all in flight)
+  auto chunks = [&](int c, bool some) {
     float x[U][N];
 #pragma unroll
-    for (int u = 0; u < U; ++u) load_n<true, N>(in + static_cast<int64_t>(c + u * step) * src.s.channel, in_step, x[u]);
+    for (int u = 0; u < U; ++u)
+      if (!some || c + u * step < src.channels)
+        load_n<true, N>(in + static_cast<int64_t>(c + u * step) * src.s.channel, in_step, x[u]);
     if (src.plain >= 0) {
 #pragma unroll
       for (int u = 0; u < U; ++u)
-        store_n<true, N>(out + static_cast<int64_t>(src.plain + c + u * step) * fs.channel, out_step, x[u]);
+        if (!some || c + u * step < src.channels)
+          store_n<true, N>(out + static_cast<int64_t>(src.plain + c + u * step) * fs.channel, out_step, x[u]);
     }
     if (src.masked >= 0) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < U; ++u)
+        if (!some || c + u * step < src.channels) {
 #pragma unroll
-        for (int j = 0; j < N; ++j) x[u][j] *= m[V > 1 ? j : 0];
-        store_n<true, N>(out + static_cast<int64_t>(src.masked + c + u * step) * fs.channel, out_step, x[u]);
-      }
+          for (int j = 0; j < N; ++j) x[u][j] *= m[V > 1 ? j : 0];
+          store_n<true, N>(out + static_cast<int64_t>(src.masked + c + u * step) * fs.channel, out_step, x[u]);
+        }
     }
-  }
-  for (; c < src.channels; c += step) {
-    float x[N];
-    load_n<true, N>(in + static_cast<int64_t>(c) * src.s.channel, in_step, x);
-    if (src.plain >= 0) store_n<true, N>(out + static_cast<int64_t>(src.plain + c) * fs.channel, out_step, x);
-    if (src.masked >= 0) {
-#pragma unroll
-      for (int j = 0; j < N; ++j) x[j] *= m[V > 1 ? j : 0];
-      store_n<true, N>(out + static_cast<int64_t>(src.masked + c) * fs.channel, out_step, x);
-    }
-  }
+  };
+  int c = ((slot - rotate) % slots + slots) % slots * NC;
+  for (; c + (U - 1) * step < src.channels; c += U * step) chunks(c, false);
+  if (c < src.channels) chunks(c, true);
 }
 
 // The griddepcontrol.wait of a programmatic dependent launch (set_programmatic_launch): such a launch may start
