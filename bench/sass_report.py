@@ -79,7 +79,7 @@ def launch_of(name: str, targs: list[str], arch: int = 90) -> Launch | None:
         optin = 227 * 1024 if arch >= 90 else 163 * 1024
         stages = min(4, (optin - 1024) // (HW * esize))
         return Launch(1024, stages * HW * esize, HW // 1024)
-    if name in ("pixels_forward", "pixels_backward"):
+    if name in ("pixels_forward", "pixels_backward", "pixels_mask"):
         return Launch(64 * 4, 0, 0)
     return None
 

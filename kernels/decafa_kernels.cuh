@@ -88,6 +88,12 @@ int map_runs_setting();
 // masks. Process-wide; a no-op before sm_90 and in the CPU emulation. Returns the previous value.
 bool set_programmatic_launch(bool on);
 
+// Channel groups of the forward's pixel kernel: where its pixel tiles alone give fewer CTAs than multiprocessors
+// (small batches), it splits the fusion channels across CTAs, keeping 16-byte accesses (0, the default: its own
+// choice; n > 0 forces n groups). Does not change results (the same bits at any n). Process-wide; returns the
+// previous value; a negative value changes nothing.
+int set_pixel_split(int groups);
+
 // Floats of workspace head_forward needs for the partial masks (B * runs * H * W on the current device).
 size_t head_forward_workspace_floats(MapShape shape);
 

@@ -10,6 +10,11 @@
 //     pixels; a warp covers one contiguous run of each plane.
 //   channels_last: a thread takes one pixel and VC adjacent channels per access (as wide as the channel
 //     offsets of F allow); a warp covers 32 adjacent pixels, and the NCHW gradients it writes stay coalesced.
+// FULL (the launcher's choice): H*W is a multiple of the tile, so no thread of the grid is past the pixels and
+// the kernels carry no bounds test. The forward may split the channels across CTAs (grid.y channel groups) where
+// the pixel tiles alone do not give every multiprocessor a CTA (small batches), rather than narrowing the
+// accesses; pixels_mask then sums the partial masks once (below).
+#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -28,6 +33,14 @@ namespace {
 // 16-byte vectors of 2-byte elements on sm_80 (they spill).
 constexpr int kPixelThreads = 64;  // threads along the pixels of a tile (blockDim.x)
 constexpr int kGroups = 4;          // thread groups (blockDim.y) that split the mask partials and the channels
+// Channels a thread loads before it stores any of them (Little's law: more bytes in flight per thread). The
+// backward loads up to three vectors a channel (grad F plain, grad F masked, the source): two channels where a
+// vector holds at most 4 values; with 8 (16-bit types, 16 bytes) two channels took ~148 registers on sm_90
+// (one CTA of 256 threads an SM, against three with one channel: fewer bytes in flight per SM, not more).
+constexpr int kForwardUnroll = 4;
+template <int N>
+constexpr int kBackwardUnroll = N >= 8 ? 1 : 2;
+constexpr int kPlaneUnroll = 4;  // partial-mask planes a thread loads before it adds them (in their order)
 
 // One source of the fusion (I or E) and where its blocks go in F: output channel offsets, -1 = absent.
 template <typename T>
@@ -41,12 +54,14 @@ template <typename T>
 struct PixelForwardArgs {
   PartialPlanes partial;  // float32 partial masks (hw floats a plane), or data null
   const T* mask_in;       // (B, hw) given mask, used when partial.data is null
-  T* mask_out;       // (B, hw) or null
+  T* mask_out;       // (B, hw) or null; pixels_forward: written by the CTAs of channel group 0
+  float* reduced_out;  // pixels_mask: the float32 sum written over the batch element's first plane, or null
   Source<T> image, embed;
   T* fused;
   Strides fs;
   int hw, tiles;
   bool need_mask;
+  bool reduced;  // pixels_forward: the mask is the first plane alone (pixels_mask summed the planes into it)
 };
 
 template <typename T, typename G>
@@ -93,28 +108,43 @@ struct Tile {
   bool active;
 };
 
-template <int V>
+template <int V, bool FULL>
 __device__ __forceinline__ Tile tile_of_block(int tiles, int hw) {
   Tile t;
   t.b = blockIdx.x / tiles;
   const int tile = static_cast<int>(blockIdx.x - t.b * tiles);
   t.p = (tile * kPixelThreads + static_cast<int>(threadIdx.x)) * V;
-  t.active = t.p < hw;  // V divides hw whenever V > 1
+  t.active = FULL || t.p < hw;  // V divides hw whenever V > 1
   return t;
 }
 
-// The mask at this thread's V pixels: group y sums the batch element's partial planes y, y + kGroups, ... (or
-// group 0 reads the given mask), then the groups' sums are added in group order.
+// The mask at this thread's V pixels: group y sums the batch element's partial planes y, y + kGroups, ... in
+// that order (kPlaneUnroll loads in flight before the adds), or group 0 reads the given mask or the planes' sum
+// (`reduced`: pixels_mask wrote it, with this code, over the first plane); then the groups' sums are added in
+// group order. So a pixel's M is the same float whichever kernel, tile or V computes it.
 template <typename T, int V>
-__device__ __forceinline__ void load_mask(const PartialPlanes& partial, const T* mask_in, int hw, const Tile& t,
-                                          GroupScratch<V>& scratch, float (&m)[V]) {
+__device__ __forceinline__ void load_mask(const PartialPlanes& partial, const T* mask_in, bool reduced, int hw,
+                                          const Tile& t, GroupScratch<V>& scratch, float (&m)[V]) {
   float mine[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) mine[j] = 0.f;
   if (t.active) {
-    if (partial.data != nullptr) {
+    if (partial.data != nullptr && reduced) {
+      if (threadIdx.y == 0) load_n<false, V>(partial.data + plane_range(partial, t.b).plane(0) * hw + t.p, 1, mine);
+    } else if (partial.data != nullptr) {
       const PlaneRange planes = plane_range(partial, t.b);
-      for (int r = threadIdx.y; r < planes.count; r += kGroups) {
+      int r = threadIdx.y;
+      for (; r + (kPlaneUnroll - 1) * kGroups < planes.count; r += kPlaneUnroll * kGroups) {
+        float v[kPlaneUnroll][V];
+#pragma unroll
+        for (int u = 0; u < kPlaneUnroll; ++u)
+          load_n<false, V>(partial.data + planes.plane(r + u * kGroups) * hw + t.p, 1, v[u]);
+#pragma unroll
+        for (int u = 0; u < kPlaneUnroll; ++u)
+#pragma unroll
+          for (int j = 0; j < V; ++j) mine[j] += v[u][j];
+      }
+      for (; r < planes.count; r += kGroups) {
         float v[V];
         load_n<false, V>(partial.data + planes.plane(r) * hw + t.p, 1, v);
 #pragma unroll
@@ -127,94 +157,158 @@ __device__ __forceinline__ void load_mask(const PartialPlanes& partial, const T*
   sum_groups<V>(mine, scratch, m);
 }
 
-// Group y's channels c = y*NC, (y + kGroups)*NC, ... of one source, NC per access (NCHW mapping: NC = 1 and
-// V pixels per access along the pixels; channels_last mapping: V = 1 and NC channels along the channels).
+// A thread's channels of one source, NC per access (NCHW mapping: NC = 1 and V pixels per access along the
+// pixels; channels_last mapping: V = 1 and NC channels along the channels): the chunks k (channels k*NC ..)
+// with (k + rotate) % slots == slot, where slot = this thread's group over the grid's channel groups
+// (blockIdx.y * kGroups + threadIdx.y of gridDim.y * kGroups slots); `rotate` starts the embedding's chunks
+// after the image's. kForwardUnroll chunks are loaded before any is stored.
 template <typename T, int V, int NC>
 __device__ __forceinline__ void forward_source(const Source<T>& src, const Tile& t, T* fused, const Strides& fs,
-                                               const float (&m)[V]) {
-  constexpr int N = V * NC;
+                                               const float (&m)[V], int slot, int slots, int rotate) {
+  constexpr int N = V * NC, U = kForwardUnroll;
   const T* in = src.data + t.b * src.s.batch + static_cast<int64_t>(t.p) * src.s.pixel;
   T* out = fused + t.b * fs.batch + static_cast<int64_t>(t.p) * fs.pixel;
   const int64_t in_step = V > 1 ? src.s.pixel : src.s.channel;
   const int64_t out_step = V > 1 ? fs.pixel : fs.channel;
-  for (int c = threadIdx.y * NC; c < src.channels; c += kGroups * NC) {
-    float x[N];
-    load_n<true, N>(in + c * src.s.channel, in_step, x);
-    if (src.plain >= 0) store_n<true, N>(out + (src.plain + c) * fs.channel, out_step, x);
+  const int step = slots * NC;  // channels from one of the thread's chunks to the next
+  // U chunks from channel c: all loads, then the stores; `some`: only those below src.channels (the last, partial
+  // step: its loads still go out together, so a thread with fewer than U chunks keeps them all in flight)
+  auto chunks = [&](int c, bool some) {
+    float x[U][N];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (!some || c + u * step < src.channels)
+        load_n<true, N>(in + static_cast<int64_t>(c + u * step) * src.s.channel, in_step, x[u]);
+    if (src.plain >= 0) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (!some || c + u * step < src.channels)
+          store_n<true, N>(out + static_cast<int64_t>(src.plain + c + u * step) * fs.channel, out_step, x[u]);
+    }
     if (src.masked >= 0) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) x[j] *= m[V > 1 ? j : 0];
-      store_n<true, N>(out + (src.masked + c) * fs.channel, out_step, x);
+      for (int u = 0; u < U; ++u)
+        if (!some || c + u * step < src.channels) {
+#pragma unroll
+          for (int j = 0; j < N; ++j) x[u][j] *= m[V > 1 ? j : 0];
+          store_n<true, N>(out + static_cast<int64_t>(src.masked + c + u * step) * fs.channel, out_step, x[u]);
+        }
     }
-  }
+  };
+  int c = ((slot - rotate) % slots + slots) % slots * NC;
+  for (; c + (U - 1) * step < src.channels; c += U * step) chunks(c, false);
+  if (c < src.channels) chunks(c, true);
 }
 
-template <typename T, int V, int VC>
-__global__ void __launch_bounds__(kPixelThreads * kGroups) pixels_forward(PixelForwardArgs<T> a) {
+// The griddepcontrol.wait of a programmatic dependent launch (set_programmatic_launch): such a launch may start
+// before the kernel it depends on is done; wait for it (and its memory) before reading its outputs. Returns at
+// once otherwise.
+__device__ __forceinline__ void wait_for_primary() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // a programmatic dependent launch (set_programmatic_launch) may start before the per-map kernel is done: wait
-  // for it (and its memory) here; returns at once otherwise
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// The mask alone: M from the partial masks (no fusion: landmark_attention), or their sum once before a
+// channel-split pixels_forward, written as float32 over the batch element's first plane (reduced_out) for it.
+// In place is safe: group 0 of this block is the only reader of those pixels of that plane, and it has read
+// them before the barrier in sum_groups.
+template <typename T, int V, bool FULL>
+__global__ void __launch_bounds__(kPixelThreads * kGroups, 1) pixels_mask(PixelForwardArgs<T> a) {
+  wait_for_primary();
   __shared__ GroupScratch<V> scratch;
-  const Tile t = tile_of_block<V>(a.tiles, a.hw);
+  const Tile t = tile_of_block<V, FULL>(a.tiles, a.hw);
+  float m[V];
+  load_mask<T, V>(a.partial, a.mask_in, false, a.hw, t, scratch, m);
+  if (threadIdx.y != 0 || !t.active) return;
+  if (a.mask_out != nullptr) store_n<false, V>(a.mask_out + t.b * a.hw + t.p, 1, m);
+  if (a.reduced_out != nullptr)
+    store_n<false, V>(a.reduced_out + plane_range(a.partial, t.b).plane(0) * a.hw + t.p, 1, m);
+}
+
+// M (when needed) and F for one pixel tile and one channel group (blockIdx.y) of every source.
+template <typename T, int V, int VC, bool FULL>
+__global__ void __launch_bounds__(kPixelThreads * kGroups, 1) pixels_forward(PixelForwardArgs<T> a) {
+  wait_for_primary();
+  __shared__ GroupScratch<V> scratch;
+  const Tile t = tile_of_block<V, FULL>(a.tiles, a.hw);
   float m[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = 0.f;
   if (a.need_mask) {  // uniform over the block, so the barriers inside are safe
-    load_mask<T, V>(a.partial, a.mask_in, a.hw, t, scratch, m);
-    if (a.mask_out != nullptr && threadIdx.y == 0 && t.active) store_n<false, V>(a.mask_out + t.b * a.hw + t.p, 1, m);
+    load_mask<T, V>(a.partial, a.mask_in, a.reduced, a.hw, t, scratch, m);
+    if (a.mask_out != nullptr && blockIdx.y == 0 && threadIdx.y == 0 && t.active)
+      store_n<false, V>(a.mask_out + t.b * a.hw + t.p, 1, m);
   }
-  if (!t.active || a.fused == nullptr) return;  // no barrier below
-  forward_source<T, V, 1>(a.image, t, a.fused, a.fs, m);  // Ci is small (1 or 3): one channel per access
-  forward_source<T, V, VC>(a.embed, t, a.fused, a.fs, m);
+  if (!t.active) return;  // no barrier below
+  const int slot = static_cast<int>(blockIdx.y) * kGroups + static_cast<int>(threadIdx.y);
+  const int slots = static_cast<int>(gridDim.y) * kGroups;
+  forward_source<T, V, 1>(a.image, t, a.fused, a.fs, m, slot, slots, 0);  // Ci is small (1 or 3): 1 per access
+  forward_source<T, V, VC>(a.embed, t, a.fused, a.fs, m, slot, slots, a.image.channels % slots);
 }
 
 // Group y's channels of one source: g_src = gF_plain + gF_masked * M (zero when F has no block of this
-// source) written to grad_src, and gm += gF_masked * src.
+// source) written to grad_src, and gm += gF_masked * src (channel by channel in increasing order);
+// kBackwardUnroll channels loaded before any is stored.
 template <typename T, int V, int NC>
 __device__ __forceinline__ void backward_source(const Source<T>& src, const Tile& t, const T* grad_fused,
                                                 const Strides& gfs, T* grad_src, const Strides& gss,
                                                 const float (&m)[V], float (&gm)[V]) {
-  constexpr int N = V * NC;
+  constexpr int N = V * NC, U = kBackwardUnroll<N>;
   const T* in = src.data + t.b * src.s.batch + static_cast<int64_t>(t.p) * src.s.pixel;
   const T* gf = grad_fused + t.b * gfs.batch + static_cast<int64_t>(t.p) * gfs.pixel;
   T* out = grad_src + t.b * gss.batch + static_cast<int64_t>(t.p) * gss.pixel;
   const int64_t in_step = V > 1 ? src.s.pixel : src.s.channel;
   const int64_t gf_step = V > 1 ? gfs.pixel : gfs.channel;
   const int64_t out_step = V > 1 ? gss.pixel : gss.channel;
-  for (int c = threadIdx.y * NC; c < src.channels; c += kGroups * NC) {
-    float acc[N];
+  constexpr int step = kGroups * NC;
+  // one chunk of U (or 1, the tail) channels: loads, then the sums, then the stores
+  auto chunk = [&](auto count, int c) {
+    constexpr int K = decltype(count)::value;
+    float acc[K][N], g[K][N], gmk[K][N], x[K][N];
 #pragma unroll
-    for (int j = 0; j < N; ++j) acc[j] = 0.f;
-    if (src.plain >= 0) {
-      float g[N];
-      load_n<true, N>(gf + (src.plain + c) * gfs.channel, gf_step, g);
-#pragma unroll
-      for (int j = 0; j < N; ++j) acc[j] += g[j];
-    }
-    if (src.masked >= 0) {
-      float g[N], x[N];
-      load_n<true, N>(gf + (src.masked + c) * gfs.channel, gf_step, g);
-      load_n<true, N>(in + c * src.s.channel, in_step, x);
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        acc[j] += g[j] * m[V > 1 ? j : 0];
-        gm[V > 1 ? j : 0] += g[j] * x[j];
+    for (int u = 0; u < K; ++u) {
+      const int64_t cu = c + u * step;
+      if (src.plain >= 0) load_n<true, N>(gf + (src.plain + cu) * gfs.channel, gf_step, g[u]);
+      if (src.masked >= 0) {
+        load_n<true, N>(gf + (src.masked + cu) * gfs.channel, gf_step, gmk[u]);
+        load_n<true, N>(in + cu * src.s.channel, in_step, x[u]);
       }
     }
-    store_n<true, N>(out + c * gss.channel, out_step, acc);
-  }
+#pragma unroll
+    for (int u = 0; u < K; ++u) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) acc[u][j] = 0.f;
+      if (src.plain >= 0) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) acc[u][j] += g[u][j];
+      }
+      if (src.masked >= 0) {
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          acc[u][j] += gmk[u][j] * m[V > 1 ? j : 0];
+          gm[V > 1 ? j : 0] += gmk[u][j] * x[u][j];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < K; ++u) store_n<true, N>(out + (c + u * step) * gss.channel, out_step, acc[u]);
+  };
+  int c = static_cast<int>(threadIdx.y) * NC;
+  for (; c + (U - 1) * step < src.channels; c += U * step) chunk(std::integral_constant<int, U>{}, c);
+  for (; c < src.channels; c += step) chunk(std::integral_constant<int, 1>{}, c);
 }
 
-template <typename T, typename G, int V, int VC>
-__global__ void __launch_bounds__(kPixelThreads * kGroups) pixels_backward(PixelBackwardArgs<T, G> a) {
+// Three CTAs an SM where a thread handles one channel at a time (16-byte vectors of 8 values): at most 85
+// registers, which the one-channel loop fits (80) without spills; the two-channel loop takes ~100 (two CTAs).
+template <typename T, typename G, int V, int VC, bool FULL>
+__global__ void __launch_bounds__(kPixelThreads * kGroups, (V * VC >= 8 ? 3 : 1)) pixels_backward(PixelBackwardArgs<T, G> a) {
   __shared__ GroupScratch<V> scratch;
-  const Tile t = tile_of_block<V>(a.tiles, a.hw);
+  const Tile t = tile_of_block<V, FULL>(a.tiles, a.hw);
   float m[V], gm[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = gm[j] = 0.f;
-  if (a.need_mask) load_mask<T, V>(PartialPlanes{}, a.mask, a.hw, t, scratch, m);
+  if (a.need_mask) load_mask<T, V>(PartialPlanes{}, a.mask, false, a.hw, t, scratch, m);
   if (t.active) {
     backward_source<T, V, 1>(a.image, t, a.grad_fused, a.gfs, a.grad_image, a.gis, m, gm);
     backward_source<T, V, VC>(a.embed, t, a.grad_fused, a.gfs, a.grad_embed, a.ges, m, gm);
@@ -236,13 +330,15 @@ bool vec_fits(const void* p, size_t elem, const Strides& s, bool along_pixels, i
   return aligned(p, n * elem) && s.batch % n == 0 && other % n == 0;
 }
 
-// Pixels per thread in the NCHW mapping: the widest (16 bytes) whose accesses are aligned, fewer while the
-// grid would not give every multiprocessor a block.
+// Pixels per thread in the NCHW mapping: the widest (16 bytes) whose accesses are aligned; with `narrow`, fewer
+// while the grid would not give every multiprocessor a block (pixels_mask and pixels_backward, which do not split
+// the channels across CTAs).
 template <typename T>
-int pixels_per_thread(int64_t batch, int hw, const DeviceInfo& dev, bool (*fits)(int, const void*), const void* ctx) {
+int pixels_per_thread(int64_t batch, int hw, const DeviceInfo& dev, bool narrow, bool (*fits)(int, const void*),
+                      const void* ctx) {
   int v = vec_width(sizeof(T));
   while (v > 1 && (hw % v != 0 || !fits(v, ctx))) v /= 2;
-  while (v > 1 && batch * ceil_div(hw, static_cast<int64_t>(kPixelThreads) * v) < dev.sm_count) v /= 2;
+  while (narrow && v > 1 && batch * ceil_div(hw, static_cast<int64_t>(kPixelThreads) * v) < dev.sm_count) v /= 2;
   return v;
 }
 
@@ -257,11 +353,24 @@ int channels_per_access(int channels, int plain, int masked, bool (*fits)(int, c
   return v;
 }
 
-template <typename T, int V, int VC, typename Args>
-cudaError_t launch_forward(Args a, int64_t batch, cudaStream_t stream) {
-  a.tiles = static_cast<int>(ceil_div(a.hw, static_cast<int64_t>(kPixelThreads) * V));
-  const int64_t blocks = batch * a.tiles;
-  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+std::atomic<int> forced_groups{0};  // set_pixel_split
+
+// Channel groups (grid.y) of pixels_forward: 1 where the pixel tiles give every multiprocessor a CTA; else
+// doubled until they do, while every group's kGroups threads still get a chunk of channels (`chunks`: the
+// image's channels and the embedding's accesses). set_pixel_split(n) forces n.
+int channel_groups(int64_t blocks, int chunks, const DeviceInfo& dev) {
+  const int forced = forced_groups.load(std::memory_order_relaxed);
+  if (forced > 0) return forced < 65535 ? forced : 65535;
+  int s = 1;
+  while (blocks * s < dev.sm_count && 2 * s * kGroups <= chunks) s *= 2;
+  return s;
+}
+
+// The launch as a programmatic dependent (set_programmatic_launch, sm_90 and later): true when it was made
+// (its status in *err); false: the caller makes the ordinary launch (the emulation always: it runs every
+// launch in order).
+template <typename Kernel, typename Args>
+bool launch_programmatic(Kernel kernel, dim3 grid, const Args& a, cudaStream_t stream, cudaError_t* err) {
 #ifndef DECAFA_EMULATION
   if (programmatic_launch()) {
     DeviceInfo dev;
@@ -270,27 +379,41 @@ cudaError_t launch_forward(Args a, int64_t batch, cudaStream_t stream) {
       attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t config{};
-      config.gridDim = dim3(static_cast<unsigned>(blocks));
+      config.gridDim = grid;
       config.blockDim = dim3(kPixelThreads, kGroups);
       config.dynamicSmemBytes = 0;
       config.stream = stream;
       config.attrs = attr;
       config.numAttrs = 1;
-      return cudaLaunchKernelEx(&config, pixels_forward<T, V, VC>, a);
+      *err = cudaLaunchKernelEx(&config, kernel, a);
+      return true;
     }
   }
+#else
+  (void)kernel, (void)grid, (void)a, (void)stream, (void)err;
 #endif
-  // (the emulation runs every launch in order: the programmatic one is this one there)
-  pixels_forward<T, V, VC><<<static_cast<unsigned>(blocks), dim3(kPixelThreads, kGroups), 0, stream>>>(a);
+  return false;
+}
+
+template <typename T, int V, int VC, bool FULL>
+cudaError_t launch_forward(const PixelForwardArgs<T>& a, dim3 grid, cudaStream_t stream) {
+  cudaError_t err;
+  if (launch_programmatic(pixels_forward<T, V, VC, FULL>, grid, a, stream, &err)) return err;
+  pixels_forward<T, V, VC, FULL><<<grid, dim3(kPixelThreads, kGroups), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <typename T, typename G, int V, int VC, typename Args>
-cudaError_t launch_backward(Args a, int64_t batch, cudaStream_t stream) {
-  a.tiles = static_cast<int>(ceil_div(a.hw, static_cast<int64_t>(kPixelThreads) * V));
-  const int64_t blocks = batch * a.tiles;
-  if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  pixels_backward<T, G, V, VC><<<static_cast<unsigned>(blocks), dim3(kPixelThreads, kGroups), 0, stream>>>(a);
+template <typename T, int V, bool FULL>
+cudaError_t launch_mask(const PixelForwardArgs<T>& a, dim3 grid, cudaStream_t stream) {
+  cudaError_t err;
+  if (launch_programmatic(pixels_mask<T, V, FULL>, grid, a, stream, &err)) return err;
+  pixels_mask<T, V, FULL><<<grid, dim3(kPixelThreads, kGroups), 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, typename G, int V, int VC, bool FULL>
+cudaError_t launch_backward(const PixelBackwardArgs<T, G>& a, unsigned blocks, cudaStream_t stream) {
+  pixels_backward<T, G, V, VC, FULL><<<blocks, dim3(kPixelThreads, kGroups), 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -309,6 +432,32 @@ cudaError_t by_width(bool channels_last, int width, Launch launch) {
   if (width >= 4) return launch(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{});
   if (width >= 2) return launch(std::integral_constant<int, 2>{}, std::integral_constant<int, 1>{});
   return launch(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{});
+}
+
+// Pixel tiles of V pixels a thread per batch element, and whether they are all full.
+struct Tiling {
+  int tiles;
+  bool full;
+  int64_t blocks;
+};
+
+inline Tiling tiling(int64_t batch, int hw, int v) {
+  const int64_t tile = static_cast<int64_t>(kPixelThreads) * v;
+  const int tiles = static_cast<int>(ceil_div(hw, tile));
+  return {tiles, hw % tile == 0, batch * tiles};
+}
+
+// pixels_mask over NCHW tiles of `width` pixels a thread.
+template <typename T>
+cudaError_t run_mask(PixelForwardArgs<T> a, int64_t batch, int width, cudaStream_t stream) {
+  return by_width<T>(false, width, [&](auto v, auto) {
+    constexpr int V = decltype(v)::value;
+    const Tiling tl = tiling(batch, a.hw, V);
+    if (tl.blocks > INT_MAX) return cudaErrorInvalidValue;
+    a.tiles = tl.tiles;
+    const dim3 grid(static_cast<unsigned>(tl.blocks));
+    return tl.full ? launch_mask<T, V, true>(a, grid, stream) : launch_mask<T, V, false>(a, grid, stream);
+  });
 }
 
 template <typename T>
@@ -345,7 +494,16 @@ cudaError_t pixels_forward_t(MapShape shape, const PartialPlanes& partial, const
   a.hw = static_cast<int>(hw);
   a.need_mask = mask_out != nullptr || lay.image_mask >= 0 || lay.embedding_mask >= 0;
   if (a.need_mask && partial.data == nullptr && mask_in == nullptr) return cudaErrorInvalidValue;
-  const bool cl = f != nullptr && channels_last_mapping(*f);
+  // pixels_mask's vectors: the planes, the given mask and M (16-byte aligned base pointers)
+  auto mask_fits = [](int, const void* c) {
+    const PixelForwardArgs<T>& a = *static_cast<const PixelForwardArgs<T>*>(c);
+    return aligned(a.partial.data, 16) && aligned(a.mask_in, 16) && aligned(a.mask_out, 16);
+  };
+  if (f == nullptr) {  // the mask alone (landmark_attention): no channels to split, narrower vectors instead
+    if (mask_out == nullptr) return cudaSuccess;
+    return run_mask<T>(a, shape.batch, pixels_per_thread<T>(shape.batch, a.hw, dev, true, mask_fits, &a), stream);
+  }
+  const bool cl = channels_last_mapping(*f);
   struct Ctx {
     const PixelForwardArgs<T>* a;
     bool cl;
@@ -360,9 +518,31 @@ cudaError_t pixels_forward_t(MapShape shape, const PartialPlanes& partial, const
            vec_fits(a.fused, e, a.fs, !x.cl, n);
   };
   const int width = cl ? channels_per_access<T>(a.embed.channels, a.embed.plain, a.embed.masked, fits, &ctx)
-                       : pixels_per_thread<T>(shape.batch, a.hw, dev, fits, &ctx);
+                       : pixels_per_thread<T>(shape.batch, a.hw, dev, false, fits, &ctx);
   return by_width<T>(cl, width, [&](auto v, auto vc) {
-    return launch_forward<T, decltype(v)::value, decltype(vc)::value>(a, shape.batch, stream);
+    constexpr int V = decltype(v)::value, VC = decltype(vc)::value;
+    const Tiling tl = tiling(shape.batch, a.hw, V);
+    if (tl.blocks > INT_MAX) return cudaErrorInvalidValue;
+    a.tiles = tl.tiles;
+    const int chunks = a.image.channels + static_cast<int>(ceil_div(a.embed.channels, VC));
+    const int groups = channel_groups(tl.blocks, chunks, dev);
+    // With channel groups, each CTA needs its tile's M. Re-reading the P planes in every group costs groups * P
+    // planes; summing them once first (pixels_mask, float32 over the first plane of the head's workspace) costs
+    // P + 1 + groups. The sum's order is the same either way (load_mask), so are the bits.
+    if (groups > 1 && a.need_mask && partial.data != nullptr && partial.scratch) {
+      const int64_t planes = plane_range(partial, 0).count;
+      if (groups * planes > planes + 1 + groups) {
+        PixelForwardArgs<T> r = a;
+        r.fused = nullptr;
+        r.reduced_out = const_cast<float*>(partial.data);  // the head's own workspace (partial.scratch)
+        err = run_mask<T>(r, shape.batch, pixels_per_thread<T>(shape.batch, a.hw, dev, true, mask_fits, &a), stream);
+        if (err != cudaSuccess) return err;
+        a.mask_out = nullptr;  // written by pixels_mask
+        a.reduced = true;
+      }
+    }
+    const dim3 grid(static_cast<unsigned>(tl.blocks), static_cast<unsigned>(groups));
+    return tl.full ? launch_forward<T, V, VC, true>(a, grid, stream) : launch_forward<T, V, VC, false>(a, grid, stream);
   });
 }
 
@@ -406,10 +586,18 @@ cudaError_t pixels_backward_t(MapShape shape, const T* grad_fused, Strides gfs, 
     return dense_ok && image_ok && vec_fits(a.embed.data, e, a.embed.s, !x.cl, n) &&
            vec_fits(a.grad_fused, e, a.gfs, !x.cl, n) && vec_fits(a.grad_embed, e, a.ges, !x.cl, n);
   };
+  // (the mask gradient sums over the channels: split across CTAs it would need a cross-CTA sum, so the
+  // backward narrows its vectors at small batches instead)
   const int width = cl ? channels_per_access<T>(a.embed.channels, a.embed.plain, a.embed.masked, fits, &ctx)
-                       : pixels_per_thread<T>(shape.batch, a.hw, dev, fits, &ctx);
+                       : pixels_per_thread<T>(shape.batch, a.hw, dev, true, fits, &ctx);
   return by_width<T>(cl, width, [&](auto v, auto vc) {
-    return launch_backward<T, G, decltype(v)::value, decltype(vc)::value>(a, shape.batch, stream);
+    constexpr int V = decltype(v)::value, VC = decltype(vc)::value;
+    const Tiling tl = tiling(shape.batch, a.hw, V);
+    if (tl.blocks > INT_MAX) return cudaErrorInvalidValue;
+    a.tiles = tl.tiles;
+    const unsigned blocks = static_cast<unsigned>(tl.blocks);
+    return tl.full ? launch_backward<T, G, V, VC, true>(a, blocks, stream)
+                   : launch_backward<T, G, V, VC, false>(a, blocks, stream);
   });
 }
 
@@ -453,6 +641,10 @@ cudaError_t fuse_backward(DType dtype, MapShape shape, const void* grad_fused, S
           fusion, static_cast<scalar_t*>(grad_image), grad_image_strides, static_cast<scalar_t*>(grad_embedding),
           grad_embedding_strides, static_cast<scalar_t*>(grad_mask), stream));
   return cudaSuccess;
+}
+
+int set_pixel_split(int groups) {
+  return groups < 0 ? detail::forced_groups.load() : detail::forced_groups.exchange(groups);
 }
 
 }  // namespace decafa_kernels

@@ -80,6 +80,7 @@ cudaError_t head_forward(DType dtype, MapShape shape, Logits logits, bool normal
       planes.ctas = ctas;
       planes.maps = shape.maps;
       planes.total = shape.batch * shape.maps;
+      planes.scratch = true;
       return detail::pixels_forward(dtype, shape, planes, nullptr, mask, fusion, fused, fused_strides, stream);
     }
   }
@@ -90,6 +91,7 @@ cudaError_t head_forward(DType dtype, MapShape shape, Logits logits, bool normal
   detail::PartialPlanes planes;
   planes.data = workspace;
   planes.runs = runs;
+  planes.scratch = true;
   return detail::pixels_forward(dtype, shape, planes, nullptr, mask, fusion, fused, fused_strides, stream);
 }
 

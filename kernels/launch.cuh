@@ -82,6 +82,9 @@ struct PartialPlanes {
   int ctas = 0;
   int maps = 0;
   int64_t total = 0;
+  // The planes are the launcher's own workspace, free to overwrite: a channel-split pixels_forward may sum them
+  // once into each batch element's first plane (pixels_mask) rather than in every channel group.
+  bool scratch = false;
 };
 
 // The planes of batch element b: first CTA c_lo and count (ring), or runs planes from b * runs.

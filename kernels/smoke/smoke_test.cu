@@ -562,6 +562,122 @@ void check_programmatic_launch() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Channel groups of the forward's pixel kernel (set_pixel_split): at small batches pixels_forward splits the
+// fusion channels across CTAs; each group needs its tile's M, summed from the partial masks in every group or
+// once by pixels_mask (float32 over the first plane of the workspace). Same bits at any number of groups, runs
+// of maps and either way of getting M; whole and partial pixel tiles (FULL true / false), NCHW and channels_last
+// E, float32 and bfloat16; head_forward (M, F), fuse_forward (a given mask) and M alone.
+// ------------------------------------------------------------------------------------------------
+void check_pixel_split() {
+  struct Shape {
+    Case k;
+    const char* what;
+  };
+  // b, l, h, w, ci, c, mode, beta, beta_map, normalized, logits_cl, embed_cl, all_dtypes
+  const Shape shapes[] = {
+      {{1, 6, 16, 16, 1, 8, 5, 0.9f, false, false, false, false, true}, "whole tiles (float32), partial (16-bit)"},
+      {{2, 5, 12, 20, 1, 6, 4, 1.1f, false, false, false, false, true}, "partial tiles"},
+      {{1, 4, 32, 32, 3, 16, 5, 0.8f, false, false, false, false, true}, "whole tiles, Ci = 3"},
+      {{1, 4, 8, 16, 1, 16, 5, 0.8f, false, false, false, true, true}, "channels_last E"},
+      {{2, 3, 5, 7, 2, 3, 5, 1.0f, false, false, false, false, true}, "odd H*W (scalar)"},
+      // the ring covers 16 x 32 (DECAFA_CUDA_MAPS=ring): over 5 SMs a CTA's range spans both batch elements, so
+      // batch element 1's first plane is that CTA's second one
+      {{2, 5, 16, 32, 1, 8, 5, 0.9f, false, false, false, false, true}, "ring ranges across batch elements"},
+  };
+  const int groups[] = {1, 2, 3, 8};
+  const int runs[] = {1, 2, 5};
+  const dk::DType f32 = dk::DType::kFloat32;
+  std::mt19937 rng(2024);
+  for (const Shape& sh : shapes) {
+    const Case& k = sh.k;
+    const int hw = k.h * k.w;
+    const dk::MapShape shape{k.b, k.l, k.h, k.w};
+    const dk::FusionLayout lay = dk::fusion_layout(k.mode, k.ci, k.c);
+    const size_t n_t = size_t(k.b) * k.l * hw, n_m = size_t(k.b) * hw, n_f = size_t(k.b) * lay.channels * hw;
+    for (dk::DType dt : {dk::DType::kFloat32, dk::DType::kBFloat16}) {
+      Vec t = random_vec(n_t, rng, 2.0), img = random_vec(size_t(k.b) * k.ci * hw, rng, 1.0);
+      Vec emb = random_vec(size_t(k.b) * k.c * hw, rng, 1.0), xm = random_vec(n_m, rng, 1.0);
+      std::vector<Vec> first, same_runs;
+      bool reduced_seen = false, reread_seen = false;
+      for (int r : runs)
+        for (int g : groups) {
+          const int saved_runs = dk::set_map_runs(r), saved_groups = dk::set_pixel_split(g);
+          Device dev;
+          Vec tt = t, ii = img, ee = emb, mm = xm;
+          void* d_t = upload_as(dev, dt, tt, k.b, k.l, hw, false);
+          void* d_i = upload_as(dev, dt, ii, k.b, k.ci, hw, k.embed_cl);
+          void* d_e = upload_as(dev, dt, ee, k.b, k.c, hw, k.embed_cl);
+          void* d_xm = dev.upload(dt, mm);
+          const dk::Logits logits{d_t, dk::nchw_strides(k.l, hw), k.beta, nullptr};
+          const dk::FusionInputs fusion{k.mode, d_i, strides(k.ci, hw, k.embed_cl), k.ci,
+                                        d_e,    strides(k.c, hw, k.embed_cl),  k.c};
+          const dk::Strides fs = strides(lay.channels, hw, k.embed_cl);
+          auto* stats = static_cast<float*>(dev.poisoned(f32, 2 * size_t(k.b) * k.l));
+          auto* ws = static_cast<float*>(dev.poisoned(f32, std::max<size_t>(1, dk::head_forward_workspace_floats(shape))));
+          void *d_z = dev.poisoned(dt, 2 * size_t(k.b) * k.l), *d_m = dev.poisoned(dt, n_m);
+          void *d_f = dev.poisoned(dt, n_f), *d_f2 = dev.poisoned(dt, n_f), *d_m2 = dev.poisoned(dt, n_m);
+#ifdef DECAFA_EMULATION
+          const unsigned long long ring0 = emu::traffic()["maps_forward_ring"].launches;
+          const unsigned long long mask0 = emu::traffic()["pixels_mask"].launches;
+#endif
+          CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, d_z, nullptr, d_m, &fusion, d_f, fs, ws,
+                                      nullptr));
+#ifdef DECAFA_EMULATION
+          // the run kernels write one plane per run (set_map_runs(r): runs of ceil(L / r) maps): pixels_mask sums
+          // them first exactly where the launcher's byte count says so; the ring's planes follow its own ranges
+          const bool ring = emu::traffic()["maps_forward_ring"].launches > ring0;
+          const bool reduced = emu::traffic()["pixels_mask"].launches > mask0;
+          (reduced ? reduced_seen : reread_seen) = true;
+          const int rr = std::min(r, k.l), planes = (k.l + (k.l + rr - 1) / rr - 1) / ((k.l + rr - 1) / rr);
+          if (!ring && reduced != (g > 1 && g * planes > planes + 1 + g)) {
+            ++failures;
+            std::printf("FAIL pixel split %s %-8s runs %d groups %d: pixels_mask %s\n", sh.what, dtype_name(dt), r,
+                        g, reduced ? "ran" : "did not run");
+          }
+#endif
+          CHECK_CUDA(dk::fuse_forward(dt, shape, d_xm, fusion, d_f2, fs, nullptr));
+          CHECK_CUDA(dk::head_forward(dt, shape, logits, false, stats, nullptr, nullptr, d_m2, nullptr, nullptr, fs, ws,
+                                      nullptr));
+          CHECK_CUDA(cudaDeviceSynchronize());
+          std::vector<Vec> out = {download(dt, d_m, n_m), download(dt, d_f, n_f), download(dt, d_f2, n_f),
+                                  download(dt, d_m2, n_m)};
+          dk::set_map_runs(saved_runs);
+          dk::set_pixel_split(saved_groups);
+          if (first.empty()) {  // against the reference once
+            const Forward ref = reference_forward(k, tt, {});
+            expect_close("split mask", k, dt, out[0], ref.mask);
+            expect_close("split fused", k, dt, from_layout(out[1], k.b, lay.channels, hw, k.embed_cl),
+                         reference_fusion(k, ii, ee, ref.mask, Vec(n_f, 0.0)).fused);
+            expect_close("split fuse", k, dt, from_layout(out[2], k.b, lay.channels, hw, k.embed_cl),
+                         reference_fusion(k, ii, ee, mm, Vec(n_f, 0.0)).fused);
+            first = out;
+          }
+          // M and F depend on the runs only through the order of the partial masks' sum: bit for bit against
+          // one group at the same runs; the given mask's fusion against the first configuration; M alone
+          // (pixels_mask) against M of the fused forward
+          if (g == groups[0]) same_runs = out;
+          const bool ok = out[0] == same_runs[0] && out[1] == same_runs[1] && out[2] == first[2] && out[3] == out[0];
+          if (!ok) {
+            ++failures;
+            std::printf("FAIL pixel split %s %-8s runs %d groups %d: not bitwise equal (mask %d fused %d fuse %d "
+                        "mask alone %d)\n", sh.what, dtype_name(dt), r, g, out[0] == same_runs[0],
+                        out[1] == same_runs[1], out[2] == first[2], out[3] == out[0]);
+          }
+        }
+#ifdef DECAFA_EMULATION
+      // both ways of getting M ran (the run kernels' planes; the ring's runs are its own)
+      const char* maps_env = std::getenv("DECAFA_CUDA_MAPS");
+      if (!(maps_env != nullptr && std::string(maps_env) == "ring") && !(reduced_seen && reread_seen)) {
+        ++failures;
+        std::printf("FAIL pixel split %s %-8s: pixels_mask ran %s\n", sh.what, dtype_name(dt),
+                    reduced_seen ? "in every configuration" : "in none");
+      }
+#endif
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // beta * T beyond float32: the exact limit of the softmax (overflow maps)
 // ------------------------------------------------------------------------------------------------
 // Every per-map output of one map: stats (max, sum), z, Phi, grad T and grad beta (per-batch and per-map
@@ -1110,6 +1226,7 @@ int main(int argc, char** argv) {
   check_overflow();
   check_large_logits();
   check_programmatic_launch();
+  check_pixel_split();
   check_map_pairs_match_scalar();
   const dk::DType dtypes[] = {dk::DType::kFloat32, dk::DType::kFloat16, dk::DType::kBFloat16};
   for (const Case& k : cases) {

@@ -13,7 +13,8 @@
   shape (L = 98, 128 x 128, C = 64, Ci = 1, F5) the fused head's forward must stay within 1.10x its floor
   and forward + backward within 1.15x (issue 13), float32 and bfloat16, NCHW and channels_last, for the
   launch configuration an H100 picks at B = 64. The emulation also counts accesses per width: channels_last
-  T must be read a pair of maps per access there (8 bytes in float32, 4 in bfloat16).
+  T must be read a pair of maps per access there (8 bytes in float32, 4 in bfloat16); at B = 1 on an H100
+  (132 SMs) pixels_forward must keep 16-byte accesses (channel groups across CTAs, not narrower vectors).
 
 All compiles start at once (this machine has few cores). Each check skips with the reason when its tool
 (nvcc, cmake, g++, the CUDA headers) is missing.
@@ -339,3 +340,42 @@ def test_traffic_at_the_paper_shape(builds, layout):
         # no scalar T: narrower loads are only the run's mask-gradient planes (scalars on the channels_last
         # path) and the per-map stats / grad z
         assert sum(n for w, n in bwd.items() if w < width) <= int(runs) * 2 * 128 * 128 + 4 * 2 * 98, (dtype, bwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("maps", ["onchip", "ring"])
+def test_pixels_forward_at_batch_one(builds, maps):
+    """B = 1 at the paper shape on an H100 (132 SMs; 98 partial planes, one a map, from the run kernels or the
+    ring): the pixel tiles alone are 64 CTAs (float32) / 32 (bfloat16), so pixels_forward splits the channels
+    over the fewest power-of-two groups that reach 132 CTAs and keeps 16-byte loads and stores (NCHW);
+    pixels_mask sums the 98 planes once (M, and M in float32 over the first plane), and every group reads that
+    float32 M: P + 1 + groups planes instead of groups * P."""
+    code, output, binary = _result(builds, "emulation")
+    assert code == 0, "g++ build of the emulated kernels failed:\n" + output[-4000:]
+    env = dict(os.environ, EMU_SM_COUNT=H100_SMS, DECAFA_CUDA_MAPS=maps)
+    env.pop("DECAFA_CUDA_RUNS", None)
+    run = subprocess.run([str(binary), "--traffic", "1", "nchw"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    kernels, dtype = {}, None
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if parts[:2] == ["traffic", "dtype"]:
+            dtype = parts[2]
+        elif parts[:1] == ["traffic"] and parts[1] in ("forward", "backward"):
+            kernels[(dtype, parts[2])] = (int(parts[3]), int(parts[4]), int(parts[5]), _widths(parts[7]),
+                                          _widths(parts[9]))
+    hw, planes, channels = 128 * 128, 98, 1 + 64  # Ci + C read, 2 (Ci + C) written (F5)
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        tiles = hw // (64 * (16 // size))
+        groups = 1
+        while tiles * groups < int(H100_SMS):
+            groups *= 2
+        launches, loaded, stored, loads, stores = kernels[(dtype, "pixels_forward")]
+        assert launches == 1
+        assert set(loads) == {16} and set(stores) == {16}, (dtype, loads, stores)
+        assert loaded == groups * hw * 4 + channels * hw * size, (dtype, loaded)  # float32 M per group, I, E
+        assert stored == 2 * channels * hw * size, (dtype, stored)  # F only: M comes from pixels_mask
+        launches, loaded, stored, _, _ = kernels[(dtype, "pixels_mask")]
+        assert launches == 1 and loaded == planes * hw * 4, (dtype, loaded)
+        assert stored == hw * (size + 4), (dtype, stored)  # M, and M in float32 for the groups
