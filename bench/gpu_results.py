@@ -39,9 +39,10 @@ def head_floor_rows(results: dict, maps: str = "onchip") -> list[dict]:
         name = case["case"]
         if name.startswith("floor "):
             continue
-        m = re.match(r"(.+?) (forward\+backward|forward)( B=1)?( eager)?( cuda graph)?$", name)
+        m = re.match(r"(.+?) (forward\+backward|forward)( B=1)?( eager)?( cuda graph)?(, pixel split (\d+))?$", name)
         if m is None:
-            raise ValueError(f"head_floor case {name!r}: not '<backend> forward[+backward][ B=1][ eager][ cuda graph]'")
+            raise ValueError(f"head_floor case {name!r}: not '<backend> forward[+backward][ B=1][ eager][ cuda graph]"
+                             "[, pixel split N]'")
         backend = _backend(m.group(1))
         pass_ = "fwd+bwd" if m.group(2) == "forward+backward" else "fwd"
         row = {"backend": backend, "op": "decafa_head", "pass": pass_,
@@ -50,6 +51,8 @@ def head_floor_rows(results: dict, maps: str = "onchip") -> list[dict]:
                "floor_us": case["floor_ms"] * 1e3 if case.get("floor_ms") is not None else None}
         if backend == "cuda":
             row["maps"] = maps
+            if m.group(7):  # the pixel kernel's channel groups forced (else the launcher's choice)
+                row["pixel_split"] = int(m.group(7))
         rows.append(row)
     return rows
 

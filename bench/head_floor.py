@@ -18,6 +18,7 @@ decafa_fast.triton.ops.TUNING. Needs a CUDA GPU (exits with status 2 and a messa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -66,6 +67,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # Timing
 # --------------------------------------------------------------------------------------------------
 _L2_FLUSH: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def pixel_split(groups: int | None):
+    """The CUDA C++ forward's pixel kernel with `groups` channel groups forced (None: its own choice) inside
+    the block, the setting before it restored after."""
+    from decafa_fast.ops import cuda_runs
+
+    saved = cuda_runs.pixel_split()
+    cuda_runs.set_pixel_split(groups)
+    try:
+        yield
+    finally:
+        cuda_runs.set_pixel_split(saved)
 
 
 def time_ms(fn: Callable[[], object], reps: int, flush: bool = True) -> float:
@@ -199,6 +214,15 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
             print(f"{dname:9} {name}: out of memory")
         torch.cuda.empty_cache()
 
+    def time_without_pixel_split(dname: str, fn: Callable, one, one_floor: float) -> None:
+        """The CUDA C++ forward at B = 1 with the pixel kernel's channels not split across CTAs (one group, as
+        before the split: fewer CTAs), beside the launcher's own choice timed above."""
+        with pixel_split(1), torch.no_grad():
+            for case, timer in (("eager", lambda: time_ms(lambda: fn(*one), args.reps * 3, flush=False)),
+                                ("cuda graph", lambda: graph_time_ms(lambda: fn(*one), args.reps * 3))):
+                if not due(f"{dname} cuda forward B=1 {case}, pixel split 1"):
+                    record(dname, f"cuda forward B=1 {case}, pixel split 1", timer(), one_floor)
+
     # Every GPU case of every dtype first (what a cut-off run must not lose), then the references:
     # torch.compile spends tens of seconds compiling before its first time.
     dnames = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -244,6 +268,8 @@ def race(args: argparse.Namespace, device: torch.device, racers: tuple[str, ...]
                 if not due(f"{dname} {name} forward B=1 cuda graph"):
                     record(dname, f"{name} forward B=1 cuda graph", graph_time_ms(lambda: fn(*one), args.reps * 3),
                            one_floor)
+        if "cuda" in backends:
+            time_without_pixel_split(dname, head("cuda"), one, one_floor)
         torch.cuda.empty_cache()
 
     for dname in dnames:

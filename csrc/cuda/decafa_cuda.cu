@@ -378,6 +378,12 @@ extern "C" __attribute__((visibility("default"))) int decafa_cuda_set_runs(int r
   return runs < 0 ? -1 : dk::set_map_runs(runs);
 }
 extern "C" __attribute__((visibility("default"))) int decafa_cuda_runs() { return dk::map_runs_setting(); }
+// The channel groups of the forward's pixel kernel (decafa_kernels::set_pixel_split), the same way: 0 the
+// launcher's choice, n > 0 forced (1: no split); the benchmarks time both in one process.
+extern "C" __attribute__((visibility("default"))) int decafa_cuda_set_pixel_split(int groups) {
+  return groups < 0 ? -1 : dk::set_pixel_split(groups);
+}
+extern "C" __attribute__((visibility("default"))) int decafa_cuda_pixel_split() { return dk::set_pixel_split(-1); }
 
 TORCH_LIBRARY_IMPL(decafa, CUDA, m) {
 #define DECAFA_REGISTER_OP(name, returns, params) m.impl(#name, &name##_cuda);

@@ -305,6 +305,23 @@ def test_head_floor_script_needs_a_gpu():
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
 
 
+def test_head_floor_pixel_split_block_restores_the_setting(monkeypatch):
+    """head_floor times the CUDA forward at B = 1 with the pixel split forced to 1 inside `pixel_split(1)`:
+    the setting before it comes back, also when the timing raises."""
+    from decafa_fast.ops import cuda_runs
+
+    script = _load_bench_script("head_floor")
+    state = {"groups": 4}
+    monkeypatch.setattr(cuda_runs, "pixel_split", lambda: state["groups"])
+    monkeypatch.setattr(cuda_runs, "set_pixel_split", lambda n: state.update(groups=n))
+    with script.pixel_split(1):
+        assert state["groups"] == 1
+    assert state["groups"] == 4
+    with pytest.raises(RuntimeError), script.pixel_split(1):
+        raise RuntimeError("out of memory")
+    assert state["groups"] == 4
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.backends()["triton"].startswith("available"), reason="Triton is not installed")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

@@ -35,6 +35,8 @@ HEAD_FLOOR = {
         {"dtype": "bfloat16", "case": "triton forward+backward", "ms": 1.2, "floor_ms": 0.6, "x_floor": 2.0},
         {"dtype": "float32", "case": "cuda forward B=1 eager", "ms": 0.04, "floor_ms": 0.005, "x_floor": 8.0},
         {"dtype": "float32", "case": "cuda forward B=1 cuda graph", "ms": 0.025, "floor_ms": 0.005, "x_floor": 5},
+        {"dtype": "float32", "case": "cuda forward B=1 cuda graph, pixel split 1", "ms": 0.03, "floor_ms": 0.005,
+         "x_floor": 6},
         {"dtype": "float32", "case": "reference compile forward", "ms": 0.66, "floor_ms": 0.30, "x_floor": 2.2},
         {"dtype": "float32", "case": "reference eager forward+backward", "ms": 3.0, "floor_ms": 0.8, "x_floor": 4},
     ],
@@ -70,8 +72,11 @@ def test_gpu_results_rows_from_fake_step_outputs(tmp_path):
         assert ("images_per_s" in r) == (r["op"] == "model"), r
         assert r["op"] == "model" or r["floor_us"] is not None, r
     head = [r for r in rows if r["op"] == "decafa_head"]
-    # 7 timed cases (the floor's row folded in), plus the ring run's cuda rows (4)
-    assert len(head) == 7 + 4
+    # 8 timed cases (the floor's row folded in), plus the ring run's cuda rows (5)
+    assert len(head) == 8 + 5
+    split = [r for r in head if "pixel_split" in r]
+    assert [(r["maps"], r["batch"], r["cuda_graph"], r["pixel_split"], r["time_us"]) for r in split] == \
+        [("onchip", 1, True, 1, 30.0), ("ring", 1, True, 1, 30.0)]
     fwd = [r for r in head if r["backend"] == "cuda" and r["batch"] == 64 and not r["cuda_graph"]
            and r["pass"] == "fwd"]
     assert sorted((r["maps"], r["time_us"]) for r in fwd) == [("onchip", 570.0), ("ring", 400.0)]

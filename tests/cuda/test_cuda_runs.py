@@ -36,6 +36,29 @@ def test_set_runs_round_trip_or_says_why_not():
         cuda_runs.set_runs(saved)
 
 
+@pytest.mark.parametrize("bad", [0, -1, True, 65536, 2.0, "3"])
+def test_set_pixel_split_refuses_what_is_not_a_count(bad):
+    with pytest.raises(ValueError, match="set_pixel_split"):
+        cuda_runs.set_pixel_split(bad)
+
+
+def test_set_pixel_split_round_trip_or_says_why_not():
+    if not cuda_runs.available():
+        with pytest.raises(RuntimeError, match="set_pixel_split: the C\\+\\+ extension has no CUDA kernels"):
+            cuda_runs.set_pixel_split(1)
+        with pytest.raises(RuntimeError, match="pixel_split: the C\\+\\+ extension has no CUDA kernels"):
+            cuda_runs.pixel_split()
+        return
+    saved = cuda_runs.pixel_split()
+    try:
+        cuda_runs.set_pixel_split(1)
+        assert cuda_runs.pixel_split() == 1
+        cuda_runs.set_pixel_split(None)
+        assert cuda_runs.pixel_split() is None
+    finally:
+        cuda_runs.set_pixel_split(saved)
+
+
 def _import(value: str) -> subprocess.CompletedProcess:
     code = ("import decafa_fast.ops as ops\n"
             "from decafa_fast.ops import cuda_runs\n"
