@@ -1,5 +1,6 @@
 """decafa_fast.ops.cuda_runs: DECAFA_CUDA_RUNS reaches the CUDA kernels through Python (parsed once, at import,
-by decafa_fast.settings) instead of being read by the kernels at every launch; set_runs changes it in process.
+by decafa_fast.settings) instead of being read by the kernels at every launch; set_runs changes it in process, and set_pixel_split the
+forward pixel kernel's channel groups.
 Runs without a GPU (the kernels' use of the count is checked by the smoke test's in-process sweep and, on a
 GPU, by test_ops_cuda.py::test_runs_of_maps_do_not_change_results)."""
 from __future__ import annotations
@@ -13,50 +14,36 @@ import pytest
 from decafa_fast.ops import cuda_runs
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 2**31, 2.0, "3"])
-def test_set_runs_refuses_what_is_not_a_count(bad):
-    with pytest.raises(ValueError, match="set_runs"):
-        cuda_runs.set_runs(bad)
+# (getter, setter, largest count, a count to set)
+SETTINGS = {"runs": ("runs", "set_runs", 2**31 - 1, 7), "pixel split": ("pixel_split", "set_pixel_split", 65535, 1)}
 
 
-def test_set_runs_round_trip_or_says_why_not():
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("bad", [0, -1, True, "too many", 2.0, "3"])
+def test_setters_refuse_what_is_not_a_count(setting, bad):
+    _, setter, largest, _ = SETTINGS[setting]
+    with pytest.raises(ValueError, match=setter):
+        getattr(cuda_runs, setter)(largest + 1 if bad == "too many" else bad)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_settings_round_trip_or_say_why_not(setting):
+    getter, setter, _, n = SETTINGS[setting]
+    get, set_ = getattr(cuda_runs, getter), getattr(cuda_runs, setter)
     if not cuda_runs.available():
-        with pytest.raises(RuntimeError, match="no CUDA kernels"):
-            cuda_runs.set_runs(3)
-        with pytest.raises(RuntimeError, match="no CUDA kernels"):
-            cuda_runs.runs()
+        with pytest.raises(RuntimeError, match=f"{setter}: the C\\+\\+ extension has no CUDA kernels"):
+            set_(n)
+        with pytest.raises(RuntimeError, match=f"{getter}: the C\\+\\+ extension has no CUDA kernels"):
+            get()
         return
-    saved = cuda_runs.runs()
+    saved = get()
     try:
-        cuda_runs.set_runs(7)
-        assert cuda_runs.runs() == 7
-        cuda_runs.set_runs(None)
-        assert cuda_runs.runs() is None
+        set_(n)
+        assert get() == n
+        set_(None)
+        assert get() is None
     finally:
-        cuda_runs.set_runs(saved)
-
-
-@pytest.mark.parametrize("bad", [0, -1, True, 65536, 2.0, "3"])
-def test_set_pixel_split_refuses_what_is_not_a_count(bad):
-    with pytest.raises(ValueError, match="set_pixel_split"):
-        cuda_runs.set_pixel_split(bad)
-
-
-def test_set_pixel_split_round_trip_or_says_why_not():
-    if not cuda_runs.available():
-        with pytest.raises(RuntimeError, match="set_pixel_split: the C\\+\\+ extension has no CUDA kernels"):
-            cuda_runs.set_pixel_split(1)
-        with pytest.raises(RuntimeError, match="pixel_split: the C\\+\\+ extension has no CUDA kernels"):
-            cuda_runs.pixel_split()
-        return
-    saved = cuda_runs.pixel_split()
-    try:
-        cuda_runs.set_pixel_split(1)
-        assert cuda_runs.pixel_split() == 1
-        cuda_runs.set_pixel_split(None)
-        assert cuda_runs.pixel_split() is None
-    finally:
-        cuda_runs.set_pixel_split(saved)
+        set_(saved)
 
 
 def _import(value: str) -> subprocess.CompletedProcess:
