@@ -1,8 +1,8 @@
 """decafa_fast.ops.cuda_runs: DECAFA_CUDA_RUNS reaches the CUDA kernels through Python (parsed once, at import,
-by decafa_fast.settings) instead of being read by the kernels at every launch; set_runs changes it in process, and set_pixel_split the
-forward pixel kernel's channel groups.
-Runs without a GPU (the kernels' use of the count is checked by the smoke test's in-process sweep and, on a
-GPU, by test_ops_cuda.py::test_runs_of_maps_do_not_change_results)."""
+by decafa_fast.settings) instead of being read by the kernels at every launch; set_runs changes it in process,
+and set_pixel_split the forward pixel kernel's channel groups. Runs without a GPU (the kernels' use of the count
+is checked by the smoke test's in-process sweep and, on a GPU, by
+test_ops_cuda.py::test_runs_of_maps_do_not_change_results)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from decafa_fast.ops import cuda_runs
-
 
 # (getter, setter, largest count, a count to set)
 SETTINGS = {"runs": ("runs", "set_runs", 2**31 - 1, 7), "pixel split": ("pixel_split", "set_pixel_split", 65535, 1)}
