@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
-__all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "broadcast_object", "cleanup_distributed",
+__all__ = ["DistInfo", "all_gather_object", "all_reduce_mean", "barrier", "broadcast_object", "cleanup_distributed",
            "init_distributed"]
 
 
@@ -60,6 +60,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Waits for every rank (nothing when not distributed)."""
+    if info.enabled:
+        dist.barrier()
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

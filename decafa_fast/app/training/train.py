@@ -124,7 +124,11 @@ def train(config: TrainConfig) -> dict:
     (also in OUT/summary.json)."""
     info = D.init_distributed(config.device)
     try:
-        return Trainer(config, info).run()
+        summary = Trainer(config, info).run()
+        # every rank done with the group before any rank tears it down: a gloo rank torn down while its peer
+        # still finishes (rank 0 validates and saves alone) was seen to abort in CI (SIGABRT, exit -6)
+        D.barrier(info)
+        return summary
     finally:
         D.cleanup_distributed()
 
